@@ -1,0 +1,64 @@
+# The two commands a fresh clone needs: `make demo` and `make test`. Each makes or refreshes
+# .venv by itself; `make test` also installs the system packages its services need (when
+# missing) and starts those services itself (a real Kafka broker and cluster, PostgreSQL).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODES ?= 1
+KAFKA_DIR ?= .kafka
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow lint typecheck pytest system-deps kafka-up kafka-down kafka-status clean
+
+demo: $(STAMP)
+	$(BIN)/assured demo
+
+test: system-deps $(STAMP) lint typecheck pytest
+
+# Everything, soak and fault suites included.
+test-slow: system-deps $(STAMP)
+	$(BIN)/pytest -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The venv is rebuilt when pyproject.toml changes; pip's own check makes a no-op refresh cheap.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Java and Maven run the Kafka broker; PostgreSQL's server is for the sink tests; kcat is a
+# client nobody here wrote, for interop tests. Installed from Debian's packages when missing.
+system-deps:
+	@missing=""; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		if [ "$$(id -u)" != 0 ]; then echo "need root (or sudo) to install:$$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+kafka-up: $(STAMP)
+	$(BIN)/python -m assured.testing.kafka up --nodes $(NODES) --dir $(KAFKA_DIR)
+
+kafka-down: $(STAMP)
+	$(BIN)/python -m assured.testing.kafka down --dir $(KAFKA_DIR)
+
+kafka-status: $(STAMP)
+	$(BIN)/python -m assured.testing.kafka status --dir $(KAFKA_DIR)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist

@@ -1,0 +1,42 @@
+"""Keys land where Kafka's Java clients put them (vectors from Kafka's UtilsTest.testMurmur2)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from assured.log import murmur2, partition_for_key
+
+JAVA_MURMUR2 = [
+    ("21", -973932308),
+    ("foobar", -790332482),
+    ("a-little-bit-long-string", -985981536),
+    ("a-little-bit-longer-string", -1486304829),
+    ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+    ("abc", 479470107),
+]
+
+
+@pytest.mark.parametrize(("key", "expected"), JAVA_MURMUR2)
+def test_murmur2_matches_java(key: str, expected: int) -> None:
+    assert murmur2(key.encode()) == expected
+
+
+def test_partition_is_the_positive_hash_modulo_partitions() -> None:
+    # -973932308 & 0x7fffffff = 1173551340
+    assert partition_for_key(b"21", 7) == 1173551340 % 7
+    assert partition_for_key(b"abc", 10) == 479470107 % 10
+
+
+@given(st.binary(max_size=64), st.integers(min_value=1, max_value=1000))
+def test_partition_is_in_range_and_stable(key: bytes, partitions: int) -> None:
+    p = partition_for_key(key, partitions)
+    assert 0 <= p < partitions
+    assert partition_for_key(key, partitions) == p
+    assert -(2**31) <= murmur2(key) < 2**31
+
+
+def test_zero_partitions_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one partition"):
+        partition_for_key(b"k", 0)
