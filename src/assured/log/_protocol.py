@@ -1,0 +1,248 @@
+"""The log protocol: what every backend implements, and all that the runtime may call.
+
+Three small roles, as in Kafka's clients: :class:`Admin` (topics, groups, offsets, lag),
+:class:`Producer` (send, flush; idempotent by default; transactions), :class:`Consumer`
+(group subscription or manual assignment, poll, positions, commits). A :class:`Log` hands
+them out. The embedded engine and the Kafka backend implement the same classes, and
+``tests/contract`` holds both to the same behaviour.
+
+Offsets committed are always the *next* offset to read (the last processed offset + 1).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+from assured.log._models import (
+    DeliveryReport,
+    GroupDescription,
+    GroupMetadata,
+    Header,
+    Isolation,
+    OffsetReset,
+    PartitionLag,
+    Record,
+    TopicDescription,
+    TopicPartition,
+    Watermarks,
+)
+
+__all__ = ["Admin", "Consumer", "Log", "OnDelivery", "PartitionsCallback", "Producer"]
+
+OnDelivery = Callable[[DeliveryReport], None]
+PartitionsCallback = Callable[[list[TopicPartition]], None]
+
+
+class _Closing(abc.ABC):
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Admin(_Closing):
+    """Topics, groups, offsets and lag."""
+
+    @abc.abstractmethod
+    def create_topic(
+        self, name: str, partitions: int = 1, config: Mapping[str, str] | None = None
+    ) -> None:
+        """Create ``name``; :class:`~assured.errors.InvalidTopicError` for a bad name or one that
+        exists."""
+
+    @abc.abstractmethod
+    def delete_topic(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def list_topics(self) -> list[str]:
+        """User topics, sorted (internal ones such as ``__consumer_offsets`` left out)."""
+
+    @abc.abstractmethod
+    def describe_topic(self, name: str) -> TopicDescription: ...
+
+    @abc.abstractmethod
+    def watermarks(self, tp: TopicPartition) -> Watermarks: ...
+
+    @abc.abstractmethod
+    def list_groups(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def describe_group(self, group_id: str) -> GroupDescription: ...
+
+    @abc.abstractmethod
+    def committed_offsets(
+        self, group_id: str, topics: Iterable[str] | None = None
+    ) -> dict[TopicPartition, int]:
+        """The group's committed offsets (next offset to read), for ``topics`` or all."""
+
+    def lag(self, group_id: str, topics: Iterable[str] | None = None) -> list[PartitionLag]:
+        """Committed offset, watermarks and lag for every partition of ``topics`` (default: the
+        topics the group has committed offsets for)."""
+        committed = self.committed_offsets(group_id)
+        names = sorted(set(topics) if topics is not None else {tp.topic for tp in committed})
+        out = []
+        for name in names:
+            for p in range(self.describe_topic(name).partitions):
+                tp = TopicPartition(name, p)
+                w = self.watermarks(tp)
+                out.append(PartitionLag(tp, committed.get(tp), w.low, w.high, w.lso))
+        return out
+
+
+class Producer(_Closing):
+    """Sends records. Idempotent unless told otherwise: a retry never writes a record twice.
+
+    With a ``transactional_id``: ``init_transactions()`` once (it fences older instances with the
+    same id), then ``begin_transaction()`` … ``send`` … ``send_offsets_to_transaction`` …
+    ``commit_transaction()`` or ``abort_transaction()``.
+    """
+
+    @abc.abstractmethod
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[Header] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        on_delivery: OnDelivery | None = None,
+    ) -> None:
+        """Queue a record. ``on_delivery`` runs inside a later ``poll()`` or ``flush()``.
+        Keyed records go to ``murmur2(key) % partitions`` like Java clients; others spread."""
+
+    @abc.abstractmethod
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve delivery callbacks that are due; returns how many ran."""
+
+    @abc.abstractmethod
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every queued record is written (or failed); returns how many remain."""
+
+    @abc.abstractmethod
+    def init_transactions(self, timeout: float = 30.0) -> None: ...
+
+    @abc.abstractmethod
+    def begin_transaction(self) -> None: ...
+
+    @abc.abstractmethod
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group: GroupMetadata, timeout: float = 30.0
+    ) -> None:
+        """Make committing ``offsets`` for ``group`` part of the open transaction."""
+
+    @abc.abstractmethod
+    def commit_transaction(self, timeout: float = 30.0) -> None: ...
+
+    @abc.abstractmethod
+    def abort_transaction(self, timeout: float = 30.0) -> None: ...
+
+
+class Consumer(_Closing):
+    """Reads records, as one member of a consumer group or from partitions assigned by hand.
+
+    Never commits by itself. Why commit on revoke: when a rebalance takes a partition away, the
+    member that processed it must commit what it processed *before* the partition moves, or the
+    next owner starts from an older offset and processes those records again. So ``on_revoke``
+    runs while this member's generation is still current and its commits are still accepted.
+    ``on_lost`` runs instead when the partitions are already gone (the member was expelled, e.g.
+    after missing its session timeout): committing then would be refused, and must not be tried.
+    """
+
+    @abc.abstractmethod
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+        on_lost: PartitionsCallback | None = None,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def assign(self, partitions: Sequence[TopicPartition]) -> None:
+        """Read these partitions, outside group management."""
+
+    @abc.abstractmethod
+    def assignment(self) -> list[TopicPartition]: ...
+
+    @abc.abstractmethod
+    def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
+        """Up to ``max_records`` records; waits up to ``timeout`` seconds for the first one.
+        Rebalance callbacks run inside this call."""
+
+    @abc.abstractmethod
+    def position(self, tp: TopicPartition) -> int:
+        """The offset of the next record ``poll`` would return from ``tp``."""
+
+    @abc.abstractmethod
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+
+    @abc.abstractmethod
+    def commit(
+        self, offsets: Mapping[TopicPartition, int] | None = None, asynchronous: bool = False
+    ) -> None:
+        """Commit ``offsets`` (default: the current positions of every assigned partition).
+        Raises :class:`~assured.errors.StaleGenerationError` if the group has moved on."""
+
+    @abc.abstractmethod
+    def committed(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int | None]: ...
+
+    @abc.abstractmethod
+    def group_metadata(self) -> GroupMetadata: ...
+
+    @abc.abstractmethod
+    def pause(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+    @abc.abstractmethod
+    def resume(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+
+class Log(_Closing):
+    """A log backend: hands out admins, producers and consumers that share its settings."""
+
+    url: str
+
+    @abc.abstractmethod
+    def admin(self) -> Admin: ...
+
+    @abc.abstractmethod
+    def producer(
+        self,
+        *,
+        transactional_id: str | None = None,
+        idempotent: bool = True,
+        transaction_timeout_ms: int = 60_000,
+        linger_ms: float = 5.0,
+        batch_size: int = 1000,
+        client_id: str | None = None,
+        config: Mapping[str, str | int | float | bool] | None = None,
+    ) -> Producer: ...
+
+    @abc.abstractmethod
+    def consumer(
+        self,
+        *,
+        group_id: str | None = None,
+        isolation: Isolation = "read_committed",
+        auto_offset_reset: OffsetReset = "earliest",
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 1_000,
+        max_poll_interval_ms: int = 300_000,
+        assignor: str = "range",
+        client_id: str | None = None,
+        config: Mapping[str, str | int | float | bool] | None = None,
+    ) -> Consumer: ...

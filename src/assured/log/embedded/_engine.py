@@ -1,0 +1,867 @@
+"""The embedded engine's state transitions: every read and write of the engine file.
+
+One :class:`Engine` wraps one SQLite connection (each client has its own; any number of them,
+in any number of processes, share the file). Every method that changes state runs in one
+SQLite write transaction, so it happens whole or not at all, whatever crashes.
+
+Kafka's model, table by table (see ``_schema.py``): topics and partitions with dense offsets;
+records; producers with epochs and per-partition sequences (idempotence); transactions whose
+records carry the transaction's id, with markers that take an offset on commit and abort;
+consumer groups with generations; committed offsets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import struct
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from assured.errors import (
+    InvalidTopicError,
+    LogError,
+    ProducerFencedError,
+    SequenceError,
+    StaleGenerationError,
+    TransactionTimedOutError,
+    UnknownTopicError,
+)
+from assured.log._models import Header, TopicPartition
+from assured.log._names import check_topic_name, collides
+from assured.log.assignors import ASSIGNORS
+from assured.log.embedded._schema import Durability, connect, translate
+
+__all__ = ["Engine", "GroupView", "TopicInfo", "decode_headers", "encode_headers", "now_ms"]
+
+DEFAULT_TOPIC_CONFIG = {
+    "retention.ms": "604800000",  # 7 days, Kafka's default
+    "retention.bytes": "-1",
+    "max.message.bytes": "1048588",
+    "cleanup.policy": "delete",
+}
+_MARKER_COMMIT = b"COMMIT"
+_MARKER_ABORT = b"ABORT"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode_headers(headers: Sequence[Header] | None) -> bytes | None:
+    if not headers:
+        return None
+    out = bytearray()
+    for name, value in headers:
+        raw = name.encode()
+        out += struct.pack(">H", len(raw)) + raw
+        if value is None:
+            out += struct.pack(">i", -1)
+        else:
+            out += struct.pack(">i", len(value)) + value
+    return bytes(out)
+
+
+def decode_headers(blob: bytes | None) -> tuple[Header, ...]:
+    if not blob:
+        return ()
+    out: list[Header] = []
+    i = 0
+    while i < len(blob):
+        (n,) = struct.unpack_from(">H", blob, i)
+        name = blob[i + 2 : i + 2 + n].decode()
+        i += 2 + n
+        (size,) = struct.unpack_from(">i", blob, i)
+        i += 4
+        if size < 0:
+            out.append((name, None))
+        else:
+            out.append((name, blob[i : i + size]))
+            i += size
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    id: int
+    name: str
+    part_ids: tuple[int, ...]  # index = partition number
+    config: dict[str, str]
+
+    @property
+    def partitions(self) -> int:
+        return len(self.part_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """One member's view of its group, read in one transaction."""
+
+    state: str  # empty | preparing | stable
+    generation: int
+    member_exists: bool
+    joined: bool
+    member_generation: int
+    assignment: tuple[TopicPartition, ...]
+
+
+class Engine:
+    """One connection to an engine file, and every operation on it."""
+
+    def __init__(self, path: Path, durability: Durability = "normal", busy_timeout: float = 30.0):
+        self.path = path
+        self.conn = connect(path, durability, busy_timeout)
+        self._topics: dict[str, TopicInfo] = {}
+        self._depth = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+    # -- transactions --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite write transaction (nested calls join the outer one)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        with translate(self.path):
+            self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            with translate(self.path):
+                self.conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """One consistent snapshot for several reads."""
+        if self._depth:
+            yield self.conn
+            return
+        with translate(self.path):
+            self.conn.execute("BEGIN")
+        self._depth = 1
+        try:
+            with translate(self.path):
+                yield self.conn
+        finally:
+            self._depth = 0
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Changes when any other connection commits; cheap (no disk read)."""
+        with translate(self.path):
+            return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- topics --------------------------------------------------------------------------------
+
+    def create_topic(self, name: str, partitions: int, config: Mapping[str, str] | None) -> None:
+        check_topic_name(name)
+        if partitions < 1:
+            raise InvalidTopicError(
+                f"topic {name!r} needs at least one partition, not {partitions}"
+            )
+        merged = {**DEFAULT_TOPIC_CONFIG, **{k: str(v) for k, v in (config or {}).items()}}
+        unknown = set(merged) - set(DEFAULT_TOPIC_CONFIG) - {"min.insync.replicas"}
+        if unknown:
+            raise InvalidTopicError(
+                f"unknown topic config {sorted(unknown)}; the embedded engine knows "
+                f"{sorted(DEFAULT_TOPIC_CONFIG)}"
+            )
+        for key in ("retention.ms", "retention.bytes", "max.message.bytes"):
+            try:
+                int(merged[key])
+            except ValueError:
+                raise InvalidTopicError(
+                    f"topic config {key}={merged[key]!r} is not a number"
+                ) from None
+        with self.write() as c:
+            existing = [r[0] for r in c.execute("SELECT name FROM topics")]
+            if name in existing:
+                raise InvalidTopicError(f"topic {name!r} already exists")
+            other = collides(name, existing)
+            if other:
+                raise InvalidTopicError(
+                    f"topic {name!r} collides with existing topic {other!r} "
+                    "(Kafka treats '.' and '_' alike in topic names)"
+                )
+            cur = c.execute(
+                "INSERT INTO topics (name, partitions, config, created_ms) VALUES (?, ?, ?, ?)",
+                (name, partitions, json.dumps(merged, sort_keys=True), now_ms()),
+            )
+            c.executemany(
+                "INSERT INTO partitions (topic_id, partition) VALUES (?, ?)",
+                [(cur.lastrowid, p) for p in range(partitions)],
+            )
+
+    def delete_topic(self, name: str) -> None:
+        with self.write() as c:
+            info = self._load_topic(name)
+            if info is None:
+                raise UnknownTopicError(f"topic {name!r} does not exist")
+            for part in info.part_ids:
+                c.execute("DELETE FROM records WHERE part = ?", (part,))
+                c.execute("DELETE FROM txn_parts WHERE part = ?", (part,))
+                c.execute("DELETE FROM producer_parts WHERE part = ?", (part,))
+            c.execute("DELETE FROM partitions WHERE topic_id = ?", (info.id,))
+            c.execute("DELETE FROM topics WHERE id = ?", (info.id,))
+            c.execute("DELETE FROM offsets WHERE topic = ?", (name,))
+        self._topics.pop(name, None)
+
+    def list_topics(self) -> list[str]:
+        with translate(self.path):
+            return [r[0] for r in self.conn.execute("SELECT name FROM topics ORDER BY name")]
+
+    def topic(self, name: str, refresh: bool = False) -> TopicInfo | None:
+        if not refresh and name in self._topics:
+            return self._topics[name]
+        with translate(self.path):
+            info = self._load_topic(name)
+        if info is None:
+            self._topics.pop(name, None)
+        else:
+            self._topics[name] = info
+        return info
+
+    def require_topic(self, name: str, refresh: bool = False) -> TopicInfo:
+        info = self.topic(name, refresh)
+        if info is None:
+            raise UnknownTopicError(f"topic {name!r} does not exist; create it first")
+        return info
+
+    def part_id(self, tp: TopicPartition) -> int:
+        info = self.require_topic(tp.topic)
+        if not 0 <= tp.partition < info.partitions:
+            info = self.require_topic(tp.topic, refresh=True)
+            if not 0 <= tp.partition < info.partitions:
+                raise UnknownTopicError(
+                    f"topic {tp.topic!r} has partitions 0..{info.partitions - 1}; "
+                    f"there is no partition {tp.partition}"
+                )
+        return info.part_ids[tp.partition]
+
+    def _load_topic(self, name: str) -> TopicInfo | None:
+        row = self.conn.execute("SELECT id, config FROM topics WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        parts = self.conn.execute(
+            "SELECT id FROM partitions WHERE topic_id = ? ORDER BY partition", (row[0],)
+        ).fetchall()
+        return TopicInfo(row[0], name, tuple(p[0] for p in parts), json.loads(row[1]))
+
+    # -- offsets of a partition ----------------------------------------------------------------
+
+    def watermarks(self, part: int) -> tuple[int, int, int]:
+        """(log start, high watermark, last stable offset) of ``part``; aborts transactions on
+        it that outlived their timeout first, so a crashed producer never blocks readers."""
+        self.abort_expired(part)
+        with self.read() as c:
+            row = c.execute(
+                "SELECT log_start, next_offset FROM partitions WHERE id = ?", (part,)
+            ).fetchone()
+            if row is None:
+                raise UnknownTopicError(f"partition {part} was deleted")
+            first_open = c.execute(
+                "SELECT MIN(first_offset) FROM txn_parts WHERE part = ?", (part,)
+            ).fetchone()[0]
+        low, high = row
+        return low, high, high if first_open is None else first_open
+
+    def abort_expired(self, part: int | None = None, now: int | None = None) -> int:
+        """Abort open transactions past their deadline (on ``part``, or anywhere)."""
+        now = now_ms() if now is None else now
+        where, args = ("part = ? AND", (part,)) if part is not None else ("", ())
+        with translate(self.path):
+            expired = self.conn.execute(
+                f"SELECT DISTINCT txn FROM txn_parts WHERE {where} deadline_ms < ?",  # noqa: S608
+                (*args, now),
+            ).fetchall()
+        if not expired:
+            return 0
+        with self.write():
+            for (txn,) in expired:
+                self._abort_txn(txn, now, timed_out=True)
+        return len(expired)
+
+    # -- producing -----------------------------------------------------------------------------
+
+    def new_producer(self, transactional_id: str | None = None) -> int:
+        with self.write() as c:
+            cur = c.execute(
+                "INSERT INTO producers (transactional_id, created_ms) VALUES (?, ?)",
+                (transactional_id, now_ms()),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def append(
+        self,
+        part: int,
+        rows: Sequence[tuple[int, bytes | None, bytes | None, bytes | None]],
+        producer: tuple[int, int, int] | None = None,
+        txn: int | None = None,
+    ) -> tuple[int, bool]:
+        """Append ``rows`` (ts, key, value, headers) to ``part``; returns (base offset,
+        duplicate). ``producer`` = (producer id, epoch, base sequence) turns on idempotence: a
+        batch whose sequence was already written returns its first offset and appends nothing.
+        Call inside :meth:`write`."""
+        c = self.conn
+        if producer is not None:
+            pid, epoch, base_seq = producer
+            last = c.execute(
+                "SELECT epoch, base_seq, count, base_offset FROM producer_parts "
+                "WHERE producer = ? AND part = ?",
+                (pid, part),
+            ).fetchone()
+            if last is not None:
+                l_epoch, l_base, l_count, l_offset = last
+                if epoch < l_epoch:
+                    raise ProducerFencedError(
+                        f"producer {pid} epoch {epoch} is older than epoch {l_epoch} that wrote "
+                        "to this partition last; a newer instance took over"
+                    )
+                if epoch == l_epoch:
+                    if base_seq == l_base and len(rows) == l_count:
+                        return l_offset, True  # a resend of the last batch: already written
+                    if base_seq != l_base + l_count:
+                        raise SequenceError(
+                            f"producer {pid} sent sequence {base_seq} to partition {part}, "
+                            f"expected {l_base + l_count}; records may be missing or reordered"
+                        )
+                elif base_seq != 0:
+                    raise SequenceError(f"a new epoch must start at sequence 0, not {base_seq}")
+            elif base_seq != 0:
+                raise SequenceError(
+                    f"producer {pid}'s first batch to partition {part} has sequence {base_seq}"
+                )
+        size = sum(len(k or b"") + len(v or b"") + len(h or b"") for _, k, v, h in rows)
+        row = c.execute(
+            "UPDATE partitions SET next_offset = next_offset + ?, bytes = bytes + ? "
+            "WHERE id = ? RETURNING next_offset",
+            (len(rows), size, part),
+        ).fetchone()
+        if row is None:
+            raise UnknownTopicError(f"the topic of partition {part} was deleted")
+        base = row[0] - len(rows)
+        c.executemany(
+            "INSERT INTO records (part, off, ts, key, value, headers, txn) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(part, base + i, ts, k, v, h, txn) for i, (ts, k, v, h) in enumerate(rows)],
+        )
+        if producer is not None:
+            c.execute(
+                "INSERT OR REPLACE INTO producer_parts VALUES (?, ?, ?, ?, ?, ?)",
+                (producer[0], part, producer[1], producer[2], len(rows), base),
+            )
+        return base, False
+
+    def _marker(self, part: int, marker: bytes, now: int) -> None:
+        row = self.conn.execute(
+            "UPDATE partitions SET next_offset = next_offset + 1 WHERE id = ? "
+            "RETURNING next_offset",
+            (part,),
+        ).fetchone()
+        if row is not None:
+            self.conn.execute(
+                "INSERT INTO records (part, off, ts, key, value, headers, txn) "
+                "VALUES (?, ?, ?, NULL, ?, NULL, 0)",
+                (part, row[0] - 1, now, marker),
+            )
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def init_transactions(self, transactional_id: str, timeout_ms: int) -> tuple[int, int]:
+        """(producer id, epoch) for ``transactional_id``. The epoch goes up by one, fencing any
+        older instance, and its open transaction is aborted."""
+        now = now_ms()
+        with self.write() as c:
+            row = c.execute(
+                "SELECT id, epoch, current_txn FROM producers WHERE transactional_id = ?",
+                (transactional_id,),
+            ).fetchone()
+            if row is None:
+                cur = c.execute(
+                    "INSERT INTO producers (transactional_id, epoch, txn_timeout_ms, created_ms) "
+                    "VALUES (?, 0, ?, ?)",
+                    (transactional_id, timeout_ms, now),
+                )
+                assert cur.lastrowid is not None
+                return cur.lastrowid, 0
+            pid, epoch, current = row
+            if current is not None:
+                self._abort_txn(current, now)
+            c.execute(
+                "UPDATE producers SET epoch = ?, current_txn = NULL, txn_timeout_ms = ? "
+                "WHERE id = ?",
+                (epoch + 1, timeout_ms, pid),
+            )
+            return pid, epoch + 1
+
+    def _check_epoch(self, pid: int, epoch: int) -> int | None:
+        """The producer's open transaction id; fenced if ``epoch`` is no longer current."""
+        row = self.conn.execute(
+            "SELECT epoch, current_txn FROM producers WHERE id = ?", (pid,)
+        ).fetchone()
+        if row is None or row[0] != epoch:
+            raise ProducerFencedError(
+                f"producer {pid} with epoch {epoch} was fenced: a newer instance with the same "
+                "transactional id called init_transactions. Stop this instance."
+            )
+        current: int | None = row[1]
+        return current
+
+    def txn_begin_or_check(self, pid: int, epoch: int, txn: int | None) -> int:
+        """The producer's open transaction, started now if ``txn`` is None. Call inside
+        :meth:`write`."""
+        current = self._check_epoch(pid, epoch)
+        if txn is not None:
+            if current != txn:
+                raise TransactionTimedOutError(
+                    f"transaction {txn} ran past its timeout and was aborted; abort_transaction(), "
+                    "rewind and begin again"
+                )
+            return txn
+        if current is not None:  # left open by a crash of this same instance: not ours to keep
+            self._abort_txn(current, now_ms())
+        now = now_ms()
+        (timeout,) = self.conn.execute(
+            "SELECT txn_timeout_ms FROM producers WHERE id = ?", (pid,)
+        ).fetchone()
+        cur = self.conn.execute(
+            "INSERT INTO txns (producer, epoch, state, started_ms, deadline_ms) "
+            "VALUES (?, ?, 'open', ?, ?)",
+            (pid, epoch, now, now + timeout),
+        )
+        assert cur.lastrowid is not None
+        self.conn.execute("UPDATE producers SET current_txn = ? WHERE id = ?", (cur.lastrowid, pid))
+        return cur.lastrowid
+
+    def txn_add_part(self, txn: int, part: int, first_offset: int) -> None:
+        """Note that ``txn`` wrote to ``part`` from ``first_offset`` (the LSO stops there)."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO txn_parts (part, txn, first_offset, deadline_ms) "
+            "SELECT ?, ?, ?, deadline_ms FROM txns WHERE id = ?",
+            (part, txn, first_offset, txn),
+        )
+
+    def txn_add_offsets(
+        self,
+        txn: int,
+        group_id: str,
+        generation: int,
+        member_id: str,
+        offsets: Mapping[TopicPartition, int],
+    ) -> None:
+        self._check_generation(group_id, generation, member_id)
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO txn_offsets VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (txn, group_id, tp.topic, tp.partition, off, generation, member_id)
+                for tp, off in offsets.items()
+            ],
+        )
+
+    def commit_txn(self, pid: int, epoch: int, txn: int) -> None:
+        """Commit ``txn``: markers on its partitions, and its consumer offsets, at once."""
+        now = now_ms()
+        with self.write() as c:
+            self.txn_begin_or_check(pid, epoch, txn)
+            pending = c.execute(
+                "SELECT DISTINCT group_id, generation, member_id FROM txn_offsets WHERE txn = ?",
+                (txn,),
+            ).fetchall()
+            for group_id, generation, member_id in pending:
+                self._check_generation(group_id, generation, member_id)
+            for (part,) in c.execute("SELECT part FROM txn_parts WHERE txn = ?", (txn,)).fetchall():
+                self._marker(part, _MARKER_COMMIT, now)
+            c.execute(
+                "INSERT OR REPLACE INTO offsets (group_id, topic, partition, off, commit_ms) "
+                "SELECT group_id, topic, partition, off, ? FROM txn_offsets WHERE txn = ?",
+                (now, txn),
+            )
+            self._end_txn(txn, "committed", now)
+
+    def abort_txn(self, pid: int, epoch: int, txn: int) -> None:
+        with self.write():
+            current = self._check_epoch(pid, epoch)
+            if current == txn:
+                self._abort_txn(txn, now_ms())
+
+    def _abort_txn(self, txn: int, now: int, timed_out: bool = False) -> None:
+        c = self.conn
+        for part, first in c.execute(
+            "SELECT part, first_offset FROM txn_parts WHERE txn = ?", (txn,)
+        ).fetchall():
+            c.execute(
+                "UPDATE records SET txn = -txn WHERE part = ? AND off >= ? AND txn = ?",
+                (part, first, txn),
+            )
+            self._marker(part, _MARKER_ABORT, now)
+        self._end_txn(txn, "timed-out" if timed_out else "aborted", now)
+
+    def _end_txn(self, txn: int, state: str, now: int) -> None:
+        c = self.conn
+        c.execute("DELETE FROM txn_parts WHERE txn = ?", (txn,))
+        c.execute("DELETE FROM txn_offsets WHERE txn = ?", (txn,))
+        c.execute("UPDATE txns SET state = ?, ended_ms = ? WHERE id = ?", (state, now, txn))
+        c.execute("UPDATE producers SET current_txn = NULL WHERE current_txn = ?", (txn,))
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    def fetch(
+        self, part: int, position: int, upper: int, limit: int, committed_only: bool
+    ) -> list[tuple[int, int, bytes | None, bytes | None, bytes | None]]:
+        """Rows (offset, ts, key, value, headers) of ``part`` in [position, upper)."""
+        visible = "(txn IS NULL OR txn > 0)" if committed_only else "(txn IS NULL OR txn <> 0)"
+        rows: list[tuple[int, int, bytes | None, bytes | None, bytes | None]] = self.conn.execute(
+            "SELECT off, ts, key, value, headers FROM records "  # noqa: S608
+            f"WHERE part = ? AND off >= ? AND off < ? AND {visible} ORDER BY off LIMIT ?",
+            (part, position, upper, limit),
+        ).fetchall()
+        return rows
+
+    def bounds(self, part: int) -> tuple[int, int, int, int | None]:
+        """(log start, high watermark, LSO, earliest open-transaction deadline) of ``part``.
+        Call inside :meth:`read`."""
+        row = self.conn.execute(
+            "SELECT log_start, next_offset FROM partitions WHERE id = ?", (part,)
+        ).fetchone()
+        if row is None:
+            raise UnknownTopicError(f"partition {part} was deleted")
+        first_open, deadline = self.conn.execute(
+            "SELECT MIN(first_offset), MIN(deadline_ms) FROM txn_parts WHERE part = ?", (part,)
+        ).fetchone()
+        return row[0], row[1], row[1] if first_open is None else first_open, deadline
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def enforce_retention(self, now: int | None = None) -> int:
+        """Delete records past their topic's retention.ms or retention.bytes, oldest first and
+        never at or above the LSO. Returns how many records went."""
+        now = now_ms() if now is None else now
+        removed = 0
+        for name in self.list_topics():
+            info = self.topic(name, refresh=True)
+            if info is None:
+                continue
+            ms, max_bytes = int(info.config["retention.ms"]), int(info.config["retention.bytes"])
+            if ms < 0 and max_bytes < 0:
+                continue
+            for part in info.part_ids:
+                removed += self._retain(part, now - ms if ms >= 0 else None, max_bytes)
+        return removed
+
+    def _retain(self, part: int, oldest_ts: int | None, max_bytes: int) -> int:
+        with self.write() as c:
+            low, _high, lso, _ = self.bounds(part)
+            cut = low
+            if oldest_ts is not None:
+                row = c.execute(
+                    "SELECT MIN(off) FROM records WHERE part = ? AND off >= ? AND ts >= ?",
+                    (part, low, oldest_ts),
+                ).fetchone()
+                cut = lso if row[0] is None else row[0]
+            (total,) = c.execute("SELECT bytes FROM partitions WHERE id = ?", (part,)).fetchone()
+            size_of = (
+                "ifnull(length(key), 0) + ifnull(length(value), 0) + ifnull(length(headers), 0)"
+            )
+            if max_bytes >= 0:
+                dropped = c.execute(
+                    f"SELECT ifnull(SUM({size_of}), 0) FROM records "  # noqa: S608
+                    "WHERE part = ? AND off < ?",
+                    (part, cut),
+                ).fetchone()[0]
+                over = total - dropped - max_bytes
+                if over > 0:
+                    for off, size in c.execute(
+                        f"SELECT off, {size_of} FROM records "  # noqa: S608
+                        "WHERE part = ? AND off >= ? ORDER BY off",
+                        (part, cut),
+                    ).fetchall():
+                        if over <= 0:
+                            break
+                        over -= size
+                        cut = off + 1
+            cut = min(cut, lso)
+            if cut <= low:
+                return 0
+            gone_bytes = c.execute(
+                f"SELECT ifnull(SUM({size_of}), 0) FROM records "  # noqa: S608
+                "WHERE part = ? AND off < ?",
+                (part, cut),
+            ).fetchone()[0]
+            n = c.execute("DELETE FROM records WHERE part = ? AND off < ?", (part, cut)).rowcount
+            c.execute(
+                "UPDATE partitions SET log_start = ?, bytes = bytes - ? WHERE id = ?",
+                (cut, gone_bytes, part),
+            )
+            return int(n)
+
+    # -- consumer groups -----------------------------------------------------------------------
+
+    def join_group(
+        self,
+        group_id: str,
+        member_id: str,
+        client_id: str,
+        topics: Sequence[str],
+        session_timeout_ms: int,
+        rebalance_timeout_ms: int,
+        assignor: str,
+    ) -> None:
+        now = now_ms()
+        with self.write() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO groups (id, generation, state, assignor) "
+                "VALUES (?, 0, 'empty', ?)",
+                (group_id, assignor),
+            )
+            c.execute(
+                "INSERT INTO members VALUES (?, ?, ?, ?, ?, ?, ?, 1, -1, '[]')",
+                (
+                    group_id,
+                    member_id,
+                    client_id,
+                    json.dumps(sorted(topics)),
+                    session_timeout_ms,
+                    rebalance_timeout_ms,
+                    now,
+                ),
+            )
+            self._prepare_rebalance(group_id, now)
+            self._try_complete(group_id, now)
+
+    def leave_group(self, group_id: str, member_id: str) -> None:
+        now = now_ms()
+        with self.write() as c:
+            gone = c.execute(
+                "DELETE FROM members WHERE group_id = ? AND member_id = ?", (group_id, member_id)
+            ).rowcount
+            if gone:
+                self._prepare_rebalance(group_id, now)
+                self._try_complete(group_id, now)
+
+    def heartbeat(self, group_id: str, member_id: str) -> bool:
+        """Keep ``member_id`` alive; expel members past their session timeout (or, while
+        rebalancing, past the rebalance timeout). False if this member itself is gone."""
+        now = now_ms()
+        with self.write() as c:
+            alive = c.execute(
+                "UPDATE members SET heartbeat_ms = ? WHERE group_id = ? AND member_id = ?",
+                (now, group_id, member_id),
+            ).rowcount
+            self._expire(group_id, now)
+            return bool(alive)
+
+    def rejoin(self, group_id: str, member_id: str) -> None:
+        """This member has revoked its partitions and waits for the next generation."""
+        now = now_ms()
+        with self.write() as c:
+            c.execute(
+                "UPDATE members SET joined = 1, heartbeat_ms = ? "
+                "WHERE group_id = ? AND member_id = ?",
+                (now, group_id, member_id),
+            )
+            self._try_complete(group_id, now)
+
+    def group_view(self, group_id: str, member_id: str) -> GroupView:
+        with self.read() as c:
+            g = c.execute(
+                "SELECT state, generation FROM groups WHERE id = ?", (group_id,)
+            ).fetchone()
+            m = c.execute(
+                "SELECT joined, generation, assignment FROM members "
+                "WHERE group_id = ? AND member_id = ?",
+                (group_id, member_id),
+            ).fetchone()
+        if g is None or m is None:
+            return GroupView(g[0] if g else "empty", g[1] if g else 0, False, False, -1, ())
+        assignment = tuple(TopicPartition(t, p) for t, p in json.loads(m[2]))
+        return GroupView(g[0], g[1], True, bool(m[0]), m[1], assignment)
+
+    def try_complete(self, group_id: str) -> None:
+        now = now_ms()
+        with self.write():
+            self._expire(group_id, now)
+            self._try_complete(group_id, now)
+
+    def _expire(self, group_id: str, now: int) -> None:
+        c = self.conn
+        gone = c.execute(
+            "DELETE FROM members WHERE group_id = ? AND heartbeat_ms + session_timeout_ms < ?",
+            (group_id, now),
+        ).rowcount
+        g = c.execute(
+            "SELECT state, rebalance_deadline_ms FROM groups WHERE id = ?", (group_id,)
+        ).fetchone()
+        if g is not None and g[0] == "preparing" and g[1] < now:
+            gone += c.execute(
+                "DELETE FROM members WHERE group_id = ? AND joined = 0", (group_id,)
+            ).rowcount
+        if gone:
+            self._prepare_rebalance(group_id, now)
+        self._try_complete(group_id, now)
+
+    def _prepare_rebalance(self, group_id: str, now: int) -> None:
+        c = self.conn
+        row = c.execute("SELECT state FROM groups WHERE id = ?", (group_id,)).fetchone()
+        if row is None:
+            return
+        state = row[0]
+        (count, timeout) = c.execute(
+            "SELECT count(*), ifnull(MAX(rebalance_timeout_ms), 0) FROM members WHERE group_id = ?",
+            (group_id,),
+        ).fetchone()
+        if count == 0:
+            c.execute("UPDATE groups SET state = 'empty' WHERE id = ?", (group_id,))
+            return
+        if state != "preparing":
+            c.execute(
+                "UPDATE groups SET state = 'preparing', rebalance_deadline_ms = ? WHERE id = ?",
+                (now + timeout, group_id),
+            )
+            # Everyone already in the group must revoke before the next generation starts.
+            c.execute(
+                "UPDATE members SET joined = 0 WHERE group_id = ? AND generation >= 0",
+                (group_id,),
+            )
+
+    def _try_complete(self, group_id: str, now: int) -> None:
+        """If every member has rejoined, compute the next generation's assignment."""
+        c = self.conn
+        g = c.execute(
+            "SELECT state, generation, assignor FROM groups WHERE id = ?", (group_id,)
+        ).fetchone()
+        if g is None or g[0] != "preparing":
+            return
+        members = c.execute(
+            "SELECT member_id, topics, joined, assignment FROM members WHERE group_id = ?",
+            (group_id,),
+        ).fetchall()
+        if not members or not all(m[2] for m in members):
+            return
+        subscriptions = {m[0]: json.loads(m[1]) for m in members}
+        previous = {m[0]: [TopicPartition(t, p) for t, p in json.loads(m[3])] for m in members}
+        counts: dict[str, int] = {}
+        for topic in {t for ts in subscriptions.values() for t in ts}:
+            row = c.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()
+            if row is not None:
+                counts[topic] = row[0]
+        plan = ASSIGNORS.get(g[2], ASSIGNORS["range"])(subscriptions, counts, previous)
+        generation = g[1] + 1
+        c.execute(
+            "UPDATE groups SET state = 'stable', generation = ? WHERE id = ?",
+            (generation, group_id),
+        )
+        c.executemany(
+            "UPDATE members SET generation = ?, joined = 1, assignment = ?, heartbeat_ms = ? "
+            "WHERE group_id = ? AND member_id = ?",
+            [
+                (generation, json.dumps([list(tp) for tp in tps]), now, group_id, m)
+                for m, tps in plan.items()
+            ],
+        )
+
+    def _check_generation(self, group_id: str, generation: int, member_id: str) -> None:
+        """Refuse a commit from a member or generation the group has moved past."""
+        c = self.conn
+        g = c.execute("SELECT generation FROM groups WHERE id = ?", (group_id,)).fetchone()
+        if not member_id:  # a consumer with hand-assigned partitions (Kafka's generation -1)
+            active = c.execute(
+                "SELECT count(*) FROM members WHERE group_id = ?", (group_id,)
+            ).fetchone()[0]
+            if active:
+                raise StaleGenerationError(
+                    f"group {group_id!r} has active members; a consumer outside the group "
+                    "cannot commit for it"
+                )
+            return
+        m = c.execute(
+            "SELECT generation FROM members WHERE group_id = ? AND member_id = ?",
+            (group_id, member_id),
+        ).fetchone()
+        if g is None or m is None:
+            raise StaleGenerationError(
+                f"member {member_id} is no longer in group {group_id!r} (expelled after its "
+                "session or rebalance timeout); nothing was committed. Rejoin the group."
+            )
+        if generation != g[0] or m[0] != g[0]:
+            raise StaleGenerationError(
+                f"group {group_id!r} is at generation {g[0]}, the commit came from generation "
+                f"{generation}: the group rebalanced; nothing was committed"
+            )
+
+    def commit_offsets(
+        self,
+        group_id: str,
+        generation: int,
+        member_id: str,
+        offsets: Mapping[TopicPartition, int],
+    ) -> None:
+        now = now_ms()
+        with self.write() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO groups (id, generation, state, assignor) "
+                "VALUES (?, 0, 'empty', 'range')",
+                (group_id,),
+            )
+            self._check_generation(group_id, generation, member_id)
+            c.executemany(
+                "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?)",
+                [(group_id, tp.topic, tp.partition, off, now) for tp, off in offsets.items()],
+            )
+
+    def committed(
+        self, group_id: str, topics: Iterable[str] | None = None
+    ) -> dict[TopicPartition, int]:
+        with translate(self.path):
+            rows = self.conn.execute(
+                "SELECT topic, partition, off FROM offsets WHERE group_id = ?", (group_id,)
+            ).fetchall()
+        wanted = set(topics) if topics is not None else None
+        return {TopicPartition(t, p): off for t, p, off in rows if wanted is None or t in wanted}
+
+    def groups(self) -> list[str]:
+        with translate(self.path):
+            rows = self.conn.execute(
+                "SELECT id FROM groups UNION SELECT group_id FROM offsets ORDER BY 1"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def describe_group(self, group_id: str) -> tuple[str, int, list[tuple[str, str, str]]]:
+        with self.read() as c:
+            g = c.execute(
+                "SELECT state, generation FROM groups WHERE id = ?", (group_id,)
+            ).fetchone()
+            members = c.execute(
+                "SELECT member_id, client_id, assignment FROM members WHERE group_id = ? "
+                "ORDER BY member_id",
+                (group_id,),
+            ).fetchall()
+        if g is None:
+            known = self.committed(group_id)
+            if not known:
+                raise LogError(f"consumer group {group_id!r} does not exist")
+            return "empty", 0, []
+        return g[0], g[1], members

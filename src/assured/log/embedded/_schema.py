@@ -1,0 +1,186 @@
+"""The engine file: opening it safely, and the tables that hold Kafka's model.
+
+One SQLite file in WAL mode is the whole state; copy it (with its ``-wal``) and you have a
+backup. Opening refuses, with a message that says why and leaves the file untouched: a path in
+a missing or read-only folder, a file that is not SQLite, a SQLite file that is not an engine
+file, a corrupt file, and a file written by a newer schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from assured.errors import EngineFileError, LogError, RetriableError
+
+__all__ = ["FORMAT", "SCHEMA_VERSION", "Durability", "connect", "translate"]
+
+FORMAT = "assured-embedded"
+SCHEMA_VERSION = 1
+Durability = Literal["normal", "full"]
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Record rows: `txn` is NULL for a plain record, the transaction's id (> 0) while it is open or
+# once it committed, minus that id once it aborted, and 0 for a transaction marker. So
+# read_committed is `txn IS NULL OR txn > 0` below the LSO, and read_uncommitted is `txn <> 0`.
+_DDL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE topics (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, partitions INTEGER NOT NULL,
+    config TEXT NOT NULL, created_ms INTEGER NOT NULL);
+CREATE TABLE partitions (
+    id INTEGER PRIMARY KEY, topic_id INTEGER NOT NULL, partition INTEGER NOT NULL,
+    log_start INTEGER NOT NULL DEFAULT 0, next_offset INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0, UNIQUE (topic_id, partition));
+CREATE TABLE records (
+    part INTEGER NOT NULL, off INTEGER NOT NULL, ts INTEGER NOT NULL,
+    key BLOB, value BLOB, headers BLOB, txn INTEGER,
+    PRIMARY KEY (part, off)) WITHOUT ROWID;
+CREATE TABLE producers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, transactional_id TEXT UNIQUE,
+    epoch INTEGER NOT NULL DEFAULT 0, txn_timeout_ms INTEGER, current_txn INTEGER,
+    created_ms INTEGER NOT NULL);
+CREATE TABLE producer_parts (
+    producer INTEGER NOT NULL, part INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    base_seq INTEGER NOT NULL, count INTEGER NOT NULL, base_offset INTEGER NOT NULL,
+    PRIMARY KEY (producer, part)) WITHOUT ROWID;
+CREATE TABLE txns (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, producer INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    state TEXT NOT NULL, started_ms INTEGER NOT NULL, deadline_ms INTEGER NOT NULL,
+    ended_ms INTEGER);
+CREATE TABLE txn_parts (
+    part INTEGER NOT NULL, txn INTEGER NOT NULL, first_offset INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, PRIMARY KEY (part, txn)) WITHOUT ROWID;
+CREATE INDEX txn_parts_by_txn ON txn_parts (txn);
+CREATE TABLE txn_offsets (
+    txn INTEGER NOT NULL, group_id TEXT NOT NULL, topic TEXT NOT NULL,
+    partition INTEGER NOT NULL, off INTEGER NOT NULL, generation INTEGER NOT NULL,
+    member_id TEXT NOT NULL, PRIMARY KEY (txn, group_id, topic, partition)) WITHOUT ROWID;
+CREATE TABLE groups (
+    id TEXT PRIMARY KEY, generation INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL,
+    assignor TEXT NOT NULL, rebalance_deadline_ms INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE members (
+    group_id TEXT NOT NULL, member_id TEXT NOT NULL, client_id TEXT NOT NULL,
+    topics TEXT NOT NULL, session_timeout_ms INTEGER NOT NULL,
+    rebalance_timeout_ms INTEGER NOT NULL, heartbeat_ms INTEGER NOT NULL,
+    joined INTEGER NOT NULL, generation INTEGER NOT NULL, assignment TEXT NOT NULL,
+    PRIMARY KEY (group_id, member_id)) WITHOUT ROWID;
+CREATE TABLE offsets (
+    group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
+    off INTEGER NOT NULL, commit_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)) WITHOUT ROWID;
+"""
+
+
+@contextlib.contextmanager
+def translate(path: Path | str) -> Iterator[None]:
+    """SQLite's errors in the project's terms: busy is retriable; corrupt, not-a-database and
+    read-only are :class:`EngineFileError`; anything else a :class:`LogError`."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise _translated(e, path) from e
+
+
+def _translated(e: sqlite3.Error, path: Path | str) -> Exception:
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    if code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+        return RetriableError(f"engine file {path} is busy ({e}); retry")
+    if code in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB
+        return EngineFileError(
+            f"engine file {path} is corrupt ({e}). Nothing more was written to it; restore it "
+            "from a copy, or move it aside and start a new one."
+        )
+    if code == 8:  # SQLITE_READONLY
+        return EngineFileError(f"engine file {path} is read-only ({e}); make it writable")
+    if code == 13:  # SQLITE_FULL
+        return LogError(f"the disk holding {path} is full ({e}); the write was rolled back")
+    if code == 14:  # SQLITE_CANTOPEN
+        return EngineFileError(f"cannot open engine file {path} ({e}); check the path")
+    return LogError(f"engine file {path}: {e}")
+
+
+def _check_path(path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise EngineFileError(
+            f"folder {folder} does not exist; create it, or give the engine another path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EngineFileError(
+            f"folder {folder} is read-only; the engine writes its file and the -wal/-shm files "
+            "beside it there. Choose a writable folder."
+        )
+    if path.exists():
+        if path.is_dir():
+            raise EngineFileError(f"{path} is a folder, not an engine file")
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+        if head and head != _SQLITE_MAGIC:
+            raise EngineFileError(
+                f"{path} is not an assured engine file (it is not a SQLite database at all). "
+                "It was left untouched; give the engine another path."
+            )
+
+
+def connect(
+    path: Path, durability: Durability = "normal", busy_timeout: float = 30.0
+) -> sqlite3.Connection:
+    """A connection to the engine file at ``path``, creating the file if new."""
+    _check_path(path)
+    with translate(path):
+        conn = sqlite3.connect(
+            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+    try:
+        with translate(path):
+            _validate_or_create(conn, path)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+            conn.execute("PRAGMA cache_size=-32768")  # 32 MiB
+            conn.execute("PRAGMA temp_store=MEMORY")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _validate_or_create(conn: sqlite3.Connection, path: Path) -> None:
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have created it between our look and our lock.
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                for statement in filter(str.strip, _DDL.split(";")):
+                    conn.execute(statement)
+                conn.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))],
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return
+    if "meta" not in tables:
+        raise EngineFileError(
+            f"{path} is a SQLite database, but not an assured engine file. "
+            "It was left untouched; give the engine another path."
+        )
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("format") != FORMAT:
+        raise EngineFileError(
+            f"{path} is a SQLite database, but not an assured engine file "
+            f"(format {meta.get('format')!r}). It was left untouched."
+        )
+    version = int(meta.get("schema_version", "0"))
+    if version > SCHEMA_VERSION:
+        raise EngineFileError(
+            f"{path} was written by a newer assured (schema {version}; this one reads up to "
+            f"{SCHEMA_VERSION}). Upgrade assured to open it; the file was not modified."
+        )
