@@ -10,7 +10,10 @@ import assured
 import assured.errors
 
 
-@pytest.mark.parametrize("module", ["assured", "assured.log", "assured.errors", "assured.testing", "assured.log.embedded"])
+@pytest.mark.parametrize(
+    "module",
+    ["assured", "assured.log", "assured.errors", "assured.testing", "assured.log.embedded"],
+)
 def test_every_exported_name_exists(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:

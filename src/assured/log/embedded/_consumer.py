@@ -152,10 +152,7 @@ class EmbeddedConsumer(Consumer):
             else:
                 self._engine.try_complete(self._group_id)
             return
-        if (
-            view.state == "stable"
-            and view.member_generation == view.generation != self._generation
-        ):
+        if view.state == "stable" and view.member_generation == view.generation != self._generation:
             self._generation = view.generation
             self._take(list(view.assignment))
 
