@@ -12,7 +12,7 @@ import pytest
 
 from assured.log import Consumer, Log, Record, open_log
 
-BACKENDS = ["embedded"]
+BACKENDS = ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -20,7 +20,8 @@ def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Log]:
     if request.param == "embedded":
         opened = open_log(f"embedded://{tmp_path}/log.db")
     else:
-        raise AssertionError(f"unknown backend {request.param}")
+        bootstrap = request.getfixturevalue("kafka_bootstrap")
+        opened = open_log(f"kafka://{bootstrap}")
     yield opened
     opened.close()
 

@@ -42,7 +42,11 @@ def open_log(url: str | None = None, config: Mapping[str, _ConfigValue] | None =
     if scheme == "kafka":
         if not parts.netloc:
             raise ConfigError(f"{url!r} names no broker; write kafka://host:9092[,host2:9092]")
-        raise ConfigError("the Kafka backend is not built yet; use an embedded:// log for now")
+        from assured.log.kafka import KafkaLog
+
+        settings: dict[str, _ConfigValue] = dict(parse_qsl(parts.query, strict_parsing=False))
+        settings.update(config or {})
+        return KafkaLog(parts.netloc, settings)
     raise ConfigError(
         f"unknown log URL {url!r}: use embedded:///path/to/file.db or kafka://host:9092"
     )

@@ -396,6 +396,8 @@ class KafkaCluster:
             "share.coordinator.state.topic.replication.factor": replicas,
             "share.coordinator.state.topic.min.isr": min_isr,
             "group.initial.rebalance.delay.ms": "0",
+            # As serious clusters run: a typo in a topic name is an error, not a new topic.
+            "auto.create.topics.enable": "false",
             # A crashed transactional producer's open transaction is aborted promptly once it
             # times out, so tests of that path take seconds, not minutes.
             "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",

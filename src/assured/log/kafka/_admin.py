@@ -1,0 +1,158 @@
+"""Topics, groups, offsets and watermarks on Apache Kafka, through AdminClient."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from confluent_kafka import ConsumerGroupTopicPartitions, IsolationLevel, KafkaException
+from confluent_kafka import TopicPartition as KTopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
+from confluent_kafka.admin._listoffsets import OffsetSpec
+from confluent_kafka.cimpl import NewTopic
+
+from assured.errors import InvalidTopicError, LogError, UnknownTopicError
+from assured.log._models import (
+    GroupDescription,
+    MemberDescription,
+    TopicDescription,
+    TopicPartition,
+    Watermarks,
+)
+from assured.log._names import check_topic_name, collides
+from assured.log._protocol import Admin
+from assured.log.kafka._errors import Scrubber, translate, translated
+
+__all__ = ["KafkaAdmin"]
+
+TIMEOUT = 30.0
+
+
+class KafkaAdmin(Admin):
+    def __init__(self, config: Mapping[str, Any], scrub: Scrubber):
+        self._scrub = scrub
+        with translated(scrub, "creating the Kafka admin client"):
+            self._admin = AdminClient(dict(config))
+
+    def _wait(self, future: Any, what: str) -> Any:
+        try:
+            return future.result(timeout=TIMEOUT)
+        except KafkaException as e:
+            raise translate(e, self._scrub, what) from None
+        except TimeoutError:
+            raise LogError(f"{what}: no answer from Kafka within {TIMEOUT:.0f} s") from None
+
+    def create_topic(
+        self, name: str, partitions: int = 1, config: Mapping[str, str] | None = None
+    ) -> None:
+        check_topic_name(name)
+        if partitions < 1:
+            raise InvalidTopicError(
+                f"topic {name!r} needs at least one partition, not {partitions}"
+            )
+        existing = self.list_topics()
+        if name in existing:
+            raise InvalidTopicError(f"topic {name!r} already exists")
+        other = collides(name, existing)
+        if other:
+            raise InvalidTopicError(
+                f"topic {name!r} collides with existing topic {other!r} "
+                "(Kafka treats '.' and '_' alike in topic names)"
+            )
+        topic = NewTopic(name, num_partitions=partitions, config=dict(config or {}))
+        futures = self._admin.create_topics([topic], operation_timeout=TIMEOUT)
+        self._wait(futures[name], f"creating topic {name!r}")
+        # Metadata reaches every broker a moment after the controller says yes.
+        with translated(self._scrub, "waiting for the new topic's metadata"):
+            for _ in range(100):
+                meta = self._admin.list_topics(name, timeout=TIMEOUT).topics.get(name)
+                if meta is not None and meta.error is None and len(meta.partitions) == partitions:
+                    return
+                time.sleep(0.05)
+
+    def delete_topic(self, name: str) -> None:
+        futures = self._admin.delete_topics([name], operation_timeout=TIMEOUT)
+        self._wait(futures[name], f"deleting topic {name!r}")
+
+    def list_topics(self) -> list[str]:
+        with translated(self._scrub, "listing topics"):
+            meta = self._admin.list_topics(timeout=TIMEOUT)
+        return sorted(t for t in meta.topics if not t.startswith("__"))
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        with translated(self._scrub, f"describing topic {name!r}"):
+            meta = self._admin.list_topics(name, timeout=TIMEOUT).topics.get(name)
+        if meta is None or meta.error is not None:
+            raise UnknownTopicError(f"topic {name!r} does not exist")
+        resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+        entries = self._wait(
+            self._admin.describe_configs([resource])[resource], f"reading {name!r}'s config"
+        )
+        config = {k: str(v.value) for k, v in entries.items() if v.value is not None}
+        return TopicDescription(name, len(meta.partitions), config)
+
+    def watermarks(self, tp: TopicPartition) -> Watermarks:
+        ktp = KTopicPartition(tp.topic, tp.partition)
+        earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        low = self._offset(ktp, earliest, IsolationLevel.READ_UNCOMMITTED)
+        high = self._offset(ktp, latest, IsolationLevel.READ_UNCOMMITTED)
+        lso = self._offset(ktp, latest, IsolationLevel.READ_COMMITTED)
+        return Watermarks(low, high, lso)
+
+    def _offset(self, ktp: KTopicPartition, spec: OffsetSpec, isolation: IsolationLevel) -> int:
+        futures = self._admin.list_offsets({ktp: spec}, isolation_level=isolation)
+        info = self._wait(futures[ktp], f"listing offsets of {ktp.topic}[{ktp.partition}]")
+        return int(info.offset)
+
+    def list_groups(self) -> list[str]:
+        result = self._wait(self._admin.list_consumer_groups(), "listing consumer groups")
+        return sorted(g.group_id for g in result.valid)
+
+    def describe_group(self, group_id: str) -> GroupDescription:
+        futures = self._admin.describe_consumer_groups([group_id])
+        desc = self._wait(futures[group_id], f"describing group {group_id!r}")
+        members = tuple(
+            MemberDescription(
+                m.member_id,
+                m.client_id,
+                tuple(
+                    TopicPartition(t.topic, t.partition)
+                    for t in (m.assignment.topic_partitions if m.assignment else [])
+                ),
+            )
+            for m in desc.members
+        )
+        return GroupDescription(group_id, _state_name(desc.state), -1, members)
+
+    def committed_offsets(
+        self, group_id: str, topics: Iterable[str] | None = None
+    ) -> dict[TopicPartition, int]:
+        request = [ConsumerGroupTopicPartitions(group_id)]
+        futures = self._admin.list_consumer_group_offsets(request)
+        result = self._wait(futures[group_id], f"reading group {group_id!r}'s offsets")
+        wanted = set(topics) if topics is not None else None
+        return {
+            TopicPartition(t.topic, t.partition): t.offset
+            for t in result.topic_partitions
+            if t.offset >= 0 and (wanted is None or t.topic in wanted)
+        }
+
+    def close(self) -> None:
+        """AdminClient holds nothing that needs closing."""
+
+
+def _state_name(state: Any) -> str:
+    """Kafka's names for group states (Stable, PreparingRebalance, Empty, ...)."""
+    name = getattr(state, "name", str(state))
+    return {
+        "STABLE": "Stable",
+        "EMPTY": "Empty",
+        "DEAD": "Dead",
+        "PREPARING_REBALANCING": "PreparingRebalance",
+        "PREPARING_REBALANCE": "PreparingRebalance",
+        "COMPLETING_REBALANCING": "CompletingRebalance",
+        "COMPLETING_REBALANCE": "CompletingRebalance",
+    }.get(name, name.title())
