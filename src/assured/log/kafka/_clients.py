@@ -326,23 +326,26 @@ class KafkaConsumer(Consumer):
             ktps = [KTopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
         if not ktps:
             return
-        try:
-            if asynchronous:
+        if asynchronous:
+            with translated(self._scrub, "committing offsets"):
                 self._c.commit(offsets=ktps, asynchronous=True)
-            else:
-                self._c.commit(offsets=ktps, asynchronous=False)
-        except KafkaException as e:
-            if e.args[0].code() == KafkaError._NO_OFFSET:
-                return
-            raise translate(e, self._scrub, "committing offsets") from None
+            return
+        # A coordinator moving or loading is retriable; a stale generation is not.
+        call(
+            lambda: self._c.commit(offsets=ktps, asynchronous=False),
+            self._scrub,
+            "committing offsets",
+            30,
+        )
 
     def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
         self._check_open()
         if self._group_id is None:
             return dict.fromkeys(partitions)
         ktps = [KTopicPartition(tp.topic, tp.partition) for tp in partitions]
-        with translated(self._scrub, "reading committed offsets"):
-            found = self._c.committed(ktps, timeout=30)
+        found = call(
+            lambda: self._c.committed(ktps, timeout=10), self._scrub, "reading committed", 30
+        )
         return {
             TopicPartition(k.topic, k.partition): (k.offset if k.offset >= 0 else None)
             for k in found
