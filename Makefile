@@ -31,6 +31,11 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
+# The embedded log's numbers (both durabilities); also kept in benchmarks/results/log-embedded.*
+.PHONY: bench-log
+bench-log: $(STAMP)
+	$(BIN)/assured bench --suite log --log embedded:///tmp/assured-bench --json
+
 # The venv is rebuilt when pyproject.toml changes; pip's own check makes a no-op refresh cheap.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +50,7 @@ system-deps:
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v kcat >/dev/null || missing="$$missing kcat"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		if [ "$$(id -u)" != 0 ]; then echo "need root (or sudo) to install:$$missing" >&2; exit 1; fi; \

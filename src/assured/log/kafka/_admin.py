@@ -31,18 +31,21 @@ TIMEOUT = 30.0
 
 
 class KafkaAdmin(Admin):
-    def __init__(self, config: Mapping[str, Any], scrub: Scrubber):
+    """``timeout``: seconds to wait for each request to Kafka (30 by default)."""
+
+    def __init__(self, config: Mapping[str, Any], scrub: Scrubber, timeout: float = TIMEOUT):
         self._scrub = scrub
+        self.timeout = timeout
         with translated(scrub, "creating the Kafka admin client"):
             self._admin = AdminClient(dict(config))
 
     def _wait(self, future: Any, what: str) -> Any:
         try:
-            return future.result(timeout=TIMEOUT)
+            return future.result(timeout=self.timeout)
         except KafkaException as e:
             raise translate(e, self._scrub, what) from None
         except TimeoutError:
-            raise LogError(f"{what}: no answer from Kafka within {TIMEOUT:.0f} s") from None
+            raise LogError(f"{what}: no answer from Kafka within {self.timeout:.0f} s") from None
 
     def create_topic(
         self, name: str, partitions: int = 1, config: Mapping[str, str] | None = None
@@ -62,28 +65,28 @@ class KafkaAdmin(Admin):
                 "(Kafka treats '.' and '_' alike in topic names)"
             )
         topic = NewTopic(name, num_partitions=partitions, config=dict(config or {}))
-        futures = self._admin.create_topics([topic], operation_timeout=TIMEOUT)
+        futures = self._admin.create_topics([topic], operation_timeout=self.timeout)
         self._wait(futures[name], f"creating topic {name!r}")
         # Metadata reaches every broker a moment after the controller says yes.
         with translated(self._scrub, "waiting for the new topic's metadata"):
             for _ in range(100):
-                meta = self._admin.list_topics(name, timeout=TIMEOUT).topics.get(name)
+                meta = self._admin.list_topics(name, timeout=self.timeout).topics.get(name)
                 if meta is not None and meta.error is None and len(meta.partitions) == partitions:
                     return
                 time.sleep(0.05)
 
     def delete_topic(self, name: str) -> None:
-        futures = self._admin.delete_topics([name], operation_timeout=TIMEOUT)
+        futures = self._admin.delete_topics([name], operation_timeout=self.timeout)
         self._wait(futures[name], f"deleting topic {name!r}")
 
     def list_topics(self) -> list[str]:
         with translated(self._scrub, "listing topics"):
-            meta = self._admin.list_topics(timeout=TIMEOUT)
+            meta = self._admin.list_topics(timeout=self.timeout)
         return sorted(t for t in meta.topics if not t.startswith("__"))
 
     def describe_topic(self, name: str) -> TopicDescription:
         with translated(self._scrub, f"describing topic {name!r}"):
-            meta = self._admin.list_topics(name, timeout=TIMEOUT).topics.get(name)
+            meta = self._admin.list_topics(name, timeout=self.timeout).topics.get(name)
         if meta is None or meta.error is not None:
             raise UnknownTopicError(f"topic {name!r} does not exist")
         resource = ConfigResource(ConfigResource.Type.TOPIC, name)
