@@ -7,7 +7,9 @@ engine with Kafka's semantics, or Apache Kafka), and ``assured audit`` proves it
 from importlib.metadata import PackageNotFoundError, version
 
 from assured.errors import AssuredError, ConfigError, HarnessError, ServiceError
-from assured.log import murmur2, partition_for_key
+from assured.log import Record, TopicPartition, murmur2, open_log, partition_for_key
+from assured.runtime import App, Message, Output
+from assured.sinks import PostgresSink, SqliteSink
 
 try:
     __version__ = version("assured")
@@ -15,11 +17,19 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 __all__ = [
+    "App",
     "AssuredError",
     "ConfigError",
     "HarnessError",
+    "Message",
+    "Output",
+    "PostgresSink",
+    "Record",
     "ServiceError",
+    "SqliteSink",
+    "TopicPartition",
     "__version__",
     "murmur2",
+    "open_log",
     "partition_for_key",
 ]

@@ -20,12 +20,21 @@ from assured.log._models import (
 )
 from assured.log._names import check_topic_name
 from assured.log._open import DEFAULT_LOG_URL, open_log
-from assured.log._protocol import Admin, Consumer, Log, OnDelivery, PartitionsCallback, Producer
+from assured.log._protocol import (
+    Admin,
+    AssignCallback,
+    Consumer,
+    Log,
+    OnDelivery,
+    PartitionsCallback,
+    Producer,
+)
 from assured.log.partitioner import murmur2, partition_for_key
 
 __all__ = [
     "DEFAULT_LOG_URL",
     "Admin",
+    "AssignCallback",
     "Consumer",
     "DeliveryReport",
     "GroupDescription",

@@ -30,10 +30,21 @@ from assured.log._models import (
     Watermarks,
 )
 
-__all__ = ["Admin", "Consumer", "Log", "OnDelivery", "PartitionsCallback", "Producer"]
+__all__ = [
+    "Admin",
+    "AssignCallback",
+    "Consumer",
+    "Log",
+    "OnDelivery",
+    "PartitionsCallback",
+    "Producer",
+]
 
 OnDelivery = Callable[[DeliveryReport], None]
 PartitionsCallback = Callable[[list[TopicPartition]], None]
+# An assignment callback may return where to start reading some of the new partitions (offsets
+# kept outside Kafka, e.g. in a database); the others start at the committed offset.
+AssignCallback = Callable[[list[TopicPartition]], Mapping[TopicPartition, int] | None]
 
 
 class _Closing(abc.ABC):
@@ -165,7 +176,7 @@ class Consumer(_Closing):
     def subscribe(
         self,
         topics: Sequence[str],
-        on_assign: PartitionsCallback | None = None,
+        on_assign: AssignCallback | None = None,
         on_revoke: PartitionsCallback | None = None,
         on_lost: PartitionsCallback | None = None,
     ) -> None: ...

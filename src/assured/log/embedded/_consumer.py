@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 from assured.errors import AssuredError, LogError, UnknownTopicError, UsageError
 from assured.log._models import GroupMetadata, Isolation, OffsetReset, Record, TopicPartition
-from assured.log._protocol import Consumer, PartitionsCallback
+from assured.log._protocol import AssignCallback, Consumer, PartitionsCallback
 from assured.log.embedded._engine import Engine, decode_headers
 from assured.log.embedded._wakeup import Waiter
 
@@ -57,7 +57,7 @@ class EmbeddedConsumer(Consumer):
         self._assignor = assignor
         self._client_id = client_id
         self._topics: list[str] = []
-        self._on_assign: PartitionsCallback | None = None
+        self._on_assign: AssignCallback | None = None
         self._on_revoke: PartitionsCallback | None = None
         self._on_lost: PartitionsCallback | None = None
         self._member_id = ""
@@ -79,7 +79,7 @@ class EmbeddedConsumer(Consumer):
     def subscribe(
         self,
         topics: Sequence[str],
-        on_assign: PartitionsCallback | None = None,
+        on_assign: AssignCallback | None = None,
         on_revoke: PartitionsCallback | None = None,
         on_lost: PartitionsCallback | None = None,
     ) -> None:
@@ -162,7 +162,9 @@ class EmbeddedConsumer(Consumer):
         self._parts = {}
         self._paused &= set(partitions)
         if self._on_assign is not None:
-            self._on_assign(list(partitions))
+            starts = self._on_assign(list(partitions))
+            if starts:
+                self._positions.update((tp, off) for tp, off in starts.items() if tp in partitions)
 
     def _revoke(self) -> None:
         if self._assigned and self._on_revoke is not None:

@@ -19,7 +19,14 @@ from assured.log._models import (
     Record,
     TopicPartition,
 )
-from assured.log._protocol import Admin, Consumer, OnDelivery, PartitionsCallback, Producer
+from assured.log._protocol import (
+    Admin,
+    AssignCallback,
+    Consumer,
+    OnDelivery,
+    PartitionsCallback,
+    Producer,
+)
 from assured.log.kafka._errors import Scrubber, call, translate, translated
 
 __all__ = ["KafkaConsumer", "KafkaProducer"]
@@ -164,6 +171,7 @@ class KafkaConsumer(Consumer):
         with translated(scrub, "creating the Kafka consumer"):
             self._c = KConsumer(config)
         self._assigned: list[TopicPartition] = []
+        self._cooperative = "cooperative" in str(config.get("partition.assignment.strategy"))
         self._subscribed = False
         self._closed = False
 
@@ -172,7 +180,7 @@ class KafkaConsumer(Consumer):
     def subscribe(
         self,
         topics: Sequence[str],
-        on_assign: PartitionsCallback | None = None,
+        on_assign: AssignCallback | None = None,
         on_revoke: PartitionsCallback | None = None,
         on_lost: PartitionsCallback | None = None,
     ) -> None:
@@ -183,11 +191,20 @@ class KafkaConsumer(Consumer):
         for t in topics:
             admin.describe_topic(t)  # an unknown topic is an error now, not a silent wait
 
-        def assigned(_: KConsumer, ktps: list[KTopicPartition]) -> None:
+        def assigned(consumer: KConsumer, ktps: list[KTopicPartition]) -> None:
             tps = [TopicPartition(k.topic, k.partition) for k in ktps]
             self._assigned = sorted(set(self._assigned) | set(tps))
-            if on_assign is not None:
-                on_assign(tps)
+            starts = on_assign(tps) if on_assign is not None else None
+            if starts:
+                # Start where the caller says (librdkafka takes offsets with the assignment).
+                chosen = [
+                    KTopicPartition(k.topic, k.partition, starts.get(tp, _NO_OFFSET))
+                    for k, tp in zip(ktps, tps, strict=True)
+                ]
+                if self._cooperative:
+                    consumer.incremental_assign(chosen)
+                else:
+                    consumer.assign(chosen)
 
         def revoked(_: KConsumer, ktps: list[KTopicPartition]) -> None:
             tps = [TopicPartition(k.topic, k.partition) for k in ktps]

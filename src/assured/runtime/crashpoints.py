@@ -1,0 +1,61 @@
+"""Named places inside the commit protocols where the audit can kill the process on purpose.
+
+Armed only through the environment, by the audit (or a test)::
+
+    ASSURED_CRASH_POINTS="after-commit-before-handle=0.05,inside-transaction=0.02"
+
+``name=p`` kills this process with SIGKILL at that point with probability ``p`` each time it is
+passed (``name`` alone: the first time). ``ASSURED_CRASH_SEED`` makes the draws repeatable.
+Disarmed, a crash point is one check of a module-level boolean.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+
+__all__ = ["ARMED", "POINTS", "arm", "crash_point"]
+
+POINTS = (
+    "after-commit-before-handle",  # at-most-once: offsets committed, records not yet handled
+    "after-handle-before-commit",  # at-least-once / exactly-once: handled, not yet committed
+    "inside-transaction",  # exactly-once: outputs written into the open transaction
+    "after-effect-before-offset",  # sinks: effects written, offsets not yet stored
+)
+
+_odds: dict[str, float] = {}
+_rng = random.Random()
+ARMED = False
+
+
+def arm(spec: str, seed: int | None = None) -> None:
+    """Arm crash points from ``spec`` (the env var's syntax); an empty spec disarms all."""
+    global ARMED  # noqa: PLW0603 -- one flag read on the hot path, so it stays a plain global
+    _odds.clear()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, odds = part.partition("=")
+        if name not in POINTS:
+            raise ValueError(f"unknown crash point {name!r}; known: {', '.join(POINTS)}")
+        _odds[name] = float(odds) if odds else 1.0
+    if seed is not None:
+        _rng.seed(seed)
+    ARMED = bool(_odds)
+
+
+def crash_point(name: str) -> None:
+    """Die here, abruptly, if the audit armed ``name`` and the draw says so."""
+    if not ARMED:
+        return
+    odds = _odds.get(name)
+    if odds is not None and _rng.random() < odds:
+        sys.stderr.write(f"assured: crash point {name} hit: SIGKILL\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+arm(
+    os.environ.get("ASSURED_CRASH_POINTS", ""),
+    int(os.environ["ASSURED_CRASH_SEED"]) if "ASSURED_CRASH_SEED" in os.environ else None,
+)

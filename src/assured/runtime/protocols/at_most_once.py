@@ -1,0 +1,37 @@
+"""At most once: commit the positions, then handle.
+
+A crash after the commit and before the handling loses those records; nothing is ever handled
+twice, because the next owner starts after them."""
+
+from __future__ import annotations
+
+from assured.log import Producer, Record
+from assured.runtime.crashpoints import crash_point
+from assured.runtime.protocols._base import CommitProtocol, next_offsets
+
+__all__ = ["AtMostOnce"]
+
+
+class AtMostOnce(CommitProtocol):
+    guarantee = "at-most-once"
+
+    def start(self) -> None:
+        self.producer: Producer = self.rt.log.producer()
+
+    def process(self, records: list[Record]) -> None:
+        started = self.rt.metrics.commit_latency.labels(self.guarantee).time()
+        with started:
+            self.rt.consumer.commit(next_offsets(records))  # the offset, before processing
+        self.rt.metrics.committed.labels(self.guarantee).inc()
+        crash_point("after-commit-before-handle")
+        sink = self.rt.sink
+        for record in records:
+            if sink is not None and self.rt.specs[record.topic].sink is not None:
+                with sink.transaction() as tx:
+                    self.rt.handle(record, self.producer, tx)
+            else:
+                self.rt.handle(record, self.producer)
+        self.producer.flush()
+
+    def close(self) -> None:
+        self.producer.close()
