@@ -77,6 +77,8 @@ class App:
         self._specs: dict[str, HandlerSpec] = {}
         self._stop = threading.Event()
         self.metrics = RuntimeMetrics(self.settings.guarantee)
+        # Called with (transaction label, "committed" | "aborted") under exactly-once.
+        self.on_transaction: Callable[[str, str], None] | None = None
 
     @property
     def guarantee(self) -> Guarantee:
@@ -146,7 +148,7 @@ class App:
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
         )
-        rt = Runtime(s, log_, consumer, self._specs, self.metrics, sink)
+        rt = Runtime(s, log_, consumer, self._specs, self.metrics, sink, self.on_transaction)
         protocol = self._protocol(rt, sink)
         if s.metrics_port is not None:
             self.metrics.serve(s.metrics_port)

@@ -34,12 +34,25 @@ class Output:
     """Where a handler sends records. Under exactly-once it writes into the open transaction;
     otherwise through the idempotent producer. ``send`` encodes with the handler's codecs."""
 
-    def __init__(self, producer: Producer, topic: str | None, key_codec: Codec, value_codec: Codec):
+    def __init__(
+        self,
+        producer: Producer,
+        topic: str | None,
+        key_codec: Codec,
+        value_codec: Codec,
+        transaction: Callable[[], str | None] = lambda: None,
+    ):
         self._producer = producer
         self._topic = topic
         self._key_codec = key_codec
         self._value_codec = value_codec
+        self._transaction = transaction
         self.sent = 0
+
+    @property
+    def transaction(self) -> str | None:
+        """A label of the open transaction (``transactional-id:n``) under exactly-once."""
+        return self._transaction()
 
     def send(
         self,

@@ -5,7 +5,8 @@ Armed only through the environment, by the audit (or a test)::
     ASSURED_CRASH_POINTS="after-commit-before-handle=0.05,inside-transaction=0.02"
 
 ``name=p`` kills this process with SIGKILL at that point with probability ``p`` each time it is
-passed (``name`` alone: the first time). ``ASSURED_CRASH_SEED`` makes the draws repeatable.
+passed; ``name@n`` the ``n``-th time it is passed (``name`` alone: the first time).
+``ASSURED_CRASH_SEED`` makes the draws repeatable.
 Disarmed, a crash point is one check of a module-level boolean.
 """
 
@@ -26,6 +27,7 @@ POINTS = (
 )
 
 _odds: dict[str, float] = {}
+_nth: dict[str, int] = {}
 _rng = random.Random()
 ARMED = False
 
@@ -34,14 +36,19 @@ def arm(spec: str, seed: int | None = None) -> None:
     """Arm crash points from ``spec`` (the env var's syntax); an empty spec disarms all."""
     global ARMED  # noqa: PLW0603 -- one flag read on the hot path, so it stays a plain global
     _odds.clear()
+    _nth.clear()
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, odds = part.partition("=")
+        name, at, nth = part.partition("@")
+        name, _, odds = name.partition("=")
         if name not in POINTS:
             raise ValueError(f"unknown crash point {name!r}; known: {', '.join(POINTS)}")
-        _odds[name] = float(odds) if odds else 1.0
+        if at:
+            _nth[name] = max(1, int(nth))
+        else:
+            _odds[name] = float(odds) if odds else 1.0
     if seed is not None:
         _rng.seed(seed)
-    ARMED = bool(_odds)
+    ARMED = bool(_odds or _nth)
 
 
 def crash_point(name: str) -> None:
@@ -49,7 +56,10 @@ def crash_point(name: str) -> None:
     if not ARMED:
         return
     odds = _odds.get(name)
-    if odds is not None and _rng.random() < odds:
+    nth = _nth.get(name)
+    if nth is not None:
+        _nth[name] = nth - 1
+    if (nth == 1) or (odds is not None and _rng.random() < odds):
         sys.stderr.write(f"assured: crash point {name} hit: SIGKILL\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from assured.log import Consumer, Log, Producer, Record, TopicPartition
@@ -47,6 +47,9 @@ class Runtime:
     specs: dict[str, HandlerSpec]
     metrics: RuntimeMetrics
     sink: Sink | None = None
+    # Told of every transaction's fate: (label, "committed" | "aborted"); the audit listens.
+    on_transaction: Callable[[str, str], None] | None = None
+    transaction: str | None = None  # label of the open transaction, if any
     _outputs: dict[tuple[int, str], Output] = field(default_factory=dict)
 
     def handle(self, record: Record, producer: Producer, tx: SinkTransaction | None = None) -> None:
@@ -66,7 +69,9 @@ class Runtime:
         key = (id(producer), spec.topic)
         out = self._outputs.get(key)
         if out is None:
-            out = Output(producer, spec.output, spec.key_codec, spec.value_codec)
+            out = Output(
+                producer, spec.output, spec.key_codec, spec.value_codec, lambda: self.transaction
+            )
             self._outputs[key] = out
         return out
 

@@ -5,11 +5,16 @@ twice, because the next owner starts after them."""
 
 from __future__ import annotations
 
+import logging
+
+from assured.errors import StaleGenerationError
 from assured.log import Producer, Record
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, next_offsets
 
 __all__ = ["AtMostOnce"]
+
+log = logging.getLogger("assured.runtime")
 
 
 class AtMostOnce(CommitProtocol):
@@ -19,9 +24,14 @@ class AtMostOnce(CommitProtocol):
         self.producer: Producer = self.rt.log.producer()
 
     def process(self, records: list[Record]) -> None:
-        started = self.rt.metrics.commit_latency.labels(self.guarantee).time()
-        with started:
-            self.rt.consumer.commit(next_offsets(records))  # the offset, before processing
+        try:
+            with self.rt.metrics.commit_latency.labels(self.guarantee).time():
+                self.rt.consumer.commit(next_offsets(records))  # the offset, before processing
+        except StaleGenerationError as e:
+            # Not ours any more: the new owner starts at the committed offset, so handling
+            # these here could handle them twice. Skip them.
+            log.warning("commit refused, skipping %d records: %s", len(records), e)
+            return
         self.rt.metrics.committed.labels(self.guarantee).inc()
         crash_point("after-commit-before-handle")
         sink = self.rt.sink

@@ -28,6 +28,8 @@ class ExactlyOnce(CommitProtocol):
     def start(self) -> None:
         s = self.rt.settings
         txn_id = s.transactional_id or f"{s.group}-{uuid.uuid4().hex[:12]}"
+        self.txn_id = txn_id
+        self.seq = 0
         self.producer: Producer = self.rt.log.producer(
             transactional_id=txn_id, transaction_timeout_ms=s.transaction_timeout_ms
         )
@@ -42,6 +44,8 @@ class ExactlyOnce(CommitProtocol):
         if not self.open:
             self.producer.begin_transaction()
             self.open, self.began, self.count = True, time.monotonic(), 0
+            self.seq += 1
+            self.rt.transaction = f"{self.txn_id}:{self.seq}"
         for tp, first in first_offsets(records).items():
             self.rewind.setdefault(tp, first)
         try:
@@ -82,6 +86,7 @@ class ExactlyOnce(CommitProtocol):
             self.abort()
             return
         self.rt.metrics.committed.labels(self.guarantee).inc()
+        self._tell("committed")
         self.open = False
         self.pending.clear()
         self.rewind.clear()
@@ -89,6 +94,7 @@ class ExactlyOnce(CommitProtocol):
     def abort(self, seek_back: bool = True) -> None:
         """Abort the open transaction; Kafka does not rewind the consumer, so we do."""
         if self.open:
+            self._tell("aborted")  # before: if we die now, the log aborts it anyway
             self.producer.abort_transaction(self.rt.settings.retry_deadline_ms / 1000)
             self.rt.metrics.aborts.labels(self.guarantee).inc()
         if seek_back:
@@ -99,6 +105,11 @@ class ExactlyOnce(CommitProtocol):
         self.open = False
         self.pending.clear()
         self.rewind.clear()
+
+    def _tell(self, outcome: str) -> None:
+        if self.rt.on_transaction is not None and self.rt.transaction is not None:
+            self.rt.on_transaction(self.rt.transaction, outcome)
+        self.rt.transaction = None
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         if not self.fenced:
