@@ -22,7 +22,6 @@ __all__ = ["FORMAT", "SCHEMA_VERSION", "Durability", "connect", "translate"]
 FORMAT = "assured-embedded"
 SCHEMA_VERSION = 1
 Durability = Literal["normal", "full"]
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Record rows: `txn` is NULL for a plain record, the transaction's id (> 0) while it is open or
 # once it committed, minus that id once it aborted, and 0 for a transaction marker. So
@@ -90,7 +89,12 @@ def _translated(e: sqlite3.Error, path: Path | str) -> Exception:
     code = getattr(e, "sqlite_errorcode", 0) & 0xFF
     if code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
         return RetriableError(f"engine file {path} is busy ({e}); retry")
-    if code in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB
+    if code == 26:  # SQLITE_NOTADB
+        return EngineFileError(
+            f"{path} is not an assured engine file (it is not a SQLite database at all). "
+            "It was left untouched; give the engine another path."
+        )
+    if code == 11:  # SQLITE_CORRUPT
         return EngineFileError(
             f"engine file {path} is corrupt ({e}). Nothing more was written to it; restore it "
             "from a copy, or move it aside and start a new one."
@@ -115,16 +119,11 @@ def _check_path(path: Path) -> None:
             f"folder {folder} is read-only; the engine writes its file and the -wal/-shm files "
             "beside it there. Choose a writable folder."
         )
-    if path.exists():
-        if path.is_dir():
-            raise EngineFileError(f"{path} is a folder, not an engine file")
-        with path.open("rb") as f:
-            head = f.read(len(_SQLITE_MAGIC))
-        if head and head != _SQLITE_MAGIC:
-            raise EngineFileError(
-                f"{path} is not an assured engine file (it is not a SQLite database at all). "
-                "It was left untouched; give the engine another path."
-            )
+    if path.is_dir():
+        raise EngineFileError(f"{path} is a folder, not an engine file")
+    # The header is not read here with open()/close(): closing any descriptor of the file
+    # drops every POSIX lock this process holds on it, under the feet of SQLite's other
+    # connections, which corrupts the database. SQLite itself says "not a database".
 
 
 def connect(
