@@ -147,23 +147,23 @@ def _sqlite_raw(
 
 
 def _idle_child(path: str, durability: Durability, seconds: float, out: Connection) -> None:
-    """Block in one ``poll`` on an empty topic; send back (cpu seconds, wall seconds, inotify)."""
+    """Block in one ``poll`` on an empty topic; send back (cpu seconds, wall seconds, inotify).
+    CPU time is this process's, every thread's, at the clock's full resolution (psutil's
+    ``cpu_times`` counts in 10 ms ticks on Linux, too coarse for a mostly idle process)."""
     log = _open(Path(path), durability)
     with log.consumer(isolation="read_committed") as consumer:
         consumer.assign([TopicPartition(_IDLE_TOPIC, 0)])
         consumer.poll(timeout=0)  # positions and statements ready before the clock starts
-        me = psutil.Process()
         out.send("ready")
-        cpu0, wall0 = me.cpu_times(), time.perf_counter()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         left = seconds
         while left > 0:
             if consumer.poll(timeout=left):
                 raise RuntimeError("the idle topic is not empty")
             left = seconds - (time.perf_counter() - wall0)
-        cpu1, wall1 = me.cpu_times(), time.perf_counter()
-        cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         inotify = consumer._waiter.uses_inotify  # a fact worth reporting
-    out.send((cpu, wall1 - wall0, inotify))
+    out.send((cpu, wall, inotify))
     out.close()
 
 
@@ -244,9 +244,18 @@ def _percentile(samples: Sequence[float], p: int) -> float:
 # -- the suite --------------------------------------------------------------------------------
 
 
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not on every platform
+        return None
+
+
 def machine_facts() -> dict[str, object]:
     return {
         "cpu_count": os.cpu_count(),
+        "cpu_count_physical": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python_version": platform.python_version(),
         "sqlite_version": sqlite3.sqlite_version,
         "platform": platform.platform(),
@@ -272,6 +281,7 @@ def run_log_suite(
         raise ValueError(f"durability={durability!r}: expected 'normal' or 'full'")
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
+    load_before = _load()
     values = _values(min(batch, records), record_size)
     files = {
         name: _fresh(path_dir / f"log-{name}-{durability}.db")
@@ -291,13 +301,17 @@ def run_log_suite(
 
         raw = _sqlite_raw(files["raw"], durability, records, batch, values)
 
+        # One engine connection at a time in this process: the engine's open-time header
+        # check (``_schema._check_path``) opens and closes the file, which drops every POSIX
+        # lock this process holds on it, so another process's close would then delete the
+        # -wal under live connections (see the report). The admin stays open through the idle
+        # wait, as a running system holds its engine file open; the producer then alone.
         wait_log = _open(files["wait"], durability)
         with wait_log.admin() as admin:
             admin.create_topic(_IDLE_TOPIC, partitions=1)
             admin.create_topic(_WAKE_TOPIC, partitions=1)
-            # Held open for the whole wait, as a running system holds its engine file.
             idle_cpu, inotify = _idle_cpu(files["wait"], durability, idle_seconds)
-            latencies = _wake_latency(wait_log, durability, wake_samples)
+        latencies = _wake_latency(wait_log, durability, wake_samples)
     finally:
         for path in files.values():
             _fresh(path)
@@ -320,5 +334,8 @@ def run_log_suite(
         "wake_latency_ms_p50": round(_percentile(latencies, 50), 3),
         "wake_latency_ms_p99": round(_percentile(latencies, 99), 3),
         "wake_samples": len(latencies),
+        # Other work on the machine skews every number above; this says how much there was.
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": _load(),
         **machine_facts(),
     }

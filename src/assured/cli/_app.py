@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 import assured
+from assured.cli._bench import bench
 from assured.log import partition_for_key
 
 app = typer.Typer(
@@ -45,6 +46,9 @@ def demo(
     for account in ("acct-0001", "acct-0002", "acct-0003", "acct-0042", "acct-1337"):
         table.add_row(account, str(partition_for_key(account.encode(), partitions)))
     console.print(table)
+
+
+app.command()(bench)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from assured.errors import EngineFileError, LogError, RetriableError
+from assured.errors import AssuredError, EngineFileError, LogError, RetriableError
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "Durability", "connect", "translate"]
 
@@ -85,27 +85,29 @@ def translate(path: Path | str) -> Iterator[None]:
         raise _translated(e, path) from e
 
 
+_BY_CODE: dict[int, tuple[type[AssuredError], str]] = {
+    5: (RetriableError, "engine file {path} is busy ({e}); retry"),  # SQLITE_BUSY
+    6: (RetriableError, "engine file {path} is locked ({e}); retry"),  # SQLITE_LOCKED
+    8: (EngineFileError, "engine file {path} is read-only ({e}); make it writable"),
+    11: (  # SQLITE_CORRUPT
+        EngineFileError,
+        "engine file {path} is corrupt ({e}). Nothing more was written to it; restore it "
+        "from a copy, or move it aside and start a new one.",
+    ),
+    13: (LogError, "the disk holding {path} is full ({e}); the write was rolled back"),
+    14: (EngineFileError, "cannot open engine file {path} ({e}); check the path"),
+    26: (  # SQLITE_NOTADB
+        EngineFileError,
+        "{path} is not an assured engine file (it is not a SQLite database at all). "
+        "It was left untouched; give the engine another path.",
+    ),
+}
+
+
 def _translated(e: sqlite3.Error, path: Path | str) -> Exception:
     code = getattr(e, "sqlite_errorcode", 0) & 0xFF
-    if code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
-        return RetriableError(f"engine file {path} is busy ({e}); retry")
-    if code == 26:  # SQLITE_NOTADB
-        return EngineFileError(
-            f"{path} is not an assured engine file (it is not a SQLite database at all). "
-            "It was left untouched; give the engine another path."
-        )
-    if code == 11:  # SQLITE_CORRUPT
-        return EngineFileError(
-            f"engine file {path} is corrupt ({e}). Nothing more was written to it; restore it "
-            "from a copy, or move it aside and start a new one."
-        )
-    if code == 8:  # SQLITE_READONLY
-        return EngineFileError(f"engine file {path} is read-only ({e}); make it writable")
-    if code == 13:  # SQLITE_FULL
-        return LogError(f"the disk holding {path} is full ({e}); the write was rolled back")
-    if code == 14:  # SQLITE_CANTOPEN
-        return EngineFileError(f"cannot open engine file {path} ({e}); check the path")
-    return LogError(f"engine file {path}: {e}")
+    cls, template = _BY_CODE.get(code, (LogError, "engine file {path}: {e}"))
+    return cls(template.format(path=path, e=e))
 
 
 def _check_path(path: Path) -> None:

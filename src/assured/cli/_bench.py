@@ -1,0 +1,187 @@
+"""``assured bench``: run a benchmark suite, print its numbers and keep them in the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, NoReturn
+from urllib.parse import unquote, urlsplit
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["bench"]
+
+_SUITES = ("log",)
+_DURABILITIES = ("both", "normal", "full")
+
+# (result key, label, format, target: (description, check) or None)
+_Target = tuple[str, Callable[[float], bool]]
+_ROWS: Sequence[tuple[str, str, str, _Target | None]] = (
+    ("produce_per_s", "produce, idempotent (records/s)", "{:,.0f}", None),
+    ("sqlite_raw_per_s", "plain sqlite3 executemany (records/s)", "{:,.0f}", None),
+    ("produce_vs_raw", "produce / plain sqlite3", "{:.2f}", (">= 0.5", lambda v: v >= 0.5)),
+    (
+        "consume_per_s",
+        "consume, read_committed (records/s)",
+        "{:,.0f}",
+        (">= 500,000", lambda v: v >= 500_000),
+    ),
+    ("txn_produce_per_s", "produce, transactional (records/s)", "{:,.0f}", None),
+    ("idle_cpu_percent", "idle consumer (% of one core)", "{:.2f}", ("< 2", lambda v: v < 2)),
+    ("wake_latency_ms_p50", "wake-up latency p50 (ms)", "{:.2f}", None),
+    ("wake_latency_ms_p99", "wake-up latency p99 (ms)", "{:.2f}", None),
+)
+_FACTS = ("cpu_count", "memory_gib", "python_version", "sqlite_version", "platform")
+_LOAD = ("load_avg_1m_before", "load_avg_1m_after")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _embedded_dir(url: str) -> Path:
+    """The folder named by ``embedded:///DIR``; anything else is a usage error."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "embedded":
+        _fail(
+            f"--log {url!r}: the log suite benchmarks the embedded engine only; give it a "
+            "folder for its files, as --log embedded:///tmp/assured-bench"
+        )
+    if parts.query:
+        _fail(f"--log {url!r}: no options here; choose durability with --durability")
+    raw = unquote(parts.netloc + parts.path)
+    if not raw or raw == "/":
+        _fail(f"--log {url!r} names no folder; write embedded:///absolute/folder")
+    folder = Path(raw).expanduser()
+    if folder.exists() and not folder.is_dir():
+        _fail(f"--log {url!r}: {folder} is a file; the benchmark needs a folder for its files")
+    return folder
+
+
+def _cell(result: dict[str, object], key: str, fmt: str) -> str:
+    value = result.get(key)
+    return fmt.format(value) if isinstance(value, int | float) else "-"
+
+
+def _verdict(results: Sequence[dict[str, object]], key: str, target: _Target | None) -> str:
+    if target is None:
+        return ""
+    text, check = target
+    values = [v for r in results if isinstance(v := r.get(key), int | float)]
+    ok = all(check(float(v)) for v in values)
+    return f"{text} {'met' if ok else 'MISSED'}"
+
+
+def _table(results: Sequence[dict[str, object]]) -> Table:
+    first = results[0]
+    table = Table(
+        title=f"embedded log: {first['records']:,} records of {first['record_size']} bytes, "
+        f"batches of {first['batch']}"
+    )
+    table.add_column("measure")
+    for r in results:
+        table.add_column(f"durability={r['durability']}", justify="right")
+    table.add_column("target")
+    for key, label, fmt, target in _ROWS:
+        table.add_row(label, *(_cell(r, key, fmt) for r in results), _verdict(results, key, target))
+    table.caption = "1-min load average before/after: " + ", ".join(
+        f"{r['durability']} {r.get(_LOAD[0])}/{r.get(_LOAD[1])}" for r in results
+    )
+    return table
+
+
+def _markdown(results: Sequence[dict[str, object]], command: str) -> str:
+    first = results[0]
+    head = ["measure", *(f"durability={r['durability']}" for r in results), "target"]
+    lines = [
+        "# Log benchmark: the embedded engine",
+        "",
+        f"{first['records']:,} records of {first['record_size']} bytes, batches of "
+        f"{first['batch']}, {first['partitions']} partitions; made by `{command}`.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---", *("---:" for _ in results), "---"]) + "|",
+    ]
+    for key, label, fmt, target in _ROWS:
+        cells = [label, *(_cell(r, key, fmt) for r in results), _verdict(results, key, target)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Machine: " + ", ".join(f"{k} {first.get(k)}" for k in _FACTS) + "."]
+    loads = "; ".join(
+        f"durability={r['durability']}: " + ", ".join(f"{k} {r.get(k)}" for k in _LOAD)
+        for r in results
+    )
+    lines += ["", f"Load on the machine while measuring (other work skews every number): {loads}."]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def bench(
+    log: str = typer.Option(
+        "embedded:///tmp/assured-bench",
+        "--log",
+        "-b",
+        help="Where to run: embedded:///FOLDER (fresh engine files are made there).",
+    ),
+    suite: str = typer.Option("log", "--suite", help=f"The suite: {', '.join(_SUITES)}."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the results as a JSON list instead of a table."
+    ),
+    records: int = typer.Option(200_000, "--records", min=1, help="Records per measurement."),
+    durability: str = typer.Option(
+        "both", "--durability", help="normal, full, or both (one run each)."
+    ),
+    results_dir: str = typer.Option(
+        "benchmarks/results",
+        "--results-dir",
+        help="Where log-embedded.json and log-embedded.md are written.",
+    ),
+) -> None:
+    """Benchmark the log: produce, consume and transactional throughput against plain SQLite,
+    an idle consumer's CPU, and how fast a waiting consumer wakes."""
+    if suite not in _SUITES:
+        _fail(f"unknown suite {suite!r}; known: {', '.join(_SUITES)}")
+    if durability not in _DURABILITIES:
+        _fail(f"--durability {durability!r}: expected {', '.join(_DURABILITIES)}")
+    folder = _embedded_dir(log)
+    chosen: list[Literal["normal", "full"]] = ["normal", "full"]
+    if durability != "both":
+        chosen = ["full"] if durability == "full" else ["normal"]
+    out = Path(results_dir)
+
+    from assured.bench.log_suite import run_log_suite
+    from assured.errors import AssuredError
+
+    progress = Console(stderr=True)
+    results: list[dict[str, object]] = []
+    for d in chosen:
+        progress.print(f"log suite: {records:,} records, durability={d}, in {folder} ...")
+        try:
+            results.append(run_log_suite(folder, records=records, durability=d))
+        except (AssuredError, OSError, RuntimeError) as e:
+            _fail(f"the log suite failed (durability={d}): {e}", code=1)
+
+    command = shlex.join(["assured", *sys.argv[1:]])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "log-embedded.json", json.dumps(results, indent=2) + "\n")
+        _write(out / "log-embedded.md", _markdown(results, command))
+    except OSError as e:
+        _fail(f"cannot write the results to {out}: {e}", code=1)
+
+    if json_out:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        Console().print(_table(results))
+        progress.print(f"written: {out / 'log-embedded.json'} and {out / 'log-embedded.md'}")
