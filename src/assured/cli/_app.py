@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 import assured
+from assured.cli._audit import audit, demo
 from assured.cli._bench import bench
-from assured.log import partition_for_key
 
 app = typer.Typer(
     name="assured",
@@ -25,29 +24,8 @@ def version() -> None:
     console.print(f"assured {assured.__version__}")
 
 
-@app.command()
-def demo(
-    partitions: int = typer.Option(4, min=1, help="Partitions of the demo's payments topic."),
-) -> None:
-    """The payment example: audit all three guarantees under crashes.
-
-    The audit is not built yet; until it is, this shows the one piece of the delivery path that
-    exists: where each payment's key lands, computed as Kafka's Java clients compute it.
-    """
-    console.print(
-        "[bold]assured demo[/bold]: the crash audit of the three guarantees is not built yet "
-        "(it needs the log, the runtime and the audit).\n"
-        "What runs today: Java-compatible key partitioning, which both backends will use so a "
-        "payment account's charges stay in order on one partition.\n"
-    )
-    table = Table(title=f"payment accounts → partition (of {partitions})")
-    table.add_column("account key")
-    table.add_column("partition", justify="right")
-    for account in ("acct-0001", "acct-0002", "acct-0003", "acct-0042", "acct-1337"):
-        table.add_row(account, str(partition_for_key(account.encode(), partitions)))
-    console.print(table)
-
-
+app.command()(demo)
+app.command()(audit)
 app.command()(bench)
 
 
