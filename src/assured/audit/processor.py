@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
             mid, account = check(msg)
             db.execute(insert, (mid, account, slot))
 
+    plant = os.environ.get("ASSURED_AUDIT_PLANT")
+    if plant:  # a deliberate bug, for tests that show the audit catches it
+        from assured.audit.planted import planted
+
+        factory = planted(plant)
+        app._protocol = lambda rt, sink: factory(rt)  # type: ignore[method-assign]
     app.run()
 
 

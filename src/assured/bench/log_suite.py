@@ -301,11 +301,8 @@ def run_log_suite(
 
         raw = _sqlite_raw(files["raw"], durability, records, batch, values)
 
-        # One engine connection at a time in this process: the engine's open-time header
-        # check (``_schema._check_path``) opens and closes the file, which drops every POSIX
-        # lock this process holds on it, so another process's close would then delete the
-        # -wal under live connections (see the report). The admin stays open through the idle
-        # wait, as a running system holds its engine file open; the producer then alone.
+        # The admin stays open through the idle wait, as a running system holds its engine
+        # file open; the wake-up measurement's producer then holds it.
         wait_log = _open(files["wait"], durability)
         with wait_log.admin() as admin:
             admin.create_topic(_IDLE_TOPIC, partitions=1)

@@ -396,6 +396,8 @@ class KafkaCluster:
             "share.coordinator.state.topic.replication.factor": replicas,
             "share.coordinator.state.topic.min.isr": min_isr,
             "group.initial.rebalance.delay.ms": "0",
+            # Crash tests use short session timeouts, so a killed member leaves in seconds.
+            "group.min.session.timeout.ms": "500",
             # As serious clusters run: a typo in a topic name is an error, not a new topic.
             "auto.create.topics.enable": "false",
             # A crashed transactional producer's open transaction is aborted promptly once it
