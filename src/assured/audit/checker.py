@@ -74,28 +74,34 @@ class Findings:
         return out
 
 
-def read_topic(log: Log, topic: str, isolation: Isolation, settle_s: float = 1.0) -> list[Record]:
-    """Every record of ``topic`` visible at ``isolation``, up to the end of each partition."""
+def read_topic(log: Log, topic: str, isolation: Isolation, settle_s: float = 2.0) -> list[Record]:
+    """Every record of ``topic`` visible at ``isolation``, up to the end of each partition.
+
+    The end is a partition's LSO (read_committed) or high watermark; a consumer's position may
+    stop short of it where transaction markers close the partition, so reading also ends once
+    nothing more arrived for ``settle_s`` after the first record (15 s if none comes)."""
     with log.admin() as admin:
         parts = [TopicPartition(topic, p) for p in range(admin.describe_topic(topic).partitions)]
         ends = {tp: admin.watermarks(tp) for tp in parts}
+    if all(w.high == w.low for w in ends.values()):
+        return []
     out: list[Record] = []
     with log.consumer(isolation=isolation) as consumer:
         consumer.assign(parts)
-        deadline = time.monotonic() + 60
-        quiet_since = time.monotonic()
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        quiet_since = started
+        while time.monotonic() - started < 60:
             got = consumer.poll(max_records=2000, timeout=0.2)
             out += got
             if got:
                 quiet_since = time.monotonic()
                 continue
-            done = all(
-                consumer.position(tp)
-                >= (ends[tp].lso if isolation == "read_committed" else ends[tp].high)
-                for tp in parts
-            )
-            if done or time.monotonic() - quiet_since > settle_s:
+            end = {tp: w.lso if isolation == "read_committed" else w.high for tp, w in ends.items()}
+            if all(consumer.position(tp) >= end[tp] for tp in parts):
+                break
+            if out and time.monotonic() - quiet_since > settle_s:
+                break
+            if not out and time.monotonic() - started > 15:  # e.g. nothing but aborted records
                 break
     return out
 

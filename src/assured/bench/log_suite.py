@@ -4,12 +4,14 @@ Every number comes from fresh files in one folder, so the engine and its baselin
 ``sqlite3``, write to the same disk with the same pragmas:
 
 - ``produce_per_s``: an idempotent producer sends keyless records to a 4-partition topic and
-  flushes every ``batch`` records; records per second over the whole run, last flush included.
+  flushes every ``batch`` records; records per second over all its batches, flushes included.
 - ``consume_per_s``: a read_committed consumer, partitions assigned by hand, polls
   ``max_records=batch`` until it has read every record produced above.
 - ``txn_produce_per_s``: a transactional producer; begin, ``batch`` sends, commit, repeated.
 - ``sqlite_raw_per_s``: the same rows, ``executemany`` into a ``(ts, key, value)`` table in one
-  transaction per batch. ``produce_vs_raw`` is ``produce_per_s / sqlite_raw_per_s``.
+  transaction per batch. ``produce_vs_raw`` is ``produce_per_s / sqlite_raw_per_s``. The two
+  run interleaved, batch by batch (which goes first alternates), each timed on its own: other
+  work on the machine then slows both sides of the ratio alike instead of skewing it.
 - ``idle_cpu_percent``: a consumer in another process blocked in ``poll`` on an empty topic;
   that process's CPU time (all its threads) as a percent of one core over the wait.
 - ``wake_latency_ms_p50`` / ``_p99``: a consumer process waits in ``poll`` on an empty topic;
@@ -80,17 +82,6 @@ def _rate(count: int, seconds: float) -> float:
 # -- the engine -------------------------------------------------------------------------------
 
 
-def _produce(log: EmbeddedLog, records: int, batch: int, values: Sequence[bytes]) -> float:
-    with log.producer(batch_size=batch) as producer:
-        start = time.perf_counter()
-        for n in _chunks(records, batch):
-            for value in values[:n]:
-                producer.send(_TOPIC, value)
-            producer.flush()
-        elapsed = time.perf_counter() - start
-    return _rate(records, elapsed)
-
-
 def _consume(log: EmbeddedLog, records: int, batch: int) -> float:
     with log.consumer(isolation="read_committed") as consumer:
         consumer.assign([TopicPartition(_TOPIC, p) for p in range(_PARTITIONS)])
@@ -118,29 +109,58 @@ def _txn_produce(log: EmbeddedLog, records: int, batch: int, values: Sequence[by
     return _rate(records, elapsed)
 
 
-# -- the baseline -----------------------------------------------------------------------------
+# -- the engine's producer against its baseline --------------------------------------------
 
 
-def _sqlite_raw(
-    path: Path, durability: Durability, records: int, batch: int, values: Sequence[bytes]
-) -> float:
-    conn = sqlite3.connect(path, isolation_level=None)
+class _RawSqlite:
+    """The baseline: plain ``sqlite3``, the engine's pragmas, one transaction per batch."""
+
+    def __init__(self, path: Path, durability: Durability):
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        self.conn.execute("PRAGMA cache_size=-32768")  # as the engine's connections
+        self.conn.execute("PRAGMA temp_store=MEMORY")
+        self.conn.execute("CREATE TABLE records (ts INTEGER, key BLOB, value BLOB)")
+
+    def write(self, values: Sequence[bytes]) -> None:
+        rows = [(time.time_ns() // 1_000_000, None, value) for value in values]
+        self.conn.execute("BEGIN")
+        self.conn.executemany("INSERT INTO records VALUES (?, ?, ?)", rows)
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _produce_and_raw(
+    log: EmbeddedLog,
+    raw_path: Path,
+    durability: Durability,
+    records: int,
+    batch: int,
+    values: Sequence[bytes],
+) -> tuple[float, float]:
+    """(produce records/s, plain sqlite3 records/s), measured batch by batch, interleaved."""
+    raw = _RawSqlite(raw_path, durability)
+    produce_s = raw_s = 0.0
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-        conn.execute("PRAGMA cache_size=-32768")  # as the engine's connections
-        conn.execute("PRAGMA temp_store=MEMORY")
-        conn.execute("CREATE TABLE records (ts INTEGER, key BLOB, value BLOB)")
-        start = time.perf_counter()
-        for n in _chunks(records, batch):
-            rows = [(time.time_ns() // 1_000_000, None, value) for value in values[:n]]
-            conn.execute("BEGIN")
-            conn.executemany("INSERT INTO records VALUES (?, ?, ?)", rows)
-            conn.execute("COMMIT")
-        elapsed = time.perf_counter() - start
+        with log.producer(batch_size=batch) as producer:
+            for i, n in enumerate(_chunks(records, batch)):
+                chunk = values[:n]
+                for side in ("produce", "raw") if i % 2 == 0 else ("raw", "produce"):
+                    start = time.perf_counter()
+                    if side == "produce":
+                        for value in chunk:
+                            producer.send(_TOPIC, value)
+                        producer.flush()
+                        produce_s += time.perf_counter() - start
+                    else:
+                        raw.write(chunk)
+                        raw_s += time.perf_counter() - start
     finally:
-        conn.close()
-    return _rate(records, elapsed)
+        raw.close()
+    return _rate(records, produce_s), _rate(records, raw_s)
 
 
 # -- consumers in other processes -------------------------------------------------------------
@@ -291,15 +311,13 @@ def run_log_suite(
         log = _open(files["produce"], durability)
         with log.admin() as admin:
             admin.create_topic(_TOPIC, partitions=_PARTITIONS)
-        produce = _produce(log, records, batch, values)
+        produce, raw = _produce_and_raw(log, files["raw"], durability, records, batch, values)
         consume = _consume(log, records, batch)
 
         txn_log = _open(files["txn"], durability)
         with txn_log.admin() as admin:
             admin.create_topic(_TOPIC, partitions=_PARTITIONS)
         txn_produce = _txn_produce(txn_log, records, batch, values)
-
-        raw = _sqlite_raw(files["raw"], durability, records, batch, values)
 
         # The admin stays open through the idle wait, as a running system holds its engine
         # file open; the wake-up measurement's producer then holds it.
