@@ -81,7 +81,7 @@ class _Run:
         self.cfg = cfg
         self.log = log
         self.workdir = workdir
-        self.rng = random.Random(cfg.seed)
+        self.rng = random.Random(cfg.seed + 1)
         tag = f"{cfg.guarantee}-{cfg.sink}-{cfg.seed}-{uuid.uuid4().hex[:6]}"
         self.input = f"audit-in-{tag}"
         self.output = f"audit-out-{tag}"
@@ -93,12 +93,17 @@ class _Run:
         self.faults: dict[str, int] = dict.fromkeys(cfg.faults, 0)
         self.regressions: list[str] = []
         self.last_committed: dict[TopicPartition, int] = {}
+        # The whole plan is drawn up front from the seed, so the same seed gives the same
+        # schedule; victims are picked at run time from a second generator.
+        plan = random.Random(cfg.seed)
         kinds = [f for f in cfg.faults if f in ("sigkill", "sigterm", "sigstop", "broker-kill")]
         crash = "crash-points" in cfg.faults
-        self.crash_budget = cfg.kills if crash and not kinds else (cfg.kills // 2 if crash else 0)
-        external = cfg.kills - self.crash_budget if kinds else 0
+        budget = cfg.kills if crash and not kinds else (cfg.kills // 2 if crash else 0)
+        points = WEAK_POINTS[(cfg.guarantee, "topic" if cfg.sink == "topic" else "db")]
+        self.crash_plan = [f"{plan.choice(points)}@{plan.randint(1, 2)}" for _ in range(budget)]
+        external = cfg.kills - budget if kinds else 0
         self.schedule = sorted(
-            (self.rng.uniform(0.05, 0.9), self.rng.choice(kinds)) for _ in range(external)
+            (round(plan.uniform(0.05, 0.9), 4), plan.choice(kinds)) for _ in range(external)
         )
         self.env = dict(os.environ)
         self.env.pop("ASSURED_CRASH_POINTS", None)
@@ -131,6 +136,7 @@ def run_audit(cfg: AuditConfig) -> Findings:
     if "lost-ack" in cfg.faults:
         run.faults["lost-ack"] = workload.lost_acks
     run.event("produced", messages=cfg.messages, acked=len(workload.acked))
+    run.event("schedule", crash_points=list(run.crash_plan), external=list(run.schedule))
     total = sum(workload.ends.values())
     if cfg.sink == "postgres":
         _fresh_effects_table(run.db)
@@ -207,11 +213,8 @@ def _start(run: _Run, slot: _Slot) -> None:
     cfg = run.cfg
     env = dict(run.env)
     slot.armed = False
-    if run.crash_budget > 0:
-        points = WEAK_POINTS[(cfg.guarantee, "topic" if cfg.sink == "topic" else "db")]
-        point = run.rng.choice(points)
-        env["ASSURED_CRASH_POINTS"] = f"{point}@{run.rng.randint(1, 4)}"
-        run.crash_budget -= 1
+    if run.crash_plan:
+        env["ASSURED_CRASH_POINTS"] = run.crash_plan.pop(0)
         slot.armed = True
     cmd = [
         sys.executable, "-m", "assured.audit.processor",
