@@ -156,7 +156,7 @@ def test_metrics_are_served(log: Log) -> None:
     def handle(msg: Message) -> None: ...
 
     app.run(until_idle=0.3)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: S310
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'assured_processed_total{guarantee="at-least-once",topic="in"} 2.0' in text
     assert "assured_commit_seconds_bucket" in text
 
