@@ -74,9 +74,16 @@ def _verdict(results: Sequence[dict[str, object]], key: str, target: _Target | N
     if target is None:
         return ""
     text, check = target
-    values = [v for r in results if isinstance(v := r.get(key), int | float)]
-    ok = all(check(float(v)) for v in values)
-    return f"{text} {'met' if ok else 'MISSED'}"
+    missed = [
+        str(r["durability"])
+        for r in results
+        if not (isinstance(v := r.get(key), int | float) and check(float(v)))
+    ]
+    if not missed:
+        return f"{text}: met"
+    if len(missed) == len(results):
+        return f"{text}: MISSED"
+    return f"{text}: MISSED by {', '.join(missed)}"
 
 
 def _table(results: Sequence[dict[str, object]]) -> Table:

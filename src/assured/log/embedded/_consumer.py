@@ -29,6 +29,7 @@ __all__ = ["EmbeddedConsumer"]
 
 log = logging.getLogger("assured.log.embedded")
 _MAX_WAIT_STEP = 0.25  # a wait re-checks at least this often, whatever wakes it
+_new = tuple.__new__
 
 
 class EmbeddedConsumer(Consumer):
@@ -286,12 +287,11 @@ class EmbeddedConsumer(Consumer):
                 want = limit - len(out)
                 rows = engine.fetch(part, pos, upper, want, self._committed_only)
                 topic, partition = tp
-                for off, ts, key, value, headers in rows:
-                    out.append(
-                        Record(topic, partition, off, ts, key, value, decode_headers(headers))
-                        if headers
-                        else Record(topic, partition, off, ts, key, value)
-                    )
+                # tuple.__new__ builds each Record in C, without NamedTuple's Python __new__.
+                out += [
+                    _new(Record, (topic, partition, o, ts, k, v, decode_headers(h) if h else ()))
+                    for o, ts, k, v, h in rows
+                ]
                 # Fewer rows than asked: everything up to `upper` was read (markers and
                 # aborted records take offsets but are never returned).
                 self._positions[tp] = rows[-1][0] + 1 if len(rows) == want else upper

@@ -43,6 +43,8 @@ class _Batch:
     part: int
     rows: list[tuple[int, bytes | None, bytes | None, bytes | None]] = field(default_factory=list)
     callbacks: list[OnDelivery | None] = field(default_factory=list)
+    bytes: int = 0
+    headers: bool = False  # any row has headers
 
 
 class LostAcknowledgementError(RetriableError):
@@ -81,6 +83,7 @@ class EmbeddedProducer(Producer):
         self._oldest: float | None = None
         self._reports: deque[tuple[OnDelivery, DeliveryReport]] = deque()
         self._sticky: dict[str, int] = {}
+        self._topics: dict[str, tuple[TopicInfo, int]] = {}
         self._seq: dict[int, int] = {}
         self._pid: int | None = None
         self._epoch = 0
@@ -111,43 +114,37 @@ class EmbeddedProducer(Producer):
         on_delivery: OnDelivery | None = None,
     ) -> None:
         with self._lock:
-            self._check_usable()
+            if self._closed or self._failed is not None:
+                self._check_usable()
             if self._transactional_id is not None and not self._in_txn:
                 raise UsageError(
                     "send() on a transactional producer needs an open transaction: "
                     "call begin_transaction() first"
                 )
-            info = self._topic(topic)
-            blob = encode_headers(headers)
-            size = len(key or b"") + len(value or b"") + len(blob or b"")
-            limit = min(self._max_request_size, int(info.config["max.message.bytes"]))
+            known = self._topics.get(topic)
+            info, limit = known if known is not None else self._learn(topic)
+            blob = encode_headers(headers) if headers else None
+            size = (len(key) if key else 0) + (len(value) if value else 0)
+            if blob:
+                size += len(blob)
             if size > limit:
                 raise RecordTooLargeError(
                     f"record of {size} bytes for topic {topic!r} is over the limit of {limit} "
                     "bytes (topic max.message.bytes / producer message.max.bytes); it was not "
                     "written. Split the value, or raise both limits."
                 )
-            if partition is None:
-                if key is not None:
-                    partition = partition_for_key(key, info.partitions)
-                else:
-                    partition = self._sticky.get(topic)
-                    if partition is None:
-                        partition = self._sticky[topic] = random.randrange(info.partitions)
-            elif not 0 <= partition < info.partitions:
-                info = self._topic(topic, refresh=True)
-                if not 0 <= partition < info.partitions:
-                    raise UnknownTopicError(
-                        f"topic {topic!r} has partitions 0..{info.partitions - 1}; "
-                        f"there is no partition {partition}"
-                    )
+            if partition is None or not 0 <= partition < info.partitions:
+                info, partition = self._partition(topic, info, key, partition)
             part = info.part_ids[partition]
             batch = self._pending.get(part)
             if batch is None:
                 batch = self._pending[part] = _Batch(TopicPartition(topic, partition), part)
-            ts = now_ms() if timestamp_ms is None else timestamp_ms
+            ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
             batch.rows.append((ts, key, value, blob))
             batch.callbacks.append(on_delivery)
+            batch.bytes += size
+            if blob:
+                batch.headers = True
             self._pending_count += 1
             if self._oldest is None:
                 self._oldest = time.monotonic()
@@ -155,6 +152,33 @@ class EmbeddedProducer(Producer):
             if len(batch.rows) >= self._batch_size:
                 self._sticky.pop(topic, None)  # a full batch moves keyless records on
                 self._write()
+
+    def _partition(
+        self, topic: str, info: TopicInfo, key: bytes | None, partition: int | None
+    ) -> tuple[TopicInfo, int]:
+        """Java's choice for a keyed record; a sticky random one for a keyless record; or a
+        check, with fresh metadata, of a partition given explicitly."""
+        if partition is None:
+            if key is not None:
+                return info, partition_for_key(key, info.partitions)
+            sticky = self._sticky.get(topic)
+            if sticky is None:
+                sticky = self._sticky[topic] = random.randrange(info.partitions)
+            return info, sticky
+        info, _ = self._learn(topic)
+        if not 0 <= partition < info.partitions:
+            raise UnknownTopicError(
+                f"topic {topic!r} has partitions 0..{info.partitions - 1}; "
+                f"there is no partition {partition}"
+            )
+        return info, partition
+
+    def _learn(self, topic: str) -> tuple[TopicInfo, int]:
+        """The topic's metadata and record size limit, looked up once and kept."""
+        info = self._topic(topic, refresh=topic in self._topics)
+        limit = min(self._max_request_size, int(info.config["max.message.bytes"]))
+        self._topics[topic] = (info, limit)
+        return info, limit
 
     def _topic(self, name: str, refresh: bool = False) -> TopicInfo:
         info = self._engine.topic(name, refresh)
@@ -255,7 +279,7 @@ class EmbeddedProducer(Producer):
                 producer = None
                 if self._pid is not None:
                     producer = (self._pid, self._epoch, self._seq.get(b.part, 0))
-                base, _dup = engine.append(b.part, b.rows, producer, txn)
+                base, _dup = engine.append(b.part, b.rows, producer, txn, b.bytes, b.headers)
                 if txn is not None:
                     engine.txn_add_part(txn, b.part, base)
                 offsets.append(base)
