@@ -13,6 +13,7 @@ within ``max_poll_interval_ms``, as Kafka's clients do.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -287,11 +288,20 @@ class EmbeddedConsumer(Consumer):
                 want = limit - len(out)
                 rows = engine.fetch(part, pos, upper, want, self._committed_only)
                 topic, partition = tp
-                # tuple.__new__ builds each Record in C, without NamedTuple's Python __new__.
-                out += [
-                    _new(Record, (topic, partition, o, ts, k, v, decode_headers(h) if h else ()))
-                    for o, ts, k, v, h in rows
-                ]
+                # tuple.__new__ builds each Record in C, without NamedTuple's Python __new__;
+                # the cyclic collector, which these tuples would trigger, waits meanwhile.
+                collecting = gc.isenabled()
+                gc.disable()
+                try:
+                    out += [
+                        _new(
+                            Record, (topic, partition, o, ts, k, v, decode_headers(h) if h else ())
+                        )
+                        for o, ts, k, v, h in rows
+                    ]
+                finally:
+                    if collecting:
+                        gc.enable()
                 # Fewer rows than asked: everything up to `upper` was read (markers and
                 # aborted records take offsets but are never returned).
                 self._positions[tp] = rows[-1][0] + 1 if len(rows) == want else upper

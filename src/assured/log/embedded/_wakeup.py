@@ -24,6 +24,8 @@ _IN_MODIFY = 0x00000002
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = 0o2000000
 _FALLBACK_STEP = 0.005
+_SETTLE = 0.05
+_SETTLE_STEP = 0.0005
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -59,9 +61,15 @@ class Waiter:
         if timeout <= 0:
             return
         if self._fd >= 0:
+            start = self._changed()
             ready, _, _ = select.select([self._fd], [], [], timeout)
             if ready:
                 self._drain()
+                # The WAL is written before the commit is visible (with durability=full an
+                # fsync lies between), so wait briefly for the commit itself to show.
+                settle = time.monotonic() + _SETTLE
+                while self._changed() == start and time.monotonic() < settle:
+                    time.sleep(_SETTLE_STEP)
             return
         start = self._changed()
         deadline = time.monotonic() + timeout
