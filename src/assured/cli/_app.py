@@ -8,6 +8,7 @@ from rich.console import Console
 import assured
 from assured.cli._audit import audit, demo
 from assured.cli._bench import bench
+from assured.cli._logcmds import consume, group_app, produce, run, topic_app
 
 app = typer.Typer(
     name="assured",
@@ -27,6 +28,11 @@ def version() -> None:
 app.command()(demo)
 app.command()(audit)
 app.command()(bench)
+app.add_typer(topic_app, name="topic")
+app.command()(produce)
+app.command()(consume)
+app.add_typer(group_app, name="group")
+app.command()(run)
 
 
 def main() -> None:
