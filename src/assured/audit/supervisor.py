@@ -29,7 +29,7 @@ from typing import Any
 from assured.audit.checker import Effect, Findings, check, parse_history, read_topic
 from assured.audit.workload import produce
 from assured.errors import ConfigError
-from assured.log import Log, TopicPartition, open_log
+from assured.log import Admin, Log, TopicPartition, open_log
 
 __all__ = ["FAULTS", "AuditConfig", "run_audit"]
 
@@ -107,6 +107,15 @@ class _Run:
         )
         self.env = dict(os.environ)
         self.env.pop("ASSURED_CRASH_POINTS", None)
+        self._admin: Admin | None = None
+        self.broker_down = threading.Event()  # one broker at a time, so the quorum holds
+        self.fraction = 0.0  # of the input consumed so far
+
+    def admin(self) -> Admin:
+        """One admin client for the whole run (polled 20 times a second)."""
+        if self._admin is None:
+            self._admin = self.log.admin()
+        return self._admin
 
     def event(self, kind: str, **data: Any) -> None:
         self.cfg.events.append({"t": round(time.time(), 3), "event": kind, **data})
@@ -203,6 +212,7 @@ def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total
             cfg.progress(done, total)
         if done >= total:
             return
+        run.fraction = done / total if total else 1.0
         while run.schedule and done >= run.schedule[0][0] * total:
             _, kind = run.schedule.pop(0)
             _inject(run, slots, kind)
@@ -237,18 +247,7 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
         s for s in slots if s.proc is not None and s.proc.poll() is None and not s.stopped_until
     ]
     if kind == "broker-kill":
-        cluster = run.cfg.broker
-        victim = run.rng.choice(cluster.running())
-        cluster.kill(victim)
-        run.event("broker-killed", node=victim)
-        run.faults["broker-kill"] += 1
-
-        def revive() -> None:
-            time.sleep(3)
-            cluster.restart(victim)
-            run.event("broker-restarted", node=victim)
-
-        threading.Thread(target=revive, daemon=True).start()
+        _kill_broker(run)
         return
     if not live:
         return
@@ -261,6 +260,33 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
         slot.stopped_until = time.monotonic() + 2 * run.cfg.session_timeout_ms / 1000
     run.faults[kind] += 1
     run.event(kind, slot=slot.index, pid=slot.proc.pid)
+
+
+def _kill_broker(run: _Run) -> None:
+    """SIGKILL one broker, and start it again 3 s later. While one is down or restarting, a
+    further broker-kill waits (two down of three would lose the quorum, not test us)."""
+    cluster = run.cfg.broker
+    if run.broker_down.is_set():
+        run.schedule.append((min(0.95, run.fraction + 0.05), "broker-kill"))  # retried later
+        run.schedule.sort()
+        return
+    victim = run.rng.choice(cluster.running())
+    run.broker_down.set()
+    cluster.kill(victim)
+    run.event("broker-killed", node=victim)
+    run.faults["broker-kill"] += 1
+
+    def revive() -> None:
+        try:
+            time.sleep(3)
+            cluster.restart(victim, timeout=120)
+            run.event("broker-restarted", node=victim)
+        except Exception as e:  # reported, and the run's end restarts any node left down
+            run.event("broker-restart-failed", node=victim, error=str(e)[:500])
+        finally:
+            run.broker_down.clear()
+
+    threading.Thread(target=revive, daemon=True).start()
 
 
 def _consumed(run: _Run, ends: dict[TopicPartition, int]) -> int:
@@ -299,8 +325,7 @@ def _committed(run: _Run) -> dict[TopicPartition, int]:
             return dict(run.last_committed)
         return {TopicPartition(t, p): o for t, p, o in rows}
     try:
-        with run.log.admin() as admin:
-            return admin.committed_offsets(run.group, [run.input])
+        return run.admin().committed_offsets(run.group, [run.input])
     except Exception:  # a broker may be down: try again next tick
         return dict(run.last_committed)
 
