@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from assured.audit import AuditConfig, Findings, run_audit
+from assured.log import open_log
 from assured.testing.kafka import KafkaCluster
 
 
@@ -88,13 +89,36 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_moves_on(
 
 @pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_sigterm_drains_cleanly(tmp_path: Path, guarantee: str) -> None:
+    url = f"embedded://{tmp_path}/log.db"
+    cfg_events: list[dict[str, object]] = []
     f = audit(
-        tmp_path, f"embedded://{tmp_path}/log.db", guarantee, faults=("sigterm",), kills=4,
-        messages=2000,
-    )  # fmt: skip
+        tmp_path, url, guarantee, faults=("sigterm",), kills=4, messages=2000, events=cfg_events
+    )
     assert f.faults == {"sigterm": 4}
     assert f.lost == f.duplicated == 0, "a graceful stop commits what it handled, no more"
     assert f.verdict == "pass"
+    exits = [e["code"] for e in cfg_events if e["event"] == "exited"]
+    # A processor stopped while running drains and exits 0; one stopped while still
+    # starting up (importing) dies of the signal, having consumed nothing.
+    assert exits.count(0) >= 1, exits
+    assert set(exits) <= {0, -15}, exits
+    with open_log(url).admin() as admin:
+        (group,) = [g for g in admin.list_groups() if g.startswith("audit-")]
+        desc = admin.describe_group(group)
+    assert (desc.state, desc.members) == ("Empty", ()), "every member left the group"
+
+
+def test_sigstopped_zombies_are_fenced(tmp_path: Path) -> None:
+    """A processor frozen past its session timeout comes back as a zombie; its commits and
+    transactions must be refused."""
+    for guarantee in ("exactly-once", "at-least-once"):
+        f = audit(
+            tmp_path, f"embedded://{tmp_path}/{guarantee}.db", guarantee, faults=("sigstop",),
+            kills=3, messages=3000,
+        )  # fmt: skip
+        assert f.faults["sigstop"] >= 2
+        assert f.verdict == "pass", f.as_json()
+        assert f.lost == 0
 
 
 @pytest.mark.kafka

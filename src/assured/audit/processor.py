@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--session-timeout-ms", type=int, default=2000)
     parser.add_argument("--commit-interval-ms", type=int, default=100)
     args = parser.parse_args(argv)
+    # Until the App takes over SIGTERM, a stop means nothing was consumed yet: exit cleanly.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s slot={args.slot} pid={os.getpid()} %(levelname)s %(message)s",

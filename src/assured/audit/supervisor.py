@@ -249,7 +249,9 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
     if kind == "broker-kill":
         _kill_broker(run)
         return
-    if not live:
+    if not live:  # everyone is down or frozen: try again a little later
+        run.schedule.append((min(0.95, run.fraction + 0.05), kind))
+        run.schedule.sort()
         return
     slot = run.rng.choice(live)
     assert slot.proc is not None
