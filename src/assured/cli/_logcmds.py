@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from assured.errors import AssuredError, ConfigError, UnknownTopicError, UsageError
@@ -149,7 +150,13 @@ def produce(
         if transactional:
             producer.init_transactions()
             producer.begin_transaction()
-        for line in lines:
+        show = len(lines) >= 10_000 and err.is_terminal  # a bar only for long work, on a tty
+        bar = Progress(console=err, transient=True, disable=not show)
+        task = bar.add_task(f"producing to {topic}", total=len(lines))
+        bar.start()
+        for n, line in enumerate(lines, 1):
+            if n % 1000 == 0:
+                bar.update(task, completed=n)
             k: bytes | None = key.encode() if key is not None else None
             value: bytes = line
             if key_delimiter is not None:
@@ -164,6 +171,7 @@ def produce(
                 partition=partition,
                 on_delivery=lambda r: failures.append(str(r.error)) if r.error else None,
             )
+        bar.stop()
         if transactional:
             producer.commit_transaction()
         remaining = producer.flush(60)
