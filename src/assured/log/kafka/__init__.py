@@ -13,14 +13,17 @@ offsets; producers are idempotent unless asked not to be; keyed records are part
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from confluent_kafka.admin import AdminClient
+
 from assured.errors import ConfigError
 from assured.log._models import Isolation, OffsetReset
 from assured.log._protocol import Log
-from assured.log.kafka._admin import KafkaAdmin
+from assured.log.kafka._admin import KafkaAdmin, admin_client
 from assured.log.kafka._clients import KafkaConsumer, KafkaProducer
 from assured.log.kafka._errors import Scrubber, ScrubbingFilter
 
@@ -40,6 +43,8 @@ class KafkaLog(Log):
         self.scrub = Scrubber(self._config)
         self.url = f"kafka://{bootstrap}"
         self._logger = logging.getLogger("assured.log.kafka.librdkafka")
+        self._lock = threading.Lock()
+        self._admin_client: AdminClient | None = None
         if not any(isinstance(f, ScrubbingFilter) for f in self._logger.filters):
             self._logger.addFilter(ScrubbingFilter(self.scrub))
 
@@ -50,7 +55,13 @@ class KafkaLog(Log):
         return {**self._config, **extra, "logger": self._logger}
 
     def admin(self) -> KafkaAdmin:
-        return KafkaAdmin(self._client_config({}), self.scrub)
+        # One AdminClient per log, for its lifetime: an AdminClient destroyed while a request
+        # it made is still in flight (a timed-out wait, a broker down) crashes the process
+        # when the answer comes back. Its requests are independent, so sharing it is safe.
+        with self._lock:
+            if self._admin_client is None:
+                self._admin_client = admin_client(self._client_config({}), self.scrub)
+        return KafkaAdmin(self._admin_client, self.scrub)
 
     def producer(
         self,

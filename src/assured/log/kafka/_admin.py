@@ -25,19 +25,23 @@ from assured.log._names import check_topic_name, collides
 from assured.log._protocol import Admin
 from assured.log.kafka._errors import Scrubber, translate, translated
 
-__all__ = ["KafkaAdmin"]
+__all__ = ["KafkaAdmin", "admin_client"]
 
 TIMEOUT = 30.0
+
+
+def admin_client(config: Mapping[str, Any], scrub: Scrubber) -> AdminClient:
+    with translated(scrub, "creating the Kafka admin client"):
+        return AdminClient(dict(config))
 
 
 class KafkaAdmin(Admin):
     """``timeout``: seconds to wait for each request to Kafka (30 by default)."""
 
-    def __init__(self, config: Mapping[str, Any], scrub: Scrubber, timeout: float = TIMEOUT):
+    def __init__(self, client: AdminClient, scrub: Scrubber, timeout: float = TIMEOUT):
         self._scrub = scrub
         self.timeout = timeout
-        with translated(scrub, "creating the Kafka admin client"):
-            self._admin = AdminClient(dict(config))
+        self._admin = client
 
     def _wait(self, future: Any, what: str) -> Any:
         try:
