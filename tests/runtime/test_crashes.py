@@ -141,3 +141,16 @@ def test_kafka_to_postgres_exactly_once(
         postgres_dsn=postgres_dsn, messages=1000, kills=4, session_timeout_ms=2000,
     )  # fmt: skip
     assert_holds(f)
+
+
+@pytest.mark.kafka
+def test_kafka_three_processors_one_sigkilled_exactly_once(
+    tmp_path: Path, kafka_broker: KafkaCluster
+) -> None:
+    f = audit(
+        tmp_path, f"kafka://{kafka_broker.bootstrap}", "exactly-once", processes=3, kills=1,
+        faults=("sigkill",), messages=1500, session_timeout_ms=2000,
+    )  # fmt: skip
+    assert f.faults == {"sigkill": 1}
+    assert f.effects == f.sent == 1500
+    assert_holds(f)

@@ -159,6 +159,8 @@ def run_audit(cfg: AuditConfig) -> Findings:
                 if node.node_id not in cfg.broker.running():
                     cfg.broker.restart(node.node_id)
     hanging = _hanging(run)
+    if run._admin is not None:
+        run._admin.close()
     findings = check(
         guarantee=cfg.guarantee,
         log_url=cfg.log_url,

@@ -101,8 +101,9 @@ class Admin(_Closing):
     def lag(self, group_id: str, topics: Iterable[str] | None = None) -> list[PartitionLag]:
         """Committed offset, watermarks and lag for every partition of ``topics`` (default: the
         topics the group has committed offsets for)."""
-        committed = self.committed_offsets(group_id)
-        names = sorted(set(topics) if topics is not None else {tp.topic for tp in committed})
+        wanted = sorted(set(topics)) if topics is not None else None
+        committed = self.committed_offsets(group_id, wanted)
+        names = wanted if wanted is not None else sorted({tp.topic for tp in committed})
         out = []
         for name in names:
             for p in range(self.describe_topic(name).partitions):

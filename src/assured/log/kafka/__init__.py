@@ -61,7 +61,7 @@ class KafkaLog(Log):
         with self._lock:
             if self._admin_client is None:
                 self._admin_client = admin_client(self._client_config({}), self.scrub)
-        return KafkaAdmin(self._admin_client, self.scrub)
+        return KafkaAdmin(self._admin_client, self._client_config({}), self.scrub)
 
     def producer(
         self,

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, IsolationLevel, KafkaException
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, IsolationLevel, KafkaException
 from confluent_kafka import TopicPartition as KTopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
@@ -38,10 +38,18 @@ def admin_client(config: Mapping[str, Any], scrub: Scrubber) -> AdminClient:
 class KafkaAdmin(Admin):
     """``timeout``: seconds to wait for each request to Kafka (30 by default)."""
 
-    def __init__(self, client: AdminClient, scrub: Scrubber, timeout: float = TIMEOUT):
+    def __init__(
+        self,
+        client: AdminClient,
+        config: Mapping[str, Any],
+        scrub: Scrubber,
+        timeout: float = TIMEOUT,
+    ):
         self._scrub = scrub
         self.timeout = timeout
         self._admin = client
+        self._config = dict(config)
+        self._readers: dict[str, Consumer] = {}
 
     def _wait(self, future: Any, what: str) -> Any:
         try:
@@ -137,18 +145,40 @@ class KafkaAdmin(Admin):
     def committed_offsets(
         self, group_id: str, topics: Iterable[str] | None = None
     ) -> dict[TopicPartition, int]:
+        if topics is not None:
+            return self._committed_by_consumer(group_id, sorted(set(topics)))
         request = [ConsumerGroupTopicPartitions(group_id)]
         futures = self._admin.list_consumer_group_offsets(request)
         result = self._wait(futures[group_id], f"reading group {group_id!r}'s offsets")
-        wanted = set(topics) if topics is not None else None
         return {
             TopicPartition(t.topic, t.partition): t.offset
             for t in result.topic_partitions
-            if t.offset >= 0 and (wanted is None or t.topic in wanted)
+            if t.offset >= 0
         }
 
+    def _committed_by_consumer(self, group_id: str, topics: list[str]) -> dict[TopicPartition, int]:
+        """Committed offsets read through a consumer that never joins the group.
+
+        Why not AdminClient: librdkafka 2.16's ListConsumerGroupOffsets crashes the process
+        (SIGSEGV in rd_kafka_cgrp_op) when the group coordinator moves mid-request, as it does
+        when a broker dies. A consumer's OffsetFetch has the group handle that path needs."""
+        reader = self._readers.get(group_id)
+        if reader is None:
+            config = {**self._config, "group.id": group_id, "enable.auto.commit": False}
+            with translated(self._scrub, "creating an offset reader"):
+                reader = self._readers[group_id] = Consumer(config)
+        ktps = [
+            KTopicPartition(t, p) for t in topics for p in range(self.describe_topic(t).partitions)
+        ]
+        with translated(self._scrub, f"reading group {group_id!r}'s offsets"):
+            found = reader.committed(ktps, timeout=self.timeout)
+        return {TopicPartition(k.topic, k.partition): k.offset for k in found if k.offset >= 0}
+
     def close(self) -> None:
-        """AdminClient holds nothing that needs closing."""
+        """Close the offset readers; the AdminClient itself belongs to the log."""
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
 
 def _state_name(state: Any) -> str:
