@@ -154,6 +154,9 @@ def run_audit(cfg: AuditConfig) -> Findings:
         _drive(run, slots, workload.ends, total)
     finally:
         _stop_all(run, slots)
+        deadline = time.monotonic() + 180
+        while run.broker_down.is_set() and time.monotonic() < deadline:
+            time.sleep(0.2)  # a broker still restarting: the check reads a whole cluster
         if cfg.broker is not None:
             for node in cfg.broker.members:
                 if node.node_id not in cfg.broker.running():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, IsolationLevel, KafkaException
 from confluent_kafka import TopicPartition as KTopicPartition
@@ -13,7 +13,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 
-from assured.errors import InvalidTopicError, LogError, UnknownTopicError
+from assured.errors import InvalidTopicError, LogError, RetriableError, UnknownTopicError
 from assured.log._models import (
     GroupDescription,
     MemberDescription,
@@ -28,6 +28,7 @@ from assured.log.kafka._errors import Scrubber, translate, translated
 __all__ = ["KafkaAdmin", "admin_client"]
 
 TIMEOUT = 30.0
+T = TypeVar("T")
 
 
 def admin_client(config: Mapping[str, Any], scrub: Scrubber) -> AdminClient:
@@ -118,9 +119,26 @@ class KafkaAdmin(Admin):
         return Watermarks(low, high, lso)
 
     def _offset(self, ktp: KTopicPartition, spec: OffsetSpec, isolation: IsolationLevel) -> int:
-        futures = self._admin.list_offsets({ktp: spec}, isolation_level=isolation)
-        info = self._wait(futures[ktp], f"listing offsets of {ktp.topic}[{ktp.partition}]")
-        return int(info.offset)
+        def ask() -> int:
+            futures = self._admin.list_offsets({ktp: spec}, isolation_level=isolation)
+            info = self._wait(futures[ktp], f"listing offsets of {ktp.topic}[{ktp.partition}]")
+            return int(info.offset)
+
+        return self._again(ask)
+
+    def _again(self, ask: Callable[[], T]) -> T:
+        """``ask()``, again while the error is retriable (leadership moving after a broker
+        died), until ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + self.timeout
+        pause = 0.05
+        while True:
+            try:
+                return ask()
+            except RetriableError:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def list_groups(self) -> list[str]:
         result = self._wait(self._admin.list_consumer_groups(), "listing consumer groups")
@@ -170,8 +188,12 @@ class KafkaAdmin(Admin):
         ktps = [
             KTopicPartition(t, p) for t in topics for p in range(self.describe_topic(t).partitions)
         ]
-        with translated(self._scrub, f"reading group {group_id!r}'s offsets"):
-            found = reader.committed(ktps, timeout=self.timeout)
+
+        def ask() -> list[KTopicPartition]:
+            with translated(self._scrub, f"reading group {group_id!r}'s offsets"):
+                return list(reader.committed(ktps, timeout=self.timeout))
+
+        found = self._again(ask)
         return {TopicPartition(k.topic, k.partition): k.offset for k in found if k.offset >= 0}
 
     def close(self) -> None:

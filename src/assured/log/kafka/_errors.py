@@ -58,6 +58,20 @@ _BAD_TOPIC = {
     KafkaError.INVALID_REPLICATION_FACTOR,
     KafkaError.INVALID_CONFIG,
 }
+# Leadership or coordination moved (a broker died, an election ran): ask again shortly.
+_MOVED = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.FENCED_LEADER_EPOCH,
+    KafkaError.UNKNOWN_LEADER_EPOCH,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.OFFSET_NOT_AVAILABLE,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._WAIT_COORD,
+}
 if hasattr(KafkaError, "PRODUCER_FENCED"):  # named in newer librdkafka
     _FENCED.add(KafkaError.PRODUCER_FENCED)
 
@@ -120,7 +134,9 @@ def translate(
         cls = FatalError
     elif err.txn_requires_abort():
         cls = AbortableError
-    elif err.retriable() or code in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+    elif (
+        err.retriable() or code in _MOVED or code in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT)
+    ):
         cls = RetriableError
     else:
         cls = LogError
