@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -139,6 +140,10 @@ class KafkaAdmin(Admin):
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
+                # The client's cached leaders (and their epochs) may predate the election;
+                # a metadata request renews them, or the same stale answer comes back.
+                with contextlib.suppress(KafkaException):
+                    self._admin.list_topics(timeout=min(5.0, self.timeout))
 
     def list_groups(self) -> list[str]:
         result = self._wait(self._admin.list_consumer_groups(), "listing consumer groups")
