@@ -358,6 +358,8 @@ class EmbeddedProducer(Producer):
             try:
                 if self._pending_count:
                     self._write()
+                if self._failed is not None:  # e.g. fenced while writing the last batch
+                    raise self._failed
                 if self._txn_error is not None:
                     raise AbortableError(
                         f"the transaction cannot commit: {self._txn_error}. Abort it, rewind "
