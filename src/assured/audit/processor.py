@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from assured.runtime import App, Message, Output
@@ -33,6 +35,18 @@ class PoisonError(ValueError):
     """The message was built to be rejected."""
 
 
+def _stop_with_parent() -> None:
+    """If the audit that started us dies, stop gracefully rather than run on as an orphan."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m assured.audit.processor")
     parser.add_argument("--log", required=True)
@@ -49,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Until the App takes over SIGTERM, a stop means nothing was consumed yet: exit cleanly.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    _stop_with_parent()
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s slot={args.slot} pid={os.getpid()} %(levelname)s %(message)s",
