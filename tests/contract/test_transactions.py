@@ -104,7 +104,11 @@ def test_offsets_sent_to_a_transaction_count_only_when_it_commits(
         producer.send_offsets_to_transaction({src: 6}, consumer.group_metadata())
         producer.commit_transaction()
     with log.admin() as admin:
-        assert admin.committed_offsets(group)[src] == 6
+        # Kafka materializes transactional offsets just after the commit returns.
+        deadline = time.monotonic() + 15
+        while admin.committed_offsets(group, [source]).get(src) != 6:
+            assert time.monotonic() < deadline, admin.committed_offsets(group, [source])
+            time.sleep(0.1)
     assert _read(log, sink, "read_committed", 1) == [b"out-b"]
     consumer.close()
 

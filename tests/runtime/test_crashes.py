@@ -92,9 +92,11 @@ def test_sigterm_drains_cleanly(tmp_path: Path, guarantee: str) -> None:
     url = f"embedded://{tmp_path}/log.db"
     cfg_events: list[dict[str, object]] = []
     f = audit(
-        tmp_path, url, guarantee, faults=("sigterm",), kills=4, messages=2000, events=cfg_events
-    )
-    assert f.faults == {"sigterm": 4}
+        tmp_path, url, guarantee, faults=("sigterm",), kills=4, messages=2000, events=cfg_events,
+        handle_delay_ms=1,
+    )  # fmt: skip
+    # A draining processor is not signalled again, so a fault may wait for the next one.
+    assert f.faults["sigterm"] >= 2
     assert f.lost == f.duplicated == 0, "a graceful stop commits what it handled, no more"
     assert f.verdict == "pass"
     exits = [e["code"] for e in cfg_events if e["event"] == "exited"]
@@ -149,7 +151,7 @@ def test_kafka_three_processors_one_sigkilled_exactly_once(
 ) -> None:
     f = audit(
         tmp_path, f"kafka://{kafka_broker.bootstrap}", "exactly-once", processes=3, kills=1,
-        faults=("sigkill",), messages=1500, session_timeout_ms=2000,
+        faults=("sigkill",), messages=1500, session_timeout_ms=2000, handle_delay_ms=2,
     )  # fmt: skip
     assert f.faults == {"sigkill": 1}
     assert f.effects == f.sent == 1500

@@ -47,7 +47,7 @@ def _stop_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m assured.audit.processor")
     parser.add_argument("--log", required=True)
     parser.add_argument("--guarantee", required=True)
@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=Path, required=True)
     parser.add_argument("--session-timeout-ms", type=int, default=2000)
     parser.add_argument("--commit-interval-ms", type=int, default=100)
-    args = parser.parse_args(argv)
+    parser.add_argument("--handle-delay-ms", type=float, default=0.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
     # Until the App takes over SIGTERM, a stop means nothing was consumed yet: exit cleanly.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     _stop_with_parent()
@@ -88,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
 
     app.on_transaction = tell
 
+    delay = args.handle_delay_ms / 1000
+
     def check(msg: Message) -> tuple[str, str]:
+        if delay:
+            time.sleep(delay)
         if msg.header("fate") == b"poison":
             raise PoisonError(f"{msg.id} was built to be rejected")
         body = json.loads(msg.value)

@@ -60,6 +60,7 @@ class AuditConfig:
     session_timeout_ms: int = 1500
     timeout_s: float = 300.0
     poison_rate: float = 0.0
+    handle_delay_ms: float = 0.0  # per message, to spread a small run over time
     broker: Any = None  # an assured.testing.KafkaCluster with three nodes, for broker-kill
     progress: Callable[[int, int], None] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -72,6 +73,7 @@ class _Slot:
         self.starts = 0
         self.armed = False  # a crash point is armed in this process
         self.stopped_until = 0.0  # SIGSTOPped until then
+        self.terminating = False  # sent SIGTERM: draining; a second signal would cut it short
 
 
 class _Run:
@@ -228,6 +230,7 @@ def _start(run: _Run, slot: _Slot) -> None:
     cfg = run.cfg
     env = dict(run.env)
     slot.armed = False
+    slot.terminating = False
     if run.crash_plan:
         env["ASSURED_CRASH_POINTS"] = run.crash_plan.pop(0)
         slot.armed = True
@@ -237,6 +240,7 @@ def _start(run: _Run, slot: _Slot) -> None:
         "--input", run.input, "--output", run.output, "--sink", cfg.sink, "--db", run.db,
         "--slot", str(slot.index), "--history", str(run.history),
         "--session-timeout-ms", str(cfg.session_timeout_ms),
+        "--handle-delay-ms", str(cfg.handle_delay_ms),
     ]  # fmt: skip
     errors = (run.workdir / f"processor-{slot.index}.log").open("ab")
     slot.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
@@ -249,7 +253,12 @@ def _start(run: _Run, slot: _Slot) -> None:
 
 def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
     live = [
-        s for s in slots if s.proc is not None and s.proc.poll() is None and not s.stopped_until
+        s
+        for s in slots
+        if s.proc is not None
+        and s.proc.poll() is None
+        and not s.stopped_until
+        and not s.terminating
     ]
     if kind == "broker-kill":
         _kill_broker(run)
@@ -263,6 +272,8 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
     sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigstop": signal.SIGSTOP}[kind]
     with contextlib.suppress(ProcessLookupError):
         os.kill(slot.proc.pid, sig)
+    if kind == "sigterm":
+        slot.terminating = True
     if kind == "sigstop":  # a zombie: frozen past its session timeout, then back
         slot.stopped_until = time.monotonic() + 2 * run.cfg.session_timeout_ms / 1000
     run.faults[kind] += 1
@@ -342,15 +353,19 @@ def _stop_all(run: _Run, slots: list[_Slot]) -> None:
         if slot.proc is not None and slot.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(slot.proc.pid, signal.SIGCONT)
-                slot.proc.terminate()
+                if not slot.terminating:  # one SIGTERM drains; a second exits at once
+                    slot.proc.terminate()
     for slot in slots:
         if slot.proc is None:
             continue
+        already = slot.proc.returncode is not None
         try:
             slot.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             slot.proc.kill()
             slot.proc.wait(timeout=10)
+        if not already:
+            run.event("exited", slot=slot.index, code=slot.proc.returncode, at_end=True)
     run.event("stopped")
 
 
