@@ -30,6 +30,7 @@ from assured.audit.checker import Effect, Findings, check, parse_history, read_t
 from assured.audit.workload import produce
 from assured.errors import ConfigError
 from assured.log import Admin, Log, TopicPartition, open_log
+from assured.sinks import PostgresSink, Sink, SqliteSink
 
 __all__ = ["FAULTS", "AuditConfig", "run_audit"]
 
@@ -110,6 +111,7 @@ class _Run:
         self.env = dict(os.environ)
         self.env.pop("ASSURED_CRASH_POINTS", None)
         self._admin: Admin | None = None
+        self.offsets_reader: Sink | None = None
         self.broker_down = threading.Event()  # one broker at a time, so the quorum holds
         self.fraction = 0.0  # of the input consumed so far
 
@@ -123,8 +125,7 @@ class _Run:
         self.cfg.events.append({"t": round(time.time(), 3), "event": kind, **data})
 
 
-def run_audit(cfg: AuditConfig) -> Findings:
-    """Audit ``cfg.guarantee`` on ``cfg.log_url`` and return what the checker found."""
+def _check(cfg: AuditConfig) -> None:
     unknown = set(cfg.faults) - set(FAULTS)
     if unknown:
         raise ConfigError(f"unknown fault(s) {sorted(unknown)}; known: {', '.join(FAULTS)}")
@@ -134,6 +135,11 @@ def run_audit(cfg: AuditConfig) -> Findings:
         raise ConfigError("--sink postgres needs --postgres-dsn postgresql://user@host:port/db")
     if "broker-kill" in cfg.faults and (cfg.broker is None or len(cfg.broker.members) < 3):
         raise ConfigError("broker-kill needs a three-node Kafka cluster started by the audit")
+
+
+def run_audit(cfg: AuditConfig) -> Findings:
+    """Audit ``cfg.guarantee`` on ``cfg.log_url`` and return what the checker found."""
+    _check(cfg)
     started = time.monotonic()
     workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="assured-audit-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +172,8 @@ def run_audit(cfg: AuditConfig) -> Findings:
     hanging = _hanging(run)
     if run._admin is not None:
         run._admin.close()
+    if run.offsets_reader is not None:
+        run.offsets_reader.close()
     findings = check(
         guarantee=cfg.guarantee,
         log_url=cfg.log_url,
@@ -320,28 +328,16 @@ def _consumed(run: _Run, ends: dict[TopicPartition, int]) -> int:
 def _committed(run: _Run) -> dict[TopicPartition, int]:
     cfg = run.cfg
     if cfg.guarantee == "exactly-once" and cfg.sink != "topic":
-        try:
-            if cfg.sink == "sqlite":
-                if not Path(run.db).exists():
-                    return {}
-                with contextlib.closing(sqlite3.connect(run.db, timeout=30)) as conn:
-                    rows = conn.execute(
-                        "SELECT topic, partition, next_offset FROM assured_offsets "
-                        "WHERE group_id = ? AND next_offset IS NOT NULL",
-                        (run.group,),
-                    ).fetchall()
-            else:
-                import psycopg
-
-                with psycopg.connect(run.db) as conn:
-                    rows = conn.execute(
-                        "SELECT topic, partition, next_offset FROM assured_offsets "
-                        "WHERE group_id = %s AND next_offset IS NOT NULL",
-                        (run.group,),
-                    ).fetchall()
-        except (sqlite3.Error, Exception):  # the table appears with the first processor
+        if cfg.sink == "sqlite" and not Path(run.db).exists():
+            return {}
+        try:  # the sink's own reading of its offsets table
+            if run.offsets_reader is None:
+                run.offsets_reader = (
+                    SqliteSink(run.db) if cfg.sink == "sqlite" else PostgresSink(run.db)
+                )
+            return run.offsets_reader.stored_offsets(run.group)
+        except Exception:  # the table appears with the first processor
             return dict(run.last_committed)
-        return {TopicPartition(t, p): o for t, p, o in rows}
     try:
         return run.admin().committed_offsets(run.group, [run.input])
     except Exception:  # a broker may be down: try again next tick

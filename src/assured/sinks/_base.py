@@ -57,12 +57,27 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[SinkTransaction]: ...
 
-    @abc.abstractmethod
+    # The runtime's own SQL, written once; only the placeholder differs between databases.
+    placeholder = "?"
+
+    def _sql(self, template: str) -> str:
+        return template.replace("?", self.placeholder)
+
     def claim(self, group: str, partitions: Sequence[TopicPartition]) -> Claim:
         """Take ownership of ``partitions`` for ``group``: bump their epochs; return the stored
         offsets and the new epochs."""
+        upsert = self._sql(
+            "INSERT INTO assured_offsets (group_id, topic, partition, epoch) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT (group_id, topic, partition) DO UPDATE "
+            "SET epoch = assured_offsets.epoch + 1 RETURNING next_offset, epoch"
+        )
+        out: Claim = {}
+        with self.transaction() as tx:
+            for tp in partitions:
+                row = tx.execute(upsert, (group, tp.topic, tp.partition)).fetchone()
+                out[tp] = (row[0], row[1])
+        return out
 
-    @abc.abstractmethod
     def store_offsets(
         self,
         tx: SinkTransaction,
@@ -72,9 +87,23 @@ class Sink(abc.ABC):
     ) -> None:
         """Inside ``tx``: store next offsets, if the epochs are still ours, else raise
         :class:`SinkFencedError`."""
+        update = self._sql(
+            "UPDATE assured_offsets SET next_offset = ? "
+            "WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?"
+        )
+        for tp, offset in offsets.items():
+            cur = tx.execute(update, (offset, group, tp.topic, tp.partition, epochs.get(tp, -1)))
+            if cur.rowcount != 1:
+                raise fenced(tp, group)
 
-    @abc.abstractmethod
-    def stored_offsets(self, group: str) -> dict[TopicPartition, int]: ...
+    def stored_offsets(self, group: str) -> dict[TopicPartition, int]:
+        query = self._sql(
+            "SELECT topic, partition, next_offset FROM assured_offsets "
+            "WHERE group_id = ? AND next_offset IS NOT NULL"
+        )
+        with self.transaction() as tx:
+            rows = tx.execute(query, (group,)).fetchall()
+        return {TopicPartition(t, p): o for t, p, o in rows}
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -9,8 +9,7 @@ from typing import Any
 import psycopg
 
 from assured.errors import ServiceError
-from assured.log import TopicPartition
-from assured.sinks._base import Claim, Sink, SinkTransaction, fenced
+from assured.sinks._base import Sink, SinkTransaction
 
 __all__ = ["PostgresSink"]
 
@@ -49,6 +48,8 @@ class _PostgresTransaction(SinkTransaction):
 class PostgresSink(Sink):
     """Effects in the PostgreSQL database at ``dsn`` (``postgresql://user@host:port/db``)."""
 
+    placeholder = "%s"
+
     def __init__(self, dsn: str):
         self.dsn = dsn
         self._conn: psycopg.Connection[Any] | None = None
@@ -73,43 +74,6 @@ class PostgresSink(Sink):
         conn = self._connect()
         with conn.transaction():
             yield _PostgresTransaction(conn)
-
-    def claim(self, group: str, partitions: Sequence[TopicPartition]) -> Claim:
-        out: Claim = {}
-        with self.transaction() as tx:
-            for tp in partitions:
-                row = tx.execute(
-                    "INSERT INTO assured_offsets (group_id, topic, partition, epoch) "
-                    "VALUES (%s, %s, %s, 1) ON CONFLICT (group_id, topic, partition) "
-                    "DO UPDATE SET epoch = assured_offsets.epoch + 1 RETURNING next_offset, epoch",
-                    (group, tp.topic, tp.partition),
-                ).fetchone()
-                out[tp] = (row[0], row[1])
-        return out
-
-    def store_offsets(
-        self,
-        tx: SinkTransaction,
-        group: str,
-        offsets: Mapping[TopicPartition, int],
-        epochs: Mapping[TopicPartition, int],
-    ) -> None:
-        for tp, offset in offsets.items():
-            cur = tx.execute(
-                "UPDATE assured_offsets SET next_offset = %s "
-                "WHERE group_id = %s AND topic = %s AND partition = %s AND epoch = %s",
-                (offset, group, tp.topic, tp.partition, epochs.get(tp, -1)),
-            )
-            if cur.rowcount != 1:
-                raise fenced(tp, group)
-
-    def stored_offsets(self, group: str) -> dict[TopicPartition, int]:
-        rows = self._connect().execute(
-            "SELECT topic, partition, next_offset FROM assured_offsets "
-            "WHERE group_id = %s AND next_offset IS NOT NULL",
-            (group,),
-        )
-        return {TopicPartition(t, p): o for t, p, o in rows}
 
     def close(self) -> None:
         if self._conn is not None:

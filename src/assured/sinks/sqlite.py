@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from assured.errors import ConfigError
-from assured.log import TopicPartition
-from assured.sinks._base import Claim, Sink, SinkTransaction, fenced
+from assured.sinks._base import Sink, SinkTransaction
 
 __all__ = ["SqliteSink"]
 
@@ -88,43 +87,6 @@ class SqliteSink(Sink):
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-
-    def claim(self, group: str, partitions: Sequence[TopicPartition]) -> Claim:
-        out: Claim = {}
-        with self.transaction() as tx:
-            for tp in partitions:
-                row = tx.execute(
-                    "INSERT INTO assured_offsets (group_id, topic, partition, epoch) "
-                    "VALUES (?, ?, ?, 1) ON CONFLICT (group_id, topic, partition) "
-                    "DO UPDATE SET epoch = epoch + 1 RETURNING next_offset, epoch",
-                    (group, tp.topic, tp.partition),
-                ).fetchone()
-                out[tp] = (row[0], row[1])
-        return out
-
-    def store_offsets(
-        self,
-        tx: SinkTransaction,
-        group: str,
-        offsets: Mapping[TopicPartition, int],
-        epochs: Mapping[TopicPartition, int],
-    ) -> None:
-        for tp, offset in offsets.items():
-            cur = tx.execute(
-                "UPDATE assured_offsets SET next_offset = ? "
-                "WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?",
-                (offset, group, tp.topic, tp.partition, epochs.get(tp, -1)),
-            )
-            if cur.rowcount != 1:
-                raise fenced(tp, group)
-
-    def stored_offsets(self, group: str) -> dict[TopicPartition, int]:
-        rows = self._connect().execute(
-            "SELECT topic, partition, next_offset FROM assured_offsets "
-            "WHERE group_id = ? AND next_offset IS NOT NULL",
-            (group,),
-        )
-        return {TopicPartition(t, p): o for t, p, o in rows}
 
     def close(self) -> None:
         if self._conn is not None:
