@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal, NamedTuple
 
 __all__ = [
@@ -35,21 +38,47 @@ class TopicPartition(NamedTuple):
         return f"{self.topic}[{self.partition}]"
 
 
-class Record(NamedTuple):
-    """One record as a consumer sees it. ``offset`` is dense per partition, except where
-    transaction markers (never returned) take offsets, as in Kafka."""
+class Record(tuple[Any, ...]):
+    """One record as a consumer sees it: ``topic``, ``partition``, ``offset``,
+    ``timestamp_ms``, ``key``, ``value``, ``headers``. ``offset`` is dense per partition,
+    except where transaction markers (never returned) take offsets, as in Kafka.
 
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[Header, ...] = ()
+    A plain tuple underneath, so a backend can build thousands per poll at C speed; headers
+    may be kept encoded until first read."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[Header] | bytes | None = (),
+    ) -> Record:
+        return tuple.__new__(cls, (topic, partition, offset, timestamp_ms, key, value, headers))
+
+    topic: str = property(itemgetter(0))  # type: ignore[assignment]
+    partition: int = property(itemgetter(1))  # type: ignore[assignment]
+    offset: int = property(itemgetter(2))  # type: ignore[assignment]
+    timestamp_ms: int = property(itemgetter(3))  # type: ignore[assignment]
+    key: bytes | None = property(itemgetter(4))  # type: ignore[assignment]
+    value: bytes | None = property(itemgetter(5))  # type: ignore[assignment]
+
+    @property
+    def headers(self) -> tuple[Header, ...]:
+        raw = self[6]
+        if not raw:
+            return ()
+        if isinstance(raw, bytes):
+            return decode_headers(raw)
+        return tuple(raw)
 
     @property
     def tp(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
+        return TopicPartition(self[0], self[1])
 
     def header(self, name: str) -> bytes | None:
         """The last value of header ``name``, or None."""
@@ -57,6 +86,47 @@ class Record(NamedTuple):
             if k == name:
                 return v
         return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Record(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "
+            f"key={self.key!r}, value={self.value!r}, headers={self.headers!r})"
+        )
+
+
+def encode_headers(headers: Sequence[Header] | None) -> bytes | None:
+    """Headers as one blob: per header a 2-byte name length, the name, a 4-byte value length
+    (-1 for None) and the value."""
+    if not headers:
+        return None
+    out = bytearray()
+    for name, value in headers:
+        raw = name.encode()
+        out += struct.pack(">H", len(raw)) + raw
+        if value is None:
+            out += struct.pack(">i", -1)
+        else:
+            out += struct.pack(">i", len(value)) + value
+    return bytes(out)
+
+
+def decode_headers(blob: bytes | None) -> tuple[Header, ...]:
+    if not blob:
+        return ()
+    out: list[Header] = []
+    i = 0
+    while i < len(blob):
+        (n,) = struct.unpack_from(">H", blob, i)
+        name = blob[i + 2 : i + 2 + n].decode()
+        i += 2 + n
+        (size,) = struct.unpack_from(">i", blob, i)
+        i += 4
+        if size < 0:
+            out.append((name, None))
+        else:
+            out.append((name, blob[i : i + size]))
+            i += size
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

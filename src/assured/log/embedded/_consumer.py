@@ -13,6 +13,7 @@ within ``max_poll_interval_ms``, as Kafka's clients do.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -23,14 +24,14 @@ from collections.abc import Mapping, Sequence
 from assured.errors import AssuredError, LogError, UnknownTopicError, UsageError
 from assured.log._models import GroupMetadata, Isolation, OffsetReset, Record, TopicPartition
 from assured.log._protocol import AssignCallback, Consumer, PartitionsCallback
-from assured.log.embedded._engine import Engine, decode_headers
+from assured.log.embedded._engine import Engine
 from assured.log.embedded._wakeup import Waiter
 
 __all__ = ["EmbeddedConsumer"]
 
 log = logging.getLogger("assured.log.embedded")
 _MAX_WAIT_STEP = 0.25  # a wait re-checks at least this often, whatever wakes it
-_new = tuple.__new__
+_make_record = functools.partial(tuple.__new__, Record)
 
 
 class EmbeddedConsumer(Consumer):
@@ -286,25 +287,21 @@ class EmbeddedConsumer(Consumer):
                     self._positions[tp] = pos
                     continue
                 want = limit - len(out)
-                rows = engine.fetch(part, pos, upper, want, self._committed_only)
-                topic, partition = tp
-                # tuple.__new__ builds each Record in C, without NamedTuple's Python __new__;
-                # the cyclic collector, which these tuples would trigger, waits meanwhile.
+                rows = engine.fetch_records(
+                    tp.topic, tp.partition, part, pos, upper, want, self._committed_only
+                )
+                # Each row already is a Record's tuple: map builds them in C, with the cyclic
+                # collector (which thousands of new tuples would wake) paused meanwhile.
                 collecting = gc.isenabled()
                 gc.disable()
                 try:
-                    out += [
-                        _new(
-                            Record, (topic, partition, o, ts, k, v, decode_headers(h) if h else ())
-                        )
-                        for o, ts, k, v, h in rows
-                    ]
+                    out += map(_make_record, rows)
                 finally:
                     if collecting:
                         gc.enable()
                 # Fewer rows than asked: everything up to `upper` was read (markers and
                 # aborted records take offsets but are never returned).
-                self._positions[tp] = rows[-1][0] + 1 if len(rows) == want else upper
+                self._positions[tp] = rows[-1][2] + 1 if len(rows) == want else upper
         if expired:
             engine.abort_expired()
         return out

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from assured.errors import (
     InvalidTopicError,
@@ -30,7 +30,7 @@ from assured.errors import (
     TransactionTimedOutError,
     UnknownTopicError,
 )
-from assured.log._models import Header, TopicPartition
+from assured.log._models import TopicPartition, decode_headers, encode_headers
 from assured.log._names import check_topic_name, collides
 from assured.log.assignors import ASSIGNORS
 from assured.log.embedded._schema import Durability, connect, translate
@@ -57,39 +57,6 @@ def rid(part: int, offset: int) -> int:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def encode_headers(headers: Sequence[Header] | None) -> bytes | None:
-    if not headers:
-        return None
-    out = bytearray()
-    for name, value in headers:
-        raw = name.encode()
-        out += struct.pack(">H", len(raw)) + raw
-        if value is None:
-            out += struct.pack(">i", -1)
-        else:
-            out += struct.pack(">i", len(value)) + value
-    return bytes(out)
-
-
-def decode_headers(blob: bytes | None) -> tuple[Header, ...]:
-    if not blob:
-        return ()
-    out: list[Header] = []
-    i = 0
-    while i < len(blob):
-        (n,) = struct.unpack_from(">H", blob, i)
-        name = blob[i + 2 : i + 2 + n].decode()
-        i += 2 + n
-        (size,) = struct.unpack_from(">i", blob, i)
-        i += 4
-        if size < 0:
-            out.append((name, None))
-        else:
-            out.append((name, blob[i : i + size]))
-            i += size
-    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,6 +535,27 @@ class Engine:
             "SELECT id - ?, ts, key, value, headers FROM records "  # noqa: S608
             f"WHERE id >= ? AND id < ? AND {visible} ORDER BY id LIMIT ?",
             (base, base + position, base + upper, limit),
+        ).fetchall()
+        return rows
+
+    def fetch_records(
+        self,
+        topic: str,
+        partition: int,
+        part: int,
+        position: int,
+        upper: int,
+        limit: int,
+        committed_only: bool,
+    ) -> list[Any]:
+        """Rows shaped as :class:`~assured.log.Record` (topic, partition, offset, ts, key,
+        value, encoded headers), for building Records without a Python loop."""
+        visible = "(txn IS NULL OR txn > 0)" if committed_only else "(txn IS NULL OR txn <> 0)"
+        base = rid(part, 0)
+        rows: list[Any] = self.conn.execute(
+            "SELECT ?, ?, id - ?, ts, key, value, headers FROM records "  # noqa: S608
+            f"WHERE id >= ? AND id < ? AND {visible} ORDER BY id LIMIT ?",
+            (topic, partition, base, base + position, base + upper, limit),
         ).fetchall()
         return rows
 
