@@ -525,19 +525,6 @@ class Engine:
 
     # -- fetching ------------------------------------------------------------------------------
 
-    def fetch(
-        self, part: int, position: int, upper: int, limit: int, committed_only: bool
-    ) -> list[tuple[int, int, bytes | None, bytes | None, bytes | None]]:
-        """Rows (offset, ts, key, value, headers) of ``part`` in [position, upper)."""
-        visible = "(txn IS NULL OR txn > 0)" if committed_only else "(txn IS NULL OR txn <> 0)"
-        base = rid(part, 0)
-        rows: list[tuple[int, int, bytes | None, bytes | None, bytes | None]] = self.conn.execute(
-            "SELECT id - ?, ts, key, value, headers FROM records "  # noqa: S608
-            f"WHERE id >= ? AND id < ? AND {visible} ORDER BY id LIMIT ?",
-            (base, base + position, base + upper, limit),
-        ).fetchall()
-        return rows
-
     def fetch_records(
         self,
         topic: str,
