@@ -272,8 +272,7 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
         _kill_broker(run)
         return
     if not live:  # everyone is down or frozen: try again a little later
-        run.schedule.append((min(0.95, run.fraction + 0.05), kind))
-        run.schedule.sort()
+        _later(run, kind)
         return
     slot = run.rng.choice(live)
     assert slot.proc is not None
@@ -288,13 +287,18 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
     run.event(kind, slot=slot.index, pid=slot.proc.pid)
 
 
+def _later(run: _Run, kind: str) -> None:
+    """Put a fault that found no target back into the plan, a little further on."""
+    run.schedule.append((min(0.95, run.fraction + 0.05), kind))
+    run.schedule.sort()
+
+
 def _kill_broker(run: _Run) -> None:
     """SIGKILL one broker, and start it again 3 s later. While one is down or restarting, a
     further broker-kill waits (two down of three would lose the quorum, not test us)."""
     cluster = run.cfg.broker
     if run.broker_down.is_set():
-        run.schedule.append((min(0.95, run.fraction + 0.05), "broker-kill"))  # retried later
-        run.schedule.sort()
+        _later(run, "broker-kill")
         return
     victim = run.rng.choice(cluster.running())
     run.broker_down.set()

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from assured.errors import AssuredError, ConfigError, UnknownTopicError, UsageError
 from assured.log import DEFAULT_LOG_URL, Log, Record, TopicPartition, open_log
+from assured.log._protocol import check_consumer_options
 
 __all__ = ["consume", "group_app", "produce", "run", "topic_app"]
 
@@ -264,11 +265,8 @@ def consume(
     x: list[str] = XOPT,
 ) -> None:
     """Print records, as ``kcat -C`` does. With -G, commits what it printed."""
-    if isolation not in ("read_committed", "read_uncommitted"):
-        err.print(
-            f"[red]error:[/red] --isolation {isolation!r}: read_committed or read_uncommitted"
-        )
-        raise typer.Exit(2)
+    with _errors():
+        check_consumer_options(isolation, "earliest")
     sink = sys.stdout.buffer
     seen = 0
     printed: dict[TopicPartition, int] = {}

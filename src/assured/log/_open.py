@@ -7,15 +7,14 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from assured.errors import ConfigError
-from assured.log._protocol import Log
+from assured.log._protocol import ConfigValue, Log
 
 __all__ = ["DEFAULT_LOG_URL", "open_log"]
 
 DEFAULT_LOG_URL = "embedded://./assured.db"
-_ConfigValue = str | int | float | bool
 
 
-def open_log(url: str | None = None, config: Mapping[str, _ConfigValue] | None = None) -> Log:
+def open_log(url: str | None = None, config: Mapping[str, ConfigValue] | None = None) -> Log:
     """The log at ``url``:
 
     - ``embedded:///abs/path.db`` or ``embedded://./relative.db`` (the default,
@@ -36,7 +35,7 @@ def open_log(url: str | None = None, config: Mapping[str, _ConfigValue] | None =
                 f"{url!r} names no file; write embedded:///absolute/path.db or "
                 "embedded://./relative.db"
             )
-        options: dict[str, _ConfigValue] = dict(parse_qsl(parts.query, strict_parsing=False))
+        options: dict[str, ConfigValue] = dict(parse_qsl(parts.query, strict_parsing=False))
         options.update(config or {})
         return EmbeddedLog(Path(raw), settings_from(options))
     if scheme == "kafka":
@@ -44,7 +43,7 @@ def open_log(url: str | None = None, config: Mapping[str, _ConfigValue] | None =
             raise ConfigError(f"{url!r} names no broker; write kafka://host:9092[,host2:9092]")
         from assured.log.kafka import KafkaLog
 
-        settings: dict[str, _ConfigValue] = dict(parse_qsl(parts.query, strict_parsing=False))
+        settings: dict[str, ConfigValue] = dict(parse_qsl(parts.query, strict_parsing=False))
         settings.update(config or {})
         return KafkaLog(parts.netloc, settings)
     raise ConfigError(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
+from assured.errors import ConfigError
 from assured.log._models import (
     DeliveryReport,
     GroupDescription,
@@ -33,6 +34,7 @@ from assured.log._models import (
 __all__ = [
     "Admin",
     "AssignCallback",
+    "ConfigValue",
     "Consumer",
     "Log",
     "OnDelivery",
@@ -40,6 +42,7 @@ __all__ = [
     "Producer",
 ]
 
+ConfigValue = str | int | float | bool
 OnDelivery = Callable[[DeliveryReport], None]
 PartitionsCallback = Callable[[list[TopicPartition]], None]
 # An assignment callback may return where to start reading some of the new partitions (offsets
@@ -223,6 +226,14 @@ class Consumer(_Closing):
     def resume(self, partitions: Sequence[TopicPartition]) -> None: ...
 
 
+def check_consumer_options(isolation: str, auto_offset_reset: str) -> None:
+    """The consumer options every backend understands alike, checked alike."""
+    if isolation not in ("read_committed", "read_uncommitted"):
+        raise ConfigError(f"isolation={isolation!r}: read_committed or read_uncommitted")
+    if auto_offset_reset not in ("earliest", "latest", "error"):
+        raise ConfigError(f"auto_offset_reset={auto_offset_reset!r}: earliest, latest or error")
+
+
 class Log(_Closing):
     """A log backend: hands out admins, producers and consumers that share its settings."""
 
@@ -241,7 +252,7 @@ class Log(_Closing):
         linger_ms: float = 5.0,
         batch_size: int = 1000,
         client_id: str | None = None,
-        config: Mapping[str, str | int | float | bool] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
     ) -> Producer: ...
 
     @abc.abstractmethod
@@ -256,5 +267,5 @@ class Log(_Closing):
         max_poll_interval_ms: int = 300_000,
         assignor: str = "range",
         client_id: str | None = None,
-        config: Mapping[str, str | int | float | bool] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
     ) -> Consumer: ...

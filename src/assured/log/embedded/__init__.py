@@ -16,7 +16,7 @@ from pathlib import Path
 
 from assured.errors import ConfigError
 from assured.log._models import Isolation, OffsetReset
-from assured.log._protocol import Log
+from assured.log._protocol import ConfigValue, Log, check_consumer_options
 from assured.log.assignors import ASSIGNORS
 from assured.log.embedded._admin import EmbeddedAdmin
 from assured.log.embedded._consumer import EmbeddedConsumer
@@ -25,8 +25,6 @@ from assured.log.embedded._producer import EmbeddedProducer
 from assured.log.embedded._schema import Durability
 
 __all__ = ["EmbeddedAdmin", "EmbeddedConsumer", "EmbeddedLog", "EmbeddedProducer", "Engine"]
-
-_ConfigValue = str | int | float | bool
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class EmbeddedSettings:
     retention_check_interval_ms: int = 300_000
 
 
-def _flag(name: str, value: _ConfigValue) -> bool:
+def _flag(name: str, value: ConfigValue) -> bool:
     text = str(value).lower()
     if text in ("1", "true", "yes", "on"):
         return True
@@ -47,14 +45,14 @@ def _flag(name: str, value: _ConfigValue) -> bool:
     raise ConfigError(f"{name}={value!r}: expected true or false")
 
 
-def _int(name: str, value: _ConfigValue) -> int:
+def _int(name: str, value: ConfigValue) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r}: expected a whole number") from None
 
 
-def settings_from(options: Mapping[str, _ConfigValue]) -> EmbeddedSettings:
+def settings_from(options: Mapping[str, ConfigValue]) -> EmbeddedSettings:
     known = {
         "durability",
         "auto_create_topics",
@@ -105,7 +103,7 @@ class EmbeddedLog(Log):
         linger_ms: float = 5.0,
         batch_size: int = 1000,
         client_id: str | None = None,
-        config: Mapping[str, _ConfigValue] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
     ) -> EmbeddedProducer:
         cfg = dict(config or {})
         max_request = _int("message.max.bytes", cfg.pop("message.max.bytes", 1_000_000))
@@ -140,14 +138,11 @@ class EmbeddedLog(Log):
         max_poll_interval_ms: int = 300_000,
         assignor: str = "range",
         client_id: str | None = None,
-        config: Mapping[str, _ConfigValue] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
     ) -> EmbeddedConsumer:
         if config:
             raise ConfigError(f"the embedded consumer takes no extra config, got {sorted(config)}")
-        if isolation not in ("read_committed", "read_uncommitted"):
-            raise ConfigError(f"isolation={isolation!r}: read_committed or read_uncommitted")
-        if auto_offset_reset not in ("earliest", "latest", "error"):
-            raise ConfigError(f"auto_offset_reset={auto_offset_reset!r}: earliest, latest or error")
+        check_consumer_options(isolation, auto_offset_reset)
         if assignor not in ASSIGNORS:
             raise ConfigError(f"assignor={assignor!r}: one of {sorted(ASSIGNORS)}")
         if heartbeat_interval_ms >= session_timeout_ms:

@@ -22,14 +22,13 @@ from confluent_kafka.admin import AdminClient
 
 from assured.errors import ConfigError
 from assured.log._models import Isolation, OffsetReset
-from assured.log._protocol import Log
+from assured.log._protocol import ConfigValue, Log, check_consumer_options
 from assured.log.kafka._admin import KafkaAdmin, admin_client
 from assured.log.kafka._clients import KafkaConsumer, KafkaProducer
 from assured.log.kafka._errors import Scrubber, ScrubbingFilter
 
 __all__ = ["KafkaAdmin", "KafkaConsumer", "KafkaLog", "KafkaProducer"]
 
-_ConfigValue = str | int | float | bool
 _FORCED_CONSUMER = {"enable.auto.commit": False, "enable.auto.offset.store": False}
 _ASSIGNORS = {"range": "range", "roundrobin": "roundrobin", "sticky": "cooperative-sticky"}
 
@@ -37,7 +36,7 @@ _ASSIGNORS = {"range": "range", "roundrobin": "roundrobin", "sticky": "cooperati
 class KafkaLog(Log):
     """Apache Kafka at ``bootstrap`` (``host:port[,host:port]``)."""
 
-    def __init__(self, bootstrap: str, config: Mapping[str, _ConfigValue] | None = None):
+    def __init__(self, bootstrap: str, config: Mapping[str, ConfigValue] | None = None):
         self.bootstrap = bootstrap
         self._config: dict[str, Any] = {"bootstrap.servers": bootstrap, **(config or {})}
         self.scrub = Scrubber(self._config)
@@ -72,7 +71,7 @@ class KafkaLog(Log):
         linger_ms: float = 5.0,
         batch_size: int = 1000,
         client_id: str | None = None,
-        config: Mapping[str, _ConfigValue] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
     ) -> KafkaProducer:
         extra: dict[str, Any] = {
             "enable.idempotence": idempotent or transactional_id is not None,
@@ -99,12 +98,9 @@ class KafkaLog(Log):
         max_poll_interval_ms: int = 300_000,
         assignor: str = "range",
         client_id: str | None = None,
-        config: Mapping[str, _ConfigValue] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
     ) -> KafkaConsumer:
-        if isolation not in ("read_committed", "read_uncommitted"):
-            raise ConfigError(f"isolation={isolation!r}: read_committed or read_uncommitted")
-        if auto_offset_reset not in ("earliest", "latest", "error"):
-            raise ConfigError(f"auto_offset_reset={auto_offset_reset!r}: earliest, latest or error")
+        check_consumer_options(isolation, auto_offset_reset)
         if assignor not in _ASSIGNORS:
             raise ConfigError(f"assignor={assignor!r}: one of {sorted(_ASSIGNORS)}")
         extra: dict[str, Any] = {
