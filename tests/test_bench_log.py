@@ -12,7 +12,13 @@ from assured.bench import run_log_suite
 
 BIN = Path(sys.executable).parent / "assured"
 
-RATES = ("produce_per_s", "consume_per_s", "txn_produce_per_s", "sqlite_raw_per_s")
+RATES = (
+    "produce_per_s",
+    "consume_per_s",
+    "txn_produce_per_s",
+    "sqlite_raw_per_s",
+    "sqlite_raw_select_per_s",
+)
 LATENCIES = ("wake_latency_ms_p50", "wake_latency_ms_p99")
 FACTS = ("cpu_count", "python_version", "sqlite_version", "platform")
 
@@ -24,10 +30,14 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def check_result(result: dict[str, object], durability: str, records: int) -> None:
-    for key in (*RATES, "produce_vs_raw", *LATENCIES):
+    for key in (*RATES, "produce_vs_raw", "consume_vs_raw_select", *LATENCIES):
         value = result[key]
         assert isinstance(value, float), key
         assert value > 0, key
+    passes = result["consume_passes_per_s"]
+    assert isinstance(passes, list)
+    assert len(passes) == 5
+    assert sorted(passes)[2] == result["consume_per_s"]  # the median of the passes
     # A blocked consumer may honestly use next to no CPU; the number must exist, not be > 0.
     idle = result["idle_cpu_percent"]
     assert isinstance(idle, float)

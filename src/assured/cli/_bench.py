@@ -32,6 +32,8 @@ _ROWS: Sequence[tuple[str, str, str, _Target | None]] = (
         "{:,.0f}",
         (">= 500,000", lambda v: v >= 500_000),
     ),
+    ("sqlite_raw_select_per_s", "plain sqlite3 select (records/s)", "{:,.0f}", None),
+    ("consume_vs_raw_select", "consume / plain sqlite3 select", "{:.2f}", None),
     ("txn_produce_per_s", "produce, transactional (records/s)", "{:,.0f}", None),
     ("idle_cpu_percent", "idle consumer (% of one core)", "{:.2f}", ("< 2", lambda v: v < 2)),
     ("wake_latency_ms_p50", "wake-up latency p50 (ms)", "{:.2f}", None),

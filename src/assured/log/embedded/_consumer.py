@@ -287,21 +287,20 @@ class EmbeddedConsumer(Consumer):
                     self._positions[tp] = pos
                     continue
                 want = limit - len(out)
-                rows = engine.fetch_records(
-                    tp.topic, tp.partition, part, pos, upper, want, self._committed_only
-                )
-                # Each row already is a Record's tuple: map builds them in C, with the cyclic
-                # collector (which thousands of new tuples would wake) paused meanwhile.
+                # Each row is the tail of a Record's tuple: map() prepends (topic, partition)
+                # and builds the Records in C. The cyclic collector, which thousands of new
+                # tuples would wake again and again, is paused for the fetch and the build.
                 collecting = gc.isenabled()
                 gc.disable()
                 try:
-                    out += map(_make_record, rows)
+                    rows = engine.fetch_records(part, pos, upper, want, self._committed_only)
+                    out += map(_make_record, map(tp.__add__, rows))
                 finally:
                     if collecting:
                         gc.enable()
                 # Fewer rows than asked: everything up to `upper` was read (markers and
                 # aborted records take offsets but are never returned).
-                self._positions[tp] = rows[-1][2] + 1 if len(rows) == want else upper
+                self._positions[tp] = rows[-1][0] + 1 if len(rows) == want else upper
         if expired:
             engine.abort_expired()
         return out

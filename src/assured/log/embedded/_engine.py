@@ -526,23 +526,17 @@ class Engine:
     # -- fetching ------------------------------------------------------------------------------
 
     def fetch_records(
-        self,
-        topic: str,
-        partition: int,
-        part: int,
-        position: int,
-        upper: int,
-        limit: int,
-        committed_only: bool,
+        self, part: int, position: int, upper: int, limit: int, committed_only: bool
     ) -> list[Any]:
-        """Rows shaped as :class:`~assured.log.Record` (topic, partition, offset, ts, key,
-        value, encoded headers), for building Records without a Python loop."""
+        """Rows of (offset, ts, key, value, encoded headers) from ``position`` up to ``upper``:
+        the tail of a :class:`~assured.log.Record`, whose (topic, partition) head the caller
+        adds without a Python loop."""
         visible = "(txn IS NULL OR txn > 0)" if committed_only else "(txn IS NULL OR txn <> 0)"
         base = rid(part, 0)
         rows: list[Any] = self.conn.execute(
-            "SELECT ?, ?, id - ?, ts, key, value, headers FROM records "  # noqa: S608
+            "SELECT id - ?, ts, key, value, headers FROM records "  # noqa: S608
             f"WHERE id >= ? AND id < ? AND {visible} ORDER BY id LIMIT ?",
-            (topic, partition, base, base + position, base + upper, limit),
+            (base, base + position, base + upper, limit),
         ).fetchall()
         return rows
 
