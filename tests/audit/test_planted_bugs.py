@@ -30,6 +30,9 @@ def test_planted_bug_fails_the_audit(
             seed=5,
             workdir=tmp_path,
             session_timeout_ms=1000,
+            # Spread the run over many commits, so the planned crashes (at a processor's first
+            # or second commit) fire before the work is done, however fast the runtime is.
+            handle_delay_ms=1.0,
         )
     )
     assert f.verdict == "fail", f.as_json()

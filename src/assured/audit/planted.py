@@ -27,8 +27,7 @@ class CommitsBeforeHandling(AtMostOnce):
     def process(self, records: list[Record]) -> None:
         self.rt.consumer.commit(next_offsets(records))
         crash_point("after-handle-before-commit")  # where at-least-once would be weakest
-        for record in records:
-            self.rt.handle(record, self.producer)
+        self.rt.handle(records, self.producer)
         self.producer.flush()
 
 

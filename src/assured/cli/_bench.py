@@ -17,7 +17,7 @@ from rich.table import Table
 
 __all__ = ["bench"]
 
-_SUITES = ("log",)
+_SUITES = ("log", "runtime")
 _DURABILITIES = ("both", "normal", "full")
 
 # (result key, label, format, target: (description, check) or None)
@@ -147,20 +147,46 @@ def bench(
     json_out: bool = typer.Option(
         False, "--json", help="Print the results as a JSON list instead of a table."
     ),
-    records: int = typer.Option(200_000, "--records", min=1, help="Records per measurement."),
+    records: int | None = typer.Option(
+        None, "--records", min=1, help="Records per measurement (log: 200,000; runtime: 1M)."
+    ),
     durability: str = typer.Option(
         "both", "--durability", help="normal, full, or both (one run each)."
     ),
     results_dir: str = typer.Option(
         "benchmarks/results",
         "--results-dir",
-        help="Where log-embedded.json and log-embedded.md are written.",
+        help="Where the results are written (log-embedded.*, runtime-<backend>.*).",
+    ),
+    latency_seconds: float = typer.Option(
+        10.0, "--latency-seconds", min=0.5, help="runtime: seconds of paced load per system."
+    ),
+    memory_records: int = typer.Option(
+        5_000_000, "--memory-records", min=0, help="runtime: records of the memory run (0: none)."
+    ),
+    quix_python: str | None = typer.Option(
+        None,
+        "--quix-python",
+        help="runtime on Kafka: a Python that has quixstreams (make bench makes .venv-quix).",
+    ),
+    systems: str = typer.Option(
+        "bare,assured,quixstreams",
+        "--systems",
+        help="runtime: which systems, comma-separated (bare and quixstreams run on Kafka only).",
     ),
 ) -> None:
-    """Benchmark the log: produce, consume and transactional throughput against plain SQLite,
-    an idle consumer's CPU, and how fast a waiting consumer wakes."""
+    """Benchmark the log (produce, consume and transactional throughput against plain SQLite,
+    idle CPU, wake-up latency) or the runtime (each guarantee against bare confluent-kafka
+    loops and Quix Streams: throughput, latency at half load, memory)."""
     if suite not in _SUITES:
         _fail(f"unknown suite {suite!r}; known: {', '.join(_SUITES)}")
+    if suite == "runtime":
+        _runtime(
+            log, json_out, records or 1_000_000, Path(results_dir), latency_seconds,
+            memory_records, quix_python, systems,
+        )  # fmt: skip
+        return
+    records = records or 200_000
     if durability not in _DURABILITIES:
         _fail(f"--durability {durability!r}: expected {', '.join(_DURABILITIES)}")
     folder = _embedded_dir(log)
@@ -194,3 +220,53 @@ def bench(
     else:
         Console().print(_table(results))
         progress.print(f"written: {out / 'log-embedded.json'} and {out / 'log-embedded.md'}")
+
+
+def _runtime(
+    log: str,
+    json_out: bool,
+    records: int,
+    out: Path,
+    latency_seconds: float,
+    memory_records: int,
+    quix_python: str | None,
+    systems: str,
+) -> None:
+    from assured.bench.runtime_suite import RuntimeBenchConfig, run_runtime_suite
+    from assured.cli import _bench_runtime
+    from assured.errors import AssuredError
+
+    scheme = urlsplit(log).scheme.lower()
+    if scheme == "embedded":
+        log = f"embedded://{_embedded_dir(log)}"
+    elif scheme != "kafka":
+        _fail(f"--log {log!r}: the runtime suite runs on kafka://HOST:PORT or embedded:///FOLDER")
+    chosen = [s.strip() for s in systems.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - {"bare", "assured", "quixstreams"})
+    if unknown or not chosen:
+        _fail(f"--systems {systems!r}: choose from bare, assured, quixstreams")
+    config = RuntimeBenchConfig(
+        log=log,
+        records=records,
+        latency_seconds=latency_seconds,
+        memory_records=memory_records,
+        quix_python=quix_python,
+        systems=chosen,
+    )
+    progress = Console(stderr=True)
+    try:
+        rows = run_runtime_suite(config, progress=lambda m: progress.print(f"runtime: {m}"))
+    except ValueError as e:
+        _fail(str(e))
+    except (AssuredError, OSError, RuntimeError) as e:
+        _fail(f"the runtime suite failed: {e}", code=1)
+    command = shlex.join(["assured", *sys.argv[1:]])
+    try:
+        written = _bench_runtime.write(out, config.backend, rows, command)
+    except OSError as e:
+        _fail(f"cannot write the results to {out}: {e}", code=1)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        Console(width=max(150, Console().width)).print(_bench_runtime.table(rows))
+        progress.print("written: " + " and ".join(str(p) for p in written))

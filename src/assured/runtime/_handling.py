@@ -11,21 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tenacity import (
-    RetryError,
-    Retrying,
-    retry_if_not_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
-
 from assured.errors import AssuredError
 from assured.log import Header, Producer, Record
-from assured.runtime._message import Codec, Message
+from assured.runtime._message import BYTES, Codec, Message, make_message
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
 
-__all__ = ["HandlerFailedError", "HandlerSpec", "Output", "handle_record"]
+__all__ = ["HandlerFailedError", "HandlerSpec", "Output", "record_handler"]
 
 log = logging.getLogger("assured.runtime")
 
@@ -65,13 +57,15 @@ class Output:
         target = topic or self._topic
         if target is None:
             raise AssuredError("this handler has no output topic; pass topic=... to send()")
-        self._producer.send(
-            target,
-            None if value is None else self._value_codec.encode(value),
-            key=None if key is None else self._key_codec.encode(key),
-            headers=headers,
-            partition=partition,
-        )
+        # bytes through the bytes codec are sent as they are (the common, hot case)
+        if value is not None and not (type(value) is bytes and self._value_codec is BYTES):
+            value = self._value_codec.encode(value)
+        if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
+            key = self._key_codec.encode(key)
+        if headers is None and partition is None:
+            self._producer.send(target, value, key)
+        else:
+            self._producer.send(target, value, key=key, headers=headers, partition=partition)
         self.sent += 1
 
 
@@ -94,9 +88,12 @@ class HandlerSpec:
         return getattr(self.fn, "__qualname__", repr(self.fn))
 
     def decode(self, r: Record) -> Message:
-        key = None if r.key is None else self.key_codec.decode(r.key)
-        value = None if r.value is None else self.value_codec.decode(r.value)
-        return Message(key, value, r.headers, r.topic, r.partition, r.offset, r.timestamp_ms, r)
+        key, value = r.key, r.value
+        if key is not None and self.key_codec is not BYTES:
+            key = self.key_codec.decode(key)
+        if value is not None and self.value_codec is not BYTES:
+            value = self.value_codec.decode(value)
+        return make_message((key, value, r))
 
 
 class HandlerFailedError(AssuredError):
@@ -106,45 +103,89 @@ class HandlerFailedError(AssuredError):
     fatal = True
 
 
-def handle_record(
+def record_handler(
     spec: HandlerSpec,
-    record: Record,
     target: Output | SinkTransaction | None,
     dead_letters: Producer,
     metrics: RuntimeMetrics,
     guarantee: str,
-) -> None:
-    """Run ``record`` through ``spec``; retry, then dead-letter. ``target`` is what the handler
-    gets as its second argument (an Output, a database transaction, or nothing)."""
-    labels = (guarantee, record.topic)
-    savepoint = target.savepoint if isinstance(target, SinkTransaction) else None
-    attempts = 0
+) -> Callable[[Record], None]:
+    """``handle(record)`` for ``spec``: decode, call; when the handler raises, retry
+    ``spec.retries`` times with exponential backoff, then dead-letter. ``target`` is what the
+    handler gets as its second argument (an Output, a database transaction, or nothing).
 
-    def attempt() -> None:
-        nonlocal attempts
-        attempts += 1
-        message = spec.decode(record)
-        args: tuple[Any, ...] = (message,) if target is None else (message, target)
+    The path of a record that succeeds first time is a decode and a call, nothing else: it
+    runs for every record, the retry machinery only after a failure."""
+    fn, decode = spec.fn, spec.decode
+    savepoint = target.savepoint if isinstance(target, SinkTransaction) else None
+
+    def call(record: Record) -> None:
         if savepoint is not None:
             with savepoint():
-                spec.fn(*args)
+                fn(decode(record), target)
+        elif target is None:
+            fn(decode(record))
         else:
-            spec.fn(*args)
+            fn(decode(record), target)
 
-    retrying = Retrying(
-        retry=retry_if_not_exception_type(AssuredError),  # the log's own errors go up as is
-        stop=stop_after_attempt(spec.retries + 1),
-        wait=wait_exponential(multiplier=spec.backoff_s, max=2.0),
-        before_sleep=lambda state: metrics.retried.labels(*labels).inc(),
-        sleep=time.sleep,
-    )
-    try:
-        retrying(attempt)
-    except RetryError as e:
-        error = e.last_attempt.exception()
-        assert error is not None
-        _dead_letter(spec, record, error, attempts, dead_letters, metrics, labels)
-    metrics.processed.labels(*labels).inc()
+    def failed(record: Record, error: Exception) -> None:
+        if isinstance(error, AssuredError):
+            raise error  # the log's own errors go up as they are: the protocol decides
+        _retry(spec, record, call, error, dead_letters, metrics, (guarantee, record.topic))
+
+    # One closure per case, so the common path has no branch and no extra call.
+    if savepoint is not None:
+
+        def handle(record: Record) -> None:
+            try:
+                with savepoint():
+                    fn(decode(record), target)
+            except Exception as error:
+                failed(record, error)
+
+    elif target is None:
+
+        def handle(record: Record) -> None:
+            try:
+                fn(decode(record))
+            except Exception as error:
+                failed(record, error)
+
+    else:
+
+        def handle(record: Record) -> None:
+            try:
+                fn(decode(record), target)
+            except Exception as error:
+                failed(record, error)
+
+    return handle
+
+
+def _retry(
+    spec: HandlerSpec,
+    record: Record,
+    call: Callable[[Record], None],
+    error: Exception,
+    dead_letters: Producer,
+    metrics: RuntimeMetrics,
+    labels: tuple[str, str],
+) -> None:
+    """Attempts 2 .. retries + 1 of a record whose handler raised, backing off
+    ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic."""
+    attempts = 1
+    while attempts <= spec.retries:
+        metrics.retried.labels(*labels).inc()
+        time.sleep(min(2.0, spec.backoff_s * 2 ** (attempts - 1)))
+        attempts += 1
+        try:
+            call(record)
+            return
+        except AssuredError:
+            raise
+        except Exception as again:
+            error = again
+    _dead_letter(spec, record, error, attempts, dead_letters, metrics, labels)
 
 
 def _dead_letter(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
+from operator import itemgetter
 from typing import Any, Protocol
 
 from assured.errors import ConfigError
 from assured.log import Header, Record
 
-__all__ = ["CODECS", "Codec", "Message", "codec"]
+__all__ = ["BYTES", "CODECS", "Codec", "Message", "codec", "make_message"]
 
 
 class Codec(Protocol):
@@ -46,7 +48,8 @@ class JsonCodec:
         return json.loads(data)
 
 
-CODECS: dict[str, Codec] = {"bytes": BytesCodec(), "str": StrCodec(), "json": JsonCodec()}
+BYTES: Codec = BytesCodec()
+CODECS: dict[str, Codec] = {"bytes": BYTES, "str": StrCodec(), "json": JsonCodec()}
 
 
 def codec(spec: str | Codec) -> Codec:
@@ -58,23 +61,52 @@ def codec(spec: str | Codec) -> Codec:
     return spec
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One input record, its key and value decoded by the handler's codecs."""
+class Message(tuple[Any, Any, Record]):
+    """One input record, its key and value decoded by the handler's codecs; the rest is the
+    record's (``topic``, ``partition``, ``offset``, ``timestamp_ms``, ``headers``, and the raw
+    ``record`` itself). Immutable; built in C for every record, so it is a tuple underneath."""
 
-    key: Any
-    value: Any
-    headers: tuple[Header, ...]
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    record: Record  # the raw bytes, as the log holds them
+    __slots__ = ()
+
+    key: Any = property(itemgetter(0), doc="The key, decoded.")
+    value: Any = property(itemgetter(1), doc="The value, decoded.")
+    record: Record = property(itemgetter(2), doc="The raw record.")  # type: ignore[assignment]
+
+    def __new__(cls, key: Any, value: Any, record: Record) -> Message:
+        return tuple.__new__(cls, (key, value, record))
+
+    @property
+    def topic(self) -> str:
+        return self[2].topic
+
+    @property
+    def partition(self) -> int:
+        return self[2].partition
+
+    @property
+    def offset(self) -> int:
+        return self[2].offset
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self[2].timestamp_ms
+
+    @property
+    def headers(self) -> tuple[Header, ...]:
+        return self[2].headers
 
     def header(self, name: str) -> bytes | None:
-        return self.record.header(name)
+        return self[2].header(name)
 
     @property
     def id(self) -> str:
         """Where this record sits in the log: ``topic[partition]@offset``, unique per record."""
-        return f"{self.topic}[{self.partition}]@{self.offset}"
+        r = self[2]
+        return f"{r.topic}[{r.partition}]@{r.offset}"
+
+    def __repr__(self) -> str:
+        return f"Message(key={self[0]!r}, value={self[1]!r}, id={self.id!r})"
+
+
+# Message((key, value, record)) without a Python-level __new__: for the hot path.
+make_message: Callable[[tuple[Any, Any, Record]], Message] = partial(tuple.__new__, Message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from assured.log.kafka._errors import Scrubber, call, translate, translated
 
 __all__ = ["KafkaConsumer", "KafkaProducer"]
 
+_new_record = functools.partial(tuple.__new__, Record)
+
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing consumed, stored or committed
 
 
@@ -54,6 +57,14 @@ class KafkaProducer(Producer):
     ) -> None:
         if self._closed:
             raise UsageError("this producer is closed")
+        if not headers and partition is None and timestamp_ms is None and on_delivery is None:
+            try:  # the common case, without building keyword arguments
+                self._p.produce(topic, value, key)
+                return
+            except BufferError:
+                self._p.poll(0.1)  # the local queue is full: let deliveries drain it
+            except KafkaException as e:
+                raise translate(e, self._scrub, f"sending to {topic!r}") from None
         kwargs: dict[str, Any] = {"value": value, "key": key}
         if headers:
             kwargs["headers"] = list(headers)
@@ -307,6 +318,7 @@ class KafkaConsumer(Consumer):
                 if msgs and max_records > 1:
                     msgs += self._c.consume(max_records - 1, 0)
         out: list[Record] = []
+        append = out.append
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -314,15 +326,18 @@ class KafkaConsumer(Consumer):
                     continue
                 raise translate(err, self._scrub, "consuming")
             headers = m.headers()
-            out.append(
-                Record(
-                    m.topic() or "",
-                    m.partition() or 0,
-                    m.offset() or 0,
-                    m.timestamp()[1],
-                    m.key(),
-                    m.value(),
-                    _headers(headers) if headers else (),
+            # tuple.__new__ straight from the message's fields: no Python-level __new__.
+            append(
+                _new_record(
+                    (
+                        m.topic(),
+                        m.partition(),
+                        m.offset(),
+                        m.timestamp()[1],
+                        m.key(),
+                        m.value(),
+                        _headers(headers) if headers else (),
+                    )
                 )
             )
         return out

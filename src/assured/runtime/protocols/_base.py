@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 
 from assured.log import Consumer, Log, Producer, Record, TopicPartition
-from assured.runtime._handling import HandlerSpec, Output, handle_record
+from assured.runtime._handling import HandlerSpec, Output, record_handler
 from assured.runtime._settings import AppSettings
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
@@ -18,23 +21,23 @@ __all__ = ["CommitProtocol", "Runtime", "next_offsets"]
 log = logging.getLogger("assured.runtime")
 
 
+_topic_of = itemgetter(0)
+_partition_of = itemgetter(0, 1)  # a Record's (topic, partition)
+_offset_of = itemgetter(2)
+
+
 def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
-    """The offset to commit per partition after ``records``: the last one's offset + 1."""
-    out: dict[TopicPartition, int] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        if r.offset + 1 > out.get(tp, -1):
-            out[tp] = r.offset + 1
-    return out
+    """The offset to commit per partition after ``records``: the last one's offset + 1.
+    (A partition's records come in offset order, so the last one seen is the highest.)"""
+    last = dict(zip(map(_partition_of, records), map(_offset_of, records), strict=True))
+    return {TopicPartition(*tp): offset + 1 for tp, offset in last.items()}
 
 
 def first_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
-    out: dict[TopicPartition, int] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        if tp not in out:
-            out[tp] = r.offset
-    return out
+    """Each partition's first offset in ``records``."""
+    backwards = records[::-1]
+    first = dict(zip(map(_partition_of, backwards), map(_offset_of, backwards), strict=True))
+    return {TopicPartition(*tp): offset for tp, offset in reversed(first.items())}
 
 
 @dataclass
@@ -52,10 +55,28 @@ class Runtime:
     transaction: str | None = None  # label of the open transaction, if any
     _outputs: dict[tuple[int, str], Output] = field(default_factory=dict)
 
-    def handle(self, record: Record, producer: Producer, tx: SinkTransaction | None = None) -> None:
-        """``record`` through its handler; outputs (and dead letters) via ``producer``, effects
-        into ``tx`` when the handler has a sink."""
-        spec = self.specs[record.topic]
+    def handle(
+        self, records: Sequence[Record], producer: Producer, tx: SinkTransaction | None = None
+    ) -> None:
+        """``records`` through their handlers, in order; outputs (and dead letters) via
+        ``producer``, effects into ``tx`` when the handler has a sink."""
+        handlers: dict[str, Callable[[Record], None]] = {}
+        counts: dict[str, int] = {}
+        try:
+            for topic, run in groupby(records, _topic_of):
+                handle = handlers.get(topic)
+                if handle is None:
+                    handle = handlers[topic] = self._handler(self.specs[topic], producer, tx)
+                batch = list(run)
+                deque(map(handle, batch), maxlen=0)  # the loop, in C
+                counts[topic] = counts.get(topic, 0) + len(batch)
+        finally:
+            for topic, n in counts.items():
+                self.metrics.processed.labels(self.settings.guarantee, topic).inc(n)
+
+    def _handler(
+        self, spec: HandlerSpec, producer: Producer, tx: SinkTransaction | None
+    ) -> Callable[[Record], None]:
         target: Output | SinkTransaction | None
         if spec.sink is not None:
             target = tx
@@ -63,7 +84,7 @@ class Runtime:
             target = self._output(spec, producer)
         else:
             target = None
-        handle_record(spec, record, target, producer, self.metrics, self.settings.guarantee)
+        return record_handler(spec, target, producer, self.metrics, self.settings.guarantee)
 
     def _output(self, spec: HandlerSpec, producer: Producer) -> Output:
         key = (id(producer), spec.topic)

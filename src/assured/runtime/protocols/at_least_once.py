@@ -32,12 +32,10 @@ class AtLeastOnce(CommitProtocol):
         sink = self.rt.sink
         if sink is not None:
             with sink.transaction() as tx:
-                for record in records:
-                    self.rt.handle(record, self.producer, tx)
+                self.rt.handle(records, self.producer, tx)
             crash_point("after-effect-before-offset")
         else:
-            for record in records:
-                self.rt.handle(record, self.producer)
+            self.rt.handle(records, self.producer)
         self.pending.update(next_offsets(records))
         self.uncommitted += len(records)
 

@@ -35,12 +35,15 @@ class AtMostOnce(CommitProtocol):
         self.rt.metrics.committed.labels(self.guarantee).inc()
         crash_point("after-commit-before-handle")
         sink = self.rt.sink
-        for record in records:
-            if sink is not None and self.rt.specs[record.topic].sink is not None:
-                with sink.transaction() as tx:
-                    self.rt.handle(record, self.producer, tx)
-            else:
-                self.rt.handle(record, self.producer)
+        if sink is None:
+            self.rt.handle(records, self.producer)
+        else:
+            for record in records:  # each effect its own database transaction
+                if self.rt.specs[record.topic].sink is not None:
+                    with sink.transaction() as tx:
+                        self.rt.handle([record], self.producer, tx)
+                else:
+                    self.rt.handle([record], self.producer)
         self.producer.flush()
 
     def close(self) -> None:

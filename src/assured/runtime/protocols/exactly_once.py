@@ -49,8 +49,7 @@ class ExactlyOnce(CommitProtocol):
         for tp, first in first_offsets(records).items():
             self.rewind.setdefault(tp, first)
         try:
-            for record in records:
-                self.rt.handle(record, self.producer)
+            self.rt.handle(records, self.producer)
         except AssuredError as e:
             if e.fatal:
                 self.abort()  # the records are not committed: handled again after a restart

@@ -47,8 +47,7 @@ class ExactlyOnceSink(CommitProtocol):
         try:
             timer = self.rt.metrics.commit_latency.labels(self.guarantee).time()
             with timer, self.sink.transaction() as tx:
-                for record in mine:
-                    self.rt.handle(record, self.dead_letters, tx)
+                self.rt.handle(mine, self.dead_letters, tx)
                 crash_point("after-effect-before-offset")
                 self.sink.store_offsets(tx, self.rt.settings.group, offsets, self.epochs)
                 # Dead letters must be durable before the offsets that skip their records.

@@ -1,0 +1,492 @@
+"""The runtime benchmark: what each guarantee costs, beside bare clients and Quix Streams.
+
+One run, one log (a Kafka cluster or an embedded engine folder), the same input for everyone:
+``records`` records of ``record_size`` bytes with 8-byte keys over ``partitions`` partitions.
+Every processor (a fresh process, see :mod:`assured.bench._workers`) reads the input in a new
+consumer group, upper-cases each value and writes it with its key to an output topic of its
+own, committing by time only, every ``commit_interval_ms``:
+
+- ``bare`` at-least-once: confluent-kafka ``consume(N)``, ``produce`` each, every interval
+  ``flush`` then ``commit``; ``bare`` exactly-once: the same in transactions of one interval
+  with ``send_offsets_to_transaction`` (Kafka only);
+- ``assured`` at each guarantee: an :class:`~assured.App` with one handler;
+- ``quixstreams`` at-least-once and exactly-once (Kafka only), ``commit_interval`` the same,
+  run by the Python of a virtualenv that has it (``quix_python``).
+
+Throughput is records over the time from a processor's first record to the end of its run
+(outputs flushed, offsets committed, clients closed). Then, per system, latency at half that
+rate: a paced producer stamps each record with its send time; a reader of the output topic
+(read_committed) takes receive time minus stamp, over ``latency_seconds`` of load. Memory:
+peak RSS (the kernel's high-water mark) of every processor, and one long run of
+``memory_records`` through assured (``memory_guarantee``): growth is peak RSS minus the RSS
+after the first 10% of its records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from assured.bench.log_suite import machine_facts
+from assured.log import Log, open_log
+
+__all__ = ["RuntimeBenchConfig", "System", "run_runtime_suite", "systems_for"]
+
+_QUIX_WORKER = Path(__file__).with_name("quix_worker.py")
+_WARM_EVERY_S = 0.1
+_PACE_TICK_S = 0.002
+
+
+@dataclass(frozen=True)
+class System:
+    system: str  # assured, bare, quixstreams
+    guarantee: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.system}-{self.guarantee}"
+
+
+@dataclass
+class RuntimeBenchConfig:
+    log: str  # kafka://host:port or embedded:///folder
+    records: int = 1_000_000
+    partitions: int = 4
+    record_size: int = 100
+    commit_interval_ms: int = 100
+    max_poll_records: int = 500
+    latency_seconds: float = 10.0
+    latency_idle_s: float = 3.0
+    memory_records: int = 5_000_000
+    memory_guarantee: str = "exactly-once"
+    quix_python: str | None = None
+    systems: list[str] = field(default_factory=lambda: ["bare", "assured", "quixstreams"])
+    worker_timeout_s: float = 1800.0
+
+    @property
+    def backend(self) -> str:
+        return "kafka" if self.log.lower().startswith("kafka://") else "embedded"
+
+
+def systems_for(config: RuntimeBenchConfig) -> list[System]:
+    """The systems of one run, each bare or Quix one beside its assured counterpart."""
+    kafka = config.backend == "kafka"
+    out: list[System] = []
+    for guarantee in ("at-least-once", "exactly-once"):
+        if kafka and "bare" in config.systems:
+            out.append(System("bare", guarantee))
+        if "assured" in config.systems:
+            out.append(System("assured", guarantee))
+        if kafka and "quixstreams" in config.systems:
+            out.append(System("quixstreams", guarantee))
+    if "assured" in config.systems:
+        out.append(System("assured", "at-most-once"))
+    return out
+
+
+# -- the log: topics, input, paced load -------------------------------------------------------
+
+
+class _Bench:
+    """The run's log, its topic names and its files; everything made is removed at the end."""
+
+    def __init__(self, config: RuntimeBenchConfig):
+        self.config = config
+        self.run_id = uuid.uuid4().hex[:8]
+        self.topics: list[str] = []
+        self.files: list[Path] = []
+        self.folder: Path | None = None
+        if config.backend == "embedded":
+            self.folder = Path(config.log[len("embedded://") :]).expanduser()
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def url(self, phase: str) -> str:
+        """The log URL for one phase: embedded runs get a file each (kept small and fresh)."""
+        if self.folder is None:
+            return self.config.log
+        path = self.folder / f"runtime-{self.run_id}-{phase}.db"
+        self.files.append(path)
+        return f"embedded://{path}"
+
+    def topic(self, log: Log, name: str) -> str:
+        full = f"bench-{self.run_id}-{name}"
+        with log.admin() as admin:
+            admin.create_topic(full, self.config.partitions)
+        self.topics.append(full)
+        return full
+
+    def cleanup(self, logs: list[Log]) -> None:
+        if self.folder is None:
+            for log in logs:
+                with log.admin() as admin:
+                    existing = set(admin.list_topics())
+                    for name in self.topics:
+                        for t in (name, f"{name}.dlq"):
+                            if t in existing:
+                                admin.delete_topic(t)
+        for log in logs:
+            log.close()
+        for path in self.files:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _produce_input(log: Log, topic: str, records: int, size: int) -> float:
+    """``records`` keyed records of ``size`` lower-case bytes; returns seconds taken."""
+    body = (b"abcdefghij" * (size // 10 + 1))[:size]
+    start = time.perf_counter()
+    with log.producer(batch_size=10_000, linger_ms=20) as producer:
+        for i in range(records):
+            producer.send(topic, body, key=b"%08d" % i)
+            if i % 10_000 == 9_999 and log.url.startswith("embedded"):
+                producer.flush()
+        producer.flush()
+    return time.perf_counter() - start
+
+
+def _stamped(size: int) -> Callable[[], bytes]:
+    pad = b"x" * max(0, size - 20)
+    return lambda: b"%020d" % time.time_ns() + pad
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+
+def _command(config: RuntimeBenchConfig, system: System, spec: dict[str, Any]) -> list[str]:
+    if system.system == "quixstreams":
+        if not config.quix_python:
+            raise RuntimeError("no Python with quixstreams given (quix_python)")
+        return [config.quix_python, str(_QUIX_WORKER), json.dumps(spec)]
+    role = "assured" if system.system == "assured" else f"bare-{_short(system.guarantee)}"
+    return [sys.executable, "-m", "assured.bench._workers", role, json.dumps(spec)]
+
+
+def _short(guarantee: str) -> str:
+    return {"at-least-once": "alo", "exactly-once": "eos", "at-most-once": "amo"}[guarantee]
+
+
+def _spec(
+    config: RuntimeBenchConfig, system: System, url: str, source: str, sink: str, records: int
+) -> dict[str, Any]:
+    bootstrap = url[len("kafka://") :] if url.lower().startswith("kafka://") else None
+    return {
+        "log": url,
+        "bootstrap": bootstrap,
+        "input": source,
+        "output": sink,
+        "group": f"{sink}-group",
+        "guarantee": system.guarantee,
+        "records": records,
+        "commit_interval_ms": config.commit_interval_ms,
+        "max_poll_records": config.max_poll_records,
+        # The bare loops' producer, set as assured's own Kafka producer is.
+        "producer_config": {"enable.idempotence": True, "linger.ms": 5, "batch.num.messages": 1000},
+    }
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise ValueError("no result line")
+
+
+def _run_worker(cmd: list[str], timeout: float, what: str) -> dict[str, Any]:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    try:
+        return _last_json(done.stdout)
+    except ValueError:
+        raise RuntimeError(f"{what} printed no result: {done.stdout[-500:]}") from None
+
+
+class _Lines:
+    """A child's stdout, read line by line in a thread, so waiting for a line has a timeout."""
+
+    def __init__(self, stream: IO[str]):
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.strip())
+                self._cond.notify_all()
+
+    def seen(self, word: str) -> bool:
+        with self._cond:
+            return word in self.lines
+
+    def wait_for(self, word: str, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: word in self.lines, timeout)
+
+
+# -- phases -----------------------------------------------------------------------------------
+
+
+def _throughput(
+    bench: _Bench, log: Log, url: str, source: str, system: System, records: int
+) -> dict[str, Any]:
+    config = bench.config
+    sink = bench.topic(log, f"out-{system.name}")
+    spec = _spec(config, system, url, source, sink, records)
+    result = _run_worker(
+        _command(config, system, spec), config.worker_timeout_s, f"{system.name} throughput"
+    )
+    if result["processed"] != records:
+        raise RuntimeError(f"{system.name} handled {result['processed']} of {records} records")
+    return result
+
+
+def _latency(bench: _Bench, system: System, rate: float) -> dict[str, Any]:
+    """End-to-end latency through ``system`` at ``rate`` records/s (paced)."""
+    config = bench.config
+    url = bench.url(f"latency-{system.name}")
+    log = open_log(url)
+    try:
+        source = bench.topic(log, f"lat-in-{system.name}")
+        sink = bench.topic(log, f"lat-out-{system.name}")
+        expected = int(rate * config.latency_seconds)
+        reader_spec = {
+            "log": url,
+            "topic": sink,
+            "group": f"{sink}-reader",
+            "expected": expected,
+            "timeout_s": config.latency_seconds + 120,
+        }
+        spec = _spec(config, system, url, source, sink, expected)
+        spec["idle_s"] = config.latency_idle_s
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "assured.bench._workers", "read", json.dumps(reader_spec)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        processor: subprocess.Popen[str] | None = None
+        try:
+            assert reader.stdout is not None
+            lines = _Lines(reader.stdout)
+            if not lines.wait_for("ready", 60):
+                raise RuntimeError("the latency reader did not start")
+            processor = subprocess.Popen(
+                _command(config, system, spec), stdout=subprocess.PIPE, text=True
+            )
+            sent = _pace(log, source, rate, config, lines)
+            out, _ = processor.communicate(timeout=config.worker_timeout_s)
+            if processor.returncode != 0:
+                raise RuntimeError(f"{system.name} failed in the latency run")
+            reader.wait(timeout=config.latency_seconds + 180)
+            result = _last_json("\n".join(lines.lines))
+        finally:
+            for child in (reader, processor):
+                if child is not None and child.poll() is None:
+                    child.kill()
+                    child.wait()
+        result["sent"] = sent
+        result["rate_per_s"] = round(rate, 1)
+        result["processor"] = _last_json(out)
+        return result
+    finally:
+        log.close()
+
+
+def _pace(log: Log, topic: str, rate: float, config: RuntimeBenchConfig, lines: _Lines) -> int:
+    """Warm-up records until the reader sees output, then stamped records at ``rate`` for
+    ``latency_seconds``; returns how many stamped records were sent."""
+    embedded = log.url.startswith("embedded")
+    stamp = _stamped(config.record_size)
+    with log.producer(linger_ms=1) as producer:
+        deadline = time.monotonic() + 120
+        n = 0
+        while not lines.seen("flowing"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no output reached the latency reader within 120 s")
+            producer.send(topic, b"W" + b"x" * (config.record_size - 1), key=b"%08d" % n)
+            producer.flush()
+            n += 1
+            time.sleep(_WARM_EVERY_S)
+        total = int(rate * config.latency_seconds)
+        sent = 0
+        start = time.perf_counter()
+        while sent < total:
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                producer.send(topic, stamp(), key=b"%08d" % sent)
+                sent += 1
+            if embedded:
+                producer.flush()  # visible now: the embedded producer's batch is its transaction
+            time.sleep(_PACE_TICK_S)
+        producer.flush()
+    return sent
+
+
+def _memory(bench: _Bench) -> dict[str, Any]:
+    config = bench.config
+    system = System("assured", config.memory_guarantee)
+    url = bench.url("memory")
+    log = open_log(url)
+    try:
+        source = bench.topic(log, "mem-in")
+        produce_s = _produce_input(log, source, config.memory_records, config.record_size)
+        result = _throughput(bench, log, url, source, system, config.memory_records)
+    finally:
+        log.close()
+    result["input_produce_s"] = round(produce_s, 2)
+    result["rss_growth_mb"] = round(result["peak_rss_mb"] - result["rss_warm_mb"], 1)
+    return {"system": system.system, "guarantee": system.guarantee, **result}
+
+
+def _versions(config: RuntimeBenchConfig) -> dict[str, Any]:
+    import confluent_kafka
+
+    from assured import __version__
+
+    out: dict[str, Any] = {
+        "assured_version": __version__,
+        "confluent_kafka_version": confluent_kafka.version()[0],
+        "librdkafka_version": confluent_kafka.libversion()[0],
+    }
+    if config.quix_python and config.backend == "kafka" and "quixstreams" in config.systems:
+        probe = subprocess.run(
+            [
+                config.quix_python,
+                "-c",
+                "import confluent_kafka, importlib.metadata as m; "
+                "print(m.version('quixstreams'), confluent_kafka.libversion()[0])",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        if probe.returncode == 0:
+            quix, librdkafka = probe.stdout.split()
+            out["quixstreams_version"] = quix
+            out["quixstreams_librdkafka_version"] = librdkafka
+    return out
+
+
+def run_runtime_suite(
+    config: RuntimeBenchConfig, progress: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run every phase; one row per system and guarantee (plus one ``memory`` row), JSON-ready.
+    Each row holds system, guarantee, backend, records_per_s, p50_ms, p99_ms, peak_rss_mb and
+    the settings and machine it was measured with."""
+    say = progress or (lambda _: None)
+    if config.records < 1 or config.partitions < 1 or config.record_size < 20:
+        raise ValueError("records and partitions must be positive, record_size at least 20")
+    wants_quix = "quixstreams" in config.systems and config.backend == "kafka"
+    if wants_quix and not (config.quix_python and shutil.which(config.quix_python)):
+        raise ValueError(
+            f"quixstreams needs a Python that has it: quix_python={config.quix_python!r} "
+            "(make bench makes .venv-quix)"
+        )
+    bench = _Bench(config)
+    logs: list[Log] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        url = bench.url("throughput")
+        log = open_log(url)
+        logs.append(log)
+        source = bench.topic(log, "in")
+        say(f"producing {config.records:,} input records")
+        produce_s = _produce_input(log, source, config.records, config.record_size)
+        for system in systems_for(config):
+            say(f"{system.name}: throughput over {config.records:,} records")
+            result = _throughput(bench, log, url, source, system, config.records)
+            rows.append(_row(config, system, result))
+        for row, system in zip(rows, systems_for(config), strict=True):
+            rate = row["records_per_s"] / 2
+            say(f"{system.name}: latency at {rate:,.0f} records/s")
+            latency = _latency(bench, system, rate)
+            row.update(
+                p50_ms=latency["p50_ms"],
+                p99_ms=latency["p99_ms"],
+                latency_max_ms=latency["max_ms"],
+                latency_rate_per_s=latency["rate_per_s"],
+                latency_samples=latency["samples"],
+                latency_sent=latency["sent"],
+            )
+            if latency["samples"] != latency["sent"]:
+                raise RuntimeError(
+                    f"{system.name}: the latency reader saw {latency['samples']} of "
+                    f"{latency['sent']} records"
+                )
+        _ratios(rows)
+        if config.memory_records > 0 and "assured" in config.systems:
+            say(f"assured {config.memory_guarantee}: memory over {config.memory_records:,} records")
+            memory = _memory(bench)
+            rows.append(
+                {
+                    **_row(config, System("assured", config.memory_guarantee), memory),
+                    "run": "memory",
+                    "rss_growth_mb": memory["rss_growth_mb"],
+                }
+            )
+    finally:
+        bench.cleanup(logs)
+    facts = {**machine_facts(), **_versions(config), "input_produce_s": round(produce_s, 2)}
+    for row in rows:
+        row.update(facts)
+    return rows
+
+
+def _row(config: RuntimeBenchConfig, system: System, result: dict[str, Any]) -> dict[str, Any]:
+    settings = asdict(config)
+    for key in ("log", "quix_python", "systems", "worker_timeout_s"):
+        settings.pop(key)
+    return {
+        **settings,
+        "system": system.system,
+        "guarantee": system.guarantee,
+        "backend": config.backend,
+        "run": "throughput",
+        "records_per_s": result["records_per_s"],
+        "p50_ms": None,
+        "p99_ms": None,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "rss_warm_mb": result["rss_warm_mb"],
+        "records": result["processed"],
+        "seconds": result["seconds"],
+        "commit_every": "off (by time only)",
+        "producer": "idempotent, acks=all, linger.ms=5, batch.num.messages=1000 "
+        "(assured and bare; Quix Streams its own defaults)",
+        "isolation": "read_committed",
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """assured's rate over bare's and over Quix Streams', per guarantee, on each assured row."""
+    by = {(r["system"], r["guarantee"]): r for r in rows}
+    for (system, guarantee), row in by.items():
+        if system != "assured":
+            continue
+        for other in ("bare", "quixstreams"):
+            peer = by.get((other, guarantee))
+            if peer and peer["records_per_s"]:
+                row[f"vs_{other}"] = round(row["records_per_s"] / peer["records_per_s"], 3)
+
+
+def summarize(rows: list[dict[str, Any]]) -> Iterator[str]:
+    """Plain lines for a terminal, one per row."""
+    for r in rows:
+        ratios = " ".join(f"{k}={r[k]}" for k in ("vs_bare", "vs_quixstreams") if k in r)
+        yield (
+            f"{r['backend']:8} {r['system']:11} {r['guarantee']:13} {r['run']:10} "
+            f"{r['records_per_s']:>12,.0f}/s p50={r['p50_ms']} p99={r['p99_ms']} "
+            f"rss={r['peak_rss_mb']} {ratios}"
+        ).rstrip()
