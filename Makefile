@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 demo: $(STAMP)
 	$(BIN)/assured demo
 
-test: system-deps $(STAMP) lint typecheck pytest
+test: system-deps $(STAMP) $(QUIX_STAMP) lint typecheck pytest
 
 # Everything, soak and fault suites included.
 test-slow: system-deps $(STAMP)
@@ -32,9 +32,29 @@ pytest: $(STAMP)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The embedded log's numbers (both durabilities); also kept in benchmarks/results/log-embedded.*
-.PHONY: bench-log
+.PHONY: bench-log bench quix-venv
 bench-log: $(STAMP)
 	$(BIN)/assured bench --suite log --log embedded:///tmp/assured-bench --json
+
+# Quix Streams pins an older confluent-kafka than assured: it gets a virtualenv of its own.
+QUIX_VENV := .venv-quix
+QUIX_STAMP := $(QUIX_VENV)/.installed
+quix-venv: $(QUIX_STAMP)
+$(QUIX_STAMP):
+	@test -x $(QUIX_VENV)/bin/python || $(PYTHON) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/python -m pip install --quiet --upgrade quixstreams psutil
+	@touch $@
+
+# The runtime suite on a broker of its own (started here, stopped after), then on the
+# embedded engine; results in benchmarks/results/runtime-{kafka,embedded}.{json,md}.
+BENCH_ARGS ?=
+bench: system-deps $(STAMP) $(QUIX_STAMP)
+	@set -e; \
+	boot=$$($(BIN)/python -m assured.testing.kafka up --dir .kafka-bench | sed -n 's/^BOOTSTRAP=//p'); \
+	trap '$(BIN)/python -m assured.testing.kafka down --dir .kafka-bench' EXIT; \
+	$(BIN)/assured bench --suite runtime --log kafka://$$boot --quix-python $(QUIX_VENV)/bin/python $(BENCH_ARGS); \
+	rm -rf /tmp/assured-bench-runtime; \
+	$(BIN)/assured bench --suite runtime --log embedded:///tmp/assured-bench-runtime $(BENCH_ARGS)
 
 # The venv is rebuilt when pyproject.toml changes; pip's own check makes a no-op refresh cheap.
 $(STAMP): pyproject.toml
@@ -67,4 +87,4 @@ kafka-status: $(STAMP)
 	$(BIN)/python -m assured.testing.kafka status --dir $(KAFKA_DIR)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist
+	rm -rf $(VENV) $(QUIX_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist

@@ -239,10 +239,10 @@ class _Lines:
 
 
 def _throughput(
-    bench: _Bench, log: Log, url: str, source: str, system: System, records: int
+    bench: _Bench, log: Log, url: str, source: str, system: System, records: int, phase: str = ""
 ) -> dict[str, Any]:
     config = bench.config
-    sink = bench.topic(log, f"out-{system.name}")
+    sink = bench.topic(log, f"{phase}out-{system.name}")
     spec = _spec(config, system, url, source, sink, records)
     result = _run_worker(
         _command(config, system, spec), config.worker_timeout_s, f"{system.name} throughput"
@@ -341,7 +341,7 @@ def _memory(bench: _Bench) -> dict[str, Any]:
     try:
         source = bench.topic(log, "mem-in")
         produce_s = _produce_input(log, source, config.memory_records, config.record_size)
-        result = _throughput(bench, log, url, source, system, config.memory_records)
+        result = _throughput(bench, log, url, source, system, config.memory_records, "mem-")
     finally:
         log.close()
     result["input_produce_s"] = round(produce_s, 2)
@@ -408,10 +408,12 @@ def run_runtime_suite(
             say(f"{system.name}: throughput over {config.records:,} records")
             result = _throughput(bench, log, url, source, system, config.records)
             rows.append(_row(config, system, result))
+            say(f"{system.name}: {result['records_per_s']:,.0f} records/s")
         for row, system in zip(rows, systems_for(config), strict=True):
             rate = row["records_per_s"] / 2
             say(f"{system.name}: latency at {rate:,.0f} records/s")
             latency = _latency(bench, system, rate)
+            say(f"{system.name}: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
             row.update(
                 p50_ms=latency["p50_ms"],
                 p99_ms=latency["p99_ms"],

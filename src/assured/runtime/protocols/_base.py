@@ -37,7 +37,8 @@ def first_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
     """Each partition's first offset in ``records``."""
     backwards = records[::-1]
     first = dict(zip(map(_partition_of, backwards), map(_offset_of, backwards), strict=True))
-    return {TopicPartition(*tp): offset for tp, offset in reversed(first.items())}
+    order = dict.fromkeys(map(_partition_of, records))  # the order partitions first appear
+    return {TopicPartition(*tp): first[tp] for tp in order}
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""The runtime benchmark runs end to end, on both backends, and reports every number it
+promises; how fast is judged in its output, never here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assured.bench.runtime_suite import RuntimeBenchConfig, run_runtime_suite
+
+BIN = Path(sys.executable).parent / "assured"
+QUIX_PYTHON = Path(__file__).resolve().parents[1] / ".venv-quix" / "bin" / "python"
+KEYS = ("system", "guarantee", "backend", "records_per_s", "p50_ms", "p99_ms", "peak_rss_mb")
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN), *args], capture_output=True, text=True, timeout=600, check=False, cwd=cwd
+    )
+
+
+def check_rows(rows: list[dict[str, Any]], backend: str, records: int) -> None:
+    for row in rows:
+        for key in KEYS:
+            assert key in row, key
+        assert row["backend"] == backend
+        assert row["records_per_s"] > 0
+        assert 20 < row["peak_rss_mb"] < 2000  # a real measurement of a Python process
+        assert row["commit_interval_ms"] == 100
+        if row["run"] == "throughput":
+            assert row["records"] == records
+            # Every stamped record sent at half load came through and was timed.
+            assert row["latency_samples"] == row["latency_sent"] > 0
+            assert 0 < row["p50_ms"] <= row["p99_ms"]
+        else:
+            assert row["run"] == "memory"
+            assert row["rss_growth_mb"] == pytest.approx(
+                row["peak_rss_mb"] - row["rss_warm_mb"], abs=0.11
+            )
+
+
+def test_cli_runs_the_runtime_suite_on_the_embedded_engine(tmp_path: Path) -> None:
+    done = run(
+        "bench",
+        "--suite",
+        "runtime",
+        "--log",
+        f"embedded://{tmp_path}/files",
+        "--records",
+        "3000",
+        "--latency-seconds",
+        "1",
+        "--memory-records",
+        "6000",
+        "--json",
+        "--results-dir",
+        str(tmp_path / "results"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    seen = [(r["system"], r["guarantee"], r["run"]) for r in rows]
+    assert seen == [
+        ("assured", "at-least-once", "throughput"),
+        ("assured", "exactly-once", "throughput"),
+        ("assured", "at-most-once", "throughput"),
+        ("assured", "exactly-once", "memory"),
+    ]
+    check_rows(rows[:3], "embedded", 3000)
+    check_rows(rows[3:], "embedded", 6000)
+    assert json.loads((tmp_path / "results" / "runtime-embedded.json").read_text()) == rows
+    table = (tmp_path / "results" / "runtime-embedded.md").read_text()
+    assert "embedded exactly-once >= 100,000 records/s" in table
+    assert list((tmp_path / "files").iterdir()) == []  # the run's engine files are gone
+
+
+@pytest.mark.kafka
+def test_runtime_suite_on_a_real_broker_with_bare_loops_and_quix(kafka_bootstrap: str) -> None:
+    assert QUIX_PYTHON.exists(), "make test builds .venv-quix (make quix-venv)"
+    rows = run_runtime_suite(
+        RuntimeBenchConfig(
+            log=f"kafka://{kafka_bootstrap}",
+            records=4000,
+            latency_seconds=1.0,
+            latency_idle_s=1.5,
+            memory_records=0,
+            quix_python=str(QUIX_PYTHON),
+        )
+    )
+    seen = [(r["system"], r["guarantee"]) for r in rows]
+    assert seen == [
+        ("bare", "at-least-once"),
+        ("assured", "at-least-once"),
+        ("quixstreams", "at-least-once"),
+        ("bare", "exactly-once"),
+        ("assured", "exactly-once"),
+        ("quixstreams", "exactly-once"),
+        ("assured", "at-most-once"),
+    ]
+    check_rows(rows, "kafka", 4000)
+    by = {(r["system"], r["guarantee"]): r for r in rows}
+    for guarantee in ("at-least-once", "exactly-once"):
+        mine = by[("assured", guarantee)]
+        for other in ("bare", "quixstreams"):
+            expected = mine["records_per_s"] / by[(other, guarantee)]["records_per_s"]
+            assert mine[f"vs_{other}"] == pytest.approx(expected, rel=1e-2)
+    assert rows[0]["quixstreams_version"]  # what was measured is disclosed
+    assert rows[0]["librdkafka_version"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--log", "http://localhost:9092"], "kafka://HOST:PORT or embedded:///FOLDER"),
+        (["--log", "embedded:///tmp/x", "--systems", "assured,flink"], "--systems"),
+        (["--log", "kafka://127.0.0.1:1"], "quix_python"),
+    ],
+)
+def test_runtime_suite_bad_input_is_a_usage_error(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = run("bench", "--suite", "runtime", *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / "benchmarks").exists()
