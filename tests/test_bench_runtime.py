@@ -66,13 +66,18 @@ def test_cli_runs_the_runtime_suite_on_the_embedded_engine(tmp_path: Path) -> No
     rows = json.loads(done.stdout)
     seen = [(r["system"], r["guarantee"], r["run"]) for r in rows]
     assert seen == [
+        ("bare", "at-least-once", "throughput"),  # bare: the assured.log API, no runtime
         ("assured", "at-least-once", "throughput"),
+        ("bare", "exactly-once", "throughput"),
         ("assured", "exactly-once", "throughput"),
         ("assured", "at-most-once", "throughput"),
         ("assured", "exactly-once", "memory"),
     ]
-    check_rows(rows[:3], "embedded", 3000)
-    check_rows(rows[3:], "embedded", 6000)
+    check_rows(rows[:5], "embedded", 3000)
+    check_rows(rows[5:], "embedded", 6000)
+    assert rows[1]["vs_bare"] == pytest.approx(
+        rows[1]["records_per_s"] / rows[0]["records_per_s"], rel=1e-2
+    )
     assert json.loads((tmp_path / "results" / "runtime-embedded.json").read_text()) == rows
     table = (tmp_path / "results" / "runtime-embedded.md").read_text()
     assert "embedded exactly-once >= 100,000 records/s" in table
@@ -87,6 +92,7 @@ def test_runtime_suite_on_a_real_broker_with_bare_loops_and_quix(kafka_bootstrap
             log=f"kafka://{kafka_bootstrap}",
             records=4000,
             latency_seconds=1.0,
+            latency_warmup_s=0.5,
             latency_idle_s=1.5,
             memory_records=0,
             quix_python=str(QUIX_PYTHON),

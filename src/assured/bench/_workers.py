@@ -251,6 +251,64 @@ def run_bare_eos(spec: dict[str, Any]) -> dict[str, Any]:
     return meter.result()
 
 
+# -- bare loops over assured.log (the embedded engine's baseline) ----------------------------
+
+
+def run_log_loop(spec: dict[str, Any]) -> dict[str, Any]:
+    """The bare loops above, written against :mod:`assured.log` instead of confluent-kafka:
+    what the log itself allows, with no runtime on top. At-least-once: poll, send each, every
+    interval flush then commit. Exactly-once: the same in transactions of one interval, the
+    offsets sent with the group metadata."""
+    from assured.log import TopicPartition, open_log
+
+    meter = Meter(spec["records"])
+    eos = spec["guarantee"] == "exactly-once"
+    log = open_log(spec["log"], spec.get("log_config") or None)
+    producer = log.producer(transactional_id=f"{spec['group']}-txn" if eos else None)
+    consumer = log.consumer(group_id=spec["group"], isolation="read_committed")
+    if eos:
+        producer.init_transactions(30)
+    consumer.subscribe([spec["input"]])
+    interval = spec["commit_interval_ms"] / 1000
+    out, batch, more = spec["output"], spec["max_poll_records"], _processing(spec)
+    pending: dict[TopicPartition, int] = {}
+    began = last_record = time.monotonic()
+    open_ = False
+    send = producer.send
+
+    def commit() -> None:
+        if eos:
+            producer.send_offsets_to_transaction(pending, consumer.group_metadata(), 30)
+            producer.commit_transaction(30)
+        else:
+            producer.flush()
+            consumer.commit(pending, asynchronous=True)
+        pending.clear()
+
+    while more(meter, last_record):
+        records = consumer.poll(batch, 0.1)
+        if records:
+            if eos and not open_:
+                producer.begin_transaction()
+                open_, began = True, time.monotonic()
+            elif not eos and not pending:
+                began = time.monotonic()
+            for r in records:
+                send(out, transform(r[5]), r[4])  # value, key
+                pending[TopicPartition(r[0], r[1])] = r[2] + 1
+            meter.tick(len(records))
+            last_record = time.monotonic()
+        if pending and time.monotonic() - began >= interval:
+            commit()
+            open_ = False
+    if pending:
+        commit()
+    consumer.close()
+    producer.close()
+    log.close()
+    return meter.result()
+
+
 # -- the latency probe ------------------------------------------------------------------------
 
 
@@ -295,6 +353,7 @@ _ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "assured": run_assured,
     "bare-alo": run_bare_alo,
     "bare-eos": run_bare_eos,
+    "log-loop": run_log_loop,
     "read": run_read,
 }
 

@@ -8,7 +8,8 @@ own, committing by time only, every ``commit_interval_ms``:
 
 - ``bare`` at-least-once: confluent-kafka ``consume(N)``, ``produce`` each, every interval
   ``flush`` then ``commit``; ``bare`` exactly-once: the same in transactions of one interval
-  with ``send_offsets_to_transaction`` (Kafka only);
+  with ``send_offsets_to_transaction``. On the embedded engine, the same two loops written
+  against the ``assured.log`` API: what the engine allows with no runtime on top;
 - ``assured`` at each guarantee: an :class:`~assured.App` with one handler;
 - ``quixstreams`` at-least-once and exactly-once (Kafka only), ``commit_interval`` the same,
   run by the Python of a virtualenv that has it (``quix_python``).
@@ -16,7 +17,8 @@ own, committing by time only, every ``commit_interval_ms``:
 Throughput is records over the time from a processor's first record to the end of its run
 (outputs flushed, offsets committed, clients closed). Then, per system, latency at half that
 rate: a paced producer stamps each record with its send time; a reader of the output topic
-(read_committed) takes receive time minus stamp, over ``latency_seconds`` of load. Memory:
+(read_committed) takes receive time minus stamp, over ``latency_seconds`` of load after
+``latency_warmup_s`` of unstamped load at the same rate. Memory:
 peak RSS (the kernel's high-water mark) of every processor, and one long run of
 ``memory_records`` through assured (``memory_guarantee``): growth is peak RSS minus the RSS
 after the first 10% of its records.
@@ -66,6 +68,7 @@ class RuntimeBenchConfig:
     commit_interval_ms: int = 100
     max_poll_records: int = 500
     latency_seconds: float = 10.0
+    latency_warmup_s: float = 2.0
     latency_idle_s: float = 3.0
     memory_records: int = 5_000_000
     memory_guarantee: str = "exactly-once"
@@ -83,7 +86,7 @@ def systems_for(config: RuntimeBenchConfig) -> list[System]:
     kafka = config.backend == "kafka"
     out: list[System] = []
     for guarantee in ("at-least-once", "exactly-once"):
-        if kafka and "bare" in config.systems:
+        if "bare" in config.systems:
             out.append(System("bare", guarantee))
         if "assured" in config.systems:
             out.append(System("assured", guarantee))
@@ -167,7 +170,12 @@ def _command(config: RuntimeBenchConfig, system: System, spec: dict[str, Any]) -
         if not config.quix_python:
             raise RuntimeError("no Python with quixstreams given (quix_python)")
         return [config.quix_python, str(_QUIX_WORKER), json.dumps(spec)]
-    role = "assured" if system.system == "assured" else f"bare-{_short(system.guarantee)}"
+    if system.system == "assured":
+        role = "assured"
+    elif config.backend == "kafka":
+        role = f"bare-{_short(system.guarantee)}"
+    else:
+        role = "log-loop"  # on the embedded engine, bare means the assured.log API alone
     return [sys.executable, "-m", "assured.bench._workers", role, json.dumps(spec)]
 
 
@@ -304,33 +312,41 @@ def _latency(bench: _Bench, system: System, rate: float) -> dict[str, Any]:
 
 
 def _pace(log: Log, topic: str, rate: float, config: RuntimeBenchConfig, lines: _Lines) -> int:
-    """Warm-up records until the reader sees output, then stamped records at ``rate`` for
-    ``latency_seconds``; returns how many stamped records were sent."""
+    """Warm-up records, one per 100 ms until the reader sees output, then for
+    ``latency_warmup_s`` at ``rate`` (the pipeline settles under load: fetch queues, batches);
+    then stamped records at ``rate`` for ``latency_seconds``. Returns how many stamped records
+    were sent: only those are timed."""
     embedded = log.url.startswith("embedded")
     stamp = _stamped(config.record_size)
+    warm = b"W" + b"x" * (config.record_size - 1)
     with log.producer(linger_ms=1) as producer:
         deadline = time.monotonic() + 120
         n = 0
         while not lines.seen("flowing"):
             if time.monotonic() > deadline:
                 raise RuntimeError("no output reached the latency reader within 120 s")
-            producer.send(topic, b"W" + b"x" * (config.record_size - 1), key=b"%08d" % n)
+            producer.send(topic, warm, key=b"%08d" % n)
             producer.flush()
             n += 1
             time.sleep(_WARM_EVERY_S)
+
+        def paced(total: int, value: Callable[[], bytes]) -> None:
+            sent = 0
+            start = time.perf_counter()
+            while sent < total:
+                due = min(total, int((time.perf_counter() - start) * rate) + 1)
+                while sent < due:
+                    producer.send(topic, value(), key=b"%08d" % sent)
+                    sent += 1
+                if embedded:
+                    producer.flush()  # visible now: an embedded batch is its transaction
+                time.sleep(_PACE_TICK_S)
+
+        paced(int(rate * config.latency_warmup_s), lambda: warm)
         total = int(rate * config.latency_seconds)
-        sent = 0
-        start = time.perf_counter()
-        while sent < total:
-            due = min(total, int((time.perf_counter() - start) * rate) + 1)
-            while sent < due:
-                producer.send(topic, stamp(), key=b"%08d" % sent)
-                sent += 1
-            if embedded:
-                producer.flush()  # visible now: the embedded producer's batch is its transaction
-            time.sleep(_PACE_TICK_S)
+        paced(total, stamp)
         producer.flush()
-    return sent
+    return total
 
 
 def _memory(bench: _Bench) -> dict[str, Any]:

@@ -110,6 +110,7 @@ _DISCLOSED = (
     "producer",
     "isolation",
     "latency_seconds",
+    "latency_warmup_s",
     "memory_records",
     "memory_guarantee",
 )

@@ -7,6 +7,9 @@ agrees), so a key lands on the same partition whichever log holds it.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
+
 __all__ = ["murmur2", "partition_for_key"]
 
 _SEED = 0x9747B28C
@@ -14,27 +17,40 @@ _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
 
 
+def _words(n: int) -> Callable[[bytes], tuple[int, ...]]:
+    """Unpacks the first ``n`` little-endian 32-bit words of a buffer, in C."""
+    unpack = _WORDS.get(n)
+    if unpack is None:
+        unpack = _WORDS[n] = struct.Struct(f"<{n}I").unpack_from
+    return unpack
+
+
+_WORDS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
+
+
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 (``Utils.murmur2``), returned as Java's signed 32-bit int."""
     length = len(data)
-    h = (_SEED ^ length) & _MASK
-    whole = length - length % 4
-    for i in range(0, whole, 4):
-        k = int.from_bytes(data[i : i + 4], "little")
-        k = (k * _M) & _MASK
-        k ^= k >> 24
-        k = (k * _M) & _MASK
-        h = ((h * _M) & _MASK) ^ k
-    tail = length % 4
+    h = _SEED ^ length
+    m = _M
+    mask = _MASK
+    whole = length & ~3
+    if whole:
+        for word in _words(whole >> 2)(data):
+            k = (word * m) & mask
+            k ^= k >> 24
+            # h = (h * m) ^ (k * m), both mod 2^32: one mask for the two products
+            h = ((h * m) ^ (k * m)) & mask
+    tail = length & 3
     if tail == 3:
         h ^= data[whole + 2] << 16
     if tail >= 2:
         h ^= data[whole + 1] << 8
     if tail >= 1:
         h ^= data[whole]
-        h = (h * _M) & _MASK
+        h = (h * m) & mask
     h ^= h >> 13
-    h = (h * _M) & _MASK
+    h = (h * m) & mask
     h ^= h >> 15
     return h - (1 << 32) if h & 0x80000000 else h
 

@@ -1,7 +1,8 @@
 """The embedded engine's producer: batches, idempotence, transactions.
 
 ``send`` queues a record; a batch is written when it reaches ``batch_size``, when ``linger_ms``
-passes (a background thread sees to it), or on ``flush``/``commit_transaction``. One batch per
+passes (a background thread sees to it; not inside a transaction), or on
+``flush``/``commit_transaction``. One batch per
 partition is written at a time, with that partition's next sequence number, so a batch that is
 written again after a lost acknowledgement is recognised by the engine and not appended twice.
 Delivery callbacks run in the caller's thread, inside ``poll`` or ``flush``, as in Kafka.
@@ -30,7 +31,7 @@ from assured.errors import (
 from assured.log._models import DeliveryReport, GroupMetadata, Header, TopicPartition
 from assured.log._protocol import OnDelivery, Producer
 from assured.log.embedded._engine import Engine, TopicInfo, encode_headers, now_ms
-from assured.log.partitioner import partition_for_key
+from assured.log.partitioner import murmur2, partition_for_key
 
 __all__ = ["EmbeddedProducer"]
 
@@ -133,7 +134,9 @@ class EmbeddedProducer(Producer):
                     "bytes (topic max.message.bytes / producer message.max.bytes); it was not "
                     "written. Split the value, or raise both limits."
                 )
-            if partition is None or not 0 <= partition < info.partitions:
+            if partition is None and key is not None:  # Java's choice, inline: the hot case
+                partition = (murmur2(key) & 0x7FFFFFFF) % info.partitions
+            elif partition is None or not 0 <= partition < info.partitions:
                 info, partition = self._partition(topic, info, key, partition)
             part = info.part_ids[partition]
             batch = self._pending.get(part)
@@ -220,7 +223,10 @@ class EmbeddedProducer(Producer):
     def _linger_loop(self) -> None:
         with self._lock:
             while not self._closed:
-                if self._oldest is None:
+                # Inside a transaction nothing lingers: its records are invisible to
+                # read_committed readers until the commit anyway, so they are written when a
+                # batch fills or at commit, in few large engine transactions, not many small.
+                if self._oldest is None or self._in_txn:
                     self._wake.wait()
                     continue
                 due = self._oldest + self._linger - time.monotonic()
