@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -226,7 +227,14 @@ class _Lines:
     def __init__(self, stream: IO[str]):
         self.lines: list[str] = []
         self._cond = threading.Condition()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+        self._stream = stream
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the child exited: the rest of its output, then the pipe closed."""
+        self._thread.join(timeout=10)
+        self._stream.close()
 
     def _pump(self, stream: IO[str]) -> None:
         for line in stream:
@@ -284,9 +292,9 @@ def _latency(bench: _Bench, system: System, rate: float) -> dict[str, Any]:
             text=True,
         )
         processor: subprocess.Popen[str] | None = None
+        assert reader.stdout is not None
+        lines = _Lines(reader.stdout)
         try:
-            assert reader.stdout is not None
-            lines = _Lines(reader.stdout)
             if not lines.wait_for("ready", 60):
                 raise RuntimeError("the latency reader did not start")
             processor = subprocess.Popen(
@@ -297,12 +305,16 @@ def _latency(bench: _Bench, system: System, rate: float) -> dict[str, Any]:
             if processor.returncode != 0:
                 raise RuntimeError(f"{system.name} failed in the latency run")
             reader.wait(timeout=config.latency_seconds + 180)
+            lines.close()
             result = _last_json("\n".join(lines.lines))
         finally:
             for child in (reader, processor):
                 if child is not None and child.poll() is None:
                     child.kill()
                     child.wait()
+            lines.close()
+            if processor is not None and processor.stdout is not None:
+                processor.stdout.close()
         result["sent"] = sent
         result["rate_per_s"] = round(rate, 1)
         result["processor"] = _last_json(out)
@@ -363,6 +375,68 @@ def _memory(bench: _Bench) -> dict[str, Any]:
     result["input_produce_s"] = round(produce_s, 2)
     result["rss_growth_mb"] = round(result["peak_rss_mb"] - result["rss_warm_mb"], 1)
     return {"system": system.system, "guarantee": system.guarantee, **result}
+
+
+def _sqlite_ceiling(folder: Path, run_id: str, records: int, size: int) -> dict[str, float]:
+    """What plain ``sqlite3`` alone allows for a consume -> produce pipeline on this machine,
+    measured now: insert ``records`` rows shaped as the engine's (4 partitions' id ranges,
+    1000 rows per transaction, the engine's pragmas), then read them back 1000 per query.
+    A pipeline that reads a record and writes one can go no faster than
+    1 / (1/insert + 1/select), before any Python of its own."""
+    path = folder / f"runtime-{run_id}-sqlite.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            "cache_size=-32768",
+            "mmap_size=268435456",
+        ):
+            conn.execute(f"PRAGMA {pragma}")
+        conn.execute(
+            "CREATE TABLE records (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, key BLOB, "
+            "value BLOB, headers BLOB, txn INTEGER)"
+        )
+        value, batch, parts = b"x" * size, 1000, 4
+        ends = [0] * parts
+        insert_s = 0.0
+        for i in range(0, records, batch):
+            part = (i // batch) % parts
+            base = (part << 40) + ends[part]
+            n = min(batch, records - i)
+            ts = 1_700_000_000_000
+            rows = [(base + j, ts, b"%08d" % (i + j), value, None, 1) for j in range(n)]
+            start = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+            conn.execute("COMMIT")
+            insert_s += time.perf_counter() - start
+            ends[part] += n
+        seen = 0
+        start = time.perf_counter()
+        for part in range(parts):
+            position, end = part << 40, (part + 1) << 40
+            while True:
+                got = conn.execute(
+                    "SELECT id, ts, key, value, headers FROM records "
+                    "WHERE id >= ? AND id < ? AND (txn IS NULL OR txn > 0) ORDER BY id LIMIT ?",
+                    (position, end, batch),
+                ).fetchall()
+                if not got:
+                    break
+                seen += len(got)
+                position = got[-1][0] + 1
+        select_s = time.perf_counter() - start
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    insert, select = records / insert_s, seen / select_s
+    return {
+        "sqlite_raw_insert_per_s": round(insert, 1),
+        "sqlite_raw_select_per_s": round(select, 1),
+        "sqlite_raw_ceiling_per_s": round(1 / (1 / insert + 1 / select), 1),
+    }
 
 
 def _versions(config: RuntimeBenchConfig) -> dict[str, Any]:
@@ -454,6 +528,13 @@ def run_runtime_suite(
                     "rss_growth_mb": memory["rss_growth_mb"],
                 }
             )
+        if bench.folder is not None:
+            say("plain sqlite3: the same rows inserted and read back (the engine's ceiling)")
+            ceiling = _sqlite_ceiling(
+                bench.folder, bench.run_id, config.records, config.record_size
+            )
+            for row in rows:
+                row.update(ceiling)
     finally:
         bench.cleanup(logs)
     facts = {**machine_facts(), **_versions(config), "input_produce_s": round(produce_s, 2)}
