@@ -169,6 +169,9 @@ def bench(
         "--quix-python",
         help="runtime on Kafka: a Python that has quixstreams (make bench makes .venv-quix).",
     ),
+    rounds: int = typer.Option(
+        3, "--rounds", min=1, help="runtime: throughput runs per system; the median is reported."
+    ),
     systems: str = typer.Option(
         "bare,assured,quixstreams",
         "--systems",
@@ -183,7 +186,7 @@ def bench(
     if suite == "runtime":
         _runtime(
             log, json_out, records or 1_000_000, Path(results_dir), latency_seconds,
-            memory_records, quix_python, systems,
+            memory_records, quix_python, systems, rounds,
         )  # fmt: skip
         return
     records = records or 200_000
@@ -231,6 +234,7 @@ def _runtime(
     memory_records: int,
     quix_python: str | None,
     systems: str,
+    rounds: int,
 ) -> None:
     from assured.bench.runtime_suite import RuntimeBenchConfig, run_runtime_suite
     from assured.cli import _bench_runtime
@@ -252,6 +256,7 @@ def _runtime(
         memory_records=memory_records,
         quix_python=quix_python,
         systems=chosen,
+        rounds=rounds,
     )
     progress = Console(stderr=True)
     try:

@@ -109,6 +109,7 @@ _DISCLOSED = (
     "commit_interval_ms",
     "commit_every",
     "max_poll_records",
+    "rounds",
     "producer",
     "isolation",
     "latency_seconds",
@@ -152,6 +153,12 @@ def markdown(rows: Sequence[Row], command: str) -> str:
             *(_num(r.get(k), f) for k, _, f in _COLUMNS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Every throughput run, records/s (the table shows the median run):", ""]
+    lines += [
+        f"- {r['system']} {r['guarantee']} ({r['run']}): "
+        + ", ".join(f"{v:,.0f}" for v in r.get("runs_per_s", []))
+        for r in rows
+    ]
     lines += ["", "| target | measured | verdict |", "|---|---:|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(rows)]
     lines += ["", "Settings: " + "; ".join(f"{k} {first.get(k)}" for k in _DISCLOSED) + "."]
