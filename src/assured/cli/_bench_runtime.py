@@ -36,9 +36,9 @@ def targets(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
         row = _find(rows, "assured", guarantee)
         if row is None:
             continue
-        judge(
-            f"assured {guarantee} >= {floor} x bare", row.get("vs_bare"), floor.__le__, "{:.2f} x"
-        )
+        if backend == "kafka":  # the targets are set against bare confluent-kafka loops
+            label = f"assured {guarantee} >= {floor} x bare"
+            judge(label, row.get("vs_bare"), floor.__le__, "{:.2f} x")
         judge(
             f"assured {guarantee} >= 1.5 x Quix Streams",
             row.get("vs_quixstreams"),
@@ -141,6 +141,14 @@ def markdown(rows: Sequence[Row], command: str) -> str:
         "Throughput from each processor's first record to the end of its run (flushed, "
         "committed, closed); latency end to end (send stamp to a read_committed reader) at half "
         "that processor's measured rate; peak RSS is the kernel's high-water mark (VmHWM).",
+        *(
+            [
+                "On the embedded engine, *bare* is the same two loops written against the "
+                "`assured.log` API: what the engine allows with no runtime on top."
+            ]
+            if first["backend"] == "embedded"
+            else []
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] * 3 + ["---:"] * len(_COLUMNS)) + "|",
@@ -169,7 +177,10 @@ def markdown(rows: Sequence[Row], command: str) -> str:
         + ".",
     ]
     loads = ", ".join(f"{r['system']}/{r['guarantee']} {r.get('load_avg_1m')}" for r in rows)
-    lines += ["", f"1-minute load average after each run (other work skews the numbers): {loads}."]
+    lines += [
+        "",
+        f"1-minute load average as each row was written (other work skews the numbers): {loads}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
