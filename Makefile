@@ -9,6 +9,10 @@ STAMP := $(VENV)/.installed
 NODES ?= 1
 KAFKA_DIR ?= .kafka
 PYTEST_ARGS ?=
+# Quix Streams (for the runtime benchmark and its test) pins an older confluent-kafka than
+# assured does, so it lives in a virtualenv of its own.
+QUIX_VENV := .venv-quix
+QUIX_STAMP := $(QUIX_VENV)/.installed
 
 .PHONY: demo test test-slow lint typecheck pytest system-deps kafka-up kafka-down kafka-status clean
 
@@ -37,8 +41,6 @@ bench-log: $(STAMP)
 	$(BIN)/assured bench --suite log --log embedded:///tmp/assured-bench --json
 
 # Quix Streams pins an older confluent-kafka than assured: it gets a virtualenv of its own.
-QUIX_VENV := .venv-quix
-QUIX_STAMP := $(QUIX_VENV)/.installed
 quix-venv: $(QUIX_STAMP)
 $(QUIX_STAMP):
 	@test -x $(QUIX_VENV)/bin/python || $(PYTHON) -m venv $(QUIX_VENV)

@@ -23,6 +23,9 @@ def audit(tmp_path: Path, url: str, guarantee: str, **kw: object) -> Findings:
         kills=int(kw.pop("kills", 6)),  # type: ignore[call-overload]
         faults=tuple(kw.pop("faults", ("sigkill", "crash-points"))),  # type: ignore[arg-type]
         seed=int(kw.pop("seed", 11)),  # type: ignore[call-overload]
+        # A millisecond or two of work per message spreads a small run over seconds, so the
+        # planned faults land mid-stream however fast the runtime handles records.
+        handle_delay_ms=float(kw.pop("handle_delay_ms", 2)),  # type: ignore[arg-type]
         timeout_s=240,
         **kw,  # type: ignore[arg-type]
     )
