@@ -101,13 +101,21 @@ def test_sigkilled_member_partitions_move_and_nothing_is_skipped(
     watcher = threading.Thread(target=watch_commits, daemon=True)
     watcher.start()
     try:
+        # Every worker joined (each holds a partition): no later join can move them again.
         wait_for(
-            lambda: sorted(p for w in workers for p in w.assigned) == list(range(PARTITIONS)),
+            lambda: (
+                all(w.assigned for w in workers)
+                and sorted(p for w in workers for p in w.assigned) == list(range(PARTITIONS))
+            ),
             60,
-            "every partition assigned to exactly one worker",
+            "every partition assigned to exactly one worker, every worker holding some",
         )
         victim = workers[0]
-        wait_for(lambda: len(victim.processed()) >= 50, 60, "the victim to process something")
+        wait_for(
+            lambda: len(victim.processed()) >= 50 and bool(victim.assigned),
+            60,
+            "the victim to process something",
+        )
         orphaned = list(victim.assigned)
         assert orphaned
         os.kill(victim.proc.pid, signal.SIGKILL)

@@ -271,6 +271,8 @@ class EmbeddedConsumer(Consumer):
         self._next += 1
         with engine.read():
             for tp in order:
+                if len(out) >= limit:
+                    break  # the rest wait for later polls, which start elsewhere in the order
                 part = self._part(tp)
                 low, high, lso, deadline = engine.bounds(part)
                 if deadline is not None and deadline < now:
@@ -283,7 +285,7 @@ class EmbeddedConsumer(Consumer):
                         else self._reset_position(tp, low, lso, high)
                     )
                 upper = lso if self._committed_only else high
-                if pos >= upper or len(out) >= limit:
+                if pos >= upper:
                     self._positions[tp] = pos
                     continue
                 want = limit - len(out)
