@@ -2,11 +2,12 @@
 
     python -m assured.bench._workers ROLE 'JSON spec'
 
-Roles: ``assured`` (an :class:`~assured.App` at a guarantee), ``bare-alo`` and ``bare-eos``
-(confluent-kafka loops written the way a careful engineer would write them by hand), and
-``read`` (the latency probe: reads the output topic, prints end-to-end latencies). Each prints
-one JSON line on stdout when done. The Quix Streams worker is :mod:`quix_worker`: Quix pins an
-older confluent-kafka than assured, so it runs in a virtualenv of its own.
+Roles: ``assured`` (an :class:`~assured.App` at a guarantee), ``bare`` (confluent-kafka
+loops written the way a careful engineer would write them by hand), ``log-loop`` (the same
+loops over :mod:`assured.log`, the embedded engine's baseline), and ``read`` (the latency
+probe: reads the output topic, prints end-to-end latencies). Each prints one JSON line on
+stdout when done. The Quix Streams worker is :mod:`quix_worker`: Quix pins an older
+confluent-kafka than assured, so it runs in a virtualenv of its own.
 
 Every processor does the same work: read a record, upper-case its value, write it with the same
 key to the output topic. Its clock starts at the first record it sees (group joins are not
@@ -168,71 +169,40 @@ def _processing(spec: dict[str, Any]) -> Callable[[Meter, float], bool]:
     return more
 
 
-def run_bare_alo(spec: dict[str, Any]) -> dict[str, Any]:
-    """consume(N), produce each, and every commit interval: flush, then commit the offsets
-    (the outputs are durable before the offsets that cover them)."""
+def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
+    """consume(N), produce each, and every commit interval: at-least-once flushes, then
+    commits the offsets (the outputs are durable before the offsets that cover them);
+    exactly-once runs transactions of one interval: begin, produce, send the consumer's offsets
+    with its group metadata, commit."""
     from confluent_kafka import TopicPartition
 
     meter = Meter(spec["records"])
-    consumer, producer = _bare_clients(spec, None)
+    eos = spec["guarantee"] == "exactly-once"
+    consumer, producer = _bare_clients(spec, f"{spec['group']}-txn" if eos else None)
+    if eos:
+        producer.init_transactions(30)
     consumer.subscribe([spec["input"]])
     interval = spec["commit_interval_ms"] / 1000
     out, batch, more = spec["output"], spec["max_poll_records"], _processing(spec)
     pending: dict[tuple[str, int], int] = {}
-    last_commit = last_record = time.monotonic()
-
-    def commit(asynchronous: bool) -> None:
-        producer.flush()
-        offsets = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
-        consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        pending.clear()
-
-    while more(meter, last_record):
-        msgs = consumer.consume(batch, 0.1)
-        for m in msgs:
-            if m.error():
-                raise RuntimeError(m.error().str())
-            _produce(producer, out, transform(m.value()), m.key())
-            pending[(m.topic(), m.partition())] = m.offset() + 1
-        if msgs:
-            meter.tick(len(msgs))
-            last_record = time.monotonic()
-        producer.poll(0)
-        if pending and time.monotonic() - last_commit >= interval:
-            commit(asynchronous=True)
-            last_commit = time.monotonic()
-    if pending:
-        commit(asynchronous=False)
-    consumer.close()
-    return meter.result()
-
-
-def run_bare_eos(spec: dict[str, Any]) -> dict[str, Any]:
-    """Transactions of one commit interval: begin, produce, send the consumer's offsets with
-    its group metadata, commit."""
-    from confluent_kafka import TopicPartition
-
-    meter = Meter(spec["records"])
-    consumer, producer = _bare_clients(spec, f"{spec['group']}-txn")
-    producer.init_transactions(30)
-    consumer.subscribe([spec["input"]])
-    interval = spec["commit_interval_ms"] / 1000
-    out, batch, more = spec["output"], spec["max_poll_records"], _processing(spec)
-    pending: dict[tuple[str, int], int] = {}
+    # at-least-once: since the last commit; exactly-once: since the transaction began
     began = last_record = time.monotonic()
-    open_ = False
 
-    def commit() -> None:
+    def commit(final: bool) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
-        producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
-        producer.commit_transaction(30)
+        if eos:
+            producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
+            producer.commit_transaction(30)
+        else:
+            producer.flush()
+            consumer.commit(offsets=offsets, asynchronous=not final)
         pending.clear()
 
     while more(meter, last_record):
         msgs = consumer.consume(batch, 0.1)
-        if msgs and not open_:
+        if eos and msgs and not pending:
             producer.begin_transaction()
-            open_, began = True, time.monotonic()
+            began = time.monotonic()
         for m in msgs:
             if m.error():
                 raise RuntimeError(m.error().str())
@@ -242,11 +212,12 @@ def run_bare_eos(spec: dict[str, Any]) -> dict[str, Any]:
             meter.tick(len(msgs))
             last_record = time.monotonic()
         producer.poll(0)
-        if open_ and time.monotonic() - began >= interval:
-            commit()
-            open_ = False
-    if open_:
-        commit()
+        if pending and time.monotonic() - began >= interval:
+            commit(final=False)
+            if not eos:
+                began = time.monotonic()
+    if pending:
+        commit(final=True)
     consumer.close()
     return meter.result()
 
@@ -351,8 +322,7 @@ def latency_summary(latencies: list[float]) -> dict[str, Any]:
 
 _ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "assured": run_assured,
-    "bare-alo": run_bare_alo,
-    "bare-eos": run_bare_eos,
+    "bare": run_bare,
     "log-loop": run_log_loop,
     "read": run_read,
 }

@@ -103,6 +103,29 @@ def _consume(log: EmbeddedLog, records: int, batch: int) -> float:
     return _rate(seen, elapsed)
 
 
+def read_back(
+    conn: sqlite3.Connection, parts: Sequence[int], batch: int, where: str = ""
+) -> tuple[int, float]:
+    """Plain sqlite3 reading every row of the engine-shaped ``records`` table in ``parts``,
+    ``batch`` rows per ``SELECT ... fetchall()`` (``where`` adds a condition); returns (rows
+    read, seconds)."""
+    sql = (
+        "SELECT id, ts, key, value, headers FROM records "  # noqa: S608
+        f"WHERE id >= ? AND id < ? {where} ORDER BY id LIMIT ?"
+    )
+    seen = 0
+    start = time.perf_counter()
+    for part in parts:
+        position, end = rid(part, 0), rid(part + 1, 0)
+        while True:
+            rows = conn.execute(sql, (position, end, batch)).fetchall()
+            if not rows:
+                break
+            seen += len(rows)
+            position = rows[-1][0] + 1
+    return seen, time.perf_counter() - start
+
+
 def _raw_select(path: Path, records: int, batch: int) -> float:
     """Plain sqlite3 reading the same rows as :func:`_consume`, ``batch`` rows per query:
     records per second."""
@@ -110,21 +133,7 @@ def _raw_select(path: Path, records: int, batch: int) -> float:
     try:
         conn.execute("PRAGMA mmap_size=268435456")  # as the engine reads
         parts = [part for (part,) in conn.execute("SELECT id FROM partitions ORDER BY id")]
-        seen = 0
-        start = time.perf_counter()
-        for part in parts:
-            position, end = rid(part, 0), rid(part + 1, 0)
-            while True:
-                rows = conn.execute(
-                    "SELECT id, ts, key, value, headers FROM records "
-                    "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
-                    (position, end, batch),
-                ).fetchall()
-                if not rows:
-                    break
-                seen += len(rows)
-                position = rows[-1][0] + 1
-        elapsed = time.perf_counter() - start
+        seen, elapsed = read_back(conn, parts, batch)
     finally:
         conn.close()
     if seen != records:

@@ -41,8 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from assured.bench.log_suite import machine_facts
+from assured.bench.log_suite import machine_facts, read_back
 from assured.log import Log, open_log
+from assured.log.embedded._engine import rid
 
 __all__ = ["RuntimeBenchConfig", "System", "run_runtime_suite", "systems_for"]
 
@@ -176,14 +177,10 @@ def _command(config: RuntimeBenchConfig, system: System, spec: dict[str, Any]) -
     if system.system == "assured":
         role = "assured"
     elif config.backend == "kafka":
-        role = f"bare-{_short(system.guarantee)}"
+        role = "bare"
     else:
         role = "log-loop"  # on the embedded engine, bare means the assured.log API alone
     return [sys.executable, "-m", "assured.bench._workers", role, json.dumps(spec)]
-
-
-def _short(guarantee: str) -> str:
-    return {"at-least-once": "alo", "exactly-once": "eos", "at-most-once": "amo"}[guarantee]
 
 
 def _spec(
@@ -404,7 +401,7 @@ def _sqlite_ceiling(folder: Path, run_id: str, records: int, size: int) -> dict[
         insert_s = 0.0
         for i in range(0, records, batch):
             part = (i // batch) % parts
-            base = (part << 40) + ends[part]
+            base = rid(part, ends[part])
             n = min(batch, records - i)
             ts = 1_700_000_000_000
             rows = [(base + j, ts, b"%08d" % (i + j), value, None, 1) for j in range(n)]
@@ -414,21 +411,7 @@ def _sqlite_ceiling(folder: Path, run_id: str, records: int, size: int) -> dict[
             conn.execute("COMMIT")
             insert_s += time.perf_counter() - start
             ends[part] += n
-        seen = 0
-        start = time.perf_counter()
-        for part in range(parts):
-            position, end = part << 40, (part + 1) << 40
-            while True:
-                got = conn.execute(
-                    "SELECT id, ts, key, value, headers FROM records "
-                    "WHERE id >= ? AND id < ? AND (txn IS NULL OR txn > 0) ORDER BY id LIMIT ?",
-                    (position, end, batch),
-                ).fetchall()
-                if not got:
-                    break
-                seen += len(got)
-                position = got[-1][0] + 1
-        select_s = time.perf_counter() - start
+        seen, select_s = read_back(conn, range(parts), batch, where="AND (txn IS NULL OR txn > 0)")
     finally:
         conn.close()
         for suffix in ("", "-wal", "-shm"):
