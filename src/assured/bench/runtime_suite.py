@@ -411,7 +411,13 @@ def _sqlite_ceiling(folder: Path, run_id: str, records: int, size: int) -> dict[
             conn.execute("COMMIT")
             insert_s += time.perf_counter() - start
             ends[part] += n
-        seen, select_s = read_back(conn, range(parts), batch, where="AND (txn IS NULL OR txn > 0)")
+        seen, select_s = read_back(
+            conn,
+            [(rid(part, 0), rid(part + 1, 0)) for part in range(parts)],
+            batch,
+            columns="id, ts, key, value, headers",
+            where="AND (txn IS NULL OR txn > 0)",
+        )
     finally:
         conn.close()
         for suffix in ("", "-wal", "-shm"):

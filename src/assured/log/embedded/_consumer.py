@@ -13,8 +13,6 @@ within ``max_poll_interval_ms``, as Kafka's clients do.
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import logging
 import threading
 import time
@@ -31,7 +29,6 @@ __all__ = ["EmbeddedConsumer"]
 
 log = logging.getLogger("assured.log.embedded")
 _MAX_WAIT_STEP = 0.25  # a wait re-checks at least this often, whatever wakes it
-_make_record = functools.partial(tuple.__new__, Record)
 
 
 class EmbeddedConsumer(Consumer):
@@ -288,21 +285,10 @@ class EmbeddedConsumer(Consumer):
                 if pos >= upper:
                     self._positions[tp] = pos
                     continue
-                want = limit - len(out)
-                # Each row is the tail of a Record's tuple: map() prepends (topic, partition)
-                # and builds the Records in C. The cyclic collector, which thousands of new
-                # tuples would wake again and again, is paused for the fetch and the build.
-                collecting = gc.isenabled()
-                gc.disable()
-                try:
-                    rows = engine.fetch_records(part, pos, upper, want, self._committed_only)
-                    out += map(_make_record, map(tp.__add__, rows))
-                finally:
-                    if collecting:
-                        gc.enable()
-                # Fewer rows than asked: everything up to `upper` was read (markers and
-                # aborted records take offsets but are never returned).
-                self._positions[tp] = rows[-1][0] + 1 if len(rows) == want else upper
+                records, self._positions[tp] = engine.fetch(
+                    tp, part, pos, upper, limit - len(out), self._committed_only
+                )
+                out += records
         if expired:
             engine.abort_expired()
         return out

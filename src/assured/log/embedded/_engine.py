@@ -5,19 +5,23 @@ in any number of processes, share the file). Every method that changes state run
 SQLite write transaction, so it happens whole or not at all, whatever crashes.
 
 Kafka's model, table by table (see ``_schema.py``): topics and partitions with dense offsets;
-records; producers with epochs and per-partition sequences (idempotence); transactions whose
-records carry the transaction's id, with markers that take an offset on commit and abort;
+records, stored in batches (``_batches.py``); producers with epochs and per-partition sequences
+(idempotence); transactions whose batches carry the transaction's id, with markers that take
+an offset on commit and abort;
 consumer groups with generations; committed offsets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +34,23 @@ from assured.errors import (
     TransactionTimedOutError,
     UnknownTopicError,
 )
-from assured.log._models import TopicPartition, decode_headers, encode_headers
+from assured.log._models import Record, TopicPartition, decode_headers, encode_headers
 from assured.log._names import check_topic_name, collides
 from assured.log.assignors import ASSIGNORS
-from assured.log.embedded._schema import Durability, connect, translate
+from assured.log.embedded import _batches
+from assured.log.embedded._batches import Row
+from assured.log.embedded._schema import OFFSET_BITS, Durability, connect, rid, translate
 
-__all__ = ["Engine", "GroupView", "TopicInfo", "decode_headers", "encode_headers", "now_ms"]
+__all__ = [
+    "OFFSET_BITS",
+    "Engine",
+    "GroupView",
+    "TopicInfo",
+    "decode_headers",
+    "encode_headers",
+    "now_ms",
+    "rid",
+]
 
 DEFAULT_TOPIC_CONFIG = {
     "retention.ms": "604800000",  # 7 days, Kafka's default
@@ -45,14 +60,7 @@ DEFAULT_TOPIC_CONFIG = {
 }
 _MARKER_COMMIT = b"COMMIT"
 _MARKER_ABORT = b"ABORT"
-
-
-OFFSET_BITS = 40  # 10^12 offsets per partition; 2^23 partitions per file
-
-
-def rid(part: int, offset: int) -> int:
-    """The records table's rowid of ``offset`` in partition ``part``."""
-    return (part << OFFSET_BITS) | offset
+_make_record = functools.partial(tuple.__new__, Record)
 
 
 def now_ms() -> int:
@@ -197,7 +205,7 @@ class Engine:
                 raise UnknownTopicError(f"topic {name!r} does not exist")
             for part in info.part_ids:
                 c.execute(
-                    "DELETE FROM records WHERE id >= ? AND id < ?", (rid(part, 0), rid(part + 1, 0))
+                    "DELETE FROM batches WHERE id >= ? AND id < ?", (rid(part, 0), rid(part + 1, 0))
                 )
                 c.execute("DELETE FROM txn_parts WHERE part = ?", (part,))
                 c.execute("DELETE FROM producer_parts WHERE part = ?", (part,))
@@ -329,23 +337,23 @@ class Engine:
     def append(
         self,
         part: int,
-        rows: Sequence[tuple[int, bytes | None, bytes | None, bytes | None]],
+        rows: Sequence[Row],
         producer: tuple[int, int, int] | None = None,
         txn: int | None = None,
         size: int | None = None,
-        headers: bool = True,
     ) -> tuple[int, bool]:
-        """Append ``rows`` (ts, key, value, headers) to ``part``; returns (base offset,
-        duplicate). ``headers=False`` promises no row has headers. ``producer`` = (producer
-        id, epoch, base sequence) turns on idempotence: a batch whose sequence was already
-        written returns its first offset and appends nothing. Call inside :meth:`write`."""
+        """Append ``rows`` (ts, key, value, encoded headers) to ``part`` as record batches;
+        returns (base offset, duplicate). ``size`` is their bytes (key + value + headers) if the
+        caller knows it. ``producer`` = (producer id, epoch, base sequence) turns on
+        idempotence: a batch whose sequence was already written returns its first offset and
+        appends nothing. Call inside :meth:`write`."""
         c = self.conn
         if producer is not None:
             written = self._check_sequence(part, producer, len(rows))
             if written is not None:
                 return written, True  # a resend of the last batch: already written
         if size is None:
-            size = sum(len(k or b"") + len(v or b"") + len(h or b"") for _, k, v, h in rows)
+            size = sum(map(_batches.row_size, rows))
         row = c.execute(
             "UPDATE partitions SET next_offset = next_offset + ?, bytes = bytes + ? "
             "WHERE id = ? RETURNING next_offset",
@@ -355,16 +363,14 @@ class Engine:
             raise UnknownTopicError(f"the topic of partition {part} was deleted")
         base = row[0] - len(rows)
         first = rid(part, base)
-        if txn is None and not headers:  # the common case binds four columns, not six
-            c.executemany(
-                "INSERT INTO records (id, ts, key, value) VALUES (?, ?, ?, ?)",
-                [(first + i, ts, k, v) for i, (ts, k, v, _) in enumerate(rows)],
+        for chunk, chunk_size in _batches.split(rows, size):
+            data, max_ts = _batches.encode(chunk)
+            c.execute(
+                "INSERT INTO batches (id, last, max_ts, bytes, txn, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (first, first + len(chunk) - 1, max_ts, chunk_size, txn, data),
             )
-        else:
-            c.executemany(
-                "INSERT INTO records (id, ts, key, value, headers, txn) VALUES (?, ?, ?, ?, ?, ?)",
-                [(first + i, ts, k, v, h, txn) for i, (ts, k, v, h) in enumerate(rows)],
-            )
+            first += len(chunk)
         if producer is not None:
             c.execute(
                 "INSERT OR REPLACE INTO producer_parts VALUES (?, ?, ?, ?, ?, ?)",
@@ -379,10 +385,12 @@ class Engine:
             (part,),
         ).fetchone()
         if row is not None:
+            at = rid(part, row[0] - 1)
+            data, _ = _batches.encode([(now, None, marker, None)])
             self.conn.execute(
-                "INSERT INTO records (id, ts, key, value, headers, txn) "
-                "VALUES (?, ?, NULL, ?, NULL, 0)",
-                (rid(part, row[0] - 1), now, marker),
+                "INSERT INTO batches (id, last, max_ts, bytes, txn, data) "
+                "VALUES (?, ?, ?, 0, 0, ?)",
+                (at, at, now, data),
             )
 
     # -- transactions --------------------------------------------------------------------------
@@ -510,7 +518,7 @@ class Engine:
             "SELECT part, first_offset FROM txn_parts WHERE txn = ?", (txn,)
         ).fetchall():
             c.execute(
-                "UPDATE records SET txn = -txn WHERE id >= ? AND id < ? AND txn = ?",
+                "UPDATE batches SET txn = -txn WHERE id >= ? AND id < ? AND txn = ?",
                 (rid(part, first), rid(part + 1, 0), txn),
             )
             self._marker(part, _MARKER_ABORT, now)
@@ -525,20 +533,67 @@ class Engine:
 
     # -- fetching ------------------------------------------------------------------------------
 
-    def fetch_records(
-        self, part: int, position: int, upper: int, limit: int, committed_only: bool
-    ) -> list[Any]:
-        """Rows of (offset, ts, key, value, encoded headers) from ``position`` up to ``upper``:
-        the tail of a :class:`~assured.log.Record`, whose (topic, partition) head the caller
-        adds without a Python loop."""
+    def fetch(
+        self,
+        tp: TopicPartition,
+        part: int,
+        position: int,
+        upper: int,
+        limit: int,
+        committed_only: bool,
+    ) -> tuple[list[Record], int]:
+        """Up to ``limit`` records of ``part`` (``tp``) from offset ``position`` up to
+        ``upper``, and the position after them. Markers, and with ``committed_only`` aborted
+        records, take offsets but are never returned. Call inside :meth:`read`."""
         visible = "(txn IS NULL OR txn > 0)" if committed_only else "(txn IS NULL OR txn <> 0)"
         base = rid(part, 0)
-        rows: list[Any] = self.conn.execute(
-            "SELECT id - ?, ts, key, value, headers FROM records "  # noqa: S608
-            f"WHERE id >= ? AND id < ? AND {visible} ORDER BY id LIMIT ?",
-            (base, base + position, base + upper, limit),
-        ).fetchall()
-        return rows
+        start = base + position
+        cursor = self.conn.execute(
+            "SELECT id - ?, last - ?, data FROM batches "  # noqa: S608
+            f"WHERE id >= ? AND id < ? AND last >= ? AND {visible} ORDER BY id",
+            # The first batch may begin before `position`: it starts at the batch that holds
+            # it (an index lookup), or at `position` when no batch does.
+            (base, base, self._holding(base, start), base + upper, start),
+        )
+        out: list[Record] = []
+        topic, partition = tp
+        # Thousands of new tuples would wake the cyclic collector again and again: it is
+        # paused while they are built.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for first, last, data in cursor:
+                ts, keys, values, headers = _batches.decode(data, f"{tp} offset {first}")
+                skip = position - first if first < position else 0
+                take = min(last - first + 1 - skip, limit - len(out))
+                end = skip + take
+                out += map(
+                    _make_record,
+                    zip(
+                        repeat(topic),
+                        repeat(partition),
+                        range(first + skip, first + end),
+                        ts[skip:end],
+                        repeat(None) if keys is None else keys[skip:end],
+                        values[skip:end],
+                        repeat(None) if headers is None else headers[skip:end],
+                    ),
+                )
+                if len(out) >= limit:
+                    return out, first + end
+        finally:
+            if collecting:
+                gc.enable()
+            cursor.close()
+        return out, upper  # everything below `upper` was read
+
+    def _holding(self, base: int, start: int) -> int:
+        """The id of the batch that holds row id ``start`` (the last one that begins at or
+        before it), or ``start`` if none does."""
+        (held,) = self.conn.execute(
+            "SELECT max(id) FROM batches WHERE id >= ? AND id <= ?", (base, start)
+        ).fetchone()
+        return start if held is None else int(held)
 
     def bounds(self, part: int) -> tuple[int, int, int, int | None]:
         """(log start, high watermark, LSO, earliest open-transaction deadline) of ``part``.
@@ -572,53 +627,71 @@ class Engine:
         return removed
 
     def _retain(self, part: int, oldest_ts: int | None, max_bytes: int) -> int:
+        """Move ``part``'s log start past what its retention lets go, record by record (a
+        batch goes once its last record has); returns how many offsets went."""
         with self.write() as c:
             low, _high, lso, _ = self.bounds(part)
-            base, end = rid(part, 0), rid(part + 1, 0)
             cut = low
-            if oldest_ts is not None:
-                row = c.execute(
-                    "SELECT MIN(id) - ? FROM records WHERE id >= ? AND id < ? AND ts >= ?",
-                    (base, base + low, end, oldest_ts),
-                ).fetchone()
-                cut = lso if row[0] is None else row[0]
-            (total,) = c.execute("SELECT bytes FROM partitions WHERE id = ?", (part,)).fetchone()
-            size_of = (
-                "ifnull(length(key), 0) + ifnull(length(value), 0) + ifnull(length(headers), 0)"
-            )
+            if oldest_ts is not None:  # up to the first record that is recent enough
+                cut = next((off for off, ts, _ in self._sizes(part, low) if ts >= oldest_ts), lso)
             if max_bytes >= 0:
-                dropped = c.execute(
-                    f"SELECT ifnull(SUM({size_of}), 0) FROM records "  # noqa: S608
-                    "WHERE id >= ? AND id < ?",
-                    (base, base + cut),
-                ).fetchone()[0]
-                over = total - dropped - max_bytes
-                if over > 0:
-                    for off, size in c.execute(
-                        f"SELECT id - ?, {size_of} FROM records "  # noqa: S608
-                        "WHERE id >= ? AND id < ? ORDER BY id",
-                        (base, base + cut, end),
-                    ).fetchall():
-                        if over <= 0:
-                            break
-                        over -= size
-                        cut = off + 1
+                (total,) = c.execute(
+                    "SELECT bytes FROM partitions WHERE id = ?", (part,)
+                ).fetchone()
+                over = total - self._bytes_between(part, low, cut) - max_bytes
+                for off, _ts, size in self._sizes(part, cut):
+                    if over <= 0:
+                        break
+                    over -= size
+                    cut = off + 1
             cut = min(cut, lso)
             if cut <= low:
                 return 0
-            gone_bytes = c.execute(
-                f"SELECT ifnull(SUM({size_of}), 0) FROM records "  # noqa: S608
-                "WHERE id >= ? AND id < ?",
-                (base, base + cut),
-            ).fetchone()[0]
-            n = c.execute(
-                "DELETE FROM records WHERE id >= ? AND id < ?", (base, base + cut)
-            ).rowcount
+            gone_bytes = self._bytes_between(part, low, cut)
+            c.execute(
+                "DELETE FROM batches WHERE id >= ? AND last < ?", (rid(part, 0), rid(part, cut))
+            )
             c.execute(
                 "UPDATE partitions SET log_start = ?, bytes = bytes - ? WHERE id = ?",
                 (cut, gone_bytes, part),
             )
-            return int(n)
+            return cut - low
+
+    def _batches_from(self, part: int, offset: int) -> list[Any]:
+        """(first offset, last offset, bytes, txn, data) of ``part``'s batches that hold
+        ``offset`` or come after it."""
+        base = rid(part, 0)
+        start = base + offset
+        return self.conn.execute(
+            "SELECT id - ?, last - ?, bytes, txn, data FROM batches "
+            "WHERE id >= ? AND id < ? AND last >= ? ORDER BY id",
+            (base, base, self._holding(base, start), rid(part + 1, 0), start),
+        ).fetchall()
+
+    def _sizes(self, part: int, offset: int) -> Iterator[tuple[int, int, int]]:
+        """(offset, timestamp, bytes) of each record of ``part`` from ``offset`` on."""
+        for first, _last, _bytes, txn, data in self._batches_from(part, offset):
+            where = f"partition {part} offset {first}"
+            for off, row in enumerate(_batches.iter_rows(data, where), first):
+                if off >= offset:
+                    yield off, row[0], 0 if txn == 0 else _batches.row_size(row)
+
+    def _bytes_between(self, part: int, start: int, end: int) -> int:
+        """The bytes of ``part``'s records from offset ``start`` up to ``end``."""
+        total = 0
+        for first, last, size, txn, data in self._batches_from(part, start):
+            if first >= end:
+                break
+            if first >= start and last < end:
+                total += size
+            elif txn != 0:  # a batch cut by `start` or `end`: its records one by one
+                where = f"partition {part} offset {first}"
+                total += sum(
+                    _batches.row_size(row)
+                    for off, row in enumerate(_batches.iter_rows(data, where), first)
+                    if start <= off < end
+                )
+        return total
 
     # -- consumer groups -----------------------------------------------------------------------
 

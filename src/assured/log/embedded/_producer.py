@@ -45,7 +45,6 @@ class _Batch:
     rows: list[tuple[int, bytes | None, bytes | None, bytes | None]] = field(default_factory=list)
     callbacks: list[OnDelivery | None] = field(default_factory=list)
     bytes: int = 0
-    headers: bool = False  # any row has headers
 
 
 class LostAcknowledgementError(RetriableError):
@@ -146,8 +145,6 @@ class EmbeddedProducer(Producer):
             batch.rows.append((ts, key, value, blob))
             batch.callbacks.append(on_delivery)
             batch.bytes += size
-            if blob:
-                batch.headers = True
             self._pending_count += 1
             if self._oldest is None:
                 self._oldest = time.monotonic()
@@ -285,7 +282,7 @@ class EmbeddedProducer(Producer):
                 producer = None
                 if self._pid is not None:
                     producer = (self._pid, self._epoch, self._seq.get(b.part, 0))
-                base, _dup = engine.append(b.part, b.rows, producer, txn, b.bytes, b.headers)
+                base, _dup = engine.append(b.part, b.rows, producer, txn, b.bytes)
                 if txn is not None:
                     engine.txn_add_part(txn, b.part, base)
                 offsets.append(base)

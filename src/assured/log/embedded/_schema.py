@@ -11,23 +11,33 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from assured.errors import AssuredError, EngineFileError, LogError, RetriableError
+from assured.log.embedded._batches import MAX_BATCH_RECORDS, Row, encode, row_size
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "Durability", "connect", "translate"]
+__all__ = ["FORMAT", "OFFSET_BITS", "SCHEMA_VERSION", "Durability", "connect", "rid", "translate"]
 
 FORMAT = "assured-embedded"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1 stored one row per record; 2 stores record batches
 Durability = Literal["normal", "full"]
+OFFSET_BITS = 40  # 10^12 offsets per partition; 2^23 partitions per file
 
-# Record rows: `id` is (partition id << 40) | offset, so a partition's records are one range of
-# SQLite's rowid, its fastest key for appends and scans. `txn` is NULL for a plain record, the
+
+def rid(part: int, offset: int) -> int:
+    """The row id of ``offset`` in partition ``part`` (``batches.id`` and ``batches.last``)."""
+    return (part << OFFSET_BITS) | offset
+
+
+# Record batches (see ``_batches.py``): `id` is (partition id << 40) | the batch's first offset,
+# so a partition's batches are one range of SQLite's rowid, its fastest key for appends and
+# scans; `last` is the same for the batch's last offset. `txn` is NULL for plain records, the
 # transaction's id (> 0) while it is open or once it committed, minus that id once it aborted,
-# and 0 for a transaction marker. So read_committed is `txn IS NULL OR txn > 0` below the LSO,
-# and read_uncommitted is `txn IS NULL OR txn <> 0`.
+# and 0 for a transaction marker. So read_committed is `txn IS NULL OR txn > 0` below the LSO, and
+# read_uncommitted is `txn IS NULL OR txn <> 0`. `bytes` is what the batch counts for in
+# retention.bytes, `max_ts` its largest timestamp.
 _DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE topics (
@@ -37,9 +47,9 @@ CREATE TABLE partitions (
     id INTEGER PRIMARY KEY, topic_id INTEGER NOT NULL, partition INTEGER NOT NULL,
     log_start INTEGER NOT NULL DEFAULT 0, next_offset INTEGER NOT NULL DEFAULT 0,
     bytes INTEGER NOT NULL DEFAULT 0, UNIQUE (topic_id, partition));
-CREATE TABLE records (
-    id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, key BLOB, value BLOB, headers BLOB,
-    txn INTEGER);
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY, last INTEGER NOT NULL, max_ts INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, txn INTEGER, data BLOB NOT NULL);
 CREATE TABLE producers (
     id INTEGER PRIMARY KEY AUTOINCREMENT, transactional_id TEXT UNIQUE,
     epoch INTEGER NOT NULL DEFAULT 0, txn_timeout_ms INTEGER, current_txn INTEGER,
@@ -189,3 +199,53 @@ def _validate_or_create(conn: sqlite3.Connection, path: Path) -> None:
             f"{path} was written by a newer assured (schema {version}; this one reads up to "
             f"{SCHEMA_VERSION}). Upgrade assured to open it; the file was not modified."
         )
+    if version < SCHEMA_VERSION:
+        _upgrade(conn)
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Schema 1 (a row per record) to 2 (record batches), in one transaction: every record
+    keeps its offset, timestamp, key, value, headers and transaction state."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if int(version) == 1:  # not upgraded by another process meanwhile
+            conn.execute(_DDL[_DDL.index("CREATE TABLE batches") :].split(";", maxsplit=1)[0])
+            rows = conn.execute("SELECT id, ts, key, value, headers, txn FROM records ORDER BY id")
+            conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)", _as_batches(rows))
+            conn.execute("DROP TABLE records")
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _as_batches(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """Schema 1's record rows, in id order, as schema 2's batch rows: runs of consecutive
+    offsets of one partition in one transaction state (each marker alone)."""
+    run: list[Row] = []
+    first = txn = 0
+    for row_id, ts, key, value, headers, row_txn in rows:
+        if run and (
+            row_id != first + len(run)
+            or row_txn != txn
+            or row_txn == 0
+            or len(run) >= MAX_BATCH_RECORDS
+            or row_id >> OFFSET_BITS != first >> OFFSET_BITS
+        ):
+            yield _batch_row(first, txn, run)
+            run = []
+        if not run:
+            first, txn = row_id, row_txn
+        run.append((ts, key, value, headers))
+    if run:
+        yield _batch_row(first, txn, run)
+
+
+def _batch_row(first: int, txn: int | None, run: list[Row]) -> tuple[Any, ...]:
+    data, max_ts = encode(run)
+    size = 0 if txn == 0 else sum(map(row_size, run))  # markers count for no bytes
+    return (first, first + len(run) - 1, max_ts, size, txn, data)
