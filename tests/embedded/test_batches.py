@@ -1,0 +1,190 @@
+"""Record batches: the engine stores records many to a SQLite row; every record still reads back
+whole, from any offset, and schema-1 files (a row per record) are upgraded on open."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from assured.errors import EngineFileError
+from assured.log import Record, TopicPartition, open_log
+from assured.log._models import encode_headers
+from assured.log.embedded import Engine
+from assured.log.embedded._batches import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
+from assured.log.embedded._engine import rid
+from assured.log.embedded._schema import SCHEMA_VERSION
+
+TP = TopicPartition("t", 0)
+
+
+def _rows(count: int) -> list[tuple[int, bytes | None, bytes | None, bytes | None]]:
+    """Records whose every column varies: None and empty keys, values of different sizes,
+    headers on some."""
+    rows = []
+    for i in range(count):
+        key = None if i % 3 == 0 else (b"" if i % 3 == 1 else b"k%d" % i)
+        value = None if i % 50 == 7 else b"v%d-" % i + bytes(i % 17)
+        headers = encode_headers([("n", b"%d" % i), ("none", None)]) if i % 5 == 0 else None
+        rows.append((1_700_000_000_000 + i, key, value, headers))
+    return rows
+
+
+def _read(
+    path: Path, start: int, max_records: int, isolation: str = "read_committed"
+) -> list[Record]:
+    log = open_log(f"embedded://{path}")
+    with log.consumer(isolation=isolation) as consumer:  # type: ignore[arg-type]
+        consumer.assign([TP])
+        consumer.seek(TP, start)
+        out: list[Record] = []
+        while got := consumer.poll(max_records=max_records, timeout=0.2):
+            assert len(got) <= max_records
+            out += got
+        return out
+
+
+def test_a_large_append_is_split_and_every_record_reads_back_from_any_offset(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.db"
+    engine = Engine(path)
+    engine.create_topic("t", 1, {"max.message.bytes": str(2 * MAX_BATCH_BYTES)})
+    part = engine.part_id(TP)
+    count = 2 * MAX_BATCH_RECORDS + 500
+    rows = _rows(count)
+    big = [(1, None, bytes(MAX_BATCH_BYTES // 2 + 1), None) for _ in range(3)]
+    with engine.write():
+        assert engine.append(part, rows) == (0, False)
+        assert engine.append(part, big) == (count, False)
+    stored = engine.conn.execute(
+        "SELECT id - ?, last - ? FROM batches ORDER BY id", (rid(part, 0), rid(part, 0))
+    ).fetchall()
+    engine.close()
+    # By count (1000, 1000, 500), then by size: no two half-megabyte records share a batch.
+    assert stored == [
+        (0, 999),
+        (1000, 1999),
+        (2000, count - 1),
+        (count, count),
+        (count + 1, count + 1),
+        (count + 2, count + 2),
+    ]
+
+    every = rows + big
+    for start in (0, 1, 999, 1000, 1001, 1999, 2000, count - 1, count + 1):
+        for max_records in (1, 7, 1000):
+            if max_records == 1 and start < count - 5:
+                continue  # one at a time over thousands of records says nothing new
+            got = _read(path, start, max_records)
+            assert [r.offset for r in got] == list(range(start, len(every)))
+            for record in got:
+                ts, key, value, headers = every[record.offset]
+                assert (record.topic, record.partition) == ("t", 0)
+                assert (record.timestamp_ms, record.key, record.value) == (ts, key, value)
+                if headers is None:
+                    assert record.headers == ()
+                else:
+                    n = record.offset
+                    assert record.headers == (("n", b"%d" % n), ("none", None))
+
+
+def test_retention_inside_a_batch_keeps_exact_offsets_and_byte_counts(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    engine = Engine(path)
+    engine.create_topic("t", 1, {"retention.bytes": "1000", "retention.ms": "-1"})
+    part = engine.part_id(TP)
+    with engine.write():
+        engine.append(part, [(1, None, bytes(100), None)] * 25)  # one batch, 2500 bytes
+    assert engine.enforce_retention() == 15  # down to 1000 bytes: 10 records stay
+    low, high, _lso, _ = engine.bounds(part)
+    assert (low, high) == (15, 25)
+    (kept_bytes,) = engine.conn.execute(
+        "SELECT bytes FROM partitions WHERE id = ?", (part,)
+    ).fetchone()
+    assert kept_bytes == 1000
+    # The batch still holds all 25 records; readers start at the log start all the same.
+    assert engine.conn.execute("SELECT count(*) FROM batches").fetchone() == (1,)
+    assert [r.offset for r in _read(path, 0, 500)] == list(range(15, 25))
+
+    with engine.write():
+        engine.append(part, [(2, None, bytes(100), None)] * 5)
+    assert engine.enforce_retention() == 5
+    assert engine.bounds(part)[:2] == (20, 30)
+    assert engine.conn.execute("SELECT count(*) FROM batches").fetchone() == (2,)
+    with engine.write():
+        engine.append(part, [(3, None, bytes(100), None)] * 10)
+    assert engine.enforce_retention() == 10  # both older batches go whole, rows and all
+    assert engine.conn.execute("SELECT count(*) FROM batches").fetchone() == (1,)
+    assert engine.conn.execute("SELECT bytes FROM partitions WHERE id = ?", (part,)).fetchone() == (
+        1000,
+    )
+    engine.close()
+
+
+def test_a_schema_1_file_is_upgraded_on_open_with_every_record_intact(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    engine = Engine(path)
+    engine.create_topic("t", 1, None)
+    engine.close()
+    headers = encode_headers([("h", b"1")])
+    # Schema 1, as assured wrote it: one row per record, id = (partition id << 40) | offset.
+    with sqlite3.connect(path) as conn:
+        (part,) = conn.execute("SELECT id FROM partitions").fetchone()
+        conn.execute("DROP TABLE batches")
+        conn.execute(
+            "CREATE TABLE records (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, key BLOB, "
+            "value BLOB, headers BLOB, txn INTEGER)"
+        )
+        old = [
+            (0, 10, b"k0", b"plain-0", None, None),
+            (1, 11, None, b"plain-1", headers, None),
+            (2, 12, b"", b"plain-2", None, None),
+            (3, 13, None, b"committed-3", None, 5),
+            (4, 14, None, b"committed-4", None, 5),
+            (5, 15, None, b"COMMIT", None, 0),
+            (6, 16, None, b"aborted-6", None, -6),
+            (7, 17, None, b"aborted-7", None, -6),
+            (8, 18, None, b"ABORT", None, 0),
+            (9, 19, None, b"plain-9", None, None),
+        ]
+        conn.executemany(
+            "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)",
+            [(rid(part, off), *rest) for off, *rest in old],
+        )
+        conn.execute("UPDATE partitions SET next_offset = 10 WHERE id = ?", (part,))
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+
+    committed = _read(path, 0, 500)
+    assert [(r.offset, r.timestamp_ms, r.key, r.value) for r in committed] == [
+        (off, ts, key, value) for off, ts, key, value, _, txn in old if txn is None or txn > 0
+    ]
+    assert committed[1].headers == (("h", b"1"),)
+    uncommitted = _read(path, 0, 500, isolation="read_uncommitted")
+    assert [r.offset for r in uncommitted] == [0, 1, 2, 3, 4, 6, 7, 9]
+    with sqlite3.connect(path) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        markers = conn.execute("SELECT id - ? FROM batches WHERE txn = 0", (rid(part, 0),))
+        assert sorted(off for (off,) in markers) == [5, 8]
+    assert "records" not in tables
+    assert int(version) == SCHEMA_VERSION
+
+
+def test_a_damaged_batch_is_reported_as_corrupt_and_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    log = open_log(f"embedded://{path}")
+    with log.admin() as admin:
+        admin.create_topic("t", 1)
+    with log.producer() as producer:
+        for i in range(10):
+            producer.send("t", b"%d" % i, partition=0)
+            producer.flush()  # ten batches of one record
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "UPDATE batches SET data = x'deadbeef' WHERE id = (SELECT min(id) + 4 FROM batches)"
+        )
+    with pytest.raises(EngineFileError, match=r"batch at t\[0\] offset 4 is damaged.*corrupt"):
+        _read(path, 0, 500)
+    assert [r.value for r in _read(path, 5, 500)] == [b"%d" % i for i in range(5, 10)]
