@@ -144,9 +144,14 @@ def translate(
 
 
 def _is_retriable(e: BaseException) -> bool:
+    """What librdkafka calls retriable, and a coordinator or leader that moved or is still
+    loading (librdkafka leaves NOT_COORDINATOR unflagged when a call such as committed() meets
+    it, e.g. on a broker that has just started): never a fatal or abortable error."""
     if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError):
         err: KafkaError = e.args[0]
-        return bool(err.retriable()) and not err.fatal() and not err.txn_requires_abort()
+        if err.fatal() or err.txn_requires_abort():
+            return False
+        return bool(err.retriable()) or err.code() in _MOVED
     return False
 
 
