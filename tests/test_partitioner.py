@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from assured.log import murmur2, partition_for_key
+from assured.log.partitioner import murmur2_python
 
 JAVA_MURMUR2 = [
     ("21", -973932308),
@@ -19,8 +22,18 @@ JAVA_MURMUR2 = [
 
 
 @pytest.mark.parametrize(("key", "expected"), JAVA_MURMUR2)
-def test_murmur2_matches_java(key: str, expected: int) -> None:
-    assert murmur2(key.encode()) == expected
+@pytest.mark.parametrize("hash_of", [murmur2, murmur2_python], ids=["compiled", "python"])
+def test_murmur2_matches_java(key: str, expected: int, hash_of: Callable[[bytes], int]) -> None:
+    assert hash_of(key.encode()) == expected
+
+
+def test_the_compiled_hash_is_in_use() -> None:
+    assert murmur2 is not murmur2_python  # murmurhash2 is a dependency: its wheel is installed
+
+
+@given(st.binary(max_size=300))
+def test_the_compiled_hash_agrees_with_the_python_one(key: bytes) -> None:
+    assert murmur2(key) == murmur2_python(key)
 
 
 def test_partition_is_the_positive_hash_modulo_partitions() -> None:

@@ -3,6 +3,11 @@
 Java's default partitioner sends a keyed record to ``(murmur2(key) & 0x7fffffff) % partitions``.
 Both backends use this function (the Kafka backend sets librdkafka's ``murmur2_random``, which
 agrees), so a key lands on the same partition whichever log holds it.
+
+The hash is the ``murmurhash2`` package's, compiled (~0.3 us a key where Python takes ~2 us, a
+fifth of what the embedded producer spends per keyed record); :func:`murmur2_python` is the same
+algorithm in Python, the fallback when that package cannot be imported and the reference the
+tests hold the compiled one to.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-__all__ = ["murmur2", "partition_for_key"]
+__all__ = ["murmur2", "murmur2_python", "partition_for_key"]
 
 _SEED = 0x9747B28C
 _M = 0x5BD1E995
@@ -28,7 +33,7 @@ def _words(n: int) -> Callable[[bytes], tuple[int, ...]]:
 _WORDS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
 
 
-def murmur2(data: bytes) -> int:
+def murmur2_python(data: bytes) -> int:
     """Kafka's murmur2 (``Utils.murmur2``), returned as Java's signed 32-bit int."""
     length = len(data)
     h = _SEED ^ length
@@ -53,6 +58,18 @@ def murmur2(data: bytes) -> int:
     h = (h * m) & mask
     h ^= h >> 15
     return h - (1 << 32) if h & 0x80000000 else h
+
+
+try:
+    from murmurhash2 import murmurhash2 as _compiled
+except ImportError:  # pragma: no cover - a platform without its wheel
+    murmur2 = murmur2_python
+else:
+
+    def murmur2(data: bytes) -> int:
+        """Kafka's murmur2 (``Utils.murmur2``), returned as Java's signed 32-bit int."""
+        h: int = _compiled(data, _SEED)
+        return h - (1 << 32) if h & 0x80000000 else h
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
