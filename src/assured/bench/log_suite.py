@@ -104,40 +104,24 @@ def _consume(log: EmbeddedLog, records: int, batch: int) -> float:
     return _rate(seen, elapsed)
 
 
-def read_back(
-    conn: sqlite3.Connection,
-    ranges: Sequence[tuple[int, int]],
-    batch: int,
-    columns: str = "id, ts, key, value",
-    where: str = "",
-) -> tuple[int, float]:
-    """Plain sqlite3 reading every row of a ``records`` table whose ``id`` (its rowid) is in
-    one of ``ranges``, ``batch`` rows per ``SELECT ... fetchall()`` (``where`` adds a
-    condition); returns (rows read, seconds)."""
-    sql = (
-        f"SELECT {columns} FROM records "  # noqa: S608
-        f"WHERE id >= ? AND id < ? {where} ORDER BY id LIMIT ?"
-    )
-    seen = 0
-    start = time.perf_counter()
-    for first, end in ranges:
-        position = first
-        while True:
-            rows = conn.execute(sql, (position, end, batch)).fetchall()
-            if not rows:
-                break
-            seen += len(rows)
-            position = rows[-1][0] + 1
-    return seen, time.perf_counter() - start
-
-
 def _raw_select(path: Path, records: int, batch: int) -> float:
     """Plain sqlite3 reading back the rows :class:`_RawSqlite` wrote (as many as the consumer
     reads), ``batch`` rows per query: records per second."""
     conn = sqlite3.connect(path)
+    seen, position = 0, 0
     try:
         conn.execute("PRAGMA mmap_size=268435456")  # as the engine reads
-        seen, elapsed = read_back(conn, [(0, 2**63 - 1)], batch)
+        start = time.perf_counter()
+        while True:
+            rows = conn.execute(
+                "SELECT id, ts, key, value FROM records WHERE id >= ? ORDER BY id LIMIT ?",
+                (position, batch),
+            ).fetchall()
+            if not rows:
+                break
+            seen += len(rows)
+            position = rows[-1][0] + 1
+        elapsed = time.perf_counter() - start
     finally:
         conn.close()
     if seen != records:

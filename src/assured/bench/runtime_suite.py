@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -41,9 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from assured.bench.log_suite import machine_facts, read_back
+from assured.bench.log_suite import machine_facts
 from assured.log import Log, open_log
-from assured.log.embedded._engine import rid
 
 __all__ = ["RuntimeBenchConfig", "System", "run_runtime_suite", "systems_for"]
 
@@ -376,60 +374,6 @@ def _memory(bench: _Bench) -> dict[str, Any]:
     return {"system": system.system, "guarantee": system.guarantee, **result}
 
 
-def _sqlite_ceiling(folder: Path, run_id: str, records: int, size: int) -> dict[str, float]:
-    """What plain ``sqlite3`` alone allows for a consume -> produce pipeline on this machine,
-    measured now: insert ``records`` rows shaped as the engine's (4 partitions' id ranges,
-    1000 rows per transaction, the engine's pragmas), then read them back 1000 per query.
-    A pipeline that reads a record and writes one can go no faster than
-    1 / (1/insert + 1/select), before any Python of its own."""
-    path = folder / f"runtime-{run_id}-sqlite.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        for pragma in (
-            "journal_mode=WAL",
-            "synchronous=NORMAL",
-            "cache_size=-32768",
-            "mmap_size=268435456",
-        ):
-            conn.execute(f"PRAGMA {pragma}")
-        conn.execute(
-            "CREATE TABLE records (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, key BLOB, "
-            "value BLOB, headers BLOB, txn INTEGER)"
-        )
-        value, batch, parts = b"x" * size, 1000, 4
-        ends = [0] * parts
-        insert_s = 0.0
-        for i in range(0, records, batch):
-            part = (i // batch) % parts
-            base = rid(part, ends[part])
-            n = min(batch, records - i)
-            ts = 1_700_000_000_000
-            rows = [(base + j, ts, b"%08d" % (i + j), value, None, 1) for j in range(n)]
-            start = time.perf_counter()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
-            conn.execute("COMMIT")
-            insert_s += time.perf_counter() - start
-            ends[part] += n
-        seen, select_s = read_back(
-            conn,
-            [(rid(part, 0), rid(part + 1, 0)) for part in range(parts)],
-            batch,
-            columns="id, ts, key, value, headers",
-            where="AND (txn IS NULL OR txn > 0)",
-        )
-    finally:
-        conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-    insert, select = records / insert_s, seen / select_s
-    return {
-        "sqlite_raw_insert_per_s": round(insert, 1),
-        "sqlite_raw_select_per_s": round(select, 1),
-        "sqlite_raw_ceiling_per_s": round(1 / (1 / insert + 1 / select), 1),
-    }
-
-
 def _versions(config: RuntimeBenchConfig) -> dict[str, Any]:
     from importlib import metadata
 
@@ -528,13 +472,6 @@ def run_runtime_suite(
                     "rss_growth_mb": memory["rss_growth_mb"],
                 }
             )
-        if bench.folder is not None:
-            say("plain sqlite3: the same rows inserted and read back (the engine's ceiling)")
-            ceiling = _sqlite_ceiling(
-                bench.folder, bench.run_id, config.records, config.record_size
-            )
-            for row in rows:
-                row.update(ceiling)
     finally:
         bench.cleanup(logs)
     facts = {**machine_facts(), **_versions(config), "input_produce_s": round(produce_s, 2)}
