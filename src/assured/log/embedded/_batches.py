@@ -53,10 +53,10 @@ def row_size(row: Row) -> int:
     )
 
 
-def iter_rows(data: bytes, where: str) -> Iterator[Row]:
+def iter_rows(data: bytes, where: object, offset: int) -> Iterator[Row]:
     """The records of a batch blob as rows, one by one (for the rare walks over single
     records; reading goes through :func:`decode`)."""
-    ts, keys, values, headers = decode(data, where)
+    ts, keys, values, headers = decode(data, where, offset)
     none = repeat(None)
     return zip(  # noqa: B905 - the columns' lengths were checked by decode()
         ts, none if keys is None else keys, values, none if headers is None else headers
@@ -90,8 +90,9 @@ def encode(rows: Sequence[Row]) -> tuple[bytes, int]:
     return blob, max(ts)
 
 
-def decode(data: bytes, where: str) -> Columns:
-    """The columns of a batch blob; :class:`EngineFileError` if it is damaged."""
+def decode(data: bytes, where: object, offset: int) -> Columns:
+    """The columns of the batch blob at ``offset`` of ``where`` (a partition);
+    :class:`EngineFileError` if it is damaged."""
     try:
         columns = marshal.loads(data)  # noqa: S302 - only blobs this engine wrote, checked below
         ts, keys, values, headers = columns
@@ -106,7 +107,7 @@ def decode(data: bytes, where: str) -> Columns:
             raise ValueError("columns of different lengths")
     except (ValueError, TypeError, EOFError) as e:
         raise EngineFileError(
-            f"the record batch at {where} is damaged ({e}); the engine file is corrupt. "
-            "Restore it from a copy, or read the partitions before this point only."
+            f"the record batch at {where} offset {offset} is damaged ({e}): the engine file is "
+            "corrupt. Restore it from a copy; the records before that offset still read."
         ) from None
     return columns  # type: ignore[no-any-return]

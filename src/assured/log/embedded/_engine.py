@@ -563,7 +563,7 @@ class Engine:
         gc.disable()
         try:
             for first, last, data in cursor:
-                ts, keys, values, headers = _batches.decode(data, f"{tp} offset {first}")
+                ts, keys, values, headers = _batches.decode(data, tp, first)
                 skip = position - first if first < position else 0
                 take = min(last - first + 1 - skip, limit - len(out))
                 end = skip + take
@@ -648,8 +648,9 @@ class Engine:
             if cut <= low:
                 return 0
             gone_bytes = self._bytes_between(part, low, cut)
-            c.execute(
-                "DELETE FROM batches WHERE id >= ? AND last < ?", (rid(part, 0), rid(part, cut))
+            c.execute(  # whole batches only: one that straddles the cut stays, read from `cut`
+                "DELETE FROM batches WHERE id >= ? AND id < ? AND last < ?",
+                (rid(part, 0), rid(part, cut), rid(part, cut)),
             )
             c.execute(
                 "UPDATE partitions SET log_start = ?, bytes = bytes - ? WHERE id = ?",
@@ -671,8 +672,7 @@ class Engine:
     def _sizes(self, part: int, offset: int) -> Iterator[tuple[int, int, int]]:
         """(offset, timestamp, bytes) of each record of ``part`` from ``offset`` on."""
         for first, _last, _bytes, txn, data in self._batches_from(part, offset):
-            where = f"partition {part} offset {first}"
-            for off, row in enumerate(_batches.iter_rows(data, where), first):
+            for off, row in enumerate(_batches.iter_rows(data, f"partition {part}", first), first):
                 if off >= offset:
                     yield off, row[0], 0 if txn == 0 else _batches.row_size(row)
 
@@ -685,10 +685,11 @@ class Engine:
             if first >= start and last < end:
                 total += size
             elif txn != 0:  # a batch cut by `start` or `end`: its records one by one
-                where = f"partition {part} offset {first}"
                 total += sum(
                     _batches.row_size(row)
-                    for off, row in enumerate(_batches.iter_rows(data, where), first)
+                    for off, row in enumerate(
+                        _batches.iter_rows(data, f"partition {part}", first), first
+                    )
                     if start <= off < end
                 )
         return total
