@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from assured.errors import EngineFileError
 from assured.log import Record, TopicPartition, open_log
 from assured.log._models import encode_headers
-from assured.log.embedded import Engine
+from assured.log.embedded import Engine, _batches
 from assured.log.embedded._batches import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
-from assured.log.embedded._engine import rid
+from assured.log.embedded._engine import now_ms, rid
 from assured.log.embedded._schema import SCHEMA_VERSION
 
 TP = TopicPartition("t", 0)
@@ -126,12 +127,12 @@ def test_retention_inside_a_batch_keeps_exact_offsets_and_byte_counts(tmp_path: 
 def test_a_schema_1_file_is_upgraded_on_open_with_every_record_intact(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     engine = Engine(path)
-    engine.create_topic("t", 1, None)
+    engine.create_topic("t", 2, None)
     engine.close()
     headers = encode_headers([("h", b"1")])
     # Schema 1, as assured wrote it: one row per record, id = (partition id << 40) | offset.
     with sqlite3.connect(path) as conn:
-        (part,) = conn.execute("SELECT id FROM partitions").fetchone()
+        part, other = (p for (p,) in conn.execute("SELECT id FROM partitions ORDER BY id"))
         conn.execute("DROP TABLE batches")
         conn.execute(
             "CREATE TABLE records (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, key BLOB, "
@@ -147,29 +148,142 @@ def test_a_schema_1_file_is_upgraded_on_open_with_every_record_intact(tmp_path: 
             (6, 16, None, b"aborted-6", None, -6),
             (7, 17, None, b"aborted-7", None, -6),
             (8, 18, None, b"ABORT", None, 0),
-            (9, 19, None, b"plain-9", None, None),
+            *((off, 19, None, b"plain-%d" % off, None, None) for off in range(9, 2509)),
+            (2509, 20, None, b"open-2509", None, 7),  # a transaction still open
+            (2510, 21, None, b"open-2510", None, 7),
         ]
         conn.executemany(
             "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)",
-            [(rid(part, off), *rest) for off, *rest in old],
+            [(rid(part, off), *rest) for off, *rest in old]
+            + [(rid(other, off), 30, None, b"other-%d" % off, None, None) for off in range(3)],
         )
-        conn.execute("UPDATE partitions SET next_offset = 10 WHERE id = ?", (part,))
+        conn.execute("UPDATE partitions SET next_offset = 2511, bytes = 3 WHERE id = ?", (part,))
+        conn.execute("UPDATE partitions SET next_offset = 3 WHERE id = ?", (other,))
+        conn.execute(
+            "INSERT INTO txn_parts VALUES (?, 7, 2509, ?)", (part, 2**62)
+        )  # the open transaction holds the LSO at 2509
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
 
     committed = _read(path, 0, 500)
     assert [(r.offset, r.timestamp_ms, r.key, r.value) for r in committed] == [
-        (off, ts, key, value) for off, ts, key, value, _, txn in old if txn is None or txn > 0
+        (off, ts, key, value) for off, ts, key, value, _, txn in old[:-2] if txn is None or txn > 0
     ]
     assert committed[1].headers == (("h", b"1"),)
     uncommitted = _read(path, 0, 500, isolation="read_uncommitted")
-    assert [r.offset for r in uncommitted] == [0, 1, 2, 3, 4, 6, 7, 9]
+    assert [r.offset for r in uncommitted] == [0, 1, 2, 3, 4, 6, 7, *range(9, 2511)]
+    log = open_log(f"embedded://{path}")
+    with log.consumer() as consumer:
+        consumer.assign([TopicPartition("t", 1)])
+        assert [r.value for r in consumer.poll(timeout=1)] == [b"other-0", b"other-1", b"other-2"]
     with sqlite3.connect(path) as conn:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        markers = conn.execute("SELECT id - ? FROM batches WHERE txn = 0", (rid(part, 0),))
-        assert sorted(off for (off,) in markers) == [5, 8]
+        spans = conn.execute(
+            "SELECT id - ?, last - ?, txn FROM batches WHERE id >= ? AND id < ? ORDER BY id",
+            (rid(part, 0), rid(part, 0), rid(part, 0), rid(part + 1, 0)),
+        ).fetchall()
+        (stored_bytes,) = conn.execute(
+            "SELECT bytes FROM partitions WHERE id = ?", (part,)
+        ).fetchone()
     assert "records" not in tables
     assert int(version) == SCHEMA_VERSION
+    # Runs of one transaction state, markers alone, at most MAX_BATCH_RECORDS to a batch.
+    assert spans == [
+        (0, 2, None),
+        (3, 4, 5),
+        (5, 5, 0),
+        (6, 7, -6),
+        (8, 8, 0),
+        (9, 1008, None),
+        (1009, 2008, None),
+        (2009, 2508, None),
+        (2509, 2510, 7),
+    ]
+    # The byte count is taken afresh from the records (schema 1's could be off; here it was 3).
+    assert stored_bytes == sum(
+        len(key or b"") + len(value) + len(h or b"") for _, _, key, value, h, txn in old if txn != 0
+    )
+
+
+def test_an_empty_append_writes_nothing(tmp_path: Path) -> None:
+    engine = Engine(tmp_path / "x.db")
+    engine.create_topic("t", 1, None)
+    part = engine.part_id(TP)
+    pid = engine.new_producer()
+    with engine.write():
+        assert engine.append(part, [(1, None, b"a", None)], (pid, 0, 0)) == (0, False)
+        assert engine.append(part, []) == (1, False)
+        assert engine.append(part, [], (pid, 0, 1)) == (1, False)
+        assert engine.append(part, [(2, None, b"b", None)], (pid, 0, 1)) == (1, False)
+    assert engine.bounds(part)[:2] == (0, 2)
+    assert engine.conn.execute("SELECT count(*) FROM batches").fetchone() == (2,)
+    engine.close()
+
+
+def test_retention_by_time_inside_a_batch_and_beside_markers(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    log = open_log(f"embedded://{path}")
+    with log.admin() as admin:
+        admin.create_topic("t", 1, {"retention.ms": "60000"})
+    now = now_ms()
+    old, new = now - 120_000, now
+    engine = Engine(path)
+    part = engine.part_id(TP)
+    with engine.write():  # one batch: three old records, then two recent ones
+        engine.append(part, [(old, None, b"o", None)] * 3 + [(new, None, b"n", None)] * 2)
+    assert engine.enforce_retention(now) == 3
+    assert engine.bounds(part)[:2] == (3, 5)
+    assert [r.value for r in _read(path, 0, 500)] == [b"n", b"n"]
+
+    producer = log.producer(transactional_id="tx")
+    producer.init_transactions()
+    for end in (producer.abort_transaction, producer.commit_transaction):
+        producer.begin_transaction()
+        producer.send("t", b"txn", partition=0, timestamp_ms=old)
+        producer.flush()
+        end()  # its marker takes the next offset, stamped now
+    later = now + 600_000
+    with log.producer() as plain:
+        plain.send("t", b"later", partition=0, timestamp_ms=later)
+        plain.send("t", b"later", partition=0, timestamp_ms=later)
+    producer.close()
+    # 5: aborted record, 6: its marker, 7: committed record, 8: its marker, 9 and 10: later.
+    assert engine.enforce_retention(later - 30_000) == 6  # everything before 9, markers too
+    assert engine.bounds(part)[:2] == (9, 11)
+    assert [r.offset for r in _read(path, 0, 500, "read_uncommitted")] == [9, 10]
+    (kept,) = engine.conn.execute("SELECT bytes FROM partitions WHERE id = ?", (part,)).fetchone()
+    assert kept == 2 * len(b"later")
+    engine.close()
+
+
+def test_retention_reads_only_the_batches_a_cut_falls_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(tmp_path / "x.db")
+    engine.create_topic("t", 1, {"retention.bytes": "-1"})
+    part = engine.part_id(TP)
+    now = now_ms()
+    for _ in range(50):
+        with engine.write():
+            engine.append(part, [(now, None, bytes(100), None)] * 100)  # 50 batches, 10,000 B each
+    decoded: list[int] = []
+    real = _batches.decode
+
+    def counting(data: bytes, where: object, offset: int, count: int | None = None) -> Any:
+        decoded.append(offset)
+        return real(data, where, offset, count)
+
+    monkeypatch.setattr(_batches, "decode", counting)
+    assert engine.enforce_retention(now) == 0  # by time (7 days): nothing is old enough
+    assert len(decoded) == 1  # the first batch, to find its first recent record
+    decoded.clear()
+    engine.conn.execute(
+        "UPDATE topics SET config = json_set(config, '$.\"retention.bytes\"', '255050')"
+    )
+    assert engine.enforce_retention(now) == 2450  # 24.5 batches' worth goes
+    assert len(decoded) <= 3  # the batch the cut falls in, by the cut and the byte count
+    assert engine.bounds(part)[:2] == (2450, 5000)
+    engine.close()
 
 
 def test_a_damaged_batch_is_reported_as_corrupt_and_says_where(tmp_path: Path) -> None:

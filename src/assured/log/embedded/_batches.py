@@ -90,21 +90,23 @@ def encode(rows: Sequence[Row]) -> tuple[bytes, int]:
     return blob, max(ts)
 
 
-def decode(data: bytes, where: object, offset: int) -> Columns:
-    """The columns of the batch blob at ``offset`` of ``where`` (a partition);
-    :class:`EngineFileError` if it is damaged."""
+def decode(data: bytes, where: object, offset: int, count: int | None = None) -> Columns:
+    """The columns of the batch blob at ``offset`` of ``where`` (a partition), which holds
+    ``count`` records if given; :class:`EngineFileError` if it is damaged."""
     try:
         columns = marshal.loads(data)  # noqa: S302 - only blobs this engine wrote, checked below
         ts, keys, values, headers = columns
-        count = len(ts)
+        if count is None:
+            count = len(ts)
         if (
             type(ts) is not tuple
+            or len(ts) != count
             or type(values) is not tuple
             or len(values) != count
             or (keys is not None and len(keys) != count)
             or (headers is not None and len(headers) != count)
         ):
-            raise ValueError("columns of different lengths")
+            raise ValueError(f"its columns do not hold the {count} records its row says")
     except (ValueError, TypeError, EOFError) as e:
         raise EngineFileError(
             f"the record batch at {where} offset {offset} is damaged ({e}): the engine file is "

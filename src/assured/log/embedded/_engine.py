@@ -348,6 +348,11 @@ class Engine:
         idempotence: a batch whose sequence was already written returns its first offset and
         appends nothing. Call inside :meth:`write`."""
         c = self.conn
+        if not rows:  # nothing to write: the offset the next record will get
+            row = c.execute("SELECT next_offset FROM partitions WHERE id = ?", (part,)).fetchone()
+            if row is None:
+                raise UnknownTopicError(f"the topic of partition {part} was deleted")
+            return int(row[0]), False
         if producer is not None:
             written = self._check_sequence(part, producer, len(rows))
             if written is not None:
@@ -563,7 +568,7 @@ class Engine:
         gc.disable()
         try:
             for first, last, data in cursor:
-                ts, keys, values, headers = _batches.decode(data, tp, first)
+                ts, keys, values, headers = _batches.decode(data, tp, first, last - first + 1)
                 skip = position - first if first < position else 0
                 take = min(last - first + 1 - skip, limit - len(out))
                 end = skip + take
@@ -628,22 +633,21 @@ class Engine:
 
     def _retain(self, part: int, oldest_ts: int | None, max_bytes: int) -> int:
         """Move ``part``'s log start past what its retention lets go, record by record (a
-        batch goes once its last record has); returns how many offsets went."""
+        batch's row goes once its last record has); returns how many offsets went. Whole
+        batches are judged by their row's ``max_ts`` and ``bytes``; only a batch that a cut
+        falls inside is decoded."""
         with self.write() as c:
             low, _high, lso, _ = self.bounds(part)
             cut = low
             if oldest_ts is not None:  # up to the first record that is recent enough
-                cut = next((off for off, ts, _ in self._sizes(part, low) if ts >= oldest_ts), lso)
+                cut = self._first_recent(part, low, oldest_ts, lso)
             if max_bytes >= 0:
                 (total,) = c.execute(
                     "SELECT bytes FROM partitions WHERE id = ?", (part,)
                 ).fetchone()
                 over = total - self._bytes_between(part, low, cut) - max_bytes
-                for off, _ts, size in self._sizes(part, cut):
-                    if over <= 0:
-                        break
-                    over -= size
-                    cut = off + 1
+                if over > 0:
+                    cut = self._cut_by_bytes(part, cut, over)
             cut = min(cut, lso)
             if cut <= low:
                 return 0
@@ -658,41 +662,74 @@ class Engine:
             )
             return cut - low
 
-    def _batches_from(self, part: int, offset: int) -> list[Any]:
-        """(first offset, last offset, bytes, txn, data) of ``part``'s batches that hold
-        ``offset`` or come after it."""
+    def _batches_from(
+        self, part: int, offset: int, columns: str, where: str = "", *args: int
+    ) -> Iterator[Any]:
+        """(first offset, last offset, ``columns``...) of ``part``'s batches that hold
+        ``offset`` or come after it (``where`` with ``args`` adds a condition), in order, one
+        by one: blobs are read only as far as the caller goes."""
         base = rid(part, 0)
         start = base + offset
-        return self.conn.execute(
-            "SELECT id - ?, last - ?, bytes, txn, data FROM batches "
-            "WHERE id >= ? AND id < ? AND last >= ? ORDER BY id",
-            (base, base, self._holding(base, start), rid(part + 1, 0), start),
-        ).fetchall()
+        cursor = self.conn.execute(
+            f"SELECT id - ?, last - ?, {columns} FROM batches "  # noqa: S608 - our own columns
+            f"WHERE id >= ? AND id < ? AND last >= ? {where} ORDER BY id",
+            (base, base, self._holding(base, start), rid(part + 1, 0), start, *args),
+        )
+        try:
+            yield from cursor
+        finally:
+            cursor.close()
 
-    def _sizes(self, part: int, offset: int) -> Iterator[tuple[int, int, int]]:
-        """(offset, timestamp, bytes) of each record of ``part`` from ``offset`` on."""
-        for first, _last, _bytes, txn, data in self._batches_from(part, offset):
+    def _first_recent(self, part: int, low: int, oldest_ts: int, default: int) -> int:
+        """The offset of ``part``'s first record at or after ``low`` with a timestamp of
+        ``oldest_ts`` or later; ``default`` if there is none."""
+        for first, _last, data in self._batches_from(
+            part, low, "data", "AND max_ts >= ?", oldest_ts
+        ):
             for off, row in enumerate(_batches.iter_rows(data, f"partition {part}", first), first):
-                if off >= offset:
-                    yield off, row[0], 0 if txn == 0 else _batches.row_size(row)
+                if off >= low and row[0] >= oldest_ts:
+                    return off
+        return default
+
+    def _cut_by_bytes(self, part: int, cut: int, over: int) -> int:
+        """``cut`` moved on, record by record from ``cut``, until ``over`` bytes are gone."""
+        for first, last, size, txn, data in self._batches_from(part, cut, "bytes, txn, data"):
+            if first >= cut and size < over:  # the whole batch goes, undecoded
+                over -= size
+                cut = last + 1
+                continue
+            for off, row in enumerate(_batches.iter_rows(data, f"partition {part}", first), first):
+                if off < cut:
+                    continue
+                if over <= 0:
+                    return cut
+                over -= 0 if txn == 0 else _batches.row_size(row)
+                cut = off + 1
+            if over <= 0:
+                return cut
+        return cut
 
     def _bytes_between(self, part: int, start: int, end: int) -> int:
-        """The bytes of ``part``'s records from offset ``start`` up to ``end``."""
-        total = 0
-        for first, last, size, txn, data in self._batches_from(part, start):
-            if first >= end:
-                break
-            if first >= start and last < end:
-                total += size
-            elif txn != 0:  # a batch cut by `start` or `end`: its records one by one
-                total += sum(
-                    _batches.row_size(row)
-                    for off, row in enumerate(
-                        _batches.iter_rows(data, f"partition {part}", first), first
-                    )
-                    if start <= off < end
-                )
-        return total
+        """The bytes of ``part``'s records from offset ``start`` up to ``end``: the batches
+        wholly inside by their rows' sums, the (at most two) that the bounds cut by decoding."""
+        if end <= start:
+            return 0
+        base = rid(part, 0)
+        lo, hi = base + start, base + end
+        (total,) = self.conn.execute(
+            "SELECT ifnull(sum(bytes), 0) FROM batches WHERE id >= ? AND id < ? AND last < ?",
+            (lo, hi, hi),
+        ).fetchone()
+        cut_batches = self.conn.execute(
+            "SELECT id - ?, data FROM batches "
+            "WHERE id >= ? AND id < ? AND last >= ? AND (id < ? OR last >= ?) "
+            "AND (txn IS NULL OR txn <> 0)",  # markers count for no bytes
+            (base, self._holding(base, lo), hi, lo, lo, hi),
+        ).fetchall()
+        for first, data in cut_batches:
+            rows = enumerate(_batches.iter_rows(data, f"partition {part}", first), first)
+            total += sum(_batches.row_size(row) for off, row in rows if start <= off < end)
+        return int(total)
 
     # -- consumer groups -----------------------------------------------------------------------
 

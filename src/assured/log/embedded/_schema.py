@@ -213,6 +213,12 @@ def _upgrade(conn: sqlite3.Connection) -> None:
             conn.execute(_DDL[_DDL.index("CREATE TABLE batches") :].split(";", maxsplit=1)[0])
             rows = conn.execute("SELECT id, ts, key, value, headers, txn FROM records ORDER BY id")
             conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)", _as_batches(rows))
+            # Counted afresh: schema 1's retention subtracted markers' bytes it never added.
+            conn.execute(
+                "UPDATE partitions SET bytes = (SELECT ifnull(sum(b.bytes), 0) FROM batches b "
+                "WHERE b.id >= partitions.id << ? AND b.id < (partitions.id + 1) << ?)",
+                (OFFSET_BITS, OFFSET_BITS),
+            )
             conn.execute("DROP TABLE records")
             conn.execute(
                 "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
