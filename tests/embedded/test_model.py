@@ -12,7 +12,8 @@ admin, producers, consumers) and keeps, beside it, what Kafka says must be in th
 
 Producers linger for an hour and batches never fill up, so a record lands exactly when the test
 calls ``flush`` or ``commit_transaction``; that makes every offset predictable, and delivery
-reports are checked against the model.
+reports are checked against the model. The engine stores at most 3 records to a batch here (1000
+in use), so reads, seeks and polls start and stop inside batches all the time.
 
 A fenced producer (another instance ran ``init_transactions`` with its transactional id) must
 raise ``ProducerFencedError`` from every call that reaches the log, and from every call once it
@@ -55,6 +56,7 @@ from assured.log import (
     open_log,
     partition_for_key,
 )
+from assured.log.embedded import _batches
 
 TOPICS = {"alpha": 3, "beta": 2}
 ALL_TPS = tuple(TopicPartition(t, p) for t, n in TOPICS.items() for p in range(n))
@@ -159,6 +161,7 @@ def row(r: Record) -> Row:
 class EmbeddedLogModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        self.batch_limit, _batches.MAX_BATCH_RECORDS = _batches.MAX_BATCH_RECORDS, 3
         self.dir = tempfile.mkdtemp(prefix="assured-model-")
         self.clients: list[Admin | Producer | Consumer] = []
         # The model.
@@ -189,6 +192,7 @@ class EmbeddedLogModel(RuleBasedStateMachine):
                 client.close()
             self.log.close()
         finally:
+            _batches.MAX_BATCH_RECORDS = self.batch_limit
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- clients -------------------------------------------------------------------------------
