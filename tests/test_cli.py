@@ -38,6 +38,8 @@ def test_demo_shows_each_guarantee_holding_under_crashes(tmp_path: Path) -> None
     assert by["at-least-once"]["lost"] == 0
     assert by["at-least-once"]["duplicated"] > 0
     assert by["exactly-once"]["lost"] == by["exactly-once"]["duplicated"] == 0
+    for row in report:  # every planned crash landed mid-stream, half SIGKILLs, half crash points
+        assert row["faults"] == {"sigkill": 2, "crash-points": 2}, row["guarantee"]
     assert f"at-most-once: {by['at-most-once']['lost']} charges lost, none charged twice." in out
     assert "exactly-once: no charges lost, none charged twice." in out
     assert (tmp_path / "assured-demo-report" / "audit.png").stat().st_size > 10_000

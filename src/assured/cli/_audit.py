@@ -67,6 +67,12 @@ def audit(
         Path(".kafka"), help="State folder of `make kafka-up NODES=3`, for broker-kill."
     ),
     session_timeout_ms: int = typer.Option(0, help="Processors' session timeout (0: auto)."),
+    handle_delay_ms: float = typer.Option(
+        0.0,
+        min=0.0,
+        help="Work per message in each processor, so that a short run lasts long enough for "
+        "every planned fault to land mid-stream.",
+    ),
     timeout: float = typer.Option(600, help="Give up on a run after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     report: Path | None = typer.Option(None, help="Write audit.json, audit.png, history.jsonl."),
@@ -105,6 +111,7 @@ def audit(
                 workdir=workdir,
                 postgres_dsn=postgres_dsn or None,
                 session_timeout_ms=session,
+                handle_delay_ms=handle_delay_ms,
                 timeout_s=timeout,
                 broker=broker,
             )
@@ -152,6 +159,9 @@ def demo(
             seed=seed,
             workdir=workdir,
             session_timeout_ms=1000,
+            # 1 ms of work per charge: the run lasts long enough for every planned crash to
+            # land mid-stream, however fast the runtime gets.
+            handle_delay_ms=1.0,
             timeout_s=300,
         )
         for g in GUARANTEES
