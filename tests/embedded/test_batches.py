@@ -130,6 +130,10 @@ def test_a_schema_1_file_is_upgraded_on_open_with_every_record_intact(tmp_path: 
     engine.create_topic("t", 2, None)
     engine.close()
     headers = encode_headers([("h", b"1")])
+
+    def big(off: int) -> bytes:  # two of these are over a batch's byte limit
+        return b"other-%d" % off + bytes(MAX_BATCH_BYTES // 2)
+
     # Schema 1, as assured wrote it: one row per record, id = (partition id << 40) | offset.
     with sqlite3.connect(path) as conn:
         part, other = (p for (p,) in conn.execute("SELECT id FROM partitions ORDER BY id"))
@@ -155,7 +159,7 @@ def test_a_schema_1_file_is_upgraded_on_open_with_every_record_intact(tmp_path: 
         conn.executemany(
             "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)",
             [(rid(part, off), *rest) for off, *rest in old]
-            + [(rid(other, off), 30, None, b"other-%d" % off, None, None) for off in range(3)],
+            + [(rid(other, off), 30, None, big(off), None, None) for off in range(3)],
         )
         conn.execute("UPDATE partitions SET next_offset = 2511, bytes = 3 WHERE id = ?", (part,))
         conn.execute("UPDATE partitions SET next_offset = 3 WHERE id = ?", (other,))
@@ -174,13 +178,17 @@ def test_a_schema_1_file_is_upgraded_on_open_with_every_record_intact(tmp_path: 
     log = open_log(f"embedded://{path}")
     with log.consumer() as consumer:
         consumer.assign([TopicPartition("t", 1)])
-        assert [r.value for r in consumer.poll(timeout=1)] == [b"other-0", b"other-1", b"other-2"]
+        assert [r.value for r in consumer.poll(timeout=1)] == [big(0), big(1), big(2)]
     with sqlite3.connect(path) as conn:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         spans = conn.execute(
             "SELECT id - ?, last - ?, txn FROM batches WHERE id >= ? AND id < ? ORDER BY id",
             (rid(part, 0), rid(part, 0), rid(part, 0), rid(part + 1, 0)),
+        ).fetchall()
+        other_spans = conn.execute(
+            "SELECT id - ?, last - ? FROM batches WHERE id >= ? ORDER BY id",
+            (rid(other, 0), rid(other, 0), rid(other, 0)),
         ).fetchall()
         (stored_bytes,) = conn.execute(
             "SELECT bytes FROM partitions WHERE id = ?", (part,)
@@ -199,6 +207,7 @@ def test_a_schema_1_file_is_upgraded_on_open_with_every_record_intact(tmp_path: 
         (2009, 2508, None),
         (2509, 2510, 7),
     ]
+    assert other_spans == [(0, 0), (1, 1), (2, 2)]  # split by size
     # The byte count is taken afresh from the records (schema 1's could be off; here it was 3).
     assert stored_bytes == sum(
         len(key or b"") + len(value) + len(h or b"") for _, _, key, value, h, txn in old if txn != 0

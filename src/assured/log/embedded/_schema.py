@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from assured.errors import AssuredError, EngineFileError, LogError, RetriableError
-from assured.log.embedded._batches import MAX_BATCH_RECORDS, Row, encode, row_size
+from assured.log.embedded._batches import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_RECORDS,
+    Row,
+    encode,
+    row_size,
+)
 
 __all__ = ["FORMAT", "OFFSET_BITS", "SCHEMA_VERSION", "Durability", "connect", "rid", "translate"]
 
@@ -231,22 +237,27 @@ def _upgrade(conn: sqlite3.Connection) -> None:
 
 def _as_batches(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
     """Schema 1's record rows, in id order, as schema 2's batch rows: runs of consecutive
-    offsets of one partition in one transaction state (each marker alone)."""
+    offsets of one partition in one transaction state (each marker alone), within the batch
+    limits of record count and bytes."""
     run: list[Row] = []
-    first = txn = 0
+    first = txn = run_bytes = 0
     for row_id, ts, key, value, headers, row_txn in rows:
+        record: Row = (ts, key, value, headers)
+        size = row_size(record)
         if run and (
             row_id != first + len(run)
             or row_txn != txn
             or row_txn == 0
             or len(run) >= MAX_BATCH_RECORDS
+            or run_bytes + size > MAX_BATCH_BYTES
             or row_id >> OFFSET_BITS != first >> OFFSET_BITS
         ):
             yield _batch_row(first, txn, run)
             run = []
         if not run:
-            first, txn = row_id, row_txn
-        run.append((ts, key, value, headers))
+            first, txn, run_bytes = row_id, row_txn, 0
+        run.append(record)
+        run_bytes += size
     if run:
         yield _batch_row(first, txn, run)
 
