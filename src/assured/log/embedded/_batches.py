@@ -34,6 +34,7 @@ __all__ = [
     "iter_rows",
     "row_size",
     "split",
+    "table_rows",
 ]
 
 MAX_BATCH_RECORDS = 1000
@@ -78,6 +79,17 @@ def split(rows: Sequence[Row], size: int) -> Iterator[tuple[Sequence[Row], int]]
             start, total = i, 0
         total += n
     yield rows[start:], total
+
+
+def table_rows(
+    first: int, rows: Sequence[Row], size: int, txn: int | None
+) -> Iterator[tuple[int, int, int, int, int | None, bytes]]:
+    """The ``batches`` rows (id, last, max_ts, bytes, txn, data) that store ``rows`` (of
+    ``size`` bytes in all) from row id ``first`` on, in transaction state ``txn``."""
+    for chunk, chunk_size in split(rows, size):
+        data, max_ts = encode(chunk)
+        yield first, first + len(chunk) - 1, max_ts, chunk_size, txn, data
+        first += len(chunk)
 
 
 def encode(rows: Sequence[Row]) -> tuple[bytes, int]:

@@ -19,7 +19,7 @@ import gc
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -367,15 +367,10 @@ class Engine:
         if row is None:
             raise UnknownTopicError(f"the topic of partition {part} was deleted")
         base = row[0] - len(rows)
-        first = rid(part, base)
-        for chunk, chunk_size in _batches.split(rows, size):
-            data, max_ts = _batches.encode(chunk)
-            c.execute(
-                "INSERT INTO batches (id, last, max_ts, bytes, txn, data) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (first, first + len(chunk) - 1, max_ts, chunk_size, txn, data),
-            )
-            first += len(chunk)
+        c.executemany(
+            "INSERT INTO batches (id, last, max_ts, bytes, txn, data) VALUES (?, ?, ?, ?, ?, ?)",
+            _batches.table_rows(rid(part, base), rows, size, txn),
+        )
         if producer is not None:
             c.execute(
                 "INSERT OR REPLACE INTO producer_parts VALUES (?, ?, ?, ?, ?, ?)",
@@ -389,13 +384,11 @@ class Engine:
             "RETURNING next_offset",
             (part,),
         ).fetchone()
-        if row is not None:
-            at = rid(part, row[0] - 1)
-            data, _ = _batches.encode([(now, None, marker, None)])
-            self.conn.execute(
+        if row is not None:  # a batch of its own, counting for no bytes
+            self.conn.executemany(
                 "INSERT INTO batches (id, last, max_ts, bytes, txn, data) "
-                "VALUES (?, ?, ?, 0, 0, ?)",
-                (at, at, now, data),
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                _batches.table_rows(rid(part, row[0] - 1), [(now, None, marker, None)], 0, 0),
             )
 
     # -- transactions --------------------------------------------------------------------------
@@ -551,15 +544,7 @@ class Engine:
         ``upper``, and the position after them. Markers, and with ``committed_only`` aborted
         records, take offsets but are never returned. Call inside :meth:`read`."""
         visible = "(txn IS NULL OR txn > 0)" if committed_only else "(txn IS NULL OR txn <> 0)"
-        base = rid(part, 0)
-        start = base + position
-        cursor = self.conn.execute(
-            "SELECT id - ?, last - ?, data FROM batches "  # noqa: S608
-            f"WHERE id >= ? AND id < ? AND last >= ? AND {visible} ORDER BY id",
-            # The first batch may begin before `position`: it starts at the batch that holds
-            # it (an index lookup), or at `position` when no batch does.
-            (base, base, self._holding(base, start), base + upper, start),
-        )
+        batches = self._batches_from(part, position, "data", f"AND {visible}", end=upper)
         out: list[Record] = []
         topic, partition = tp
         # Thousands of new tuples would wake the cyclic collector again and again: it is
@@ -567,7 +552,7 @@ class Engine:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            for first, last, data in cursor:
+            for first, last, data in batches:
                 ts, keys, values, headers = _batches.decode(data, tp, first, last - first + 1)
                 skip = position - first if first < position else 0
                 take = min(last - first + 1 - skip, limit - len(out))
@@ -589,7 +574,7 @@ class Engine:
         finally:
             if collecting:
                 gc.enable()
-            cursor.close()
+            batches.close()
         return out, upper  # everything below `upper` was read
 
     def _holding(self, base: int, start: int) -> int:
@@ -663,17 +648,32 @@ class Engine:
             return cut - low
 
     def _batches_from(
-        self, part: int, offset: int, columns: str, where: str = "", *args: int
-    ) -> Iterator[Any]:
+        self,
+        part: int,
+        offset: int,
+        columns: str,
+        where: str = "",
+        *args: int,
+        end: int | None = None,
+    ) -> Generator[Any, None, None]:
         """(first offset, last offset, ``columns``...) of ``part``'s batches that hold
-        ``offset`` or come after it (``where`` with ``args`` adds a condition), in order, one
-        by one: blobs are read only as far as the caller goes."""
+        ``offset`` or come after it, up to offset ``end`` if given (``where`` with ``args``
+        adds a condition), in order, one by one: blobs are read only as far as the caller
+        goes. The first batch may begin before ``offset``: the scan starts at the batch that
+        holds it (an index lookup)."""
         base = rid(part, 0)
         start = base + offset
         cursor = self.conn.execute(
             f"SELECT id - ?, last - ?, {columns} FROM batches "  # noqa: S608 - our own columns
             f"WHERE id >= ? AND id < ? AND last >= ? {where} ORDER BY id",
-            (base, base, self._holding(base, start), rid(part + 1, 0), start, *args),
+            (
+                base,
+                base,
+                self._holding(base, start),
+                rid(part + 1, 0) if end is None else base + end,
+                start,
+                *args,
+            ),
         )
         try:
             yield from cursor

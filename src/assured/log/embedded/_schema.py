@@ -16,13 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from assured.errors import AssuredError, EngineFileError, LogError, RetriableError
-from assured.log.embedded._batches import (
-    MAX_BATCH_BYTES,
-    MAX_BATCH_RECORDS,
-    Row,
-    encode,
-    row_size,
-)
+from assured.log.embedded._batches import MAX_BATCH_RECORDS, Row, row_size, table_rows
 
 __all__ = ["FORMAT", "OFFSET_BITS", "SCHEMA_VERSION", "Durability", "connect", "rid", "translate"]
 
@@ -237,32 +231,27 @@ def _upgrade(conn: sqlite3.Connection) -> None:
 
 def _as_batches(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
     """Schema 1's record rows, in id order, as schema 2's batch rows: runs of consecutive
-    offsets of one partition in one transaction state (each marker alone), within the batch
-    limits of record count and bytes."""
+    offsets of one partition in one transaction state (each marker alone), stored as
+    :func:`~assured.log.embedded._batches.table_rows` stores an append."""
     run: list[Row] = []
-    first = txn = run_bytes = 0
+    first = txn = 0
     for row_id, ts, key, value, headers, row_txn in rows:
-        record: Row = (ts, key, value, headers)
-        size = row_size(record)
         if run and (
             row_id != first + len(run)
             or row_txn != txn
             or row_txn == 0
             or len(run) >= MAX_BATCH_RECORDS
-            or run_bytes + size > MAX_BATCH_BYTES
             or row_id >> OFFSET_BITS != first >> OFFSET_BITS
         ):
-            yield _batch_row(first, txn, run)
+            yield from _stored(first, txn, run)
             run = []
         if not run:
-            first, txn, run_bytes = row_id, row_txn, 0
-        run.append(record)
-        run_bytes += size
+            first, txn = row_id, row_txn
+        run.append((ts, key, value, headers))
     if run:
-        yield _batch_row(first, txn, run)
+        yield from _stored(first, txn, run)
 
 
-def _batch_row(first: int, txn: int | None, run: list[Row]) -> tuple[Any, ...]:
-    data, max_ts = encode(run)
+def _stored(first: int, txn: int | None, run: list[Row]) -> Iterator[tuple[Any, ...]]:
     size = 0 if txn == 0 else sum(map(row_size, run))  # markers count for no bytes
-    return (first, first + len(run) - 1, max_ts, size, txn, data)
+    return table_rows(first, run, size, txn)
