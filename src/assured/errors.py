@@ -10,6 +10,7 @@ of codes (``if err.retriable: ...``)::
     ├── LogError                    the log refused or failed an operation
     │   ├── UnknownTopicError       no such topic (or partition); create it first
     │   ├── RetriableError          retriable: busy or unavailable for now; retry within a deadline
+    │   ├── DeliveryError           records queued without a delivery callback were not written
     │   ├── AbortableError          abortable: abort the open transaction, rewind, go on
     │   │   ├── TransactionTimedOutError   the log aborted it for running past its timeout
     │   │   └── StaleGenerationError       fenced: the group moved on (rebalance); rejoin
@@ -44,6 +45,7 @@ __all__ = [
     "AbortableError",
     "AssuredError",
     "ConfigError",
+    "DeliveryError",
     "EngineFileError",
     "FatalError",
     "HarnessError",
@@ -89,6 +91,23 @@ class LogError(AssuredError):
 
 class UnknownTopicError(LogError):
     """The topic or partition does not exist. Create it first (or enable auto-creation)."""
+
+
+class DeliveryError(LogError):
+    """Records sent without a delivery callback were not written (a delivery timeout, a record
+    the broker refused, an authorization error). Raised by ``flush()``, once, for the failures
+    since the previous ``flush()``: nobody else was told. ``failed`` counts them; ``errors`` holds
+    the distinct errors. No position may be committed past those records."""
+
+    def __init__(self, message: str, failed: int = 0, errors: tuple[AssuredError, ...] = ()):
+        super().__init__(message)
+        self.failed = failed
+        self.errors = errors
+
+    @property
+    def retriable(self) -> bool:  # type: ignore[override]
+        """True when every failure was retriable (timeouts, a broker away): send them again."""
+        return bool(self.errors) and all(e.retriable for e in self.errors)
 
 
 class RetriableError(LogError):
