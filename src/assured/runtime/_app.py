@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 from assured.errors import AssuredError, ConfigError, InvalidTopicError, UnknownTopicError
 from assured.log import Log, Record, open_log
-from assured.runtime._handling import HandlerSpec
+from assured.runtime._handling import HandlerSpec, check_handler
 from assured.runtime._message import Codec, codec
 from assured.runtime._settings import AppSettings, Guarantee
 from assured.runtime.metrics import RuntimeMetrics
@@ -107,8 +107,12 @@ class App:
             raise ConfigError("a handler writes to an output topic or to a sink, not both")
         if retries < 0:
             raise ConfigError("retries must be 0 or more")
+        codecs = codec(key_codec), codec(value_codec)
 
         def register(fn: F) -> F:
+            check_handler(fn, topic, "out" if output is not None else "db" if sink else None)
+            if topic in self._specs:
+                raise ConfigError(f"topic {topic!r} already has a handler")
             self._specs[topic] = HandlerSpec(
                 topic=topic,
                 fn=fn,
@@ -116,8 +120,8 @@ class App:
                 sink=sink,
                 retries=retries,
                 dead_letter=None if dead_letter is False else dead_letter.format(topic=topic),
-                key_codec=codec(key_codec),
-                value_codec=codec(value_codec),
+                key_codec=codecs[0],
+                value_codec=codecs[1],
                 backoff_s=backoff_ms / 1000,
             )
             return fn
@@ -170,11 +174,17 @@ class App:
                 self._loop(protocol, consumer, stats, max_messages, until_idle)
                 protocol.close()
                 consumer.close()  # leaves the group; on_revoke has nothing left to commit
-        except AssuredError as e:
-            if e.fenced and e.fatal:
+        except BaseException as e:
+            # Whatever the error, nothing open commits on the way out (not from on_revoke, not
+            # from close), and the group is left so the partitions move on at once.
+            if isinstance(e, AssuredError) and e.fenced and e.fatal:
                 log.critical("fenced: %s. This instance stops now, without committing.", e)
             with contextlib.suppress(Exception):
+                protocol.abandon()
+            with contextlib.suppress(Exception):
                 consumer.close()
+            with contextlib.suppress(Exception):
+                protocol.close()  # releases producers; commits nothing after abandon()
             raise
         finally:
             if sink is not None:

@@ -1,9 +1,16 @@
 """Running one record through its handler: decode, call with retries, dead-letter on the last
 failure. Shared by every commit protocol; what differs between them is only *where* the output
-goes (a plain producer, the open transaction, or a database transaction)."""
+goes (a plain producer, the open transaction, or a database transaction).
+
+Outputs belong to an *attempt*: ``Output.send`` only encodes and buffers; the buffer reaches the
+producer when the handler call returns. A call that raises leaves nothing behind, so a retry
+never repeats an output.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 import traceback
@@ -11,20 +18,52 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from assured.errors import AssuredError
+from assured.errors import AssuredError, ConfigError
 from assured.log import Header, Producer, Record
 from assured.runtime._message import BYTES, Codec, Message, make_message
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
 
-__all__ = ["HandlerFailedError", "HandlerSpec", "Output", "record_handler"]
+__all__ = [
+    "DeadLetterSink",
+    "HandlerFailedError",
+    "HandlerSpec",
+    "Output",
+    "SendFailedError",
+    "check_handler",
+    "record_handler",
+]
 
 log = logging.getLogger("assured.runtime")
+
+# (topic, value, key, headers, partition), encoded, waiting for the attempt to succeed
+_Pending = tuple[str, bytes | None, bytes | None, Sequence[Header] | None, int | None]
+
+
+class SendFailedError(AssuredError):
+    """Handing one record's outputs to the producer failed (a record over the size limit, a
+    missing topic or partition). ``partial`` says whether some of the attempt's outputs had
+    already been handed over: inside a transaction that transaction can no longer commit."""
+
+    def __init__(self, record: Record, error: Exception, partial: bool):
+        super().__init__(f"sending the outputs of {_where(record)} failed: {error}")
+        self.record = record
+        self.error = error
+        self.partial = partial
+
+
+def owed_to_record(error: BaseException) -> bool:
+    """Is ``error`` the record's own fault (retry it, then dead-letter it), rather than the
+    log's or the database's (which the protocol handles: retry the batch, abort, stop)?"""
+    if isinstance(error, AssuredError):
+        return not (error.retriable or error.abortable or error.fatal or error.fenced)
+    return isinstance(error, Exception)
 
 
 class Output:
     """Where a handler sends records. Under exactly-once it writes into the open transaction;
-    otherwise through the idempotent producer. ``send`` encodes with the handler's codecs."""
+    otherwise through the idempotent producer. ``send`` encodes with the handler's codecs and
+    keeps the record until the handler returns: an attempt that raises sends nothing."""
 
     def __init__(
         self,
@@ -39,11 +78,12 @@ class Output:
         self._key_codec = key_codec
         self._value_codec = value_codec
         self._transaction = transaction
+        self._pending: list[_Pending] = []
         self.sent = 0
 
     @property
     def transaction(self) -> str | None:
-        """A label of the open transaction (``transactional-id:n``) under exactly-once."""
+        """A label of the open transaction under exactly-once, unique across processes."""
         return self._transaction()
 
     def send(
@@ -56,17 +96,46 @@ class Output:
     ) -> None:
         target = topic or self._topic
         if target is None:
-            raise AssuredError("this handler has no output topic; pass topic=... to send()")
+            raise ConfigError("this handler has no output topic; pass topic=... to send()")
         # bytes through the bytes codec are sent as they are (the common, hot case)
         if value is not None and not (type(value) is bytes and self._value_codec is BYTES):
             value = self._value_codec.encode(value)
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
-        if headers is None and partition is None:
-            self._producer.send(target, value, key)
-        else:
-            self._producer.send(target, value, key=key, headers=headers, partition=partition)
-        self.sent += 1
+        self._pending.append((target, value, key, headers, partition))
+
+    def _discard(self) -> None:
+        self._pending.clear()
+
+    def _release(self, record: Record) -> None:
+        """Hand the attempt's outputs to the producer (after the handler returned)."""
+        pending = self._pending  # cleared in place: the handler closure holds this list
+        send = self._producer.send
+        try:
+            for i, (target, value, key, headers, partition) in enumerate(pending):
+                try:
+                    if headers is None and partition is None:
+                        send(target, value, key)
+                    else:
+                        send(target, value, key=key, headers=headers, partition=partition)
+                except Exception as e:
+                    if not owed_to_record(e):
+                        raise
+                    raise SendFailedError(record, e, partial=i > 0) from e
+            self.sent += len(pending)
+        finally:
+            pending.clear()
+
+
+# Where a dead letter goes: (dead-letter topic, the record, headers with the error).
+DeadLetterSink = Callable[[str, Record, list[Header]], None]
+
+
+def producer_dead_letters(producer: Producer) -> DeadLetterSink:
+    def send(topic: str, record: Record, headers: list[Header]) -> None:
+        producer.send(topic, record.value, key=record.key, headers=headers)
+
+    return send
 
 
 @dataclass(frozen=True)
@@ -96,42 +165,119 @@ class HandlerSpec:
         return make_message((key, value, r))
 
 
+def check_handler(fn: Callable[..., Any], topic: str, second: str | None) -> None:
+    """Refuse, at registration, a handler the runtime could not call right: an ``async def``
+    (it would be called and never awaited: every record lost), or a signature that does not
+    take what it will be given (``msg``, plus ``out`` or ``db`` when ``second`` names it)."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    if not callable(fn):
+        raise ConfigError(f"the handler for topic {topic!r} is not callable: {fn!r}")
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 -- an object with an async __call__
+    ):
+        raise ConfigError(
+            f"handler {name} for topic {topic!r} is 'async def'; this version of assured calls "
+            "handlers synchronously (an async one would never run). Make it a plain 'def'."
+        )
+    if asyncio.iscoroutine(fn):
+        raise ConfigError(f"the handler for topic {topic!r} is a coroutine object, not a function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: nothing to check
+    wanted = 2 if second else 1
+    try:
+        signature.bind(*range(wanted))
+    except TypeError:
+        given = f"(msg, {second})" if second else "(msg)"
+        raise ConfigError(
+            f"handler {name}{signature} for topic {topic!r} cannot be called as {name}{given}; "
+            + (
+                f"with {'output=' if second == 'out' else 'sink='} it gets the message and "
+                f"the {'Output' if second == 'out' else 'database transaction'}"
+                if second
+                else "without output= or sink= it gets only the message"
+            )
+        ) from None
+
+
 class HandlerFailedError(AssuredError):
-    """A handler kept failing and the record has no dead-letter topic. The record's offset was
-    not committed: it is handled again after a restart, never silently skipped."""
+    """A handler kept failing and the record has no dead-letter topic. The App stops rather
+    than skip the record (under at-most-once its offset was already committed)."""
 
     fatal = True
 
 
-def record_handler(
+def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path has no branch
     spec: HandlerSpec,
     target: Output | SinkTransaction | None,
-    dead_letters: Producer,
+    dead_letters: DeadLetterSink,
     metrics: RuntimeMetrics,
     guarantee: str,
+    transactional: bool = False,
 ) -> Callable[[Record], None]:
-    """``handle(record)`` for ``spec``: decode, call; when the handler raises, retry
-    ``spec.retries`` times with exponential backoff, then dead-letter. ``target`` is what the
-    handler gets as its second argument (an Output, a database transaction, or nothing).
+    """``handle(record)`` for ``spec``: decode, call, then hand the call's outputs over; when
+    the handler raises, retry ``spec.retries`` times with exponential backoff, then
+    dead-letter. ``target`` is what the handler gets as its second argument (an Output, a
+    database transaction, or nothing).
 
-    The path of a record that succeeds first time is a decode and a call, nothing else: it
-    runs for every record, the retry machinery only after a failure."""
+    Errors that are the log's or the database's (retriable, abortable, fatal) go up as they
+    are: the protocol decides. A failure to hand over outputs is the record's failure too,
+    except inside a transaction that already holds part of the attempt (``transactional``):
+    then :class:`SendFailedError` goes up, and the protocol aborts and redoes the record alone.
+
+    The path of a record that succeeds first time is a decode, a call and the hand-over of its
+    outputs: it runs for every record, the retry machinery only after a failure."""
     fn, decode = spec.fn, spec.decode
     savepoint = target.savepoint if isinstance(target, SinkTransaction) else None
+    out = target if isinstance(target, Output) else None
 
     def call(record: Record) -> None:
         if savepoint is not None:
             with savepoint():
                 fn(decode(record), target)
+        elif out is not None:
+            try:
+                fn(decode(record), out)
+            except BaseException:
+                out._discard()
+                raise
+            release(record)
         elif target is None:
             fn(decode(record))
         else:
             fn(decode(record), target)
 
+    def release(record: Record) -> None:
+        assert out is not None
+        try:
+            out._release(record)
+        except SendFailedError as e:
+            if e.partial:
+                # Part of the attempt went out. In a transaction only an abort undoes it; outside
+                # one, a retry would repeat that part: the record is dead-lettered as it stands.
+                raise
+            raise e.error from None  # nothing of it went out: an ordinary failure of the record
+
     def failed(record: Record, error: Exception) -> None:
-        if isinstance(error, AssuredError):
-            raise error  # the log's own errors go up as they are: the protocol decides
-        _retry(spec, record, call, error, dead_letters, metrics, (guarantee, record.topic))
+        if not owed_to_record(error):
+            raise error  # the log's or the database's: the protocol decides
+        _retry(
+            spec,
+            record,
+            call,
+            error,
+            dead_letters,
+            metrics,
+            (guarantee, record.topic),
+            transactional,
+        )
+
+    def partial_failure(record: Record, error: SendFailedError) -> None:
+        if transactional:
+            raise error
+        labels = (guarantee, record.topic)
+        dead_letter(spec, record, error, 1, dead_letters, metrics, labels)
 
     # One closure per case, so the common path has no branch and no extra call.
     if savepoint is not None:
@@ -141,6 +287,20 @@ def record_handler(
                 with savepoint():
                     fn(decode(record), target)
             except Exception as error:
+                failed(record, error)
+
+    elif out is not None:
+        pending = out._pending
+
+        def handle(record: Record) -> None:
+            try:
+                fn(decode(record), out)
+                if pending:
+                    release(record)
+            except SendFailedError as error:
+                partial_failure(record, error)
+            except Exception as error:
+                out._discard()
                 failed(record, error)
 
     elif target is None:
@@ -162,14 +322,19 @@ def record_handler(
     return handle
 
 
+def _where(record: Record) -> str:
+    return f"{record.topic}[{record.partition}]@{record.offset}"
+
+
 def _retry(
     spec: HandlerSpec,
     record: Record,
     call: Callable[[Record], None],
     error: Exception,
-    dead_letters: Producer,
+    dead_letters: DeadLetterSink,
     metrics: RuntimeMetrics,
     labels: tuple[str, str],
+    transactional: bool,
 ) -> None:
     """Attempts 2 .. retries + 1 of a record whose handler raised, backing off
     ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic."""
@@ -181,28 +346,41 @@ def _retry(
         try:
             call(record)
             return
-        except AssuredError:
-            raise
+        except SendFailedError as partial:
+            if transactional:
+                raise
+            error = partial
+            break
         except Exception as again:
+            if not owed_to_record(again):
+                raise
             error = again
-    _dead_letter(spec, record, error, attempts, dead_letters, metrics, labels)
+    dead_letter(spec, record, error, attempts, dead_letters, metrics, labels)
 
 
-def _dead_letter(
+def dead_letter(
     spec: HandlerSpec,
     record: Record,
     error: BaseException,
     attempts: int,
-    producer: Producer,
+    dead_letters: DeadLetterSink,
     metrics: RuntimeMetrics,
     labels: tuple[str, str],
 ) -> None:
-    where = f"{record.topic}[{record.partition}]@{record.offset}"
+    """Send ``record`` to its dead-letter topic with the error in its headers; without one,
+    stop the App (:class:`HandlerFailedError`)."""
+    where = _where(record)
     if spec.dead_letter is None:
+        if labels[0] == "at-most-once":
+            kept = (
+                "At most once, its offset was committed before handling: it is lost and will "
+                "not be handled again."
+            )
+        else:
+            kept = "It was not committed and will be handled again on restart."
         raise HandlerFailedError(
             f"handler {spec.name} failed {attempts} time(s) on {where}: {error!r}; no dead-letter "
-            "topic is configured, so the App stops here rather than skip the record. It was not "
-            "committed and will be handled again on restart."
+            f"topic is configured, so the App stops here rather than skip the record. {kept}"
         ) from error
     log.warning(
         "handler %s failed %d time(s) on %s (%r); sending it to %s",
@@ -216,5 +394,5 @@ def _dead_letter(
         ("assured.origin", where.encode()),
         ("assured.attempts", str(attempts).encode()),
     ]
-    producer.send(spec.dead_letter, record.value, key=record.key, headers=headers)
+    dead_letters(spec.dead_letter, record, headers)
     metrics.dead_lettered.labels(*labels).inc()

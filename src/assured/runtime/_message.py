@@ -58,6 +58,12 @@ def codec(spec: str | Codec) -> Codec:
             return CODECS[spec]
         except KeyError:
             raise ConfigError(f"unknown codec {spec!r}; built in: {sorted(CODECS)}") from None
+    missing = [m for m in ("encode", "decode") if not callable(getattr(spec, m, None))]
+    if missing:
+        raise ConfigError(
+            f"codec {spec!r} has no {' or '.join(missing)}() method; a codec turns a value into "
+            f"bytes (encode) and back (decode), or is one of {sorted(CODECS)}"
+        )
     return spec
 
 

@@ -11,12 +11,18 @@ from itertools import groupby
 from operator import itemgetter
 
 from assured.log import Consumer, Log, Producer, Record, TopicPartition
-from assured.runtime._handling import HandlerSpec, Output, record_handler
+from assured.runtime._handling import (
+    DeadLetterSink,
+    HandlerSpec,
+    Output,
+    producer_dead_letters,
+    record_handler,
+)
 from assured.runtime._settings import AppSettings
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
 
-__all__ = ["CommitProtocol", "Runtime", "next_offsets"]
+__all__ = ["CommitProtocol", "Runtime", "first_offsets", "next_offsets", "seek_back"]
 
 log = logging.getLogger("assured.runtime")
 
@@ -41,6 +47,24 @@ def first_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
     return {TopicPartition(*tp): first[tp] for tp in order}
 
 
+def seek_back(
+    consumer: Consumer,
+    rewind: Mapping[TopicPartition, int],
+    unhandled: Sequence[Record] = (),
+) -> None:
+    """Send the consumer back to ``rewind`` (where an undone piece of work began) and to the
+    first of ``unhandled`` records (polled, never handled) of every other partition: nothing
+    polled is skipped, and nothing undone stays undone."""
+    targets = dict(first_offsets(unhandled)) if unhandled else {}
+    targets.update(rewind)
+    if not targets:
+        return
+    assigned = set(consumer.assignment())
+    for tp, offset in targets.items():
+        if tp in assigned:
+            consumer.seek(tp, offset)
+
+
 @dataclass
 class Runtime:
     """The parts a protocol works with."""
@@ -57,17 +81,26 @@ class Runtime:
     _outputs: dict[tuple[int, str], Output] = field(default_factory=dict)
 
     def handle(
-        self, records: Sequence[Record], producer: Producer, tx: SinkTransaction | None = None
+        self,
+        records: Sequence[Record],
+        producer: Producer,
+        tx: SinkTransaction | None = None,
+        dead_letters: DeadLetterSink | None = None,
+        transactional: bool = False,
     ) -> None:
-        """``records`` through their handlers, in order; outputs (and dead letters) via
-        ``producer``, effects into ``tx`` when the handler has a sink."""
+        """``records`` through their handlers, in order; outputs via ``producer``, effects
+        into ``tx`` when the handler has a sink, dead letters to ``dead_letters`` (default:
+        ``producer``). ``transactional``: outputs go into an open transaction."""
         handlers: dict[str, Callable[[Record], None]] = {}
         counts: dict[str, int] = {}
+        dlq = dead_letters or producer_dead_letters(producer)
         try:
             for topic, run in groupby(records, _topic_of):
                 handle = handlers.get(topic)
                 if handle is None:
-                    handle = handlers[topic] = self._handler(self.specs[topic], producer, tx)
+                    handle = handlers[topic] = self._handler(
+                        self.specs[topic], producer, tx, dlq, transactional
+                    )
                 batch = list(run)
                 deque(map(handle, batch), maxlen=0)  # the loop, in C
                 counts[topic] = counts.get(topic, 0) + len(batch)
@@ -76,7 +109,12 @@ class Runtime:
                 self.metrics.processed.labels(self.settings.guarantee, topic).inc(n)
 
     def _handler(
-        self, spec: HandlerSpec, producer: Producer, tx: SinkTransaction | None
+        self,
+        spec: HandlerSpec,
+        producer: Producer,
+        tx: SinkTransaction | None,
+        dead_letters: DeadLetterSink,
+        transactional: bool,
     ) -> Callable[[Record], None]:
         target: Output | SinkTransaction | None
         if spec.sink is not None:
@@ -85,7 +123,9 @@ class Runtime:
             target = self._output(spec, producer)
         else:
             target = None
-        return record_handler(spec, target, producer, self.metrics, self.settings.guarantee)
+        return record_handler(
+            spec, target, dead_letters, self.metrics, self.settings.guarantee, transactional
+        )
 
     def _output(self, spec: HandlerSpec, producer: Producer) -> Output:
         key = (id(producer), spec.topic)
@@ -106,6 +146,8 @@ class CommitProtocol(abc.ABC):
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.fenced = False
+        # Set when an error escaped: from then on nothing commits (not on revoke, not at close).
+        self.failed = False
 
     def start(self) -> None:
         """Make producers, claim resources; called once before the first poll."""
@@ -129,3 +171,8 @@ class CommitProtocol(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Commit (or abort) what is open and release producers."""
+
+    def abandon(self) -> None:
+        """An error is on its way out of ``run()``: undo what is open, commit nothing more,
+        release producers. Never raises."""
+        self.failed = True

@@ -2,21 +2,33 @@
 
 A crash after the handling and before the commit hands those records to the next owner, which
 handles them again: duplicates, never loss. Commits are batched (every ``commit_every`` records
-or ``commit_interval_ms``) and made synchronously when partitions are revoked and at close."""
+or ``commit_interval_ms``) and made synchronously when partitions are revoked and at close.
+
+No position is committed past a record whose output or dead letter was not acknowledged: when
+the flush before a commit reports a failed delivery, nothing is committed and the consumer goes
+back to the last committed positions. A failure that may be one record's fault (a record the
+broker refused) has those records redone one at a time, each flushed before its commit, so the
+record at fault is retried and dead-lettered alone; a failure of the log (a timeout) is retried
+until ``retry_deadline_ms`` has passed without a commit, then the App stops.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
-from assured.errors import StaleGenerationError
+from assured.errors import AssuredError, DeliveryError, LogError, StaleGenerationError
 from assured.log import Producer, Record, TopicPartition
+from assured.runtime._handling import dead_letter, producer_dead_letters
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, next_offsets
+from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
 
 __all__ = ["AtLeastOnce"]
 
 log = logging.getLogger("assured.runtime")
+
+_Key = tuple[TopicPartition, int]
 
 
 class AtLeastOnce(CommitProtocol):
@@ -25,30 +37,104 @@ class AtLeastOnce(CommitProtocol):
     def start(self) -> None:
         self.producer: Producer = self.rt.log.producer()
         self.pending: dict[TopicPartition, int] = {}
+        self.rewind: dict[TopicPartition, int] = {}  # first uncommitted offset per partition
         self.uncommitted = 0
         self.last_commit = time.monotonic()
+        self.isolate: dict[TopicPartition, int] = {}  # below these offsets: one at a time
+        self.strikes: dict[_Key, int] = {}
+        self.troubled_since: float | None = None  # the first of a run of failed flushes
 
     def process(self, records: list[Record]) -> None:
+        try:
+            if not self.isolate:
+                self._handle(records, records)
+                return
+            for i, r in enumerate(records):
+                tp = TopicPartition(r.topic, r.partition)
+                bound = self.isolate.get(tp)
+                if bound is not None and r.offset >= bound:
+                    del self.isolate[tp]
+                    bound = None
+                if bound is None:
+                    if not self._handle([r], records[i:]):
+                        return
+                elif not (self.commit(True, records[i:]) and self._one_alone(r, records[i + 1 :])):
+                    return
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _handle(self, records: Sequence[Record], unhandled: Sequence[Record]) -> bool:
+        for r in records:
+            self.rewind.setdefault(TopicPartition(r.topic, r.partition), r.offset)
         sink = self.rt.sink
-        if sink is not None:
-            with sink.transaction() as tx:
-                self.rt.handle(records, self.producer, tx)
-            crash_point("after-effect-before-offset")
-        else:
-            self.rt.handle(records, self.producer)
+        try:
+            if sink is not None:
+                with sink.transaction() as tx:
+                    self.rt.handle(records, self.producer, tx)
+                crash_point("after-effect-before-offset")
+            else:
+                self.rt.handle(records, self.producer)
+        except LogError as e:
+            if not e.retriable:
+                raise
+            # The database (or the log) is away: its transaction rolled back. Redo from here.
+            log.warning("%s; handling these records again shortly", e)
+            seek_back(self.rt.consumer, {}, unhandled)
+            self._trouble(e)
+            return False
         self.pending.update(next_offsets(records))
         self.uncommitted += len(records)
+        return True
+
+    def _one_alone(self, record: Record, unhandled: Sequence[Record]) -> bool:
+        """``record`` alone, its outputs flushed before its position is committed; a record
+        whose outputs keep being refused is dead-lettered after its handler's retries."""
+        tp = TopicPartition(record.topic, record.partition)
+        key = (tp, record.offset)
+        if not self._handle([record], unhandled):
+            return False
+        try:
+            self.producer.flush()
+        except DeliveryError as e:
+            if e.retriable:
+                self._undo(e, unhandled)
+                return False
+            self.pending.pop(tp, None)
+            strikes = self.strikes[key] = self.strikes.get(key, 0) + 1
+            spec = self.rt.specs[record.topic]
+            if strikes <= spec.retries:
+                time.sleep(min(2.0, spec.backoff_s * 2 ** (strikes - 1)))
+                seek_back(self.rt.consumer, {tp: record.offset}, unhandled)
+                self.rewind.pop(tp, None)
+                return False
+            labels = (self.guarantee, record.topic)
+            dlq = producer_dead_letters(self.producer)
+            dead_letter(spec, record, e, strikes, dlq, self.rt.metrics, labels)
+            self.pending[tp] = record.offset + 1
+        self.strikes.pop(key, None)
+        return self.commit(True, unhandled)
 
     def tick(self) -> None:
         s = self.rt.settings
         due = time.monotonic() - self.last_commit >= s.commit_interval_ms / 1000
         if self.pending and (due or self.uncommitted >= s.commit_every):
-            self.commit(synchronous=False)
+            try:
+                self.commit(synchronous=False)
+            except BaseException:
+                self.abandon()
+                raise
 
-    def commit(self, synchronous: bool) -> None:
+    def commit(self, synchronous: bool, unhandled: Sequence[Record] = ()) -> bool:
+        """Flush, then commit what is processed. False if a delivery failed: nothing was
+        committed, and the consumer is back at the last committed positions."""
         if not self.pending:
-            return
-        self.producer.flush()  # outputs are durable before the offsets that cover them
+            return True
+        try:
+            self.producer.flush()  # outputs are durable before the offsets that cover them
+        except DeliveryError as e:
+            self._undo(e, unhandled)
+            return False
         crash_point("after-handle-before-commit")
         try:
             with self.rt.metrics.commit_latency.labels(self.guarantee).time():
@@ -57,18 +143,58 @@ class AtLeastOnce(CommitProtocol):
         except StaleGenerationError as e:
             # The group moved on; the next owners will handle these again (at least once).
             log.warning("commit refused, records will be handled again: %s", e)
+        self._committed()
+        self.troubled_since = None
+        return True
+
+    def _committed(self) -> None:
         self.pending.clear()
+        self.rewind.clear()
         self.uncommitted = 0
         self.last_commit = time.monotonic()
 
+    def _undo(self, e: DeliveryError, unhandled: Sequence[Record]) -> None:
+        """A delivery failed: commit nothing, go back to the last committed positions."""
+        if not e.retriable:
+            log.warning("%s; redoing the uncommitted records one at a time", e)
+            for tp, end in self.pending.items():
+                self.isolate[tp] = max(end, self.isolate.get(tp, 0))
+        else:
+            log.warning("%s; handling the uncommitted records again", e)
+        seek_back(self.rt.consumer, self.rewind, unhandled)
+        self._committed()
+        if e.retriable:
+            self._trouble(e)
+
+    def _trouble(self, e: AssuredError) -> None:
+        """Back off after a failure of the log or the database; stop once it has lasted
+        ``retry_deadline_ms`` with no commit in between."""
+        now = time.monotonic()
+        if self.troubled_since is None:
+            self.troubled_since = now
+        elapsed = now - self.troubled_since
+        if elapsed * 1000 > self.rt.settings.retry_deadline_ms:
+            raise LogError(
+                f"nothing could be committed for {elapsed:.0f} s (last: {e}); stopping. No "
+                "position was committed past an unwritten output: the records are handled "
+                "again after a restart."
+            ) from e
+        time.sleep(min(1.0, 0.05 + elapsed / 10))
+
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        self.commit(synchronous=True)
+        if not (self.failed or self.fenced):
+            self.commit(synchronous=True)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.pending.pop(tp, None)
+            self.rewind.pop(tp, None)
 
     def close(self) -> None:
-        if not self.fenced:
+        if not (self.failed or self.fenced):
             self.commit(synchronous=True)
         self.producer.close()
+
+    def abandon(self) -> None:
+        super().abandon()
+        self.pending.clear()

@@ -6,8 +6,9 @@ twice, because the next owner starts after them."""
 from __future__ import annotations
 
 import logging
+import time
 
-from assured.errors import StaleGenerationError
+from assured.errors import LogError, StaleGenerationError
 from assured.log import Producer, Record
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, next_offsets
@@ -40,13 +41,37 @@ class AtMostOnce(CommitProtocol):
         else:
             for record in records:  # each effect its own database transaction
                 if self.rt.specs[record.topic].sink is not None:
-                    with sink.transaction() as tx:
-                        self.rt.handle([record], self.producer, tx)
+                    self._into_sink(record)
                 else:
                     self.rt.handle([record], self.producer)
         # No flush per batch: losing an unflushed output in a crash is within this guarantee,
         # and waiting for acknowledgements would stall every batch. close() flushes.
         self.producer.poll(0)
+
+    def _into_sink(self, record: Record) -> None:
+        """One record's effects in one database transaction. A database that is away is
+        waited for (within the retry deadline), then the record is given up: lost, as this
+        guarantee allows, and said so; never dead-lettered for a fault that is not its own."""
+        assert self.rt.sink is not None
+        until = time.monotonic() + self.rt.settings.retry_deadline_ms / 1000
+        pause = 0.05
+        while True:
+            try:
+                with self.rt.sink.transaction() as tx:
+                    self.rt.handle([record], self.producer, tx)
+                return
+            except LogError as e:
+                if not e.retriable:
+                    raise
+                if time.monotonic() + pause > until:
+                    log.error(
+                        "%s[%d]@%d lost: its offset was committed before handling "
+                        "(at-most-once) and the database stayed unavailable: %s",
+                        record.topic, record.partition, record.offset, e,
+                    )  # fmt: skip
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0)
 
     def close(self) -> None:
         self.producer.close()

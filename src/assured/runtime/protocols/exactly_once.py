@@ -4,22 +4,44 @@ Each transaction spans ``commit_interval_ms`` (100 ms by default) of batches: be
 (outputs go into the transaction), send the positions to the transaction with the consumer's
 group metadata (so a zombie of an older generation is refused), commit. If the transaction
 aborts, nothing it wrote is visible and the positions never moved, so we seek back to the first
-record it covered and handle those records again."""
+record it covered and handle those records again.
+
+Every way out of a transaction is one of three, and only the first commits:
+- ``commit()`` succeeded: outputs and positions are visible together.
+- anything failed while it was open (a handler's send, a delivery, the commit itself, an error
+  on its way out of ``run()``): it is aborted, never committed later by ``on_revoke`` or
+  ``close``, and the consumer goes back to where it began.
+- the producer itself broke (fatal, or fenced only because our own transaction outlived its
+  timeout): a new producer with the same transactional id is made, whose
+  ``init_transactions`` finishes the old transaction; we then ask the group where it stands,
+  since a commit that timed out after it was sent may still have landed.
+
+A failure that may be one record's fault (a record over the size limit, refused by the broker)
+aborts the whole transaction; its records are then redone one per transaction, so the record
+at fault is found, retried and dead-lettered alone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-from assured.errors import AssuredError
+from assured.errors import AssuredError, DeliveryError, RetriableError
 from assured.log import Producer, Record, TopicPartition
+from assured.runtime._handling import SendFailedError, dead_letter, producer_dead_letters
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, first_offsets, next_offsets
+from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
 
 __all__ = ["ExactlyOnce"]
 
 log = logging.getLogger("assured.runtime")
+T = TypeVar("T")
+
+_Key = tuple[TopicPartition, int]
 
 
 class ExactlyOnce(CommitProtocol):
@@ -27,36 +49,170 @@ class ExactlyOnce(CommitProtocol):
 
     def start(self) -> None:
         s = self.rt.settings
-        txn_id = s.transactional_id or f"{s.group}-{uuid.uuid4().hex[:12]}"
-        self.txn_id = txn_id
+        self.txn_id = s.transactional_id or f"{s.group}-{uuid.uuid4().hex[:12]}"
+        # Labels must be unique across processes: a restarted instance keeps its transactional
+        # id but counts from 1 again.
+        self.token = uuid.uuid4().hex[:8]
         self.seq = 0
-        self.producer: Producer = self.rt.log.producer(
-            transactional_id=txn_id, transaction_timeout_ms=s.transaction_timeout_ms
-        )
-        self.producer.init_transactions(s.retry_deadline_ms / 1000)
         self.open = False
         self.began = 0.0
         self.count = 0
         self.pending: dict[TopicPartition, int] = {}
         self.rewind: dict[TopicPartition, int] = {}  # first offset each partition had in the txn
+        self.alone: set[_Key] = set()  # records to redo in a transaction of their own
+        self.isolate: dict[TopicPartition, int] = {}  # below these offsets: one per transaction
+        self.strikes: dict[_Key, int] = {}  # failed transactions owed to one record
+        self.troubles = 0  # failed commits in a row, for backing off
+        self.producer: Producer = self._new_producer()
+
+    # -- the producer --------------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        return self.rt.settings.retry_deadline_ms / 1000
+
+    def _resumable(self, fn: Callable[[float], T]) -> T:
+        """``fn(timeout)``, called again while it times out (librdkafka wants a timed-out
+        transactional call resumed by calling it again), within the retry deadline."""
+        until = time.monotonic() + self._deadline()
+        pause = 0.05
+        while True:
+            left = until - time.monotonic()
+            try:
+                return fn(max(left, 0.1))
+            except RetriableError:
+                if time.monotonic() + pause >= until:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _new_producer(self) -> Producer:
+        s = self.rt.settings
+        producer = self.rt.log.producer(
+            transactional_id=self.txn_id, transaction_timeout_ms=s.transaction_timeout_ms
+        )
+        try:
+            self._resumable(producer.init_transactions)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                producer.close()
+            raise
+        return producer
+
+    def _replace_producer(self, why: AssuredError) -> None:
+        """The producer cannot go on: a new one with the same transactional id takes over. Its
+        ``init_transactions`` completes or aborts whatever the old one left open."""
+        log.warning("the transactional producer cannot go on (%s); starting a new one", why)
+        with contextlib.suppress(Exception):
+            self.producer.close()
+        self.producer = self._new_producer()
+
+    def _timed_out(self) -> bool:
+        """Has the open transaction outlived its timeout? Kafka then bumps the producer's epoch,
+        and the producer reports itself fenced although no other instance exists."""
+        age_ms = (time.monotonic() - self.began) * 1000
+        return self.open and age_ms >= self.rt.settings.transaction_timeout_ms
+
+    # -- processing ----------------------------------------------------------------------------
 
     def process(self, records: list[Record]) -> None:
+        try:
+            if not (self.alone or self.isolate):
+                self._handle(records, records)
+                return
+            start = 0
+            for i, r in enumerate(records):
+                tp = TopicPartition(r.topic, r.partition)
+                bound = self.isolate.get(tp)
+                if bound is not None and r.offset >= bound:
+                    del self.isolate[tp]
+                    bound = None
+                if (tp, r.offset) not in self.alone and bound is None:
+                    continue
+                if not self._handle(records[start:i], records[start:]):
+                    return
+                if not (self.commit(records[i:]) and self._redo_alone(r, records[i + 1 :])):
+                    return
+                start = i + 1
+            self._handle(records[start:], records[start:])
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _begin(self) -> None:
         if not self.open:
             self.producer.begin_transaction()
             self.open, self.began, self.count = True, time.monotonic(), 0
             self.seq += 1
-            self.rt.transaction = f"{self.txn_id}:{self.seq}"
-        for tp, first in first_offsets(records).items():
-            self.rewind.setdefault(tp, first)
+            self.rt.transaction = f"{self.txn_id}:{self.token}:{self.seq}"
+
+    def _handle(self, records: Sequence[Record], unhandled: Sequence[Record]) -> bool:
+        """``records`` into the open transaction. False if it had to be aborted (the consumer
+        is then back at the start of the transaction and of every unhandled record)."""
+        if not records:
+            return True
+        self._begin()
+        for r in records:  # first offsets of every partition in the batch
+            self.rewind.setdefault(TopicPartition(r.topic, r.partition), r.offset)
         try:
-            self.rt.handle(records, self.producer)
-        except AssuredError as e:
-            if e.fatal:
-                self.abort()  # the records are not committed: handled again after a restart
-            raise
+            self.rt.handle(records, self.producer, transactional=True)
+        except SendFailedError as e:
+            # Part of the record's outputs is in the transaction: abort, redo the record alone.
+            r = e.record
+            self.alone.add((TopicPartition(r.topic, r.partition), r.offset))
+            log.warning("%s; aborting the transaction to redo that record alone", e)
+            self.abort(unhandled)
+            return False
         crash_point("inside-transaction")
         self.pending.update(next_offsets(records))
         self.count += len(records)
+        return True
+
+    def _redo_alone(self, record: Record, unhandled: Sequence[Record]) -> bool:
+        """``record`` in a transaction of its own; one that fails for a reason of its own is
+        struck, and after its handler's retries it is dead-lettered (in a transaction too)."""
+        tp = TopicPartition(record.topic, record.partition)
+        key = (tp, record.offset)
+        error: Exception | None = None
+        self._begin()
+        self.rewind.setdefault(tp, record.offset)
+        try:
+            self.rt.handle([record], self.producer, transactional=True)
+            self.pending[tp] = record.offset + 1
+            self.count += 1
+        except SendFailedError as e:
+            error = e
+        if error is None:
+            failure = self._try_commit()
+            if failure is None:
+                self.alone.discard(key)
+                self.strikes.pop(key, None)
+                return True
+            if not (isinstance(failure, DeliveryError) and not failure.retriable):
+                self._failed_commit(failure, unhandled)
+                return False
+            error = failure
+        # The record's own fault: abort, and strike it.
+        self.abort()
+        strikes = self.strikes[key] = self.strikes.get(key, 0) + 1
+        spec = self.rt.specs[record.topic]
+        if strikes <= spec.retries:
+            time.sleep(min(2.0, spec.backoff_s * 2 ** (strikes - 1)))
+            seek_back(self.rt.consumer, {tp: record.offset}, unhandled)
+            return False
+        # Out of retries: its dead letter and its position, in one transaction.
+        self._begin()
+        labels = (self.guarantee, record.topic)
+        dlq = producer_dead_letters(self.producer)
+        dead_letter(spec, record, error, strikes, dlq, self.rt.metrics, labels)
+        self.rewind.setdefault(tp, record.offset)
+        self.pending[tp] = record.offset + 1
+        if self.commit(unhandled):
+            self.alone.discard(key)
+            self.strikes.pop(key, None)
+            return True
+        return False
+
+    # -- committing ----------------------------------------------------------------------------
 
     def tick(self) -> None:
         s = self.rt.settings
@@ -64,61 +220,154 @@ class ExactlyOnce(CommitProtocol):
             time.monotonic() - self.began >= s.commit_interval_ms / 1000
             or self.count >= s.commit_every
         ):
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                self.abandon()
+                raise
 
-    def commit(self) -> None:
-        if not self.open:
-            return
-        deadline = self.rt.settings.retry_deadline_ms / 1000
+    def _try_commit(self) -> AssuredError | None:
+        """Flush, send the positions, commit; the error if any of it failed (nothing undone)."""
         try:
             with self.rt.metrics.commit_latency.labels(self.guarantee).time():
+                # Failed deliveries first: they tell whether a record was at fault.
+                self._resumable(self.producer.flush)
                 if self.pending:
                     meta = self.rt.consumer.group_metadata()
-                    self.producer.send_offsets_to_transaction(self.pending, meta, deadline)
+                    self._resumable(
+                        lambda t: self.producer.send_offsets_to_transaction(self.pending, meta, t)
+                    )
                 crash_point("after-handle-before-commit")
-                self.producer.commit_transaction(deadline)
+                self._resumable(self.producer.commit_transaction)
         except AssuredError as e:
-            if e.fatal:
-                self.fenced = e.fenced
-                raise
-            log.warning("transaction could not commit (%s): aborting and rewinding", e)
-            self.abort()
-            return
+            return e
         self.rt.metrics.committed.labels(self.guarantee).inc()
+        self.troubles = 0
         self._tell("committed")
         self.open = False
         self.pending.clear()
         self.rewind.clear()
+        return None
 
-    def abort(self, seek_back: bool = True) -> None:
+    def commit(self, unhandled: Sequence[Record] = ()) -> bool:
+        """Commit the open transaction. False if it could not, and was aborted instead (the
+        consumer is then back at its start, and at the first of ``unhandled``)."""
+        if not self.open:
+            return True
+        if self.failed or self.fenced:
+            self._quietly_abort()
+            return False
+        failure = self._try_commit()
+        if failure is None:
+            return True
+        self._failed_commit(failure, unhandled)
+        return False
+
+    def _failed_commit(self, e: AssuredError, unhandled: Sequence[Record]) -> None:
+        if e.fenced and e.fatal and not self._timed_out():
+            self.fenced = True
+            raise e  # another instance owns our transactional id: stop, commit nothing
+        if self._timed_out():
+            log.warning(
+                "a transaction stayed open %.1f s, past transaction_timeout_ms=%d: the log "
+                "aborted it; redoing its records. A handler is slower than the transaction "
+                "timeout: raise transaction_timeout_ms, or lower max_poll_records.",
+                time.monotonic() - self.began, self.rt.settings.transaction_timeout_ms,
+            )  # fmt: skip
+        elif isinstance(e, DeliveryError) and not e.retriable:
+            # Some record's output was refused: redo these records one per transaction.
+            log.warning("%s; redoing the transaction's records one at a time", e)
+            for tp, end in self.pending.items():
+                self.isolate[tp] = max(end, self.isolate.get(tp, 0))
+        else:
+            log.warning("the transaction could not commit (%s): aborting and rewinding", e)
+        self.abort(unhandled, e)
+        self.troubles += 1
+        if e.retriable:  # the log is away or busy: give it time rather than spin
+            time.sleep(min(2.0, 0.05 * 2 ** min(self.troubles, 6)))
+
+    def abort(self, unhandled: Sequence[Record] = (), cause: AssuredError | None = None) -> None:
         """Abort the open transaction; Kafka does not rewind the consumer, so we do."""
+        rewind = dict(self.rewind)
         if self.open:
-            self._tell("aborted")  # before: if we die now, the log aborts it anyway
-            self.producer.abort_transaction(self.rt.settings.retry_deadline_ms / 1000)
+            outcome_known = False
+            broken = cause if cause is not None and cause.fatal else None
+            if broken is None:
+                try:
+                    self._resumable(self.producer.abort_transaction)
+                    outcome_known = True
+                except AssuredError as e:
+                    if e.fenced and e.fatal and not self._timed_out():
+                        self.fenced = True
+                        self.open = False
+                        raise
+                    broken = e
+            if broken is not None:
+                self._replace_producer(broken)
+                # A commit sent before the break may have landed: the group knows.
+                rewind, landed = self._where_the_group_stands(rewind)
+                self._tell("committed" if landed else "aborted")
+            elif outcome_known:
+                self._tell("aborted")
             self.rt.metrics.aborts.labels(self.guarantee).inc()
-        if seek_back:
-            assigned = set(self.rt.consumer.assignment())
-            for tp, offset in self.rewind.items():
-                if tp in assigned:
-                    self.rt.consumer.seek(tp, offset)
         self.open = False
         self.pending.clear()
         self.rewind.clear()
+        seek_back(self.rt.consumer, rewind, unhandled)
+
+    def _where_the_group_stands(
+        self, rewind: dict[TopicPartition, int]
+    ) -> tuple[dict[TopicPartition, int], bool]:
+        """The committed positions of the transaction's partitions, and whether they show that
+        the transaction committed after all."""
+        if not rewind:
+            return rewind, False
+        committed = self.rt.consumer.committed(list(rewind))
+        landed = any(
+            (c := committed.get(tp)) is not None and c >= self.pending.get(tp, start + 1)
+            for tp, start in rewind.items()
+        )
+        return {tp: c if c is not None else rewind[tp] for tp, c in committed.items()}, landed
 
     def _tell(self, outcome: str) -> None:
         if self.rt.on_transaction is not None and self.rt.transaction is not None:
             self.rt.on_transaction(self.rt.transaction, outcome)
         self.rt.transaction = None
 
+    # -- rebalances and the end ----------------------------------------------------------------
+
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        if not self.fenced:
-            self.commit()  # before the partitions move, while our generation still counts
+        # Before the partitions move, while our generation still counts; a transaction that
+        # met an error is aborted instead, never committed here.
+        if self.failed or self.fenced:
+            self._quietly_abort()
+        else:
+            self.commit()
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         if self.open:
-            self.abort(seek_back=False)
+            self.abort()
 
     def close(self) -> None:
-        if not self.fenced:
+        if self.failed or self.fenced:
+            self._quietly_abort()
+        else:
             self.commit()
         self.producer.close()
+
+    def abandon(self) -> None:
+        super().abandon()
+        self._quietly_abort()
+
+    def _quietly_abort(self) -> None:
+        if not self.open or self.fenced:
+            self.open = False
+            return
+        try:
+            self._resumable(self.producer.abort_transaction)
+            self._tell("aborted")
+        except Exception as e:  # the log aborts it at its timeout in any case
+            log.warning("could not abort the open transaction (%s); the log will at its timeout", e)
+        self.open = False
+        self.pending.clear()
+        self.rewind.clear()
