@@ -1,0 +1,218 @@
+"""Issue 18's holes in the runtime, shown on the embedded engine. Where a test's docstring says
+what the old code did, that test failed on it; the others guard paths that were right on the
+embedded engine and broke elsewhere (the same cases run on Kafka in tests/kafka/)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assured import App, Message, Output, TopicPartition, open_log
+from assured.errors import ConfigError
+from assured.log import Log
+from assured.runtime._settings import Guarantee
+
+GUARANTEES: list[Guarantee] = ["at-least-once", "exactly-once"]
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    opened = open_log(f"embedded://{tmp_path}/log.db")
+    with opened.admin() as admin:
+        admin.create_topic("in", 1)
+        admin.create_topic("out", 1)
+    return opened
+
+
+def fill(log: Log, values: list[bytes]) -> None:
+    with log.producer() as producer:
+        for v in values:
+            producer.send("in", v)
+        producer.flush()
+
+
+def read(log: Log, topic: str) -> list[bytes | None]:
+    with log.consumer(isolation="read_committed") as consumer:
+        consumer.assign([TopicPartition(topic, 0)])
+        out: list[bytes | None] = []
+        while batch := consumer.poll(timeout=0.3):
+            out += [r.value for r in batch]
+        return out
+
+
+def committed(log: Log, group: str = "g") -> int | None:
+    with log.admin() as admin:
+        return admin.committed_offsets(group, ["in"]).get(TopicPartition("in", 0))
+
+
+BIG = 2_000_000  # over the embedded engine's 1,000,000-byte record limit
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize("before", [0, 1], ids=["big-only", "small-then-big"])
+def test_an_output_over_the_size_limit_is_that_records_failure(
+    log: Log, guarantee: Guarantee, before: int
+) -> None:
+    """Old code: ``run()`` raised RecordTooLargeError with the transaction open, and closing the
+    consumer committed it from on_revoke: ``out`` held a, b and no input offset was committed;
+    running again gave a, b, a, b, ... Now the record is retried, then dead-lettered, inside the
+    transaction; with part of its outputs already sent, the transaction is aborted and the
+    record redone alone, so the part never shows."""
+    fill(log, [b"a", b"b", b"BIG", b"d"])
+    app = App(log=log, group="g", guarantee=guarantee)
+
+    @app.handler("in", output="out", retries=1, backoff_ms=1)
+    def copy(msg: Message, out: Output) -> None:
+        if msg.value == b"BIG":
+            for _ in range(before):
+                out.send(b"part-of-BIG")
+            out.send(b"x" * BIG)
+        else:
+            out.send(msg.value)
+
+    stats = app.run(until_idle=1)
+    assert stats.stopped_by == "idle"
+    outputs = read(log, "out")
+    if guarantee == "exactly-once" or before == 0:
+        assert outputs == [b"a", b"b", b"d"]
+    else:  # at least once, a part that went out stays out; it is not sent again
+        assert outputs == [b"a", b"b", b"part-of-BIG", b"d"]
+    assert read(log, "in.dlq") == [b"BIG"]
+    assert committed(log) == 4
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_outputs_of_a_failed_attempt_are_not_kept(log: Log, guarantee: Guarantee) -> None:
+    """Old code: a handler that sent and then raised on its first attempt left that output in
+    the transaction: 10 inputs gave 20 committed receipts."""
+    fill(log, [f"m{i}".encode() for i in range(10)])
+    app = App(log=log, group="g", guarantee=guarantee)
+    attempts: dict[bytes, int] = {}
+
+    @app.handler("in", output="out", retries=2, backoff_ms=1)
+    def charge(msg: Message, out: Output) -> None:
+        out.send(b"receipt-" + msg.value)
+        attempts[msg.value] = attempts.get(msg.value, 0) + 1
+        if attempts[msg.value] == 1:
+            raise TimeoutError("the gateway timed out after charging")
+
+    app.run(until_idle=1)
+    assert sorted(v or b"" for v in read(log, "out")) == sorted(
+        f"receipt-m{i}".encode() for i in range(10)
+    )
+    assert committed(log) == 10
+
+
+def test_an_error_leaving_run_aborts_the_transaction_and_commits_nothing(log: Log) -> None:
+    """Any error that escapes ``run()`` with a transaction open aborts it: not committed from
+    on_revoke when the consumer leaves, not from close."""
+    fill(log, [b"a", b"b", b"c"])
+    app = App(log=log, group="g", guarantee="exactly-once", commit_interval_ms=60_000)
+
+    class Crash(BaseException):
+        """Not an Exception: the handler wrapper does not retry it; it leaves run()."""
+
+    @app.handler("in", output="out")
+    def copy(msg: Message, out: Output) -> None:
+        if msg.value == b"c":
+            raise Crash
+        out.send(msg.value)
+
+    with pytest.raises(Crash):
+        app.run(until_idle=1)
+    assert read(log, "out") == []
+    assert committed(log) is None
+
+
+def test_async_handlers_and_handlers_of_the_wrong_shape_are_refused_when_registered(
+    log: Log,
+) -> None:
+    """Old code: an ``async def`` handler was called and never awaited; every offset committed
+    and nothing was sent (exit 0)."""
+    app = App(log=log, group="g", guarantee="at-least-once")
+
+    async def charge(msg: Message, out: Output) -> None:
+        await asyncio.sleep(0)
+
+    with pytest.raises(ConfigError, match="async def"):
+        app.handler("in", output="out")(charge)
+
+    def one_arg(msg: Message) -> None: ...
+
+    with pytest.raises(ConfigError, match="cannot be called as"):
+        app.handler("in", output="out")(one_arg)
+
+    def two_args(msg: Message, out: Output) -> None: ...
+
+    with pytest.raises(ConfigError, match="cannot be called as"):
+        app.handler("in")(two_args)
+
+    class NoDecode:
+        def encode(self, value: Any) -> bytes:
+            return b""
+
+    with pytest.raises(ConfigError, match="no decode"):
+        app.handler("in", value_codec=NoDecode())  # type: ignore[arg-type]
+    app.handler("in", output="out")(two_args)  # the right shape still registers
+
+
+def test_transaction_labels_are_unique_across_restarts(log: Log) -> None:
+    """Old code: labels were ``<transactional-id>:<n>`` with n from 1 in every process, so a
+    restart with the same transactional id reused them (the audit saw false aborted reads)."""
+    fill(log, [b"a"])
+    labels: list[str] = []
+    for _ in range(2):
+        app = App(log=log, group="g", guarantee="exactly-once", transactional_id="pay-0")
+        app.on_transaction = lambda label, outcome: labels.append(label)
+
+        @app.handler("in", output="out")
+        def copy(msg: Message, out: Output) -> None:
+            out.send(msg.value)
+
+        app.run(until_idle=0.5)
+        fill(log, [b"b"])
+    assert len(labels) == 2
+    assert len(set(labels)) == 2
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_handler_slower_than_the_transaction_timeout_or_max_poll_interval_is_ridden_out(
+    log: Log, guarantee: Guarantee
+) -> None:
+    """Now and then a handler outlasts the transaction timeout and ``max_poll_interval_ms``:
+    the App aborts or drops what it may no longer commit, rejoins, and goes on; every record
+    ends up handled, exactly once under exactly-once."""
+    fill(log, [f"m{i}".encode() for i in range(6)])
+    app = App(
+        log=log,
+        group="g",
+        guarantee=guarantee,
+        transaction_timeout_ms=1000,
+        max_poll_interval_ms=1000,
+        session_timeout_ms=6000,
+        max_poll_records=2,
+    )
+    slept = threading.Event()
+
+    @app.handler("in", output="out")
+    def copy(msg: Message, out: Output) -> None:
+        if msg.value == b"m2" and not slept.is_set():
+            slept.set()
+            time.sleep(1.6)
+        out.send(msg.value)
+
+    stats = app.run(until_idle=3)
+    assert slept.is_set()
+    assert stats.stopped_by == "idle"
+    outputs = sorted(v or b"" for v in read(log, "out"))
+    expected = [f"m{i}".encode() for i in range(6)]
+    if guarantee == "exactly-once":
+        assert outputs == expected
+    else:
+        assert sorted(set(outputs)) == expected
+    assert committed(log) == 6
