@@ -4,19 +4,54 @@ same transaction, so effects and progress commit together or not at all.
 Fencing: when a partition is assigned, the new owner *claims* it, bumping an epoch stored beside
 its offset. Every later offset write is conditional on that epoch; a zombie (an old owner still
 finishing a batch) finds the epoch moved, and its whole transaction, effects included, rolls back.
+
+Who is asking: the runtime opens each transaction with its consumer group and, per topic, an
+*incarnation* (the log's id of the topic, which changes when a topic is deleted and created
+again). The inbox keys by both, so two groups writing to one database, or a re-created topic
+whose offsets start again at 0, never see each other's deliveries; a claim drops an offset that
+was stored for an earlier incarnation of the topic.
+
+Dead letters under exactly-once go into ``assured_dead_letters`` inside the same transaction as
+the effects and offsets (:meth:`SinkTransaction.dead_letter`); :mod:`assured.sinks._relay`
+publishes them to the log afterwards, exactly once.
+
+Errors, beside the log's own::
+
+    SinkFencedError (StaleGenerationError)  a newer owner claimed the partition; rolled back
+    SinkUnavailableError (RetriableError)   the connection broke mid-transaction; rolled back
+    └── SinkCommitUnknownError              it broke during COMMIT: re-read stored offsets
+    SinkUnreachableError (ServiceError)     no connection / write lock within the deadline; stop
+    SinkLostError (ServiceError)            the SQLite file was deleted or replaced; stop
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+import logging
+import re
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
-from assured.errors import StaleGenerationError
-from assured.log import TopicPartition
+from assured.errors import RetriableError, ServiceError, StaleGenerationError, UsageError
+from assured.log import Record, TopicPartition
+from assured.log._models import encode_headers
 
-__all__ = ["Claim", "Sink", "SinkFencedError", "SinkTransaction"]
+__all__ = [
+    "Claim",
+    "MessageLike",
+    "Sink",
+    "SinkCommitUnknownError",
+    "SinkFencedError",
+    "SinkLostError",
+    "SinkTransaction",
+    "SinkUnavailableError",
+    "SinkUnreachableError",
+]
+
+log = logging.getLogger("assured.sinks")
 
 Claim = dict[TopicPartition, tuple[int | None, int]]  # stored next offset (or None), epoch
 
@@ -26,9 +61,64 @@ class SinkFencedError(StaleGenerationError):
     transaction (effects and offsets) was rolled back."""
 
 
+class SinkUnavailableError(RetriableError):
+    """The connection to the database broke during a transaction. The transaction was rolled
+    back (nothing of it committed) and the connection discarded; the next ``transaction()``
+    reconnects, with backoff. Redo the work in a new transaction. Not a handler's failure:
+    never retry the handler on it nor dead-letter its record."""
+
+
+class SinkCommitUnknownError(SinkUnavailableError):
+    """The connection broke while the database was committing: the transaction may have
+    committed or not, and nobody can tell from here. Before redoing anything, re-read the
+    stored offsets (:meth:`Sink.stored_offsets`) and resume from them: what they cover was
+    committed, effects included; the rest was not."""
+
+
+class SinkUnreachableError(ServiceError):
+    """The database could not be used within the sink's deadline (no connection, or its write
+    lock held by another process all along). Nothing was written; this instance should stop."""
+
+    fatal = True
+
+
+class SinkLostError(ServiceError):
+    """The SQLite sink file was deleted or replaced while this process had it open. Nothing
+    was committed since that was noticed; this instance must stop."""
+
+    fatal = True
+
+
+class MessageLike(Protocol):
+    """Anything that says where a record sits: a :class:`~assured.Message` or a Record."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
+_RECORD_ID = re.compile(r"(?P<topic>[A-Za-z0-9._-]+)\[(?P<partition>\d+)\]@(?P<offset>\d+)")
+
+
 class SinkTransaction(abc.ABC):
     """One database transaction, handed to a handler. ``execute`` speaks the database's own SQL
-    and parameter style (``?`` for SQLite, ``%s`` for PostgreSQL)."""
+    and parameter style (``?`` for SQLite, ``%s`` for PostgreSQL).
+
+    ``group`` is the consumer group the runtime opened it for ('' when not told) and
+    ``incarnations`` each topic's incarnation (the log's topic id), where known."""
+
+    def __init__(
+        self, sink: Sink, group: str | None = None, incarnations: Mapping[str, str] | None = None
+    ):
+        self.sink = sink
+        self.group = group or ""
+        self.incarnations: Mapping[str, str] = incarnations or {}
+        self.dead_letters: list[int] = []  # ids written by dead_letter(), for the relay
 
     @abc.abstractmethod
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any: ...
@@ -42,39 +132,163 @@ class SinkTransaction(abc.ABC):
     def savepoint(self) -> contextlib.AbstractContextManager[None]:
         """Undo only what happens inside, if it raises (the runtime wraps each handler call)."""
 
-    @abc.abstractmethod
-    def first_delivery(self, message_id: str) -> bool:
-        """Record ``message_id`` in the inbox table; False if it was there already. For
-        at-least-once handlers that want idempotent effects: ``if tx.first_delivery(msg.id): ...``
-        (the id and the effects commit together)."""
+    def first_delivery(self, message: MessageLike | str) -> bool:
+        """Record ``message`` in the inbox of this transaction's group; False if it was there
+        already. For at-least-once handlers that want idempotent effects:
+        ``if tx.first_delivery(msg): ...`` (the delivery and the effects commit together).
+
+        Keyed by group and by the topic's incarnation, so another group, or a topic deleted
+        and created again, is a first delivery of its own. A string is accepted too: a record
+        id (``msg.id``, ``topic[p]@offset``) is keyed exactly as the message itself; any other
+        string is your own idempotency key, kept per group."""
+        plain = message if isinstance(message, str) else record_id(message)
+        key = plain
+        match = _RECORD_ID.fullmatch(plain)
+        if match is not None:
+            incarnation = self.incarnations.get(match["topic"])
+            if incarnation:
+                key = f"{plain}#{incarnation}"
+        insert = self.sink._sql(
+            "INSERT INTO assured_inbox (group_id, message_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+        )
+        if self.execute(insert, (self.group, key)).rowcount != 1:
+            return False
+        if self.sink._legacy_inbox:
+            # Delivered before the inbox knew groups (any group, then): keep that answer.
+            legacy = self.sink._sql("SELECT 1 FROM assured_inbox_v1 WHERE message_id = ?")
+            return self.execute(legacy, (plain,)).fetchone() is None
+        return True
+
+    def dead_letter(
+        self, record: Record, *, topic: str, error: BaseException, attempts: int
+    ) -> int:
+        """Write ``record`` as a dead letter for ``topic`` (e.g. ``<input>.dlq``) into this
+        transaction: it commits with the effects and offsets, or not at all, and
+        :func:`assured.sinks.relay_dead_letters` publishes it later, exactly once. Returns
+        its id in ``assured_dead_letters``."""
+        if not self.group:
+            raise UsageError(
+                "dead_letter() needs the consumer group: open the transaction with "
+                "sink.transaction(group=...)"
+            )
+        message = "".join(traceback.format_exception_only(type(error), error)).strip()
+        insert = self.sink._sql(
+            "INSERT INTO assured_dead_letters (group_id, dead_letter_topic, source_topic, "
+            "source_partition, source_offset, key, value, headers, error_type, error_message, "
+            "attempts, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
+        )
+        row = self.execute(
+            insert,
+            (
+                self.group,
+                topic,
+                record.topic,
+                record.partition,
+                record.offset,
+                record.key,
+                record.value,
+                encode_headers(record.headers),
+                type(error).__qualname__,
+                message.encode()[:4000].decode(errors="ignore"),
+                attempts,
+                int(time.time() * 1000),
+            ),
+        ).fetchone()
+        self.dead_letters.append(int(row[0]))
+        return int(row[0])
+
+
+def record_id(message: MessageLike) -> str:
+    """``topic[partition]@offset``: what ``Message.id`` says."""
+    return f"{message.topic}[{message.partition}]@{message.offset}"
 
 
 class Sink(abc.ABC):
-    @abc.abstractmethod
-    def setup(self) -> None:
-        """Create the runtime's tables (offsets, inbox) if missing."""
-
-    @abc.abstractmethod
-    def transaction(self) -> contextlib.AbstractContextManager[SinkTransaction]: ...
-
     # The runtime's own SQL, written once; only the placeholder differs between databases.
     placeholder = "?"
+    # Each database's CREATE statements for the runtime's tables (all IF NOT EXISTS).
+    _ddl: tuple[str, ...] = ()
+    _legacy_inbox = False  # an inbox table from before groups, with rows (see setup)
 
     def _sql(self, template: str) -> str:
         return template.replace("?", self.placeholder)
 
-    def claim(self, group: str, partitions: Sequence[TopicPartition]) -> Claim:
+    @abc.abstractmethod
+    def transaction(
+        self, group: str | None = None, incarnations: Mapping[str, str] | None = None
+    ) -> contextlib.AbstractContextManager[SinkTransaction]:
+        """A database transaction for ``group`` (which the inbox and dead letters are kept
+        under) reading topics of these ``incarnations``. It commits when the block ends, rolls
+        back when it raises."""
+
+    @abc.abstractmethod
+    def _columns(self, tx: SinkTransaction, table: str) -> set[str]:
+        """The columns of ``table``; empty when there is no such table."""
+
+    def _setup_lock(self, tx: SinkTransaction) -> None:
+        """Serialize concurrent setups (SQLite's write lock already does)."""
+
+    def setup(self) -> None:
+        """Create the runtime's tables (offsets, inbox, dead letters) if missing, and bring
+        tables from older versions up to date, in place, in one transaction."""
+        with self.transaction() as tx:
+            self._setup_lock(tx)
+            for statement in self._ddl:
+                tx.execute(statement)
+            if "incarnation" not in self._columns(tx, "assured_offsets"):
+                tx.execute("ALTER TABLE assured_offsets ADD COLUMN incarnation TEXT")
+            if "group_id" not in self._columns(tx, "assured_inbox"):
+                # Keyed by message alone (whatever the group): kept aside as assured_inbox_v1,
+                # still consulted, so an upgrade never handles those messages again.
+                if self._columns(tx, "assured_inbox_v1"):
+                    tx.execute(
+                        "INSERT INTO assured_inbox_v1 (message_id) SELECT message_id "
+                        "FROM assured_inbox ON CONFLICT DO NOTHING"
+                    )
+                    tx.execute("DROP TABLE assured_inbox")
+                else:
+                    tx.execute("ALTER TABLE assured_inbox RENAME TO assured_inbox_v1")
+                tx.execute(_INBOX_DDL)
+                log.info("inbox upgraded: deliveries are kept per group; old ones kept aside")
+            self._legacy_inbox = bool(self._columns(tx, "assured_inbox_v1")) and (
+                tx.execute("SELECT 1 FROM assured_inbox_v1 LIMIT 1").fetchone() is not None
+            )
+
+    def claim(
+        self,
+        group: str,
+        partitions: Sequence[TopicPartition],
+        incarnations: Mapping[str, str] | None = None,
+    ) -> Claim:
         """Take ownership of ``partitions`` for ``group``: bump their epochs; return the stored
-        offsets and the new epochs."""
+        offsets and the new epochs. An offset stored for another incarnation of the topic (it
+        was deleted and created again) is dropped: the new topic has none yet."""
+        incarnations = incarnations or {}
+        before = self._sql(
+            "SELECT incarnation, next_offset FROM assured_offsets "
+            "WHERE group_id = ? AND topic = ? AND partition = ?"
+        )
         upsert = self._sql(
-            "INSERT INTO assured_offsets (group_id, topic, partition, epoch) VALUES (?, ?, ?, 1) "
-            "ON CONFLICT (group_id, topic, partition) DO UPDATE "
-            "SET epoch = assured_offsets.epoch + 1 RETURNING next_offset, epoch"
+            "INSERT INTO assured_offsets (group_id, topic, partition, epoch, incarnation) "
+            "VALUES (?, ?, ?, 1, ?) ON CONFLICT (group_id, topic, partition) DO UPDATE "
+            "SET epoch = assured_offsets.epoch + 1, next_offset = CASE "
+            "WHEN excluded.incarnation <> assured_offsets.incarnation THEN NULL "
+            "ELSE assured_offsets.next_offset END, "
+            "incarnation = COALESCE(excluded.incarnation, assured_offsets.incarnation) "
+            "RETURNING next_offset, epoch"
         )
         out: Claim = {}
-        with self.transaction() as tx:
+        with self.transaction(group, incarnations) as tx:
             for tp in partitions:
-                row = tx.execute(upsert, (group, tp.topic, tp.partition)).fetchone()
+                incarnation = incarnations.get(tp.topic)
+                old = tx.execute(before, (group, tp.topic, tp.partition)).fetchone()
+                if old and incarnation and old[0] and old[0] != incarnation and old[1] is not None:
+                    log.warning(
+                        "%s was deleted and created again since group %r stored offset %d for "
+                        "it: that offset belonged to the old topic and was dropped",
+                        tp, group, old[1],
+                    )  # fmt: skip
+                row = tx.execute(upsert, (group, tp.topic, tp.partition, incarnation)).fetchone()
                 out[tp] = (row[0], row[1])
         return out
 
@@ -101,9 +315,32 @@ class Sink(abc.ABC):
             "SELECT topic, partition, next_offset FROM assured_offsets "
             "WHERE group_id = ? AND next_offset IS NOT NULL"
         )
-        with self.transaction() as tx:
+        with self.transaction(group) as tx:
             rows = tx.execute(query, (group,)).fetchall()
         return {TopicPartition(t, p): o for t, p, o in rows}
+
+    def has_offsets(self, group: str, topics: Iterable[str] | None = None) -> bool:
+        """Whether this database holds a stored offset for ``group`` (of any of ``topics``).
+        Under exactly-once the database is the truth: a group whose offsets the *log* has
+        but this database has not is a sign the database was replaced or lost."""
+        query = "SELECT 1 FROM assured_offsets WHERE group_id = ? AND next_offset IS NOT NULL"
+        params: list[Any] = [group]
+        if topics is not None:
+            wanted = sorted(set(topics))
+            if not wanted:
+                return False
+            query += f" AND topic IN ({', '.join('?' * len(wanted))})"
+            params += wanted
+        with self.transaction(group) as tx:
+            return tx.execute(self._sql(query + " LIMIT 1"), params).fetchone() is not None
+
+    def pending_dead_letters(self, group: str) -> int:
+        """Dead letters of ``group`` committed here and not yet published by the relay."""
+        query = self._sql(
+            "SELECT count(*) FROM assured_dead_letters WHERE group_id = ? AND relayed_ms IS NULL"
+        )
+        with self.transaction(group) as tx:
+            return int(tx.execute(query, (group,)).fetchone()[0])
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -114,6 +351,37 @@ class Sink(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_INBOX_DDL = (
+    "CREATE TABLE IF NOT EXISTS assured_inbox (group_id TEXT NOT NULL, message_id TEXT NOT NULL, "
+    "CONSTRAINT assured_inbox_key PRIMARY KEY (group_id, message_id))"
+)
+# Serves both databases; only the id column differs (see each sink's DDL).
+_DEAD_LETTERS_COLUMNS = (
+    "group_id TEXT NOT NULL, dead_letter_topic TEXT NOT NULL, source_topic TEXT NOT NULL, "
+    "source_partition INTEGER NOT NULL, source_offset BIGINT NOT NULL, key {blob}, value {blob}, "
+    "headers {blob}, error_type TEXT NOT NULL, error_message TEXT NOT NULL, "
+    "attempts INTEGER NOT NULL, created_ms BIGINT NOT NULL, relayed_ms BIGINT"
+)
+
+
+def ddl(id_column: str, blob: str) -> tuple[str, ...]:
+    """The runtime's tables in one database's dialect."""
+    return (
+        "CREATE TABLE IF NOT EXISTS assured_offsets (group_id TEXT NOT NULL, topic TEXT NOT NULL, "
+        "partition INTEGER NOT NULL, next_offset BIGINT, epoch BIGINT NOT NULL DEFAULT 0, "
+        "incarnation TEXT, PRIMARY KEY (group_id, topic, partition))",
+        _INBOX_DDL,
+        f"CREATE TABLE IF NOT EXISTS assured_dead_letters ({id_column}, "
+        f"{_DEAD_LETTERS_COLUMNS.format(blob=blob)})",
+        "CREATE INDEX IF NOT EXISTS assured_dead_letters_pending "
+        "ON assured_dead_letters (group_id, id) WHERE relayed_ms IS NULL",
+        # One relay per group at a time: each takes over by bumping the epoch; `inflight` is
+        # the batch it is publishing (ids, and where in the dead-letter topics it starts).
+        "CREATE TABLE IF NOT EXISTS assured_dead_letter_relays (group_id TEXT PRIMARY KEY, "
+        "epoch BIGINT NOT NULL, inflight TEXT)",
+    )
 
 
 def fenced(tp: TopicPartition, group: str) -> SinkFencedError:

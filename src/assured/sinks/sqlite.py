@@ -1,29 +1,50 @@
-"""A SQLite database as a sink: effects and offsets in one SQLite transaction."""
+"""A SQLite database as a sink: effects and offsets in one SQLite transaction.
+
+Two things can go wrong that a server database would not let happen:
+
+- Another process holds the write lock and does not let go (stopped with SIGSTOP, hung, or
+  in a long transaction). Taking the lock is retried with backoff up to ``lock_timeout_s``, then
+  :class:`SinkUnreachableError` names the file and what to do.
+- The file is deleted or replaced while open. SQLite would go on writing to the unlinked file,
+  and every commit would vanish with it. Each commit first checks that the path still names the
+  file that is open (one ``stat``); if not, it rolls back and raises :class:`SinkLostError`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from assured.errors import ConfigError
-from assured.sinks._base import Sink, SinkTransaction
+from assured.sinks._base import (
+    Sink,
+    SinkLostError,
+    SinkTransaction,
+    SinkUnreachableError,
+    ddl,
+)
 
 __all__ = ["SqliteSink"]
 
-_DDL = (
-    "CREATE TABLE IF NOT EXISTS assured_offsets (group_id TEXT NOT NULL, topic TEXT NOT NULL, "
-    "partition INTEGER NOT NULL, next_offset INTEGER, epoch INTEGER NOT NULL DEFAULT 0, "
-    "PRIMARY KEY (group_id, topic, partition))",
-    "CREATE TABLE IF NOT EXISTS assured_inbox (message_id TEXT PRIMARY KEY)",
-)
+_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (extended codes share the low byte)
 
 
 class _SqliteTransaction(SinkTransaction):
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(
+        self,
+        sink: SqliteSink,
+        conn: sqlite3.Connection,
+        group: str | None,
+        incarnations: Mapping[str, str] | None,
+    ):
+        super().__init__(sink, group, incarnations)
         self._conn = conn
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
@@ -45,50 +66,124 @@ class _SqliteTransaction(SinkTransaction):
             raise
         self._conn.execute(f"RELEASE {name}")
 
-    def first_delivery(self, message_id: str) -> bool:
-        cur = self._conn.execute(
-            "INSERT OR IGNORE INTO assured_inbox (message_id) VALUES (?)", (message_id,)
-        )
-        return cur.rowcount == 1
-
 
 class SqliteSink(Sink):
-    """Effects in the SQLite database at ``path``. ``durability='full'`` fsyncs every commit."""
+    """Effects in the SQLite database at ``path``. ``durability='full'`` fsyncs every commit.
+    ``lock_timeout_s``: how long to wait for another process's write lock before giving up."""
 
-    def __init__(self, path: str | Path, durability: str = "full"):
+    _ddl = ddl("id INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB")
+
+    def __init__(
+        self, path: str | Path, durability: str = "full", lock_timeout_s: float = 30.0
+    ) -> None:
         self.path = Path(path)
         if durability not in ("normal", "full"):
             raise ConfigError(f"durability={durability!r}: 'normal' or 'full'")
+        if lock_timeout_s <= 0:
+            raise ConfigError(f"lock_timeout_s={lock_timeout_s!r}: a number of seconds above 0")
         self._durability = durability
+        self.lock_timeout_s = lock_timeout_s
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._lost: str | None = None
 
     def _connect(self) -> sqlite3.Connection:
+        if self._lost is not None:
+            raise SinkLostError(self._lost)
         if self._conn is None:
             if not self.path.parent.is_dir():
                 raise ConfigError(f"folder {self.path.parent} for the SQLite sink does not exist")
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._durability.upper()}")
+            # Each wait inside SQLite is short; _locked() retries it up to lock_timeout_s.
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=min(1.0, self.lock_timeout_s)
+            )
+            try:
+                self._locked(conn, "PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self._durability.upper()}")
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
+            self._identity = None if str(self.path) in ("", ":memory:") else self._stat()
         return self._conn
 
-    def setup(self) -> None:
-        conn = self._connect()
-        for statement in _DDL:
-            conn.execute(statement)
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _moved(self) -> str | None:
+        """How the file at ``path`` differs from the open one, if it does."""
+        if self._identity is None:
+            return None
+        now = self._stat()
+        if now is None:
+            return "deleted"
+        return None if now == self._identity else "replaced by another file"
+
+    def _locked(self, conn: sqlite3.Connection, sql: str) -> None:
+        """Run ``sql``, which needs a lock, retrying while another process holds it."""
+        retrying = Retrying(
+            stop=stop_after_delay(self.lock_timeout_s),
+            wait=wait_exponential(multiplier=0.01, max=0.5),
+            retry=retry_if_exception(_busy),
+            reraise=True,
+        )
+        try:
+            retrying(conn.execute, sql)
+        except sqlite3.OperationalError as e:
+            if not _busy(e):
+                raise
+            raise SinkUnreachableError(
+                f"the SQLite sink {self.path} stayed locked for {self.lock_timeout_s:g}s: another "
+                "process holds its write lock (one stopped with SIGSTOP or hung, or a very long "
+                "transaction). Nothing was written. Find it with `fuser "
+                f"{self.path}` (or lsof), resume it (kill -CONT) or stop it, then start again; "
+                "or give the sink a longer lock_timeout_s."
+            ) from e
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[SinkTransaction]:
+    def transaction(
+        self, group: str | None = None, incarnations: Mapping[str, str] | None = None
+    ) -> Iterator[SinkTransaction]:
         conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
+        self._locked(conn, "BEGIN IMMEDIATE")
         try:
-            yield _SqliteTransaction(conn)
+            yield _SqliteTransaction(self, conn, group, incarnations)
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
+        moved = self._moved()
+        if moved is not None:
+            conn.execute("ROLLBACK")
+            self._lose(moved)
         conn.execute("COMMIT")
+
+    def _lose(self, how: str) -> NoReturn:
+        self._lost = (
+            f"the SQLite sink file {self.path} was {how} while this process had it open. This "
+            f"transaction was rolled back, and nothing was committed to {self.path} since. What "
+            "earlier transactions committed (effects and stored offsets) is in the file that was "
+            "at that path before. Put that file back (from a backup, if it is gone) and start "
+            "again; starting on a new, empty file would lose every effect the old one holds."
+        )
+        self.close()
+        raise SinkLostError(self._lost)
+
+    def _columns(self, tx: SinkTransaction, table: str) -> set[str]:
+        return {r[0] for r in tx.execute("SELECT name FROM pragma_table_info(?)", (table,))}
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _busy(e: BaseException) -> bool:
+    return (
+        isinstance(e, sqlite3.OperationalError)
+        and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in _BUSY
+    )

@@ -117,6 +117,33 @@ class PostgresServer:
             60,
         )
 
+    def restart(self, mode: str = "fast", timeout: float = 60.0) -> None:
+        """Stop the server and start it again on the same port and data. ``fast`` ends every
+        session (their clients get *terminating connection due to administrator command*);
+        ``immediate`` kills the server outright, and it recovers from its WAL on start."""
+        if mode not in ("smart", "fast", "immediate"):
+            raise HarnessError(f"restart mode {mode!r}: smart, fast or immediate")
+        if self.bin_dir is None:
+            raise HarnessError("PostgreSQL restart before start()")
+        data, log = self.workdir / "data", self.workdir / "server.log"
+        self._run(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(log),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "restart",
+            ],
+            f"pg_ctl restart -m {mode}",
+            timeout,
+        )
+
     def __enter__(self) -> Self:
         return self.start()
 
