@@ -5,6 +5,7 @@ embedded engine and broke elsewhere (the same cases run on Kafka in tests/kafka/
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -216,3 +217,36 @@ def test_a_handler_slower_than_the_transaction_timeout_or_max_poll_interval_is_r
     else:
         assert sorted(set(outputs)) == expected
     assert committed(log) == 6
+
+
+def test_a_replaced_sink_database_is_an_error_not_a_silent_skip(log: Log, tmp_path: Path) -> None:
+    """Old code: with the sink's database gone, a restart found no stored offsets, fell back to
+    the log's committed offsets and processed nothing: every effect gone without a word. The
+    database's positions are the truth under exactly-once: their absence is an error, unless the
+    user chooses where to start."""
+    from assured.errors import ConfigError as Refused
+    from assured.sinks import SqliteSink
+
+    fill(log, [b"a", b"b"])
+
+    def run(db: Path, **settings: Any) -> int:
+        sink = SqliteSink(db)
+        app = App(log=log, group="g", guarantee="exactly-once", **settings)
+
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS fx (v BLOB)")
+
+        @app.handler("in", sink=sink)
+        def effect(msg: Message, tx: Any) -> None:
+            tx.execute("INSERT INTO fx VALUES (?)", (msg.value,))
+
+        app.run(until_idle=0.5)
+        with sqlite3.connect(db) as conn:
+            return int(conn.execute("SELECT count(*) FROM fx").fetchone()[0])
+
+    assert run(tmp_path / "fx.db") == 2
+    assert committed(log) == 2
+    with pytest.raises(Refused, match="no position for group 'g'.*missing_sink_offsets"):
+        run(tmp_path / "replaced.db")
+    assert run(tmp_path / "replaced.db", missing_sink_offsets="earliest") == 2
+    assert run(tmp_path / "other.db", missing_sink_offsets="committed") == 0

@@ -42,6 +42,11 @@ class AppSettings(BaseSettings):
     transactional_id: str | None = None  # default: "<group>-<random>" per process
     retry_deadline_ms: int = Field(default=30_000, ge=0)  # transaction ops retried this long
     metrics_port: int | None = None
+    # Exactly-once into a database: where to start a partition the database has no position
+    # for while the log has committed offsets for the group (the database was replaced or
+    # emptied). "fail": stop and say so; "committed": trust the log's offsets; "earliest":
+    # handle the partition again from its first record.
+    missing_sink_offsets: Literal["fail", "committed", "earliest"] = "fail"
 
     @field_validator("guarantee", mode="before")
     @classmethod

@@ -4,16 +4,23 @@ On assignment we claim the partitions in the database (bumping an epoch that fen
 owner) and start reading where the database says we stopped. Each batch is one database
 transaction: the handlers' effects, then the positions, written only if our epoch still holds.
 The group offset is committed afterwards too, only so lag tools show the truth; the database
-is what counts."""
+is what counts: a partition the database has no position for, while the log has one, means the
+database was replaced or emptied, and the App stops rather than guess (``missing_sink_offsets``).
+
+A database that goes away is the sink's failure, not a handler's: the batch's transaction rolled
+back, so we go back to the batch's first records, wait, reconnect and redo it. When the
+connection broke during COMMIT, nobody knows whether it landed: the stored positions say.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 
-from assured.errors import AssuredError
+from assured.errors import AssuredError, ConfigError, LogError
 from assured.log import Producer, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, next_offsets
+from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
 from assured.sinks import Sink, SinkFencedError
 
 __all__ = ["ExactlyOnceSink"]
@@ -29,15 +36,47 @@ class ExactlyOnceSink(CommitProtocol):
         self.sink: Sink = self.rt.sink
         self.dead_letters: Producer = self.rt.log.producer()
         self.epochs: dict[TopicPartition, int] = {}
+        self.troubled_since: float | None = None
 
     def on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-        claims = self.sink.claim(self.rt.settings.group, partitions)
+        group = self.rt.settings.group
+        claims = self.sink.claim(group, partitions)
         starts: dict[TopicPartition, int] = {}
+        unknown = []
         for tp, (stored, epoch) in claims.items():
             self.epochs[tp] = epoch
             if stored is not None:
                 starts[tp] = stored  # the database, not the group offset, says where we were
+            else:
+                unknown.append(tp)
+        if unknown:
+            starts.update(self._missing(unknown))
         return starts
+
+    def _missing(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Partitions the database has no position for: new ones start where the log says; if
+        the log has committed offsets for them, the database lost its positions."""
+        committed = {
+            tp: c for tp, c in self.rt.consumer.committed(partitions).items() if c is not None
+        }
+        if not committed:
+            return {}
+        choice = self.rt.settings.missing_sink_offsets
+        shown = ", ".join(f"{tp} at {c}" for tp, c in sorted(committed.items()))
+        if choice == "fail":
+            raise ConfigError(
+                f"the database holds no position for group {self.rt.settings.group!r} on "
+                f"{shown}, but the log has committed offsets there: the database was replaced, "
+                "emptied, or is not the one this group wrote to. Nothing was handled. Point the "
+                "sink at the right database; or choose where to start with "
+                "missing_sink_offsets='committed' (trust the log's offsets: effects before them "
+                "are not redone) or 'earliest' (handle those partitions again from the start)."
+            )
+        log.warning("the database has no position for %s; starting per %s", shown, choice)
+        if choice == "committed":
+            return committed
+        with self.rt.log.admin() as admin:
+            return {tp: admin.watermarks(tp).low for tp in committed}
 
     def process(self, records: list[Record]) -> None:
         mine = [r for r in records if TopicPartition(r.topic, r.partition) in self.epochs]
@@ -57,11 +96,36 @@ class ExactlyOnceSink(CommitProtocol):
             for tp in offsets:
                 self.epochs.pop(tp, None)
             return
+        except LogError as e:
+            if not (e.retriable or e.abortable) or e.fatal:
+                self.abandon()
+                raise
+            self._redo(mine, e)
+            return
+        except BaseException:
+            self.abandon()
+            raise
+        self.troubled_since = None
         self.rt.metrics.committed.labels(self.guarantee).inc()
         try:
             self.rt.consumer.commit(offsets, asynchronous=True)
         except AssuredError as e:  # only for lag tools; the database already has the truth
             log.debug("group offset commit skipped: %s", e)
+
+    def _redo(self, batch: list[Record], e: LogError) -> None:
+        """The batch's database transaction did not commit (or may not have): go back to where
+        the database says each partition stands, wait a little, and let the next poll redo it."""
+        now = time.monotonic()
+        self.troubled_since = self.troubled_since or now
+        elapsed = now - self.troubled_since
+        log.warning("%s; redoing the batch once the database answers (%.0f s so far)", e, elapsed)
+        try:
+            stored = self.sink.stored_offsets(self.rt.settings.group)
+        except LogError:
+            stored = {}  # still away: the batch's own first offsets are safe (it rolled back)
+        rewind = {tp: off for tp, off in stored.items() if tp in self.epochs}
+        seek_back(self.rt.consumer, rewind, batch)
+        time.sleep(min(1.0, 0.05 + elapsed / 10))
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
