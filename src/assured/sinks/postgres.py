@@ -227,6 +227,8 @@ class PostgresSink(Sink):
             elif not isinstance(e, SinkUnavailableError):
                 raise SinkUnavailableError(tx.lost) from e
             raise
+        if tx.lost is None and conn.closed:  # broken under the raw connection, before COMMIT
+            tx.lose(psycopg.OperationalError("the connection broke before COMMIT"))
         if tx.lost is not None:  # a handler caught the error and carried on: never commit
             raise SinkUnavailableError(tx.lost)
         try:

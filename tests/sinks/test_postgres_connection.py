@@ -1,0 +1,220 @@
+"""A lost PostgreSQL connection is the sink's failure, not the handler's (issue 18, item 11):
+statements, savepoints and commits turn it into SinkUnavailableError (or, during COMMIT,
+SinkCommitUnknownError), and the next transaction reconnects. On the real server, restarted."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from assured import App, Message, TopicPartition, open_log
+from assured.errors import RetriableError, ServiceError
+from assured.sinks import (
+    PostgresSink,
+    SinkCommitUnknownError,
+    SinkTransaction,
+    SinkUnavailableError,
+    SinkUnreachableError,
+)
+from assured.testing._net import free_ports
+from assured.testing.postgres import PostgresServer
+from tests.sinks.conftest import read_all
+
+pytestmark = pytest.mark.postgres
+
+
+def effects_sink(dsn: str) -> PostgresSink:
+    sink = PostgresSink(dsn, reconnect_timeout_s=30)
+    sink.setup()
+    with sink.transaction() as tx:
+        tx.execute("CREATE TABLE effects (n integer)")
+    return sink
+
+
+def effects(sink: PostgresSink) -> list[int]:
+    with sink.transaction() as tx:
+        return [r[0] for r in tx.execute("SELECT n FROM effects ORDER BY n").fetchall()]
+
+
+def test_a_restart_mid_transaction_is_the_sinks_failure(
+    postgres: PostgresServer, pg_dsn: str
+) -> None:
+    sink = effects_sink(pg_dsn)
+    with pytest.raises(SinkUnavailableError) as info, sink.transaction(group="g") as tx:  # noqa: PT012
+        tx.execute("INSERT INTO effects VALUES (1)")
+        postgres.restart("fast")
+        tx.execute("INSERT INTO effects VALUES (2)")
+    assert isinstance(info.value, RetriableError)
+    assert not isinstance(info.value, SinkCommitUnknownError)
+    assert "rolled back" in str(info.value)
+    assert "AdminShutdown" in str(info.value)
+    with sink.transaction() as tx:  # reconnects
+        tx.execute("INSERT INTO effects VALUES (3)")
+    assert effects(sink) == [3]
+    sink.close()
+
+
+def test_a_handlers_savepoint_reports_the_lost_connection(
+    postgres: PostgresServer, pg_dsn: str
+) -> None:
+    sink = effects_sink(pg_dsn)
+
+    def handler_turns_it_into_its_own_error(tx: SinkTransaction) -> None:
+        with tx.savepoint():
+            postgres.restart("fast")
+            try:
+                tx.execute("INSERT INTO effects VALUES (1)")
+            except Exception as e:
+                raise ValueError("my handler failed") from e
+
+    with pytest.raises(SinkUnavailableError), sink.transaction() as tx:
+        handler_turns_it_into_its_own_error(tx)
+
+    def handler_swallows_it(tx: SinkTransaction, savepoint: bool) -> None:
+        with tx.savepoint() if savepoint else contextlib.nullcontext():
+            tx.execute("INSERT INTO effects VALUES (2)")
+            postgres.restart("fast")
+            with contextlib.suppress(psycopg.Error):
+                tx.connection.execute("INSERT INTO effects VALUES (3)")  # the raw connection
+
+    for savepoint in (True, False):
+        with pytest.raises(SinkUnavailableError) as info, sink.transaction() as tx:
+            handler_swallows_it(tx, savepoint)
+        assert not isinstance(info.value, SinkCommitUnknownError), "it broke before COMMIT"
+    assert effects(sink) == [], "a transaction whose connection broke never commits"
+    sink.close()
+
+
+def test_an_idle_connection_broken_by_a_restart_is_replaced(
+    postgres: PostgresServer, pg_dsn: str
+) -> None:
+    sink = effects_sink(pg_dsn)
+    postgres.restart("immediate")
+    with sink.transaction() as tx:  # nothing had been done on the dead connection: no error
+        tx.execute("INSERT INTO effects VALUES (1)")
+    assert effects(sink) == [1]
+    sink.close()
+
+
+def test_transactions_across_a_restart_see_only_the_sinks_errors(
+    postgres: PostgresServer, pg_dsn: str
+) -> None:
+    sink = effects_sink(pg_dsn)
+
+    def restart_thrice() -> None:
+        for _ in range(3):
+            postgres.restart("fast")
+
+    restarts = threading.Thread(target=restart_thrice)
+    committed, refused = [], 0
+    restarts.start()
+    n = 0
+    while restarts.is_alive() or n < 50:
+        n += 1
+        try:
+            with sink.transaction() as tx:
+                tx.execute("INSERT INTO effects VALUES (%s)", (n,))
+                time.sleep(0.005)
+            committed.append(n)
+        except SinkCommitUnknownError:
+            refused += 1  # may or may not be there: not counted either way
+            committed.append(-n)
+        except SinkUnavailableError:
+            refused += 1
+    restarts.join()
+    stored = set(effects(sink))
+    assert {c for c in committed if c > 0} <= stored
+    assert stored <= {abs(c) for c in committed}, "a rolled-back transaction left nothing"
+    sink.close()
+
+
+def test_a_connection_lost_during_commit_is_reported_as_unknown(pg_dsn: str) -> None:
+    sink = effects_sink(pg_dsn)
+    with sink.transaction() as tx:  # a commit that takes a while: a deferred trigger sleeps
+        tx.execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$"
+        )
+        tx.execute(
+            "CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON effects DEFERRABLE INITIALLY "
+            "DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+        )
+
+    def terminate(pid: int) -> None:
+        time.sleep(1.0)
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    with pytest.raises(SinkCommitUnknownError) as info, sink.transaction() as tx:  # noqa: PT012
+        tx.execute("INSERT INTO effects VALUES (1)")
+        pid = tx.execute("SELECT pg_backend_pid()").fetchone()[0]
+        threading.Thread(target=terminate, args=(pid,), daemon=True).start()
+    assert isinstance(info.value, SinkUnavailableError)
+    assert "stored offsets" in str(info.value)
+    assert effects(sink) == [], "terminated before the commit record: it did not land"
+    sink.close()
+
+
+def test_a_server_away_past_the_deadline_is_unreachable() -> None:
+    (port,) = free_ports(1)
+    sink = PostgresSink(f"postgresql://ann:secret@127.0.0.1:{port}/shop", reconnect_timeout_s=1)
+    started = time.monotonic()
+    with pytest.raises(SinkUnreachableError) as info, sink.transaction():
+        pass
+    assert 1.0 <= time.monotonic() - started < 10
+    message = str(info.value)
+    assert f"127.0.0.1:{port}/shop" in message
+    assert "secret" not in message
+    assert info.value.fatal
+
+
+def test_a_wrong_database_is_refused_at_once(postgres: PostgresServer) -> None:
+    sink = PostgresSink(postgres.dsn.rsplit("/", 1)[0] + "/no_such_db", reconnect_timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match="no_such_db"):
+        sink.setup()
+    assert time.monotonic() - started < 5
+
+
+def test_an_app_never_dead_letters_a_record_over_a_lost_connection(
+    postgres: PostgresServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("charges", 1)
+    with log.producer() as producer:
+        for i in range(8):
+            producer.send("charges", str(i).encode(), partition=0)
+        producer.flush()
+    effects_sink(pg_dsn).close()
+    restarted: list[bool] = []
+
+    def app() -> App:
+        made = App(log=log, group="g", guarantee="exactly-once", max_poll_records=2)
+
+        @made.handler("charges", sink=PostgresSink(pg_dsn), retries=2, backoff_ms=1)
+        def charge(msg: Message, db: SinkTransaction) -> None:
+            if msg.offset == 3 and not restarted:
+                restarted.append(True)
+                postgres.restart("fast")
+            db.execute("INSERT INTO effects VALUES (%s)", (int(msg.value),))
+
+        return made
+
+    with contextlib.suppress(SinkUnavailableError):  # a runtime that does not redo the batch
+        app().run(until_idle=1.0)  # itself stops; nothing was lost
+    app().run(until_idle=1.0)
+    assert restarted
+    sink = PostgresSink(pg_dsn)
+    assert effects(sink) == list(range(8)), "each effect exactly once"
+    assert sink.stored_offsets("g") == {TopicPartition("charges", 0): 8}
+    sink.close()
+    with log.admin() as admin:
+        if "charges.dlq" in admin.list_topics():
+            assert read_all(log, "charges.dlq") == [], "nothing dead-lettered"
+    log.close()
