@@ -2,30 +2,78 @@
 the dead-letter topic and the sink, never the runtime's own counters, and names every anomaly.
 
 Messages are compared by id, not offset: transaction markers take offsets, so gaps in offsets
-are not losses."""
+are not losses.
+
+A message's *outcome* is an effect (a committed output record or sink row carrying its id) or
+a dead letter. The workload says which kind each message must end with (see
+:mod:`assured.audit.workload`): an effect for ``ok``, ``transient``, ``fatal``, ``slow`` and
+``zombie``; a dead letter for ``poison``, ``permanent`` and ``oversize``. Dead letters are
+counted with their multiplicity, like effects. The rules:
+
+========================  =====================================================  ====  ====  ====
+anomaly                   an id with ...                                          EOS   ALO   AMO
+========================  =====================================================  ====  ====  ====
+lost                      no outcome of the kind it must have                    fail  fail  count
+duplicate                 two or more effects, or two or more dead letters       fail  count fail
+effect-and-dead-letter    both an effect and a dead letter                       fail  count fail
+refused-effect            an effect, though its handler never succeeds           fail  fail  fail
+aborted-read              an effect written in a transaction reported aborted    fail  --    --
+unseen, reordered, ...    as in the design's table                               (unchanged)
+========================  =====================================================  ====  ====  ====
+
+Why: exactly-once promises one outcome, of the right kind. At-most-once promises never more
+than one outcome: an effect *and* a dead letter is two (whoever replays the dead-letter topic
+acts a second time). At-least-once promises at least one; extra outcomes are its price, counted,
+not failed. An effect for a message whose handler never returns can only be a failed attempt's
+output that leaked; every protocol keeps "a failed call leaves nothing behind", so it fails all.
+
+Transaction labels: each effect on the output topic carries the label of the transaction that
+wrote it and the processor run (a token per process) that wrote it; the processors report each
+label's outcome into the history. A transaction is keyed by (run, label), so a restarted
+processor that counts its labels from 1 again is never confused with its predecessor. A key
+reported only ``aborted`` is aborted: its visible effects are aborted reads. A key reported
+both committed and aborted, or with an outcome other than those two (``unknown``), is
+*ambiguous*: the checker does not call its effects aborted reads (what read_committed shows is
+what the log committed), and counts such keys in ``ambiguous_transactions`` for a human to read.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from assured.audit.workload import REFUSED_FATES
 from assured.log import Isolation, Log, Record, TopicPartition
 
-__all__ = ["ANOMALIES", "Effect", "Findings", "read_topic", "verdict"]
+__all__ = ["ANOMALIES", "Effect", "Findings", "History", "parse_history", "read_topic", "verdict"]
 
 ANOMALIES = (
     "lost",
     "duplicate",
+    "effect-and-dead-letter",
+    "refused-effect",
     "aborted-read",
     "unseen",
     "reordered",
     "hanging-transaction",
     "commit-regression",
 )
+# What fails each guarantee; the rest is counted. Exactly-once fails on every anomaly.
+FAILING = {
+    "exactly-once": ANOMALIES,
+    "at-least-once": ("lost", "refused-effect", "unseen", "commit-regression"),
+    "at-most-once": (
+        "duplicate",
+        "effect-and-dead-letter",
+        "refused-effect",
+        "unseen",
+        "commit-regression",
+    ),
+}
 SHOWN = 20  # ids shown per anomaly
 
 
@@ -36,7 +84,8 @@ class Effect:
     id: str
     account: str
     where: str  # output partition@offset, or sink row
-    txn: str | None = None
+    txn: str | None = None  # the label of the transaction that wrote it
+    run: str | None = None  # the processor run (one per process) that wrote it
 
 
 @dataclass
@@ -46,12 +95,13 @@ class Findings:
     sink: str
     sent: int
     effects: int
-    dead_lettered: int
+    dead_lettered: int  # dead-letter records, each repeat counted
     anomalies: dict[str, list[str]] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
     verdict: str = ""
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    ambiguous_transactions: int = 0  # labels told both committed and aborted, or unknown
 
     def count(self, anomaly: str) -> int:
         return len(self.anomalies.get(anomaly, []))
@@ -72,6 +122,44 @@ class Findings:
             name: {"count": len(ids), "ids": ids[:SHOWN]} for name, ids in self.anomalies.items()
         }
         return out
+
+
+@dataclass
+class History:
+    """What the processors wrote down: each transaction's reported outcomes, keyed by
+    (run, label), and each planned fault that fired inside a handler."""
+
+    outcomes: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    fired: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # fault -> ids
+
+    def aborted(self) -> set[tuple[str, str]]:
+        """Keys reported aborted and nothing else."""
+        return {key for key, told in self.outcomes.items() if told == {"aborted"}}
+
+    def ambiguous(self) -> set[tuple[str, str]]:
+        """Keys reported both committed and aborted, or with another outcome (unknown)."""
+        return {
+            key for key, told in self.outcomes.items() if told not in ({"aborted"}, {"committed"})
+        }
+
+
+def parse_history(lines: Iterable[str]) -> History:
+    """The processors' history file: ``{"txn", "outcome", "run"}`` lines for transactions and
+    ``{"fault", "id"}`` lines for faults fired in a handler. A line cut short by a SIGKILL is
+    skipped."""
+    out = History()
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "txn" in event and "outcome" in event:
+            out.outcomes[(str(event.get("run", "")), str(event["txn"]))].add(event["outcome"])
+        elif "fault" in event and "id" in event:
+            out.fired[str(event["fault"])].add(str(event["id"]))
+    return out
 
 
 def read_topic(log: Log, topic: str, isolation: Isolation, settle_s: float = 2.0) -> list[Record]:
@@ -113,38 +201,47 @@ def check(
     sink: str,
     ids: list[str],
     keys: dict[str, str],
-    poison: set[str],
+    fates: Mapping[str, str],
     acked: set[str],
     source: Iterable[Record],
     effects: list[Effect],
     dead_letters: Iterable[str],
-    aborted_txns: set[str],
+    history: History | None = None,
     hanging: list[str],
     regressions: list[str],
 ) -> Findings:
-    """Every anomaly of the design's table, by message id."""
+    """Every anomaly of the module's table, by message id. ``fates`` maps ids to their fate
+    (ids not in it are ``ok``); ``dead_letters`` holds one id per dead-letter record."""
+    history = history or History()
     counts = Counter(e.id for e in effects)
-    expected = [i for i in ids if i not in poison]
-    dlq = set(dead_letters)
+    dlq = Counter(dead_letters)
+    refused = {i for i, fate in fates.items() if fate in REFUSED_FATES}
     seen_in_source = {r.header("id").decode() for r in source if r.header("id") is not None}  # type: ignore[union-attr]
     anomalies: dict[str, list[str]] = {name: [] for name in ANOMALIES}
-    anomalies["lost"] = [i for i in expected if counts[i] == 0] + [
-        i for i in sorted(poison) if i not in dlq and counts[i] == 0
-    ]
-    anomalies["duplicate"] = [i for i in ids if counts[i] > 1]
-    anomalies["aborted-read"] = sorted({e.id for e in effects if e.txn in aborted_txns})
+    anomalies["lost"] = [i for i in ids if (dlq[i] if i in refused else counts[i]) == 0]
+    anomalies["duplicate"] = [i for i in ids if counts[i] > 1 or dlq[i] > 1]
+    anomalies["effect-and-dead-letter"] = [i for i in ids if counts[i] and dlq[i]]
+    anomalies["refused-effect"] = [i for i in ids if i in refused and counts[i]]
+    aborted = history.aborted()
+    anomalies["aborted-read"] = sorted(
+        {e.id for e in effects if e.txn is not None and (e.run or "", e.txn) in aborted}
+    )
     anomalies["unseen"] = sorted(i for i in acked if i not in seen_in_source)
     anomalies["reordered"] = _reordered(effects, ids, keys)
     anomalies["hanging-transaction"] = hanging
     anomalies["commit-regression"] = regressions
+    ambiguous = history.ambiguous()
     findings = Findings(
         guarantee=guarantee,
         log=log_url,
         sink=sink,
         sent=len(ids),
         effects=len(effects),
-        dead_lettered=len(dlq),
+        dead_lettered=sum(dlq.values()),
         anomalies=anomalies,
+        ambiguous_transactions=len(
+            {(e.run or "", e.txn) for e in effects if (e.run or "", e.txn or "") in ambiguous}
+        ),
     )
     verdict(findings)
     return findings
@@ -168,24 +265,9 @@ def _reordered(effects: list[Effect], ids: list[str], keys: dict[str, str]) -> l
 
 
 def verdict(f: Findings) -> None:
-    """The design's rules: exactly-once passes only with no anomaly at all; at-least-once fails
-    on loss (duplicates are counted); at-most-once fails on duplicates (loss is counted)."""
-    if f.guarantee == "exactly-once":
-        failing = [a for a in ANOMALIES if f.count(a)]
-    elif f.guarantee == "at-least-once":
-        failing = [a for a in ("lost", "unseen", "commit-regression") if f.count(a)]
-    else:
-        failing = [a for a in ("duplicate", "unseen", "commit-regression") if f.count(a)]
+    """The module's table: exactly-once passes only with no anomaly at all; at-least-once fails
+    on loss (extra outcomes are counted); at-most-once fails on extra outcomes (loss is
+    counted); a leaked effect of a refused message fails them all."""
+    failing = [a for a in FAILING[f.guarantee] if f.count(a)]
     f.reasons = [f"{a}={f.count(a)}" for a in failing]
     f.verdict = "fail" if failing else "pass"
-
-
-def parse_history(lines: Iterable[str]) -> set[str]:
-    """Transactions the processors said they aborted."""
-    out: set[str] = set()
-    for line in lines:
-        if line.strip():
-            event = json.loads(line)
-            if event.get("outcome") == "aborted":
-                out.add(event["txn"])
-    return out

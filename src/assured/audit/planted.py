@@ -1,24 +1,49 @@
 """Deliberately broken commit protocols, to show the audit catches what it exists to catch.
 
-Armed only by ``ASSURED_AUDIT_PLANT`` in a processor's environment (tests do this):
+Armed only by ``ASSURED_AUDIT_PLANT`` in a processor's environment (tests do this). Each undoes
+one rule the runtime keeps, in as few lines as it takes:
 
 - ``commit-before-handle``: calls itself at-least-once but commits before handling (that is
   at-most-once), so a crash loses records the guarantee promised to keep;
 - ``offsets-outside-transaction``: calls itself exactly-once but commits the consumer offsets
-  directly, outside the transaction, so an aborted transaction's input is skipped.
+  directly, outside the transaction, so an aborted transaction's input is skipped;
+- ``commit-poisoned-transaction`` (fix 1 undone): exactly-once, but an error on its way out
+  of a batch commits the open transaction instead of aborting it, as v1's ``on_revoke`` and
+  ``close`` did: the outputs of the records handled before the error commit without their
+  positions, and are made again after the restart (shown by ``handler-errors``' fatal fate);
+- ``commit-past-failed-write`` (fix 2 undone): at-least-once, but a failed delivery found at
+  the flush before a commit is logged and the positions committed anyway: the records whose
+  outputs were lost are never handled again (shown by ``write-stall``);
+- ``dead-letters-outside-database`` (fix 3 undone): exactly-once into a database, but dead
+  letters go out through a plain producer before the database commits: a crash in between
+  sends them again (shown by ``handler-errors`` and ``crash-points``; the crash point sits
+  where this design is weakest, after the dead letters went out, in batches that had some);
+- ``keep-failed-attempts`` (fix 8 undone): exactly-once, but an output is sent as soon as the
+  handler calls ``send``, not when the call returns: a failed attempt's outputs stay, so a
+  retry repeats them and a dead-lettered record has effects too (shown by ``handler-errors``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from assured.log import Record
+from assured.errors import AssuredError, DeliveryError
+from assured.log import Header, Producer, Record, TopicPartition
+from assured.runtime._handling import HandlerSpec, Output
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, Runtime, next_offsets
+from assured.runtime.protocols.at_least_once import AtLeastOnce
 from assured.runtime.protocols.at_most_once import AtMostOnce
 from assured.runtime.protocols.exactly_once import ExactlyOnce
+from assured.runtime.protocols.exactly_once_sink import ExactlyOnceSink
+from assured.sinks import SinkFencedError
 
 __all__ = ["PLANTS", "planted"]
+
+log = logging.getLogger("assured.audit.planted")
 
 
 class CommitsBeforeHandling(AtMostOnce):
@@ -32,16 +57,112 @@ class CommitsBeforeHandling(AtMostOnce):
 
 
 class OffsetsOutsideTransaction(ExactlyOnce):
-    def commit(self) -> None:
-        if self.open and self.pending:
+    def commit(self, unhandled: Sequence[Record] = ()) -> bool:
+        if self.open and self.pending and not (self.failed or self.fenced):
             self.rt.consumer.commit(self.pending)  # the bug: not part of the transaction
             self.pending.clear()
-        super().commit()
+        return super().commit(unhandled)
+
+
+class CommitsPoisonedTransaction(ExactlyOnce):
+    def abandon(self) -> None:
+        with contextlib.suppress(Exception):
+            self.commit()  # the bug: what the error interrupted commits; it should abort
+
+
+class CommitsPastFailedWrites(AtLeastOnce):
+    def commit(self, synchronous: bool, unhandled: Sequence[Record] = ()) -> bool:
+        if self.pending:
+            try:
+                self.producer.flush()
+            except DeliveryError as e:  # the bug: the positions move past the lost outputs
+                log.warning("planted bug: committing although %s", e)
+        return super().commit(synchronous, unhandled)
+
+
+class DeadLettersOutsideTheDatabase(ExactlyOnceSink):
+    def start(self) -> None:
+        super().start()
+        self.plain: Producer = self.rt.log.producer()
+
+    def process(self, records: list[Record]) -> None:
+        mine = [r for r in records if TopicPartition(r.topic, r.partition) in self.epochs]
+        if not mine:
+            return
+        offsets = next_offsets(mine)
+        sent = 0
+
+        def dead_letter(topic: str, record: Record, headers: list[Header]) -> None:
+            nonlocal sent
+            self.plain.send(topic, record.value, key=record.key, headers=headers)
+            sent += 1
+
+        try:
+            with self.sink.transaction(self.rt.settings.group) as tx:
+                self.rt.handle(mine, self.plain, tx, dead_letters=dead_letter)
+                self.sink.store_offsets(tx, self.rt.settings.group, offsets, self.epochs)
+                self.plain.flush()  # the bug: out for good, whatever the database does next
+                if sent:
+                    crash_point("after-effect-before-offset")
+        except SinkFencedError:
+            for tp in offsets:
+                self.epochs.pop(tp, None)
+            return
+        with contextlib.suppress(AssuredError):
+            self.rt.consumer.commit(offsets, asynchronous=True)
+
+    def close(self) -> None:
+        self.plain.close()
+        super().close()
+
+
+class _SendsAtOnce(Output):
+    """v1's Output: each send goes straight to the producer, and stays sent if the handler
+    then raises."""
+
+    def send(
+        self,
+        value: Any,
+        key: Any = None,
+        headers: Sequence[Header] | None = None,
+        topic: str | None = None,
+        partition: int | None = None,
+    ) -> None:
+        super().send(value, key, headers, topic, partition)
+        pending = list(self._pending)
+        self._pending.clear()  # in place: the runtime's handler holds this list
+        for target, value_, key_, headers_, partition_ in pending:
+            self._producer.send(target, value_, key=key_, headers=headers_, partition=partition_)
+            self.sent += 1
+
+
+class KeepsFailedAttempts(ExactlyOnce):
+    def start(self) -> None:
+        super().start()
+        outputs: dict[tuple[int, str], Output] = {}
+
+        def output(spec: HandlerSpec, producer: Producer) -> Output:
+            key = (id(producer), spec.topic)
+            if key not in outputs:
+                outputs[key] = _SendsAtOnce(
+                    producer,
+                    spec.output,
+                    spec.key_codec,
+                    spec.value_codec,
+                    lambda: self.rt.transaction,
+                )
+            return outputs[key]
+
+        self.rt._output = output  # type: ignore[method-assign]  # the bug: Output of v1
 
 
 PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "commit-before-handle": CommitsBeforeHandling,
     "offsets-outside-transaction": OffsetsOutsideTransaction,
+    "commit-poisoned-transaction": CommitsPoisonedTransaction,
+    "commit-past-failed-write": CommitsPastFailedWrites,
+    "dead-letters-outside-database": DeadLettersOutsideTheDatabase,
+    "keep-failed-attempts": KeepsFailedAttempts,
 }
 
 

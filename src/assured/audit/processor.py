@@ -1,9 +1,17 @@
 """The audit's processor: one App under the audited guarantee, run as its own process so the
 audit can kill it. Its handler turns each input message into one effect (a record on the output
-topic, or a row in the sink database), and rejects ``poison`` messages.
+topic, or a row in the sink database) and acts out the fate the workload wrote in the message's
+``fate`` header (see :mod:`assured.audit.workload`).
 
 python -m assured.audit.processor --log URL --guarantee G --group G --input T --output T
-    --sink topic|sqlite|postgres [--db PATH|DSN] --slot N --history FILE
+    --sink topic|sqlite|postgres [--db PATH|DSN] --slot N --history FILE --marks DIR
+
+Every process has a *run token*; it goes on each output record (header ``run``) and into each
+history line, so the checker tells a restarted processor's transactions from its predecessor's.
+Faults that fire inside a handler are written to the history too, which is how the audit counts
+what landed. Fates that must happen once in a whole run (``fatal``, ``slow``, ``zombie``) are
+claimed by creating a file in ``--marks``: the first process to create it acts the fate out;
+every later delivery of that message is handled plainly.
 """
 
 from __future__ import annotations
@@ -16,12 +24,18 @@ import signal
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from assured.errors import FatalError
+from assured.log import Consumer, Log, Producer, open_log
+from assured.log._protocol import Admin
 from assured.runtime import App, Message, Output
 from assured.sinks import PostgresSink, Sink, SinkTransaction, SqliteSink
 
-__all__ = ["EFFECTS_DDL", "main"]
+__all__ = ["EFFECTS_DDL", "OVERSIZE", "main"]
 
 EFFECTS_DDL = {
     "sqlite": "CREATE TABLE IF NOT EXISTS audit_effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -29,10 +43,76 @@ EFFECTS_DDL = {
     "postgres": "CREATE TABLE IF NOT EXISTS audit_effects (seq bigserial PRIMARY KEY, "
     "msg_id text NOT NULL, account text NOT NULL, slot integer NOT NULL)",
 }
+OVERSIZE = 2 * 1024 * 1024  # over Kafka's and the engine's default limit of 1,000,000 bytes
 
 
 class PoisonError(ValueError):
     """The message was built to be rejected."""
+
+
+class PlannedFailure(RuntimeError):  # noqa: N818 -- it is what the handler raises, on purpose
+    """A handler failure the audit planned (``transient`` or ``permanent``)."""
+
+
+class HandlerCrashError(FatalError):
+    """The handler's own client failed for good (the audit's ``fatal`` fate): the App must stop
+    and be restarted, and nothing it had open may commit."""
+
+
+class _ProducersWith(Log):
+    """A log whose producers all get ``config`` (the audit shortens their delivery timeout)."""
+
+    def __init__(self, inner: Log, config: dict[str, Any]):
+        self._inner = inner
+        self._config = config
+        self.url = inner.url
+
+    def admin(self) -> Admin:
+        return self._inner.admin()
+
+    def consumer(self, **kw: Any) -> Consumer:
+        return self._inner.consumer(**kw)
+
+    def producer(self, **kw: Any) -> Producer:
+        config = {**self._config, **(kw.pop("config", None) or {})}
+        if kw.get("transactional_id") is not None and "delivery.timeout.ms" in config:
+            # librdkafka refuses a delivery timeout longer than the transaction timeout
+            limit = kw.get("transaction_timeout_ms", 60_000)
+            config["delivery.timeout.ms"] = min(int(config["delivery.timeout.ms"]), limit)
+        return self._inner.producer(config=config, **kw)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _History:
+    """Lines appended to the shared history file (JSONL), each with this process's run token."""
+
+    def __init__(self, path: Path, run: str, slot: int):
+        self._file = path.open("a", buffering=1)
+        self._lock = threading.Lock()
+        self._base = {"run": run, "slot": slot, "pid": os.getpid()}
+
+    def write(self, **event: Any) -> None:
+        line = json.dumps({**event, **self._base, "t": round(time.time(), 3)}) + "\n"
+        with self._lock:
+            self._file.write(line)
+
+
+class _Marks:
+    """Once-per-run fates, claimed by creating a file: the first process to do so acts."""
+
+    def __init__(self, folder: Path):
+        self._folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, fate: str, mid: str) -> bool:
+        try:
+            fd = os.open(self._folder / f"{fate}-{mid}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
 
 
 def _stop_with_parent() -> None:
@@ -58,13 +138,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--db", default="")
     parser.add_argument("--slot", type=int, default=0)
     parser.add_argument("--history", type=Path, required=True)
+    parser.add_argument("--marks", type=Path, default=None)
     parser.add_argument("--session-timeout-ms", type=int, default=2000)
     parser.add_argument("--commit-interval-ms", type=int, default=100)
     parser.add_argument("--handle-delay-ms", type=float, default=0.0)
+    parser.add_argument("--transaction-timeout-ms", type=int, default=10_000)
+    parser.add_argument("--max-poll-interval-ms", type=int, default=300_000)
+    parser.add_argument("--delivery-timeout-ms", type=int, default=0, help="0: the log's default")
+    parser.add_argument("--slow-ms", type=int, default=0, help="how long a 'slow' fate sleeps")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _open(args: argparse.Namespace) -> Log:
+    log = open_log(args.log)
+    if args.delivery_timeout_ms:
+        return _ProducersWith(log, {"delivery.timeout.ms": args.delivery_timeout_ms})
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler per sink kind
     args = _parse(argv)
     # Until the App takes over SIGTERM, a stop means nothing was consumed yet: exit cleanly.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -75,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     slot = args.slot
+    run = uuid.uuid4().hex[:10]
     app = App(
-        log=args.log,
+        log=_open(args),
         group=args.group,
         guarantee=args.guarantee,
         transactional_id=f"{args.group}-slot{slot}",
@@ -84,34 +177,61 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval_ms=max(100, args.session_timeout_ms // 6),
         commit_interval_ms=args.commit_interval_ms,
         max_poll_records=100,
-        transaction_timeout_ms=10_000,
+        transaction_timeout_ms=args.transaction_timeout_ms,
+        max_poll_interval_ms=args.max_poll_interval_ms,
     )
-    history = args.history.open("a", buffering=1)
-
-    def tell(label: str, outcome: str) -> None:
-        history.write(json.dumps({"txn": label, "outcome": outcome}) + "\n")
-
-    app.on_transaction = tell
-
+    history = _History(args.history, run, slot)
+    marks = _Marks(args.marks or args.history.with_suffix(".marks"))
+    app.on_transaction = lambda label, outcome: history.write(txn=label, outcome=outcome)
     delay = args.handle_delay_ms / 1000
+    failed_here: set[str] = set()  # transient fates fail the first attempt in each process
 
-    def check(msg: Message) -> tuple[str, str]:
+    def act(msg: Message, mid: str, effect: Callable[[], None], refuse: Callable[[], None]) -> None:
+        """The message's fate, acted out around its one ``effect``."""
         if delay:
             time.sleep(delay)
-        if msg.header("fate") == b"poison":
-            raise PoisonError(f"{msg.id} was built to be rejected")
-        body = json.loads(msg.value)
-        return body["id"], body["account"]
+        fate = (msg.header("fate") or b"ok").decode()
+        if fate == "poison":
+            raise PoisonError(f"{mid} was built to be rejected")
+        if fate == "oversize":
+            history.write(fault="handler-errors", kind=fate, id=mid)
+            refuse()  # the handler's only output: refused by the log or the database
+            return
+        if fate == "slow" and args.slow_ms and marks.claim(fate, mid):
+            history.write(fault="slow-handler", id=mid, phase="asleep")
+            time.sleep(args.slow_ms / 1000)
+            history.write(fault="slow-handler", id=mid, phase="awake")
+        if fate == "zombie" and marks.claim(fate, mid):
+            history.write(fault="zombie", id=mid, phase="stopping")
+            os.kill(os.getpid(), signal.SIGSTOP)  # the audit sees it and SIGCONTs us later
+            history.write(fault="zombie", id=mid, phase="resumed")
+        effect()
+        if fate == "fatal" and marks.claim(fate, mid):
+            history.write(fault="handler-errors", kind=fate, id=mid)
+            raise HandlerCrashError(f"{mid}: the handler's own client failed for good (planned)")
+        if fate == "transient" and mid not in failed_here:
+            failed_here.add(mid)
+            history.write(fault="handler-errors", kind=fate, id=mid)
+            raise PlannedFailure(f"{mid}: fails its first attempt in each process (planned)")
+        if fate == "permanent":
+            history.write(fault="handler-errors", kind=fate, id=mid)
+            raise PlannedFailure(f"{mid}: fails every attempt (planned)")
 
     if args.sink == "topic":
 
         @app.handler(args.input, output=args.output, retries=1, backoff_ms=1)
         def to_topic(msg: Message, out: Output) -> None:
-            mid, account = check(msg)
-            headers = [("id", mid.encode()), ("slot", str(slot).encode())]
-            if out.transaction is not None:
-                headers.append(("txn", out.transaction.encode()))
-            out.send(mid.encode(), key=account.encode(), headers=headers)
+            body = json.loads(msg.value)
+            mid, account = body["id"], body["account"]
+            headers = [("id", mid.encode()), ("slot", str(slot).encode()), ("run", run.encode())]
+            label = out.transaction
+            if label is not None:
+                headers.append(("txn", label.encode()))
+
+            def effect(value: bytes = mid.encode()) -> None:
+                out.send(value, key=account.encode(), headers=headers)
+
+            act(msg, mid, effect, lambda: effect(b"x" * OVERSIZE))
 
     else:
         sink: Sink = SqliteSink(args.db) if args.sink == "sqlite" else PostgresSink(args.db)
@@ -123,8 +243,14 @@ def main(argv: list[str] | None = None) -> None:
 
         @app.handler(args.input, sink=sink, retries=1, backoff_ms=1)
         def to_db(msg: Message, db: SinkTransaction) -> None:
-            mid, account = check(msg)
-            db.execute(insert, (mid, account, slot))
+            body = json.loads(msg.value)
+            mid, account = body["id"], body["account"]
+            act(
+                msg,
+                mid,
+                lambda: db.execute(insert, (mid, account, slot)),
+                lambda: db.execute(insert, (None, account, slot)),  # NOT NULL refuses it
+            )
 
     plant = os.environ.get("ASSURED_AUDIT_PLANT")
     if plant:  # a deliberate bug, for tests that show the audit catches it

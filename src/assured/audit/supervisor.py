@@ -1,17 +1,33 @@
 """Running one audit: workload → processors under faults → wait until consumed → check.
 
 Processors are real processes (``python -m assured.audit.processor``), restarted whenever they
-die. Faults are drawn from the seed, so the same seed gives the same schedule: external ones
-(SIGKILL, SIGTERM, SIGSTOP then SIGCONT, a broker's SIGKILL and restart) fire as progress
-crosses thresholds; crash points are armed in a processor's environment when it starts, to kill
-it at the n-th pass of the point where its guarantee is weakest.
+die. Faults are drawn from the seed, so the same seed gives the same plan:
+
+- external ones fire as progress crosses thresholds: ``sigkill``, ``sigterm``, ``sigstop``
+  (frozen past the session timeout, then SIGCONT), ``broker-kill`` (SIGKILL one of three Kafka
+  brokers, restart it), ``write-stall`` (freeze whoever writes past the others' delivery
+  timeout: on the embedded engine a processor caught holding the engine's write lock, on Kafka
+  a broker), ``rebalance`` (a processor leaves by SIGTERM, or one joins), ``db-restart``
+  (PostgreSQL restarted, ``fast`` and ``immediate`` in turn);
+- ``crash-points`` are armed in a processor's environment when it starts, to kill it at the
+  n-th pass of the point where its guarantee is weakest;
+- the workload carries the rest in its messages' ``fate`` header: ``handler-errors``
+  (transient, permanent, oversize and fatal failures of the handler), ``slow-handler`` (a
+  handler outlasting the transaction timeout and ``max_poll_interval_ms``) and ``zombie`` (a
+  handler SIGSTOPping its own process mid-transaction; the audit SIGCONTs it once its
+  partitions have moved). Slow and zombie messages sit where the plan's thresholds fall.
+
+Where a fault needs shorter timeouts to bite, the audit sets them for its processors only (see
+:func:`tuning`). ``Findings.faults`` counts what landed, not what was planned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import pwd
 import random
 import signal
 import sqlite3
@@ -21,20 +37,54 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from assured.audit.checker import Effect, Findings, check, parse_history, read_topic
+from assured.audit.checker import (
+    Effect,
+    Findings,
+    History,
+    check,
+    parse_history,
+    read_topic,
+)
 from assured.audit.workload import produce
-from assured.errors import ConfigError
-from assured.log import Admin, Log, TopicPartition, open_log
-from assured.sinks import PostgresSink, Sink, SqliteSink
+from assured.errors import ConfigError, HarnessError
+from assured.log import Admin, Log, Record, TopicPartition, open_log
 
-__all__ = ["FAULTS", "AuditConfig", "run_audit"]
+__all__ = ["FAULTS", "AuditConfig", "Tuning", "check_faults", "run_audit", "tuning"]
 
-FAULTS = ("sigkill", "sigterm", "sigstop", "crash-points", "lost-ack", "broker-kill")
+FAULTS = (
+    "sigkill",
+    "sigterm",
+    "sigstop",
+    "crash-points",
+    "lost-ack",
+    "broker-kill",
+    "handler-errors",
+    "write-stall",
+    "zombie",
+    "rebalance",
+    "db-restart",
+    "slow-handler",
+)
+# Faults drawn on the schedule of thresholds (the kills budget is shared among them).
+TIMED = (
+    "sigkill",
+    "sigterm",
+    "sigstop",
+    "broker-kill",
+    "write-stall",
+    "rebalance",
+    "db-restart",
+    "zombie",
+    "slow-handler",
+)
+MARKED = {"zombie": "zombie", "slow-handler": "slow"}  # timed faults a message carries: its fate
+HANDLER_ERRORS = ("transient", "permanent", "oversize", "fatal")
 WEAK_POINTS = {
     ("at-most-once", "topic"): ["after-commit-before-handle"],
     ("at-most-once", "db"): ["after-commit-before-handle"],
@@ -44,6 +94,8 @@ WEAK_POINTS = {
     ("exactly-once", "db"): ["after-effect-before-offset"],
 }
 PARTITIONS = 4
+_PROC_LOCKS = Path("/proc/locks")
+_SQLITE_WRITE_LOCK = 120  # the byte of a WAL file's -shm that SQLite's writer locks (os_unix.c)
 
 
 @dataclass
@@ -62,9 +114,52 @@ class AuditConfig:
     timeout_s: float = 300.0
     poison_rate: float = 0.0
     handle_delay_ms: float = 0.0  # per message, to spread a small run over time
-    broker: Any = None  # an assured.testing.KafkaCluster with three nodes, for broker-kill
+    marked: int = 0  # handler-errors: messages per kind (0: one in a hundred, at least 3)
+    broker: Any = None  # an assured.testing.KafkaCluster: broker-kill (3 nodes), write-stall
+    # db-restart: an object with restart(mode) (assured.testing.PostgresServer), or the path
+    # of the server's data directory (restarted with pg_ctl)
+    postgres: Any = None
     progress: Callable[[int, int], None] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The processors' settings for one audit, shortened where a fault needs it to bite."""
+
+    session_timeout_ms: int
+    transaction_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+    delivery_timeout_ms: int = 0  # 0: the log's default
+    slow_ms: int = 0  # how long a slow handler sleeps
+    stall_s: float = 0.0  # how long a write-stall freezes its victim
+    zombie_s: float = 0.0  # how long a zombie stays frozen
+
+
+def tuning(cfg: AuditConfig) -> Tuning:
+    """``write-stall``: the delivery timeout is shortened and the stall outlasts it (and, on
+    Kafka, the transaction timeout too), while the session timeout outlasts the stall, so the
+    group is still the same when writes resume and a commit made then is accepted: a protocol
+    that commits past a failed write shows it as loss. ``slow-handler``: the transaction
+    timeout and ``max_poll_interval_ms`` are shortened and a slow handler sleeps 1.5 times as
+    long. ``zombie``: frozen for twice the session timeout."""
+    kafka = cfg.log_url.startswith("kafka:")
+    session = cfg.session_timeout_ms
+    txn, poll, delivery, slow, stall = 10_000, 300_000, 0, 0, 0.0
+    if "write-stall" in cfg.faults:
+        if kafka:
+            delivery, txn = 3_000, 5_000
+            stall = (max(delivery, txn) + 3_000) / 1000
+        else:
+            delivery = 1_000
+            stall = 3.0
+        session = max(session, int(stall * 1000) + 4_000)
+    if "slow-handler" in cfg.faults:
+        limit = max(2_000, session)
+        txn, poll = min(txn, limit), limit
+        slow = int(limit * 1.5) + 500
+        delivery = min(delivery, txn) if delivery else 0
+    return Tuning(session, txn, poll, delivery, slow, stall, 2 * session / 1000 + 0.5)
 
 
 class _Slot:
@@ -74,7 +169,12 @@ class _Slot:
         self.starts = 0
         self.armed = False  # a crash point is armed in this process
         self.stopped_until = 0.0  # SIGSTOPped until then
+        self.zombie = False  # stopped by its own handler (a zombie fate), not by us
         self.terminating = False  # sent SIGTERM: draining; a second signal would cut it short
+        self.wanted = True  # restarted when it dies (a rebalance parks it)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
 
 class _Run:
@@ -90,29 +190,35 @@ class _Run:
         self.output = f"audit-out-{tag}"
         self.group = f"audit-{tag}"
         self.history = workdir / f"history-{tag}.jsonl"
+        self.marks = workdir / f"marks-{tag}"
         self.db = (
             str(workdir / f"effects-{tag}.db") if cfg.sink == "sqlite" else cfg.postgres_dsn or ""
         )
+        self.tuning = tuning(cfg)
         self.faults: dict[str, int] = dict.fromkeys(cfg.faults, 0)
         self.regressions: list[str] = []
         self.last_committed: dict[TopicPartition, int] = {}
         # The whole plan is drawn up front from the seed, so the same seed gives the same
         # schedule; victims are picked at run time from a second generator.
         plan = random.Random(cfg.seed)
-        kinds = [f for f in cfg.faults if f in ("sigkill", "sigterm", "sigstop", "broker-kill")]
+        kinds = [f for f in cfg.faults if f in TIMED]
         crash = "crash-points" in cfg.faults
         budget = cfg.kills if crash and not kinds else (cfg.kills // 2 if crash else 0)
         points = WEAK_POINTS[(cfg.guarantee, "topic" if cfg.sink == "topic" else "db")]
         self.crash_plan = [f"{plan.choice(points)}@{plan.randint(1, 2)}" for _ in range(budget)]
         external = cfg.kills - budget if kinds else 0
-        self.schedule = sorted(
+        timed = sorted(
             (round(plan.uniform(0.05, 0.9), 4), plan.choice(kinds)) for _ in range(external)
         )
+        self.schedule = [(at, kind) for at, kind in timed if kind not in MARKED]
+        self.fates = _fates(cfg, [(at, kind) for at, kind in timed if kind in MARKED])
         self.env = dict(os.environ)
         self.env.pop("ASSURED_CRASH_POINTS", None)
         self._admin: Admin | None = None
-        self.offsets_reader: Sink | None = None
+        self.offsets_reader: Any = None  # a sqlite3 or psycopg connection
         self.broker_down = threading.Event()  # one broker at a time, so the quorum holds
+        self.db_down = threading.Event()  # one database restart at a time
+        self.db_restarts = 0  # begun: fast and immediate take turns
         self.fraction = 0.0  # of the input consumed so far
 
     def admin(self) -> Admin:
@@ -125,16 +231,57 @@ class _Run:
         self.cfg.events.append({"t": round(time.time(), 3), "event": kind, **data})
 
 
-def _check(cfg: AuditConfig) -> None:
-    unknown = set(cfg.faults) - set(FAULTS)
+def _fates(cfg: AuditConfig, timed: list[tuple[float, str]]) -> dict[int, str]:
+    """Messages (by index) that carry a fault: slow and zombie ones where their thresholds fall,
+    handler errors spread from the seed."""
+    n = cfg.messages
+    fates: dict[int, str] = {}
+
+    def mark(index: int, fate: str) -> None:  # the first unmarked message from there on
+        for i in itertools.chain(range(index, n), range(index)):
+            if i not in fates:
+                fates[i] = fate
+                return
+
+    for at, kind in timed:
+        mark(int(at * n), MARKED[kind])
+    if "handler-errors" in cfg.faults:
+        rng = random.Random(cfg.seed + 2)
+        per_kind = cfg.marked or max(3, n // 100)
+        for fate in HANDLER_ERRORS:
+            # a fatal failure restarts a processor: fewer of those
+            for _ in range(per_kind if fate != "fatal" else max(1, per_kind // 2)):
+                mark(rng.randrange(n), fate)
+    return fates
+
+
+def check_faults(names: Iterable[str]) -> tuple[str, ...]:
+    """The fault names, checked: a :class:`ConfigError` in one line for an unknown one."""
+    chosen = tuple(names)
+    unknown = [f for f in chosen if f not in FAULTS]
     if unknown:
-        raise ConfigError(f"unknown fault(s) {sorted(unknown)}; known: {', '.join(FAULTS)}")
+        raise ConfigError(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+    return chosen
+
+
+def _check(cfg: AuditConfig) -> None:
+    check_faults(cfg.faults)
     if cfg.sink not in ("topic", "sqlite", "postgres"):
         raise ConfigError(f"sink {cfg.sink!r}: topic, sqlite or postgres")
     if cfg.sink == "postgres" and not cfg.postgres_dsn:
         raise ConfigError("--sink postgres needs --postgres-dsn postgresql://user@host:port/db")
     if "broker-kill" in cfg.faults and (cfg.broker is None or len(cfg.broker.members) < 3):
         raise ConfigError("broker-kill needs a three-node Kafka cluster started by the audit")
+    if "write-stall" in cfg.faults:
+        if cfg.log_url.startswith("kafka:"):
+            if cfg.broker is None:
+                raise ConfigError("write-stall on Kafka needs the cluster the audit may SIGSTOP")
+        elif not _PROC_LOCKS.exists():
+            raise ConfigError("write-stall on the embedded engine needs Linux's /proc/locks")
+    if "db-restart" in cfg.faults and (cfg.sink != "postgres" or cfg.postgres is None):
+        raise ConfigError(
+            "db-restart needs --sink postgres and the server to restart (--postgres-data DIR)"
+        )
 
 
 def run_audit(cfg: AuditConfig) -> Findings:
@@ -149,11 +296,19 @@ def run_audit(cfg: AuditConfig) -> Findings:
         admin.create_topic(run.input, PARTITIONS)
         admin.create_topic(run.output, PARTITIONS)
     lost_acks = cfg.kills if "lost-ack" in cfg.faults else 0
-    workload = produce(log, run.input, cfg.messages, cfg.seed, cfg.poison_rate, lost_acks)
+    workload = produce(
+        log, run.input, cfg.messages, cfg.seed, cfg.poison_rate, lost_acks, run.fates
+    )
     if "lost-ack" in cfg.faults:
         run.faults["lost-ack"] = workload.lost_acks
     run.event("produced", messages=cfg.messages, acked=len(workload.acked))
-    run.event("schedule", crash_points=list(run.crash_plan), external=list(run.schedule))
+    run.event(
+        "schedule",
+        crash_points=list(run.crash_plan),
+        external=list(run.schedule),
+        marked=dict(sorted(Counter(run.fates.values()).items())),
+        tuning=run.tuning.__dict__,
+    )
     total = sum(workload.ends.values())
     if cfg.sink == "postgres":
         _fresh_effects_table(run.db)
@@ -163,8 +318,8 @@ def run_audit(cfg: AuditConfig) -> Findings:
     finally:
         _stop_all(run, slots)
         deadline = time.monotonic() + 180
-        while run.broker_down.is_set() and time.monotonic() < deadline:
-            time.sleep(0.2)  # a broker still restarting: the check reads a whole cluster
+        while (run.broker_down.is_set() or run.db_down.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # a broker or database still restarting: the check reads it all
         if cfg.broker is not None:
             for node in cfg.broker.members:
                 if node.node_id not in cfg.broker.running():
@@ -172,29 +327,36 @@ def run_audit(cfg: AuditConfig) -> Findings:
     hanging = _hanging(run)
     if run._admin is not None:
         run._admin.close()
-    if run.offsets_reader is not None:
-        run.offsets_reader.close()
+    _drop_offsets_reader(run)
+    history = parse_history(run.history.read_text().splitlines()) if run.history.exists() else None
+    source = read_topic(log, run.input, "read_uncommitted")
     findings = check(
         guarantee=cfg.guarantee,
         log_url=cfg.log_url,
         sink=cfg.sink,
         ids=workload.ids,
         keys=workload.keys,
-        poison=workload.poison,
+        fates=workload.fates,
         acked=workload.acked,
-        source=read_topic(log, run.input, "read_uncommitted"),
+        source=source,
         effects=_effects(run),
-        dead_letters=_dead_letters(run),
-        aborted_txns=parse_history(run.history.read_text().splitlines())
-        if run.history.exists()
-        else set(),
+        dead_letters=_dead_letters(run, source),
+        history=history,
         hanging=hanging,
         regressions=run.regressions,
     )
-    findings.faults = {k: v for k, v in run.faults.items()}
+    _count_fired(run, history or History())
+    findings.faults = dict(run.faults)
     findings.seconds = round(time.monotonic() - started, 2)
     run.event("checked", verdict=findings.verdict)
     return findings
+
+
+def _count_fired(run: _Run, history: History) -> None:
+    """Faults that fire inside handlers are counted from what the processors wrote down."""
+    for fault in ("handler-errors", "slow-handler"):
+        if fault in run.faults:
+            run.faults[fault] = len(history.fired.get(fault, ()))
 
 
 def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total: int) -> None:
@@ -209,19 +371,10 @@ def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total
             run.event("timeout", consumed=done, total=total)
             raise TimeoutError(
                 f"the audit of {cfg.guarantee} consumed {done} of {total} records in "
-                f"{cfg.timeout_s:.0f} s; processors may be stuck (see {run.workdir})"
+                f"{cfg.timeout_s:.0f} s; processors may be stuck (see {run.workdir}){_tail(run)}"
             )
-        for slot in slots:
-            if slot.stopped_until and now >= slot.stopped_until and slot.proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.proc.pid, signal.SIGCONT)
-                slot.stopped_until = 0.0
-            if slot.proc is not None and slot.proc.poll() is not None:
-                code = slot.proc.returncode
-                run.event("exited", slot=slot.index, code=code)
-                if code == -signal.SIGKILL and slot.armed:
-                    run.faults["crash-points"] += 1
-                _start(run, slot)
+        for slot in list(slots):
+            _tend(run, slot, now)
         done = _consumed(run, ends)
         if cfg.progress is not None:
             cfg.progress(done, total)
@@ -234,8 +387,55 @@ def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total
         time.sleep(0.05)
 
 
+def _tend(run: _Run, slot: _Slot, now: float) -> None:
+    """Wake a slot whose freeze is over, notice a zombie, restart or park one that died."""
+    if slot.proc is None:
+        return
+    if slot.stopped_until and now >= slot.stopped_until:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(slot.proc.pid, signal.SIGCONT)
+        slot.stopped_until = 0.0
+        if slot.zombie:
+            slot.zombie = False
+            run.faults["zombie"] += 1
+            run.event("zombie-resumed", slot=slot.index, pid=slot.proc.pid)
+    elif "zombie" in run.faults and not slot.stopped_until and _frozen(slot.proc.pid):
+        # Its own handler stopped it mid-transaction: keep it frozen past its session timeout.
+        slot.stopped_until = now + run.tuning.zombie_s
+        slot.zombie = True
+        run.event("zombie-stopped", slot=slot.index, pid=slot.proc.pid)
+    if slot.proc.poll() is not None:
+        code = slot.proc.returncode
+        run.event("exited", slot=slot.index, code=code)
+        if code == -signal.SIGKILL and slot.armed:
+            run.faults["crash-points"] += 1
+        slot.stopped_until, slot.zombie = 0.0, False
+        if slot.wanted:
+            _start(run, slot)
+        else:
+            slot.proc = None  # left the group for good (a rebalance); may join again later
+
+
+def _frozen(pid: int) -> bool:
+    """Is the process stopped (by a signal)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("T", "t")
+
+
+def _tail(run: _Run) -> str:
+    """The end of the most recently written processor log, for an error message."""
+    logs = sorted(run.workdir.glob("processor-*.log"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return ""
+    text = logs[-1].read_text(errors="replace").strip().splitlines()[-5:]
+    return f"; the end of {logs[-1].name}:\n" + "\n".join(line[:300] for line in text)
+
+
 def _start(run: _Run, slot: _Slot) -> None:
-    cfg = run.cfg
+    cfg, t = run.cfg, run.tuning
     env = dict(run.env)
     slot.armed = False
     slot.terminating = False
@@ -246,9 +446,13 @@ def _start(run: _Run, slot: _Slot) -> None:
         sys.executable, "-m", "assured.audit.processor",
         "--log", cfg.log_url, "--guarantee", cfg.guarantee, "--group", run.group,
         "--input", run.input, "--output", run.output, "--sink", cfg.sink, "--db", run.db,
-        "--slot", str(slot.index), "--history", str(run.history),
-        "--session-timeout-ms", str(cfg.session_timeout_ms),
+        "--slot", str(slot.index), "--history", str(run.history), "--marks", str(run.marks),
+        "--session-timeout-ms", str(t.session_timeout_ms),
         "--handle-delay-ms", str(cfg.handle_delay_ms),
+        "--transaction-timeout-ms", str(t.transaction_timeout_ms),
+        "--max-poll-interval-ms", str(t.max_poll_interval_ms),
+        "--delivery-timeout-ms", str(t.delivery_timeout_ms),
+        "--slow-ms", str(t.slow_ms),
     ]  # fmt: skip
     errors = (run.workdir / f"processor-{slot.index}.log").open("ab")
     slot.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
@@ -260,19 +464,24 @@ def _start(run: _Run, slot: _Slot) -> None:
 
 
 def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
-    live = [
-        s
-        for s in slots
-        if s.proc is not None
-        and s.proc.poll() is None
-        and not s.stopped_until
-        and not s.terminating
-    ]
     if kind == "broker-kill":
         _kill_broker(run)
         return
+    if kind == "db-restart":
+        _restart_database(run)
+        return
+    if kind == "rebalance":
+        _rebalance(run, slots)
+        return
+    if kind == "write-stall" and run.cfg.log_url.startswith("kafka:"):
+        _stall_broker(run)
+        return
+    live = [s for s in slots if s.alive() and not s.stopped_until and not s.terminating]
     if not live:  # everyone is down or frozen: try again a little later
         _later(run, kind)
+        return
+    if kind == "write-stall":
+        _stall_writer(run, live)
         return
     slot = run.rng.choice(live)
     assert slot.proc is not None
@@ -282,7 +491,7 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
     if kind == "sigterm":
         slot.terminating = True
     if kind == "sigstop":  # a zombie: frozen past its session timeout, then back
-        slot.stopped_until = time.monotonic() + 2 * run.cfg.session_timeout_ms / 1000
+        slot.stopped_until = time.monotonic() + 2 * run.tuning.session_timeout_ms / 1000
     run.faults[kind] += 1
     run.event(kind, slot=slot.index, pid=slot.proc.pid)
 
@@ -291,6 +500,178 @@ def _later(run: _Run, kind: str) -> None:
     """Put a fault that found no target back into the plan, a little further on."""
     run.schedule.append((min(0.95, run.fraction + 0.05), kind))
     run.schedule.sort()
+
+
+# -- write-stall -------------------------------------------------------------------------------
+
+
+def _write_lock_holder(shm: Path) -> int | None:
+    """The process holding the write lock of the SQLite WAL database whose -shm is ``shm``
+    (SQLite's writer takes a POSIX lock on one byte of that file, which /proc/locks lists)."""
+    try:
+        st = shm.stat()
+        lines = _PROC_LOCKS.read_text().splitlines()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        parts = line.split()  # n: POSIX ADVISORY WRITE pid maj:min:inode start end
+        if (
+            len(parts) == 8
+            and parts[1] == "POSIX"
+            and parts[3] == "WRITE"
+            and parts[5] == where
+            and parts[6] == str(_SQLITE_WRITE_LOCK)
+        ):
+            return int(parts[4])
+    return None
+
+
+def _stall_writer(run: _Run, live: list[_Slot]) -> None:
+    """Catch a processor holding the engine's write lock, SIGSTOP it there, and leave it
+    frozen for ``stall_s``, longer than the others' delivery timeout: their writes fail while
+    their reads go on. Only a processor seen holding the lock once frozen counts."""
+    shm = Path(f"{getattr(run.log, 'path', '')}-shm")
+    by_pid = {s.proc.pid: s for s in live if s.proc is not None}
+    until = time.monotonic() + 2.0
+    while time.monotonic() < until:
+        pid = _write_lock_holder(shm)
+        if pid not in by_pid:
+            time.sleep(0.0002)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+        settle = time.monotonic() + 0.2
+        while not _frozen(pid) and time.monotonic() < settle:
+            time.sleep(0.0005)
+        if _write_lock_holder(shm) == pid:
+            slot = by_pid[pid]
+            slot.stopped_until = time.monotonic() + run.tuning.stall_s
+            run.faults["write-stall"] += 1
+            run.event("write-stall", slot=slot.index, pid=pid, seconds=run.tuning.stall_s)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # it let go before it stopped: try again
+    run.event("write-stall-missed")
+    _later(run, "write-stall")
+
+
+def _stall_broker(run: _Run) -> None:
+    """SIGSTOP one broker for ``stall_s`` (past the processors' delivery and transaction
+    timeouts), then SIGCONT it. One broker at a time, shared with broker-kill."""
+    cluster = run.cfg.broker
+    if run.broker_down.is_set():
+        _later(run, "write-stall")
+        return
+    victim = run.rng.choice(cluster.running())
+    (node,) = [n for n in cluster.members if n.node_id == victim]
+    proc = node.process()
+    if proc is None:
+        _later(run, "write-stall")
+        return
+    run.broker_down.set()
+    proc.suspend()
+    run.faults["write-stall"] += 1
+    run.event("broker-stopped", node=victim, seconds=run.tuning.stall_s)
+
+    def resume() -> None:
+        try:
+            time.sleep(run.tuning.stall_s)
+        finally:
+            with contextlib.suppress(Exception):
+                proc.resume()
+            run.event("broker-resumed", node=victim)
+            run.broker_down.clear()
+
+    threading.Thread(target=resume, daemon=True).start()
+
+
+# -- rebalance ---------------------------------------------------------------------------------
+
+
+def _rebalance(run: _Run, slots: list[_Slot]) -> None:
+    """One change of membership: a processor leaves (SIGTERM, drained, not restarted) or one
+    joins (a parked slot, or a new one), between 1 and ``processes + 2`` members."""
+    wanted = [s for s in slots if s.wanted]
+    movable = [s for s in wanted if s.alive() and not s.stopped_until and not s.terminating]
+    can_join = len(wanted) < run.cfg.processes + 2
+    can_leave = len(wanted) > 1 and bool(movable)
+    if not (can_join or can_leave):
+        _later(run, "rebalance")
+        return
+    if can_join and (not can_leave or run.rng.random() < 0.5):
+        parked = [s for s in slots if not s.wanted and s.proc is None]
+        slot = parked[0] if parked else _Slot(len(slots))
+        if not parked:
+            slots.append(slot)
+        slot.wanted = True
+        _start(run, slot)
+        run.event("joined", slot=slot.index)
+    else:
+        slot = run.rng.choice(movable)
+        assert slot.proc is not None
+        slot.wanted = False
+        slot.terminating = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(slot.proc.pid, signal.SIGTERM)
+        run.event("left", slot=slot.index, pid=slot.proc.pid)
+    run.faults["rebalance"] += 1
+
+
+# -- db-restart --------------------------------------------------------------------------------
+
+
+def _restart_database(run: _Run) -> None:
+    """Restart PostgreSQL in the background, ``fast`` and ``immediate`` in turn."""
+    if run.db_down.is_set():
+        _later(run, "db-restart")
+        return
+    mode = ("fast", "immediate")[run.db_restarts % 2]
+    run.db_restarts += 1
+    run.db_down.set()
+    run.event("db-restart", mode=mode)
+
+    def restart() -> None:
+        try:
+            restart_postgres(run.cfg.postgres, mode)
+            run.faults["db-restart"] += 1
+            run.event("db-restarted", mode=mode)
+        except Exception as e:  # reported; the run goes on with whatever the server does
+            run.event("db-restart-failed", mode=mode, error=str(e)[:500])
+        finally:
+            run.db_down.clear()
+
+    threading.Thread(target=restart, daemon=True).start()
+
+
+def restart_postgres(server: Any, mode: str) -> None:
+    """Restart a PostgreSQL server: ``server.restart(mode)`` if it has one, else ``pg_ctl
+    restart -m mode`` on its data directory (``server`` is that path, or has a ``workdir``
+    holding ``data``), run as the directory's owner when we are root."""
+    method = getattr(server, "restart", None)
+    if callable(method):
+        method(mode)
+        return
+    from assured.testing.postgres import find_bin_dir
+
+    data = Path(server) if isinstance(server, str | Path) else Path(server.workdir) / "data"
+    bin_dir = getattr(server, "bin_dir", None) or find_bin_dir()
+    cmd = [
+        str(Path(bin_dir) / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", "60",
+        "-l", str(data / "audit-restart.log"), "restart",
+    ]  # fmt: skip
+    owner = data.stat().st_uid
+    if os.geteuid() == 0 and owner != 0:
+        cmd = ["runuser", "-u", pwd.getpwuid(owner).pw_name, "--", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise HarnessError(
+            f"pg_ctl restart -m {mode} failed (exit {done.returncode}): "
+            f"{(done.stdout + done.stderr).strip()[-500:]}"
+        )
+
+
+# -- brokers -----------------------------------------------------------------------------------
 
 
 def _kill_broker(run: _Run) -> None:
@@ -319,6 +700,9 @@ def _kill_broker(run: _Run) -> None:
     threading.Thread(target=revive, daemon=True).start()
 
 
+# -- progress and the end ----------------------------------------------------------------------
+
+
 def _consumed(run: _Run, ends: dict[TopicPartition, int]) -> int:
     """Records consumed for good: committed positions, from the group or the sink's table."""
     committed = _committed(run)
@@ -332,20 +716,45 @@ def _consumed(run: _Run, ends: dict[TopicPartition, int]) -> int:
 def _committed(run: _Run) -> dict[TopicPartition, int]:
     cfg = run.cfg
     if cfg.guarantee == "exactly-once" and cfg.sink != "topic":
-        if cfg.sink == "sqlite" and not Path(run.db).exists():
-            return {}
-        try:  # the sink's own reading of its offsets table
-            if run.offsets_reader is None:
-                run.offsets_reader = (
-                    SqliteSink(run.db) if cfg.sink == "sqlite" else PostgresSink(run.db)
-                )
-            return run.offsets_reader.stored_offsets(run.group)
-        except Exception:  # the table appears with the first processor
+        try:  # the database's own offsets table, read without taking any write lock
+            return _stored_offsets(run)
+        except Exception:  # the table appears with the first processor; a restart breaks us
+            _drop_offsets_reader(run)
             return dict(run.last_committed)
     try:
         return run.admin().committed_offsets(run.group, [run.input])
     except Exception:  # a broker may be down: try again next tick
         return dict(run.last_committed)
+
+
+_STORED = (
+    "SELECT topic, partition, next_offset FROM assured_offsets "
+    "WHERE group_id = ? AND next_offset IS NOT NULL"
+)
+
+
+def _stored_offsets(run: _Run) -> dict[TopicPartition, int]:
+    """The sink's stored offsets, by a plain read: a processor frozen in the middle of a
+    database batch (a zombie) holds the write lock, and must not stall the audit too."""
+    if run.offsets_reader is None:
+        if run.cfg.sink == "sqlite":
+            if not Path(run.db).exists():
+                return {}
+            run.offsets_reader = sqlite3.connect(run.db, timeout=1, isolation_level=None)
+        else:
+            import psycopg
+
+            run.offsets_reader = psycopg.connect(run.db, autocommit=True, connect_timeout=2)
+    query = _STORED if run.cfg.sink == "sqlite" else _STORED.replace("?", "%s")
+    rows = run.offsets_reader.execute(query, (run.group,)).fetchall()
+    return {TopicPartition(t, p): o for t, p, o in rows}
+
+
+def _drop_offsets_reader(run: _Run) -> None:
+    if run.offsets_reader is not None:
+        with contextlib.suppress(Exception):
+            run.offsets_reader.close()
+        run.offsets_reader = None
 
 
 def _stop_all(run: _Run, slots: list[_Slot]) -> None:
@@ -374,7 +783,7 @@ def _hanging(run: _Run) -> list[str]:
     processors' transaction timeout has had time to clean up)."""
     if run.cfg.sink != "topic":
         return []
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + max(20, 2 * run.tuning.transaction_timeout_ms / 1000)
     while True:
         with run.log.admin() as admin:
             stuck = []
@@ -391,37 +800,57 @@ def _effects(run: _Run) -> list[Effect]:
     if run.cfg.sink == "topic":
         out = []
         for r in read_topic(run.log, run.output, "read_committed"):
-            mid = r.header("id")
-            txn = r.header("txn")
+            mid, txn, by = r.header("id"), r.header("txn"), r.header("run")
             out.append(
                 Effect(
                     (mid or b"").decode(),
                     (r.key or b"").decode(),
                     f"{r.partition}@{r.offset}",
                     txn.decode() if txn else None,
+                    by.decode() if by else None,
                 )
             )
         return out
     query = "SELECT msg_id, account, seq FROM audit_effects ORDER BY seq"
+    return [Effect(m, a, f"row {s}") for m, a, s in _sink_rows(run, query)]
+
+
+def _sink_rows(run: _Run, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     if run.cfg.sink == "sqlite":
         with contextlib.closing(sqlite3.connect(run.db)) as conn:
-            rows = conn.execute(query).fetchall()
-    else:
-        import psycopg
+            return [tuple(row) for row in conn.execute(query, params).fetchall()]
+    import psycopg
 
-        with psycopg.connect(run.db) as pg:
-            rows = pg.execute(query).fetchall()
-    return [Effect(m, a, f"row {s}") for m, a, s in rows]
+    with psycopg.connect(run.db) as pg:
+        return [tuple(row) for row in pg.execute(query.replace("?", "%s"), params).fetchall()]
 
 
-def _dead_letters(run: _Run) -> list[str]:
+def _dead_letters(run: _Run, source: list[Record]) -> list[str]:
+    """One id per dead letter. From the dead-letter topic, and with a sink also from the
+    runtime's ``assured_dead_letters`` table (dead letters committed with the effects and
+    published by a relay, maybe not yet): an id counts as many times as the more of the two
+    holds it, so a letter committed but not yet relayed is not lost, and one relayed twice,
+    or committed twice, is a duplicate."""
+    in_topic: Counter[str] = Counter()
     with run.log.admin() as admin:
-        if f"{run.input}.dlq" not in admin.list_topics():
-            return []
-    return [
-        (r.header("id") or b"").decode()
-        for r in read_topic(run.log, f"{run.input}.dlq", "read_committed")
-    ]
+        has_topic = f"{run.input}.dlq" in admin.list_topics()
+    if has_topic:
+        in_topic.update(
+            (r.header("id") or b"").decode()
+            for r in read_topic(run.log, f"{run.input}.dlq", "read_committed")
+        )
+    in_table: Counter[str] = Counter()
+    if run.cfg.sink != "topic":
+        ids = {(r.partition, r.offset): (r.header("id") or b"").decode() for r in source}
+        query = (
+            "SELECT source_partition, source_offset FROM assured_dead_letters "
+            "WHERE group_id = ? AND source_topic = ?"
+        )
+        with contextlib.suppress(Exception):  # no such table: no dead letters there
+            rows = _sink_rows(run, query, (run.group, run.input))
+            in_table.update(ids.get((int(p), int(o)), f"?{p}@{o}") for p, o in rows)
+    counts = {i: max(in_topic[i], in_table[i]) for i in set(in_topic) | set(in_table)}
+    return [i for i, n in counts.items() for _ in range(n)]
 
 
 def _fresh_effects_table(dsn: str) -> None:

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from assured.audit import FAULTS, AuditConfig, Findings, run_audit
 from assured.audit.report import plain_lines, table, write_report
+from assured.audit.supervisor import check_faults
 from assured.errors import AssuredError, ConfigError
 from assured.runtime import GUARANTEES
 
@@ -64,7 +65,15 @@ def audit(
     seed: int = typer.Option(1, help="The same seed gives the same fault schedule."),
     postgres_dsn: str = typer.Option("", help="PostgreSQL DSN for --sink postgres."),
     cluster_dir: Path = typer.Option(
-        Path(".kafka"), help="State folder of `make kafka-up NODES=3`, for broker-kill."
+        Path(".kafka"),
+        help="State folder of `make kafka-up` (NODES=3 for broker-kill), for broker-kill and "
+        "write-stall on Kafka.",
+    ),
+    postgres_data: Path | None = typer.Option(
+        None, help="The PostgreSQL server's data directory, for db-restart (pg_ctl restart)."
+    ),
+    marked: int = typer.Option(
+        0, min=0, help="handler-errors: messages per kind of failure (0: one in a hundred)."
     ),
     session_timeout_ms: int = typer.Option(0, help="Processors' session timeout (0: auto)."),
     handle_delay_ms: float = typer.Option(
@@ -86,16 +95,19 @@ def audit(
     # are expected, and the history in the report tells what happened.
     logging.getLogger("assured.log.kafka").setLevel(logging.CRITICAL)
     try:
+        fault_list = check_faults(f.strip() for f in faults.split(",") if f.strip())
         chosen = _guarantees(guarantee)
-        fault_list = tuple(f.strip() for f in faults.split(",") if f.strip())
+        if "db-restart" in fault_list and postgres_data is None:
+            raise ConfigError("db-restart needs --postgres-data DIR (the server's data directory)")
         workdir = Path(tempfile.mkdtemp(prefix="assured-audit-"))
         url = log or f"embedded://{workdir}/audit.db"
         broker = None
-        if "broker-kill" in fault_list:
+        if "broker-kill" in fault_list and not url.startswith("kafka://"):
+            raise ConfigError("broker-kill needs a kafka:// log (a three-node cluster)")
+        stall_broker = "write-stall" in fault_list and url.startswith("kafka://")
+        if "broker-kill" in fault_list or stall_broker:
             from assured.testing.kafka import KafkaCluster
 
-            if not url.startswith("kafka://"):
-                raise ConfigError("broker-kill needs a kafka:// log (a three-node cluster)")
             broker = KafkaCluster.attach(cluster_dir.resolve())
         session = session_timeout_ms or (1000 if url.startswith("embedded") else 3000)
         configs = [
@@ -113,7 +125,9 @@ def audit(
                 session_timeout_ms=session,
                 handle_delay_ms=handle_delay_ms,
                 timeout_s=timeout,
+                marked=marked,
                 broker=broker,
+                postgres=postgres_data.resolve() if postgres_data is not None else None,
             )
             for g in chosen
         ]
