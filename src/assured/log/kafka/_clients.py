@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,7 +14,16 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka import Producer as KProducer
 from confluent_kafka import TopicPartition as KTopicPartition
 
-from assured.errors import UsageError
+from assured.errors import (
+    AbortableError,
+    AssuredError,
+    DeliveryError,
+    LogError,
+    ProducerFencedError,
+    RetriableError,
+    TransactionTimedOutError,
+    UsageError,
+)
 from assured.log._models import (
     DeliveryReport,
     GroupMetadata,
@@ -28,22 +40,156 @@ from assured.log._protocol import (
     PartitionsCallback,
     Producer,
 )
-from assured.log.kafka._errors import Scrubber, call, translate, translated
+from assured.log.kafka._errors import Scrubber, call, deadline_call, translate, translated
 
 __all__ = ["KafkaConsumer", "KafkaProducer"]
+
+log = logging.getLogger("assured.log.kafka")
 
 _new_record = functools.partial(tuple.__new__, Record)
 
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing consumed, stored or committed
+# A transactional call made out of turn: another one is under way or the state forbids it.
+_OUT_OF_TURN = {KafkaError._STATE, KafkaError._CONFLICT, KafkaError._PREV_IN_PROGRESS}
+
+
+def _resumable(err: KafkaError) -> bool:
+    """librdkafka keeps the call going and a call to the same method picks it up again."""
+    return (
+        bool(err.retriable())
+        and not err.fatal()
+        and not err.txn_requires_abort()
+        and err.code() not in _OUT_OF_TURN
+    )
+
+
+def _fresh(error: AssuredError) -> AssuredError:
+    """The same error again, as a new exception (raising one instance twice chains tracebacks)."""
+    return type(error)(str(error))
+
+
+class _Failures:
+    """confluent-kafka's producer-wide ``on_delivery``: it counts records sent without a callback
+    of their own that were not written. It runs inside librdkafka's poll, so it never raises."""
+
+    __slots__ = ("causes", "count", "topics")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.causes: dict[int, KafkaError] = {}
+        self.topics: set[str] = set()
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.count += 1
+            self.causes.setdefault(err.code(), err)
+            self.topics.add(msg.topic() or "?")
+
+    def take(self) -> tuple[int, list[KafkaError], list[str]]:
+        taken = (self.count, list(self.causes.values()), sorted(self.topics))
+        self.count = 0
+        self.causes = {}
+        self.topics = set()
+        return taken
+
+
+class _Background:
+    """One blocking librdkafka call on a daemon thread, so that its caller can stop waiting at
+    a deadline while the call goes on (a call inside librdkafka cannot be interrupted)."""
+
+    def __init__(self, fn: Callable[[], object], key: object):
+        self.key = key
+        self.error: KafkaException | None = None
+        self._done = threading.Event()
+        thread = threading.Thread(target=self._run, args=(fn,), name="assured-kafka-call")
+        thread.daemon = True
+        thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except KafkaException as e:
+            self.error = e
+        except Exception as e:  # reported to the caller, as librdkafka's own errors are
+            self.error = KafkaException(KafkaError(KafkaError._FAIL, str(e)))
+        finally:
+            self._done.set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._done.wait(max(seconds, 0.0))
+
+
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
 class KafkaProducer(Producer):
+    """A confluent-kafka producer with the project's delivery and transaction rules.
+
+    Delivery failures are never silent. A record sent with ``on_delivery`` reports to it; one
+    sent without is counted by a producer-wide callback, and the next ``flush()`` (or
+    ``close()``) raises :class:`~assured.errors.DeliveryError` for it. To keep that callback off
+    the hot path, a non-transactional producer starts with ``delivery.report.only.error``: only
+    failures reach Python. The first record sent *with* a callback needs every report, so the
+    producer then flushes once and continues on a fresh librdkafka producer that reports every
+    record. Inside a transaction a record that fails makes the transaction abortable, and
+    ``commit_transaction`` raises :class:`~assured.errors.AbortableError`; so a transactional
+    producer has no producer-wide callback (no cost per record), and its ``flush()`` does not
+    raise ``DeliveryError``: the commit is where such a failure surfaces. Passing
+    ``delivery.report.only.error`` in ``config`` fixes the mode: ``true`` and callbacks hear
+    only failures; ``false`` and every record is reported from the start.
+
+    Transactional calls keep to their ``timeout`` as a total deadline and can be resumed as
+    librdkafka requires; what a caller must do with each error is written at the top of
+    :mod:`assured.log.kafka._errors`.
+
+    A transaction held open past ``transaction.timeout.ms`` is aborted by the broker, which
+    bumps the producer epoch; librdkafka then reports the very error a newer instance with the
+    same transactional id would cause (``_FENCED``, fatal: "This instance has been fenced by a
+    newer instance"; the broker answers ``INVALID_PRODUCER_EPOCH`` in both cases). We tell them
+    apart by the open transaction's age: fenced while it is older than its timeout is raised as
+    :class:`~assured.errors.TransactionTimedOutError`, and ``abort_transaction()`` then replaces
+    the librdkafka producer and calls ``init_transactions`` again. Should a second instance
+    really exist *and* this transaction also have outlived its timeout, that re-initialisation
+    fences the other instance, which then stops; the group generation sent with the offsets
+    still keeps either from committing for partitions it no longer owns.
+    """
+
     def __init__(self, config: dict[str, Any], scrub: Scrubber, transactional_id: str | None):
         self._scrub = scrub
         self._transactional = transactional_id is not None
-        with translated(scrub, "creating the Kafka producer"):
-            self._p = KProducer(config)
+        only_errors = config.get("delivery.report.only.error")
+        ours = ("delivery.report.only.error", "on_delivery")
+        self._config = {k: v for k, v in config.items() if k not in ours}
+        self._txn_timeout = float(config.get("transaction.timeout.ms", 60_000)) / 1000
+        self._failures = _Failures()
+        # Whether librdkafka hands successful deliveries to Python callbacks, and whether we may
+        # switch that on when a record with a callback comes (see the class docstring).
+        if only_errors is not None:
+            self._every_report = not _truthy(only_errors)
+            self._adaptive = False
+        else:
+            self._every_report = self._transactional
+            self._adaptive = not self._transactional
         self._closed = False
+        self._fatal: AssuredError | None = None  # this producer cannot go on
+        self._expired: TransactionTimedOutError | None = None  # fenced by its own timeout
+        self._doomed: AbortableError | None = None  # the open transaction must be aborted
+        self._began: float | None = None  # when the open transaction began (monotonic)
+        self._resume: str | None = None  # a transactional call that timed out, to call again
+        self._offsets: _Background | None = None  # a send_offsets_to_transaction still running
+        self._p = self._handle()
+
+    def _handle(self) -> KProducer:
+        config = dict(self._config)
+        if not self._transactional:
+            config["on_delivery"] = self._failures
+        if not self._every_report:
+            config["delivery.report.only.error"] = True
+        with translated(self._scrub, "creating the Kafka producer"):
+            return KProducer(config)
+
+    # -- sending -------------------------------------------------------------------------------
 
     def send(
         self,
@@ -61,10 +207,10 @@ class KafkaProducer(Producer):
             try:  # the common case, without building keyword arguments
                 self._p.produce(topic, value, key)
                 return
-            except BufferError:
-                self._p.poll(0.1)  # the local queue is full: let deliveries drain it
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self._call(lambda: self._p.poll(0.1), f"sending to {topic!r}")
             except KafkaException as e:
-                raise translate(e, self._scrub, f"sending to {topic!r}") from None
+                raise self._send_failure(e.args[0], topic) from None
         kwargs: dict[str, Any] = {"value": value, "key": key}
         if headers:
             kwargs["headers"] = list(headers)
@@ -73,15 +219,27 @@ class KafkaProducer(Producer):
         if timestamp_ms is not None:
             kwargs["timestamp"] = timestamp_ms
         if on_delivery is not None:
+            if not self._every_report and self._adaptive:
+                self._report_every_record()
             kwargs["on_delivery"] = self._reporter(on_delivery)
         while True:
             try:
                 self._p.produce(topic, **kwargs)
                 return
-            except BufferError:  # the local queue is full: let deliveries drain it
-                self._p.poll(0.1)
+            except BufferError:
+                self._call(lambda: self._p.poll(0.1), f"sending to {topic!r}")
             except KafkaException as e:
-                raise translate(e, self._scrub, f"sending to {topic!r}") from None
+                raise self._send_failure(e.args[0], topic) from None
+
+    def _report_every_record(self) -> None:
+        """Go on with a librdkafka producer that reports successes too. What the old one holds
+        is written (or failed, and counted for the next flush) first, so no partition's
+        records can overtake each other across the two."""
+        self._check()
+        self._call(lambda: self._p.flush(-1), "flushing before the first record with a callback")
+        self._every_report = True
+        self._adaptive = False
+        self._p = self._handle()
 
     def _reporter(self, on_delivery: OnDelivery) -> Callable[[KafkaError | None, Message], None]:
         scrub = self._scrub
@@ -100,18 +258,165 @@ class KafkaProducer(Producer):
         return report
 
     def poll(self, timeout: float = 0.0) -> int:
-        return int(self._p.poll(timeout))
+        self._check()
+        return int(self._call(lambda: self._p.poll(timeout), "polling the producer"))
 
     def flush(self, timeout: float | None = None) -> int:
-        return int(self._p.flush(-1 if timeout is None else timeout))
+        """Wait until every queued record is written or failed; returns 0. Raises
+        :class:`~assured.errors.DeliveryError` when a record sent without a callback since the
+        last flush failed, or when records are still queued as ``timeout`` runs out."""
+        self._check()
+        seconds = -1 if timeout is None else timeout
+        queued = int(self._call(lambda: self._p.flush(seconds), "flushing"))
+        failed, causes, topics = self._failures.take()
+        if failed or queued:
+            raise self._delivery_error(failed, causes, topics, queued, timeout, "flush")
+        return 0
+
+    def _delivery_error(
+        self,
+        failed: int,
+        causes: list[KafkaError],
+        topics: list[str],
+        queued: int,
+        timeout: float | None,
+        what: str,
+    ) -> DeliveryError:
+        errors: list[AssuredError] = [
+            translate(cause, self._scrub, f"delivering to {', '.join(map(repr, topics))}")
+            for cause in causes
+        ]
+        said = []
+        if failed:
+            said.append(
+                f"{failed} record(s) sent without a delivery callback to "
+                f"{', '.join(map(repr, topics))} were not written ({errors[0]})"
+            )
+        if queued:
+            still = RetriableError(
+                f"{what}: {queued} record(s) still queued after {timeout:g}s, neither written "
+                "nor failed yet (a broker away or slow): they may still be written"
+            )
+            errors.append(still)
+            said.append(str(still).removeprefix(f"{what}: "))
+        advice = (
+            "they may be sent again (records still queued may land too: duplicates, not loss)"
+            if all(e.retriable for e in errors)
+            else "fix the cause before sending them again"
+        )
+        return DeliveryError(
+            f"{what}: {'; '.join(said)}. Commit no position past them; {advice}.",
+            failed + queued,
+            tuple(errors),
+        )
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` on the librdkafka producer, its errors translated (and remembered when
+        fatal)."""
+        try:
+            return fn()
+        except KafkaException as e:
+            raise self._failure(e.args[0], what) from None
+        except SystemError as e:
+            # confluent-kafka raises a fatal error from inside poll()/flush() and may then run a
+            # delivery callback with that exception still pending: the SystemError wraps it.
+            if isinstance(e.__cause__, KafkaException):
+                raise self._failure(e.__cause__.args[0], what) from None
+            raise
+
+    def _failure(self, err: KafkaError, what: str) -> AssuredError:
+        code = err.code()
+        if code == KafkaError._FATAL:
+            return self._fatal_cause(what)
+        if code in _OUT_OF_TURN:
+            return UsageError(self._scrub(f"{what}: {err.str()} ({err.name()})"))
+        out = translate(err, self._scrub, what)
+        if out.fatal:
+            if isinstance(out, ProducerFencedError) and self._outlived_timeout():
+                age = time.monotonic() - (self._began or 0.0)
+                self._expired = TransactionTimedOutError(
+                    f"{what}: the transaction was open {age:.1f}s, longer than its timeout "
+                    f"({self._txn_timeout:g}s), so the broker aborted it and bumped the "
+                    f"producer epoch (librdkafka reports that as: {self._scrub(err.str())}). "
+                    "Nothing it wrote becomes visible. Call abort_transaction() (it starts a "
+                    "fresh librdkafka producer) and rewind to the committed positions."
+                )
+                return _fresh(self._expired)
+            if self._fatal is None:
+                self._fatal = out
+        return out
+
+    def _outlived_timeout(self) -> bool:
+        # The broker's clock for the transaction starts at its first record or offsets, after
+        # begin_transaction: younger than the timeout by our clock means younger by its too.
+        return self._began is not None and time.monotonic() - self._began > self._txn_timeout
+
+    def _stopped(self) -> AssuredError | None:
+        error = self._fatal or self._expired
+        return _fresh(error) if error is not None else None
+
+    def _fatal_cause(self, what: str) -> AssuredError:
+        """produce() says only "fatal error"; librdkafka names the cause once, as an error
+        that poll() raises, and again to any transactional call."""
+        if self._fatal is None and self._expired is None:
+            try:
+                self._call(lambda: self._p.poll(0), what)
+                if self._transactional and self._resume is None and self._offsets is None:
+                    # In the fatal state this changes nothing and returns the cause.
+                    self._call(self._p.begin_transaction, what)
+            except AssuredError:
+                pass
+        if self._fatal is None and self._expired is None:
+            self._fatal = translate(KafkaError(KafkaError._FATAL), self._scrub, what)
+        stopped = self._stopped()
+        assert stopped is not None
+        return stopped
+
+    def _send_failure(self, err: KafkaError, topic: str) -> AssuredError:
+        what = f"sending to {topic!r}"
+        if err.code() != KafkaError._STATE or not self._transactional:
+            return self._failure(err, what)
+        # A transactional producer refuses records outside an open, healthy transaction.
+        if self._resume is not None:
+            return UsageError(
+                f"{what}: {self._resume} timed out and is still in progress; "
+                f"call {self._resume}() again first"
+            )
+        if self._began is None:
+            return UsageError(f"{what}: no transaction is open; call begin_transaction() first")
+        if self._doomed is not None:
+            return _fresh(self._doomed)
+        # The transaction turned abortable in the background (a record failed, say).
+        # begin_transaction() is refused in any state but "ready", naming that cause.
+        try:
+            self._p.begin_transaction()
+        except KafkaException as e:
+            if e.args[0].txn_requires_abort() or e.args[0].fatal():
+                return self._failure(e.args[0], what)
+        return translate(err, self._scrub, what)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise UsageError("this producer is closed")
+        stopped = self._stopped()
+        if stopped is not None:
+            raise stopped
+
+    # -- transactions --------------------------------------------------------------------------
 
     def init_transactions(self, timeout: float = 30.0) -> None:
         self._need_transactional()
-        call(lambda: self._p.init_transactions(timeout), self._scrub, "init_transactions", timeout)
+        deadline = time.monotonic() + timeout
+        self._transact("init_transactions", self._p.init_transactions, deadline)
 
     def begin_transaction(self) -> None:
         self._need_transactional()
-        call(self._p.begin_transaction, self._scrub, "begin_transaction")
+        self._no_call_to_resume("begin_transaction")
+        self._call(self._p.begin_transaction, "begin_transaction")
+        self._began = time.monotonic()
+        self._doomed = None
 
     def send_offsets_to_transaction(
         self, offsets: Mapping[TopicPartition, int], group: GroupMetadata, timeout: float = 30.0
@@ -119,34 +424,199 @@ class KafkaProducer(Producer):
         self._need_transactional()
         if group.native is None:
             raise UsageError("group metadata must come from a Kafka consumer's group_metadata()")
-        ktps = [KTopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
-        call(
-            lambda: self._p.send_offsets_to_transaction(ktps, group.native, timeout),
-            self._scrub,
-            "send_offsets_to_transaction",
-            timeout,
+        what = "send_offsets_to_transaction"
+        self._no_call_to_resume(what)
+        if self._doomed is not None:
+            raise _fresh(self._doomed)
+        deadline = time.monotonic() + timeout
+        key = (
+            tuple(sorted((tp.topic, tp.partition, off) for tp, off in offsets.items())),
+            (group.group_id, group.generation, group.member_id),
         )
+        earlier = self._offsets
+        if earlier is not None:  # the request an earlier call gave up waiting for
+            if not earlier.wait(deadline - time.monotonic()):
+                raise self._offsets_late(what, timeout)
+            self._offsets = None
+            if earlier.error is None and earlier.key == key:
+                return
+            if earlier.error is not None and not _resumable(earlier.error.args[0]):
+                raise self._failure(earlier.error.args[0], what)
+        ktps = [KTopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
+        pause = 0.05
+        while True:
+            # librdkafka's send_offsets_to_transaction is not resumable and can block for a
+            # whole socket timeout past its own timeout (a coordinator that stopped answering):
+            # run it aside, and stop waiting at the deadline.
+            request = _Background(
+                functools.partial(
+                    self._p.send_offsets_to_transaction,
+                    ktps,
+                    group.native,
+                    max(deadline - time.monotonic(), 0.001),
+                ),
+                key,
+            )
+            if not request.wait(deadline - time.monotonic()):
+                self._offsets = request
+                raise self._offsets_late(what, timeout)
+            if request.error is None:
+                return
+            err = request.error.args[0]
+            left = deadline - time.monotonic()
+            if _resumable(err) and left > pause:
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            raise self._failure(err, what)
+
+    def _offsets_late(self, what: str, timeout: float) -> RetriableError:
+        return RetriableError(
+            f"{what}: send_offsets_to_transaction did not finish within {timeout:g}s (the group "
+            "or transaction coordinator does not answer); the request goes on in the "
+            "background: call send_offsets_to_transaction() again with the same offsets to "
+            "wait for it, or abort_transaction()"
+        )
+
+    def _settle_offsets(self, what: str, deadline: float, timeout: float) -> None:
+        """Wait for a send_offsets_to_transaction an earlier call gave up waiting for: librdkafka
+        refuses any other transactional call while it runs."""
+        earlier = self._offsets
+        if earlier is None:
+            return
+        if not earlier.wait(deadline - time.monotonic()):
+            raise RetriableError(
+                f"{what}: an earlier send_offsets_to_transaction is still in progress after "
+                f"{timeout:g}s more; call {what}() again to go on waiting"
+            )
+        self._offsets = None
+        if earlier.error is not None and what == "commit_transaction":
+            cause = self._failure(earlier.error.args[0], "send_offsets_to_transaction")
+            if cause.fatal:
+                raise cause
+            self._doomed = AbortableError(
+                f"{what}: the transaction's offsets never made it into it ({cause}); it must "
+                "not commit its outputs without them: abort it"
+            )
+            raise _fresh(self._doomed)
 
     def commit_transaction(self, timeout: float = 30.0) -> None:
         self._need_transactional()
-        call(
-            lambda: self._p.commit_transaction(timeout), self._scrub, "commit_transaction", timeout
-        )
+        what = "commit_transaction"
+        if self._doomed is not None and self._resume is None:
+            raise _fresh(self._doomed)
+        deadline = time.monotonic() + timeout
+        self._settle_offsets(what, deadline, timeout)
+        self._transact(what, self._p.commit_transaction, deadline)
+        self._began = None
 
     def abort_transaction(self, timeout: float = 30.0) -> None:
-        self._need_transactional()
-        call(lambda: self._p.abort_transaction(timeout), self._scrub, "abort_transaction", timeout)
+        if self._closed:
+            raise UsageError("this producer is closed")
+        if not self._transactional:
+            raise UsageError("transactions need a producer made with transactional_id=...")
+        if self._fatal is not None:
+            raise _fresh(self._fatal)
+        what = "abort_transaction"
+        deadline = time.monotonic() + timeout
+        if self._expired is not None:
+            self._replace_fenced_handle(deadline)
+            return
+        self._settle_offsets(what, deadline, timeout)
+        self._transact(what, self._p.abort_transaction, deadline)
+        self._began = None
+        self._doomed = None
+
+    def _replace_fenced_handle(self, deadline: float) -> None:
+        """After the broker aborted a transaction that outlived its timeout, the librdkafka
+        producer is fenced for good: start a fresh one under the same transactional id."""
+        if self._resume != "init_transactions":  # not a retry of this same abort
+            old, self._p = self._p, self._handle()
+            self._offsets = None  # a request still running there keeps that producer alive
+            self._resume = None
+            try:  # its records belong to the aborted transaction: fail their callbacks now
+                old.purge()
+                old.poll(0)
+            except (KafkaException, SystemError):
+                pass
+        self._transact("init_transactions", self._p.init_transactions, deadline)
+        self._expired = None
+        self._began = None
+        self._doomed = None
+
+    def _transact(self, what: str, fn: Callable[[float], object], deadline: float) -> None:
+        """A resumable librdkafka transactional call, within ``deadline`` in all: a call that
+        times out is called again (librdkafka resumes it) while time is left."""
+        self._no_call_to_resume(what)
+        timeout = max(deadline - time.monotonic(), 0.0)
+        pause = 0.05
+        while True:
+            try:
+                self._call_raw(fn, max(deadline - time.monotonic(), 0.0))
+            except KafkaException as e:
+                err = e.args[0]
+                if not _resumable(err):
+                    self._resume = None
+                    raise self._failure(err, what) from None
+                self._resume = what
+                left = deadline - time.monotonic()
+                if left > 0.01:
+                    time.sleep(min(pause, left))
+                    pause = min(pause * 2, 1.0)
+                    continue
+                raise RetriableError(
+                    self._scrub(
+                        f"{what} did not finish within {timeout:g}s ({err.str()}); it goes on "
+                        f"in the background: call {what}() again to resume it"
+                    )
+                ) from None
+            self._resume = None
+            return
+
+    def _call_raw(self, fn: Callable[[float], object], seconds: float) -> None:
+        try:
+            fn(seconds)
+        except SystemError as e:
+            if isinstance(e.__cause__, KafkaException):
+                raise e.__cause__ from None
+            raise
+
+    def _no_call_to_resume(self, what: str) -> None:
+        if self._resume is None or self._resume == what:
+            return
+        why = (
+            " (the commit may already be decided, so it cannot be aborted now)"
+            if self._resume == "commit_transaction"
+            else ""
+        )
+        raise UsageError(
+            f"{what}: {self._resume} timed out and is still in progress{why}; call "
+            f"{self._resume}() again until it returns"
+        )
 
     def _need_transactional(self) -> None:
         if self._closed:
             raise UsageError("this producer is closed")
         if not self._transactional:
             raise UsageError("transactions need a producer made with transactional_id=...")
+        stopped = self._stopped()
+        if stopped is not None:
+            raise stopped
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._p.flush(30)
+        """Flush for up to 30 s; raises :class:`~assured.errors.DeliveryError` if a record sent
+        without a callback failed or is still queued (it would be lost)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._offsets is not None:  # never let the handle go while a call runs inside it
+            self._offsets.wait(30)
+        if self._stopped() is not None:
+            return  # already reported; nothing more can be written
+        queued = int(self._call(lambda: self._p.flush(30), "closing the producer"))
+        failed, causes, topics = self._failures.take()
+        if failed or queued:
+            raise self._delivery_error(failed, causes, topics, queued, 30.0, "close")
 
 
 def _headers(
@@ -163,6 +633,69 @@ def _generation(native: object) -> int:
     if isinstance(native, bytes) and native.startswith(b"CGMDv2:") and len(native) >= 11:
         return int.from_bytes(native[7:11], "little", signed=True)
     return -1
+
+
+class _Committer:
+    """Asynchronous commits, kept in order: at most one in flight, the newest offsets coalesced.
+
+    librdkafka sends asynchronous commits back to back and retries one that timed out, so an
+    older commit can land after a newer one and move the committed offset backwards. Here one
+    daemon thread makes the commits, synchronously and one at a time; offsets asked for
+    meanwhile wait, merged (newest per partition), for the next one. A synchronous commit holds
+    the same ``lock`` and takes the waiting offsets into its own, so it neither overtakes nor is
+    overtaken by an asynchronous one.
+    """
+
+    def __init__(self, commit: Callable[[dict[tuple[str, int], int]], None]):
+        self.lock = threading.Lock()  # held while a commit is in flight, on either path
+        self._commit = commit
+        self._cond = threading.Condition()
+        self._waiting: dict[tuple[str, int], int] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def submit(self, offsets: dict[tuple[str, int], int]) -> None:
+        with self._cond:
+            self._waiting.update(offsets)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="assured-kafka-commit", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def take(self) -> dict[tuple[str, int], int]:
+        """The offsets waiting to be committed, now the caller's to commit (hold ``lock``)."""
+        with self._cond:
+            waiting, self._waiting = self._waiting, {}
+        return waiting
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+            with self.lock:
+                offsets = self.take()
+                if offsets:
+                    try:
+                        self._commit(offsets)
+                    except AssuredError as e:
+                        log.warning(
+                            "an asynchronous commit failed (a later one supersedes it): %s",
+                            e,
+                        )
+
+    def stop(self) -> None:
+        """Make the commits asked for, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 class KafkaConsumer(Consumer):
@@ -185,6 +718,10 @@ class KafkaConsumer(Consumer):
         self._cooperative = "cooperative" in str(config.get("partition.assignment.strategy"))
         self._subscribed = False
         self._closed = False
+        self._on_lost: PartitionsCallback | None = None
+        self._lost_reported = False  # a loss was reported since the last missed poll interval
+        self._committer = _Committer(self._commit_now)
+        self._starts: dict[TopicPartition, int] = {}  # where on_assign or seek said to begin
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -205,8 +742,11 @@ class KafkaConsumer(Consumer):
         def assigned(consumer: KConsumer, ktps: list[KTopicPartition]) -> None:
             tps = [TopicPartition(k.topic, k.partition) for k in ktps]
             self._assigned = sorted(set(self._assigned) | set(tps))
+            for tp in tps:
+                self._starts.pop(tp, None)
             starts = on_assign(tps) if on_assign is not None else None
             if starts:
+                self._starts.update(starts)
                 # Start where the caller says (librdkafka takes offsets with the assignment).
                 chosen = [
                     KTopicPartition(k.topic, k.partition, starts.get(tp, _NO_OFFSET))
@@ -225,9 +765,12 @@ class KafkaConsumer(Consumer):
 
         def lost(_: KConsumer, ktps: list[KTopicPartition]) -> None:
             tps = [TopicPartition(k.topic, k.partition) for k in ktps]
+            self._lost_reported = True
             if on_lost is not None:
                 on_lost(tps)
             self._assigned = [tp for tp in self._assigned if tp not in set(tps)]
+
+        self._on_lost = on_lost
 
         with translated(self._scrub, "subscribing"):
             self._c.subscribe(list(topics), on_assign=assigned, on_revoke=revoked, on_lost=lost)
@@ -278,8 +821,6 @@ class KafkaConsumer(Consumer):
             return w.low
         if self._reset == "latest":
             return w.high
-        from assured.errors import LogError
-
         raise LogError(f"no valid offset for {tp} and auto_offset_reset='error'; seek() first")
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
@@ -293,6 +834,7 @@ class KafkaConsumer(Consumer):
             if e.args[0].code() != KafkaError._STATE:
                 raise translate(e, self._scrub, f"seeking {tp} to {offset}") from None
             # Not fetching yet: librdkafka refuses a seek, but takes a start offset on assign.
+            self._starts[tp] = offset
             with translated(self._scrub, f"seeking {tp} to {offset}"):
                 self._c.incremental_unassign([KTopicPartition(tp.topic, tp.partition)])
                 self._c.incremental_assign([ktp])
@@ -324,7 +866,14 @@ class KafkaConsumer(Consumer):
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise translate(err, self._scrub, "consuming")
+                if err.code() == KafkaError._MAX_POLL_EXCEEDED:
+                    self._missed_poll_interval(err)
+                    continue
+                error = translate(err, self._scrub, "consuming")
+                if error.retriable and "committed offsets" in err.str():
+                    self._fetch_committed_again(error)
+                    continue
+                raise error
             headers = m.headers()
             # tuple.__new__ straight from the message's fields: no Python-level __new__.
             append(
@@ -342,6 +891,52 @@ class KafkaConsumer(Consumer):
             )
         return out
 
+    def _fetch_committed_again(self, error: AssuredError) -> None:
+        """librdkafka drops a fetch of committed offsets that met a coordinator still loading or
+        moved (a new cluster's first groups), and never asks again: the partitions waiting for
+        it would wait forever. Assigning them again fetches again."""
+        log.warning("%s: fetching them again", error)
+        if not self._assigned:
+            return
+        ktps = [KTopicPartition(tp.topic, tp.partition) for tp in self._assigned]
+        with translated(self._scrub, "fetching committed offsets again"):
+            now = self._c.position(ktps)
+            if self._subscribed and not self._cooperative:  # eager: the whole assignment
+                self._c.assign([self._start(k) for k in now])
+                return
+            waiting = [k for k in now if k.offset < 0]  # nothing read from them yet
+            if waiting:
+                self._c.incremental_unassign(
+                    [KTopicPartition(k.topic, k.partition) for k in waiting]
+                )
+                self._c.incremental_assign([self._start(k) for k in waiting])
+
+    def _start(self, k: KTopicPartition) -> KTopicPartition:
+        """Where partition ``k`` goes on from: its position, else a start set by on_assign or
+        seek, else the committed offset (librdkafka's "invalid" offset asks for it)."""
+        if k.offset >= 0:
+            return KTopicPartition(k.topic, k.partition, k.offset)
+        start = self._starts.get(TopicPartition(k.topic, k.partition), _NO_OFFSET)
+        return KTopicPartition(k.topic, k.partition, start)
+
+    def _missed_poll_interval(self, err: KafkaError) -> None:
+        """More than ``max.poll.interval.ms`` passed between two polls: librdkafka left the group
+        and runs ``on_lost`` for the partitions, then rejoins on the next polls. Not an error
+        for the caller: the records it handled since its last commit go to the partitions' next
+        owner (which may be this member again) from the committed offsets."""
+        log.warning(
+            "%s: this consumer left the group and lost its partitions (their records since the "
+            "last commit will be read again); it rejoins on the next polls. Poll more often or "
+            "raise max_poll_interval_ms",
+            self._scrub(err.str()),
+        )
+        if not self._lost_reported and self._assigned:
+            # librdkafka reports the loss itself; should it not have, say so here.
+            gone, self._assigned = list(self._assigned), []
+            if self._on_lost is not None:
+                self._on_lost(gone)
+        self._lost_reported = False
+
     # -- commits -------------------------------------------------------------------------------
 
     def commit(
@@ -358,10 +953,17 @@ class KafkaConsumer(Consumer):
             ktps = [KTopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
         if not ktps:
             return
+        wanted = {(k.topic, k.partition): k.offset for k in ktps}
         if asynchronous:
-            with translated(self._scrub, "committing offsets"):
-                self._c.commit(offsets=ktps, asynchronous=True)
+            self._committer.submit(wanted)
             return
+        with self._committer.lock:  # after any asynchronous commit in flight, never before
+            merged = self._committer.take()
+            merged.update(wanted)
+            self._commit_now(merged)
+
+    def _commit_now(self, offsets: dict[tuple[str, int], int]) -> None:
+        ktps = [KTopicPartition(t, p, off) for (t, p), off in offsets.items()]
         # A coordinator moving or loading is retriable; a stale generation is not.
         call(
             lambda: self._c.commit(offsets=ktps, asynchronous=False),
@@ -375,8 +977,11 @@ class KafkaConsumer(Consumer):
         if self._group_id is None:
             return dict.fromkeys(partitions)
         ktps = [KTopicPartition(tp.topic, tp.partition) for tp in partitions]
-        found = call(
-            lambda: self._c.committed(ktps, timeout=10), self._scrub, "reading committed", 30
+        found = deadline_call(
+            lambda left: self._c.committed(ktps, timeout=min(10.0, left)),
+            self._scrub,
+            "reading committed",
+            30,
         )
         return {
             TopicPartition(k.topic, k.partition): (k.offset if k.offset >= 0 else None)
@@ -399,6 +1004,7 @@ class KafkaConsumer(Consumer):
         if self._closed:
             return
         try:
+            self._committer.stop()  # the asynchronous commits asked for are made first
             with translated(self._scrub, "closing the consumer"):
                 self._c.close()  # runs on_revoke first, which may still commit
         finally:

@@ -3,6 +3,45 @@
 librdkafka tells an error's nature itself (``retriable()``, ``txn_requires_abort()``,
 ``fatal()``); we ask it, and use codes only to name the few kinds the runtime treats apart
 (fenced producer, stale group generation, unknown topic, oversized record).
+
+What a caller must do with each error the Kafka producer raises (the runtime builds on this):
+
+``RetriableError`` from ``init_transactions``, ``commit_transaction`` or ``abort_transaction``
+    The call did not finish within its ``timeout`` (a total deadline, never exceeded by more
+    than a poll) and goes on in the background. Call *the same method again* to resume it; its
+    outcome is the outcome of the original call. Nothing else is allowed meanwhile:
+    ``send``, ``begin_transaction`` and the other transactional calls raise ``UsageError``; in
+    particular ``abort_transaction`` after a timed-out ``commit_transaction`` is refused (the
+    commit may already be decided): keep calling ``commit_transaction`` until it returns or
+    raises a non-retriable error. librdkafka bounds this: within ``transaction.timeout.ms`` the
+    commit either lands or turns abortable or fatal.
+``RetriableError`` from ``send_offsets_to_transaction``
+    The coordinator did not answer in time; the request may still be in flight. Call
+    ``send_offsets_to_transaction`` again with the same offsets (it waits for the earlier
+    request and sends again only if that one failed), or ``abort_transaction``. If instead
+    ``commit_transaction`` is called, it waits for the request and, should the offsets not have
+    made it into the transaction, raises ``AbortableError``: a transaction never commits its
+    outputs without its offsets.
+``AbortableError`` (and its ``TransactionTimedOutError``, ``StaleGenerationError``)
+    Call ``abort_transaction`` (retry it on ``RetriableError``), seek back to the committed
+    positions, and carry on with the same producer. Until the abort, ``send`` and
+    ``commit_transaction`` raise the same nature again. ``TransactionTimedOutError``: the
+    transaction stayed open longer than ``transaction.timeout.ms``; the broker aborted it and
+    bumped the producer epoch, which librdkafka reports exactly as fencing by a newer instance
+    (``_FENCED``, fatal); we tell the two apart by the transaction's age (see
+    ``KafkaProducer``), and ``abort_transaction`` then replaces the librdkafka producer with a
+    fresh one (``init_transactions`` again) so the same ``KafkaProducer`` carries on.
+``FatalError`` (and its ``ProducerFencedError``, ``SequenceError``)
+    Stop using this producer: every later call but ``close`` raises it again. On
+    ``ProducerFencedError`` another instance owns the transactional id: stop this instance.
+``DeliveryError`` from ``flush`` or ``close``
+    Records sent without a delivery callback were not written (``failed``; ``errors`` holds
+    the distinct causes). Commit no position past them. ``retriable`` is true when every cause
+    was (a delivery timeout, records still queued when ``flush``'s timeout ran out): the same
+    records may be sent again; records still queued may also still land, so expect
+    duplicates, never loss, if they are sent again.
+``UsageError``
+    A call out of order (see above); a bug in the calling code.
 """
 
 from __future__ import annotations
@@ -27,11 +66,12 @@ from assured.errors import (
     ProducerFencedError,
     RecordTooLargeError,
     RetriableError,
+    SequenceError,
     StaleGenerationError,
     UnknownTopicError,
 )
 
-__all__ = ["SECRET_KEYS", "Scrubber", "call", "retrying", "translate"]
+__all__ = ["SECRET_KEYS", "Scrubber", "call", "deadline_call", "retrying", "translate"]
 
 T = TypeVar("T")
 
@@ -74,6 +114,16 @@ _MOVED = {
 }
 if hasattr(KafkaError, "PRODUCER_FENCED"):  # named in newer librdkafka
     _FENCED.add(KafkaError.PRODUCER_FENCED)
+# The idempotent producer's bookkeeping broke (when librdkafka calls it fatal).
+_SEQUENCE = {
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.DUPLICATE_SEQUENCE_NUMBER,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    KafkaError._GAPLESS_GUARANTEE,
+}
+# Gone for now, not refused: the same records or call may succeed later.
+_TRANSIENT = {KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._MSG_TIMED_OUT}
 
 
 class Scrubber:
@@ -115,32 +165,43 @@ def translate(
     err = error.args[0] if isinstance(error, KafkaException) and error.args else error
     if not isinstance(err, KafkaError):
         return LogError(scrub(f"{what}: {error}"))
-    code = err.code()
     text = scrub(f"{what}: {err.str()} ({err.name()})")
-    cls: type[AssuredError]
-    if code in _FENCED:
-        cls = ProducerFencedError
-    elif code in _STALE:
-        cls = StaleGenerationError
-    elif code in _UNKNOWN:
-        cls = UnknownTopicError
-    elif code in _TOO_LARGE:
-        cls = RecordTooLargeError
-    elif code in _BAD_TOPIC:
-        cls = InvalidTopicError
-    elif code == KafkaError._INVALID_ARG:
-        cls = ConfigError
-    elif err.fatal():
-        cls = FatalError
-    elif err.txn_requires_abort():
-        cls = AbortableError
-    elif (
-        err.retriable() or code in _MOVED or code in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT)
-    ):
-        cls = RetriableError
-    else:
-        cls = LogError
-    return cls(text)
+    if err.code() == KafkaError._FATAL:
+        # librdkafka's "an earlier fatal error stops this client" (produce() says only this;
+        # the producer finds the cause itself): fatal whatever the flags say.
+        return FatalError(f"{text}: this producer met a fatal error earlier; close it")
+    return _kind(err)(text)
+
+
+def _kind(err: KafkaError) -> type[AssuredError]:
+    """The first rule that ``err`` meets names its class; the order matters."""
+    return next((cls for applies, cls in _RULES if applies(err)), LogError)
+
+
+_BY_CODE: dict[int, type[AssuredError]] = {
+    **dict.fromkeys(_UNKNOWN, UnknownTopicError),
+    **dict.fromkeys(_TOO_LARGE, RecordTooLargeError),
+    **dict.fromkeys(_BAD_TOPIC, InvalidTopicError),
+    KafkaError._INVALID_ARG: ConfigError,
+}
+_RULES: list[tuple[Callable[[KafkaError], bool], type[AssuredError]]] = [
+    # A stale epoch is fencing when librdkafka gives up on it (transactional producers); an
+    # idempotent producer bumps its epoch itself and goes on.
+    (
+        lambda e: (
+            e.code() in _FENCED and (e.fatal() or e.code() != KafkaError.INVALID_PRODUCER_EPOCH)
+        ),
+        ProducerFencedError,
+    ),
+    (lambda e: e.code() in _SEQUENCE and e.fatal(), SequenceError),
+    (lambda e: e.code() in _STALE, StaleGenerationError),
+    # Before the codes below: a commit that failed because a record was too large, say,
+    # carries that record's code, and what the caller must do is abort.
+    (lambda e: e.txn_requires_abort(), AbortableError),
+    *((lambda e, c=c: e.code() == c, cls) for c, cls in _BY_CODE.items()),
+    (lambda e: e.fatal(), FatalError),
+    (lambda e: e.retriable() or e.code() in _MOVED or e.code() in _TRANSIENT, RetriableError),
+]
 
 
 def _is_retriable(e: BaseException) -> bool:
@@ -174,6 +235,21 @@ def call(fn: Callable[[], T], scrub: Scrubber, what: str, timeout: float | None 
         for attempt in retrying(timeout):
             with attempt:
                 return fn()
+    except KafkaException as e:
+        raise translate(e, scrub, what) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def deadline_call(
+    fn: Callable[[float], T], scrub: Scrubber, what: str, timeout: float, floor: float = 0.05
+) -> T:
+    """``fn(seconds_left)``, retried while retriable, all attempts within ``timeout`` together
+    (each attempt gets what is left of it, at least ``floor``), errors translated."""
+    deadline = time.monotonic() + max(timeout, 0.0)
+    try:
+        for attempt in retrying(timeout):
+            with attempt:
+                return fn(max(deadline - time.monotonic(), floor))
     except KafkaException as e:
         raise translate(e, scrub, what) from None
     raise AssertionError("unreachable")  # pragma: no cover
