@@ -88,6 +88,20 @@ def test_a_dead_letter_commits_with_the_transaction_or_not_at_all(
     assert relay_dead_letters(sink, log, "g") == 0
 
 
+def test_a_dead_letter_may_come_with_its_headers_made(new_sink: SinkFactory, log: Log) -> None:
+    sink = new_sink()
+    sink.setup()
+    made = [("trace", b"t1"), ("assured.error.type", b"Boom"), ("assured.attempts", b"2")]
+    with sink.transaction(group="g") as tx:
+        tx.dead_letter(record(3), topic="charges.dlq", headers=made)
+    with sink.transaction(group="g") as tx:
+        row = tx.execute("SELECT error_type, attempts FROM assured_dead_letters").fetchone()
+        assert tuple(row) == ("Boom", 2)
+    assert relay_dead_letters(sink, log, "g") == 1
+    (published,) = read_all(log, "charges.dlq")
+    assert list(published.headers) == [*made, (GROUP_HEADER, b"g"), (ID_HEADER, b"1")]
+
+
 def test_a_dead_letter_needs_the_group(new_sink: SinkFactory) -> None:
     sink = new_sink()
     sink.setup()

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from assured.errors import RetriableError, ServiceError, StaleGenerationError, UsageError
-from assured.log import Record, TopicPartition
+from assured.log import Header, Record, TopicPartition
 from assured.log._models import encode_headers
 
 __all__ = [
@@ -160,18 +160,38 @@ class SinkTransaction(abc.ABC):
         return True
 
     def dead_letter(
-        self, record: Record, *, topic: str, error: BaseException, attempts: int
+        self,
+        record: Record,
+        *,
+        topic: str,
+        error: BaseException | None = None,
+        attempts: int | None = None,
+        headers: Sequence[Header] | None = None,
     ) -> int:
         """Write ``record`` as a dead letter for ``topic`` (e.g. ``<input>.dlq``) into this
         transaction: it commits with the effects and offsets, or not at all, and
         :func:`assured.sinks.relay_dead_letters` publishes it later, exactly once. Returns
-        its id in ``assured_dead_letters``."""
+        its id in ``assured_dead_letters``.
+
+        Give the ``error`` and ``attempts`` (the record's headers then get the
+        ``assured.error.type``, ``assured.error.message``, ``assured.origin`` and
+        ``assured.attempts`` headers), or the dead letter's ``headers`` as they are to be
+        published. The relay adds ``assured.dead-letter.group`` and ``assured.dead-letter.id``.
+        """
         if not self.group:
             raise UsageError(
                 "dead_letter() needs the consumer group: open the transaction with "
                 "sink.transaction(group=...)"
             )
-        message = "".join(traceback.format_exception_only(type(error), error)).strip()
+        if headers is None:
+            if error is None:
+                raise UsageError("dead_letter() needs the error, or the headers to publish")
+            headers = dead_letter_headers(record, error, attempts or 1)
+        found = dict(headers)
+        error_type = found.get("assured.error.type") or b""
+        error_message = found.get("assured.error.message") or b""
+        if attempts is None:
+            attempts = int(found.get("assured.attempts") or b"1")
         insert = self.sink._sql(
             "INSERT INTO assured_dead_letters (group_id, dead_letter_topic, source_topic, "
             "source_partition, source_offset, key, value, headers, error_type, error_message, "
@@ -187,15 +207,32 @@ class SinkTransaction(abc.ABC):
                 record.offset,
                 record.key,
                 record.value,
-                encode_headers(record.headers),
-                type(error).__qualname__,
-                message.encode()[:4000].decode(errors="ignore"),
+                encode_headers(headers),
+                _text(error_type),
+                _text(error_message),
                 attempts,
                 int(time.time() * 1000),
             ),
         ).fetchone()
         self.dead_letters.append(int(row[0]))
         return int(row[0])
+
+
+def dead_letter_headers(record: Record, error: BaseException, attempts: int) -> list[Header]:
+    """A dead letter's headers: the record's own, then what failed, where, and how often."""
+    message = "".join(traceback.format_exception_only(type(error), error)).strip()
+    return [
+        *record.headers,
+        ("assured.error.type", type(error).__qualname__.encode()),
+        ("assured.error.message", message.encode()[:4000]),
+        ("assured.origin", record_id(record).encode()),
+        ("assured.attempts", str(attempts).encode()),
+    ]
+
+
+def _text(value: bytes | None) -> str:
+    # PostgreSQL's text refuses NUL; a cut UTF-8 sequence is dropped rather than refused
+    return (value or b"").decode(errors="ignore").replace("\x00", "")
 
 
 def record_id(message: MessageLike) -> str:

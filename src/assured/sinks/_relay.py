@@ -50,8 +50,7 @@ ID_HEADER = "assured.dead-letter.id"
 RELAY_POINTS = ("after-note", "inside-transaction", "after-publish-before-mark")
 
 _PENDING = (
-    "SELECT id, dead_letter_topic, source_topic, source_partition, source_offset, key, value, "
-    "headers, error_type, error_message, attempts FROM assured_dead_letters "
+    "SELECT id, dead_letter_topic, key, value, headers FROM assured_dead_letters "
     "WHERE group_id = ? AND relayed_ms IS NULL ORDER BY id LIMIT ?"
 )
 
@@ -219,18 +218,13 @@ class DeadLetterRelay:
         self._hook("after-note")
         producer = self._producer
         producer.begin_transaction()
-        for row in rows:
-            row_id, topic, src_topic, src_part, src_off, key, value, headers, etype, emsg, n = row
+        for row_id, topic, key, value, headers in rows:
             producer.send(
                 topic,
                 None if value is None else bytes(value),
                 key=None if key is None else bytes(key),
                 headers=[
                     *decode_headers(None if headers is None else bytes(headers)),
-                    ("assured.error.type", str(etype).encode()),
-                    ("assured.error.message", str(emsg).encode()),
-                    ("assured.origin", f"{src_topic}[{src_part}]@{src_off}".encode()),
-                    ("assured.attempts", str(n).encode()),
                     (GROUP_HEADER, self.group.encode()),
                     (ID_HEADER, str(row_id).encode()),
                 ],

@@ -89,10 +89,15 @@ class _PostgresTransaction(SinkTransaction):
     def lose(self, error: BaseException) -> NoReturn:
         """The connection broke: drop it, and raise what every later call will raise too."""
         if self.lost is None:
+            why = (
+                f"{type(error).__name__}: {str(error).strip()}"
+                if isinstance(error, psycopg.Error)
+                else "found closed"
+            )
             self.lost = (
                 f"lost the connection to PostgreSQL at {self.sink.where} during a transaction "
-                f"({type(error).__name__}: {str(error).strip()}). The transaction was rolled "
-                "back: nothing of it was committed. The next transaction reconnects."
+                f"({why}). The transaction was rolled back: nothing of it was committed. The "
+                "next transaction reconnects."
             )
             self.sink._discard(self._conn)
         raise SinkUnavailableError(self.lost) from error
@@ -169,6 +174,15 @@ class PostgresSink(Sink):
     def _begin(self) -> psycopg.Connection[Any]:
         """A connection with a transaction begun on it. A connection found dead here is
         replaced: nothing had been done on it yet."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.execute("BEGIN")
+                return conn
+            except psycopg.Error as e:
+                if not connection_lost(conn, e):
+                    raise
+                self._discard(conn)
 
         def attempt() -> psycopg.Connection[Any]:
             conn = self._connect_once()

@@ -125,6 +125,12 @@ class SqliteSink(Sink):
 
     def _locked(self, conn: sqlite3.Connection, sql: str) -> None:
         """Run ``sql``, which needs a lock, retrying while another process holds it."""
+        try:
+            conn.execute(sql)
+            return
+        except sqlite3.OperationalError as e:
+            if not _busy(e):
+                raise
         retrying = Retrying(
             stop=stop_after_delay(self.lock_timeout_s),
             wait=wait_exponential(multiplier=0.01, max=0.5),
