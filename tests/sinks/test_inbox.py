@@ -97,6 +97,24 @@ def test_an_old_inbox_is_upgraded_in_place(new_sink: SinkFactory) -> None:
     assert sink.claim("g", [tp], {"charges": "id-1"}) == {tp: (3, 6)}
 
 
+def test_an_old_inbox_made_again_after_an_upgrade_joins_the_kept_one(
+    new_sink: SinkFactory,
+) -> None:
+    # An older assured ran once more on an upgraded database and made its inbox again.
+    sink = new_sink()
+    with sink.transaction() as tx:
+        tx.execute("CREATE TABLE assured_inbox_v1 (message_id TEXT PRIMARY KEY)")
+        tx.execute("INSERT INTO assured_inbox_v1 VALUES ('charges[0]@1')")
+        tx.execute("CREATE TABLE assured_inbox (message_id TEXT PRIMARY KEY)")
+        tx.execute("INSERT INTO assured_inbox VALUES ('charges[0]@1')")
+        tx.execute("INSERT INTO assured_inbox VALUES ('charges[0]@2')")
+    sink.setup()
+    with sink.transaction(group="g") as tx:
+        assert not tx.first_delivery(Msg("charges", 0, 1))
+        assert not tx.first_delivery(Msg("charges", 0, 2))
+        assert tx.first_delivery(Msg("charges", 0, 3))
+
+
 def test_an_offset_of_an_earlier_topic_incarnation_is_dropped(sink: Sink) -> None:
     tp = TopicPartition("charges", 0)
     first = {"charges": "id-1"}

@@ -280,7 +280,7 @@ class Sink(abc.ABC):
                 if self._columns(tx, "assured_inbox_v1"):
                     tx.execute(
                         "INSERT INTO assured_inbox_v1 (message_id) SELECT message_id "
-                        "FROM assured_inbox ON CONFLICT DO NOTHING"
+                        "FROM assured_inbox WHERE true ON CONFLICT DO NOTHING"
                     )
                     tx.execute("DROP TABLE assured_inbox")
                 else:
