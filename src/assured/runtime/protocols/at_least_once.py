@@ -92,7 +92,7 @@ class AtLeastOnce(CommitProtocol):
         whose outputs keep being refused is dead-lettered after its handler's retries."""
         tp = TopicPartition(record.topic, record.partition)
         key = (tp, record.offset)
-        if not self._handle([record], unhandled):
+        if not self._handle([record], [record, *unhandled]):
             return False
         try:
             self.producer.flush()

@@ -191,8 +191,9 @@ class ExactlyOnce(CommitProtocol):
                 self._failed_commit(failure, unhandled)
                 return False
             error = failure
-        # The record's own fault: abort, and strike it.
-        self.abort()
+        # The record's own fault: abort (the consumer stays where it is: we carry on from
+        # here, by a retry of this record or its dead letter), and strike it.
+        self.abort(seek=False)
         strikes = self.strikes[key] = self.strikes.get(key, 0) + 1
         spec = self.rt.specs[record.topic]
         if strikes <= spec.retries:
@@ -239,6 +240,9 @@ class ExactlyOnce(CommitProtocol):
                     )
                 crash_point("after-handle-before-commit")
                 self._resumable(self.producer.commit_transaction)
+        except DeliveryError as e:
+            # A delivery that failed because the producer is fenced or broken is that error.
+            return next((x for x in e.errors if x.fatal), e)
         except AssuredError as e:
             return e
         self.rt.metrics.committed.labels(self.guarantee).inc()
@@ -286,8 +290,14 @@ class ExactlyOnce(CommitProtocol):
         if e.retriable:  # the log is away or busy: give it time rather than spin
             time.sleep(min(2.0, 0.05 * 2 ** min(self.troubles, 6)))
 
-    def abort(self, unhandled: Sequence[Record] = (), cause: AssuredError | None = None) -> None:
-        """Abort the open transaction; Kafka does not rewind the consumer, so we do."""
+    def abort(
+        self,
+        unhandled: Sequence[Record] = (),
+        cause: AssuredError | None = None,
+        seek: bool = True,
+    ) -> None:
+        """Abort the open transaction; Kafka does not rewind the consumer, so we do (unless
+        ``seek`` is False: the caller goes on from where the consumer is)."""
         rewind = dict(self.rewind)
         if self.open:
             outcome_known = False
@@ -305,29 +315,34 @@ class ExactlyOnce(CommitProtocol):
             if broken is not None:
                 self._replace_producer(broken)
                 # A commit sent before the break may have landed: the group knows.
-                rewind, landed = self._where_the_group_stands(rewind)
-                self._tell("committed" if landed else "aborted")
+                rewind, outcome = self._where_the_group_stands(rewind)
+                self._tell(outcome)
             elif outcome_known:
                 self._tell("aborted")
             self.rt.metrics.aborts.labels(self.guarantee).inc()
         self.open = False
         self.pending.clear()
         self.rewind.clear()
-        seek_back(self.rt.consumer, rewind, unhandled)
+        if seek:
+            seek_back(self.rt.consumer, rewind, unhandled)
 
     def _where_the_group_stands(
         self, rewind: dict[TopicPartition, int]
-    ) -> tuple[dict[TopicPartition, int], bool]:
-        """The committed positions of the transaction's partitions, and whether they show that
-        the transaction committed after all."""
-        if not rewind:
-            return rewind, False
-        committed = self.rt.consumer.committed(list(rewind))
+    ) -> tuple[dict[TopicPartition, int], str]:
+        """The committed positions of the transaction's partitions that we still hold, and what
+        they show of the transaction: "committed", "aborted", or "unknown" when none of its
+        partitions is ours any more (another owner's commits would say nothing of ours)."""
+        assigned = set(self.rt.consumer.assignment())
+        held = [tp for tp in rewind if tp in assigned]
+        if not held:
+            return rewind, "unknown"
+        committed = self.rt.consumer.committed(held)
         landed = any(
-            (c := committed.get(tp)) is not None and c >= self.pending.get(tp, start + 1)
-            for tp, start in rewind.items()
+            (c := committed.get(tp)) is not None and c >= self.pending.get(tp, rewind[tp] + 1)
+            for tp in held
         )
-        return {tp: c if c is not None else rewind[tp] for tp, c in committed.items()}, landed
+        positions = {tp: c if c is not None else rewind[tp] for tp, c in committed.items()}
+        return positions, "committed" if landed else "aborted"
 
     def _tell(self, outcome: str) -> None:
         if self.rt.on_transaction is not None and self.rt.transaction is not None:
