@@ -1,12 +1,14 @@
-"""The audit must see what it exists to see: planted protocol bugs fail their verdicts."""
+"""The audit must see what it exists to see: planted protocol bugs fail their verdicts, and the
+real protocols, under the very same faults, pass."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from assured.audit import AuditConfig, run_audit
+from assured.audit import AuditConfig, Findings, run_audit
 
 
 @pytest.mark.parametrize(
@@ -35,9 +37,86 @@ def test_planted_bug_fails_the_audit(
             handle_delay_ms=1.0,
         )
     )
-    assert f.verdict == "fail", f.as_json()
+    assert f.verdict == "fail", (f.reasons, f.faults)
     assert f.lost > 0
     assert f"lost={f.lost}" in f.reasons
+
+
+# Each fix of issue 18, undone by a planted variant, and the faults that show it.
+FIXES: dict[str, dict[str, Any]] = {
+    # 1: an error on its way out commits the open transaction (handler-errors' fatal fate)
+    "commit-poisoned-transaction": {
+        "guarantee": "exactly-once",
+        "faults": ("handler-errors",),
+        "kills": 0,
+        "shows": ("duplicate",),
+    },
+    # 2: positions committed past a failed delivery (write-stall)
+    "commit-past-failed-write": {
+        "guarantee": "at-least-once",
+        "faults": ("write-stall",),
+        "kills": 3,
+        "processes": 3,  # two others whose writes fail while one is frozen holding the lock
+        "shows": ("lost",),
+    },
+    # 3: dead letters sent outside the database transaction (a crash after they went out)
+    "dead-letters-outside-database": {
+        "guarantee": "exactly-once",
+        "sink": "sqlite",
+        "faults": ("handler-errors", "crash-points"),
+        "kills": 6,
+        "shows": ("duplicate",),
+    },
+    # 8: a failed attempt's outputs kept (transient and permanent failures)
+    "keep-failed-attempts": {
+        "guarantee": "exactly-once",
+        "faults": ("handler-errors",),
+        "kills": 0,
+        "shows": ("duplicate", "refused-effect", "effect-and-dead-letter"),
+    },
+}
+
+
+def _audit(tmp_path: Path, case: dict[str, Any]) -> Findings:
+    return run_audit(
+        AuditConfig(
+            log_url=f"embedded://{tmp_path}/log.db",
+            guarantee=case["guarantee"],
+            sink=case.get("sink", "topic"),
+            messages=case.get("messages", 600),
+            processes=case.get("processes", 2),
+            kills=case["kills"],
+            faults=case["faults"],
+            seed=7,
+            workdir=tmp_path,
+            session_timeout_ms=1000,
+            handle_delay_ms=1.0,
+            timeout_s=180,
+        )
+    )
+
+
+@pytest.mark.parametrize("plant", sorted(FIXES))
+def test_a_fix_undone_fails_the_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plant: str
+) -> None:
+    case = FIXES[plant]
+    monkeypatch.setenv("ASSURED_AUDIT_PLANT", plant)
+    f = _audit(tmp_path, case)
+    assert f.verdict == "fail", (f.reasons, f.faults)
+    assert all(n > 0 for n in f.faults.values()), f.faults
+    for anomaly in case["shows"]:
+        assert f.count(anomaly) > 0, (anomaly, f.as_json())
+
+
+@pytest.mark.parametrize("plant", sorted(FIXES))
+def test_the_real_protocol_passes_where_the_fix_undone_fails(tmp_path: Path, plant: str) -> None:
+    case = FIXES[plant]
+    f = _audit(tmp_path, case)
+    assert all(n > 0 for n in f.faults.values()), f.faults
+    assert f.verdict == "pass", (f.reasons, f.faults)
+    for anomaly in case["shows"]:
+        assert f.count(anomaly) == 0, (anomaly, f.as_json())
 
 
 def test_the_same_seed_gives_the_same_fault_schedule(tmp_path: Path) -> None:

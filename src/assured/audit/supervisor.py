@@ -169,6 +169,7 @@ class _Slot:
         self.starts = 0
         self.armed = False  # a crash point is armed in this process
         self.stopped_until = 0.0  # SIGSTOPped until then
+        self.stopped_at = 0.0
         self.zombie = False  # stopped by its own handler (a zombie fate), not by us
         self.terminating = False  # sent SIGTERM: draining; a second signal would cut it short
         self.wanted = True  # restarted when it dies (a rebalance parks it)
@@ -219,6 +220,7 @@ class _Run:
         self.broker_down = threading.Event()  # one broker at a time, so the quorum holds
         self.db_down = threading.Event()  # one database restart at a time
         self.db_restarts = 0  # begun: fast and immediate take turns
+        self.stalled_until = 0.0  # a write-stall is on until then (one at a time)
         self.fraction = 0.0  # of the input consumed so far
 
     def admin(self) -> Admin:
@@ -395,13 +397,10 @@ def _tend(run: _Run, slot: _Slot, now: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(slot.proc.pid, signal.SIGCONT)
         slot.stopped_until = 0.0
-        if slot.zombie:
-            slot.zombie = False
-            run.faults["zombie"] += 1
-            run.event("zombie-resumed", slot=slot.index, pid=slot.proc.pid)
+        _zombie_resumed(run, slot, now)
     elif "zombie" in run.faults and not slot.stopped_until and _frozen(slot.proc.pid):
         # Its own handler stopped it mid-transaction: keep it frozen past its session timeout.
-        slot.stopped_until = now + run.tuning.zombie_s
+        slot.stopped_at, slot.stopped_until = now, now + run.tuning.zombie_s
         slot.zombie = True
         run.event("zombie-stopped", slot=slot.index, pid=slot.proc.pid)
     if slot.proc.poll() is not None:
@@ -414,6 +413,18 @@ def _tend(run: _Run, slot: _Slot, now: float) -> None:
             _start(run, slot)
         else:
             slot.proc = None  # left the group for good (a rebalance); may join again later
+
+
+def _zombie_resumed(run: _Run, slot: _Slot, now: float) -> None:
+    """A zombie is back: it counts if it stayed frozen past its session timeout (one woken
+    early because the run ended does not)."""
+    if not slot.zombie:
+        return
+    slot.zombie = False
+    held = now - slot.stopped_at
+    if held * 1000 >= run.tuning.session_timeout_ms:
+        run.faults["zombie"] += 1
+    run.event("zombie-resumed", slot=slot.index, seconds=round(held, 2))
 
 
 def _frozen(pid: int) -> bool:
@@ -531,6 +542,9 @@ def _stall_writer(run: _Run, live: list[_Slot]) -> None:
     """Catch a processor holding the engine's write lock, SIGSTOP it there, and leave it
     frozen for ``stall_s``, longer than the others' delivery timeout: their writes fail while
     their reads go on. Only a processor seen holding the lock once frozen counts."""
+    if time.monotonic() < run.stalled_until:  # the lock is frozen already: nobody else has it
+        _later(run, "write-stall")
+        return
     shm = Path(f"{getattr(run.log, 'path', '')}-shm")
     by_pid = {s.proc.pid: s for s in live if s.proc is not None}
     until = time.monotonic() + 2.0
@@ -546,7 +560,7 @@ def _stall_writer(run: _Run, live: list[_Slot]) -> None:
             time.sleep(0.0005)
         if _write_lock_holder(shm) == pid:
             slot = by_pid[pid]
-            slot.stopped_until = time.monotonic() + run.tuning.stall_s
+            slot.stopped_until = run.stalled_until = time.monotonic() + run.tuning.stall_s
             run.faults["write-stall"] += 1
             run.event("write-stall", slot=slot.index, pid=pid, seconds=run.tuning.stall_s)
             return
@@ -760,6 +774,7 @@ def _drop_offsets_reader(run: _Run) -> None:
 def _stop_all(run: _Run, slots: list[_Slot]) -> None:
     for slot in slots:
         if slot.proc is not None and slot.proc.poll() is None:
+            _zombie_resumed(run, slot, time.monotonic())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(slot.proc.pid, signal.SIGCONT)
                 if not slot.terminating:  # one SIGTERM drains; a second exits at once

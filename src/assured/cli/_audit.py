@@ -21,7 +21,7 @@ __all__ = ["audit", "demo"]
 
 # Piped output (CI logs, files) gets a table wide enough to read, not rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 130)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 
 
 def _guarantees(choice: str) -> list[str]:
