@@ -18,10 +18,10 @@ import logging
 import time
 
 from assured.errors import AssuredError, ConfigError, LogError
-from assured.log import Producer, Record, TopicPartition
+from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
-from assured.sinks import Sink, SinkFencedError
+from assured.sinks import DeadLetterRelay, Sink, SinkCommitUnknownError, SinkFencedError
 
 __all__ = ["ExactlyOnceSink"]
 
@@ -37,6 +37,18 @@ class ExactlyOnceSink(CommitProtocol):
         self.dead_letters: Producer = self.rt.log.producer()
         self.epochs: dict[TopicPartition, int] = {}
         self.troubled_since: float | None = None
+        # Dead letters are rows in the database, committed with the effects and positions;
+        # the relay publishes them to their topics afterwards, each exactly once.
+        self.relay = DeadLetterRelay(self.sink, self.rt.log, self.rt.settings.group)
+        self._relay()
+
+    def _relay(self) -> None:
+        try:
+            self.relay.drain()
+        except AssuredError as e:  # the dead letters wait safely in the database
+            if e.fatal and not e.fenced:
+                raise
+            log.warning("dead-letter relay: %s; trying again later", e)
 
     def on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         group = self.rt.settings.group
@@ -85,12 +97,14 @@ class ExactlyOnceSink(CommitProtocol):
         offsets = next_offsets(mine)
         try:
             timer = self.rt.metrics.commit_latency.labels(self.guarantee).time()
-            with timer, self.sink.transaction() as tx:
-                self.rt.handle(mine, self.dead_letters, tx)
+            with timer, self.sink.transaction(group=self.rt.settings.group) as tx:
+
+                def dead_letter(topic: str, record: Record, headers: list[Header]) -> None:
+                    tx.dead_letter(record, topic=topic, headers=headers)
+
+                self.rt.handle(mine, self.dead_letters, tx, dead_letter)
                 crash_point("after-effect-before-offset")
                 self.sink.store_offsets(tx, self.rt.settings.group, offsets, self.epochs)
-                # Dead letters must be durable before the offsets that skip their records.
-                self.dead_letters.flush()
         except SinkFencedError as e:
             log.warning("%s; dropping the partitions until the group reassigns them", e)
             for tp in offsets:
@@ -107,6 +121,8 @@ class ExactlyOnceSink(CommitProtocol):
             raise
         self.troubled_since = None
         self.rt.metrics.committed.labels(self.guarantee).inc()
+        if tx.dead_letters:
+            self._relay()
         try:
             self.rt.consumer.commit(offsets, asynchronous=True)
         except AssuredError as e:  # only for lag tools; the database already has the truth
@@ -119,13 +135,28 @@ class ExactlyOnceSink(CommitProtocol):
         self.troubled_since = self.troubled_since or now
         elapsed = now - self.troubled_since
         log.warning("%s; redoing the batch once the database answers (%.0f s so far)", e, elapsed)
-        try:
-            stored = self.sink.stored_offsets(self.rt.settings.group)
-        except LogError:
-            stored = {}  # still away: the batch's own first offsets are safe (it rolled back)
+        stored = self._stored(must=isinstance(e, SinkCommitUnknownError))
         rewind = {tp: off for tp, off in stored.items() if tp in self.epochs}
         seek_back(self.rt.consumer, rewind, batch)
         time.sleep(min(1.0, 0.05 + elapsed / 10))
+
+    def _stored(self, must: bool) -> dict[TopicPartition, int]:
+        """The database's positions for the group. When a commit's outcome is unknown they are
+        the only way to know what landed: wait for them (within the retry deadline, then stop,
+        having committed nothing more). Otherwise the batch rolled back for sure, and its own
+        first offsets are as good."""
+        until = time.monotonic() + self.rt.settings.retry_deadline_ms / 1000
+        pause = 0.1
+        while True:
+            try:
+                return self.sink.stored_offsets(self.rt.settings.group)
+            except LogError:
+                if not must:
+                    return {}
+                if time.monotonic() + pause > until:
+                    raise
+                time.sleep(pause)
+                pause = min(2 * pause, 2.0)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -135,4 +166,7 @@ class ExactlyOnceSink(CommitProtocol):
         self.on_revoke(partitions)
 
     def close(self) -> None:
+        if not self.failed:
+            self._relay()
+        self.relay.close()
         self.dead_letters.close()
