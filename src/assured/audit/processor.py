@@ -17,6 +17,7 @@ every later delivery of that message is handled plainly.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
     args = _parse(argv)
     # Until the App takes over SIGTERM, a stop means nothing was consumed yet: exit cleanly.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # A stuck run ends with SIGUSR1 from the audit: every thread's stack goes to our log.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _stop_with_parent()
     logging.basicConfig(
         level=logging.INFO,

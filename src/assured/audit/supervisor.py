@@ -371,6 +371,11 @@ def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total
         now = time.monotonic()
         if now > deadline:
             run.event("timeout", consumed=done, total=total)
+            for slot in slots:  # each live processor writes its threads' stacks to its log
+                if slot.alive() and not slot.stopped_until and slot.proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.proc.pid, signal.SIGUSR1)
+            time.sleep(1)
             raise TimeoutError(
                 f"the audit of {cfg.guarantee} consumed {done} of {total} records in "
                 f"{cfg.timeout_s:.0f} s; processors may be stuck (see {run.workdir}){_tail(run)}"
