@@ -97,6 +97,7 @@ class Engine:
     def __init__(self, path: Path, durability: Durability = "normal", busy_timeout: float = 30.0):
         self.path = path
         self.conn = connect(path, durability, busy_timeout)
+        self._busy_ms = int(busy_timeout * 1000)
         self._topics: dict[str, TopicInfo] = {}
         self._depth = 0
 
@@ -107,8 +108,10 @@ class Engine:
     # -- transactions --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One SQLite write transaction (nested calls join the outer one)."""
+    def write(self, timeout: float | None = None) -> Iterator[sqlite3.Connection]:
+        """One SQLite write transaction (nested calls join the outer one). Waits for the write
+        lock up to the busy timeout, or up to ``timeout`` seconds if that is shorter; then
+        raises a retriable error, having done nothing."""
         if self._depth:
             self._depth += 1
             try:
@@ -116,8 +119,7 @@ class Engine:
             finally:
                 self._depth -= 1
             return
-        with translate(self.path):
-            self.conn.execute("BEGIN IMMEDIATE")
+        self._begin(timeout)
         self._depth = 1
         try:
             yield self.conn
@@ -134,6 +136,23 @@ class Engine:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
             raise
+
+    def _begin(self, timeout: float | None) -> None:
+        wait_ms = self._busy_ms if timeout is None else max(0, int(timeout * 1000))
+        # SQLite's busy handler sleeps in steps of up to 100 ms: a wait that close to the
+        # connection's own is the connection's own (and costs no PRAGMA).
+        if wait_ms > self._busy_ms - 100:
+            with translate(self.path):
+                self.conn.execute("BEGIN IMMEDIATE")
+            return
+        # A shorter wait than the connection's, for this BEGIN only: that is where the write
+        # lock is waited for.
+        with translate(self.path):
+            self.conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            finally:
+                self.conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -484,11 +503,18 @@ class Engine:
             ],
         )
 
-    def commit_txn(self, pid: int, epoch: int, txn: int) -> None:
-        """Commit ``txn``: markers on its partitions, and its consumer offsets, at once."""
+    def commit_txn(self, pid: int, epoch: int, txn: int, timeout: float | None = None) -> None:
+        """Commit ``txn``: markers on its partitions, and its consumer offsets, at once. All or
+        nothing; committing a transaction that already committed does nothing more, so a
+        commit whose outcome was not heard may be tried again."""
         now = now_ms()
-        with self.write() as c:
-            self.txn_begin_or_check(pid, epoch, txn)
+        with self.write(timeout) as c:
+            try:
+                self.txn_begin_or_check(pid, epoch, txn)
+            except TransactionTimedOutError:
+                if self._txn_state(pid, epoch, txn) == "committed":
+                    return
+                raise
             pending = c.execute(
                 "SELECT DISTINCT group_id, generation, member_id FROM txn_offsets WHERE txn = ?",
                 (txn,),
@@ -504,8 +530,14 @@ class Engine:
             )
             self._end_txn(txn, "committed", now)
 
-    def abort_txn(self, pid: int, epoch: int, txn: int) -> None:
-        with self.write():
+    def _txn_state(self, pid: int, epoch: int, txn: int) -> str | None:
+        row = self.conn.execute(
+            "SELECT state FROM txns WHERE id = ? AND producer = ? AND epoch = ?", (txn, pid, epoch)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def abort_txn(self, pid: int, epoch: int, txn: int, timeout: float | None = None) -> None:
+        with self.write(timeout):
             current = self._check_epoch(pid, epoch)
             if current == txn:
                 self._abort_txn(txn, now_ms())

@@ -6,6 +6,12 @@ passes (a background thread sees to it; not inside a transaction), or on
 partition is written at a time, with that partition's next sequence number, so a batch that is
 written again after a lost acknowledgement is recognised by the engine and not appended twice.
 Delivery callbacks run in the caller's thread, inside ``poll`` or ``flush``, as in Kafka.
+
+No write is dropped silently. While the engine file is locked by another writer, a write is
+tried again until ``delivery.timeout.ms``; then its records fail: a record's callback hears it,
+``flush`` raises :class:`DeliveryError` for the records that had no callback, and an open
+transaction can no longer commit. A caller's own timeout (``flush``, ``commit_transaction``)
+only cuts its wait short: the records stay queued, unchanged, for the next write.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from assured.errors import (
     AbortableError,
     AssuredError,
+    DeliveryError,
     LogError,
     RecordTooLargeError,
     RetriableError,
@@ -36,6 +44,9 @@ from assured.log.partitioner import murmur2, partition_for_key
 __all__ = ["EmbeddedProducer"]
 
 log = logging.getLogger("assured.log.embedded")
+
+T = TypeVar("T")
+_KEPT_ERRORS = 10  # distinct errors a DeliveryError carries, at most
 
 
 @dataclass
@@ -79,8 +90,17 @@ class EmbeddedProducer(Producer):
         self._last_retention = now_ms()
         self._lock = threading.RLock()
         self._pending: dict[int, _Batch] = {}
-        self._pending_count = 0
+        self._pending_count = 0  # records not written yet: in _pending and in _unsent
         self._oldest: float | None = None
+        # Batches whose write a caller's timeout cut short: written first next time, exactly as
+        # they were (same records, same sequence), so the engine can tell a resend.
+        self._unsent: list[_Batch] = []
+        self._write_began: float | None = None  # when the first write of _unsent was tried
+        self._in_flight = 0  # records being written now
+        # Records sent without a callback that failed since the last flush(): flush() raises.
+        self._undelivered = 0
+        self._undelivered_topics: dict[str, None] = {}
+        self._undelivered_errors: dict[tuple[type, str], AssuredError] = {}
         self._reports: deque[tuple[OnDelivery, DeliveryReport]] = deque()
         self._sticky: dict[str, int] = {}
         self._topics: dict[str, tuple[TopicInfo, int]] = {}
@@ -91,6 +111,8 @@ class EmbeddedProducer(Producer):
         self._in_txn = False
         self._failed: AssuredError | None = None  # a fatal error: every later call raises it
         self._txn_error: AssuredError | None = None  # an abortable error in the open transaction
+        # Offsets whose send_offsets_to_transaction timed out: no commit until they are added.
+        self._offsets_unsent: dict[TopicPartition, AssuredError] = {}
         self._closed = False
         self.lose_next_ack = False  # fault injection for tests and the audit
         if self._idempotent and transactional_id is None:
@@ -200,11 +222,24 @@ class EmbeddedProducer(Producer):
         return self._serve_reports()
 
     def flush(self, timeout: float | None = None) -> int:
-        with self._lock:
+        """Write what is queued, waiting at most ``timeout`` seconds; serve delivery reports;
+        return how many records are still queued. Raises :class:`DeliveryError` if records sent
+        without a callback since the last ``flush`` were not written."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            # The linger thread is writing: those records are not written yet.
+            self._serve_reports()
+            return self._pending_count + self._in_flight
+        try:
             if self._pending_count:
-                self._write()
+                self._write(deadline)
             remaining = self._pending_count
+            undelivered = self._take_undelivered()
+        finally:
+            self._lock.release()
         self._serve_reports()
+        if undelivered is not None:
+            raise undelivered
         return remaining
 
     def _serve_reports(self) -> int:
@@ -233,30 +268,46 @@ class EmbeddedProducer(Producer):
                 with contextlib.suppress(Exception):  # errors reach callers as reports
                     self._write()
 
-    def _write(self) -> None:
-        """Write every pending batch in one engine transaction. Under the lock."""
+    def _write(self, deadline: float | None = None) -> None:
+        """Write every queued batch in one engine transaction, trying again while the engine
+        is busy: until the delivery timeout, when the batches fail, or until the caller's
+        ``deadline`` (monotonic), when they stay queued as they are. Under the lock."""
         batches = list(self._pending.values())
+        if self._unsent:
+            batches[:0] = self._unsent
+            self._unsent = []
+        count, oldest = self._pending_count, self._oldest
+        self._in_flight = count  # first: flush() may read both counts without the lock
         self._pending.clear()
         self._pending_count = 0
         self._oldest = None
         if not batches:
             return
-        deadline = time.monotonic() + self._delivery_timeout
-        while True:
-            try:
-                offsets = self._write_once(batches)
-                break
-            except RetriableError as e:
-                if time.monotonic() >= deadline:
-                    self._fail_batches(batches, e)
+        began = time.monotonic() if self._write_began is None else self._write_began
+        self._write_began = None
+        expires = began + self._delivery_timeout
+        until = expires if deadline is None or deadline > expires else deadline
+        try:
+            while True:
+                try:
+                    offsets = self._write_once(batches, until - time.monotonic())
+                    break
+                except RetriableError as e:
+                    now = time.monotonic()
+                    if now >= expires:
+                        self._lost(batches, e)
+                        return
+                    if now >= until:  # the caller's time is up, not the records'
+                        self._unsent = batches
+                        self._pending_count, self._oldest = count, oldest
+                        self._write_began = began
+                        return
+                    time.sleep(0.01)  # the same batches, same sequences: a resend is deduplicated
+                except AssuredError as e:
+                    self._lost(batches, e)
                     return
-                time.sleep(0.01)  # the same batches, same sequences: a resend is deduplicated
-            except AssuredError as e:
-                self._fail_batches(batches, e)
-                self._note(e)
-                if self._in_txn and not e.fatal:
-                    self._txn_error = e
-                return
+        finally:
+            self._in_flight = 0
         for batch, base in zip(batches, offsets, strict=True):
             self._seq[batch.part] = self._seq.get(batch.part, 0) + len(batch.rows)
             for i, cb in enumerate(batch.callbacks):
@@ -270,18 +321,23 @@ class EmbeddedProducer(Producer):
             with contextlib.suppress(LogError):
                 self._engine.enforce_retention()
 
-    def _write_once(self, batches: list[_Batch]) -> list[int]:
+    def _write_once(self, batches: list[_Batch], wait: float) -> list[int]:
         offsets = []
         engine = self._engine
         txn = None
-        with engine.write():
+        seqs: dict[int, int] = {}  # a partition may have an unsent batch and a newer one
+        with engine.write(wait):
             if self._in_txn:
                 assert self._pid is not None
                 txn = engine.txn_begin_or_check(self._pid, self._epoch, self._txn)
             for b in batches:
                 producer = None
                 if self._pid is not None:
-                    producer = (self._pid, self._epoch, self._seq.get(b.part, 0))
+                    seq = seqs.get(b.part)
+                    if seq is None:
+                        seq = self._seq.get(b.part, 0)
+                    seqs[b.part] = seq + len(b.rows)
+                    producer = (self._pid, self._epoch, seq)
                 base, _dup = engine.append(b.part, b.rows, producer, txn, b.bytes)
                 if txn is not None:
                     engine.txn_add_part(txn, b.part, base)
@@ -292,19 +348,59 @@ class EmbeddedProducer(Producer):
             raise LostAcknowledgementError("injected: the write landed but its ack was lost")
         return offsets
 
-    def _fail_batches(self, batches: list[_Batch], error: Exception, quiet: bool = False) -> None:
+    def _lost(self, batches: list[_Batch], error: AssuredError) -> None:
+        """The batches will not be written: tell whoever can be told; a transaction that
+        lost a write can no longer commit."""
+        self._fail_batches(batches, error)
+        self._note(error)
+        if self._in_txn and self._txn_error is None and not error.fatal:
+            lost = sum(len(b.rows) for b in batches)
+            self._txn_error = AbortableError(f"{lost} of its record(s) were not written: {error}")
+            self._txn_error.__cause__ = error
+
+    def _fail_batches(
+        self, batches: list[_Batch], error: AssuredError, quiet: bool = False
+    ) -> None:
+        """Report ``error`` to the callbacks of ``batches``; count the records that had none,
+        for ``flush`` to raise (unless ``quiet``: an abort the caller asked for)."""
         unreported = 0
         for b in batches:
+            missed = 0
             for i, cb in enumerate(b.callbacks):
                 if cb is None:
-                    unreported += 1
+                    missed += 1
                 else:
                     report = DeliveryReport(b.tp.topic, b.tp.partition, -1, b.rows[i][0], error)
                     self._reports.append((cb, report))
-        if unreported and not quiet:
+            if missed and not quiet:
+                unreported += missed
+                self._undelivered_topics[b.tp.topic] = None
+        if unreported:
+            self._undelivered += unreported
+            errors = self._undelivered_errors
+            if len(errors) < _KEPT_ERRORS:
+                errors.setdefault((type(error), str(error)), error)
             log.error(
                 "%d record(s) with no delivery callback were not written: %s", unreported, error
             )
+
+    def _take_undelivered(self) -> DeliveryError | None:
+        """The failures since the last call, as one error, and a fresh count."""
+        if not self._undelivered:
+            return None
+        failed, topics = self._undelivered, ", ".join(map(repr, self._undelivered_topics))
+        errors = tuple(self._undelivered_errors.values())
+        self._undelivered = 0
+        self._undelivered_topics = {}
+        self._undelivered_errors = {}
+        others = f" (and {len(errors) - 1} other error(s))" if len(errors) > 1 else ""
+        return DeliveryError(
+            f"{failed} record(s) sent without a delivery callback were not written, to "
+            f"{topics}: {errors[0]}{others}. Do not commit positions past them: send them "
+            "again, or rewind to the last committed positions and process them again.",
+            failed,
+            errors,
+        )
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -336,66 +432,144 @@ class EmbeddedProducer(Producer):
             if self._in_txn:
                 raise UsageError("a transaction is already open; commit or abort it first")
             self._in_txn, self._txn, self._txn_error = True, None, None
+            self._offsets_unsent.clear()
 
     def send_offsets_to_transaction(
         self, offsets: Mapping[TopicPartition, int], group: GroupMetadata, timeout: float = 30.0
     ) -> None:
-        with self._lock:
+        deadline = time.monotonic() + timeout
+        with self._locked(deadline, "send_offsets_to_transaction", timeout):
             self._need_open_txn()
-            assert self._pid is not None
-            try:
-                with self._engine.write():
-                    txn = self._engine.txn_begin_or_check(self._pid, self._epoch, self._txn)
+            pid = self._pid
+            assert pid is not None
+
+            def add(wait: float) -> int:
+                with self._engine.write(wait):
+                    txn = self._engine.txn_begin_or_check(pid, self._epoch, self._txn)
                     self._engine.txn_add_offsets(
                         txn, group.group_id, group.generation, group.member_id, offsets
                     )
-                self._txn = txn
+                return txn
+
+            try:
+                self._txn = self._until(deadline, add)
+            except RetriableError as e:
+                # Not added. A retry of this call may add them; until then, no commit.
+                self._offsets_unsent.update(dict.fromkeys(offsets, e))
+                raise RetriableError(
+                    f"send_offsets_to_transaction timed out after {timeout:g}s: {e}. The "
+                    "offsets were not added, and the transaction cannot commit until they are: "
+                    "call send_offsets_to_transaction() again, or abort the transaction"
+                ) from e
             except AssuredError as e:
                 self._note(e)
                 raise
+            for tp in offsets:
+                self._offsets_unsent.pop(tp, None)
 
     def commit_transaction(self, timeout: float = 30.0) -> None:
-        with self._lock:
+        deadline = time.monotonic() + timeout
+        with self._locked(deadline, "commit_transaction", timeout):
             self._need_open_txn()
-            assert self._pid is not None
-            try:
+            pid = self._pid
+            assert pid is not None
+            self._refuse_if_doomed()
+            if self._pending_count:
+                self._write(deadline)  # a failure is noted, not raised
+                self._refuse_if_doomed()
                 if self._pending_count:
-                    self._write()
-                if self._failed is not None:  # e.g. fenced while writing the last batch
-                    raise self._failed
-                if self._txn_error is not None:
-                    raise AbortableError(
-                        f"the transaction cannot commit: {self._txn_error}. Abort it, rewind "
-                        "to the committed positions and try again"
-                    ) from self._txn_error
-                if self._txn is not None:
-                    self._engine.commit_txn(self._pid, self._epoch, self._txn)
-            except AssuredError as e:
-                self._note(e)
-                raise
+                    raise RetriableError(
+                        f"commit_transaction timed out after {timeout:g}s: another writer held "
+                        f"the engine file; {self._pending_count} record(s) of the transaction "
+                        "are still queued and nothing was committed. Call commit_transaction() "
+                        "again, or abort the transaction"
+                    )
+            txn = self._txn
+            if txn is not None:
+                try:
+                    self._until(
+                        deadline, lambda wait: self._engine.commit_txn(pid, self._epoch, txn, wait)
+                    )
+                except RetriableError as e:
+                    raise RetriableError(
+                        f"commit_transaction timed out after {timeout:g}s: {e}; nothing was "
+                        "committed. Call commit_transaction() again, or abort the transaction"
+                    ) from e
+                except AssuredError as e:
+                    self._note(e)
+                    raise
             self._in_txn, self._txn = False, None
         self._serve_reports()
 
+    def _refuse_if_doomed(self) -> None:
+        """Raise if the open transaction can no longer commit."""
+        if self._failed is not None:  # e.g. fenced while writing the last batch
+            raise self._failed
+        cause = self._txn_error
+        if cause is None and self._offsets_unsent:
+            tps = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in self._offsets_unsent)
+            cause = next(iter(self._offsets_unsent.values()))
+            why = f"the consumer offsets for {tps} were never added to it ({cause})"
+        else:
+            why = str(cause)
+        if cause is not None:
+            raise AbortableError(
+                f"the transaction cannot commit: {why}. Nothing it wrote becomes visible and "
+                "no offsets were committed: abort it, rewind to the committed positions and "
+                "try again"
+            ) from cause
+
     def abort_transaction(self, timeout: float = 30.0) -> None:
-        with self._lock:
+        deadline = time.monotonic() + timeout
+        with self._locked(deadline, "abort_transaction", timeout):
             self._need_transactional()
             if not self._in_txn:
                 raise UsageError("abort_transaction() with no transaction open")
-            assert self._pid is not None
-            dropped = list(self._pending.values())
+            pid, txn = self._pid, self._txn
+            assert pid is not None
+            dropped = self._unsent + list(self._pending.values())
             self._pending.clear()
+            self._unsent = []
             self._pending_count = 0
-            self._oldest = None
+            self._oldest = self._write_began = None
             self._fail_batches(dropped, AbortableError("the transaction was aborted"), quiet=True)
             try:
-                if self._txn is not None:
-                    self._engine.abort_txn(self._pid, self._epoch, self._txn)
+                if txn is not None:
+                    self._until(
+                        deadline, lambda wait: self._engine.abort_txn(pid, self._epoch, txn, wait)
+                    )
             except AssuredError as e:
+                # Left open in the engine, it is aborted by the next begin or by its timeout.
                 self._note(e)
                 raise
             finally:
                 self._in_txn, self._txn, self._txn_error = False, None, None
+                self._offsets_unsent.clear()
         self._serve_reports()
+
+    @contextlib.contextmanager
+    def _locked(self, deadline: float, what: str, timeout: float) -> Iterator[None]:
+        """The producer's lock, waited for until ``deadline``."""
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise RetriableError(
+                f"{what} timed out after {timeout:g}s: another thread of this producer was "
+                "writing; nothing was done. Call it again"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @staticmethod
+    def _until(deadline: float, attempt: Callable[[float], T]) -> T:
+        """``attempt(seconds left)``, again while the engine is busy, until ``deadline``."""
+        while True:
+            try:
+                return attempt(deadline - time.monotonic())
+            except RetriableError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _need_open_txn(self) -> None:
         self._need_transactional()
@@ -405,7 +579,7 @@ class EmbeddedProducer(Producer):
     def _note(self, e: AssuredError) -> None:
         if e.fatal:
             self._failed = e
-        elif e.abortable:
+        elif e.abortable and self._txn_error is None:  # the first cause is the one to tell
             self._txn_error = e
 
     def close(self) -> None:
