@@ -11,8 +11,8 @@ Every way out of a transaction is one of three, and only the first commits:
 - anything failed while it was open (a handler's send, a delivery, the commit itself, an error
   on its way out of ``run()``): it is aborted, never committed later by ``on_revoke`` or
   ``close``, and the consumer goes back to where it began.
-- the producer itself broke (fatal, or fenced only because our own transaction outlived its
-  timeout): a new producer with the same transactional id is made, whose
+- the producer itself broke (fatal, but not fenced by another instance): a new producer with
+  the same transactional id is made, whose
   ``init_transactions`` finishes the old transaction; we then ask the group where it stands,
   since a commit that timed out after it was sent may still have landed.
 
@@ -30,7 +30,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from assured.errors import AssuredError, DeliveryError, RetriableError
+from assured.errors import (
+    AssuredError,
+    DeliveryError,
+    RetriableError,
+    TransactionTimedOutError,
+)
 from assured.log import Producer, Record, TopicPartition
 from assured.runtime._handling import SendFailedError, dead_letter, producer_dead_letters
 from assured.runtime.crashpoints import crash_point
@@ -105,12 +110,6 @@ class ExactlyOnce(CommitProtocol):
         with contextlib.suppress(Exception):
             self.producer.close()
         self.producer = self._new_producer()
-
-    def _timed_out(self) -> bool:
-        """Has the open transaction outlived its timeout? Kafka then bumps the producer's epoch,
-        and the producer reports itself fenced although no other instance exists."""
-        age_ms = (time.monotonic() - self.began) * 1000
-        return self.open and age_ms >= self.rt.settings.transaction_timeout_ms
 
     # -- processing ----------------------------------------------------------------------------
 
@@ -268,10 +267,10 @@ class ExactlyOnce(CommitProtocol):
         return False
 
     def _failed_commit(self, e: AssuredError, unhandled: Sequence[Record]) -> None:
-        if e.fenced and e.fatal and not self._timed_out():
+        if e.fenced and e.fatal:
             self.fenced = True
             raise e  # another instance owns our transactional id: stop, commit nothing
-        if self._timed_out():
+        if isinstance(e, TransactionTimedOutError):
             log.warning(
                 "a transaction stayed open %.1f s, past transaction_timeout_ms=%d: the log "
                 "aborted it; redoing its records. A handler is slower than the transaction "
@@ -307,7 +306,7 @@ class ExactlyOnce(CommitProtocol):
                     self._resumable(self.producer.abort_transaction)
                     outcome_known = True
                 except AssuredError as e:
-                    if e.fenced and e.fatal and not self._timed_out():
+                    if e.fenced and e.fatal:
                         self.fenced = True
                         self.open = False
                         raise
