@@ -276,6 +276,10 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     def partial_failure(record: Record, error: SendFailedError) -> None:
         if transactional:
             raise error
+        if guarantee == "at-most-once":
+            # Part of it went out: it was handled, once. A dead letter would be a second fate.
+            log.error("%s; at most once, the rest of its outputs are given up", error)
+            return
         labels = (guarantee, record.topic)
         dead_letter(spec, record, error, 1, dead_letters, metrics, labels)
 

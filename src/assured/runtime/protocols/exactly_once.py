@@ -37,7 +37,12 @@ from assured.errors import (
     TransactionTimedOutError,
 )
 from assured.log import Producer, Record, TopicPartition
-from assured.runtime._handling import SendFailedError, dead_letter, producer_dead_letters
+from assured.runtime._handling import (
+    SendFailedError,
+    dead_letter,
+    owed_to_record,
+    producer_dead_letters,
+)
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
 
@@ -161,6 +166,13 @@ class ExactlyOnce(CommitProtocol):
             log.warning("%s; aborting the transaction to redo that record alone", e)
             self.abort(unhandled)
             return False
+        except AssuredError as e:
+            if owed_to_record(e):
+                raise
+            # The log's, not the record's (the transaction timed out, the producer broke, a
+            # fencing): commit nothing of it; abort and redo, or stop if fenced.
+            self._failed_commit(e, unhandled)
+            return False
         crash_point("inside-transaction")
         self.pending.update(next_offsets(records))
         self.count += len(records)
@@ -180,6 +192,11 @@ class ExactlyOnce(CommitProtocol):
             self.count += 1
         except SendFailedError as e:
             error = e
+        except AssuredError as e:
+            if owed_to_record(e):
+                raise
+            self._failed_commit(e, unhandled)
+            return False
         if error is None:
             failure = self._try_commit()
             if failure is None:
