@@ -251,7 +251,46 @@ def test_a_replaced_sink_database_is_an_error_not_a_silent_skip(log: Log, tmp_pa
 
     assert run(tmp_path / "fx.db") == 2
     assert committed(log) == 2
-    with pytest.raises(Refused, match="no position for group 'g'.*missing_sink_offsets"):
+    with pytest.raises(Refused, match=r"no position for group 'g'.*missing_sink_offsets"):
         run(tmp_path / "replaced.db")
     assert run(tmp_path / "replaced.db", missing_sink_offsets="earliest") == 2
     assert run(tmp_path / "other.db", missing_sink_offsets="committed") == 0
+
+
+def test_the_inbox_keeps_each_group_and_each_topic_incarnation_apart(
+    log: Log, tmp_path: Path
+) -> None:
+    """Old code: ``first_delivery(msg.id)`` keyed on ``topic[p]@offset`` alone: a second group
+    writing to the same database skipped every message (groups billing and shipping, 3 messages
+    each: the inbox kept only billing's), and a topic deleted and created again reused ids."""
+    from assured.sinks import SinkTransaction, SqliteSink
+
+    db = tmp_path / "fx.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE fx (grp TEXT, v BLOB)")
+
+    def run(group: str) -> None:
+        app = App(log=log, group=group, guarantee="at-least-once")
+
+        @app.handler("in", sink=SqliteSink(db))
+        def effect(msg: Message, tx: SinkTransaction) -> None:
+            if tx.first_delivery(msg.id):
+                tx.execute("INSERT INTO fx VALUES (?, ?)", (group, msg.value))
+
+        app.run(until_idle=0.5)
+
+    def effects() -> list[tuple[str, bytes]]:
+        with sqlite3.connect(db) as conn:
+            return sorted(conn.execute("SELECT grp, v FROM fx").fetchall())
+
+    fill(log, [b"a", b"b", b"c"])
+    run("billing")
+    run("shipping")
+    assert effects() == [(g, v) for g in ("billing", "shipping") for v in (b"a", b"b", b"c")]
+
+    with log.admin() as admin:
+        admin.delete_topic("in")
+        admin.create_topic("in", 1)
+    fill(log, [b"x", b"y"])  # offsets 0 and 1 again, in a new incarnation of the topic
+    run("billing")
+    assert [v for g, v in effects() if g == "billing"] == [b"a", b"b", b"c", b"x", b"y"]

@@ -155,6 +155,9 @@ class TopicDescription:
     name: str
     partitions: int
     config: dict[str, str] = field(default_factory=dict)
+    # Which incarnation of the name this is: it changes when the topic is deleted and created
+    # again (Kafka's topic id; the embedded engine's row id and creation time). None: unknown.
+    topic_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

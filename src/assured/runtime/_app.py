@@ -144,7 +144,7 @@ class App:
         self._stop.clear()
         log_ = self._log or open_log(s.log, s.log_config or None)
         sink = self._sink()
-        self._prepare_topics(log_)
+        incarnations = self._prepare_topics(log_)
         consumer = log_.consumer(
             group_id=s.group,
             isolation="read_committed",
@@ -153,6 +153,7 @@ class App:
             max_poll_interval_ms=s.max_poll_interval_ms,
         )
         rt = Runtime(s, log_, consumer, self._specs, self.metrics, sink, self.on_transaction)
+        rt.incarnations = incarnations
         protocol = self._protocol(rt, sink)
         if s.metrics_port is not None:
             self.metrics.serve(s.metrics_port)
@@ -250,8 +251,10 @@ class App:
             return AtLeastOnce(rt)
         return ExactlyOnceSink(rt) if sink is not None else ExactlyOnce(rt)
 
-    def _prepare_topics(self, log_: Log) -> None:
-        """Inputs and outputs must exist; dead-letter topics are made when missing."""
+    def _prepare_topics(self, log_: Log) -> dict[str, str]:
+        """Inputs and outputs must exist; dead-letter topics are made when missing. Returns
+        the input topics' incarnations, where the log tells them."""
+        incarnations: dict[str, str] = {}
         with log_.admin() as admin:
             existing = set(admin.list_topics())
             for spec in self._specs.values():
@@ -265,6 +268,11 @@ class App:
                     with contextlib.suppress(InvalidTopicError):  # made meanwhile by a peer
                         admin.create_topic(spec.dead_letter, 1)
                         log.info("created dead-letter topic %s", spec.dead_letter)
+                if spec.sink is not None:
+                    topic_id = admin.describe_topic(spec.topic).topic_id
+                    if topic_id is not None:
+                        incarnations[spec.topic] = topic_id
+        return incarnations
 
     @contextlib.contextmanager
     def _signals(self, stats: RunStats) -> Iterator[None]:

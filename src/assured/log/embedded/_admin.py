@@ -39,7 +39,10 @@ class EmbeddedAdmin(Admin):
         info = self._engine.topic(name, refresh=True)
         if info is None:
             raise UnknownTopicError(f"topic {name!r} does not exist")
-        return TopicDescription(name, info.partitions, dict(info.config))
+        with self._engine.read() as c:
+            row = c.execute("SELECT id, created_ms FROM topics WHERE id = ?", (info.id,)).fetchone()
+        topic_id = f"{row[0]}.{row[1]}" if row else None  # row ids are reused after a delete
+        return TopicDescription(name, info.partitions, dict(info.config), topic_id)
 
     def watermarks(self, tp: TopicPartition) -> Watermarks:
         low, high, lso = self._engine.watermarks(self._engine.part_id(tp))

@@ -78,6 +78,9 @@ class Runtime:
     # Told of every transaction's fate: (label, "committed" | "aborted"); the audit listens.
     on_transaction: Callable[[str, str], None] | None = None
     transaction: str | None = None  # label of the open transaction, if any
+    # Each input topic's incarnation (see TopicDescription.topic_id), for the sink's inbox and
+    # claims: a topic deleted and created again starts its offsets from 0.
+    incarnations: dict[str, str] = field(default_factory=dict)
     _outputs: dict[tuple[int, str], Output] = field(default_factory=dict)
 
     def handle(

@@ -70,7 +70,9 @@ class AtLeastOnce(CommitProtocol):
         sink = self.rt.sink
         try:
             if sink is not None:
-                with sink.transaction(group=self.rt.settings.group) as tx:
+                with sink.transaction(
+                    group=self.rt.settings.group, incarnations=self.rt.incarnations
+                ) as tx:
                     self.rt.handle(records, self.producer, tx)
                 crash_point("after-effect-before-offset")
             else:

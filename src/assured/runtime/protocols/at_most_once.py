@@ -57,7 +57,9 @@ class AtMostOnce(CommitProtocol):
         pause = 0.05
         while True:
             try:
-                with self.rt.sink.transaction(group=self.rt.settings.group) as tx:
+                with self.rt.sink.transaction(
+                    group=self.rt.settings.group, incarnations=self.rt.incarnations
+                ) as tx:
                     self.rt.handle([record], self.producer, tx)
                 return
             except LogError as e:

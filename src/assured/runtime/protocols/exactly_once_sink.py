@@ -52,7 +52,7 @@ class ExactlyOnceSink(CommitProtocol):
 
     def on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         group = self.rt.settings.group
-        claims = self.sink.claim(group, partitions)
+        claims = self.sink.claim(group, partitions, self.rt.incarnations)
         starts: dict[TopicPartition, int] = {}
         unknown = []
         for tp, (stored, epoch) in claims.items():
@@ -97,7 +97,12 @@ class ExactlyOnceSink(CommitProtocol):
         offsets = next_offsets(mine)
         try:
             timer = self.rt.metrics.commit_latency.labels(self.guarantee).time()
-            with timer, self.sink.transaction(group=self.rt.settings.group) as tx:
+            with (
+                timer,
+                self.sink.transaction(
+                    group=self.rt.settings.group, incarnations=self.rt.incarnations
+                ) as tx,
+            ):
 
                 def dead_letter(topic: str, record: Record, headers: list[Header]) -> None:
                     tx.dead_letter(record, topic=topic, headers=headers)
