@@ -35,6 +35,17 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
+# The soak (marked slow; never part of `make test`): audit rounds with every fault mixed in until
+# each guarantee has taken its share of processor SIGKILLs (1,000 exactly-once, 300 the others),
+# on the embedded engine, one broker and three brokers (with broker kills). Resumable: each run
+# continues benchmarks/results/soak-*.json, so it can span sessions; hours on this machine.
+SOAK_HOURS ?= 24
+.PHONY: soak
+soak: system-deps $(STAMP)
+	$(BIN)/python -m assured.audit.soak --log embedded --out benchmarks/results/soak-embedded.json --hours $(SOAK_HOURS)
+	$(BIN)/python -m assured.audit.soak --log kafka --out benchmarks/results/soak-kafka.json --hours $(SOAK_HOURS)
+	$(BIN)/python -m assured.audit.soak --log cluster --out benchmarks/results/soak-cluster.json --hours $(SOAK_HOURS)
+
 # The embedded log's numbers (both durabilities); also kept in benchmarks/results/log-embedded.*
 .PHONY: bench-log bench quix-venv
 bench-log: $(STAMP)

@@ -1,0 +1,154 @@
+"""The soak: audit rounds, one after another, until every guarantee has taken its share of
+processor SIGKILLs (1,000 under exactly-once, 300 under the others), with the other faults mixed
+in. Resumable: the results file is rewritten after every round, and a new run continues from it,
+so a soak of hours can span sessions. Each row is the sum of one guarantee's rounds, in the
+audit's ``--json`` shape, plus ``rounds`` and the seeds and reasons of any round that failed.
+
+python -m assured.audit.soak --log embedded|kafka|cluster --out FILE [--hours H]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from assured.audit.checker import Findings
+from assured.audit.supervisor import AuditConfig, run_audit
+
+__all__ = ["TARGET_KILLS", "main", "merge"]
+
+TARGET_KILLS = {"exactly-once": 1000, "at-least-once": 300, "at-most-once": 300}
+# Faults that end in a processor SIGKILL: what the targets count.
+KILLS = ("sigkill", "crash-points")
+FAULTS = {
+    "embedded": (
+        "sigkill", "crash-points", "handler-errors", "write-stall", "zombie", "rebalance",
+        "slow-handler",
+    ),
+    "kafka": (
+        "sigkill", "crash-points", "handler-errors", "write-stall", "zombie", "rebalance",
+        "slow-handler",
+    ),
+    "cluster": (
+        "sigkill", "crash-points", "broker-kill", "handler-errors", "zombie", "rebalance",
+        "slow-handler",
+    ),
+}  # fmt: skip
+
+
+def kills(row: dict[str, Any]) -> int:
+    return sum(int(row.get("faults", {}).get(k, 0)) for k in KILLS)
+
+
+def merge(row: dict[str, Any] | None, f: Findings, seed: int) -> dict[str, Any]:
+    """``row`` (the guarantee's rounds so far) with one more round's findings added."""
+    new = f.as_json()
+    if row is None:
+        row = {**new, "rounds": 0, "failed_rounds": [], "anomalies": {}, "faults": {}}
+        for key in ("sent", "effects", "dead_lettered", "seconds", "ambiguous_transactions"):
+            row[key] = 0
+    row["rounds"] += 1
+    for key in ("sent", "effects", "dead_lettered", "seconds", "ambiguous_transactions"):
+        row[key] += new[key]
+    for name, n in new["faults"].items():
+        row["faults"][name] = row["faults"].get(name, 0) + n
+    for name, found in new["anomalies"].items():
+        kept = row["anomalies"].setdefault(name, {"count": 0, "ids": []})
+        kept["count"] += found["count"]
+        kept["ids"] = (kept["ids"] + found["ids"])[:20]
+    row["lost"] = row["anomalies"].get("lost", {}).get("count", 0)
+    row["duplicated"] = row["anomalies"].get("duplicate", {}).get("count", 0)
+    if new["verdict"] != "pass":
+        row["failed_rounds"].append({"seed": seed, "reasons": new["reasons"]})
+    row["verdict"] = "fail" if row["failed_rounds"] else "pass"
+    row["reasons"] = [r for fr in row["failed_rounds"] for r in fr["reasons"]][:20]
+    return row
+
+
+def _save(out: Path, rows: dict[str, dict[str, Any]]) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m assured.audit.soak")
+    parser.add_argument("--log", choices=sorted(FAULTS), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--hours", type=float, default=24.0, help="stop after this long")
+    parser.add_argument("--messages", type=int, default=3000, help="messages per round")
+    parser.add_argument("--kills", type=int, default=40, help="faults planned per round")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="a fraction of the SIGKILL targets (for tests)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("assured.log.kafka").setLevel(logging.CRITICAL)
+    rows: dict[str, dict[str, Any]] = {}
+    if args.out.exists():
+        rows = {row["guarantee"]: row for row in json.loads(args.out.read_text())}
+    until = time.monotonic() + args.hours * 3600
+    cluster = None
+    if args.log != "embedded":
+        from assured.testing.kafka import KafkaCluster
+
+        home = Path(tempfile.mkdtemp(prefix="assured-soak-kafka-"))
+        cluster = KafkaCluster(workdir=home, nodes=3 if args.log == "cluster" else 1).start()
+    try:
+        while time.monotonic() < until:
+            todo = [g for g, n in TARGET_KILLS.items() if kills(rows.get(g, {})) < n * args.scale]
+            if not todo:
+                break
+            for guarantee in todo:
+                row = rows.get(guarantee)
+                seed = 1000 + (row["rounds"] if row else 0)
+                workdir = Path(tempfile.mkdtemp(prefix="assured-soak-"))
+                url = (
+                    f"embedded://{workdir}/soak.db"
+                    if cluster is None
+                    else f"kafka://{cluster.bootstrap}"
+                )
+                cfg = AuditConfig(
+                    log_url=url,
+                    guarantee=guarantee,
+                    messages=args.messages,
+                    kills=args.kills,
+                    faults=FAULTS[args.log],
+                    seed=seed,
+                    workdir=workdir,
+                    session_timeout_ms=1000 if cluster is None else 3000,
+                    handle_delay_ms=1.0,
+                    timeout_s=900,
+                    broker=cluster,
+                )
+                try:
+                    found = run_audit(cfg)
+                except TimeoutError as e:
+                    logging.warning("round %s %d timed out: %s", guarantee, seed, e)
+                    found = Findings(guarantee, url, "topic", args.messages, 0, 0)
+                    found.verdict = "fail"
+                    found.reasons = [f"round timed out: {str(e)[:200]}"]
+                rows[guarantee] = merge(row, found, seed)
+                _save(args.out, rows)
+                shutil.rmtree(workdir, ignore_errors=True)
+                r = rows[guarantee]
+                logging.warning(
+                    "%s round %d: %s; %d SIGKILLs so far (of %d), %s",
+                    guarantee, r["rounds"], found.verdict, kills(r), TARGET_KILLS[guarantee],
+                    {k: v["count"] for k, v in r["anomalies"].items() if v["count"]},
+                )  # fmt: skip
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return 1 if any(r["verdict"] != "pass" for r in rows.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

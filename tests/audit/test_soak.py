@@ -1,0 +1,49 @@
+"""The soak's bookkeeping: rounds add up, a failed round fails the row, and a run resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from assured.audit.checker import Findings
+from assured.audit.soak import kills, main, merge
+
+
+def findings(verdict: str, lost: int, sigkills: int) -> Findings:
+    return Findings(
+        guarantee="exactly-once", log="embedded://x", sink="topic", sent=100, effects=100 - lost,
+        dead_lettered=0, anomalies={"lost": [f"m{i}" for i in range(lost)]},
+        faults={"sigkill": sigkills, "zombie": 1}, verdict=verdict,
+        reasons=[] if verdict == "pass" else [f"lost {lost}"],
+    )  # fmt: skip
+
+
+def test_rounds_add_up_and_one_failed_round_fails_the_row() -> None:
+    row = merge(None, findings("pass", 0, 5), seed=1000)
+    row = merge(row, findings("fail", 2, 7), seed=1001)
+    row = merge(row, findings("pass", 0, 3), seed=1002)
+    assert row["rounds"] == 3
+    assert row["sent"] == 300
+    assert kills(row) == 15
+    assert row["faults"]["zombie"] == 3
+    assert row["lost"] == 2
+    assert row["verdict"] == "fail"
+    assert row["failed_rounds"] == [{"seed": 1001, "reasons": ["lost 2"]}]
+
+
+@pytest.mark.slow
+def test_a_short_soak_on_the_embedded_engine_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    args = ["--log", "embedded", "--out", str(out), "--messages", "600", "--kills", "6"]
+    assert main([*args, "--scale", "0.003"]) == 0
+    first = {r["guarantee"]: r for r in json.loads(out.read_text())}
+    assert set(first) == {"at-most-once", "at-least-once", "exactly-once"}
+    assert main([*args, "--scale", "0.006"]) == 0
+    again = {r["guarantee"]: r for r in json.loads(out.read_text())}
+    assert again["exactly-once"]["rounds"] >= first["exactly-once"]["rounds"]
+    assert kills(again["exactly-once"]) >= 6
+    assert all(
+        r["lost"] == 0 and r["duplicated"] == 0 for g, r in again.items() if g == "exactly-once"
+    )
