@@ -7,7 +7,9 @@ reprs, log lines or error messages.
 
 What assured fixes, whatever ``config`` says: consumers never auto-commit nor auto-store
 offsets; producers are idempotent unless asked not to be; keyed records are partitioned with
-``murmur2_random``, as Java clients and the embedded engine do.
+``murmur2_random``, as Java clients and the embedded engine do. A record that is not written is
+never a silent success (``flush()`` raises ``DeliveryError``, a transaction cannot commit);
+what the caller must do with each error is written at the top of ``_errors.py``.
 """
 
 from __future__ import annotations

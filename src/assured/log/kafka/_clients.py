@@ -134,8 +134,9 @@ class KafkaProducer(Producer):
     producer then flushes once and continues on a fresh librdkafka producer that reports every
     record. Inside a transaction a record that fails makes the transaction abortable, and
     ``commit_transaction`` raises :class:`~assured.errors.AbortableError`; so a transactional
-    producer has no producer-wide callback (no cost per record), and its ``flush()`` does not
-    raise ``DeliveryError``: the commit is where such a failure surfaces. Passing
+    producer has no producer-wide callback (no cost per record), and its ``flush()`` raises
+    ``DeliveryError`` only for records still queued: the commit is where a failed record
+    surfaces (and ``send``, which raises ``AbortableError`` once the transaction is doomed). Passing
     ``delivery.report.only.error`` in ``config`` fixes the mode: ``true`` and callbacks hear
     only failures; ``false`` and every record is reported from the start.
 
@@ -293,8 +294,9 @@ class KafkaProducer(Producer):
                 f"{', '.join(map(repr, topics))} were not written ({errors[0]})"
             )
         if queued:
+            waited = "its timeout" if timeout is None else f"{timeout:g}s"
             still = RetriableError(
-                f"{what}: {queued} record(s) still queued after {timeout:g}s, neither written "
+                f"{what}: {queued} record(s) still queued after {waited}, neither written "
                 "nor failed yet (a broker away or slow): they may still be written"
             )
             errors.append(still)
@@ -635,69 +637,6 @@ def _generation(native: object) -> int:
     return -1
 
 
-class _Committer:
-    """Asynchronous commits, kept in order: at most one in flight, the newest offsets coalesced.
-
-    librdkafka sends asynchronous commits back to back and retries one that timed out, so an
-    older commit can land after a newer one and move the committed offset backwards. Here one
-    daemon thread makes the commits, synchronously and one at a time; offsets asked for
-    meanwhile wait, merged (newest per partition), for the next one. A synchronous commit holds
-    the same ``lock`` and takes the waiting offsets into its own, so it neither overtakes nor is
-    overtaken by an asynchronous one.
-    """
-
-    def __init__(self, commit: Callable[[dict[tuple[str, int], int]], None]):
-        self.lock = threading.Lock()  # held while a commit is in flight, on either path
-        self._commit = commit
-        self._cond = threading.Condition()
-        self._waiting: dict[tuple[str, int], int] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def submit(self, offsets: dict[tuple[str, int], int]) -> None:
-        with self._cond:
-            self._waiting.update(offsets)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="assured-kafka-commit", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-
-    def take(self) -> dict[tuple[str, int], int]:
-        """The offsets waiting to be committed, now the caller's to commit (hold ``lock``)."""
-        with self._cond:
-            waiting, self._waiting = self._waiting, {}
-        return waiting
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._stopping:
-                    self._cond.wait()
-                if not self._waiting:
-                    return
-            with self.lock:
-                offsets = self.take()
-                if offsets:
-                    try:
-                        self._commit(offsets)
-                    except AssuredError as e:
-                        log.warning(
-                            "an asynchronous commit failed (a later one supersedes it): %s",
-                            e,
-                        )
-
-    def stop(self) -> None:
-        """Make the commits asked for, then end the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-
-
 class KafkaConsumer(Consumer):
     def __init__(
         self,
@@ -712,15 +651,20 @@ class KafkaConsumer(Consumer):
         self._reset = reset
         self._make_admin = admin
         self._admin: Admin | None = None
+        # Asynchronous commits in order (see commit()): at most one in flight; offsets asked
+        # for meanwhile wait, newest per partition, and go when its answer is served.
+        self._in_flight = False
+        self._waiting: dict[tuple[str, int], int] = {}
+        self._early: list[Record] = []  # read while a commit waited; poll() returns them first
+        self._user_paused: set[TopicPartition] = set()
         with translated(scrub, "creating the Kafka consumer"):
-            self._c = KConsumer(config)
+            self._c = KConsumer({**config, "on_commit": self._async_commit_done})
         self._assigned: list[TopicPartition] = []
         self._cooperative = "cooperative" in str(config.get("partition.assignment.strategy"))
         self._subscribed = False
         self._closed = False
         self._on_lost: PartitionsCallback | None = None
         self._lost_reported = False  # a loss was reported since the last missed poll interval
-        self._committer = _Committer(self._commit_now)
         self._starts: dict[TopicPartition, int] = {}  # where on_assign or seek said to begin
 
     # -- membership ----------------------------------------------------------------------------
@@ -761,20 +705,32 @@ class KafkaConsumer(Consumer):
             tps = [TopicPartition(k.topic, k.partition) for k in ktps]
             if on_revoke is not None:
                 on_revoke(tps)
-            self._assigned = [tp for tp in self._assigned if tp not in set(tps)]
+            self._forget(tps)
 
         def lost(_: KConsumer, ktps: list[KTopicPartition]) -> None:
             tps = [TopicPartition(k.topic, k.partition) for k in ktps]
             self._lost_reported = True
             if on_lost is not None:
                 on_lost(tps)
-            self._assigned = [tp for tp in self._assigned if tp not in set(tps)]
+            self._forget(tps)
 
         self._on_lost = on_lost
 
         with translated(self._scrub, "subscribing"):
             self._c.subscribe(list(topics), on_assign=assigned, on_revoke=revoked, on_lost=lost)
         self._subscribed = True
+
+    def _forget(self, gone: Sequence[TopicPartition]) -> None:
+        """Partitions that left: an offset still waiting to be committed for one of them would
+        land later, under another owner, maybe behind what that owner committed."""
+        gone_set = set(gone)
+        self._assigned = [tp for tp in self._assigned if tp not in gone_set]
+        for tp in gone_set:
+            self._waiting.pop((tp.topic, tp.partition), None)
+            self._starts.pop(tp, None)
+        self._early = [
+            r for r in self._early if TopicPartition(r.topic, r.partition) not in gone_set
+        ]
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
         self._check_open()
@@ -828,6 +784,7 @@ class KafkaConsumer(Consumer):
         if tp not in self._assigned:
             raise UsageError(f"{tp} is not assigned to this consumer; seek() needs it assigned")
         ktp = KTopicPartition(tp.topic, tp.partition, offset)
+        self._early = [r for r in self._early if (r.topic, r.partition) != tp]
         try:
             self._c.seek(ktp)
         except KafkaException as e:
@@ -842,23 +799,33 @@ class KafkaConsumer(Consumer):
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         with translated(self._scrub, "pausing"):
             self._c.pause([KTopicPartition(tp.topic, tp.partition) for tp in partitions])
+        self._user_paused.update(partitions)
 
     def resume(self, partitions: Sequence[TopicPartition]) -> None:
         with translated(self._scrub, "resuming"):
             self._c.resume([KTopicPartition(tp.topic, tp.partition) for tp in partitions])
+        self._user_paused.difference_update(partitions)
 
     # -- fetching ------------------------------------------------------------------------------
 
     def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
         self._check_open()
-        with translated(self._scrub, "polling"):
-            # librdkafka's consume(n) waits for all n; wait for the first, then take the rest
-            # of what is already fetched.
-            msgs = self._c.consume(max_records, 0)
-            if not msgs and timeout > 0:
-                msgs = self._c.consume(1, timeout)
-                if msgs and max_records > 1:
-                    msgs += self._c.consume(max_records - 1, 0)
+        if self._early:
+            out, self._early = self._early[:max_records], self._early[max_records:]
+        else:
+            with translated(self._scrub, "polling"):
+                # librdkafka's consume(n) waits for all n; wait for the first, then take the
+                # rest of what is already fetched.
+                msgs = self._c.consume(max_records, 0)
+                if not msgs and timeout > 0:
+                    msgs = self._c.consume(1, timeout)
+                    if msgs and max_records > 1:
+                        msgs += self._c.consume(max_records - 1, 0)
+            out = self._records(msgs)
+        self._send_waiting_commit()  # the one in flight may have been answered meanwhile
+        return out
+
+    def _records(self, msgs: list[Message]) -> list[Record]:
         out: list[Record] = []
         append = out.append
         for m in msgs:
@@ -932,9 +899,10 @@ class KafkaConsumer(Consumer):
         )
         if not self._lost_reported and self._assigned:
             # librdkafka reports the loss itself; should it not have, say so here.
-            gone, self._assigned = list(self._assigned), []
+            gone = list(self._assigned)
             if self._on_lost is not None:
                 self._on_lost(gone)
+            self._forget(gone)
         self._lost_reported = False
 
     # -- commits -------------------------------------------------------------------------------
@@ -955,12 +923,13 @@ class KafkaConsumer(Consumer):
             return
         wanted = {(k.topic, k.partition): k.offset for k in ktps}
         if asynchronous:
-            self._committer.submit(wanted)
+            self._waiting.update(wanted)
+            self._send_waiting_commit()
             return
-        with self._committer.lock:  # after any asynchronous commit in flight, never before
-            merged = self._committer.take()
-            merged.update(wanted)
-            self._commit_now(merged)
+        self._await_async_commit()  # never overtaken by an older asynchronous commit
+        merged, self._waiting = self._waiting, {}
+        merged.update(wanted)
+        self._commit_now(merged)
 
     def _commit_now(self, offsets: dict[tuple[str, int], int]) -> None:
         ktps = [KTopicPartition(t, p, off) for (t, p), off in offsets.items()]
@@ -971,6 +940,65 @@ class KafkaConsumer(Consumer):
             "committing offsets",
             30,
         )
+
+    # librdkafka sends asynchronous commits back to back and retries one that timed out, so an
+    # older commit can land after a newer one and move the committed offset backwards. So at
+    # most one is in flight: the offsets asked for meanwhile wait (merged, newest per partition)
+    # until its answer is served by a poll, then go as one commit. A synchronous commit waits
+    # for the one in flight and takes the waiting offsets into its own.
+
+    def _send_waiting_commit(self) -> None:
+        if self._in_flight or not self._waiting:
+            return
+        offsets, self._waiting = self._waiting, {}
+        ktps = [KTopicPartition(t, p, off) for (t, p), off in offsets.items()]
+        self._in_flight = True
+        try:
+            self._c.commit(offsets=ktps, asynchronous=True)
+        except KafkaException as e:
+            self._in_flight = False
+            log.warning(
+                "an asynchronous commit could not be sent: %s",
+                translate(e, self._scrub, "committing offsets"),
+            )
+
+    def _async_commit_done(self, err: KafkaError | None, parts: list[KTopicPartition]) -> None:
+        """confluent-kafka's ``on_commit``: the answer to an asynchronous commit (only those),
+        served inside consume()."""
+        self._in_flight = False
+        failed = err or next((p.error for p in parts if p.error is not None), None)
+        if failed is not None and failed.code() != KafkaError._NO_OFFSET:
+            log.warning(
+                "an asynchronous commit failed (a later commit supersedes it): %s",
+                translate(failed, self._scrub, "committing offsets"),
+            )
+
+    def _await_async_commit(self, timeout: float = 30.0) -> None:
+        """Serve consume() until the asynchronous commit in flight is answered. Our partitions
+        are paused meanwhile, so that no record is read (librdkafka drops what it fetched ahead
+        and fetches it again on resume); a record that comes anyway (a partition we did not
+        know of yet) is kept for the next poll()."""
+        if not self._in_flight:
+            return
+        paused = [
+            KTopicPartition(tp.topic, tp.partition)
+            for tp in self._assigned
+            if tp not in self._user_paused
+        ]
+        deadline = time.monotonic() + timeout
+        with translated(self._scrub, "waiting for an asynchronous commit"):
+            self._c.pause(paused)
+            try:
+                while self._in_flight:
+                    if time.monotonic() > deadline:
+                        raise RetriableError(
+                            f"committing offsets: an asynchronous commit has had no answer for "
+                            f"{timeout:g}s, and a commit now could be overtaken by it; nothing "
+                            "was committed: commit again"
+                        )
+                    self._early += self._records(self._c.consume(100, 0.05))
+            finally:
+                self._c.resume(paused)
 
     def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
         self._check_open()
@@ -1004,7 +1032,14 @@ class KafkaConsumer(Consumer):
         if self._closed:
             return
         try:
-            self._committer.stop()  # the asynchronous commits asked for are made first
+            if self._in_flight or self._waiting:  # the asynchronous commits asked for, first
+                try:
+                    self._await_async_commit()
+                    if self._waiting:
+                        waiting, self._waiting = self._waiting, {}
+                        self._commit_now(waiting)
+                except AssuredError as e:
+                    log.warning("closing: the last asynchronous commits failed: %s", e)
             with translated(self._scrub, "closing the consumer"):
                 self._c.close()  # runs on_revoke first, which may still commit
         finally:

@@ -42,6 +42,13 @@ What a caller must do with each error the Kafka producer raises (the runtime bui
     duplicates, never loss, if they are sent again.
 ``UsageError``
     A call out of order (see above); a bug in the calling code.
+
+And from the Kafka consumer: ``poll()`` does not raise when the member missed
+``max.poll.interval.ms`` (it logs a warning; ``on_lost`` has run; the member rejoins on the next
+polls and ``on_assign`` runs again). ``commit(asynchronous=True)`` never raises: the commits are
+made in order on a thread of the consumer and a failed one is logged (a later commit supersedes
+it); ``commit()`` waits for the one in flight and raises ``StaleGenerationError`` when the group
+has moved on.
 """
 
 from __future__ import annotations
