@@ -117,6 +117,39 @@ def test_async_commits_land_in_order_across_a_broker_pause(
     assert history[-1] == last + 1
 
 
+def test_a_commit_that_waits_for_an_asynchronous_one_loses_and_repeats_no_record(
+    log: Log, kafka_bootstrap: str
+) -> None:
+    """A synchronous commit serves the consumer until the asynchronous commit in flight is
+    answered, with the partitions paused: reading goes on afterwards exactly where it was."""
+    topic = create_topic(kafka_bootstrap, partitions=2)
+    with log.producer() as producer:
+        for i in range(2000):
+            producer.send(topic, f"{i}".encode(), partition=i % 2)
+        producer.flush(30)
+    group = f"g-{uuid.uuid4().hex[:10]}"
+    consumer = log.consumer(group_id=group)
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+    consumer.assign(tps)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    deadline = time.monotonic() + 60
+    rounds = 0
+    while sum(map(len, seen.values())) < 2000:
+        assert time.monotonic() < deadline, {p: len(o) for p, o in seen.items()}
+        records = consumer.poll(max_records=50, timeout=0.5)
+        for r in records:
+            seen[r.partition].append(r.offset)
+        if records:
+            rounds += 1
+            offsets = {TopicPartition(topic, p): o[-1] + 1 for p, o in seen.items() if o}
+            consumer.commit(offsets, asynchronous=rounds % 3 != 0)
+    assert consumer.poll(timeout=0.5) == []
+    assert seen == {0: list(range(1000)), 1: list(range(1000))}
+    consumer.commit({tps[0]: 1000})  # synchronous: after the asynchronous ones, with them
+    assert consumer.committed(tps) == dict.fromkeys(tps, 1000)
+    consumer.close()
+
+
 def test_a_missed_poll_interval_reports_lost_then_rejoins(
     log: Log, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
 ) -> None:
