@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from assured.errors import AssuredError
+from assured.errors import AssuredError, DeliveryError
 from assured.log import open_log
 
 pytestmark = pytest.mark.kafka
@@ -37,7 +37,9 @@ def test_password_never_shown(kafka_bootstrap: str, caplog: pytest.LogCaptureFix
     seen.append(str(failed.value))
     producer = log.producer(config={"message.timeout.ms": 2000})
     producer.send("anything", b"v")
-    producer.flush(3)
+    with pytest.raises(DeliveryError) as undelivered:
+        producer.flush(3)
+    seen.append(str(undelivered.value))
 
     # 2. A secret where librdkafka echoes values back: an invalid setting's error message.
     with pytest.raises(AssuredError) as bad:

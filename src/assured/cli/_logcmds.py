@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from assured.errors import AssuredError, ConfigError, UnknownTopicError, UsageError
+from assured.errors import AssuredError, ConfigError, DeliveryError, UnknownTopicError, UsageError
 from assured.log import DEFAULT_LOG_URL, Log, Record, TopicPartition, open_log
 from assured.log._protocol import check_consumer_options
 
@@ -175,7 +175,11 @@ def produce(
         bar.stop()
         if transactional:
             producer.commit_transaction()
-        remaining = producer.flush(60)
+        try:
+            remaining = producer.flush(60)
+        except DeliveryError as e:  # records the callbacks were not told of (still queued)
+            failures.append(str(e))
+            remaining = e.failed
         producer.close()
     if failures or remaining:
         err.print(

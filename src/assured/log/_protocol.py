@@ -144,7 +144,10 @@ class Producer(_Closing):
 
     @abc.abstractmethod
     def flush(self, timeout: float | None = None) -> int:
-        """Wait until every queued record is written (or failed); returns how many remain."""
+        """Wait until every queued record is written or failed. Returns how many remain queued
+        (0, unless ``timeout`` ran out first); raises :class:`~assured.errors.DeliveryError`
+        for records sent without a delivery callback that were not written since the last
+        ``flush()`` (nobody else was told of them)."""
 
     @abc.abstractmethod
     def init_transactions(self, timeout: float = 30.0) -> None: ...
