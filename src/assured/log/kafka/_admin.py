@@ -108,7 +108,17 @@ class KafkaAdmin(Admin):
             self._admin.describe_configs([resource])[resource], f"reading {name!r}'s config"
         )
         config = {k: str(v.value) for k, v in entries.items() if v.value is not None}
-        return TopicDescription(name, len(meta.partitions), config)
+        return TopicDescription(name, len(meta.partitions), config, self._topic_id(name))
+
+    def _topic_id(self, name: str) -> str | None:
+        """The topic's id (a new one each time the name is created again); None from a broker
+        too old to tell."""
+        from confluent_kafka import TopicCollection
+
+        described = self._admin.describe_topics(TopicCollection([name]))
+        found = self._wait(described[name], f"describing topic {name!r}")
+        topic_id = getattr(found, "topic_id", None)
+        return str(topic_id) if topic_id is not None else None
 
     def watermarks(self, tp: TopicPartition) -> Watermarks:
         ktp = KTopicPartition(tp.topic, tp.partition)
