@@ -353,6 +353,19 @@ class Engine:
             )
         return None
 
+    def next_sequence(self, pid: int, epoch: int, part: int) -> int:
+        """The base sequence that producer ``pid`` at ``epoch`` writes next to ``part``: the one
+        after the last batch the engine holds from it there, or 0 (its first batch, or its first
+        at a new epoch; an older epoch than the engine's is fenced by :meth:`append`). Call
+        inside :meth:`write`."""
+        row = self.conn.execute(
+            "SELECT epoch, base_seq, count FROM producer_parts WHERE producer = ? AND part = ?",
+            (pid, part),
+        ).fetchone()
+        if row is None or row[0] != epoch:
+            return 0
+        return int(row[1] + row[2])
+
     def append(
         self,
         part: int,
@@ -632,9 +645,11 @@ class Engine:
 
     # -- retention -----------------------------------------------------------------------------
 
-    def enforce_retention(self, now: int | None = None) -> int:
+    def enforce_retention(self, now: int | None = None, wait: float | None = None) -> int:
         """Delete records past their topic's retention.ms or retention.bytes, oldest first and
-        never at or above the LSO. Returns how many records went."""
+        never at or above the LSO. Returns how many records went. Each partition is one write,
+        which waits for the write lock up to the busy timeout, or up to ``wait`` seconds if
+        given; past that a retriable error, with the partitions done so far done."""
         now = now_ms() if now is None else now
         removed = 0
         for name in self.list_topics():
@@ -645,15 +660,17 @@ class Engine:
             if ms < 0 and max_bytes < 0:
                 continue
             for part in info.part_ids:
-                removed += self._retain(part, now - ms if ms >= 0 else None, max_bytes)
+                removed += self._retain(part, now - ms if ms >= 0 else None, max_bytes, wait)
         return removed
 
-    def _retain(self, part: int, oldest_ts: int | None, max_bytes: int) -> int:
+    def _retain(
+        self, part: int, oldest_ts: int | None, max_bytes: int, wait: float | None = None
+    ) -> int:
         """Move ``part``'s log start past what its retention lets go, record by record (a
         batch's row goes once its last record has); returns how many offsets went. Whole
         batches are judged by their row's ``max_ts`` and ``bytes``; only a batch that a cut
         falls inside is decoded."""
-        with self.write() as c:
+        with self.write(wait) as c:
             low, _high, lso, _ = self.bounds(part)
             cut = low
             if oldest_ts is not None:  # up to the first record that is recent enough

@@ -12,6 +12,14 @@ tried again until ``delivery.timeout.ms``; then its records fail: a record's cal
 ``flush`` raises :class:`DeliveryError` for the records that had no callback, and an open
 transaction can no longer commit. A caller's own timeout (``flush``, ``commit_transaction``)
 only cuts its wait short: the records stay queued, unchanged, for the next write.
+
+A write can land and still fail: its acknowledgement is lost, the resends find the file locked,
+and the delivery timeout passes. Its records are failed as of unknown outcome (they may be in
+the log), and their sequence numbers are not taken for granted either way: the next write to
+that partition asks the engine which sequence it holds last from this producer and goes on from
+there, so a new batch is never mistaken for a resend of the failed one (and dropped), nor
+refused for a gap. The periodic retention check never waits for the write lock: if it is held,
+the check is tried again at a later write.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ log = logging.getLogger("assured.log.embedded")
 
 T = TypeVar("T")
 _KEPT_ERRORS = 10  # distinct errors a DeliveryError carries, at most
+_RETENTION_RETRY_MS = 1000  # how soon a retention check that found the file locked runs again
 
 
 @dataclass
@@ -56,6 +65,7 @@ class _Batch:
     rows: list[tuple[int, bytes | None, bytes | None, bytes | None]] = field(default_factory=list)
     callbacks: list[OnDelivery | None] = field(default_factory=list)
     bytes: int = 0
+    maybe_written: bool = False  # a write of it may have landed: its acknowledgement was lost
 
 
 class LostAcknowledgementError(RetriableError):
@@ -87,7 +97,7 @@ class EmbeddedProducer(Producer):
         self._delivery_timeout = delivery_timeout_ms / 1000
         self._auto_create = auto_create
         self._retention_every = retention_check_interval_ms
-        self._last_retention = now_ms()
+        self._retention_due = now_ms() + retention_check_interval_ms
         self._lock = threading.RLock()
         self._pending: dict[int, _Batch] = {}
         self._pending_count = 0  # records not written yet: in _pending and in _unsent
@@ -99,12 +109,16 @@ class EmbeddedProducer(Producer):
         self._in_flight = 0  # records being written now
         # Records sent without a callback that failed since the last flush(): flush() raises.
         self._undelivered = 0
+        self._undelivered_unknown = 0  # of them, records that may have been written nonetheless
         self._undelivered_topics: dict[str, None] = {}
         self._undelivered_errors: dict[tuple[type, str], AssuredError] = {}
         self._reports: deque[tuple[OnDelivery, DeliveryReport]] = deque()
         self._sticky: dict[str, int] = {}
         self._topics: dict[str, tuple[TopicInfo, int]] = {}
         self._seq: dict[int, int] = {}
+        # Partitions whose last batch failed without a sure outcome: the next write takes the
+        # next sequence from the engine, which knows whether that batch landed.
+        self._seq_unknown: set[int] = set()
         self._pid: int | None = None
         self._epoch = 0
         self._txn: int | None = None  # the engine's transaction id, once the first write lands
@@ -316,10 +330,22 @@ class EmbeddedProducer(Producer):
                         batch.tp.topic, batch.tp.partition, base + i, batch.rows[i][0]
                     )
                     self._reports.append((cb, report))
-        if self._retention_every >= 0 and now_ms() - self._last_retention > self._retention_every:
-            self._last_retention = now_ms()
-            with contextlib.suppress(LogError):
-                self._engine.enforce_retention()
+        self._check_retention()
+
+    def _check_retention(self) -> None:
+        """Every ``retention_check_interval_ms``, after a write: the topics' retention. It runs
+        under the producer's lock, so it never waits for the engine's write lock: held by
+        another writer, the check stops and is tried again at a write a little later."""
+        if self._retention_every < 0 or now_ms() < self._retention_due:
+            return
+        try:
+            self._engine.enforce_retention(wait=0)
+        except RetriableError:
+            self._retention_due = now_ms() + min(self._retention_every, _RETENTION_RETRY_MS)
+            return
+        except LogError as e:
+            log.warning("retention check failed: %s", e)
+        self._retention_due = now_ms() + self._retention_every
 
     def _write_once(self, batches: list[_Batch], wait: float) -> list[int]:
         offsets = []
@@ -335,6 +361,12 @@ class EmbeddedProducer(Producer):
                 if self._pid is not None:
                     seq = seqs.get(b.part)
                     if seq is None:
+                        if b.part in self._seq_unknown:
+                            # Kept at once, whatever this write's fate: the engine's answer is
+                            # the same until a batch at this sequence lands, and a resend of
+                            # that batch must carry it again to be recognised.
+                            self._seq[b.part] = engine.next_sequence(self._pid, self._epoch, b.part)
+                            self._seq_unknown.discard(b.part)
                         seq = self._seq.get(b.part, 0)
                     seqs[b.part] = seq + len(b.rows)
                     producer = (self._pid, self._epoch, seq)
@@ -345,18 +377,32 @@ class EmbeddedProducer(Producer):
         self._txn = txn  # only once the engine has it for sure
         if self.lose_next_ack:
             self.lose_next_ack = False
+            for b in batches:  # they landed; failed from now on, their outcome is unknown
+                b.maybe_written = True
             raise LostAcknowledgementError("injected: the write landed but its ack was lost")
         return offsets
 
     def _lost(self, batches: list[_Batch], error: AssuredError) -> None:
-        """The batches will not be written: tell whoever can be told; a transaction that
-        lost a write can no longer commit."""
-        self._fail_batches(batches, error)
+        """The batches will not be written (or, if a write of them may have landed, will not
+        be confirmed): tell whoever can be told; a transaction that lost a write can no longer
+        commit; their partitions' next sequences are asked of the engine."""
+        self._forget_sequences(batches)
+        unknown = any(b.maybe_written for b in batches)
+        reported = _unknown_outcome(error) if unknown else error
+        self._fail_batches(batches, reported)
         self._note(error)
         if self._in_txn and self._txn_error is None and not error.fatal:
             lost = sum(len(b.rows) for b in batches)
-            self._txn_error = AbortableError(f"{lost} of its record(s) were not written: {error}")
-            self._txn_error.__cause__ = error
+            what = "were not acknowledged" if unknown else "were not written"
+            self._txn_error = AbortableError(f"{lost} of its record(s) {what}: {reported}")
+            self._txn_error.__cause__ = reported
+
+    def _forget_sequences(self, batches: list[_Batch]) -> None:
+        """Dropped batches never to be resent: whether or not they landed, the next write to
+        their partitions takes its sequence from the engine. Reusing theirs would have a new
+        batch of the same size taken for a resend of one that landed, and dropped."""
+        if self._pid is not None:
+            self._seq_unknown.update(b.part for b in batches)
 
     def _fail_batches(
         self, batches: list[_Batch], error: AssuredError, quiet: bool = False
@@ -375,6 +421,8 @@ class EmbeddedProducer(Producer):
             if missed and not quiet:
                 unreported += missed
                 self._undelivered_topics[b.tp.topic] = None
+                if b.maybe_written:
+                    self._undelivered_unknown += missed
         if unreported:
             self._undelivered += unreported
             errors = self._undelivered_errors
@@ -390,12 +438,14 @@ class EmbeddedProducer(Producer):
             return None
         failed, topics = self._undelivered, ", ".join(map(repr, self._undelivered_topics))
         errors = tuple(self._undelivered_errors.values())
-        self._undelivered = 0
+        unknown = self._undelivered_unknown
+        self._undelivered = self._undelivered_unknown = 0
         self._undelivered_topics = {}
         self._undelivered_errors = {}
         others = f" (and {len(errors) - 1} other error(s))" if len(errors) > 1 else ""
+        maybe = f" ({unknown} of them may have been: outcome unknown)" if unknown else ""
         return DeliveryError(
-            f"{failed} record(s) sent without a delivery callback were not written, to "
+            f"{failed} record(s) sent without a delivery callback were not written{maybe}, to "
             f"{topics}: {errors[0]}{others}. Do not commit positions past them: send them "
             "again, or rewind to the last committed positions and process them again.",
             failed,
@@ -422,7 +472,8 @@ class EmbeddedProducer(Producer):
             self._pid, self._epoch = self._engine.init_transactions(
                 self._transactional_id, self._txn_timeout_ms
             )
-            self._seq.clear()
+            self._seq.clear()  # a new epoch starts every partition at sequence 0
+            self._seq_unknown.clear()
 
     def begin_transaction(self) -> None:
         with self._lock:
@@ -532,6 +583,7 @@ class EmbeddedProducer(Producer):
             self._unsent = []
             self._pending_count = 0
             self._oldest = self._write_began = None
+            self._forget_sequences(dropped)  # an unsent one may have landed, its ack lost
             self._fail_batches(dropped, AbortableError("the transaction was aborted"), quiet=True)
             try:
                 if txn is not None:
@@ -594,3 +646,17 @@ class EmbeddedProducer(Producer):
         self._linger_thread.join(timeout=5)
         self._serve_reports()
         self._engine.close()
+
+
+def _unknown_outcome(error: AssuredError) -> AssuredError:
+    """``error`` for records whose write may have landed: said so, since they may be in the
+    log. A retriable cause stays retriable (sending them again may write them twice)."""
+    if not error.retriable:
+        return error  # fatal, or the topic is gone: that says more than "unknown"
+    unknown = RetriableError(
+        "outcome unknown: a write of these records may have landed (its acknowledgement was "
+        f"lost) and could not be confirmed before the delivery timeout ({error}). They may be "
+        "in the log or not; sending them again may write them twice"
+    )
+    unknown.__cause__ = error
+    return unknown
