@@ -54,6 +54,18 @@ T = TypeVar("T")
 _Key = tuple[TopicPartition, int]
 
 
+def maybe_a_records_fault(e: AssuredError) -> bool:
+    """Could ``e`` be one record's fault (an output the broker refused), rather than the log's
+    (a timeout, a rebalance, a fencing)? Then the records are redone one per transaction."""
+    if isinstance(e, DeliveryError):
+        return not e.retriable
+    return (
+        e.abortable
+        and not (e.fenced or e.retriable or e.fatal)
+        and not isinstance(e, TransactionTimedOutError)
+    )
+
+
 class ExactlyOnce(CommitProtocol):
     guarantee = "exactly-once"
 
@@ -203,7 +215,7 @@ class ExactlyOnce(CommitProtocol):
                 self.alone.discard(key)
                 self.strikes.pop(key, None)
                 return True
-            if not (isinstance(failure, DeliveryError) and not failure.retriable):
+            if not maybe_a_records_fault(failure):
                 self._failed_commit(failure, unhandled)
                 return False
             error = failure
@@ -212,7 +224,9 @@ class ExactlyOnce(CommitProtocol):
         self.abort(seek=False)
         strikes = self.strikes[key] = self.strikes.get(key, 0) + 1
         spec = self.rt.specs[record.topic]
-        if strikes <= spec.retries:
+        # At least two failures alone before a dead letter: the transaction after one that a
+        # refused record broke can fail once for that reason (librdkafka's sequence reset).
+        if strikes <= max(spec.retries, 1):
             time.sleep(min(2.0, spec.backoff_s * 2 ** (strikes - 1)))
             seek_back(self.rt.consumer, {tp: record.offset}, unhandled)
             return False
@@ -294,8 +308,9 @@ class ExactlyOnce(CommitProtocol):
                 "timeout: raise transaction_timeout_ms, or lower max_poll_records.",
                 time.monotonic() - self.began, self.rt.settings.transaction_timeout_ms,
             )  # fmt: skip
-        elif isinstance(e, DeliveryError) and not e.retriable:
-            # Some record's output was refused: redo these records one per transaction.
+        elif maybe_a_records_fault(e):
+            # Some record's output may have been refused: redo these records one per
+            # transaction, so that record alone is struck.
             log.warning("%s; redoing the transaction's records one at a time", e)
             for tp, end in self.pending.items():
                 self.isolate[tp] = max(end, self.isolate.get(tp, 0))
