@@ -179,10 +179,10 @@ class ExactlyOnce(CommitProtocol):
             self.abort(unhandled)
             return False
         except AssuredError as e:
-            if owed_to_record(e):
-                raise
-            # The log's, not the record's (the transaction timed out, the producer broke, a
-            # fencing): commit nothing of it; abort and redo, or stop if fenced.
+            if owed_to_record(e) or e.fatal:
+                raise  # the record's, or the end of this instance (abandon() aborts)
+            # The log's, not the record's (the transaction timed out, the group moved on):
+            # commit nothing of it; abort and redo.
             self._failed_commit(e, unhandled)
             return False
         crash_point("inside-transaction")
@@ -205,8 +205,8 @@ class ExactlyOnce(CommitProtocol):
         except SendFailedError as e:
             error = e
         except AssuredError as e:
-            if owed_to_record(e):
-                raise
+            if owed_to_record(e) or e.fatal:
+                raise  # the record's, or the end of this instance (abandon() aborts)
             self._failed_commit(e, unhandled)
             return False
         if error is None:
