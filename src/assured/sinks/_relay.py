@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Self
 
-from assured.errors import InvalidTopicError, ProducerFencedError, RetriableError
+from assured.errors import AssuredError, InvalidTopicError, ProducerFencedError, RetriableError
 from assured.log import Log, Producer, TopicPartition
 from assured.log._models import decode_headers
 from assured.sinks._base import Sink, SinkFencedError
@@ -218,23 +218,48 @@ class DeadLetterRelay:
         self._hook("after-note")
         producer = self._producer
         producer.begin_transaction()
+        refused: dict[int, AssuredError] = {}
         for row_id, topic, key, value, headers in rows:
-            producer.send(
-                topic,
-                None if value is None else bytes(value),
-                key=None if key is None else bytes(key),
-                headers=[
-                    *decode_headers(None if headers is None else bytes(headers)),
-                    (GROUP_HEADER, self.group.encode()),
-                    (ID_HEADER, str(row_id).encode()),
-                ],
-            )
+            try:
+                producer.send(
+                    topic,
+                    None if value is None else bytes(value),
+                    key=None if key is None else bytes(key),
+                    headers=[
+                        *decode_headers(None if headers is None else bytes(headers)),
+                        (GROUP_HEADER, self.group.encode()),
+                        (ID_HEADER, str(row_id).encode()),
+                    ],
+                )
+            except AssuredError as e:
+                if e.retriable or e.abortable or e.fatal or e.fenced:
+                    raise
+                # This row can never be published (e.g. over the topic's size limit once its
+                # headers are added): set it aside rather than block every later dead letter.
+                refused[row_id] = e
         self._hook("inside-transaction")
         producer.commit_transaction()
         self._hook("after-publish-before-mark")
         with self.sink.transaction(self.group) as tx:
-            self._mark(tx, set(ids))
+            self._mark(tx, set(ids) - set(refused))
+            self._refuse(tx, refused)
         return len(ids)
+
+    def _refuse(self, tx: Any, refused: dict[int, AssuredError]) -> None:
+        """Mark rows the log refused (``relayed_ms = -1``): they stay in the table, with
+        their record and error, for a person to look at; later dead letters go on."""
+        for row_id, error in sorted(refused.items()):
+            tx.execute(
+                self.sink._sql(
+                    "UPDATE assured_dead_letters SET relayed_ms = -1 WHERE id = ? AND group_id = ?"
+                ),
+                (row_id, self.group),
+            )
+            log.error(
+                "dead letter %d of group %r cannot be published (%s); it stays in "
+                "assured_dead_letters (relayed_ms = -1) with its record and error",
+                row_id, self.group, error,
+            )  # fmt: skip
 
     def _mark(self, tx: Any, ids: set[int]) -> None:
         """Mark ``ids`` relayed and clear the note, if this relay still holds the epoch."""

@@ -33,6 +33,7 @@ from typing import TypeVar
 from assured.errors import (
     AssuredError,
     DeliveryError,
+    LogError,
     RetriableError,
     TransactionTimedOutError,
 )
@@ -58,7 +59,9 @@ def maybe_a_records_fault(e: AssuredError) -> bool:
     """Could ``e`` be one record's fault (an output the broker refused), rather than the log's
     (a timeout, a rebalance, a fencing)? Then the records are redone one per transaction."""
     if isinstance(e, DeliveryError):
-        return not e.retriable
+        return not e.retriable and not any(
+            x.fenced or x.fatal or isinstance(x, TransactionTimedOutError) for x in e.errors
+        )
     return (
         e.abortable
         and not (e.fenced or e.retriable or e.fatal)
@@ -397,9 +400,15 @@ class ExactlyOnce(CommitProtocol):
     def close(self) -> None:
         if self.failed or self.fenced:
             self._quietly_abort()
-        else:
-            self.commit()
+            self.producer.close()
+            return
+        committed = self.commit()
         self.producer.close()
+        if not committed:
+            raise LogError(
+                "the last transaction could not commit at close and was aborted: its records "
+                "will be handled again by the next owner or after a restart"
+            )
 
     def abandon(self) -> None:
         super().abandon()

@@ -26,6 +26,7 @@ from assured.sinks import DeadLetterRelay, Sink, SinkCommitUnknownError, SinkFen
 __all__ = ["ExactlyOnceSink"]
 
 log = logging.getLogger("assured.runtime")
+_RELAY_EVERY_S = 5.0
 
 
 class ExactlyOnceSink(CommitProtocol):
@@ -40,6 +41,7 @@ class ExactlyOnceSink(CommitProtocol):
         # Dead letters are rows in the database, committed with the effects and positions;
         # the relay publishes them to their topics afterwards, each exactly once.
         self.relay = DeadLetterRelay(self.sink, self.rt.log, self.rt.settings.group)
+        self.relayed_at = time.monotonic()
         self._relay()
 
     def _relay(self) -> None:
@@ -162,6 +164,19 @@ class ExactlyOnceSink(CommitProtocol):
                     raise
                 time.sleep(pause)
                 pause = min(2 * pause, 2.0)
+
+    def tick(self) -> None:
+        # Dead letters another relay left, or whose commit's outcome was unknown, or that met
+        # a relay that had just been replaced: looked for now and then, not only after a commit.
+        now = time.monotonic()
+        if now - self.relayed_at >= _RELAY_EVERY_S:
+            self.relayed_at = now
+            try:
+                if self.sink.pending_dead_letters(self.rt.settings.group):
+                    self.relay.fenced = False
+                    self._relay()
+            except LogError as e:
+                log.debug("dead-letter relay check skipped: %s", e)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
