@@ -294,3 +294,35 @@ def test_the_inbox_keeps_each_group_and_each_topic_incarnation_apart(
     fill(log, [b"x", b"y"])  # offsets 0 and 1 again, in a new incarnation of the topic
     run("billing")
     assert [v for g, v in effects() if g == "billing"] == [b"a", b"b", b"c", b"x", b"y"]
+
+
+def test_a_dead_letter_the_log_cannot_take_does_not_block_the_others(
+    log: Log, tmp_path: Path
+) -> None:
+    """Exactly-once into a database, a review found: a record of 999,950 bytes fails and is
+    dead-lettered into the database; with the relay's headers it is over the topic's limit, so
+    every try to publish it failed, and every later dead letter of the group waited behind it,
+    for good, with only a warning. Now it is set aside in the table (relayed_ms = -1)."""
+    from assured.sinks import SqliteSink
+
+    big = b"x" * (1_000_000 - 50)
+    fill(log, [b"ok1", big, b"bad-small", b"ok2"])
+    db = tmp_path / "fx.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE fx (v BLOB)")
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=SqliteSink(db), retries=0)
+    def effect(msg: Message, tx: Any) -> None:
+        if msg.value in (big, b"bad-small"):
+            raise ValueError("declined")
+        tx.execute("INSERT INTO fx VALUES (?)", (msg.value,))
+
+    assert app.run(until_idle=1).stopped_by == "idle"
+    assert read(log, "in.dlq") == [b"bad-small"]
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT length(value), relayed_ms > 0 FROM assured_dead_letters ORDER BY id"
+        ).fetchall()
+        assert rows == [(len(big), 0), (len(b"bad-small"), 1)]
+        assert sorted(v for (v,) in conn.execute("SELECT v FROM fx")) == [b"ok1", b"ok2"]
