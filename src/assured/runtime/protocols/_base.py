@@ -22,7 +22,14 @@ from assured.runtime._settings import AppSettings
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
 
-__all__ = ["CommitProtocol", "Runtime", "first_offsets", "next_offsets", "seek_back"]
+__all__ = [
+    "CommitProtocol",
+    "Runtime",
+    "first_offsets",
+    "isolated",
+    "next_offsets",
+    "seek_back",
+]
 
 log = logging.getLogger("assured.runtime")
 
@@ -63,6 +70,19 @@ def seek_back(
     for tp, offset in targets.items():
         if tp in assigned:
             consumer.seek(tp, offset)
+
+
+def isolated(isolate: dict[TopicPartition, int], record: Record) -> bool:
+    """Is ``record`` below its partition's bound in ``isolate`` (records redone one at a time
+    after a failure that may be one record's)? A bound passed is dropped."""
+    tp = TopicPartition(record.topic, record.partition)
+    bound = isolate.get(tp)
+    if bound is None:
+        return False
+    if record.offset >= bound:
+        del isolate[tp]
+        return False
+    return True
 
 
 @dataclass

@@ -22,7 +22,7 @@ from assured.errors import AssuredError, DeliveryError, LogError, StaleGeneratio
 from assured.log import Producer, Record, TopicPartition
 from assured.runtime._handling import dead_letter, producer_dead_letters
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
+from assured.runtime.protocols._base import CommitProtocol, isolated, next_offsets, seek_back
 
 __all__ = ["AtLeastOnce"]
 
@@ -50,12 +50,7 @@ class AtLeastOnce(CommitProtocol):
                 self._handle(records, records)
                 return
             for i, r in enumerate(records):
-                tp = TopicPartition(r.topic, r.partition)
-                bound = self.isolate.get(tp)
-                if bound is not None and r.offset >= bound:
-                    del self.isolate[tp]
-                    bound = None
-                if bound is None:
+                if not isolated(self.isolate, r):
                     if not self._handle([r], records[i:]):
                         return
                 elif not (self.commit(True, records[i:]) and self._one_alone(r, records[i + 1 :])):

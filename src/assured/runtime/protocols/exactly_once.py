@@ -45,7 +45,7 @@ from assured.runtime._handling import (
     producer_dead_letters,
 )
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
+from assured.runtime.protocols._base import CommitProtocol, isolated, next_offsets, seek_back
 
 __all__ = ["ExactlyOnce"]
 
@@ -140,12 +140,8 @@ class ExactlyOnce(CommitProtocol):
                 return
             start = 0
             for i, r in enumerate(records):
-                tp = TopicPartition(r.topic, r.partition)
-                bound = self.isolate.get(tp)
-                if bound is not None and r.offset >= bound:
-                    del self.isolate[tp]
-                    bound = None
-                if (tp, r.offset) not in self.alone and bound is None:
+                alone = (TopicPartition(r.topic, r.partition), r.offset) in self.alone
+                if not (isolated(self.isolate, r) or alone):
                     continue
                 if not self._handle(records[start:i], records[start:]):
                     return
