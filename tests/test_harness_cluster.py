@@ -3,6 +3,7 @@ loses no acknowledged record."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -20,8 +21,15 @@ def test_sigkill_of_the_leader_loses_no_acknowledged_record(kafka_cluster: Kafka
     topic = create_topic(
         bootstrap, partitions=1, replication=3, config={"min.insync.replicas": "2"}
     )
-    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
-    partition = meta.topics[topic].partitions[0]
+    # A new topic's metadata reaches every broker a moment after its creation is confirmed.
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + 30
+    while True:
+        partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        if (0 in partitions and len(partitions[0].replicas) == 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    partition = partitions[0]
     assert len(partition.replicas) == 3
     leader = partition.leader
 
