@@ -355,3 +355,27 @@ def test_a_second_commit_of_a_committed_transaction_changes_nothing(db: Path, lo
     assert engine.committed(GROUP.group_id) == {SOURCE: 1}
     engine.close()
     assert committed_values(log) == [b"m1"]
+
+
+def test_a_raw_database_error_while_writing_is_a_failed_delivery_not_a_vanished_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sqlite3 error the engine did not translate (a full disk during the insert) used to
+    escape the producer's write: from the linger thread it was swallowed, and the records were
+    gone with no callback and no DeliveryError."""
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("t", 1)
+    producer = log.producer()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Engine, "append", disk_full)
+    producer.send("t", b"lost?")
+    with pytest.raises(DeliveryError, match="disk is full") as failed:
+        producer.flush()
+    assert failed.value.failed == 1
+    monkeypatch.undo()
+    producer.close()
+    log.close()

@@ -320,6 +320,9 @@ class EmbeddedProducer(Producer):
                 except AssuredError as e:
                     self._lost(batches, e)
                     return
+                except Exception as e:  # e.g. a raw sqlite3 error: never let records vanish
+                    self._lost(batches, LogError(f"writing to the engine failed: {e!r}"))
+                    return
         finally:
             self._in_flight = 0
         for batch, base in zip(batches, offsets, strict=True):
