@@ -181,11 +181,21 @@ class AtLeastOnce(CommitProtocol):
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         if not (self.failed or self.fenced):
             self.commit(synchronous=True)
+        self._forget(partitions)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.pending.pop(tp, None)
             self.rewind.pop(tp, None)
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        """One-at-a-time bounds and strikes of partitions that leave: their next owner starts
+        afresh."""
+        gone = set(partitions)
+        for tp in gone:
+            self.isolate.pop(tp, None)
+        self.strikes = {key: n for key, n in self.strikes.items() if key[0] not in gone}
 
     def close(self) -> None:
         if not (self.failed or self.fenced):

@@ -388,10 +388,21 @@ class ExactlyOnce(CommitProtocol):
             self._quietly_abort()
         else:
             self.commit()
+        self._forget(partitions)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         if self.open:
             self.abort()
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        """What we kept about records of partitions that leave (one-at-a-time bounds, records
+        to redo alone, strikes): their next owner starts afresh."""
+        gone = set(partitions)
+        for tp in gone:
+            self.isolate.pop(tp, None)
+        self.alone = {key for key in self.alone if key[0] not in gone}
+        self.strikes = {key: n for key, n in self.strikes.items() if key[0] not in gone}
 
     def close(self) -> None:
         if self.failed or self.fenced:
