@@ -9,7 +9,6 @@ never repeats an output.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
@@ -179,8 +178,6 @@ def check_handler(fn: Callable[..., Any], topic: str, second: str | None) -> Non
             f"handler {name} for topic {topic!r} is 'async def'; this version of assured calls "
             "handlers synchronously (an async one would never run). Make it a plain 'def'."
         )
-    if asyncio.iscoroutine(fn):
-        raise ConfigError(f"the handler for topic {topic!r} is a coroutine object, not a function")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
