@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from assured.log import Header, Producer, Record
 from assured.runtime._message import BYTES, Codec, Message, make_message
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
+from assured.sinks._base import dead_letter_headers
 
 __all__ = [
     "DeadLetterSink",
@@ -387,13 +387,5 @@ def dead_letter(
         "handler %s failed %d time(s) on %s (%r); sending it to %s",
         spec.name, attempts, where, error, spec.dead_letter,
     )  # fmt: skip
-    tb = "".join(traceback.format_exception_only(type(error), error)).strip()
-    headers = [
-        *record.headers,
-        ("assured.error.type", type(error).__qualname__.encode()),
-        ("assured.error.message", tb.encode()[:4000]),
-        ("assured.origin", where.encode()),
-        ("assured.attempts", str(attempts).encode()),
-    ]
-    dead_letters(spec.dead_letter, record, headers)
+    dead_letters(spec.dead_letter, record, dead_letter_headers(record, error, attempts))
     metrics.dead_lettered.labels(*labels).inc()
