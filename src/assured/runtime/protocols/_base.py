@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from assured.sinks import Sink, SinkTransaction
 __all__ = [
     "CommitProtocol",
     "Runtime",
+    "Trouble",
     "first_offsets",
     "isolated",
     "next_offsets",
@@ -83,6 +85,28 @@ def isolated(isolate: dict[TopicPartition, int], record: Record) -> bool:
         del isolate[tp]
         return False
     return True
+
+
+class Trouble:
+    """A run of failures of the log or the database, with no commit in between: how long it
+    has lasted, and a pause that grows with it (so a protocol waits rather than spins)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def seconds(self) -> float:
+        """How long the run has lasted; a failure now starts one if none is going on."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        return now - self.since
+
+    def pause(self) -> None:
+        time.sleep(min(1.0, 0.05 + self.seconds() / 10))
+
+    def over(self) -> None:
+        """A commit went through: the run is over."""
+        self.since = None
 
 
 @dataclass

@@ -22,7 +22,13 @@ from assured.errors import AssuredError, DeliveryError, LogError, StaleGeneratio
 from assured.log import Producer, Record, TopicPartition
 from assured.runtime._handling import dead_letter, producer_dead_letters
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, isolated, next_offsets, seek_back
+from assured.runtime.protocols._base import (
+    CommitProtocol,
+    Trouble,
+    isolated,
+    next_offsets,
+    seek_back,
+)
 
 __all__ = ["AtLeastOnce"]
 
@@ -42,7 +48,7 @@ class AtLeastOnce(CommitProtocol):
         self.last_commit = time.monotonic()
         self.isolate: dict[TopicPartition, int] = {}  # below these offsets: one at a time
         self.strikes: dict[_Key, int] = {}
-        self.troubled_since: float | None = None  # the first of a run of failed flushes
+        self.trouble = Trouble()  # failed flushes or database transactions in a row
 
     def process(self, records: list[Record]) -> None:
         try:
@@ -141,7 +147,7 @@ class AtLeastOnce(CommitProtocol):
             # The group moved on; the next owners will handle these again (at least once).
             log.warning("commit refused, records will be handled again: %s", e)
         self._committed()
-        self.troubled_since = None
+        self.trouble.over()
         return True
 
     def _committed(self) -> None:
@@ -166,17 +172,14 @@ class AtLeastOnce(CommitProtocol):
     def _trouble(self, e: AssuredError) -> None:
         """Back off after a failure of the log or the database; stop once it has lasted
         ``retry_deadline_ms`` with no commit in between."""
-        now = time.monotonic()
-        if self.troubled_since is None:
-            self.troubled_since = now
-        elapsed = now - self.troubled_since
+        elapsed = self.trouble.seconds()
         if elapsed * 1000 > self.rt.settings.retry_deadline_ms:
             raise LogError(
                 f"nothing could be committed for {elapsed:.0f} s (last: {e}); stopping. No "
                 "position was committed past an unwritten output: the records are handled "
                 "again after a restart."
             ) from e
-        time.sleep(min(1.0, 0.05 + elapsed / 10))
+        self.trouble.pause()
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         if not (self.failed or self.fenced):

@@ -20,7 +20,7 @@ import time
 from assured.errors import AssuredError, ConfigError, LogError
 from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, next_offsets, seek_back
+from assured.runtime.protocols._base import CommitProtocol, Trouble, next_offsets, seek_back
 from assured.sinks import DeadLetterRelay, Sink, SinkCommitUnknownError, SinkFencedError
 
 __all__ = ["ExactlyOnceSink"]
@@ -37,7 +37,7 @@ class ExactlyOnceSink(CommitProtocol):
         self.sink: Sink = self.rt.sink
         self.dead_letters: Producer = self.rt.log.producer()
         self.epochs: dict[TopicPartition, int] = {}
-        self.troubled_since: float | None = None
+        self.trouble = Trouble()  # batches in a row the database did not take
         # Dead letters are rows in the database, committed with the effects and positions;
         # the relay publishes them to their topics afterwards, each exactly once.
         self.relay = DeadLetterRelay(self.sink, self.rt.log, self.rt.settings.group)
@@ -126,7 +126,7 @@ class ExactlyOnceSink(CommitProtocol):
         except BaseException:
             self.abandon()
             raise
-        self.troubled_since = None
+        self.trouble.over()
         self.rt.metrics.committed.labels(self.guarantee).inc()
         if tx.dead_letters:
             self._relay()
@@ -138,14 +138,12 @@ class ExactlyOnceSink(CommitProtocol):
     def _redo(self, batch: list[Record], e: LogError) -> None:
         """The batch's database transaction did not commit (or may not have): go back to where
         the database says each partition stands, wait a little, and let the next poll redo it."""
-        now = time.monotonic()
-        self.troubled_since = self.troubled_since or now
-        elapsed = now - self.troubled_since
+        elapsed = self.trouble.seconds()
         log.warning("%s; redoing the batch once the database answers (%.0f s so far)", e, elapsed)
         stored = self._stored(must=isinstance(e, SinkCommitUnknownError))
         rewind = {tp: off for tp, off in stored.items() if tp in self.epochs}
         seek_back(self.rt.consumer, rewind, batch)
-        time.sleep(min(1.0, 0.05 + elapsed / 10))
+        self.trouble.pause()
 
     def _stored(self, must: bool) -> dict[TopicPartition, int]:
         """The database's positions for the group. When a commit's outcome is unknown they are
