@@ -19,7 +19,7 @@ from assured.runtime._handling import HandlerSpec, check_handler
 from assured.runtime._message import Codec, codec
 from assured.runtime._settings import AppSettings, Guarantee
 from assured.runtime.metrics import RuntimeMetrics
-from assured.runtime.protocols._base import CommitProtocol, Runtime, first_offsets
+from assured.runtime.protocols._base import CommitProtocol, Runtime, seek_back
 from assured.runtime.protocols.at_least_once import AtLeastOnce
 from assured.runtime.protocols.at_most_once import AtMostOnce
 from assured.runtime.protocols.exactly_once import ExactlyOnce
@@ -223,9 +223,7 @@ class App:
     @staticmethod
     def _keep(consumer: Any, records: list[Record], n: int) -> list[Record]:
         """The first ``n`` records; the consumer is sent back to the first of the rest."""
-        rest = records[n:]
-        for tp, offset in first_offsets(rest).items():
-            consumer.seek(tp, offset)
+        seek_back(consumer, {}, records[n:])
         return records[:n]
 
     def _sink(self) -> Sink | None:
