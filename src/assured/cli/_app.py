@@ -8,7 +8,8 @@ from rich.console import Console
 import assured
 from assured.cli._audit import audit, demo
 from assured.cli._bench import bench
-from assured.cli._logcmds import consume, group_app, produce, run, topic_app
+from assured.cli._logcmds import consume, group_app, produce, topic_app
+from assured.cli._run import run
 
 app = typer.Typer(
     name="assured",

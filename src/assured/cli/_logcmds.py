@@ -1,10 +1,9 @@
 """Operating a log from the shell, on either backend, with kcat's flags: ``topic``, ``produce``,
-``consume``, ``group`` and ``run``."""
+``consume`` and ``group``."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ from assured.errors import AssuredError, ConfigError, DeliveryError, UnknownTopi
 from assured.log import DEFAULT_LOG_URL, Log, Record, TopicPartition, open_log
 from assured.log._protocol import check_consumer_options
 
-__all__ = ["consume", "group_app", "produce", "run", "topic_app"]
+__all__ = ["consume", "group_app", "produce", "topic_app"]
 
 err = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -389,33 +388,3 @@ def group_describe(
         committed = "-" if p.committed is None else str(p.committed)
         offsets.add_row(p.tp.topic, str(p.tp.partition), committed, str(p.high), str(p.lag))
     out.print(offsets)
-
-
-# -- run ---------------------------------------------------------------------------------------
-
-
-def run(
-    target: str = typer.Argument(..., help="module:attribute naming an assured App."),
-    max_messages: int | None = typer.Option(None, min=1),
-    until_idle: float | None = typer.Option(None, min=0.0),
-) -> None:
-    """Run an App until SIGTERM or SIGINT (or --max-messages / --until-idle)."""
-    from assured.runtime import App
-
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        err.print(f"[red]error:[/red] {target!r}: expected module:attribute (e.g. payments:app)")
-        raise typer.Exit(2)
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        err.print(f"[red]error:[/red] cannot import {module_name!r}: {e}")
-        raise typer.Exit(2) from None
-    app = getattr(module, attr, None)
-    if not isinstance(app, App):
-        err.print(f"[red]error:[/red] {target} is not an assured App")
-        raise typer.Exit(2)
-    with _errors():
-        stats = app.run(max_messages=max_messages, until_idle=until_idle)
-    err.print(f"processed {stats.processed} record(s) in {stats.seconds:.1f} s")
