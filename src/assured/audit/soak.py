@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--hours", type=float, default=24.0, help="stop after this long")
     parser.add_argument("--messages", type=int, default=3000, help="messages per round")
-    parser.add_argument("--kills", type=int, default=40, help="faults planned per round")
+    parser.add_argument("--kills", type=int, default=100, help="faults planned per round")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="a fraction of the SIGKILL targets (for tests)"
     )
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     workdir=workdir,
                     session_timeout_ms=1000 if cluster is None else 3000,
                     handle_delay_ms=1.0,
-                    timeout_s=900,
+                    # A soak shares its machine; a round that stalls this long is stuck.
+                    timeout_s=3600,
                     broker=cluster,
                 )
                 try:
