@@ -55,14 +55,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
 from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
+from assured._secrets import SECRET_KEYS, Scrubber
 from assured.errors import (
     AbortableError,
     AssuredError,
@@ -82,8 +82,6 @@ __all__ = ["SECRET_KEYS", "Scrubber", "call", "deadline_call", "retrying", "tran
 
 T = TypeVar("T")
 
-# Settings whose values must never be shown: passwords, keys, tokens, JAAS/OIDC configs.
-SECRET_KEYS = re.compile(r"password|secret|\.key($|\.pem)|token|jaas|oauthbearer\.config|pem$")
 
 _FENCED = {KafkaError._FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 _STALE = {
@@ -131,25 +129,6 @@ _SEQUENCE = {
 }
 # Gone for now, not refused: the same records or call may succeed later.
 _TRANSIENT = {KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._MSG_TIMED_OUT}
-
-
-class Scrubber:
-    """Replaces every secret value of a config with ``***`` in text."""
-
-    def __init__(self, config: Mapping[str, object]):
-        self._secrets = sorted(
-            (str(v) for k, v in config.items() if SECRET_KEYS.search(k) and str(v)),
-            key=len,
-            reverse=True,
-        )
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def config(self, config: Mapping[str, object]) -> dict[str, object]:
-        return {k: ("***" if SECRET_KEYS.search(k) else v) for k, v in config.items()}
 
 
 class ScrubbingFilter(logging.Filter):
