@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = ["MASK", "SECRET_KEYS", "Scrubber", "is_secret", "redact_config", "redact_url"]
 
@@ -43,22 +43,23 @@ def url_secrets(url: str) -> list[str]:
 
 def redact_url(url: str) -> str:
     """``url`` with the password of its user info and secret query values replaced by ``***``
-    (``postgresql://app:***@db/pay``, ``kafka://b:9092?sasl.password=***``)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return Scrubber({}, url_secrets(url))(url)
-    netloc = parts.netloc
-    if password:
-        user, _, host = netloc.rpartition("@")
-        name = user.split(":", 1)[0]
-        netloc = f"{name}:{MASK}@{host}"
-    query = "&".join(
-        f"{k}={MASK}" if is_secret(k) else f"{quote(k, safe='.-_')}={quote(v, safe='.-_/:,')}"
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    (``postgresql://app:***@db/pay``, ``kafka://b:9092?sasl.password=***``); the rest of it is
+    left exactly as written."""
+    head, mark, query = url.partition("?")
+    scheme, sep, rest = head.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        user, at, host = authority.rpartition("@")
+        if at and ":" in user:
+            authority = f"{user.split(':', 1)[0]}:{MASK}@{host}"
+        head = f"{scheme}{sep}{authority}{slash}{path}"
+    if mark:
+        pairs = []
+        for pair in query.split("&"):
+            key, eq, _ = pair.partition("=")
+            pairs.append(f"{key}={MASK}" if eq and is_secret(unquote(key)) else pair)
+        query = "&".join(pairs)
+    return f"{head}{mark}{query}"
 
 
 class Scrubber:

@@ -46,6 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from assured._secrets import redact_url
 from assured.audit.workload import REFUSED_FATES
 from assured.log import Isolation, Log, Record, TopicPartition
 
@@ -233,7 +234,7 @@ def check(
     ambiguous = history.ambiguous()
     findings = Findings(
         guarantee=guarantee,
-        log=log_url,
+        log=redact_url(log_url),
         sink=sink,
         sent=len(ids),
         effects=len(effects),
