@@ -46,6 +46,16 @@ soak: system-deps $(STAMP)
 	$(BIN)/python -m assured.audit.soak --log kafka --out benchmarks/results/soak-kafka.json --hours $(SOAK_HOURS)
 	$(BIN)/python -m assured.audit.soak --log cluster --out benchmarks/results/soak-cluster.json --hours $(SOAK_HOURS)
 
+# The audit's acceptance matrix: each guarantee on each log into topics and into PostgreSQL,
+# 5,000 messages, 30 faults; resumes from benchmarks/results/acceptance-*.json (delete to redo)
+ACCEPTANCE_CELLS ?= embedded-topic kafka-topic cluster-topic embedded-postgres kafka-postgres cluster-postgres
+.PHONY: acceptance
+acceptance: system-deps $(STAMP)
+	rc=0; for cell in $(ACCEPTANCE_CELLS); do \
+	  $(BIN)/python -m assured.audit.acceptance --log $${cell%-*} --sink $${cell#*-} \
+	    --out benchmarks/results/acceptance-$$cell.json || rc=1; \
+	done; exit $$rc
+
 # The embedded log's numbers (both durabilities); also kept in benchmarks/results/log-embedded.*
 .PHONY: bench-log bench quix-venv
 bench-log: $(STAMP)
