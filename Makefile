@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 # assured does, so it lives in a virtualenv of its own.
 QUIX_VENV := .venv-quix
 QUIX_STAMP := $(QUIX_VENV)/.installed
+# The Quix Streams release the README's figures were measured against.
+QUIX_VERSION ?= 3.28.1
 
 .PHONY: demo test test-slow lint typecheck pytest system-deps kafka-up kafka-down kafka-status clean
 
@@ -63,9 +65,9 @@ bench-log: $(STAMP)
 
 # Quix Streams pins an older confluent-kafka than assured: it gets a virtualenv of its own.
 quix-venv: $(QUIX_STAMP)
-$(QUIX_STAMP):
+$(QUIX_STAMP): Makefile
 	@test -x $(QUIX_VENV)/bin/python || $(PYTHON) -m venv $(QUIX_VENV)
-	$(QUIX_VENV)/bin/python -m pip install --quiet --upgrade quixstreams psutil
+	$(QUIX_VENV)/bin/python -m pip install --quiet "quixstreams==$(QUIX_VERSION)" psutil
 	@touch $@
 
 # The runtime suite on a broker of its own (started here, stopped after), then on the

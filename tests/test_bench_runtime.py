@@ -4,14 +4,21 @@ promises; how fast is judged in its output, never here."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from assured.bench.runtime_suite import RuntimeBenchConfig, run_runtime_suite
+from assured.bench.runtime_suite import (
+    RuntimeBenchConfig,
+    _MachineCpu,
+    _spread,
+    run_runtime_suite,
+)
 
 BIN = Path(sys.executable).parent / "assured"
 QUIX_PYTHON = Path(__file__).resolve().parents[1] / ".venv-quix" / "bin" / "python"
@@ -32,7 +39,17 @@ def check_rows(rows: list[dict[str, Any]], backend: str, records: int) -> None:
         assert row["records_per_s"] > 0
         assert 20 < row["peak_rss_mb"] < 2000  # a real measurement of a Python process
         assert row["commit_interval_ms"] == 100
+        # The process's own CPU over the measured window: more than nothing, less than the
+        # two cores of the machine could give it.
+        assert row["cpu_us_per_record"] > 0
+        assert 0 < row["cpu_cores"] <= (os.cpu_count() or 1) * 1.05
+        assert row["cpu_us_per_record"] == pytest.approx(
+            row["cpu_cores"] * 1e6 / row["records_per_s"], rel=0.05, abs=0.5
+        )
         if row["run"] == "throughput":
+            assert isinstance(row["steady"], bool)
+            assert row["steady"] == (row["spread"] <= 0.15 and row["others_cores_max"] <= 0.25)
+            assert len(row["runs_cpu_us_per_record"]) == len(row["runs_per_s"])
             assert row["records"] == records
             # Every stamped record sent at half load came through and was timed.
             assert row["latency_samples"] == row["latency_sent"] > 0
@@ -102,6 +119,7 @@ def test_runtime_suite_on_a_real_broker_with_bare_loops_and_quix(kafka_bootstrap
             memory_records=0,
             quix_python=str(QUIX_PYTHON),
             rounds=1,
+            retries=0,
         )
     )
     seen = [(r["system"], r["guarantee"]) for r in rows]
@@ -141,3 +159,46 @@ def test_runtime_suite_bad_input_is_a_usage_error(
     assert message in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "benchmarks").exists()
+
+
+def test_other_processes_cpu_is_seen_and_ours_is_not() -> None:
+    """A process spinning beside the bench is "others" (it would make a run worthless); work
+    done by this process and by its reaped children is not."""
+    before = _MachineCpu.now()
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time() + 1.5\nwhile time.time() < t: pass"]
+    )
+    _, _, usage = os.wait4(spinner.pid, 0)  # reaped: its CPU is now our children's
+    spinner.returncode = 0
+    after_reaped = _MachineCpu.now()
+    assert after_reaped.ours_s - before.ours_s >= 0.95 * (usage.ru_utime + usage.ru_stime)
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time() + 1.5\nwhile time.time() < t: pass"]
+    )
+    start = _MachineCpu.now()
+    stat = Path(f"/proc/{stranger.pid}/stat")
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def spent() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    spun0 = spent()
+    end = start
+    while stranger.poll() is None:
+        try:
+            spun = spent()
+        except OSError:
+            break
+        end = _MachineCpu.now()
+        time.sleep(0.1)
+    stranger.wait()
+    share = (spun - spun0) / (end.at - start.at)
+    assert share > 0.05  # it did spin (on a busy machine, with a share of a core)
+    assert end.others_since(start) >= 0.8 * share
+
+
+def test_spread_is_range_over_median() -> None:
+    rates = [{"records_per_s": r} for r in (100.0, 110.0, 130.0)]
+    assert _spread(rates) == pytest.approx(30 / 110)
+    assert _spread(rates[:1]) == 0.0
