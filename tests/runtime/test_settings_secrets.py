@@ -98,6 +98,14 @@ def test_a_config_error_names_the_setting_not_its_secret(
     _assert_clean(str(from_env.value))
     monkeypatch.delenv("ASSURED_LOG_CONFIG")
 
+    # Not JSON at all: said, without the text it could not read.
+    broken = '{"sasl.password": "' + SECRET_CONFIG["sasl.password"] + '"'
+    monkeypatch.setenv("ASSURED_LOG_CONFIG", broken)
+    with pytest.raises(ConfigError, match="JSON object") as not_json:
+        AppSettings()
+    _assert_clean(str(not_json.value))
+    monkeypatch.delenv("ASSURED_LOG_CONFIG")
+
     # An error in another setting, with secrets given alongside, shows none of them.
     with pytest.raises(ConfigError) as other:
         _settings(commit_every=0)

@@ -21,6 +21,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -119,6 +120,11 @@ class AppSettings(BaseSettings):
             super().__init__(**values)
         except ValidationError as e:
             raise ConfigError(_one_line(e, values)) from None
+        except SettingsError as e:  # an ASSURED_* value that is not the JSON its field needs
+            raise ConfigError(
+                f"{e}: an ASSURED_* variable for a dict setting must be a JSON object, e.g. "
+                f"{_ENV_PREFIX}LOG_CONFIG='{{\"acks\": \"all\"}}'"
+            ) from None
 
     @field_validator("guarantee", mode="before")
     @classmethod
