@@ -123,7 +123,7 @@ class AppSettings(BaseSettings):
         except SettingsError as e:  # an ASSURED_* value that is not the JSON its field needs
             raise ConfigError(
                 f"{e}: an ASSURED_* variable for a dict setting must be a JSON object, e.g. "
-                f"{_ENV_PREFIX}LOG_CONFIG='{{\"acks\": \"all\"}}'"
+                f'{_ENV_PREFIX}LOG_CONFIG=\'{{"acks": "all"}}\''
             ) from None
 
     @field_validator("guarantee", mode="before")
@@ -223,7 +223,7 @@ def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
         part = f"{label}{shown}{source}: {item['msg']}"
         if part not in parts:
             parts.append(part)
-    return "; ".join(parts)
+    return "invalid App settings: " + "; ".join(parts)
 
 
 def _value(name: str, given: dict[str, Any]) -> Any:
