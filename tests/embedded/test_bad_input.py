@@ -22,6 +22,7 @@ from assured.errors import (
     UsageError,
 )
 from assured.log import TopicPartition, open_log
+from assured.log.embedded import EmbeddedLog
 from assured.log.embedded._schema import SCHEMA_VERSION
 
 
@@ -169,8 +170,107 @@ def test_corrupt_file_is_reported_as_corrupt(tmp_path: Path) -> None:
 
 
 def test_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(EngineFileError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):  # a wrong URL: nothing made
         open_log(f"embedded://{tmp_path}/nowhere/x.db")
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(EngineFileError, match="does not exist"):  # the engine says it too
+        EmbeddedLog(tmp_path / "nowhere" / "x.db")
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("embedded:/x.db", "lacks the '//'"),
+        ("embedded:x.db", "lacks the '//'"),
+        ("embedded://tmp/x.db", "ambiguous: write embedded:///tmp/x.db"),
+        ("embedded:///", "names no file"),
+        ("embedded:///tmp/", "names no file"),
+        ("embedded:///tmp/x.db?durability", r"\?key=value"),
+        ("embedded:///tmp/x.db#frag", "fragment"),
+        ("embedded://[x/y.db", "malformed"),
+        ("kafka://", "names no broker"),
+        ("kafka:/host:9092", "lacks the '//'"),
+        ("kafka://host:port", "host:port"),
+        ("kafka://a:9092,,b:9092", "host:port"),
+        ("kafka://host:9092/path", "no path"),
+        ("file:///tmp/x.db", "unknown log URL"),
+    ],
+)
+def test_malformed_urls_are_refused_and_make_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, why: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=why):
+        open_log(url)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_url_errors_never_show_a_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_log("kafka://app:hunter2@host:port?sasl.password=hunter3")
+    assert "hunter" not in str(caught.value)
+    assert "***" in str(caught.value)
+
+
+def test_readers_never_create_a_log(tmp_path: Path) -> None:
+    """``create=False`` (what the CLI's readers pass): a missing file is a wrong path, and an
+    empty one is not an engine file; neither is made into one."""
+    missing = tmp_path / "typo.db"
+    with pytest.raises(ConfigError, match=r"typo\.db does not exist.*topic create"):
+        open_log(f"embedded://{missing}", create=False)
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(EngineFileError, match="is empty, not an assured engine file"):
+        open_log(f"embedded://{empty}", create=False)
+    assert empty.read_bytes() == b""
+    open_log(f"embedded://{missing}")  # a writer may create it
+    with open_log(f"embedded://{missing}", create=False).admin() as admin:
+        assert admin.list_topics() == []
+
+
+def test_record_limit_is_the_one_describe_shows(tmp_path: Path) -> None:
+    log = open_log(f"embedded://{tmp_path}/x.db")
+    with log.admin() as admin:
+        admin.create_topic("t", 1)
+        limit = int(admin.describe_topic("t").config["max.message.bytes"])
+    assert limit == 1_000_000
+    with log.producer() as producer:
+        producer.send("t", b"k" * 10 + b"v" * (limit - 10), key=None, partition=0)
+        with pytest.raises(RecordTooLargeError, match=f"{limit + 1} bytes.*limit of {limit}"):
+            producer.send("t", b"v" * (limit - 9), key=b"k" * 10, partition=0)
+        assert producer.flush() == 0
+    with log.admin() as admin:
+        assert admin.watermarks(TopicPartition("t", 0)).high == 1
+
+
+def test_check_finds_damaged_batches_and_pages(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    log = EmbeddedLog(path)
+    with log.admin() as admin:
+        admin.create_topic("t", 2)
+        admin.create_topic("other", 1)
+    with log.producer() as producer:
+        for i in range(3000):
+            producer.send("t", os.urandom(100), key=b"%d" % i)
+        producer.flush()
+    log.check(["t", "other", "no-such-topic"])  # sound: says nothing
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE batches SET data = x'00' WHERE id = (SELECT max(id) FROM batches)")
+    log.check(["other"])  # only the topics asked about are read
+    with pytest.raises(EngineFileError, match=r"record batch at t\[\d\] offset \d+ is damaged"):
+        log.check(["t"])
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        for at in range(4096 * 2, size, 4096 * 3):
+            f.seek(at)
+            f.write(b"\xde\xad\xbe\xef" * 256)
+    with pytest.raises(EngineFileError, match="corrupt"):
+        log.check([])
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import json
 import os
 import pwd
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -351,6 +352,8 @@ def run_audit(cfg: AuditConfig) -> Findings:
     findings.faults = dict(run.faults)
     findings.seconds = round(time.monotonic() - started, 2)
     run.event("checked", verdict=findings.verdict)
+    if cfg.workdir is None:  # a folder of our own: gone once checked (a failed run keeps it)
+        shutil.rmtree(workdir, ignore_errors=True)
     return findings
 
 

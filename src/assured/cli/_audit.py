@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from assured.audit import FAULTS, AuditConfig, Findings, run_audit
 from assured.audit.report import plain_lines, table, write_report
+from assured.audit.supervisor import _check as check_audit
 from assured.audit.supervisor import check_faults
-from assured.errors import AssuredError, ConfigError
+from assured.errors import AssuredError, ConfigError, UsageError
+from assured.log._open import parse_log_url
 from assured.runtime import GUARANTEES
 
 __all__ = ["audit", "demo"]
@@ -52,6 +57,73 @@ def _run_all(configs: list[AuditConfig], quiet: bool) -> list[Findings]:
     return results
 
 
+def _check_report(folder: Path) -> None:
+    """The report folder can be written, checked before a run rather than after it."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"--report {folder}: a file is there; the report is a folder (audit.json, "
+            "audit.png, history.jsonl): give another path"
+        )
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--report {folder}: {parent} cannot be written to; give another path")
+
+
+def _fail(e: BaseException, workdir: Path | None = None) -> NoReturn:
+    """One line on stderr: exit 2 for a mistake in the command, 1 for a run that failed."""
+    code = 2 if isinstance(e, ConfigError | UsageError) else 1
+    message = str(e)
+    if workdir is not None and str(workdir) not in message:
+        message += f" (the run's files are kept in {workdir})"
+    err.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _finish(workdir: Path, keep: bool) -> None:
+    if keep:
+        err.print(f"the run's files are kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_checked(
+    configs: list[AuditConfig], workdir: Path, keep: bool, quiet: bool
+) -> list[Findings]:
+    """Every config checked before the first run starts (so a mistake is said before any
+    progress bar); then the runs. The work folder goes at the end unless ``keep``; a run that
+    fails keeps it, for its processors' logs, and says where it is."""
+    try:
+        for cfg in configs:
+            check_audit(cfg)
+    except ConfigError as e:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _fail(e)
+    try:
+        results = _run_all(configs, quiet)
+    except (AssuredError, TimeoutError) as e:
+        _fail(e, workdir)
+    except BaseException:
+        _finish(workdir, keep)
+        raise
+    _finish(workdir, keep)
+    return results
+
+
+def _report(results: list[Findings], configs: list[AuditConfig], folder: Path) -> list[Path]:
+    try:
+        return write_report(results, [e for cfg in configs for e in cfg.events], folder)
+    except OSError as e:
+        err.print(f"[red]error:[/red] cannot write the report to {escape(str(folder))}: {e}")
+        raise typer.Exit(1) from None
+
+
+KEEP = typer.Option(
+    False, "--keep", help="Keep the run's work folder (engine file, processors' logs) in /tmp."
+)
+
+
 def audit(
     log: str = typer.Option("", "--log", "-b", help="Log URL (default: a fresh embedded file)."),
     guarantee: str = typer.Option("all", help="at-most-once, at-least-once, exactly-once or all."),
@@ -75,19 +147,21 @@ def audit(
     marked: int = typer.Option(
         0, min=0, help="handler-errors: messages per kind of failure (0: one in a hundred)."
     ),
-    session_timeout_ms: int = typer.Option(0, help="Processors' session timeout (0: auto)."),
+    session_timeout_ms: int = typer.Option(0, min=0, help="Processors' session timeout (0: auto)."),
     handle_delay_ms: float = typer.Option(
         0.0,
         min=0.0,
         help="Work per message in each processor, so that a short run lasts long enough for "
         "every planned fault to land mid-stream.",
     ),
-    timeout: float = typer.Option(600, help="Give up on a run after this many seconds."),
+    timeout: float = typer.Option(600, min=1, help="Give up on a run after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     report: Path | None = typer.Option(None, help="Write audit.json, audit.png, history.jsonl."),
+    keep: bool = KEEP,
 ) -> None:
     """Crash processors on purpose and count what was lost, duplicated or read from aborted
-    transactions. Exits 1 when any audited guarantee fails its verdict."""
+    transactions. Exits 1 when any audited guarantee fails its verdict. Every option is
+    checked before the first run; the work folder in /tmp goes afterwards unless --keep."""
     import json
     import logging
 
@@ -97,47 +171,49 @@ def audit(
     try:
         fault_list = check_faults(f.strip() for f in faults.split(",") if f.strip())
         chosen = _guarantees(guarantee)
+        if not fault_list and kills:
+            raise ConfigError(f"--faults {faults!r} names no fault; give one, or --kills 0")
+        kafka = bool(log) and parse_log_url(log).scheme == "kafka"
         if "db-restart" in fault_list and postgres_data is None:
             raise ConfigError("db-restart needs --postgres-data DIR (the server's data directory)")
-        workdir = Path(tempfile.mkdtemp(prefix="assured-audit-"))
-        url = log or f"embedded://{workdir}/audit.db"
-        broker = None
-        if "broker-kill" in fault_list and not url.startswith("kafka://"):
+        if "broker-kill" in fault_list and not kafka:
             raise ConfigError("broker-kill needs a kafka:// log (a three-node cluster)")
-        stall_broker = "write-stall" in fault_list and url.startswith("kafka://")
-        if "broker-kill" in fault_list or stall_broker:
+        if report is not None:
+            _check_report(report)
+        broker = None
+        if "broker-kill" in fault_list or ("write-stall" in fault_list and kafka):
             from assured.testing.kafka import KafkaCluster
 
             broker = KafkaCluster.attach(cluster_dir.resolve())
-        session = session_timeout_ms or (1000 if url.startswith("embedded") else 3000)
-        configs = [
-            AuditConfig(
-                log_url=url,
-                guarantee=g,
-                sink=sink,
-                messages=messages,
-                processes=processes,
-                kills=kills,
-                faults=fault_list,
-                seed=seed,
-                workdir=workdir,
-                postgres_dsn=postgres_dsn or None,
-                session_timeout_ms=session,
-                handle_delay_ms=handle_delay_ms,
-                timeout_s=timeout,
-                marked=marked,
-                broker=broker,
-                postgres=postgres_data.resolve() if postgres_data is not None else None,
-            )
-            for g in chosen
-        ]
-        results = _run_all(configs, quiet=json_out)
-    except (AssuredError, TimeoutError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    except AssuredError as e:
+        _fail(e)
+    workdir = Path(tempfile.mkdtemp(prefix="assured-audit-"))
+    url = log or f"embedded://{workdir}/audit.db"
+    session = session_timeout_ms or (3000 if kafka else 1000)
+    configs = [
+        AuditConfig(
+            log_url=url,
+            guarantee=g,
+            sink=sink,
+            messages=messages,
+            processes=processes,
+            kills=kills,
+            faults=fault_list,
+            seed=seed,
+            workdir=workdir,
+            postgres_dsn=postgres_dsn or None,
+            session_timeout_ms=session,
+            handle_delay_ms=handle_delay_ms,
+            timeout_s=timeout,
+            marked=marked,
+            broker=broker,
+            postgres=postgres_data.resolve() if postgres_data is not None else None,
+        )
+        for g in chosen
+    ]
+    results = _run_checked(configs, workdir, keep, quiet=json_out)
     if report is not None:
-        events = [e for cfg in configs for e in cfg.events]
-        paths = write_report(results, events, report)
+        paths = _report(results, configs, report)
         err.print("report: " + ", ".join(str(p) for p in paths))
     if json_out:
         print(json.dumps([f.as_json() for f in results], indent=2))
@@ -152,10 +228,16 @@ def demo(
     kills: int = typer.Option(6, min=1, help="Crashes per guarantee."),
     seed: int = typer.Option(7),
     report: Path = typer.Option(Path("assured-demo-report"), help="Where the report goes."),
+    keep: bool = KEEP,
 ) -> None:
     """The payment example on the embedded engine: a stream of charges, processed under each
     guarantee while processors are SIGKILLed and crash at the point where each is weakest.
-    Charging twice and never charging are both bugs; see which guarantee does which."""
+    Charging twice and never charging are both bugs; see which guarantee does which. The
+    work folder in /tmp goes afterwards unless --keep."""
+    try:
+        _check_report(report)
+    except ConfigError as e:
+        _fail(e)
     workdir = Path(tempfile.mkdtemp(prefix="assured-demo-"))
     console.print(
         f"[bold]assured demo[/bold]: {messages} card charges per guarantee, 2 processors, "
@@ -180,16 +262,12 @@ def demo(
         )
         for g in GUARANTEES
     ]
-    try:
-        results = _run_all(configs, quiet=False)
-    except (AssuredError, TimeoutError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    results = _run_checked(configs, workdir, keep, quiet=False)
     console.print(table(results, title="payments under crashes"))
     for f in results:
         for line in plain_lines(f, noun="charges", verb="charged"):
             console.print(line)
-    paths = write_report(results, [e for c in configs for e in c.events], report)
+    paths = _report(results, configs, report)
     console.print(f"\nreport: {', '.join(str(p) for p in paths)}")
     if any(f.verdict != "pass" for f in results):
         raise typer.Exit(1)

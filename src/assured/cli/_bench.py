@@ -56,6 +56,13 @@ def _embedded_dir(url: str) -> Path:
             f"--log {url!r}: the log suite benchmarks the embedded engine only; give it a "
             "folder for its files, as --log embedded:///tmp/assured-bench"
         )
+    if not url[len(parts.scheme) + 1 :].startswith("//"):
+        _fail(f"--log {url!r} lacks the '//' after 'embedded:'; write embedded:///absolute/folder")
+    if parts.netloc not in ("", ".", "..") and not parts.netloc.startswith("~"):
+        _fail(
+            f"--log {url!r} is ambiguous: write embedded:///{parts.netloc}{parts.path} for an "
+            f"absolute folder or embedded://./{parts.netloc}{parts.path} for a relative one"
+        )
     if parts.query:
         _fail(f"--log {url!r}: no options here; choose durability with --durability")
     raw = unquote(parts.netloc + parts.path)
@@ -183,6 +190,8 @@ def bench(
     loops and Quix Streams: throughput, latency at half load, memory)."""
     if suite not in _SUITES:
         _fail(f"unknown suite {suite!r}; known: {', '.join(_SUITES)}")
+    if Path(results_dir).exists() and not Path(results_dir).is_dir():
+        _fail(f"--results-dir {results_dir!r} is a file; the results go in a folder")
     if suite == "runtime":
         _runtime(
             log, json_out, records or 1_000_000, Path(results_dir), latency_seconds,

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from assured.errors import ConfigError
-from assured.log._models import Isolation, OffsetReset
+from assured.errors import ConfigError, EngineFileError
+from assured.log._models import Isolation, OffsetReset, TopicPartition
 from assured.log._protocol import ConfigValue, Log, check_consumer_options
 from assured.log.assignors import ASSIGNORS
 from assured.log.embedded._admin import EmbeddedAdmin
+from assured.log.embedded._batches import decode
 from assured.log.embedded._consumer import EmbeddedConsumer
 from assured.log.embedded._engine import Engine
 from assured.log.embedded._producer import EmbeddedProducer
-from assured.log.embedded._schema import Durability
+from assured.log.embedded._schema import Durability, rid
 
 __all__ = ["EmbeddedAdmin", "EmbeddedConsumer", "EmbeddedLog", "EmbeddedProducer", "Engine"]
 
@@ -82,14 +84,21 @@ def settings_from(options: Mapping[str, ConfigValue]) -> EmbeddedSettings:
 class EmbeddedLog(Log):
     """A log in one engine file. Cheap to make; every client opens its own connection."""
 
-    def __init__(self, path: Path | str, settings: EmbeddedSettings | None = None):
+    def __init__(
+        self, path: Path | str, settings: EmbeddedSettings | None = None, *, create: bool = True
+    ):
+        """``create=False``: the file must exist already (a reader's missing file is a wrong
+        path, not a new log); a :class:`ConfigError` says so and nothing is made."""
         self.path = Path(path).expanduser().absolute()
         self.settings = settings or EmbeddedSettings()
         self.url = f"embedded://{self.path}"
+        self._create = create
         self._engine().close()  # validate (or create) the file now, not at first use
 
     def _engine(self) -> Engine:
-        return Engine(self.path, self.settings.durability, self.settings.busy_timeout_ms / 1000)
+        return Engine(
+            self.path, self.settings.durability, self.settings.busy_timeout_ms / 1000, self._create
+        )
 
     def admin(self) -> EmbeddedAdmin:
         return EmbeddedAdmin(self._engine())
@@ -106,7 +115,8 @@ class EmbeddedLog(Log):
         config: Mapping[str, ConfigValue] | None = None,
     ) -> EmbeddedProducer:
         cfg = dict(config or {})
-        max_request = _int("message.max.bytes", cfg.pop("message.max.bytes", 1_000_000))
+        # Unset, the topic's max.message.bytes alone is the limit (what describe shows).
+        max_request = _int("message.max.bytes", cfg.pop("message.max.bytes", sys.maxsize))
         delivery = _int("delivery.timeout.ms", cfg.pop("delivery.timeout.ms", 120_000))
         if cfg:
             raise ConfigError(
@@ -159,6 +169,34 @@ class EmbeddedLog(Log):
             assignor=assignor,
             client_id=client_id or f"{socket.gethostname()}-{os.getpid()}",
         )
+
+    def check(self, topics: Iterable[str] = ()) -> None:
+        """Refuse a damaged file before writing to it: SQLite's own check of the file's pages,
+        then every record batch of ``topics`` decoded (as long as a consume of them takes).
+        :class:`EngineFileError` says what is damaged; nothing is written either way."""
+        engine = self._engine()
+        try:
+            with engine.read() as c:
+                found = [" ".join(row[0].split()) for row in c.execute("PRAGMA quick_check(1)")]
+                if found != ["ok"]:
+                    raise EngineFileError(
+                        f"engine file {self.path} is corrupt ({'; '.join(found)}). Nothing "
+                        "was written to it; restore it from a copy, or move it aside and start "
+                        "a new one."
+                    )
+                for name in topics:
+                    info = engine.topic(name, refresh=True)
+                    for partition, part in enumerate(info.part_ids if info else ()):
+                        base = rid(part, 0)
+                        rows = c.execute(
+                            "SELECT id, last, data FROM batches WHERE id >= ? AND id < ?",
+                            (base, rid(part + 1, 0)),
+                        )
+                        where = TopicPartition(name, partition)
+                        for first, last, data in rows:
+                            decode(data, where, first - base, last - first + 1)
+        finally:
+            engine.close()
 
     def close(self) -> None:
         """Nothing to release: each client closes its own connection."""

@@ -46,6 +46,7 @@ __all__ = [
     "Engine",
     "GroupView",
     "TopicInfo",
+    "check_new_topic",
     "decode_headers",
     "encode_headers",
     "now_ms",
@@ -55,12 +56,36 @@ __all__ = [
 DEFAULT_TOPIC_CONFIG = {
     "retention.ms": "604800000",  # 7 days, Kafka's default
     "retention.bytes": "-1",
-    "max.message.bytes": "1048588",
+    # The one record size limit (key + value + headers) unless a producer sets a lower
+    # message.max.bytes: what describe shows is what send enforces. Kafka's broker says
+    # 1,048,588, but counts a batch's overhead too, and its clients stop at 1,000,000.
+    "max.message.bytes": "1000000",
     "cleanup.policy": "delete",
 }
 _MARKER_COMMIT = b"COMMIT"
 _MARKER_ABORT = b"ABORT"
 _make_record = functools.partial(tuple.__new__, Record)
+
+
+def check_new_topic(name: str, partitions: int, config: Mapping[str, str] | None) -> dict[str, str]:
+    """A new topic's name, partition count and config checked (an :class:`InvalidTopicError`
+    if wrong; no file is needed for that); returns its config with the defaults filled in."""
+    check_topic_name(name)
+    if partitions < 1:
+        raise InvalidTopicError(f"topic {name!r} needs at least one partition, not {partitions}")
+    merged = {**DEFAULT_TOPIC_CONFIG, **{k: str(v) for k, v in (config or {}).items()}}
+    unknown = set(merged) - set(DEFAULT_TOPIC_CONFIG) - {"min.insync.replicas"}
+    if unknown:
+        raise InvalidTopicError(
+            f"unknown topic config {sorted(unknown)}; the embedded engine knows "
+            f"{sorted(DEFAULT_TOPIC_CONFIG)}"
+        )
+    for key in ("retention.ms", "retention.bytes", "max.message.bytes"):
+        try:
+            int(merged[key])
+        except ValueError:
+            raise InvalidTopicError(f"topic config {key}={merged[key]!r} is not a number") from None
+    return merged
 
 
 def now_ms() -> int:
@@ -94,9 +119,15 @@ class GroupView:
 class Engine:
     """One connection to an engine file, and every operation on it."""
 
-    def __init__(self, path: Path, durability: Durability = "normal", busy_timeout: float = 30.0):
+    def __init__(
+        self,
+        path: Path,
+        durability: Durability = "normal",
+        busy_timeout: float = 30.0,
+        create: bool = True,
+    ):
         self.path = path
-        self.conn = connect(path, durability, busy_timeout)
+        self.conn = connect(path, durability, busy_timeout, create)
         self._busy_ms = int(busy_timeout * 1000)
         self._topics: dict[str, TopicInfo] = {}
         self._depth = 0
@@ -179,25 +210,7 @@ class Engine:
     # -- topics --------------------------------------------------------------------------------
 
     def create_topic(self, name: str, partitions: int, config: Mapping[str, str] | None) -> None:
-        check_topic_name(name)
-        if partitions < 1:
-            raise InvalidTopicError(
-                f"topic {name!r} needs at least one partition, not {partitions}"
-            )
-        merged = {**DEFAULT_TOPIC_CONFIG, **{k: str(v) for k, v in (config or {}).items()}}
-        unknown = set(merged) - set(DEFAULT_TOPIC_CONFIG) - {"min.insync.replicas"}
-        if unknown:
-            raise InvalidTopicError(
-                f"unknown topic config {sorted(unknown)}; the embedded engine knows "
-                f"{sorted(DEFAULT_TOPIC_CONFIG)}"
-            )
-        for key in ("retention.ms", "retention.bytes", "max.message.bytes"):
-            try:
-                int(merged[key])
-            except ValueError:
-                raise InvalidTopicError(
-                    f"topic config {key}={merged[key]!r} is not a number"
-                ) from None
+        merged = check_new_topic(name, partitions, config)
         with self.write() as c:
             existing = [r[0] for r in c.execute("SELECT name FROM topics")]
             if name in existing:

@@ -14,8 +14,9 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
-from assured.errors import AssuredError, EngineFileError, LogError, RetriableError
+from assured.errors import AssuredError, ConfigError, EngineFileError, LogError, RetriableError
 from assured.log.embedded._batches import MAX_BATCH_RECORDS, Row, row_size, table_rows
 
 __all__ = ["FORMAT", "OFFSET_BITS", "SCHEMA_VERSION", "Durability", "connect", "rid", "translate"]
@@ -140,17 +141,29 @@ def _check_path(path: Path) -> None:
 
 
 def connect(
-    path: Path, durability: Durability = "normal", busy_timeout: float = 30.0
+    path: Path, durability: Durability = "normal", busy_timeout: float = 30.0, create: bool = True
 ) -> sqlite3.Connection:
-    """A connection to the engine file at ``path``, creating the file if new."""
+    """A connection to the engine file at ``path``, creating the file if new (with
+    ``create=False``, a missing or empty file is refused and nothing is made)."""
+    if not create and not path.exists():
+        raise ConfigError(
+            f"engine file {path} does not exist; check the path, or make a log there first "
+            f"(assured topic create NAME -b embedded://{path}, or an App)"
+        )
     _check_path(path)
+    # mode=rw: SQLite itself will not create the file, even if it vanished since the look.
+    target = path if create else f"file:{quote(str(path))}?mode=rw"
     with translate(path):
         conn = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            target,
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=not create,
         )
     try:
         with translate(path):
-            _validate_or_create(conn, path)
+            _validate_or_create(conn, path, create)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB
@@ -164,8 +177,13 @@ def connect(
     return conn
 
 
-def _validate_or_create(conn: sqlite3.Connection, path: Path) -> None:
+def _validate_or_create(conn: sqlite3.Connection, path: Path, create: bool = True) -> None:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables and not create:
+        raise EngineFileError(
+            f"{path} is empty, not an assured engine file. It was left untouched; check the "
+            "path, or make a log there first (assured topic create, or an App)."
+        )
     if not tables:
         conn.execute("BEGIN IMMEDIATE")
         try:
