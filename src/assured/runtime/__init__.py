@@ -7,7 +7,7 @@ positions in one transaction (Kafka's, or the sink database's).
 
 from assured.runtime._app import App, RunStats
 from assured.runtime._handling import HandlerFailedError, Output
-from assured.runtime._message import CODECS, Codec, Message
+from assured.runtime._message import CODECS, Codec, DecodeError, Message
 from assured.runtime._settings import GUARANTEES, AppSettings, Guarantee
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "App",
     "AppSettings",
     "Codec",
+    "DecodeError",
     "Guarantee",
     "HandlerFailedError",
     "Message",

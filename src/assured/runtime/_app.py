@@ -8,13 +8,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Literal, TypeVar
 
+from assured._secrets import redact_url
 from assured.errors import AssuredError, ConfigError, InvalidTopicError, UnknownTopicError
-from assured.log import Log, Record, open_log
+from assured.log import Admin, Consumer, Log, Record, TopicPartition, open_log
 from assured.runtime._handling import HandlerSpec, check_handler
 from assured.runtime._message import Codec, codec
 from assured.runtime._settings import AppSettings, Guarantee
@@ -69,10 +70,8 @@ class App:
             given["log"] = log
         elif isinstance(log, Log):
             given["log"] = log.url
-        try:
-            self.settings = AppSettings(**given)
-        except ValueError as e:
-            raise ConfigError(f"invalid App settings: {e}") from None
+        self.settings = _settings(given)
+        self._given = given
         self._log = log if isinstance(log, Log) else None
         self._specs: dict[str, HandlerSpec] = {}
         self._stop = threading.Event()
@@ -84,6 +83,19 @@ class App:
     def guarantee(self) -> Guarantee:
         return self.settings.guarantee
 
+    def configure(self, **settings: Any) -> None:
+        """Replace some settings before ``run()``, as if they had been given to ``App()``
+        (they win over ``ASSURED_*`` variables and the config file): ``app.configure(
+        log="kafka://b:9092", group="payments-2")``. ``assured run --log/--group/--guarantee``
+        use it. Raises :class:`~assured.errors.ConfigError` for a bad value, changing nothing."""
+        given = {**self._given, **settings}
+        new = _settings(given)
+        if "log" in settings:
+            self._log = None  # a URL given now replaces a Log object given to App()
+        if new.guarantee != self.settings.guarantee:
+            self.metrics = RuntimeMetrics(new.guarantee)
+        self._given, self.settings = given, new
+
     def handler(
         self,
         topic: str,
@@ -92,15 +104,20 @@ class App:
         sink: Sink | None = None,
         retries: int = 3,
         dead_letter: str | Literal[False] = _DEFAULT_DLQ,
-        key_codec: str | Codec = "bytes",
-        value_codec: str | Codec = "bytes",
+        key_codec: str | Codec | type[Any] = "bytes",
+        value_codec: str | Codec | type[Any] = "bytes",
         backoff_ms: float = 50,
     ) -> Callable[[F], F]:
         """Register ``fn(message)``, ``fn(message, out)`` (with ``output``: an
         :class:`~assured.runtime.Output`) or ``fn(message, db)`` (with ``sink``: a database
         transaction) for ``topic``. A handler that raises is retried ``retries`` times with
         exponential backoff, then its record goes to ``dead_letter`` (``{topic}.dlq`` unless
-        given; ``False`` stops the App instead, leaving the record uncommitted)."""
+        given; ``False`` stops the App instead, leaving the record uncommitted).
+
+        ``key_codec`` and ``value_codec``: ``"bytes"``, ``"str"``, ``"json"``, an object with
+        ``encode`` and ``decode``, or a pydantic model class (each record is validated into
+        the model, and what the handler sends is written as JSON). A record that does not
+        decode goes to ``dead_letter`` at once, without retries."""
         if topic in self._specs:
             raise ConfigError(f"topic {topic!r} already has a handler")
         if output is not None and sink is not None:
@@ -134,10 +151,21 @@ class App:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, max_messages: int | None = None, until_idle: float | None = None) -> RunStats:
+    def run(
+        self,
+        max_messages: int | None = None,
+        until_idle: float | None = None,
+        *,
+        progress_every: float | None = None,
+    ) -> RunStats:
         """Process until SIGTERM/SIGINT (or ``stop()``); or until ``max_messages`` records are
-        handled; or until nothing arrived for ``until_idle`` seconds. The first signal finishes
-        the batch, commits or aborts cleanly and leaves the group; a second exits at once."""
+        handled; or until the App has been idle for ``until_idle`` seconds. Idle means the group
+        has assigned this member its partitions and each one is read to its end: time spent
+        waiting for the group (a member that died holds its partitions until its session
+        expires) is not idle, and is logged as waiting. The first signal finishes the batch,
+        commits or aborts cleanly and leaves the group; a second exits at once.
+        ``progress_every``: log a one-line summary (records/s, lag, commits, aborts, dead
+        letters) every so many seconds."""
         if not self._specs:
             raise ConfigError("the App has no handlers; register one with @app.handler(topic)")
         s = self.settings
@@ -155,24 +183,29 @@ class App:
         rt = Runtime(s, log_, consumer, self._specs, self.metrics, sink, self.on_transaction)
         rt.incarnations = incarnations
         protocol = self._protocol(rt, sink)
-        if s.metrics_port is not None:
-            self.metrics.serve(s.metrics_port)
         stats = RunStats()
+        watch = _Watch(s, log_, consumer, self.metrics, stats, progress_every)
         started = time.monotonic()
         try:
             with self._signals(stats):
+                if s.metrics_port is not None:
+                    self._serve_metrics(s.metrics_port)
                 protocol.start()
                 consumer.subscribe(
                     list(self._specs),
-                    on_assign=protocol.on_assign,
-                    on_revoke=protocol.on_revoke,
-                    on_lost=protocol.on_lost,
+                    on_assign=watch.on_assign(protocol.on_assign),
+                    on_revoke=watch.on_revoke(protocol.on_revoke, lost=False),
+                    on_lost=watch.on_revoke(protocol.on_lost, lost=True),
                 )
                 log.info(
                     "running %s for group %r on %s (topics %s)",
-                    s.guarantee, s.group, log_.url, ", ".join(self._specs),
+                    s.guarantee, s.group, redact_url(log_.url), self._topics(),
+                    extra={
+                        "event": "start", "guarantee": s.guarantee, "group": s.group,
+                        "log": redact_url(log_.url), "topics": list(self._specs),
+                    },
                 )  # fmt: skip
-                self._loop(protocol, consumer, stats, max_messages, until_idle)
+                self._loop(protocol, consumer, stats, watch, max_messages, until_idle)
                 protocol.close()
                 consumer.close()  # leaves the group; on_revoke has nothing left to commit
         except BaseException as e:
@@ -188,21 +221,42 @@ class App:
                 protocol.close()  # releases producers; commits nothing after abandon()
             raise
         finally:
+            watch.close()
             if sink is not None:
                 sink.close()
             stats.seconds = time.monotonic() - started
+        log.info(
+            "stopped (%s) after %.1f s: %d record(s) processed",
+            stats.stopped_by, stats.seconds, stats.processed,
+            extra={
+                "event": "stop", "stopped_by": stats.stopped_by, "seconds": round(stats.seconds, 3),
+                "processed": stats.processed,
+            },
+        )  # fmt: skip
         return stats
+
+    def _topics(self) -> str:
+        return ", ".join(
+            f"{t} -> {spec.output}" if spec.output else f"{t} -> database" if spec.sink else t
+            for t, spec in self._specs.items()
+        )
+
+    def _serve_metrics(self, port: int) -> None:
+        try:
+            self.metrics.serve(port)
+        except (OSError, OverflowError, ValueError) as e:
+            raise ConfigError(f"cannot serve metrics on port {port}: {e}") from None
 
     def _loop(
         self,
         protocol: CommitProtocol,
         consumer: Any,
         stats: RunStats,
+        watch: _Watch,
         max_messages: int | None,
         until_idle: float | None,
     ) -> None:
         s = self.settings
-        last_record = time.monotonic()
         while not self._stop.is_set():
             records: list[Record] = consumer.poll(s.max_poll_records, s.poll_timeout_ms / 1000)
             if records:
@@ -210,12 +264,13 @@ class App:
                     records = self._keep(consumer, records, max_messages - stats.processed)
                 protocol.process(records)
                 stats.processed += len(records)
-                last_record = time.monotonic()
+                watch.records()
             protocol.tick()
             if max_messages is not None and stats.processed >= max_messages:
                 stats.stopped_by = "max_messages"
                 return
-            if until_idle is not None and time.monotonic() - last_record >= until_idle:
+            watch.tick()
+            if until_idle is not None and watch.idle(until_idle):
                 stats.stopped_by = "idle"
                 return
         stats.stopped_by = stats.stopped_by or "stop"
@@ -297,3 +352,200 @@ class App:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _settings(given: Mapping[str, Any]) -> AppSettings:
+    """``AppSettings(**given)``; a bad setting is its one-line :class:`ConfigError`."""
+    return AppSettings(**given)
+
+
+class _Watch:
+    """What the run loop knows beyond the records: whether the group has assigned this member
+    its partitions (and since when it waits), whether they are read to their end (the only
+    idle that counts), and the periodic summary. Only reads positions and watermarks; commits
+    nothing and moves no consumer."""
+
+    WAITING_AFTER_S = 1.0  # a join quicker than this is not worth a line
+    WAITING_EVERY_S = 15.0
+
+    def __init__(
+        self,
+        settings: AppSettings,
+        log_: Log,
+        consumer: Consumer,
+        metrics: RuntimeMetrics,
+        stats: RunStats,
+        progress_every: float | None,
+    ):
+        self.settings = settings
+        self.log = log_
+        self.consumer = consumer
+        self.metrics = metrics
+        self.stats = stats
+        self.progress_every = progress_every or None
+        now = time.monotonic()
+        self.joined = False  # the group has given this member its partitions (maybe none)
+        self.waiting_since: float = now
+        self.waiting_said: float | None = None
+        self.quiet_since = now  # no record and no new assignment since
+        self.caught_up = False  # every assigned partition was read to its end at quiet_since
+        self.checked = 0.0
+        self.summary_at = now
+        self.summary_processed = 0
+        self._admin: Admin | None = None
+
+    # -- the group ---------------------------------------------------------------------------
+
+    def on_assign(
+        self, then: Callable[[list[TopicPartition]], Mapping[TopicPartition, int] | None]
+    ) -> Callable[[list[TopicPartition]], Mapping[TopicPartition, int] | None]:
+        def assigned(partitions: list[TopicPartition]) -> Mapping[TopicPartition, int] | None:
+            starts = then(partitions)
+            now = time.monotonic()
+            held = self.consumer.assignment()
+            if partitions:
+                what = _partitions(partitions)
+            elif held:
+                what = "no new partitions"
+            else:
+                what = "no partitions (the group's other members hold them all)"
+            log.info(
+                "assigned %s%s",
+                what,
+                f" (holding {len(held)})" if held and len(held) != len(partitions) else "",
+                extra={
+                    "event": "assigned", "partitions": [str(tp) for tp in partitions],
+                    "holding": len(held), "waited_s": round(now - self.waiting_since, 3),
+                },
+            )  # fmt: skip
+            self.joined, self.caught_up, self.quiet_since = True, False, now
+            return starts
+
+        return assigned
+
+    def on_revoke(
+        self, then: Callable[[list[TopicPartition]], None], lost: bool
+    ) -> Callable[[list[TopicPartition]], None]:
+        def revoked(partitions: list[TopicPartition]) -> None:
+            then(partitions)
+            log.info(
+                "%s %s",
+                "lost (the group moved on without this member; nothing is committed for "
+                "them):" if lost else "revoked",
+                _partitions(partitions),
+                extra={
+                    "event": "lost" if lost else "revoked",
+                    "partitions": [str(tp) for tp in partitions],
+                },
+            )  # fmt: skip
+            if set(partitions) >= set(self.consumer.assignment()):
+                # Nothing left: the group is rebalancing, and this member waits for it.
+                self.joined, self.caught_up = False, False
+                self.waiting_since, self.waiting_said = time.monotonic(), None
+
+        return revoked
+
+    # -- each turn of the loop ---------------------------------------------------------------
+
+    def records(self) -> None:
+        self.caught_up, self.quiet_since = False, time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if (
+            not self.joined
+            and now - self.waiting_since >= self.WAITING_AFTER_S
+            and (self.waiting_said is None or now - self.waiting_said >= self.WAITING_EVERY_S)
+        ):
+            self.waiting_said = now
+            waited = now - self.waiting_since
+            log.info(
+                    "waiting for the group %r to assign partitions (%.0f s so far): a dead "
+                    "member's session may take up to %.0f s to expire",
+                    self.settings.group, waited, self.settings.session_timeout_ms / 1000,
+                    extra={
+                        "event": "waiting", "group": self.settings.group,
+                        "waited_s": round(waited, 3),
+                        "session_timeout_s": self.settings.session_timeout_ms / 1000,
+                    },
+                )  # fmt: skip
+        if self.progress_every is not None and now - self.summary_at >= self.progress_every:
+            self._summary(now)
+
+    def idle(self, until_idle: float) -> bool:
+        """Has every assigned partition been read to its end, with nothing new, for
+        ``until_idle`` seconds? Never while the group has not assigned this member."""
+        if not self.joined:
+            return False
+        now = time.monotonic()
+        if not self.caught_up:
+            if now - self.checked < min(0.5, until_idle / 2):
+                return False
+            self.checked = now
+            if self.behind() != 0:
+                self.quiet_since = now
+                return False
+            self.caught_up = True
+        if now - self.quiet_since < until_idle:
+            return False
+        if self.behind() != 0:  # one more look before stopping
+            self.caught_up, self.quiet_since = False, now
+            return False
+        return True
+
+    def behind(self) -> int | None:
+        """Records between each assigned partition's position and its end (its last stable
+        offset: what read_committed can reach), summed; None if the log would not say."""
+        total = 0
+        try:
+            if self._admin is None:
+                self._admin = self.log.admin()
+            for tp in self.consumer.assignment():
+                end = self._admin.watermarks(tp).lso
+                total += max(0, end - self.consumer.position(tp))
+        except AssuredError as e:
+            log.debug("could not read the positions and ends of the partitions: %s", e)
+            return None
+        return total
+
+    def _summary(self, now: float) -> None:
+        seconds = now - self.summary_at
+        rate = (self.stats.processed - self.summary_processed) / seconds if seconds else 0.0
+        self.summary_at, self.summary_processed = now, self.stats.processed
+        lag = self.behind() if self.joined else None
+        commits = _total(self.metrics.committed)
+        aborts = _total(self.metrics.aborts)
+        dead = _total(self.metrics.dead_lettered)
+        shown = "waiting for the group" if not self.joined else "?" if lag is None else f"{lag:,}"
+        log.info(
+            "%s records/s, lag %s, %d commits, %d aborts, %d dead letters (%s records so far)",
+            f"{rate:,.0f}", shown, commits, aborts, dead, f"{self.stats.processed:,}",
+            extra={
+                "event": "summary", "records_per_s": round(rate, 1), "lag": lag,
+                "commits": commits, "aborts": aborts, "dead_letters": dead,
+                "processed": self.stats.processed,
+            },
+        )  # fmt: skip
+
+    def close(self) -> None:
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                self._admin.close()
+            self._admin = None
+
+
+def _partitions(partitions: list[TopicPartition], most: int = 12) -> str:
+    shown = ", ".join(map(str, partitions[:most]))
+    return shown + (f" and {len(partitions) - most} more" if len(partitions) > most else "")
+
+
+def _total(counter: Any) -> int:
+    """A counter's value summed over its labels."""
+    return int(
+        sum(
+            sample.value
+            for metric in counter.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+    )

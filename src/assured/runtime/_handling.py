@@ -18,7 +18,14 @@ from typing import Any
 
 from assured.errors import AssuredError, ConfigError
 from assured.log import Header, Producer, Record
-from assured.runtime._message import BYTES, Codec, Message, make_message
+from assured.runtime._message import (
+    BYTES,
+    Codec,
+    DecodeError,
+    Message,
+    decode_failed,
+    make_message,
+)
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
 from assured.sinks._base import dead_letter_headers
@@ -155,12 +162,19 @@ class HandlerSpec:
     def name(self) -> str:
         return getattr(self.fn, "__qualname__", repr(self.fn))
 
-    def decode(self, r: Record) -> Message:
+    def decode(self, r: Record) -> Message[Any]:
+        """The record as its handler sees it; :class:`DecodeError` if a codec refuses it."""
         key, value = r.key, r.value
         if key is not None and self.key_codec is not BYTES:
-            key = self.key_codec.decode(key)
+            try:
+                key = self.key_codec.decode(key)
+            except Exception as e:
+                raise decode_failed(r, "key", self.key_codec, e) from e
         if value is not None and self.value_codec is not BYTES:
-            value = self.value_codec.decode(value)
+            try:
+                value = self.value_codec.decode(value)
+            except Exception as e:
+                raise decode_failed(r, "value", self.value_codec, e) from e
         return make_message((key, value, r))
 
 
@@ -327,6 +341,14 @@ def _where(record: Record) -> str:
     return f"{record.topic}[{record.partition}]@{record.offset}"
 
 
+def _one_line(error: BaseException) -> str:
+    """``error`` as one line of a log: its type and its message, whitespace folded."""
+    text = " ".join(str(error).split())
+    if len(text) > 500:
+        text = text[:497] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _retry(
     spec: HandlerSpec,
     record: Record,
@@ -338,9 +360,10 @@ def _retry(
     transactional: bool,
 ) -> None:
     """Attempts 2 .. retries + 1 of a record whose handler raised, backing off
-    ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic."""
+    ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic.
+    A record that did not decode goes there at once: its bytes will not change."""
     attempts = 1
-    while attempts <= spec.retries:
+    while attempts <= spec.retries and not isinstance(error, DecodeError):
         metrics.retried.labels(*labels).inc()
         time.sleep(min(2.0, spec.backoff_s * 2 ** (attempts - 1)))
         attempts += 1
@@ -384,8 +407,14 @@ def dead_letter(
             f"topic is configured, so the App stops here rather than skip the record. {kept}"
         ) from error
     log.warning(
-        "handler %s failed %d time(s) on %s (%r); sending it to %s",
-        spec.name, attempts, where, error, spec.dead_letter,
+        "dead letter: %s to %s after %d attempt(s) of handler %s: %s",
+        where, spec.dead_letter, attempts, spec.name, _one_line(error),
+        extra={
+            "event": "dead_letter", "topic": record.topic, "partition": record.partition,
+            "offset": record.offset, "error": _one_line(error), "error_type":
+            type(error).__qualname__, "dead_letter_topic": spec.dead_letter,
+            "attempts": attempts, "handler": spec.name,
+        },
     )  # fmt: skip
     dead_letters(spec.dead_letter, record, dead_letter_headers(record, error, attempts))
     metrics.dead_lettered.labels(*labels).inc()

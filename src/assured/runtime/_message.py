@@ -1,4 +1,11 @@
-"""What a handler receives, and the codecs that turn bytes into values and back."""
+"""What a handler receives, and the codecs that turn bytes into values and back.
+
+A codec is ``"bytes"``, ``"str"``, ``"json"``, an object with ``encode``/``decode``, or a pydantic
+model class: each record is then validated into the model (``msg.value`` is a model instance)
+and whatever a handler sends is written as JSON. A record that does not decode is not retried
+(a retry cannot change its bytes): it goes to the dead-letter topic at once, with a
+:class:`DecodeError` saying why in its headers.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,28 @@ import json
 from collections.abc import Callable
 from functools import partial
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol
 
-from assured.errors import ConfigError
+import pydantic
+import pydantic_core
+from typing_extensions import TypeVar  # a default (PEP 696): a bare Message is Message[Any]
+
+from assured.errors import AssuredError, ConfigError
 from assured.log import Header, Record
 
-__all__ = ["BYTES", "CODECS", "Codec", "Message", "codec", "make_message"]
+__all__ = [
+    "BYTES",
+    "CODECS",
+    "Codec",
+    "DecodeError",
+    "Message",
+    "ModelCodec",
+    "codec",
+    "codec_name",
+    "make_message",
+]
+
+V = TypeVar("V", default=Any)
 
 
 class Codec(Protocol):
@@ -48,16 +71,48 @@ class JsonCodec:
         return json.loads(data)
 
 
+class ModelCodec:
+    """A pydantic model class as a codec: a record's bytes are JSON validated into the model;
+    what a handler sends (a model instance, or anything pydantic can write as JSON) is JSON."""
+
+    def __init__(self, model: type[pydantic.BaseModel]):
+        self.model = model
+        self._validate = model.model_validate_json
+
+    def encode(self, value: Any) -> bytes:
+        return pydantic_core.to_json(value)
+
+    def decode(self, data: bytes) -> Any:
+        return self._validate(data)
+
+    def __repr__(self) -> str:
+        return f"ModelCodec({self.model.__qualname__})"
+
+
 BYTES: Codec = BytesCodec()
 CODECS: dict[str, Codec] = {"bytes": BYTES, "str": StrCodec(), "json": JsonCodec()}
 
 
-def codec(spec: str | Codec) -> Codec:
+def codec(spec: str | Codec | type[Any]) -> Codec:
+    """The codec ``spec`` names: a built-in name, a codec object, or a pydantic model class."""
     if isinstance(spec, str):
         try:
             return CODECS[spec]
         except KeyError:
-            raise ConfigError(f"unknown codec {spec!r}; built in: {sorted(CODECS)}") from None
+            raise ConfigError(
+                f"unknown codec {spec!r}; built in: {sorted(CODECS)}, or a pydantic model "
+                "class, or an object with encode() and decode()"
+            ) from None
+    if isinstance(spec, type):
+        if issubclass(spec, pydantic.BaseModel):
+            return ModelCodec(spec)
+        hint = (
+            f"pass an instance, {spec.__name__}(), not the class"
+            if callable(getattr(spec, "decode", None))
+            else "a codec is one of "
+            f"{sorted(CODECS)}, a pydantic model class, or an object with encode() and decode()"
+        )
+        raise ConfigError(f"codec {spec.__qualname__} is a class; {hint}")
     missing = [m for m in ("encode", "decode") if not callable(getattr(spec, m, None))]
     if missing:
         raise ConfigError(
@@ -67,18 +122,62 @@ def codec(spec: str | Codec) -> Codec:
     return spec
 
 
-class Message(tuple[Any, Any, Record]):
+def codec_name(c: Codec) -> str:
+    """How a codec is called in messages: its built-in name, its model, or its type."""
+    for name, known in CODECS.items():
+        if known is c:
+            return f"the {name} codec"
+    if isinstance(c, ModelCodec):
+        return c.model.__qualname__
+    return type(c).__qualname__
+
+
+class DecodeError(AssuredError):
+    """A record's key or value did not decode with its handler's codec (not JSON, or not
+    valid for the handler's pydantic model). The record is dead-lettered without a retry:
+    its bytes will not change."""
+
+    def __init__(self, message: str, record: Record):
+        super().__init__(message)
+        self.record = record
+
+
+def decode_failed(record: Record, part: str, c: Codec, error: Exception) -> DecodeError:
+    """The :class:`DecodeError` for ``record``'s ``part`` ("key" or "value")."""
+    where = f"{record.topic}[{record.partition}]@{record.offset}"
+    if isinstance(error, pydantic.ValidationError):
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+            + e["msg"]
+            + (f" (got {_short(e['input'])})" if e["type"] != "missing" and e["loc"] else "")
+            for e in error.errors(include_url=False)
+        )
+        text = f"the {part} of {where} does not validate as {codec_name(c)}: {problems}"
+    else:
+        text = f"the {part} of {where} does not decode with {codec_name(c)}: {error}"
+    return DecodeError(" ".join(text.split()), record)
+
+
+def _short(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+class Message(tuple[Any, Any, Record], Generic[V]):
     """One input record, its key and value decoded by the handler's codecs; the rest is the
     record's (``topic``, ``partition``, ``offset``, ``timestamp_ms``, ``headers``, and the raw
-    ``record`` itself). Immutable; built in C for every record, so it is a tuple underneath."""
+    ``record`` itself). Immutable; built in C for every record, so it is a tuple underneath.
+
+    ``Message[Charge]`` types a handler whose ``value_codec`` is the pydantic model ``Charge``:
+    ``msg.value`` is then a ``Charge``."""
 
     __slots__ = ()
 
     key: Any = property(itemgetter(0), doc="The key, decoded.")
-    value: Any = property(itemgetter(1), doc="The value, decoded.")
+    value: V = property(itemgetter(1), doc="The value, decoded.")  # type: ignore[assignment]
     record: Record = property(itemgetter(2), doc="The raw record.")  # type: ignore[assignment]
 
-    def __new__(cls, key: Any, value: Any, record: Record) -> Message:
+    def __new__(cls, key: Any, value: V, record: Record) -> Message[V]:
         return tuple.__new__(cls, (key, value, record))
 
     @property
@@ -115,4 +214,4 @@ class Message(tuple[Any, Any, Record]):
 
 
 # Message((key, value, record)) without a Python-level __new__: for the hot path.
-make_message: Callable[[tuple[Any, Any, Record]], Message] = partial(tuple.__new__, Message)
+make_message: Callable[[tuple[Any, Any, Record]], Message[Any]] = partial(tuple.__new__, Message)

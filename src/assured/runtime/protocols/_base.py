@@ -29,6 +29,7 @@ __all__ = [
     "Trouble",
     "first_offsets",
     "isolated",
+    "log_commit",
     "next_offsets",
     "seek_back",
 ]
@@ -72,6 +73,19 @@ def seek_back(
     for tp, offset in targets.items():
         if tp in assigned:
             consumer.seek(tp, offset)
+
+
+def log_commit(event: str, what: str, offsets: Mapping[TopicPartition, int]) -> None:
+    """A debug line for a commit or an abort: ``what``, then the positions it covered. Says
+    only what happened; built only when debug lines are wanted."""
+    if log.isEnabledFor(logging.DEBUG):
+        shown = ", ".join(f"{tp}@{offset}" for tp, offset in offsets.items())
+        log.debug(
+            "%s%s",
+            what,
+            f": {shown}" if shown else "",
+            extra={"event": event, "offsets": {str(tp): o for tp, o in offsets.items()}},
+        )
 
 
 def isolated(isolate: dict[TopicPartition, int], record: Record) -> bool:

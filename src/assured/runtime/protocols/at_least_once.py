@@ -26,6 +26,7 @@ from assured.runtime.protocols._base import (
     CommitProtocol,
     Trouble,
     isolated,
+    log_commit,
     next_offsets,
     seek_back,
 )
@@ -143,6 +144,7 @@ class AtLeastOnce(CommitProtocol):
             with self.rt.metrics.commit_latency.labels(self.guarantee).time():
                 self.rt.consumer.commit(self.pending, asynchronous=not synchronous)
             self.rt.metrics.committed.labels(self.guarantee).inc()
+            log_commit("commit", "committed", self.pending)
         except StaleGenerationError as e:
             # The group moved on; the next owners will handle these again (at least once).
             log.warning("commit refused, records will be handled again: %s", e)

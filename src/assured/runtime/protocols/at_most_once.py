@@ -11,7 +11,7 @@ import time
 from assured.errors import LogError, StaleGenerationError
 from assured.log import Producer, Record
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, next_offsets
+from assured.runtime.protocols._base import CommitProtocol, log_commit, next_offsets
 
 __all__ = ["AtMostOnce"]
 
@@ -25,15 +25,17 @@ class AtMostOnce(CommitProtocol):
         self.producer: Producer = self.rt.log.producer()
 
     def process(self, records: list[Record]) -> None:
+        offsets = next_offsets(records)
         try:
             with self.rt.metrics.commit_latency.labels(self.guarantee).time():
-                self.rt.consumer.commit(next_offsets(records))  # the offset, before processing
+                self.rt.consumer.commit(offsets)  # the offset, before processing
         except StaleGenerationError as e:
             # Not ours any more: the new owner starts at the committed offset, so handling
             # these here could handle them twice. Skip them.
             log.warning("commit refused, skipping %d records: %s", len(records), e)
             return
         self.rt.metrics.committed.labels(self.guarantee).inc()
+        log_commit("commit", "committed before handling", offsets)
         crash_point("after-commit-before-handle")
         sink = self.rt.sink
         if sink is None:

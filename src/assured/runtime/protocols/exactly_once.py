@@ -45,7 +45,13 @@ from assured.runtime._handling import (
     producer_dead_letters,
 )
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, isolated, next_offsets, seek_back
+from assured.runtime.protocols._base import (
+    CommitProtocol,
+    isolated,
+    log_commit,
+    next_offsets,
+    seek_back,
+)
 
 __all__ = ["ExactlyOnce"]
 
@@ -275,6 +281,7 @@ class ExactlyOnce(CommitProtocol):
         except AssuredError as e:
             return e
         self.rt.metrics.committed.labels(self.guarantee).inc()
+        log_commit("commit", f"committed transaction {self.rt.transaction}", self.pending)
         self.troubles = 0
         self._tell("committed")
         self.open = False
@@ -346,8 +353,10 @@ class ExactlyOnce(CommitProtocol):
                 self._replace_producer(broken)
                 # A commit sent before the break may have landed: the group knows.
                 rewind, outcome = self._where_the_group_stands(rewind)
+                log_commit("abort", f"transaction {self.rt.transaction}: {outcome}", rewind)
                 self._tell(outcome)
             elif outcome_known:
+                log_commit("abort", f"aborted transaction {self.rt.transaction}", {})
                 self._tell("aborted")
             self.rt.metrics.aborts.labels(self.guarantee).inc()
         self.open = False
@@ -427,6 +436,7 @@ class ExactlyOnce(CommitProtocol):
             return
         try:
             self._resumable(self.producer.abort_transaction)
+            log_commit("abort", f"aborted transaction {self.rt.transaction}", {})
             self._tell("aborted")
         except Exception as e:  # the log aborts it at its timeout in any case
             log.warning("could not abort the open transaction (%s); the log will at its timeout", e)

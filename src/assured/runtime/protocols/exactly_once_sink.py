@@ -20,7 +20,13 @@ import time
 from assured.errors import AssuredError, ConfigError, LogError
 from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, Trouble, next_offsets, seek_back
+from assured.runtime.protocols._base import (
+    CommitProtocol,
+    Trouble,
+    log_commit,
+    next_offsets,
+    seek_back,
+)
 from assured.sinks import DeadLetterRelay, Sink, SinkCommitUnknownError, SinkFencedError
 
 __all__ = ["ExactlyOnceSink"]
@@ -128,6 +134,7 @@ class ExactlyOnceSink(CommitProtocol):
             raise
         self.trouble.over()
         self.rt.metrics.committed.labels(self.guarantee).inc()
+        log_commit("commit", "committed effects and positions in one database transaction", offsets)
         if tx.dead_letters:
             self._relay()
         try:
