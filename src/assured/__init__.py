@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from assured.errors import AssuredError, ConfigError, HarnessError, ServiceError
 from assured.log import Record, TopicPartition, murmur2, open_log, partition_for_key
-from assured.runtime import App, Message, Output
+from assured.runtime import App, AppSettings, DecodeError, Message, Output, RunStats
 from assured.sinks import PostgresSink, SqliteSink
 
 try:
@@ -18,13 +18,16 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "App",
+    "AppSettings",
     "AssuredError",
     "ConfigError",
+    "DecodeError",
     "HarnessError",
     "Message",
     "Output",
     "PostgresSink",
     "Record",
+    "RunStats",
     "ServiceError",
     "SqliteSink",
     "TopicPartition",
