@@ -259,13 +259,15 @@ class App:
         s = self.settings
         while not self._stop.is_set():
             records: list[Record] = consumer.poll(s.max_poll_records, s.poll_timeout_ms / 1000)
+            # Less than a full batch: nothing more was waiting, the consumer has caught up.
+            caught_up = len(records) < s.max_poll_records
             if records:
                 if max_messages is not None and stats.processed + len(records) > max_messages:
                     records = self._keep(consumer, records, max_messages - stats.processed)
                 protocol.process(records)
                 stats.processed += len(records)
                 watch.records()
-            protocol.tick()
+            protocol.tick(caught_up)
             if max_messages is not None and stats.processed >= max_messages:
                 stats.stopped_by = "max_messages"
                 return

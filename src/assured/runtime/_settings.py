@@ -66,7 +66,14 @@ class AppSettings(BaseSettings):
     commit_interval_ms: int = Field(
         default=100,
         ge=0,
-        description="Commit at least this often (exactly-once: one transaction per interval).",
+        description="Commit at least this often (exactly-once: a transaction spans at most "
+        "this long; see commit_mode).",
+    )
+    commit_mode: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description='Exactly-once to topics: "adaptive" commits as soon as the consumer has '
+        "caught up (low latency when input trickles) and at the interval under load; "
+        '"fixed" only at the interval.',
     )
     commit_every: int = Field(
         default=1000, ge=1, description="Commit after this many records, if sooner."

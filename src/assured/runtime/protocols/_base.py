@@ -217,8 +217,9 @@ class CommitProtocol(abc.ABC):
     def process(self, records: list[Record]) -> None:
         """Handle one polled batch, committing as the guarantee requires."""
 
-    def tick(self) -> None:
-        """Called after every poll, records or not: time-based commits happen here."""
+    def tick(self, caught_up: bool = False) -> None:
+        """Called after every poll, records or not: time-based commits happen here.
+        ``caught_up``: that poll returned less than a full batch (nothing more was waiting)."""
 
     def on_assign(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int] | None:
         return None

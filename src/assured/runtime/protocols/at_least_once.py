@@ -119,7 +119,7 @@ class AtLeastOnce(CommitProtocol):
         self.strikes.pop(key, None)
         return self.commit(True, unhandled)
 
-    def tick(self) -> None:
+    def tick(self, caught_up: bool = False) -> None:
         s = self.rt.settings
         due = time.monotonic() - self.last_commit >= s.commit_interval_ms / 1000
         if self.pending and (due or self.uncommitted >= s.commit_every):

@@ -1,6 +1,8 @@
 """Exactly once, log to log: outputs and positions commit in one transaction.
 
-Each transaction spans ``commit_interval_ms`` (100 ms by default) of batches: begin, handle
+A transaction spans at most ``commit_interval_ms`` (100 ms by default) of batches, and with
+``commit_mode="adaptive"`` (the default) ends as soon as a poll finds less than a full batch
+waiting, so a trickle of input is not held for the interval: begin, handle
 (outputs go into the transaction), send the positions to the transaction with the consumer's
 group metadata (so a zombie of an older generation is refused), commit. If the transaction
 aborts, nothing it wrote is visible and the positions never moved, so we seek back to the first
@@ -250,11 +252,16 @@ class ExactlyOnce(CommitProtocol):
 
     # -- committing ----------------------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self, caught_up: bool = False) -> None:
+        """Commit when the interval is up or ``commit_every`` records are in, and, with
+        ``commit_mode="adaptive"``, as soon as the consumer has caught up: a trickle of input is
+        then visible to read_committed readers a commit's round trip after it arrives, while
+        under load (full polls) transactions still grow to the interval."""
         s = self.rt.settings
         if self.open and (
             time.monotonic() - self.began >= s.commit_interval_ms / 1000
             or self.count >= s.commit_every
+            or (caught_up and s.commit_mode == "adaptive")
         ):
             try:
                 self.commit()

@@ -170,7 +170,7 @@ class ExactlyOnceSink(CommitProtocol):
                 time.sleep(pause)
                 pause = min(2 * pause, 2.0)
 
-    def tick(self) -> None:
+    def tick(self, caught_up: bool = False) -> None:
         # Dead letters another relay left, or whose commit's outcome was unknown, or that met
         # a relay that had just been replaced: looked for now and then, not only after a commit.
         now = time.monotonic()
