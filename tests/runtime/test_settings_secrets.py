@@ -6,6 +6,9 @@ reach librdkafka and psycopg.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from assured import App
 from assured._secrets import redact_url
 from assured.cli import app as cli
 from assured.errors import ConfigError
+from assured.log import open_log
 from assured.runtime import AppSettings
 
 # Every kind of secret librdkafka and libpq take, each with its own value.
@@ -29,6 +33,10 @@ SECRET_CONFIG = {
     "sasl.oauthbearer.token.endpoint.url": "https://idp/token?x=tokurl-o5p6",
 }
 URL_SECRET = "pw-in-url-q7r8"
+# The secrets a PLAINTEXT client accepts and ignores (the PEM ones it would try to parse).
+SECRET_CONFIG_USABLE = {
+    k: v for k, v in SECRET_CONFIG.items() if not k.endswith(".pem") and "oauthbearer" not in k
+}
 PUBLIC = {"security.protocol": "SASL_SSL", "sasl.username": "alice"}
 
 
@@ -73,8 +81,6 @@ def test_the_real_values_are_kept_for_the_clients() -> None:
     assert s.log_config["ssl.key.pem"] == SECRET_CONFIG["ssl.key.pem"]
     assert URL_SECRET in s.log
     # And the log the App would open gets them: its config holds the real password.
-    from assured.log import open_log
-
     log = open_log(s.log, s.log_config)
     assert log._config["sasl.password"] == SECRET_CONFIG["sasl.password"]  # type: ignore[attr-defined]
     _assert_clean(repr(log))
@@ -157,3 +163,41 @@ def test_audit_output_json_and_report_show_no_secret(
     assert any(p.name == "audit.json" for p in written)
     for path in written:
         _assert_clean(path.read_bytes().decode("utf-8", "replace"))
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_assured_run_says_everything_but_the_secrets(kafka_bootstrap: str, fmt: str) -> None:
+    """``assured run`` of a real App at debug level: its start line (with the log URL), its
+    assignment, commit and stop lines, as text and as JSON; no secret in any of it."""
+    from tests.conftest import create_topic
+
+    source, sink = create_topic(kafka_bootstrap), create_topic(kafka_bootstrap)
+    with open_log(f"kafka://{kafka_bootstrap}").producer() as producer:
+        for i in range(20):
+            producer.send(source, b"v%d" % i, key=b"k%d" % i)
+        producer.flush()
+    env = {
+        **os.environ,
+        "COPIER_IN": source,
+        "COPIER_OUT": sink,
+        "ASSURED_GUARANTEE": "exactly-once",
+        "ASSURED_GROUP": f"secrets-{fmt}",
+        "ASSURED_LOG_CONFIG": json.dumps(SECRET_CONFIG_USABLE),
+    }
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "assured"),
+            "run", "copier:app",
+            "-b", f"kafka://{kafka_bootstrap}?sasl.password={URL_SECRET}",
+            "--until-idle", "1", "--log-level", "debug", "--log-format", fmt,
+        ],
+        cwd=Path(__file__).parents[1] / "apps",
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-2000:]
+    start = next(line for line in said.splitlines() if "exactly-once" in line)
+    assert f"kafka://{kafka_bootstrap}" in start  # the start line names the log
+    assert "20 record(s)" in said
+    _assert_clean(said)
