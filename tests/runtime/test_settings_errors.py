@@ -85,6 +85,12 @@ def test_an_unknown_argument_suggests_the_known_one(tmp_path: Path) -> None:
     )
 
 
+def test_an_empty_group_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as bad:
+        App(log=f"embedded://{tmp_path}/a.db", group="")
+    assert "group = ''" in one_line(bad)
+
+
 def test_every_setting_is_described() -> None:
     for name, field in AppSettings.model_fields.items():
         assert field.description, name

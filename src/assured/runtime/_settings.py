@@ -50,7 +50,7 @@ class AppSettings(BaseSettings):
         description="Log URL: embedded:///path/file.db (the default ./assured.db) or "
         "kafka://host:9092[,host2:9092].",
     )
-    group: str = Field(default="assured", description="Consumer group id.")
+    group: str = Field(default="assured", min_length=1, description="Consumer group id.")
     guarantee: Guarantee = Field(
         default="at-least-once",
         description="at-most-once, at-least-once (the default) or exactly-once.",
