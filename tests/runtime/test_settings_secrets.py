@@ -119,6 +119,23 @@ def test_a_config_error_names_the_setting_not_its_secret(
     _assert_clean(str(other.value))
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"kafka://?sasl.password={URL_SECRET}",
+        f"kafka://h:99999?sasl.password={URL_SECRET}",
+        f"kafka://u:{URL_SECRET}@h:9092/path",
+        f"embedded:/x?sasl.password={URL_SECRET}",
+        f"ftp://u:{URL_SECRET}@h",
+    ],
+)
+def test_a_bad_log_url_is_refused_without_its_secret(url: str) -> None:
+    with pytest.raises(ConfigError) as bad:
+        open_log(url)
+    _assert_clean(str(bad.value))
+    assert "***" in str(bad.value)
+
+
 def test_redact_url() -> None:
     assert redact_url("postgresql://app:s3cret@db:5432/pay?sslmode=require") == (
         "postgresql://app:***@db:5432/pay?sslmode=require"

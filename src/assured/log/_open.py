@@ -70,6 +70,8 @@ def _brokers(shown: str, brokers: str, path: str) -> str:
             raise ConfigError(
                 f"{shown}: each broker is host:port; write kafka://host:9092[,host2:9092]"
             )
+        if host and not 0 < int(port) < 65_536:
+            raise ConfigError(f"{shown}: port {port} of {host} is not between 1 and 65535")
     return brokers
 
 
