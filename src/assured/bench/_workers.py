@@ -117,7 +117,8 @@ def run_assured(spec: dict[str, Any]) -> dict[str, Any]:
         group=spec["group"],
         guarantee=spec["guarantee"],
         commit_interval_ms=spec["commit_interval_ms"],
-        commit_every=10**9,  # commits by time only, as every other system here
+        commit_every=10**9,  # by time (and, adaptive, when caught up), never by count
+        commit_mode=spec.get("commit_mode", "adaptive"),
         max_poll_records=spec["max_poll_records"],
         log_config=spec.get("log_config") or {},
     )

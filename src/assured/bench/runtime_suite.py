@@ -77,6 +77,7 @@ class RuntimeBenchConfig:
     quix_python: str | None = None
     systems: list[str] = field(default_factory=lambda: ["bare", "assured", "quixstreams"])
     worker_timeout_s: float = 1800.0
+    commit_mode: str = "adaptive"  # assured exactly-once's; "fixed" is the baseline
     # A run during which other processes used more than ``busy_cores`` is redone; rounds whose
     # rates spread more than ``max_spread`` (max - min over median) are measured again; each up
     # to ``retries`` times, after which the row says so (``steady`` false).
@@ -201,6 +202,7 @@ def _spec(
         "records": records,
         "commit_interval_ms": config.commit_interval_ms,
         "max_poll_records": config.max_poll_records,
+        "commit_mode": config.commit_mode,
         # The bare loops' producer, set as assured's own Kafka producer is.
         "producer_config": {"enable.idempotence": True, "linger.ms": 5, "batch.num.messages": 1000},
     }

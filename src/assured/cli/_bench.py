@@ -176,6 +176,18 @@ def bench(
         "--quix-python",
         help="runtime on Kafka: a Python that has quixstreams (make bench makes .venv-quix).",
     ),
+    commit_mode: str = typer.Option(
+        "adaptive",
+        "--commit-mode",
+        help="runtime: assured exactly-once's commit_mode, adaptive or fixed (the baseline).",
+    ),
+    retries: int = typer.Option(
+        2,
+        "--retries",
+        min=0,
+        help="runtime: how often a run on a busy machine, or a set of rounds that disagree by "
+        "over 15%, is measured again.",
+    ),
     rounds: int = typer.Option(
         3, "--rounds", min=1, help="runtime: throughput runs per system; the median is reported."
     ),
@@ -195,7 +207,7 @@ def bench(
     if suite == "runtime":
         _runtime(
             log, json_out, records or 1_000_000, Path(results_dir), latency_seconds,
-            memory_records, quix_python, systems, rounds,
+            memory_records, quix_python, systems, rounds, commit_mode, retries,
         )  # fmt: skip
         return
     records = records or 200_000
@@ -244,6 +256,8 @@ def _runtime(
     quix_python: str | None,
     systems: str,
     rounds: int,
+    commit_mode: str = "adaptive",
+    retries: int = 2,
 ) -> None:
     from assured.bench.runtime_suite import RuntimeBenchConfig, run_runtime_suite
     from assured.cli import _bench_runtime
@@ -258,6 +272,8 @@ def _runtime(
     unknown = sorted(set(chosen) - {"bare", "assured", "quixstreams"})
     if unknown or not chosen:
         _fail(f"--systems {systems!r}: choose from bare, assured, quixstreams")
+    if commit_mode not in ("adaptive", "fixed"):
+        _fail(f"--commit-mode {commit_mode!r}: choose adaptive or fixed")
     config = RuntimeBenchConfig(
         log=log,
         records=records,
@@ -266,6 +282,8 @@ def _runtime(
         quix_python=quix_python,
         systems=chosen,
         rounds=rounds,
+        commit_mode=commit_mode,
+        retries=retries,
     )
     progress = Console(stderr=True)
     try:
