@@ -89,6 +89,19 @@ class Admin(_Closing):
     @abc.abstractmethod
     def watermarks(self, tp: TopicPartition) -> Watermarks: ...
 
+    def end_offsets(
+        self, partitions: Sequence[TopicPartition], isolation: Isolation = "read_committed"
+    ) -> dict[TopicPartition, int]:
+        """Where each of ``partitions`` ends for a reader with ``isolation``: its last stable
+        offset (read_committed) or its high watermark (read_uncommitted). In as few requests
+        as the log allows (Kafka: one per leader broker), where ``watermarks`` asks three per
+        partition; this default asks ``watermarks``."""
+        ends: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            w = self.watermarks(tp)
+            ends[tp] = w.lso if isolation == "read_committed" else w.high
+        return ends
+
     @abc.abstractmethod
     def list_groups(self) -> list[str]: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, IsolationLevel, KafkaException
@@ -17,6 +17,7 @@ from confluent_kafka.cimpl import NewTopic
 from assured.errors import InvalidTopicError, LogError, RetriableError, UnknownTopicError
 from assured.log._models import (
     GroupDescription,
+    Isolation,
     MemberDescription,
     TopicDescription,
     TopicPartition,
@@ -128,6 +129,29 @@ class KafkaAdmin(Admin):
         high = self._offset(ktp, latest, IsolationLevel.READ_UNCOMMITTED)
         lso = self._offset(ktp, latest, IsolationLevel.READ_COMMITTED)
         return Watermarks(low, high, lso)
+
+    def end_offsets(
+        self, partitions: Sequence[TopicPartition], isolation: Isolation = "read_committed"
+    ) -> dict[TopicPartition, int]:
+        if not partitions:
+            return {}
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        level = (
+            IsolationLevel.READ_COMMITTED
+            if isolation == "read_committed"
+            else IsolationLevel.READ_UNCOMMITTED
+        )
+        wanted = {KTopicPartition(tp.topic, tp.partition): tp for tp in partitions}
+
+        def ask() -> dict[TopicPartition, int]:
+            # One ListOffsets request per leader broker, for all of them at once.
+            futures = self._admin.list_offsets(dict.fromkeys(wanted, latest), isolation_level=level)
+            return {
+                tp: int(self._wait(futures[ktp], f"listing offsets of {tp}").offset)
+                for ktp, tp in wanted.items()
+            }
+
+        return self._again(ask)
 
     def _offset(self, ktp: KTopicPartition, spec: OffsetSpec, isolation: IsolationLevel) -> int:
         def ask() -> int:
