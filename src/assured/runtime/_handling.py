@@ -24,6 +24,8 @@ from assured.runtime._message import (
     DecodeError,
     Message,
     decode_failed,
+    error_text,
+    is_decode_failure,
     make_message,
 )
 from assured.runtime.metrics import RuntimeMetrics
@@ -163,19 +165,35 @@ class HandlerSpec:
         return getattr(self.fn, "__qualname__", repr(self.fn))
 
     def decode(self, r: Record) -> Message[Any]:
-        """The record as its handler sees it; :class:`DecodeError` if a codec refuses it."""
+        """The record as its handler sees it. :class:`Undecodable` (holding the
+        :class:`DecodeError`) if a codec refuses its bytes; any other error of a codec goes up
+        as it is, to be retried or handled by the protocol like a handler's."""
         key, value = r.key, r.value
         if key is not None and self.key_codec is not BYTES:
             try:
                 key = self.key_codec.decode(key)
             except Exception as e:
-                raise decode_failed(r, "key", self.key_codec, e) from e
+                if not is_decode_failure(e):
+                    raise
+                raise Undecodable(decode_failed(r, "key", self.key_codec, e)) from e
         if value is not None and self.value_codec is not BYTES:
             try:
                 value = self.value_codec.decode(value)
             except Exception as e:
-                raise decode_failed(r, "value", self.value_codec, e) from e
+                if not is_decode_failure(e):
+                    raise
+                raise Undecodable(decode_failed(r, "value", self.value_codec, e)) from e
         return make_message((key, value, r))
+
+
+class Undecodable(Exception):  # noqa: N818 -- a carrier, never seen outside this module
+    """Raised by :meth:`HandlerSpec.decode` around the :class:`DecodeError` of a record its
+    codecs refuse. Its own class, so the retry loop tells a record that did not decode (no
+    retry: its bytes will not change) from a ``DecodeError`` the handler raised (retried)."""
+
+    def __init__(self, error: DecodeError):
+        super().__init__(error)
+        self.error = error
 
 
 def check_handler(fn: Callable[..., Any], topic: str, second: str | None) -> None:
@@ -271,6 +289,10 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             raise e.error from None  # nothing of it went out: an ordinary failure of the record
 
     def failed(record: Record, error: Exception) -> None:
+        if isinstance(error, Undecodable):
+            labels = (guarantee, record.topic)
+            dead_letter(spec, record, error.error, 1, dead_letters, metrics, labels)
+            return
         if not owed_to_record(error):
             raise error  # the log's or the database's: the protocol decides
         _retry(
@@ -342,8 +364,9 @@ def _where(record: Record) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    """``error`` as one line of a log: its type and its message, whitespace folded."""
-    text = " ".join(str(error).split())
+    """``error`` as one line of a log: its type and its message, whitespace folded. Safe on
+    any exception (see :func:`error_text`)."""
+    text = " ".join(error_text(error).split())
     if len(text) > 500:
         text = text[:497] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -361,9 +384,9 @@ def _retry(
 ) -> None:
     """Attempts 2 .. retries + 1 of a record whose handler raised, backing off
     ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic.
-    A record that did not decode goes there at once: its bytes will not change."""
+    A record whose codec refuses it goes there at once: its bytes will not change."""
     attempts = 1
-    while attempts <= spec.retries and not isinstance(error, DecodeError):
+    while attempts <= spec.retries:
         metrics.retried.labels(*labels).inc()
         time.sleep(min(2.0, spec.backoff_s * 2 ** (attempts - 1)))
         attempts += 1
@@ -374,6 +397,9 @@ def _retry(
             if transactional:
                 raise
             error = partial
+            break
+        except Undecodable as undecodable:
+            error = undecodable.error
             break
         except Exception as again:
             if not owed_to_record(again):
@@ -392,7 +418,9 @@ def dead_letter(
     labels: tuple[str, str],
 ) -> None:
     """Send ``record`` to its dead-letter topic with the error in its headers; without one,
-    stop the App (:class:`HandlerFailedError`)."""
+    stop the App (:class:`HandlerFailedError`). ``error`` is often the user's: nothing here may
+    fail because of it (a ``__str__`` or ``__repr__`` that raises), and the dead letter is sent
+    before anything describes it."""
     where = _where(record)
     if spec.dead_letter is None:
         if labels[0] == "at-most-once":
@@ -403,18 +431,19 @@ def dead_letter(
         else:
             kept = "It was not committed and will be handled again on restart."
         raise HandlerFailedError(
-            f"handler {spec.name} failed {attempts} time(s) on {where}: {error!r}; no dead-letter "
-            f"topic is configured, so the App stops here rather than skip the record. {kept}"
+            f"handler {spec.name} failed {attempts} time(s) on {where}: {_one_line(error)}; "
+            "no dead-letter topic is configured, so the App stops here rather than skip the "
+            f"record. {kept}"
         ) from error
-    log.warning(
-        "dead letter: %s to %s after %d attempt(s) of handler %s: %s",
-        where, spec.dead_letter, attempts, spec.name, _one_line(error),
-        extra={
-            "event": "dead_letter", "topic": record.topic, "partition": record.partition,
-            "offset": record.offset, "error": _one_line(error), "error_type":
-            type(error).__qualname__, "dead_letter_topic": spec.dead_letter,
-            "attempts": attempts, "handler": spec.name,
-        },
-    )  # fmt: skip
     dead_letters(spec.dead_letter, record, dead_letter_headers(record, error, attempts))
     metrics.dead_lettered.labels(*labels).inc()
+    said = _one_line(error)
+    log.warning(
+        "dead letter: %s to %s after %d attempt(s) of handler %s: %s",
+        where, spec.dead_letter, attempts, spec.name, said,
+        extra={
+            "event": "dead_letter", "topic": record.topic, "partition": record.partition,
+            "offset": record.offset, "error": said, "error_type": type(error).__qualname__,
+            "dead_letter_topic": spec.dead_letter, "attempts": attempts, "handler": spec.name,
+        },
+    )  # fmt: skip

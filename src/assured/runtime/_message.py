@@ -4,7 +4,10 @@ A codec is ``"bytes"``, ``"str"``, ``"json"``, an object with ``encode``/``decod
 model class: each record is then validated into the model (``msg.value`` is a model instance)
 and whatever a handler sends is written as JSON. A record that does not decode is not retried
 (a retry cannot change its bytes): it goes to the dead-letter topic at once, with a
-:class:`DecodeError` saying why in its headers.
+:class:`DecodeError` saying why in its headers. "Does not decode" is what a codec raises as
+``ValueError`` (bad UTF-8 or JSON, a pydantic ``ValidationError``), ``TypeError`` or
+:class:`DecodeError`; anything else it raises (a schema registry out of reach) is retried like
+a handler's error, and the log's own errors go to the commit protocol as they are.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ __all__ = [
     "ModelCodec",
     "codec",
     "codec_name",
+    "error_text",
+    "is_decode_failure",
     "make_message",
 ]
 
@@ -135,32 +140,51 @@ def codec_name(c: Codec) -> str:
 class DecodeError(AssuredError):
     """A record's key or value did not decode with its handler's codec (not JSON, or not
     valid for the handler's pydantic model). The record is dead-lettered without a retry:
-    its bytes will not change."""
+    its bytes will not change. A handler may raise it too (about something else it parses);
+    then it is retried like any other error of the handler."""
 
     def __init__(self, message: str, record: Record):
         super().__init__(message)
         self.record = record
 
 
+def is_decode_failure(error: BaseException) -> bool:
+    """Did a codec refuse the bytes (retrying cannot help), rather than fail for a moment or
+    fail in the log? Bad UTF-8 and bad JSON are ``ValueError``s, and so is pydantic's
+    ``ValidationError``; an :class:`AssuredError` other than :class:`DecodeError` is the log's
+    (even a ``ConfigError``, which is a ``ValueError`` too)."""
+    if isinstance(error, DecodeError):
+        return True
+    return isinstance(error, ValueError | TypeError) and not isinstance(error, AssuredError)
+
+
+def error_text(error: BaseException) -> str:
+    """``str(error)``, or a note saying it could not be had: a user's exception whose
+    ``__str__`` raises must not stop a dead letter, nor the App."""
+    try:
+        return str(error)
+    except Exception as e:
+        return f"<str() of this {type(error).__name__} raised {type(e).__name__}>"
+
+
 def decode_failed(record: Record, part: str, c: Codec, error: Exception) -> DecodeError:
-    """The :class:`DecodeError` for ``record``'s ``part`` ("key" or "value")."""
+    """The :class:`DecodeError` for ``record``'s ``part`` ("key" or "value"). Never quotes the
+    input (it may be a secret): a validation error says where and what, not what was there."""
     where = f"{record.topic}[{record.partition}]@{record.offset}"
     if isinstance(error, pydantic.ValidationError):
         problems = "; ".join(
-            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
-            + e["msg"]
-            + (f" (got {_short(e['input'])})" if e["type"] != "missing" and e["loc"] else "")
-            for e in error.errors(include_url=False)
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"]
+            for e in error.errors(include_url=False, include_input=False)
         )
         text = f"the {part} of {where} does not validate as {codec_name(c)}: {problems}"
+    elif isinstance(error, DecodeError):
+        text = f"the {part} of {where} does not decode with {codec_name(c)}: {error_text(error)}"
     else:
-        text = f"the {part} of {where} does not decode with {codec_name(c)}: {error}"
-    return DecodeError(" ".join(text.split()), record)
-
-
-def _short(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
+        what = f"{type(error).__name__}: {error_text(error)}"
+        text = f"the {part} of {where} does not decode with {codec_name(c)}: {what}"
+    decode_error = DecodeError(" ".join(text.split()), record)
+    decode_error.__cause__ = error
+    return decode_error
 
 
 class Message(tuple[Any, Any, Record], Generic[V]):
