@@ -1,11 +1,11 @@
-"""Review 13's holes in typed messages and dead letters. Each test failed on the code before
-its fix (the docstring says what that code did)."""
+"""Review 13's holes in typed messages, dead letters, the idle rule and ``App.configure``. Each
+test failed on the code before its fix (the docstring says what that code did)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,9 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from assured import App, DecodeError, Message, Record, TopicPartition, open_log
-from assured.errors import RetriableError
-from assured.log import Log
+from assured.errors import RetriableError, UsageError
+from assured.log import Admin, Consumer, Log, Producer
+from assured.log._models import GroupDescription, Isolation, TopicDescription, Watermarks
 from assured.runtime import HandlerFailedError
 from assured.runtime._settings import Guarantee
 
@@ -302,3 +303,132 @@ def test_a_decode_failure_names_the_field_and_never_shows_its_input(
     assert "HUNTER2" not in message
     assert "HUNTER2" not in caplog.text
     assert all("HUNTER2" not in str(vars(r)) for r in caplog.records)
+
+
+# -- H5: the idle check while records flow -------------------------------------------------------
+
+
+class CountingAdmin(Admin):
+    """A real admin that counts the questions about where partitions end."""
+
+    def __init__(self, inner: Admin, asked: list[list[TopicPartition]]):
+        self.inner = inner
+        self.asked = asked
+
+    def watermarks(self, tp: TopicPartition) -> Watermarks:
+        self.asked.append([tp])
+        return self.inner.watermarks(tp)
+
+    def end_offsets(
+        self, partitions: Sequence[TopicPartition], isolation: Isolation = "read_committed"
+    ) -> dict[TopicPartition, int]:
+        self.asked.append(list(partitions))
+        return self.inner.end_offsets(partitions, isolation)
+
+    def create_topic(
+        self, name: str, partitions: int = 1, config: Mapping[str, str] | None = None
+    ) -> None:
+        self.inner.create_topic(name, partitions, config)
+
+    def delete_topic(self, name: str) -> None:
+        self.inner.delete_topic(name)
+
+    def list_topics(self) -> list[str]:
+        return self.inner.list_topics()
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        return self.inner.describe_topic(name)
+
+    def list_groups(self) -> list[str]:
+        return self.inner.list_groups()
+
+    def describe_group(self, group_id: str) -> GroupDescription:
+        return self.inner.describe_group(group_id)
+
+    def committed_offsets(
+        self, group_id: str, topics: Iterable[str] | None = None
+    ) -> dict[TopicPartition, int]:
+        return self.inner.committed_offsets(group_id, topics)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CountingLog(Log):
+    """The embedded log, its admins counting."""
+
+    def __init__(self, inner: Log):
+        self.inner = inner
+        self.url = inner.url
+        self.asked: list[list[TopicPartition]] = []
+
+    def admin(self) -> Admin:
+        return CountingAdmin(self.inner.admin(), self.asked)
+
+    def producer(self, **options: Any) -> Producer:
+        return self.inner.producer(**options)
+
+    def consumer(self, **options: Any) -> Consumer:
+        return self.inner.consumer(**options)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_while_full_batches_flow_the_idle_check_asks_the_log_nothing(tmp_path: Path) -> None:
+    """Before: ``until_idle`` asked for every assigned partition's end, one request each,
+    after every batch at most 0.5 s apart, even right after a full poll (on Kafka, 7.0 s of a
+    7.4 s run with 256 partitions). Now a full batch means records are waiting: no question;
+    once a poll comes back short, one question covers every partition."""
+    inner = open_log(f"embedded://{tmp_path}/log.db")
+    with inner.admin() as admin:
+        admin.create_topic("in", 4)
+    n, batch = 400, 20
+    fill(inner, [b"%d" % i for i in range(n)], partitions=4)
+    log = CountingLog(inner)
+    app = App(log=log, group="g", max_poll_records=batch)
+    asked_before: list[int] = []
+
+    @app.handler("in")
+    def handle(msg: Message) -> None:
+        asked_before.append(len(log.asked))
+
+    stats = app.run(until_idle=0.1)
+    assert (stats.processed, stats.stopped_by) == (n, "idle")
+    assert asked_before[-1] == 0, "no end asked while full batches came"
+    assert log.asked, "idle was decided by asking where the partitions end"
+    assert all(len(tps) == 4 for tps in log.asked), "every partition in one question"
+
+
+# -- H6: configure() while running; a Log object -------------------------------------------------
+
+
+def test_configure_is_refused_while_running_and_takes_a_log_object(
+    log: Log, tmp_path: Path
+) -> None:
+    """Before: configure() during run() was accepted (the loop kept the old settings while
+    app.guarantee and app.metrics told of new ones), and configure(log=<Log>) was refused."""
+    fill(log, [b"a"])
+    app = App(log=log, group="g", guarantee="exactly-once")
+    refused: list[Exception] = []
+
+    @app.handler("in")
+    def handle(msg: Message) -> None:
+        try:
+            app.configure(guarantee="at-most-once", group="other")
+        except UsageError as e:
+            refused.append(e)
+
+    metrics = app.metrics
+    app.run(until_idle=0.2)
+    (refusal,) = refused
+    assert "while run() is going" in str(refusal)
+    assert (app.guarantee, app.settings.group, app.metrics) == ("exactly-once", "g", metrics)
+
+    other = open_log(f"embedded://{tmp_path}/other.db")
+    with other.admin() as admin:
+        admin.create_topic("in", 1)
+    fill(other, [b"x", b"y"])
+    app.configure(log=other, group="h")  # not running: accepted, a Log object as App() takes
+    assert app.run(until_idle=0.2).processed == 2
+    assert committed(other, "h") == 2

@@ -14,7 +14,13 @@ from types import FrameType
 from typing import Any, Literal, TypeVar
 
 from assured._secrets import redact_url
-from assured.errors import AssuredError, ConfigError, InvalidTopicError, UnknownTopicError
+from assured.errors import (
+    AssuredError,
+    ConfigError,
+    InvalidTopicError,
+    UnknownTopicError,
+    UsageError,
+)
 from assured.log import Admin, Consumer, Log, Record, TopicPartition, open_log
 from assured.runtime._handling import HandlerSpec, check_handler
 from assured.runtime._message import Codec, codec
@@ -75,6 +81,7 @@ class App:
         self._log = log if isinstance(log, Log) else None
         self._specs: dict[str, HandlerSpec] = {}
         self._stop = threading.Event()
+        self._running = False
         self.metrics = RuntimeMetrics(self.settings.guarantee)
         # Called with (transaction label, "committed" | "aborted") under exactly-once.
         self.on_transaction: Callable[[str, str], None] | None = None
@@ -86,12 +93,24 @@ class App:
     def configure(self, **settings: Any) -> None:
         """Replace some settings before ``run()``, as if they had been given to ``App()``
         (they win over ``ASSURED_*`` variables and the config file): ``app.configure(
-        log="kafka://b:9092", group="payments-2")``. ``assured run --log/--group/--guarantee``
-        use it. Raises :class:`~assured.errors.ConfigError` for a bad value, changing nothing."""
+        log="kafka://b:9092", group="payments-2")``; ``log`` may be a URL or a Log object.
+        ``assured run --log/--group/--guarantee`` use it. Raises
+        :class:`~assured.errors.ConfigError` for a bad value, changing nothing, and
+        :class:`~assured.errors.UsageError` while ``run()`` is going."""
+        if self._running:
+            raise UsageError(
+                "App.configure() while run() is going: the running App keeps the settings it "
+                "started with, and none were changed. Stop it (app.stop()), then configure and "
+                "run again."
+            )
+        log_object = settings.get("log")
         given = {**self._given, **settings}
+        if isinstance(log_object, Log):
+            given["log"] = log_object.url
         new = _settings(given)
         if "log" in settings:
-            self._log = None  # a URL given now replaces a Log object given to App()
+            # what is given now replaces what was given before, a URL or a Log object
+            self._log = log_object if isinstance(log_object, Log) else None
         if new.guarantee != self.settings.guarantee:
             self.metrics = RuntimeMetrics(new.guarantee)
         self._given, self.settings = given, new
@@ -160,14 +179,26 @@ class App:
     ) -> RunStats:
         """Process until SIGTERM/SIGINT (or ``stop()``); or until ``max_messages`` records are
         handled; or until the App has been idle for ``until_idle`` seconds. Idle means the group
-        has assigned this member its partitions and each one is read to its end: time spent
-        waiting for the group (a member that died holds its partitions until its session
-        expires) is not idle, and is logged as waiting. The first signal finishes the batch,
+        has assigned this member its partitions and each one is read to its last stable offset
+        (the end a read_committed reader can reach: records of a transaction still open are
+        not waited for): time spent waiting for the group (a member that died holds its
+        partitions until its session expires) is not idle, and is logged as waiting. The
+        log is asked where partitions end only when a poll brought less than a full batch,
+        at most every 0.5 s. The first signal finishes the batch,
         commits or aborts cleanly and leaves the group; a second exits at once.
         ``progress_every``: log a one-line summary (records/s, lag, commits, aborts, dead
         letters) every so many seconds."""
         if not self._specs:
             raise ConfigError("the App has no handlers; register one with @app.handler(topic)")
+        self._running = True
+        try:
+            return self._run(max_messages, until_idle, progress_every)
+        finally:
+            self._running = False
+
+    def _run(
+        self, max_messages: int | None, until_idle: float | None, progress_every: float | None
+    ) -> RunStats:
         s = self.settings
         self._stop.clear()
         log_ = self._log or open_log(s.log, s.log_config or None)
@@ -272,7 +303,7 @@ class App:
                 stats.stopped_by = "max_messages"
                 return
             watch.tick()
-            if until_idle is not None and watch.idle(until_idle):
+            if until_idle is not None and watch.idle(until_idle, caught_up):
                 stats.stopped_by = "idle"
                 return
         stats.stopped_by = stats.stopped_by or "stop"
@@ -363,12 +394,14 @@ def _settings(given: Mapping[str, Any]) -> AppSettings:
 
 class _Watch:
     """What the run loop knows beyond the records: whether the group has assigned this member
-    its partitions (and since when it waits), whether they are read to their end (the only
-    idle that counts), and the periodic summary. Only reads positions and watermarks; commits
-    nothing and moves no consumer."""
+    its partitions (and since when it waits), whether they are read to their last stable
+    offset (the only idle that counts), and the periodic summary. Only reads positions and
+    partitions' ends; commits nothing and moves no consumer."""
 
     WAITING_AFTER_S = 1.0  # a join quicker than this is not worth a line
     WAITING_EVERY_S = 15.0
+    # Asking where partitions end costs a round trip on Kafka: not after every short poll.
+    CHECK_EVERY_S = 0.5
 
     def __init__(
         self,
@@ -474,37 +507,46 @@ class _Watch:
         if self.progress_every is not None and now - self.summary_at >= self.progress_every:
             self._summary(now)
 
-    def idle(self, until_idle: float) -> bool:
-        """Has every assigned partition been read to its end, with nothing new, for
-        ``until_idle`` seconds? Never while the group has not assigned this member."""
-        if not self.joined:
+    def idle(self, until_idle: float, caught_up: bool) -> bool:
+        """Has every assigned partition been read to its last stable offset (what a
+        read_committed reader can reach), with nothing new, for ``until_idle`` seconds? Never
+        while the group has not assigned this member. ``caught_up``: the last poll brought
+        less than a full batch; after a full one records are waiting, and the log is not
+        asked."""
+        if not self.joined or not caught_up:
             return False
         now = time.monotonic()
         if not self.caught_up:
-            if now - self.checked < min(0.5, until_idle / 2):
+            if now - self.checked < min(self.CHECK_EVERY_S, max(until_idle / 2, 0.05)):
                 return False
             self.checked = now
-            if self.behind() != 0:
+            if self.behind(enough=1) != 0:
                 self.quiet_since = now
                 return False
             self.caught_up = True
         if now - self.quiet_since < until_idle:
             return False
-        if self.behind() != 0:  # one more look before stopping
+        self.checked = now
+        if self.behind(enough=1) != 0:  # one more look before stopping
             self.caught_up, self.quiet_since = False, now
             return False
         return True
 
-    def behind(self) -> int | None:
+    def behind(self, enough: int | None = None) -> int | None:
         """Records between each assigned partition's position and its end (its last stable
-        offset: what read_committed can reach), summed; None if the log would not say."""
+        offset: what read_committed can reach), summed; None if the log would not say. With
+        ``enough``, counting stops once the sum reaches it: on Kafka the position of a
+        partition not read yet costs round trips of its own."""
         total = 0
         try:
             if self._admin is None:
                 self._admin = self.log.admin()
-            for tp in self.consumer.assignment():
-                end = self._admin.watermarks(tp).lso
-                total += max(0, end - self.consumer.position(tp))
+            assigned = self.consumer.assignment()
+            ends = self._admin.end_offsets(assigned)  # one question for them all
+            for tp in assigned:
+                total += max(0, ends[tp] - self.consumer.position(tp))
+                if enough is not None and total >= enough:
+                    break
         except AssuredError as e:
             log.debug("could not read the positions and ends of the partitions: %s", e)
             return None
