@@ -25,7 +25,14 @@ def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Log]:
 
         bootstrap = request.getfixturevalue("kafka_bootstrap")
         opened = open_log(f"kafka://{bootstrap}")
-        opened.topics = (create_topic(bootstrap), create_topic(bootstrap))  # type: ignore[attr-defined]
+        topics = (create_topic(bootstrap), create_topic(bootstrap))
+        # Created is not yet known to every client: wait until this log's metadata has both.
+        deadline = time.monotonic() + 30
+        with opened.admin() as admin:
+            while not set(topics) <= set(admin.list_topics()):
+                assert time.monotonic() < deadline, "the new topics never showed up"
+                time.sleep(0.1)
+        opened.topics = topics  # type: ignore[attr-defined]
     else:
         opened = open_log(f"embedded://{tmp_path}/log.db")
         with opened.admin() as admin:

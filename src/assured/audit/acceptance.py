@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker=cluster,
             )
             found = run_audit(cfg)
-            rows[guarantee] = {**found.as_json(), "log_kind": args.log}
+            rows[guarantee] = {**found.as_json(), "log_kind": args.log, "commit": _commit()}
             args.out.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
             logging.warning(
                 "%s %s %s: %s, lost %d, duplicated %d, %s",
@@ -107,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(pg_home, ignore_errors=True)
     return _status(rows)
+
+
+def _commit() -> str:
+    """The git commit of the assured source that ran (which may be a worktree of it)."""
+    import subprocess
+
+    import assured
+
+    where = Path(assured.__file__).resolve().parent
+    done = subprocess.run(
+        ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def _status(rows: dict[str, dict[str, Any]]) -> int:
