@@ -217,6 +217,14 @@ class Consumer(_Closing):
     def position(self, tp: TopicPartition) -> int:
         """The offset of the next record ``poll`` would return from ``tp``."""
 
+    def maybe_more_fetched(self) -> bool:
+        """A hint, asking nothing of the log: could a poll right now return more records than
+        the last one did, because the client has fetched past what it handed out? A short poll
+        of a client that fetches in the background (Kafka's) may mean only that its queue ran
+        dry between two fetches, not that the consumer has caught up. The default: no (a poll
+        of the embedded engine reads everything there is)."""
+        return False
+
     @abc.abstractmethod
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
 

@@ -290,8 +290,8 @@ class App:
         s = self.settings
         while not self._stop.is_set():
             records: list[Record] = consumer.poll(s.max_poll_records, s.poll_timeout_ms / 1000)
-            # Less than a full batch: nothing more was waiting, the consumer has caught up.
-            caught_up = len(records) < s.max_poll_records
+            # Less than a full batch, and the client holds nothing fetched beyond it: caught up.
+            caught_up = len(records) < s.max_poll_records and not consumer.maybe_more_fetched()
             if records:
                 if max_messages is not None and stats.processed + len(records) > max_messages:
                     records = self._keep(consumer, records, max_messages - stats.processed)
