@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from assured.audit import AuditConfig, Findings, run_audit
-from assured.audit.supervisor import _fates, check_faults, tuning
+from assured.audit.supervisor import _fates, _fire_due, check_faults, tuning
 from assured.errors import ConfigError
 from assured.testing.kafka import KafkaCluster
 from assured.testing.postgres import PostgresServer
@@ -290,3 +292,19 @@ def test_embedded_soak_under_every_new_fault(tmp_path: Path, guarantee: str) -> 
     holds(f)
     if guarantee == "at-least-once":
         assert f.lost == 0
+
+
+@pytest.mark.parametrize("kind", ["sigkill", "sigstop", "write-stall"])
+def test_a_fault_with_no_target_late_in_a_run_waits_for_the_next_turn(kind: str) -> None:
+    """Every processor is down or frozen and a fault falls due at 97% of the input: it goes back
+    into the plan for a later turn (after the frozen are woken), instead of being retried at
+    once, for ever (the soak once spun so, with both its processors frozen)."""
+    run: Any = SimpleNamespace(
+        schedule=[(0.5, kind)], fraction=0.97, stalled_until=0.0,
+        cfg=SimpleNamespace(log_url="embedded:///tmp/x.db"),
+    )  # fmt: skip
+    fired = threading.Thread(target=_fire_due, args=(run, [], 970, 1000), daemon=True)
+    fired.start()
+    fired.join(timeout=5)
+    assert not fired.is_alive(), "the supervisor spun on a fault it could not place"
+    assert run.schedule == [(0.95, kind)]  # still planned, at a threshold already crossed

@@ -391,10 +391,20 @@ def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total
         if done >= total:
             return
         run.fraction = done / total if total else 1.0
-        while run.schedule and done >= run.schedule[0][0] * total:
-            _, kind = run.schedule.pop(0)
-            _inject(run, slots, kind)
+        _fire_due(run, slots, done, total)
         time.sleep(0.05)
+
+
+def _fire_due(run: _Run, slots: list[_Slot], done: int, total: int) -> None:
+    """Inject every fault whose threshold ``done`` has crossed, each once. A fault that finds
+    no target (everyone down or frozen) goes back into the plan and is tried on a later turn of
+    the loop, after the slots were tended (a frozen one woken), never again in this one: late
+    in a run its new threshold is already crossed, and retrying it here spun forever."""
+    due: list[str] = []
+    while run.schedule and done >= run.schedule[0][0] * total:
+        due.append(run.schedule.pop(0)[1])
+    for kind in due:
+        _inject(run, slots, kind)
 
 
 def _tend(run: _Run, slot: _Slot, now: float) -> None:
