@@ -39,14 +39,18 @@ pytest: $(STAMP)
 
 # The soak (marked slow; never part of `make test`): audit rounds with every fault mixed in until
 # each guarantee has taken its share of processor SIGKILLs (1,000 exactly-once, 300 the others),
-# on the embedded engine, one broker and three brokers (with broker kills). Resumable: each run
+# on the embedded engine, one broker and three brokers (with broker kills). A round mostly waits
+# (session timeouts, frozen zombies), so the three logs run side by side. Resumable: each run
 # continues benchmarks/results/soak-*.json, so it can span sessions; hours on this machine.
 SOAK_HOURS ?= 24
 .PHONY: soak
 soak: system-deps $(STAMP)
-	$(BIN)/python -m assured.audit.soak --log embedded --out benchmarks/results/soak-embedded.json --hours $(SOAK_HOURS)
-	$(BIN)/python -m assured.audit.soak --log kafka --out benchmarks/results/soak-kafka.json --hours $(SOAK_HOURS)
-	$(BIN)/python -m assured.audit.soak --log cluster --out benchmarks/results/soak-cluster.json --hours $(SOAK_HOURS)
+	@pids=""; rc=0; \
+	for log in embedded kafka cluster; do \
+	  $(BIN)/python -m assured.audit.soak --log $$log --out benchmarks/results/soak-$$log.json \
+	    --hours $(SOAK_HOURS) & pids="$$pids $$!"; \
+	done; \
+	for pid in $$pids; do wait $$pid || rc=1; done; exit $$rc
 
 # The audit's acceptance matrix: each guarantee on each log into topics and into PostgreSQL,
 # 5,000 messages, 30 faults; resumes from benchmarks/results/acceptance-*.json (delete to redo)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from assured.audit.checker import Findings
-from assured.audit.soak import kills, main, merge
+from assured.audit.soak import add_up, kills, main, merge
 
 
 def findings(verdict: str, lost: int, sigkills: int) -> Findings:
@@ -31,6 +31,22 @@ def test_rounds_add_up_and_one_failed_round_fails_the_row() -> None:
     assert row["lost"] == 2
     assert row["verdict"] == "fail"
     assert row["failed_rounds"] == [{"seed": 1001, "reasons": ["lost 2"]}]
+
+
+def test_soaks_side_by_side_add_up(tmp_path: Path) -> None:
+    one = merge(merge(None, findings("pass", 0, 5), seed=1000), findings("pass", 0, 4), 1001)
+    two = merge(None, findings("fail", 3, 7), seed=101_000)
+    files = []
+    for i, row in enumerate((one, two)):
+        files.append(tmp_path / f"soak-{i}.json")
+        files[-1].write_text(json.dumps([row]))
+    out = tmp_path / "soak.json"
+    assert main(["--merge", str(out), *map(str, files)]) == 1  # a failed round fails it all
+    (row,) = json.loads(out.read_text())
+    assert (row["rounds"], row["sent"], kills(row), row["lost"]) == (3, 300, 16, 3)
+    assert row["faults"]["zombie"] == 3
+    assert row["failed_rounds"] == [{"seed": 101_000, "reasons": ["lost 3"]}]
+    assert add_up(files[:1])[0]["verdict"] == "pass"
 
 
 @pytest.mark.slow

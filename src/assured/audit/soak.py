@@ -4,7 +4,13 @@ in. Resumable: the results file is rewritten after every round, and a new run co
 so a soak of hours can span sessions. Each row is the sum of one guarantee's rounds, in the
 audit's ``--json`` shape, plus ``rounds`` and the seeds and reasons of any round that failed.
 
-python -m assured.audit.soak --log embedded|kafka|cluster --out FILE [--hours H]
+python -m assured.audit.soak --log embedded|kafka|cluster --out FILE [--hours H] [--instance K]
+python -m assured.audit.soak --merge OUT FILE [FILE ...]
+
+A round spends most of its time waiting (session timeouts, frozen zombies, slow handlers), not
+computing, so several soaks of one log can run side by side: each ``--instance K`` writes its
+own file and draws its own seeds, and ``--merge`` adds their rows up, guarantee by guarantee,
+into the file the README quotes (the targets count the sum).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ from typing import Any
 from assured.audit.checker import Findings
 from assured.audit.supervisor import AuditConfig, run_audit
 
-__all__ = ["TARGET_KILLS", "main", "merge"]
+__all__ = ["TARGET_KILLS", "add_up", "main", "merge"]
 
 TARGET_KILLS = {"exactly-once": 1000, "at-least-once": 300, "at-most-once": 300}
 # Faults that end in a processor SIGKILL: what the targets count.
@@ -72,6 +79,41 @@ def merge(row: dict[str, Any] | None, f: Findings, seed: int) -> dict[str, Any]:
     return row
 
 
+def add_up(files: list[Path]) -> list[dict[str, Any]]:
+    """The rows of several soaks' files, added up per guarantee (rounds, messages, faults,
+    anomalies; the failed rounds of all of them)."""
+    total: dict[str, dict[str, Any]] = {}
+    for path in files:
+        for row in json.loads(path.read_text()):
+            kept = total.get(row["guarantee"])
+            if kept is None:
+                total[row["guarantee"]] = json.loads(json.dumps(row))
+                continue
+            kept["rounds"] += row["rounds"]
+            kept["failed_rounds"] += row["failed_rounds"]
+            for key in ("sent", "effects", "dead_lettered", "seconds", "ambiguous_transactions"):
+                kept[key] += row[key]
+            for name, n in row["faults"].items():
+                kept["faults"][name] = kept["faults"].get(name, 0) + n
+            for name, found in row["anomalies"].items():
+                mine = kept["anomalies"].setdefault(name, {"count": 0, "ids": []})
+                mine["count"] += found["count"]
+                mine["ids"] = (mine["ids"] + found["ids"])[:20]
+            kept["lost"] = kept["anomalies"].get("lost", {}).get("count", 0)
+            kept["duplicated"] = kept["anomalies"].get("duplicate", {}).get("count", 0)
+            kept["verdict"] = "fail" if kept["failed_rounds"] else "pass"
+            kept["reasons"] = [r for fr in kept["failed_rounds"] for r in fr["reasons"]][:20]
+    return list(total.values())
+
+
+def _merge_files(args: list[str]) -> int:
+    if len(args) < 2:
+        raise SystemExit("usage: python -m assured.audit.soak --merge OUT FILE [FILE ...]")
+    rows = add_up([Path(p) for p in args[1:]])
+    _save(Path(args[0]), {row["guarantee"]: row for row in rows})
+    return 1 if any(r["verdict"] != "pass" for r in rows) else 0
+
+
 def _save(out: Path, rows: dict[str, dict[str, Any]]) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
@@ -79,6 +121,9 @@ def _save(out: Path, rows: dict[str, dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--merge"]:
+        return _merge_files(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m assured.audit.soak")
     parser.add_argument("--log", choices=sorted(FAULTS), required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -87,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=100, help="faults planned per round")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="a fraction of the SIGKILL targets (for tests)"
+    )
+    parser.add_argument(
+        "--instance", type=int, default=0, help="one of several soaks side by side: own seeds"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -108,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             for guarantee in todo:
                 row = rows.get(guarantee)
-                seed = 1000 + (row["rounds"] if row else 0)
+                seed = 1000 + 100_000 * args.instance + (row["rounds"] if row else 0)
                 workdir = Path(tempfile.mkdtemp(prefix="assured-soak-"))
                 url = (
                     f"embedded://{workdir}/soak.db"
