@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 __all__ = ["MASK", "SECRET_KEYS", "Scrubber", "is_secret", "redact_config", "redact_url"]
 
@@ -28,17 +28,6 @@ def is_secret(key: str) -> bool:
 def redact_config(config: Mapping[str, object]) -> dict[str, object]:
     """``config`` with every secret value replaced by ``***``."""
     return {k: (MASK if is_secret(k) else v) for k, v in config.items()}
-
-
-def url_secrets(url: str) -> list[str]:
-    """The secret parts of a URL: the password of its user info, secret query values."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password] if parts.password else []
-    except ValueError:
-        return []
-    found += [v for k, v in parse_qsl(parts.query) if is_secret(k) and v]
-    return found
 
 
 def redact_url(url: str) -> str:
