@@ -54,28 +54,36 @@ def kills(row: dict[str, Any]) -> int:
     return sum(int(row.get("faults", {}).get(k, 0)) for k in KILLS)
 
 
-def merge(row: dict[str, Any] | None, f: Findings, seed: int) -> dict[str, Any]:
-    """``row`` (the guarantee's rounds so far) with one more round's findings added."""
-    new = f.as_json()
-    if row is None:
-        row = {**new, "rounds": 0, "failed_rounds": [], "anomalies": {}, "faults": {}}
-        for key in ("sent", "effects", "dead_lettered", "seconds", "ambiguous_transactions"):
-            row[key] = 0
-    row["rounds"] += 1
-    for key in ("sent", "effects", "dead_lettered", "seconds", "ambiguous_transactions"):
-        row[key] += new[key]
-    for name, n in new["faults"].items():
+_SUMS = ("sent", "effects", "dead_lettered", "seconds", "ambiguous_transactions")
+
+
+def _add(row: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add ``more`` (one round's findings, or another soak's row) into ``row``: its counts,
+    faults and anomalies; then the figures derived from them."""
+    for key in _SUMS:
+        row[key] += more[key]
+    for name, n in more["faults"].items():
         row["faults"][name] = row["faults"].get(name, 0) + n
-    for name, found in new["anomalies"].items():
+    for name, found in more["anomalies"].items():
         kept = row["anomalies"].setdefault(name, {"count": 0, "ids": []})
         kept["count"] += found["count"]
         kept["ids"] = (kept["ids"] + found["ids"])[:20]
     row["lost"] = row["anomalies"].get("lost", {}).get("count", 0)
     row["duplicated"] = row["anomalies"].get("duplicate", {}).get("count", 0)
-    if new["verdict"] != "pass":
-        row["failed_rounds"].append({"seed": seed, "reasons": new["reasons"]})
     row["verdict"] = "fail" if row["failed_rounds"] else "pass"
     row["reasons"] = [r for fr in row["failed_rounds"] for r in fr["reasons"]][:20]
+
+
+def merge(row: dict[str, Any] | None, f: Findings, seed: int) -> dict[str, Any]:
+    """``row`` (the guarantee's rounds so far) with one more round's findings added."""
+    new = f.as_json()
+    if row is None:
+        row = {**new, "rounds": 0, "failed_rounds": [], "anomalies": {}, "faults": {}}
+        row.update(dict.fromkeys(_SUMS, 0))
+    row["rounds"] += 1
+    if new["verdict"] != "pass":
+        row["failed_rounds"].append({"seed": seed, "reasons": new["reasons"]})
+    _add(row, new)
     return row
 
 
@@ -91,18 +99,7 @@ def add_up(files: list[Path]) -> list[dict[str, Any]]:
                 continue
             kept["rounds"] += row["rounds"]
             kept["failed_rounds"] += row["failed_rounds"]
-            for key in ("sent", "effects", "dead_lettered", "seconds", "ambiguous_transactions"):
-                kept[key] += row[key]
-            for name, n in row["faults"].items():
-                kept["faults"][name] = kept["faults"].get(name, 0) + n
-            for name, found in row["anomalies"].items():
-                mine = kept["anomalies"].setdefault(name, {"count": 0, "ids": []})
-                mine["count"] += found["count"]
-                mine["ids"] = (mine["ids"] + found["ids"])[:20]
-            kept["lost"] = kept["anomalies"].get("lost", {}).get("count", 0)
-            kept["duplicated"] = kept["anomalies"].get("duplicate", {}).get("count", 0)
-            kept["verdict"] = "fail" if kept["failed_rounds"] else "pass"
-            kept["reasons"] = [r for fr in kept["failed_rounds"] for r in fr["reasons"]][:20]
+            _add(kept, row)
     return list(total.values())
 
 
