@@ -160,3 +160,25 @@ def test_unseen_and_regressions_fail_every_guarantee(guarantee: str) -> None:
         hanging=[], regressions=["in[0]: 5 -> 3"],
     )  # fmt: skip
     assert f.reasons == ["unseen=1", "commit-regression=1"]
+
+
+def test_a_duplicate_comes_with_the_transactions_that_wrote_it() -> None:
+    """Which transactions hold the repeated effects, and what their processors said of them:
+    what a human needs to tell positions that did not move from an abort that did not happen."""
+    history = parse_history(
+        json.dumps(line)
+        for line in (
+            {"txn": "t:a:1", "outcome": "committed", "run": "r"},
+            {"txn": "t:a:2", "outcome": "committed", "run": "r"},
+        )
+    )
+    effects = [effect(i, "t:a:1", "r") for i in IDS] + [effect(i, "t:a:2", "r") for i in IDS[:3]]
+    f = findings("exactly-once", effects, history=history)
+    assert f.reasons == ["duplicate=3"]
+    told = {
+        (t["txn"], tuple(t["told"]), t["duplicated_effects"]) for t in f.evidence["transactions"]
+    }
+    assert told == {("t:a:1", ("committed",), 3), ("t:a:2", ("committed",), 3)}
+    assert [e["txn"] for e in f.evidence["ids"]["m-0"]["effects"]] == ["t:a:1", "t:a:2"]
+    assert f.as_json()["evidence"] == f.evidence
+    assert findings("exactly-once", every_effect()).evidence == {}, "no duplicate, no evidence"

@@ -47,7 +47,10 @@ def holds(f: Findings) -> None:
     """The verdict, and for exactly-once: not one anomaly, one outcome per message."""
     assert f.verdict == "pass", (f.reasons, f.faults)
     if f.guarantee == "exactly-once":
-        assert all(not ids for ids in f.anomalies.values()), f.as_json()["anomalies"]
+        assert all(not ids for ids in f.anomalies.values()), (
+            f.as_json()["anomalies"],
+            f.evidence,
+        )
         assert f.effects + f.dead_lettered == f.sent
 
 

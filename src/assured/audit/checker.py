@@ -103,6 +103,8 @@ class Findings:
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
     ambiguous_transactions: int = 0  # labels told both committed and aborted, or unknown
+    # Where repeated outcomes came from, for a human to read: see :func:`duplicate_evidence`.
+    evidence: dict[str, Any] = field(default_factory=dict)
 
     def count(self, anomaly: str) -> int:
         return len(self.anomalies.get(anomaly, []))
@@ -244,8 +246,41 @@ def check(
             {(e.run or "", e.txn) for e in effects if (e.run or "", e.txn or "") in ambiguous}
         ),
     )
+    if anomalies["duplicate"]:
+        findings.evidence = duplicate_evidence(anomalies["duplicate"], effects, dlq, history)
     verdict(findings)
     return findings
+
+
+def duplicate_evidence(
+    duplicated: list[str], effects: list[Effect], dlq: Mapping[str, int], history: History
+) -> dict[str, Any]:
+    """What tells a repeated outcome's cause: for each transaction that wrote an effect of a
+    duplicated id, how many such effects it holds and what its processor said of it; and for
+    the first ids, each effect's place and transaction. Two transactions both told committed,
+    each holding a whole batch, point at positions that did not move with the outputs; one
+    told aborted points at an abort that did not happen."""
+    wanted = set(duplicated)
+    per_txn: Counter[tuple[str, str]] = Counter(
+        (e.run or "", e.txn or "") for e in effects if e.id in wanted
+    )
+    transactions = [
+        {
+            "run": run,
+            "txn": txn,
+            "told": sorted(history.outcomes.get((run, txn), ())) or ["nothing"],
+            "duplicated_effects": n,
+        }
+        for (run, txn), n in sorted(per_txn.items(), key=lambda kv: (-kv[1], kv[0]))[:SHOWN]
+    ]
+    first = set(duplicated[:SHOWN])
+    ids: dict[str, dict[str, Any]] = {
+        i: {"effects": [], "dead_letters": dlq.get(i, 0)} for i in duplicated[:SHOWN]
+    }
+    for e in effects:
+        if e.id in first:
+            ids[e.id]["effects"].append({"where": e.where, "run": e.run, "txn": e.txn})
+    return {"transactions": transactions, "ids": ids}
 
 
 def _reordered(effects: list[Effect], ids: list[str], keys: dict[str, str]) -> list[str]:

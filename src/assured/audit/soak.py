@@ -79,10 +79,14 @@ def merge(row: dict[str, Any] | None, f: Findings, seed: int) -> dict[str, Any]:
     new = f.as_json()
     if row is None:
         row = {**new, "rounds": 0, "failed_rounds": [], "anomalies": {}, "faults": {}}
+        row.pop("evidence", None)  # a round's own; a failed round keeps it below
         row.update(dict.fromkeys(_SUMS, 0))
     row["rounds"] += 1
     if new["verdict"] != "pass":
-        row["failed_rounds"].append({"seed": seed, "reasons": new["reasons"]})
+        failed = {"seed": seed, "reasons": new["reasons"]}
+        if new.get("evidence"):
+            failed["evidence"] = new["evidence"]
+        row["failed_rounds"].append(failed)
     _add(row, new)
     return row
 
