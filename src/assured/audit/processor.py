@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from assured.errors import FatalError
 from assured.log import Consumer, Log, Producer, open_log
 from assured.log._protocol import Admin
 from assured.runtime import App, Message, Output
+from assured.runtime.crashpoints import freeze_at
 from assured.sinks import PostgresSink, Sink, SinkTransaction, SqliteSink
 
 __all__ = ["EFFECTS_DDL", "OVERSIZE", "main"]
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
         format=f"%(asctime)s slot={args.slot} pid={os.getpid()} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # Every commit and abort with the positions it covered: what explains an anomaly.
+    logging.getLogger("assured.runtime").setLevel(logging.DEBUG)
     slot = args.slot
     run = uuid.uuid4().hex[:10]
     app = App(
@@ -189,6 +193,16 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
     delay = args.handle_delay_ms / 1000
     failed_here: set[str] = set()  # transient fates fail the first attempt in each process
 
+    def at_commit(mid: str) -> bool:
+        """Does this zombie stop at its transaction's commit (offsets pending), not mid-handler?
+        Every other one by id, under exactly-once to topics (the only place offsets wait in a
+        transaction on the log)."""
+        return (
+            args.guarantee == "exactly-once"
+            and args.sink == "topic"
+            and zlib.crc32(mid.encode()) % 2 == 1
+        )
+
     def act(msg: Message, mid: str, effect: Callable[[], None], refuse: Callable[[], None]) -> None:
         """The message's fate, acted out around its one ``effect``."""
         if delay:
@@ -205,9 +219,14 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
             time.sleep(args.slow_ms / 1000)
             history.write(fault="slow-handler", id=mid, phase="awake")
         if fate == "zombie" and marks.claim(fate, mid):
-            history.write(fault="zombie", id=mid, phase="stopping")
-            os.kill(os.getpid(), signal.SIGSTOP)  # the audit sees it and SIGCONTs us later
-            history.write(fault="zombie", id=mid, phase="resumed")
+            if at_commit(mid):
+                # Stop once this record's offsets are in the transaction, before its commit.
+                history.write(fault="zombie", id=mid, phase="stopping-at-commit")
+                freeze_at("after-handle-before-commit")
+            else:
+                history.write(fault="zombie", id=mid, phase="stopping")
+                os.kill(os.getpid(), signal.SIGSTOP)  # the audit sees it and SIGCONTs us later
+                history.write(fault="zombie", id=mid, phase="resumed")
         effect()
         if fate == "fatal" and marks.claim(fate, mid):
             history.write(fault="handler-errors", kind=fate, id=mid)

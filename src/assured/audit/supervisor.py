@@ -143,7 +143,8 @@ def tuning(cfg: AuditConfig) -> Tuning:
     group is still the same when writes resume and a commit made then is accepted: a protocol
     that commits past a failed write shows it as loss. ``slow-handler``: the transaction
     timeout and ``max_poll_interval_ms`` are shortened and a slow handler sleeps 1.5 times as
-    long. ``zombie``: frozen for twice the session timeout."""
+    long. ``zombie``: frozen for twice the session timeout and 2.5 s more (time for the group to
+    move its partitions, then change once more around it: see :func:`_nudge`)."""
     kafka = cfg.log_url.startswith("kafka:")
     session = cfg.session_timeout_ms
     txn, poll, delivery, slow, stall = 10_000, 300_000, 0, 0, 0.0
@@ -160,7 +161,7 @@ def tuning(cfg: AuditConfig) -> Tuning:
         txn, poll = min(txn, limit), limit
         slow = int(limit * 1.5) + 500
         delivery = min(delivery, txn) if delivery else 0
-    return Tuning(session, txn, poll, delivery, slow, stall, 2 * session / 1000 + 0.5)
+    return Tuning(session, txn, poll, delivery, slow, stall, 2 * session / 1000 + 2.5)
 
 
 class _Slot:
@@ -223,6 +224,10 @@ class _Run:
         self.db_restarts = 0  # begun: fast and immediate take turns
         self.stalled_until = 0.0  # a write-stall is on until then (one at a time)
         self.fraction = 0.0  # of the input consumed so far
+        # When a zombie is frozen, the group is made to rebalance around it (see _nudge): the
+        # monotonic times these membership changes fall due, and the member that joined.
+        self.nudges: list[tuple[float, str]] = []
+        self.nudged: list[_Slot] = []
 
     def admin(self) -> Admin:
         """One admin client for the whole run (polled 20 times a second)."""
@@ -385,6 +390,8 @@ def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total
             )
         for slot in list(slots):
             _tend(run, slot, now)
+        while run.nudges and now >= run.nudges[0][0]:
+            _nudge(run, slots, run.nudges.pop(0)[1])
         done = _consumed(run, ends)
         if cfg.progress is not None:
             cfg.progress(done, total)
@@ -421,6 +428,14 @@ def _tend(run: _Run, slot: _Slot, now: float) -> None:
         slot.stopped_at, slot.stopped_until = now, now + run.tuning.zombie_s
         slot.zombie = True
         run.event("zombie-stopped", slot=slot.index, pid=slot.proc.pid)
+        # Members join around it, and leave once it is back.
+        session = run.tuning.session_timeout_ms / 1000
+        run.nudges += [
+            (now, "join"),
+            (now + session + 1.5, "join"),
+            (now + run.tuning.zombie_s + 1.0, "leave"),
+        ]
+        run.nudges.sort()
     if slot.proc.poll() is not None:
         code = slot.proc.returncode
         run.event("exited", slot=slot.index, code=code)
@@ -648,6 +663,36 @@ def _rebalance(run: _Run, slots: list[_Slot]) -> None:
             os.kill(slot.proc.pid, signal.SIGTERM)
         run.event("left", slot=slot.index, pid=slot.proc.pid)
     run.faults["rebalance"] += 1
+
+
+def _nudge(run: _Run, slots: list[_Slot], step: str) -> None:
+    """Membership changes around a frozen zombie, whose open transaction may hold its
+    partitions' committed positions (pending until it commits or aborts). A first ``join`` as
+    it freezes: the group waits for the zombie's session to end, then hands its partitions out,
+    and the members given them wait for those positions. A second ``join`` while they wait:
+    every member's partitions are taken and given again, the waiting ones' too: what Kafka's
+    wait for stable offsets (KIP-447) must survive, or those partitions start over from their
+    beginning. ``leave`` once the zombie is back: the members that joined go again."""
+    if step == "join":
+        if len([s for s in slots if s.wanted]) >= run.cfg.processes + 2:
+            return
+        parked = [s for s in slots if not s.wanted and s.proc is None]
+        slot = parked[0] if parked else _Slot(len(slots))
+        if not parked:
+            slots.append(slot)
+        slot.wanted = True
+        _start(run, slot)
+        run.nudged.append(slot)
+        run.event("nudge-joined", slot=slot.index)
+        return
+    joined, run.nudged = run.nudged, []
+    for slot in joined:
+        if slot.alive() and not slot.stopped_until and not slot.terminating:
+            assert slot.proc is not None
+            slot.wanted, slot.terminating = False, True  # drains, leaves, stays parked
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.proc.pid, signal.SIGTERM)
+            run.event("nudge-left", slot=slot.index, pid=slot.proc.pid)
 
 
 # -- db-restart --------------------------------------------------------------------------------

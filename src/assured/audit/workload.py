@@ -12,7 +12,10 @@ Fates whose outcome is an effect (a record on the output topic, or a row in the 
 - ``slow``: once in the whole run, the handler outlasts the transaction timeout and
   ``max_poll_interval_ms``;
 - ``zombie``: once in the whole run, the handler SIGSTOPs its own process in the middle of a
-  transaction or database batch (the audit SIGCONTs it once its partitions have moved).
+  transaction or database batch (the audit SIGCONTs it once its partitions have moved). Under
+  exactly-once to topics, every other zombie (by its id) stops later instead: after the
+  transaction's offsets were sent into it and before its commit, so the group's position is
+  pending (unstable) while the partitions move and the group rebalances again around it.
 
 Fates whose outcome is a dead letter, never an effect:
 

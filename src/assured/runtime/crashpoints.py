@@ -8,6 +8,10 @@ Armed only through the environment, by the audit (or a test)::
 passed; ``name@n`` the ``n``-th time it is passed (``name`` alone: the first time).
 ``ASSURED_CRASH_SEED`` makes the draws repeatable.
 Disarmed, a crash point is one check of a module-level boolean.
+
+:func:`freeze_at` arms a point, from inside the process, to SIGSTOP it there once instead (the
+audit's zombie that stops between sending its offsets into a transaction and committing it,
+leaving them pending while its group moves on; the audit SIGCONTs it later).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import random
 import signal
 import sys
 
-__all__ = ["ARMED", "POINTS", "arm", "crash_point"]
+__all__ = ["ARMED", "POINTS", "arm", "crash_point", "freeze_at"]
 
 POINTS = (
     "after-commit-before-handle",  # at-most-once: offsets committed, records not yet handled
@@ -28,6 +32,7 @@ POINTS = (
 
 _odds: dict[str, float] = {}
 _nth: dict[str, int] = {}
+_freeze: set[str] = set()  # points that stop the process (once each) rather than kill it
 _rng = random.Random()
 ARMED = False
 
@@ -48,12 +53,29 @@ def arm(spec: str, seed: int | None = None) -> None:
             _odds[name] = float(odds) if odds else 1.0
     if seed is not None:
         _rng.seed(seed)
+    _freeze.clear()
     ARMED = bool(_odds or _nth)
 
 
+def freeze_at(name: str) -> None:
+    """The next time this process passes ``name``, it SIGSTOPs itself there (once)."""
+    global ARMED  # noqa: PLW0603
+    if name not in POINTS:
+        raise ValueError(f"unknown crash point {name!r}; known: {', '.join(POINTS)}")
+    _freeze.add(name)
+    ARMED = True
+
+
 def crash_point(name: str) -> None:
-    """Die here, abruptly, if the audit armed ``name`` and the draw says so."""
+    """Die here, abruptly, if the audit armed ``name`` and the draw says so; or stop here, if
+    :func:`freeze_at` asked for it."""
     if not ARMED:
+        return
+    if name in _freeze:
+        _freeze.discard(name)
+        sys.stderr.write(f"assured: crash point {name} hit: SIGSTOP\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     odds = _odds.get(name)
     nth = _nth.get(name)

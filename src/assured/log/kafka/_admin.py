@@ -218,10 +218,20 @@ class KafkaAdmin(Admin):
 
         Why not AdminClient: librdkafka 2.16's ListConsumerGroupOffsets crashes the process
         (SIGSEGV in rd_kafka_cgrp_op) when the group coordinator moves mid-request, as it does
-        when a broker dies. A consumer's OffsetFetch has the group handle that path needs."""
+        when a broker dies. A consumer's OffsetFetch has the group handle that path needs.
+
+        read_uncommitted, so the reader does not ask for stable offsets: like the AdminClient by
+        default, it answers at once with the last committed offsets, where a read_committed one
+        would wait as long as an open transaction holds new ones (a frozen member's, for up to
+        its transaction timeout)."""
         reader = self._readers.get(group_id)
         if reader is None:
-            config = {**self._config, "group.id": group_id, "enable.auto.commit": False}
+            config = {
+                **self._config,
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "isolation.level": "read_uncommitted",
+            }
             with translated(self._scrub, "creating an offset reader"):
                 reader = self._readers[group_id] = Consumer(config)
         ktps = [
