@@ -49,6 +49,10 @@ log = logging.getLogger("assured.log.kafka")
 _new_record = functools.partial(tuple.__new__, Record)
 
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing consumed, stored or committed
+_BEGINNING, _END = -2, -1  # librdkafka's logical offsets
+# How long an assignment waits for committed positions that a transaction holds (pending until
+# it commits or aborts, within its transaction timeout), in rounds of committed()'s 30 s.
+_STABLE_ROUNDS = 4
 # A transactional call made out of turn: another one is under way or the state forbids it.
 _OUT_OF_TURN = {KafkaError._STATE, KafkaError._CONFLICT, KafkaError._PREV_IN_PROGRESS}
 
@@ -666,6 +670,10 @@ class KafkaConsumer(Consumer):
         self._on_lost: PartitionsCallback | None = None
         self._lost_reported = False  # a loss was reported since the last missed poll interval
         self._starts: dict[TopicPartition, int] = {}  # where on_assign or seek said to begin
+        # read_committed: an assignment starts from committed offsets read here (see
+        # _stable_starts), never from librdkafka's own fetch of them.
+        self._stable = config.get("isolation.level", "read_committed") == "read_committed"
+        self._gone_during: set[tuple[str, int]] = set()  # revoked or lost during this poll()
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -688,7 +696,10 @@ class KafkaConsumer(Consumer):
             self._assigned = sorted(set(self._assigned) | set(tps))
             for tp in tps:
                 self._starts.pop(tp, None)
-            starts = on_assign(tps) if on_assign is not None else None
+            starts = dict(on_assign(tps) or {}) if on_assign is not None else {}
+            unset = [tp for tp in tps if tp not in starts]
+            if self._stable and unset:
+                starts.update(self._stable_starts(unset))
             if starts:
                 self._starts.update(starts)
                 # Start where the caller says (librdkafka takes offsets with the assignment).
@@ -720,10 +731,45 @@ class KafkaConsumer(Consumer):
             self._c.subscribe(list(topics), on_assign=assigned, on_revoke=revoked, on_lost=lost)
         self._subscribed = True
 
+    def _stable_starts(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where newly assigned partitions start: their committed offsets, read once no open
+        transaction holds them (``committed()`` waits for stable offsets, KIP-447); the reset
+        policy where the group has none.
+
+        Not left to librdkafka: its own fetch, told "unstable" while a transaction that sent
+        offsets is still open, puts the partition back with no offset when the assignment
+        changes meanwhile (a member joins or leaves), and the partition then starts from
+        ``auto.offset.reset``: from its beginning, every committed record handled again."""
+        for round_ in range(1, _STABLE_ROUNDS + 1):
+            try:
+                committed = self.committed(partitions)
+                break
+            except RetriableError as e:
+                if round_ == _STABLE_ROUNDS:
+                    raise LogError(
+                        f"the committed positions of {_shown(partitions)} stayed unreadable for "
+                        f"{30 * _STABLE_ROUNDS} s ({e}); an open transaction of another member "
+                        "may hold them: it ends within its transaction timeout. Start again."
+                    ) from None
+                log.warning(
+                    "waiting for the committed positions of %s (%s): a transaction that holds "
+                    "them may still be open",
+                    _shown(partitions), e,
+                )  # fmt: skip
+        reset = {"earliest": _BEGINNING, "latest": _END}.get(self._reset)
+        starts: dict[TopicPartition, int] = {}
+        for tp, offset in committed.items():
+            if offset is not None:
+                starts[tp] = offset
+            elif reset is not None:  # "error": no start, and librdkafka reports it
+                starts[tp] = reset
+        return starts
+
     def _forget(self, gone: Sequence[TopicPartition]) -> None:
         """Partitions that left: an offset still waiting to be committed for one of them would
         land later, under another owner, maybe behind what that owner committed."""
         gone_set = set(gone)
+        self._gone_during.update((tp.topic, tp.partition) for tp in gone_set)
         self._assigned = [tp for tp in self._assigned if tp not in gone_set]
         for tp in gone_set:
             self._waiting.pop((tp.topic, tp.partition), None)
@@ -838,7 +884,15 @@ class KafkaConsumer(Consumer):
                 if not msgs and timeout > 0:
                     msgs = self._c.consume(1, timeout)
                     if msgs and max_records > 1:
-                        msgs += self._c.consume(max_records - 1, 0)
+                        self._gone_during.clear()
+                        more = self._c.consume(max_records - 1, 0)
+                        if self._gone_during:
+                            # A rebalance ran in that call: what the one before returned from
+                            # partitions that left is not ours to handle (their next owner, or
+                            # this member again, reads them from the committed offset).
+                            gone = self._gone_during
+                            msgs = [m for m in msgs if (m.topic(), m.partition()) not in gone]
+                        msgs += more
             out = self._records(msgs)
         self._send_waiting_commit()  # the one in flight may have been answered meanwhile
         return out
@@ -1062,3 +1116,8 @@ class KafkaConsumer(Consumer):
                 self._c.close()  # runs on_revoke first, which may still commit
         finally:
             self._closed = True
+
+
+def _shown(partitions: Sequence[TopicPartition], most: int = 8) -> str:
+    text = ", ".join(map(str, partitions[:most]))
+    return text + (f" and {len(partitions) - most} more" if len(partitions) > most else "")
