@@ -139,7 +139,8 @@ class Runtime:
     # Each input topic's incarnation (see TopicDescription.topic_id), for the sink's inbox and
     # claims: a topic deleted and created again starts its offsets from 0.
     incarnations: dict[str, str] = field(default_factory=dict)
-    _outputs: dict[tuple[int, str], Output] = field(default_factory=dict)
+    # Keyed by the producer itself, not its id(): a replaced producer's id may be reused.
+    _outputs: dict[tuple[Producer, str], Output] = field(default_factory=dict)
 
     def handle(
         self,
@@ -188,8 +189,12 @@ class Runtime:
             spec, target, dead_letters, self.metrics, self.settings.guarantee, transactional
         )
 
+    def drop_outputs(self, producer: Producer) -> None:
+        """Forget the outputs bound to ``producer`` (closed and replaced)."""
+        self._outputs = {k: out for k, out in self._outputs.items() if k[0] is not producer}
+
     def _output(self, spec: HandlerSpec, producer: Producer) -> Output:
-        key = (id(producer), spec.topic)
+        key = (producer, spec.topic)
         out = self._outputs.get(key)
         if out is None:
             out = Output(

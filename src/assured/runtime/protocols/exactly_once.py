@@ -137,6 +137,7 @@ class ExactlyOnce(CommitProtocol):
         log.warning("the transactional producer cannot go on (%s); starting a new one", why)
         with contextlib.suppress(Exception):
             self.producer.close()
+        self.rt.drop_outputs(self.producer)
         self.producer = self._new_producer()
 
     # -- processing ----------------------------------------------------------------------------
@@ -290,10 +291,10 @@ class ExactlyOnce(CommitProtocol):
         self.rt.metrics.committed.labels(self.guarantee).inc()
         log_commit("commit", f"committed transaction {self.rt.transaction}", self.pending)
         self.troubles = 0
-        self._tell("committed")
-        self.open = False
+        self.open = False  # before anything else can fail: a committed one is never aborted
         self.pending.clear()
         self.rewind.clear()
+        self._tell("committed")
         return None
 
     def commit(self, unhandled: Sequence[Record] = ()) -> bool:
