@@ -34,8 +34,10 @@ def test_rounds_add_up_and_one_failed_round_fails_the_row() -> None:
 
 
 def test_soaks_side_by_side_add_up(tmp_path: Path) -> None:
-    one = merge(merge(None, findings("pass", 0, 5), seed=1000), findings("pass", 0, 4), 1001)
-    two = merge(None, findings("fail", 3, 7), seed=101_000)
+    one = merge(None, findings("pass", 0, 5), 1000, "aaa")
+    one = merge(one, findings("pass", 0, 4), 1001, "bbb")
+    two = merge(None, findings("fail", 3, 7), 101_000, "aaa")
+    assert one["commits"] == ["aaa", "bbb"], "each round's source is kept"
     files = []
     for i, row in enumerate((one, two)):
         files.append(tmp_path / f"soak-{i}.json")
@@ -46,6 +48,7 @@ def test_soaks_side_by_side_add_up(tmp_path: Path) -> None:
     assert (row["rounds"], row["sent"], kills(row), row["lost"]) == (3, 300, 16, 3)
     assert row["faults"]["zombie"] == 3
     assert row["failed_rounds"] == [{"seed": 101_000, "reasons": ["lost 3"]}]
+    assert row["commits"] == ["aaa", "bbb"]
     assert add_up(files[:1])[0]["verdict"] == "pass"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from assured.audit.supervisor import AuditConfig, run_audit
 from assured.runtime._settings import GUARANTEES
 
-__all__ = ["FAULTS", "main"]
+__all__ = ["FAULTS", "main", "source_commit"]
 
 BASE = ("sigkill", "crash-points", "handler-errors", "write-stall", "zombie", "slow-handler")
 FAULTS = {
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker=cluster,
             )
             found = run_audit(cfg)
-            rows[guarantee] = {**found.as_json(), "log_kind": args.log, "commit": _commit()}
+            rows[guarantee] = {**found.as_json(), "log_kind": args.log, "commit": source_commit()}
             args.out.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
             logging.warning(
                 "%s %s %s: %s, lost %d, duplicated %d, %s",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     return _status(rows)
 
 
-def _commit() -> str:
+def source_commit() -> str:
     """The git commit of the assured source that ran (which may be a worktree of it)."""
     import subprocess
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from assured.audit.acceptance import source_commit
 from assured.audit.checker import Findings
 from assured.audit.supervisor import AuditConfig, run_audit
 
@@ -74,14 +75,19 @@ def _add(row: dict[str, Any], more: dict[str, Any]) -> None:
     row["reasons"] = [r for fr in row["failed_rounds"] for r in fr["reasons"]][:20]
 
 
-def merge(row: dict[str, Any] | None, f: Findings, seed: int) -> dict[str, Any]:
-    """``row`` (the guarantee's rounds so far) with one more round's findings added."""
+def merge(
+    row: dict[str, Any] | None, f: Findings, seed: int, commit: str | None = None
+) -> dict[str, Any]:
+    """``row`` (the guarantee's rounds so far) with one more round's findings added; ``commit``:
+    the source that ran it, kept in the row's ``commits`` (a soak spans sessions and fixes)."""
     new = f.as_json()
     if row is None:
         row = {**new, "rounds": 0, "failed_rounds": [], "anomalies": {}, "faults": {}}
         row.pop("evidence", None)  # a round's own; a failed round keeps it below
         row.update(dict.fromkeys(_SUMS, 0))
     row["rounds"] += 1
+    if commit is not None:
+        row["commits"] = sorted({*row.get("commits", []), commit})
     if new["verdict"] != "pass":
         failed = {"seed": seed, "reasons": new["reasons"]}
         if new.get("evidence"):
@@ -103,6 +109,7 @@ def add_up(files: list[Path]) -> list[dict[str, Any]]:
                 continue
             kept["rounds"] += row["rounds"]
             kept["failed_rounds"] += row["failed_rounds"]
+            kept["commits"] = sorted({*kept.get("commits", []), *row.get("commits", [])})
             _add(kept, row)
     return list(total.values())
 
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     found = Findings(guarantee, url, "topic", args.messages, 0, 0)
                     found.verdict = "fail"
                     found.reasons = [f"round timed out: {str(e)[:200]}"]
-                rows[guarantee] = merge(row, found, seed)
+                rows[guarantee] = merge(row, found, seed, source_commit())
                 _save(args.out, rows)
                 shutil.rmtree(workdir, ignore_errors=True)
                 r = rows[guarantee]
