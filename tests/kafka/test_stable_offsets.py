@@ -26,6 +26,7 @@ from confluent_kafka import Consumer as KConsumer
 from confluent_kafka import Producer as KProducer
 from confluent_kafka import TopicPartition as KTopicPartition
 
+from assured.errors import LogError
 from assured.log import Log, OffsetReset, TopicPartition, open_log
 from tests.conftest import create_topic
 
@@ -68,6 +69,20 @@ def test_members_joining_while_a_transaction_holds_the_offsets_start_from_them(
     """Three members join one after another (each join reassigns every partition) while the
     transaction is open: nobody reads a record until it commits, then every partition starts
     at the offset it committed, never at the beginning."""
+    _joins_while_held(kafka_bootstrap, log, hold_s=7.0)
+
+
+@pytest.mark.slow
+def test_a_member_waits_for_held_offsets_as_long_as_a_transaction_may_stay_open(
+    kafka_bootstrap: str, log: Log
+) -> None:
+    """A transaction may stay open up to its timeout (the App's default: 60 s), as long as a
+    member frozen after sending its offsets is not fenced: the new owners wait it out (45 s
+    here; librdkafka's one call gives up after 10 s), rather than stop."""
+    _joins_while_held(kafka_bootstrap, log, hold_s=45.0)
+
+
+def _joins_while_held(kafka_bootstrap: str, log: Log, hold_s: float) -> None:
     topic = create_topic(kafka_bootstrap, PARTITIONS)
     group = f"g-{uuid.uuid4().hex[:8]}"
     _fill(log, topic, 3 * HELD)
@@ -101,7 +116,7 @@ def test_members_joining_while_a_transaction_holds_the_offsets_start_from_them(
     for t in threads:
         t.start()
     try:
-        time.sleep(7)
+        time.sleep(hold_s)
         committed.set()
         held.commit_transaction(30)
         deadline = time.monotonic() + 30
@@ -128,9 +143,15 @@ def test_a_partition_without_committed_offsets_starts_at_the_reset_policy(
         producer.send(topic, str(i).encode())
     producer.flush()
     producer.close()
-    resets: list[tuple[OffsetReset, list[int]]] = [("earliest", [0, 1, 2, 3, 4]), ("latest", [])]
-    for reset, expected in resets:
-        consumer = log.consumer(group_id=f"g-{uuid.uuid4().hex[:8]}", auto_offset_reset=reset)
+    resets: list[tuple[OffsetReset, list[int], dict[str, str]]] = [
+        ("earliest", [0, 1, 2, 3, 4], {}),
+        ("latest", [], {}),
+        ("earliest", [], {"auto.offset.reset": "latest"}),  # librdkafka's setting counts
+    ]
+    for reset, expected, config in resets:
+        consumer = log.consumer(
+            group_id=f"g-{uuid.uuid4().hex[:8]}", auto_offset_reset=reset, config=config
+        )
         consumer.subscribe([topic])
         got = []
         deadline = time.monotonic() + 30
@@ -139,8 +160,8 @@ def test_a_partition_without_committed_offsets_starts_at_the_reset_policy(
         got += consumer.poll(10, 1.0)
         position = consumer.position(TopicPartition(topic, 0))
         consumer.close()
-        assert [r.offset for r in got] == expected, reset
-        assert position == 5, (reset, position)  # read to the end, or started there
+        assert [r.offset for r in got] == expected, (reset, config)
+        assert position == 5, (reset, config, position)  # read to the end, or started there
 
 
 class _RevokeOnThirdCall:
@@ -192,3 +213,36 @@ def test_records_of_a_partition_revoked_during_a_poll_are_not_returned(
     consumer.close()
     assert proxy.calls == 3, "the poll went through its three calls"
     assert [r for r in got if r.offset < 1] == [], "the first call's record was dropped"
+
+
+def test_an_error_while_choosing_where_partitions_start_stops_the_consumer_for_good(
+    kafka_bootstrap: str, log: Log
+) -> None:
+    """When on_assign fails, librdkafka assigns the partitions itself, at offsets nobody chose:
+    the error comes out of poll(), and every later call raises it again rather than hand out
+    records from there."""
+    topic = create_topic(kafka_bootstrap, 1)
+    producer = log.producer()
+    producer.send(topic, b"x")
+    producer.flush()
+    producer.close()
+
+    def refuse(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        raise LogError("the sink is away (planned)")
+
+    consumer = log.consumer(group_id=f"g-{uuid.uuid4().hex[:8]}")
+    consumer.subscribe([topic], on_assign=refuse)
+    with pytest.raises(LogError, match="planned"):
+        _poll_for(consumer, 30)
+    for _ in range(3):
+        with pytest.raises(LogError, match="planned"):
+            consumer.poll(10, 0.2)
+    with pytest.raises(LogError, match="planned"):
+        consumer.commit()
+    consumer.close()  # still closes
+
+
+def _poll_for(consumer: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        consumer.poll(10, 0.2)

@@ -32,6 +32,11 @@ from assured.log.kafka._errors import Scrubber, ScrubbingFilter
 __all__ = ["KafkaAdmin", "KafkaConsumer", "KafkaLog", "KafkaProducer"]
 
 _FORCED_CONSUMER = {"enable.auto.commit": False, "enable.auto.offset.store": False}
+# librdkafka's names for the reset policies, by ours.
+_RESETS: dict[str, OffsetReset] = {
+    "earliest": "earliest", "smallest": "earliest", "beginning": "earliest",
+    "latest": "latest", "largest": "latest", "end": "latest", "error": "error",
+}  # fmt: skip
 _ASSIGNORS = {"range": "range", "roundrobin": "roundrobin", "sticky": "cooperative-sticky"}
 
 
@@ -120,9 +125,9 @@ class KafkaLog(Log):
             extra["client.id"] = client_id
         extra.update(config or {})
         extra.update(_FORCED_CONSUMER)
-        return KafkaConsumer(
-            self._client_config(extra), self.scrub, group_id, auto_offset_reset, self.admin
-        )
+        # The policy that counts is the one librdkafka is given, maybe through ``config``.
+        reset = _RESETS.get(str(extra["auto.offset.reset"]), auto_offset_reset)
+        return KafkaConsumer(self._client_config(extra), self.scrub, group_id, reset, self.admin)
 
     def close(self) -> None:
         """Nothing to release: each client closes its own connections."""

@@ -40,7 +40,7 @@ from assured.log._protocol import (
     PartitionsCallback,
     Producer,
 )
-from assured.log.kafka._errors import Scrubber, call, deadline_call, translate, translated
+from assured.log.kafka._errors import Scrubber, call, translate, translated
 
 __all__ = ["KafkaConsumer", "KafkaProducer"]
 
@@ -50,9 +50,10 @@ _new_record = functools.partial(tuple.__new__, Record)
 
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing consumed, stored or committed
 _BEGINNING, _END = -2, -1  # librdkafka's logical offsets
-# How long an assignment waits for committed positions that a transaction holds (pending until
-# it commits or aborts, within its transaction timeout), in rounds of committed()'s 30 s.
-_STABLE_ROUNDS = 4
+# An assignment waits for committed positions that an open transaction holds (pending until it
+# commits or aborts, within its transaction timeout) for this share of max.poll.interval.ms, at
+# least a minute; it says so every _SAY_EVERY_S.
+_STABLE_SHARE, _STABLE_FLOOR_S, _SAY_EVERY_S = 0.8, 60.0, 15.0
 # A transactional call made out of turn: another one is under way or the state forbids it.
 _OUT_OF_TURN = {KafkaError._STATE, KafkaError._CONFLICT, KafkaError._PREV_IN_PROGRESS}
 
@@ -673,6 +674,12 @@ class KafkaConsumer(Consumer):
         # read_committed: an assignment starts from committed offsets read here (see
         # _stable_starts), never from librdkafka's own fetch of them.
         self._stable = config.get("isolation.level", "read_committed") == "read_committed"
+        poll_s = int(config.get("max.poll.interval.ms", 300_000)) / 1000
+        self._stable_wait_s = max(_STABLE_FLOOR_S, _STABLE_SHARE * poll_s)
+        # An error inside a rebalance callback: librdkafka then assigns the partitions itself,
+        # at offsets nobody chose, so this consumer refuses every later call with it.
+        self._broken: AssuredError | None = None
+        self._closing = False  # close() is under way: an assignment then is never read from
         self._gone_during: set[tuple[str, int]] = set()  # revoked or lost during this poll()
 
     # -- membership ----------------------------------------------------------------------------
@@ -696,10 +703,14 @@ class KafkaConsumer(Consumer):
             self._assigned = sorted(set(self._assigned) | set(tps))
             for tp in tps:
                 self._starts.pop(tp, None)
-            starts = dict(on_assign(tps) or {}) if on_assign is not None else {}
-            unset = [tp for tp in tps if tp not in starts]
-            if self._stable and unset:
-                starts.update(self._stable_starts(unset))
+            try:
+                starts = dict(on_assign(tps) or {}) if on_assign is not None else {}
+                unset = [tp for tp in tps if tp not in starts]
+                if self._stable and unset and not self._closing:
+                    starts.update(self._stable_starts(unset))
+            except AssuredError as e:
+                self._broken = e
+                raise
             if starts:
                 self._starts.update(starts)
                 # Start where the caller says (librdkafka takes offsets with the assignment).
@@ -740,22 +751,7 @@ class KafkaConsumer(Consumer):
         offsets is still open, puts the partition back with no offset when the assignment
         changes meanwhile (a member joins or leaves), and the partition then starts from
         ``auto.offset.reset``: from its beginning, every committed record handled again."""
-        for round_ in range(1, _STABLE_ROUNDS + 1):
-            try:
-                committed = self.committed(partitions)
-                break
-            except RetriableError as e:
-                if round_ == _STABLE_ROUNDS:
-                    raise LogError(
-                        f"the committed positions of {_shown(partitions)} stayed unreadable for "
-                        f"{30 * _STABLE_ROUNDS} s ({e}); an open transaction of another member "
-                        "may hold them: it ends within its transaction timeout. Start again."
-                    ) from None
-                log.warning(
-                    "waiting for the committed positions of %s (%s): a transaction that holds "
-                    "them may still be open",
-                    _shown(partitions), e,
-                )  # fmt: skip
+        committed = self._committed(partitions, self._stable_wait_s, waiting=True)
         reset = {"earliest": _BEGINNING, "latest": _END}.get(self._reset)
         starts: dict[TopicPartition, int] = {}
         for tp, offset in committed.items():
@@ -1068,7 +1064,9 @@ class KafkaConsumer(Consumer):
                             f"{timeout:g}s, and a commit now could be overtaken by it; nothing "
                             "was committed: commit again"
                         )
-                    self._early += self._records(self._c.consume(100, 0.05))
+                    # Read first, then add: a rebalance inside consume() filters _early anew.
+                    got = self._records(self._c.consume(100, 0.05))
+                    self._early = self._early + got
             finally:
                 self._c.resume(paused)
 
@@ -1076,17 +1074,54 @@ class KafkaConsumer(Consumer):
         self._check_open()
         if self._group_id is None:
             return dict.fromkeys(partitions)
+        return self._committed(partitions, 30.0)
+
+    def _committed(
+        self, partitions: Sequence[TopicPartition], seconds: float, waiting: bool = False
+    ) -> dict[TopicPartition, int | None]:
+        """The group's committed offsets of ``partitions``, read within ``seconds``. On a
+        read_committed consumer the broker holds back offsets an open transaction sent
+        ("unstable", KIP-447) and librdkafka's call times out while it does: asked again until
+        the deadline. ``waiting``: say so in the log every 15 s."""
         ktps = [KTopicPartition(tp.topic, tp.partition) for tp in partitions]
-        found = deadline_call(
-            lambda left: self._c.committed(ktps, timeout=min(10.0, left)),
-            self._scrub,
-            "reading committed",
-            30,
-        )
-        return {
-            TopicPartition(k.topic, k.partition): (k.offset if k.offset >= 0 else None)
-            for k in found
-        }
+        started = time.monotonic()
+        deadline, said = started + seconds, started
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                found = self._c.committed(ktps, timeout=max(0.1, min(10.0, left)))
+                break
+            except KafkaException as e:
+                err = e.args[0]
+                pending = err.code() == KafkaError._TIMED_OUT
+                if not (pending or err.retriable() or translate(err, self._scrub, "").retriable):
+                    raise translate(err, self._scrub, "reading committed offsets") from None
+                now = time.monotonic()
+                if now >= deadline:
+                    raise RetriableError(
+                        f"the committed offsets of {_shown(partitions)} could not be read in "
+                        f"{seconds:g} s ({self._scrub(err.str())}); a transaction that sent "
+                        "them may still be open (it ends within its transaction timeout)"
+                    ) from None
+                if waiting and now - said >= _SAY_EVERY_S:
+                    said = now
+                    log.warning(
+                        "waiting %.0f s so far for the committed offsets of %s: a transaction "
+                        "of another member that sent them may still be open",
+                        now - started, _shown(partitions),
+                    )  # fmt: skip
+                if not pending:
+                    time.sleep(min(0.5, max(0.0, deadline - now)))
+        out: dict[TopicPartition, int | None] = {}
+        for k in found:
+            if k.error is not None:
+                raise translate(
+                    k.error,
+                    self._scrub,
+                    f"reading the committed offset of {k.topic}[{k.partition}]",
+                )
+            out[TopicPartition(k.topic, k.partition)] = k.offset if k.offset >= 0 else None
+        return out
 
     def group_metadata(self) -> GroupMetadata:
         if self._group_id is None:
@@ -1099,6 +1134,8 @@ class KafkaConsumer(Consumer):
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError("this consumer is closed")
+        if self._broken is not None:
+            raise _fresh(self._broken)
 
     def close(self) -> None:
         if self._closed:
@@ -1112,6 +1149,7 @@ class KafkaConsumer(Consumer):
                         self._commit_now(waiting)
                 except AssuredError as e:
                     log.warning("closing: the last asynchronous commits failed: %s", e)
+            self._closing = True
             with translated(self._scrub, "closing the consumer"):
                 self._c.close()  # runs on_revoke first, which may still commit
         finally:
