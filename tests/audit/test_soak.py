@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from assured.audit.checker import Findings
-from assured.audit.soak import add_up, kills, main, merge
+from assured.audit.soak import add_up, kills, main, merge, table
 
 
 def findings(verdict: str, lost: int, sigkills: int) -> Findings:
@@ -50,6 +50,26 @@ def test_soaks_side_by_side_add_up(tmp_path: Path) -> None:
     assert row["failed_rounds"] == [{"seed": 101_000, "reasons": ["lost 3"]}]
     assert row["commits"] == ["aaa", "bbb"]
     assert add_up(files[:1])[0]["verdict"] == "pass"
+
+
+def test_the_readme_table_adds_side_by_side_soaks_up(tmp_path: Path) -> None:
+    (tmp_path / "soak-embedded.json").write_text(
+        json.dumps([merge(None, findings("pass", 0, 5), 1000, "aaa")])
+    )
+    (tmp_path / "soak-embedded-1.json").write_text(
+        json.dumps([merge(None, findings("fail", 2, 7), 101_000, "bbb")])
+    )
+    (tmp_path / "soak-kafka.json").write_text(
+        json.dumps([merge(None, findings("pass", 0, 1_234), 1000)])
+    )
+    head, rule, embedded, kafka = table(tmp_path)
+    assert head.startswith("| log | guarantee | rounds |")
+    assert rule.startswith("|---|")
+    assert embedded == (
+        "| embedded | **exactly-once** | 2 | 200 | 12 (1,000) | zombie 2 | **2** | **0** | "
+        "**none** |"
+    )
+    assert "| 1,234 (1,000) |" in kafka
 
 
 @pytest.mark.slow

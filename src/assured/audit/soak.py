@@ -6,6 +6,7 @@ audit's ``--json`` shape, plus ``rounds`` and the seeds and reasons of any round
 
 python -m assured.audit.soak --log embedded|kafka|cluster --out FILE [--hours H] [--instance K]
 python -m assured.audit.soak --merge OUT FILE [FILE ...]
+python -m assured.audit.soak --table [DIR]     (the README's table, from DIR/soak-*.json)
 
 A round spends most of its time waiting (session timeouts, frozen zombies, slow handlers), not
 computing, so several soaks of one log can run side by side: each ``--instance K`` writes its
@@ -30,7 +31,7 @@ from assured.audit.acceptance import source_commit
 from assured.audit.checker import Findings
 from assured.audit.supervisor import AuditConfig, run_audit
 
-__all__ = ["TARGET_KILLS", "add_up", "main", "merge"]
+__all__ = ["TARGET_KILLS", "add_up", "main", "merge", "table"]
 
 TARGET_KILLS = {"exactly-once": 1000, "at-least-once": 300, "at-most-once": 300}
 # Faults that end in a processor SIGKILL: what the targets count.
@@ -114,6 +115,47 @@ def add_up(files: list[Path]) -> list[dict[str, Any]]:
     return list(total.values())
 
 
+_NAMES = {"embedded": "embedded", "kafka": "Kafka, 1 broker", "cluster": "Kafka, 3 brokers"}
+
+
+def table(folder: Path) -> list[str]:
+    """The README's soak table (Markdown) from ``folder``'s ``soak-<log>.json`` and
+    ``soak-<log>-<K>.json`` files (side-by-side instances added up): per log and guarantee, the
+    rounds, messages, SIGKILLs against their target, the other faults, and every anomaly."""
+    lines = [
+        "| log | guarantee | rounds | messages | SIGKILLs (target) | other faults | lost | "
+        "duplicated | other anomalies |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for log_kind, name in _NAMES.items():
+        files = sorted(folder.glob(f"soak-{log_kind}.json")) + sorted(
+            folder.glob(f"soak-{log_kind}-*.json")
+        )
+        rows = {r["guarantee"]: r for r in add_up(files)} if files else {}
+        for guarantee, target in TARGET_KILLS.items():
+            r = rows.get(guarantee)
+            if r is None:
+                continue
+            strong = guarantee == "exactly-once"
+
+            def bold(text: str, strong: bool = strong) -> str:
+                return f"**{text}**" if strong else text
+
+            other = ", ".join(f"{k} {v:,}" for k, v in r["faults"].items() if v and k not in KILLS)
+            anomalies = ", ".join(
+                f"{k} {v['count']:,}"
+                for k, v in r["anomalies"].items()
+                if v["count"] and k not in ("lost", "duplicate")
+            )
+            lines.append(
+                f"| {name} | {bold(guarantee)} | {r['rounds']} | {r['sent']:,} | "
+                f"{kills(r):,} ({target:,}) | {other} | "
+                f"{bold(format(r['lost'], ','))} | {bold(format(r['duplicated'], ','))} | "
+                f"{bold(anomalies or 'none')} |"
+            )
+    return lines
+
+
 def _merge_files(args: list[str]) -> int:
     if len(args) < 2:
         raise SystemExit("usage: python -m assured.audit.soak --merge OUT FILE [FILE ...]")
@@ -132,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--merge"]:
         return _merge_files(argv[1:])
+    if argv[:1] == ["--table"]:
+        print("\n".join(table(Path(argv[1]) if len(argv) > 1 else Path("benchmarks/results"))))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m assured.audit.soak")
     parser.add_argument("--log", choices=sorted(FAULTS), required=True)
     parser.add_argument("--out", type=Path, required=True)
