@@ -14,6 +14,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 
+from assured._retry import Backoff
 from assured.errors import InvalidTopicError, LogError, RetriableError, UnknownTopicError
 from assured.log._models import (
     GroupDescription,
@@ -164,16 +165,13 @@ class KafkaAdmin(Admin):
     def _again(self, ask: Callable[[], T]) -> T:
         """``ask()``, again while the error is retriable (leadership moving after a broker
         died), until ``timeout`` seconds have passed."""
-        deadline = time.monotonic() + self.timeout
-        pause = 0.05
+        backoff = Backoff(self.timeout)
         while True:
             try:
                 return ask()
             except RetriableError:
-                if time.monotonic() + pause > deadline:
+                if not backoff.pause():
                     raise
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
                 # The client's cached leaders (and their epochs) may predate the election;
                 # a metadata request renews them, or the same stale answer comes back.
                 with contextlib.suppress(KafkaException):

@@ -6,8 +6,8 @@ twice, because the next owner starts after them."""
 from __future__ import annotations
 
 import logging
-import time
 
+from assured._retry import Backoff
 from assured.errors import LogError, StaleGenerationError
 from assured.log import Producer, Record
 from assured.runtime.crashpoints import crash_point
@@ -55,8 +55,7 @@ class AtMostOnce(CommitProtocol):
         waited for (within the retry deadline), then the record is given up: lost, as this
         guarantee allows, and said so; never dead-lettered for a fault that is not its own."""
         assert self.rt.sink is not None
-        until = time.monotonic() + self.rt.settings.retry_deadline_ms / 1000
-        pause = 0.05
+        backoff = Backoff(self.rt.settings.retry_deadline_ms / 1000)
         while True:
             try:
                 with self.rt.sink.transaction(
@@ -67,15 +66,13 @@ class AtMostOnce(CommitProtocol):
             except LogError as e:
                 if not e.retriable:
                     raise
-                if time.monotonic() + pause > until:
+                if not backoff.pause():
                     log.error(
                         "%s[%d]@%d lost: its offset was committed before handling "
                         "(at-most-once) and the database stayed unavailable: %s",
                         record.topic, record.partition, record.offset, e,
                     )  # fmt: skip
                     return
-                time.sleep(pause)
-                pause = min(2 * pause, 1.0)
 
     def close(self) -> None:
         self.producer.close()

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from assured._retry import Backoff
 from assured.errors import (
     AssuredError,
     DeliveryError,
@@ -106,17 +107,13 @@ class ExactlyOnce(CommitProtocol):
     def _resumable(self, fn: Callable[[float], T]) -> T:
         """``fn(timeout)``, called again while it times out (librdkafka wants a timed-out
         transactional call resumed by calling it again), within the retry deadline."""
-        until = time.monotonic() + self._deadline()
-        pause = 0.05
+        backoff = Backoff(self._deadline())
         while True:
-            left = until - time.monotonic()
             try:
-                return fn(max(left, 0.1))
+                return fn(backoff.left())
             except RetriableError:
-                if time.monotonic() + pause >= until:
+                if not backoff.pause():
                     raise
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
 
     def _new_producer(self) -> Producer:
         s = self.rt.settings

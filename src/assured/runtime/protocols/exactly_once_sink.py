@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
+from assured._retry import Backoff
 from assured.errors import AssuredError, ConfigError, LogError
 from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
@@ -157,18 +158,15 @@ class ExactlyOnceSink(CommitProtocol):
         the only way to know what landed: wait for them (within the retry deadline, then stop,
         having committed nothing more). Otherwise the batch rolled back for sure, and its own
         first offsets are as good."""
-        until = time.monotonic() + self.rt.settings.retry_deadline_ms / 1000
-        pause = 0.1
+        backoff = Backoff(self.rt.settings.retry_deadline_ms / 1000, first=0.1, most=2.0)
         while True:
             try:
                 return self.sink.stored_offsets(self.rt.settings.group)
             except LogError:
                 if not must:
                     return {}
-                if time.monotonic() + pause > until:
+                if not backoff.pause():
                     raise
-                time.sleep(pause)
-                pause = min(2 * pause, 2.0)
 
     def tick(self, caught_up: bool = False) -> None:
         # Dead letters another relay left, or whose commit's outcome was unknown, or that met
