@@ -43,10 +43,10 @@ def log(kafka_bootstrap: str) -> Iterator[Log]:
     opened.close()
 
 
-def _fill(log: Log, topic: str, per_partition: int) -> None:
+def _fill(log: Log, topic: str, per_partition: int, partitions: int = PARTITIONS) -> None:
     producer = log.producer()
-    for i in range(per_partition * PARTITIONS):
-        producer.send(topic, str(i).encode(), partition=i % PARTITIONS)
+    for i in range(per_partition * partitions):
+        producer.send(topic, str(i).encode(), partition=i % partitions)
     producer.flush()
     producer.close()
 
@@ -138,11 +138,7 @@ def test_a_partition_without_committed_offsets_starts_at_the_reset_policy(
     """The consumer now picks the start itself: with nothing committed, ``earliest`` is the
     first record and ``latest`` the end, as before."""
     topic = create_topic(kafka_bootstrap, 1)
-    producer = log.producer()
-    for i in range(5):
-        producer.send(topic, str(i).encode())
-    producer.flush()
-    producer.close()
+    _fill(log, topic, 5, partitions=1)
     resets: list[tuple[OffsetReset, list[int], dict[str, str]]] = [
         ("earliest", [0, 1, 2, 3, 4], {}),
         ("latest", [], {}),
@@ -194,11 +190,7 @@ def test_records_of_a_partition_revoked_during_a_poll_are_not_returned(
     owner, or this member again, reads it from the committed offset), not handed over to be
     handled after the revoke already committed."""
     topic = create_topic(kafka_bootstrap, 1)
-    _fill_partition = log.producer()
-    for i in range(10):
-        _fill_partition.send(topic, str(i).encode())
-    _fill_partition.flush()
-    _fill_partition.close()
+    _fill(log, topic, 10, partitions=1)
     consumer = log.consumer(group_id=f"g-{uuid.uuid4().hex[:8]}")
     consumer.subscribe([topic])
     deadline = time.monotonic() + 30

@@ -654,22 +654,32 @@ def _rebalance(run: _Run, slots: list[_Slot]) -> None:
         _later(run, "rebalance")
         return
     if can_join and (not can_leave or run.rng.random() < 0.5):
-        parked = [s for s in slots if not s.wanted and s.proc is None]
-        slot = parked[0] if parked else _Slot(len(slots))
-        if not parked:
-            slots.append(slot)
-        slot.wanted = True
-        _start(run, slot)
+        slot = _join(run, slots)
         run.event("joined", slot=slot.index)
     else:
         slot = run.rng.choice(movable)
-        assert slot.proc is not None
-        slot.wanted = False
-        slot.terminating = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(slot.proc.pid, signal.SIGTERM)
-        run.event("left", slot=slot.index, pid=slot.proc.pid)
+        _leave(slot)
+        run.event("left", slot=slot.index, pid=slot.proc.pid if slot.proc else None)
     run.faults["rebalance"] += 1
+
+
+def _join(run: _Run, slots: list[_Slot]) -> _Slot:
+    """A member joins: a parked slot started again, or a new one."""
+    parked = [s for s in slots if not s.wanted and s.proc is None]
+    slot = parked[0] if parked else _Slot(len(slots))
+    if not parked:
+        slots.append(slot)
+    slot.wanted = True
+    _start(run, slot)
+    return slot
+
+
+def _leave(slot: _Slot) -> None:
+    """A member leaves for good: SIGTERM (it drains and leaves the group), then stays parked."""
+    assert slot.proc is not None
+    slot.wanted, slot.terminating = False, True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(slot.proc.pid, signal.SIGTERM)
 
 
 def _nudge(run: _Run, slots: list[_Slot], step: str) -> None:
@@ -683,23 +693,15 @@ def _nudge(run: _Run, slots: list[_Slot], step: str) -> None:
     if step == "join":
         if len([s for s in slots if s.wanted]) >= run.cfg.processes + 2:
             return
-        parked = [s for s in slots if not s.wanted and s.proc is None]
-        slot = parked[0] if parked else _Slot(len(slots))
-        if not parked:
-            slots.append(slot)
-        slot.wanted = True
-        _start(run, slot)
+        slot = _join(run, slots)
         run.nudged.append(slot)
         run.event("nudge-joined", slot=slot.index)
         return
     joined, run.nudged = run.nudged, []
     for slot in joined:
         if slot.alive() and not slot.stopped_until and not slot.terminating:
-            assert slot.proc is not None
-            slot.wanted, slot.terminating = False, True  # drains, leaves, stays parked
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(slot.proc.pid, signal.SIGTERM)
-            run.event("nudge-left", slot=slot.index, pid=slot.proc.pid)
+            _leave(slot)
+            run.event("nudge-left", slot=slot.index, pid=slot.proc.pid if slot.proc else None)
 
 
 # -- db-restart --------------------------------------------------------------------------------
