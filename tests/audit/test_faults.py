@@ -198,6 +198,8 @@ def test_faults_are_checked_before_anything_starts(tmp_path: Path) -> None:
         audit(tmp_path, "exactly-once", ("db-restart",))
     with pytest.raises(ConfigError, match="write-stall on Kafka needs"):
         audit(tmp_path, "exactly-once", ("write-stall",), log_url="kafka://127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"^stuck-coordinator is a Kafka client's fault"):
+        audit(tmp_path, "exactly-once", ("stuck-coordinator",))
     assert not list(tmp_path.iterdir()), "nothing was started or written"
 
 
@@ -256,7 +258,9 @@ def test_kafka_write_stall_freezes_the_broker(
 
 
 @pytest.mark.kafka
-@pytest.mark.parametrize("fault", ["handler-errors", "zombie", "rebalance", "slow-handler"])
+@pytest.mark.parametrize(
+    "fault", ["handler-errors", "zombie", "rebalance", "slow-handler", "stuck-coordinator"]
+)
 def test_kafka_faults_exactly_once(tmp_path: Path, kafka_bootstrap: str, fault: str) -> None:
     f = audit(
         tmp_path, "exactly-once", (fault,), log_url=f"kafka://{kafka_bootstrap}", kills=2,

@@ -4,6 +4,7 @@ test_transactions_faults.py)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 from assured import App, Message, Output, TopicPartition, open_log
 from assured.errors import ProducerFencedError
 from assured.log import Log
+from assured.runtime import crashpoints
 from assured.runtime._settings import Guarantee
 from tests.conftest import create_topic
 from tests.kafka.test_delivery import read
@@ -164,3 +166,47 @@ def test_an_instance_fenced_through_send_stops_and_commits_nothing(
     assert failure, "the fenced instance went on"
     assert isinstance(failure[0], ProducerFencedError), repr(failure[0])
     assert read(log, out, 0) == []
+
+
+def test_a_producer_whose_coordinator_stops_answering_is_replaced(
+    log: Log, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen in a soak on an overloaded broker: after a replacement, a transactional producer's
+    AddOffsetsToTxn requests stayed queued in librdkafka and were never sent ("TxnCoordinator:
+    Timed out 0 in-flight, 0 retry-queued, 1 out-queue"), while aborts went through. Every
+    commit timed out after retry_deadline_ms (30 s), past max_poll_interval_ms, so the member
+    also lost its partitions each time: 41 aborts in a row, and no progress for half an hour.
+
+    The stuck call is armed for this process's first producer (crashpoints.arm_stuck), from
+    its second transaction on. Now a commit gives up within half of max_poll_interval_ms (the
+    member keeps its partitions), and the second stall in a row whose abort went through
+    replaces the producer; every record's output is there once."""
+    src, out = create_topic(kafka_bootstrap), create_topic(kafka_bootstrap)
+    values = [f"m{i:02}".encode() for i in range(30)]
+    fill(log, src, values)
+    group = f"g-{src}"
+    app = App(log=log, group=group, guarantee="exactly-once", session_timeout_ms=6000,
+              max_poll_interval_ms=8000, max_poll_records=5, commit_every=5)  # fmt: skip
+
+    @app.handler(src, output=out)
+    def copy(msg: Message, o: Output) -> None:
+        o.send(msg.value)
+
+    crashpoints.arm_stuck("send-offsets@2")
+    stats: list[object] = []
+    runner = threading.Thread(target=lambda: stats.append(app.run(until_idle=4)), daemon=True)
+    with caplog.at_level(logging.INFO, logger="assured"):
+        try:
+            runner.start()
+            runner.join(60)
+            if runner.is_alive():
+                app.stop()
+                runner.join(40)
+        finally:
+            crashpoints.arm_stuck("")
+    assert stats, "the App made no progress for 60 s"
+    said = caplog.text
+    assert "starting a new one" in said, said[-2000:]
+    assert "lost (the group moved on" not in said
+    assert sorted(read(log, out, len(values))) == values
+    assert committed(log, group, src) == len(values)

@@ -43,11 +43,11 @@ FAULTS = {
     ),
     "kafka": (
         "sigkill", "crash-points", "handler-errors", "write-stall", "zombie", "rebalance",
-        "slow-handler",
+        "slow-handler", "stuck-coordinator",
     ),
     "cluster": (
         "sigkill", "crash-points", "broker-kill", "handler-errors", "zombie", "rebalance",
-        "slow-handler",
+        "slow-handler", "stuck-coordinator",
     ),
 }  # fmt: skip
 

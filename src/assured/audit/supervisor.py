@@ -11,6 +11,10 @@ die. Faults are drawn from the seed, so the same seed gives the same plan:
   (PostgreSQL restarted, ``fast`` and ``immediate`` in turn);
 - ``crash-points`` are armed in a processor's environment when it starts, to kill it at the
   n-th pass of the point where its guarantee is weakest;
+- ``stuck-coordinator`` (Kafka, exactly-once to topics) is armed the same way: from its n-th
+  transaction on, the processor's transactional producer never hears back when it sends its
+  offsets (a client stuck on its coordinator connection; see ``crashpoints``), while the rest
+  of the cluster works;
 - the workload carries the rest in its messages' ``fate`` header: ``handler-errors``
   (transient, permanent, oversize and fatal failures of the handler), ``slow-handler`` (a
   handler outlasting the transaction timeout and ``max_poll_interval_ms``) and ``zombie`` (a
@@ -71,6 +75,7 @@ FAULTS = (
     "rebalance",
     "db-restart",
     "slow-handler",
+    "stuck-coordinator",
 )
 # Faults drawn on the schedule of thresholds (the kills budget is shared among them).
 TIMED = (
@@ -212,6 +217,14 @@ class _Run:
         budget = cfg.kills if crash and not kinds else (cfg.kills // 2 if crash else 0)
         points = WEAK_POINTS[(cfg.guarantee, "topic" if cfg.sink == "topic" else "db")]
         self.crash_plan = [f"{plan.choice(points)}@{plan.randint(1, 2)}" for _ in range(budget)]
+        # Processor starts whose transactional producer gets stuck (own draws: the other
+        # faults' schedule for a seed stays as it was).
+        stuck = random.Random(cfg.seed + 3)
+        self.stuck_plan = (
+            [f"send-offsets@{stuck.randint(1, 3)}" for _ in range(max(1, cfg.kills // 25))]
+            if _stuck_applies(cfg)
+            else []
+        )
         external = cfg.kills - budget if kinds else 0
         timed = sorted(
             (round(plan.uniform(0.05, 0.9), 4), plan.choice(kinds)) for _ in range(external)
@@ -220,6 +233,7 @@ class _Run:
         self.fates = _fates(cfg, [(at, kind) for at, kind in timed if kind in MARKED])
         self.env = dict(os.environ)
         self.env.pop("ASSURED_CRASH_POINTS", None)
+        self.env.pop("ASSURED_STUCK_CALLS", None)
         self._admin: Admin | None = None
         self.offsets_reader: Any = None  # a sqlite3 or psycopg connection
         self.broker_down = threading.Event()  # one broker at a time, so the quorum holds
@@ -266,6 +280,18 @@ def _fates(cfg: AuditConfig, timed: list[tuple[float, str]]) -> dict[int, str]:
     return fates
 
 
+def _stuck_applies(cfg: AuditConfig) -> bool:
+    """``stuck-coordinator`` bites where a Kafka transactional producer sends offsets: on Kafka,
+    exactly-once to topics (under the other guarantees, and into a database, it has nothing
+    to stick and is not planned)."""
+    return (
+        "stuck-coordinator" in cfg.faults
+        and cfg.log_url.startswith("kafka:")
+        and cfg.guarantee == "exactly-once"
+        and cfg.sink == "topic"
+    )
+
+
 def check_faults(names: Iterable[str]) -> tuple[str, ...]:
     """The fault names, checked: a :class:`ConfigError` in one line for an unknown one."""
     chosen = tuple(names)
@@ -289,6 +315,11 @@ def _check(cfg: AuditConfig) -> None:
                 raise ConfigError("write-stall on Kafka needs the cluster the audit may SIGSTOP")
         elif not _PROC_LOCKS.exists():
             raise ConfigError("write-stall on the embedded engine needs Linux's /proc/locks")
+    if "stuck-coordinator" in cfg.faults and not cfg.log_url.startswith("kafka:"):
+        raise ConfigError(
+            "stuck-coordinator is a Kafka client's fault (a transactional producer whose "
+            "coordinator stops answering); the embedded engine has no coordinator to wait for"
+        )
     if "db-restart" in cfg.faults and (cfg.sink != "postgres" or cfg.postgres is None):
         raise ConfigError(
             "db-restart needs --sink postgres and the server to restart (--postgres-data DIR)"
@@ -366,10 +397,16 @@ def run_audit(cfg: AuditConfig) -> Findings:
 
 
 def _count_fired(run: _Run, history: History) -> None:
-    """Faults that fire inside handlers are counted from what the processors wrote down."""
+    """Faults that fire inside handlers are counted from what the processors wrote down; stuck
+    calls from the line a processor writes when its call first goes unanswered."""
     for fault in ("handler-errors", "slow-handler"):
         if fault in run.faults:
             run.faults[fault] = len(history.fired.get(fault, ()))
+    if "stuck-coordinator" in run.faults:
+        run.faults["stuck-coordinator"] = sum(
+            log.read_text(errors="replace").count("assured: stuck call ")
+            for log in run.workdir.glob("processor-*.log")
+        )
 
 
 def _drive(run: _Run, slots: list[_Slot], ends: dict[TopicPartition, int], total: int) -> None:
@@ -490,7 +527,11 @@ def _start(run: _Run, slot: _Slot) -> None:
     env = dict(run.env)
     slot.armed = False
     slot.terminating = False
-    if run.crash_plan:
+    if run.stuck_plan and (slot.starts == 0 or not run.crash_plan):
+        # A slot's first start (or any, once crash points run out), with no crash point to
+        # cut it short: the stuck producer must be replaced for the slot to go on.
+        env["ASSURED_STUCK_CALLS"] = run.stuck_plan.pop(0)
+    elif run.crash_plan:
         env["ASSURED_CRASH_POINTS"] = run.crash_plan.pop(0)
         slot.armed = True
     cmd = [
@@ -510,8 +551,9 @@ def _start(run: _Run, slot: _Slot) -> None:
     errors.close()
     slot.starts += 1
     run.event(
-        "started", slot=slot.index, pid=slot.proc.pid, crash_point=env.get("ASSURED_CRASH_POINTS")
-    )
+        "started", slot=slot.index, pid=slot.proc.pid, crash_point=env.get("ASSURED_CRASH_POINTS"),
+        stuck=env.get("ASSURED_STUCK_CALLS"),
+    )  # fmt: skip
 
 
 def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:

@@ -12,6 +12,16 @@ Disarmed, a crash point is one check of a module-level boolean.
 :func:`freeze_at` arms a point, from inside the process, to SIGSTOP it there once instead (the
 audit's zombie that stops between sending its offsets into a transaction and committing it,
 leaving them pending while its group moves on; the audit SIGCONTs it later).
+
+Stuck calls stand for a client that stops getting answers while everything around it works::
+
+    ASSURED_STUCK_CALLS="send-offsets@2"
+
+From its 2nd ``send_offsets_to_transaction`` on, the first Kafka producer this process makes
+never hears back from its transaction coordinator: each call waits out its timeout and fails
+with librdkafka's ``_TIMED_OUT``, as a real producer did whose coordinator connection kept its
+AddOffsetsToTxn request queued and never sent (seen under heavy load; librdkafka #5456 and
+#5511 describe other ways to the same hang). A new producer is not stuck.
 """
 
 from __future__ import annotations
@@ -21,7 +31,17 @@ import random
 import signal
 import sys
 
-__all__ = ["ARMED", "POINTS", "arm", "crash_point", "freeze_at"]
+__all__ = [
+    "ARMED",
+    "POINTS",
+    "STUCK_CALLS",
+    "Stuck",
+    "arm",
+    "arm_stuck",
+    "crash_point",
+    "freeze_at",
+    "stuck",
+]
 
 POINTS = (
     "after-commit-before-handle",  # at-most-once: offsets committed, records not yet handled
@@ -87,6 +107,50 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+STUCK_CALLS = ("send-offsets",)
+
+
+class Stuck:
+    """One client's stuck call: not stuck for its first ``after - 1`` calls, then for good."""
+
+    __slots__ = ("calls", "name")
+
+    def __init__(self, name: str, after: int):
+        self.name = name
+        self.calls = 1 - after
+
+    def now(self) -> bool:
+        """Count a call; whether it goes unanswered."""
+        self.calls += 1
+        if self.calls == 1:
+            sys.stderr.write(f"assured: stuck call {self.name}: never answered from now on\n")
+            sys.stderr.flush()
+        return self.calls >= 1
+
+
+_stuck: dict[str, int] = {}  # call -> from its n-th on, for the next client that asks
+
+
+def arm_stuck(spec: str) -> None:
+    """Arm stuck calls from ``spec`` (``ASSURED_STUCK_CALLS``'s syntax); empty disarms them."""
+    _stuck.clear()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, nth = part.partition("@")
+        if name not in STUCK_CALLS:
+            raise ValueError(f"unknown stuck call {name!r}; known: {', '.join(STUCK_CALLS)}")
+        _stuck[name] = max(1, int(nth)) if nth else 1
+
+
+def stuck(name: str) -> Stuck | None:
+    """For a client being made: its stuck ``name`` call, if one is armed (only the first client
+    to ask gets it; the next one made, a replacement, is healthy)."""
+    if not _stuck:
+        return None
+    after = _stuck.pop(name, None)
+    return None if after is None else Stuck(name, after)
+
+
+arm_stuck(os.environ.get("ASSURED_STUCK_CALLS", ""))
 arm(
     os.environ.get("ASSURED_CRASH_POINTS", ""),
     int(os.environ["ASSURED_CRASH_SEED"]) if "ASSURED_CRASH_SEED" in os.environ else None,

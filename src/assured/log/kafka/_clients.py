@@ -98,6 +98,14 @@ class _Failures:
         return taken
 
 
+def _unanswered(_offsets: list[KTopicPartition], _group: Any, timeout: float) -> None:
+    """A send_offsets_to_transaction whose request never leaves the client (a stuck call)."""
+    time.sleep(timeout)
+    raise KafkaException(
+        KafkaError(KafkaError._TIMED_OUT, "Failed to add offsets to transaction: Local: Timed out")
+    )
+
+
 class _Background:
     """One blocking librdkafka call on a daemon thread, so that its caller can stop waiting at
     a deadline while the call goes on (a call inside librdkafka cannot be interrupted)."""
@@ -185,6 +193,10 @@ class KafkaProducer(Producer):
         self._resume: str | None = None  # a transactional call that timed out, to call again
         self._offsets: _Background | None = None  # a send_offsets_to_transaction still running
         self._p = self._handle()
+        # The audit's stuck coordinator (see assured.runtime.crashpoints), if armed.
+        from assured.runtime.crashpoints import stuck  # here: assured.runtime imports the log
+
+        self._stuck = stuck("send-offsets") if self._transactional else None
 
     def _handle(self) -> KProducer:
         config = dict(self._config)
@@ -455,12 +467,13 @@ class KafkaProducer(Producer):
             # librdkafka's send_offsets_to_transaction is not resumable and can block for a
             # whole socket timeout past its own timeout (a coordinator that stopped answering):
             # run it aside, and stop waiting at the deadline.
+            call: Callable[[list[KTopicPartition], Any, float], None]
+            call = self._p.send_offsets_to_transaction
+            if self._stuck is not None and self._stuck.now():
+                call = _unanswered
             request = _Background(
                 functools.partial(
-                    self._p.send_offsets_to_transaction,
-                    ktps,
-                    group.native,
-                    max(deadline - time.monotonic(), 0.001),
+                    call, ktps, group.native, max(deadline - time.monotonic(), 0.001)
                 ),
                 key,
             )

@@ -18,6 +18,12 @@ Every way out of a transaction is one of three, and only the first commits:
   ``init_transactions`` finishes the old transaction; we then ask the group where it stands,
   since a commit that timed out after it was sent may still have landed.
 
+A commit keeps within half of ``max_poll_interval_ms`` (and ``retry_deadline_ms`` and the
+transaction timeout), so a coordinator that does not answer costs an abort, not the member's
+partitions. A producer whose commits time out twice in a row while its aborts go through is
+replaced: its coordinator connection is stuck (seen under heavy load: requests queued in
+librdkafka and never sent), and a new producer, with new connections, is not.
+
 A failure that may be one record's fault (a record over the size limit, refused by the broker)
 aborts the whole transaction; its records are then redone one per transaction, so the record
 at fault is found, retried and dead-lettered alone.
@@ -61,6 +67,10 @@ __all__ = ["ExactlyOnce"]
 log = logging.getLogger("assured.runtime")
 T = TypeVar("T")
 
+# Commits that time out in a row, each followed by an abort that went through, before the
+# producer is replaced (a broker paused for a while costs one; a stuck client every one).
+STALLS_BEFORE_REPLACING = 2
+
 _Key = tuple[TopicPartition, int]
 
 
@@ -97,6 +107,7 @@ class ExactlyOnce(CommitProtocol):
         self.isolate: dict[TopicPartition, int] = {}  # below these offsets: one per transaction
         self.strikes: dict[_Key, int] = {}  # failed transactions owed to one record
         self.troubles = 0  # failed commits in a row, for backing off
+        self.stalls = 0  # commits in a row that timed out while aborts went through
         self.producer: Producer = self._new_producer()
 
     # -- the producer --------------------------------------------------------------------------
@@ -104,10 +115,18 @@ class ExactlyOnce(CommitProtocol):
     def _deadline(self) -> float:
         return self.rt.settings.retry_deadline_ms / 1000
 
-    def _resumable(self, fn: Callable[[float], T]) -> T:
+    def _commit_deadline(self) -> float:
+        """A commit's time: the retry deadline, but at most half of max.poll.interval.ms (so
+        the member still holds its partitions when the commit gives up and aborts), and at most
+        the transaction timeout (past it, the broker aborts the transaction anyway)."""
+        s = self.rt.settings
+        return min(self._deadline(), s.max_poll_interval_ms / 2000, s.transaction_timeout_ms / 1000)
+
+    def _resumable(self, fn: Callable[[float], T], backoff: Backoff | None = None) -> T:
         """``fn(timeout)``, called again while it times out (librdkafka wants a timed-out
-        transactional call resumed by calling it again), within the retry deadline."""
-        backoff = Backoff(self._deadline())
+        transactional call resumed by calling it again), within the retry deadline (or the
+        ``backoff`` given, shared by several calls)."""
+        backoff = backoff or Backoff(self._deadline())
         while True:
             try:
                 return fn(backoff.left())
@@ -269,17 +288,19 @@ class ExactlyOnce(CommitProtocol):
 
     def _try_commit(self) -> AssuredError | None:
         """Flush, send the positions, commit; the error if any of it failed (nothing undone)."""
+        budget = Backoff(self._commit_deadline())
         try:
             with self.rt.metrics.commit_latency.labels(self.guarantee).time():
                 # Failed deliveries first: they tell whether a record was at fault.
-                self._resumable(self.producer.flush)
+                self._resumable(self.producer.flush, budget)
                 if self.pending:
                     meta = self.rt.consumer.group_metadata()
                     self._resumable(
-                        lambda t: self.producer.send_offsets_to_transaction(self.pending, meta, t)
+                        lambda t: self.producer.send_offsets_to_transaction(self.pending, meta, t),
+                        budget,
                     )
                 crash_point("after-handle-before-commit")
-                self._resumable(self.producer.commit_transaction)
+                self._resumable(self.producer.commit_transaction, budget)
         except DeliveryError as e:
             # A delivery that failed because the producer is fenced or broken is that error.
             return next((x for x in e.errors if x.fatal), e)
@@ -287,7 +308,7 @@ class ExactlyOnce(CommitProtocol):
             return e
         self.rt.metrics.committed.labels(self.guarantee).inc()
         log_commit("commit", f"committed transaction {self.rt.transaction}", self.pending)
-        self.troubles = 0
+        self.troubles = self.stalls = 0
         self.open = False  # before anything else can fail: a committed one is never aborted
         self.pending.clear()
         self.rewind.clear()
@@ -327,9 +348,24 @@ class ExactlyOnce(CommitProtocol):
                 self.isolate[tp] = max(end, self.isolate.get(tp, 0))
         else:
             log.warning("the transaction could not commit (%s): aborting and rewinding", e)
+        producer = self.producer
         self.abort(unhandled, e)
         self.troubles += 1
-        if e.retriable:  # the log is away or busy: give it time rather than spin
+        if not e.retriable:
+            self.stalls = 0
+            return
+        # Timed out, yet the abort went through (the same producer is still here): once is a
+        # busy or paused broker; again and again, a client stuck on its coordinator.
+        self.stalls = self.stalls + 1 if self.producer is producer else 0
+        if self.stalls >= STALLS_BEFORE_REPLACING:
+            self.stalls = 0
+            self._replace_producer(
+                RetriableError(
+                    f"{STALLS_BEFORE_REPLACING} commits in a row timed out while their aborts "
+                    f"went through, the last with: {e}"
+                )
+            )
+        else:  # the log is away or busy: give it time rather than spin
             time.sleep(min(2.0, 0.05 * 2 ** min(self.troubles, 6)))
 
     def abort(
