@@ -71,7 +71,7 @@ def test_cli_runs_the_runtime_suite_on_the_embedded_engine(tmp_path: Path) -> No
         "--records",
         "3000",
         "--latency-seconds",
-        "1",
+        "0.5",
         "--memory-records",
         "6000",
         "--rounds",

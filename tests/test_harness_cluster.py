@@ -13,7 +13,8 @@ from confluent_kafka.admin import AdminClient
 from assured.testing.kafka import KafkaCluster
 from tests.conftest import create_topic
 
-pytestmark = pytest.mark.cluster
+# 27 s with the cluster's start; the soak and the acceptance matrix lean on it (slow too)
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 def test_sigkill_of_the_leader_loses_no_acknowledged_record(kafka_cluster: KafkaCluster) -> None:

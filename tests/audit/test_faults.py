@@ -259,8 +259,13 @@ def test_kafka_write_stall_freezes_the_broker(
 
 @pytest.mark.kafka
 @pytest.mark.parametrize(
-    "fault", ["handler-errors", "zombie", "rebalance", "slow-handler", "stuck-coordinator"]
-)
+    "fault",
+    [
+        "handler-errors", "zombie", "rebalance", "slow-handler",
+        # 16 s; the runtime's side is in tests/kafka/test_app_holes.py, which make test runs
+        pytest.param("stuck-coordinator", marks=pytest.mark.slow),
+    ],
+)  # fmt: skip
 def test_kafka_faults_exactly_once(tmp_path: Path, kafka_bootstrap: str, fault: str) -> None:
     f = audit(
         tmp_path, "exactly-once", (fault,), log_url=f"kafka://{kafka_bootstrap}", kills=2,

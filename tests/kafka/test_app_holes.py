@@ -185,8 +185,8 @@ def test_a_producer_whose_coordinator_stops_answering_is_replaced(
     values = [f"m{i:02}".encode() for i in range(30)]
     fill(log, src, values)
     group = f"g-{src}"
-    app = App(log=log, group=group, guarantee="exactly-once", session_timeout_ms=6000,
-              max_poll_interval_ms=8000, max_poll_records=5, commit_every=5)  # fmt: skip
+    app = App(log=log, group=group, guarantee="exactly-once", session_timeout_ms=3000,
+              max_poll_interval_ms=4000, max_poll_records=5, commit_every=5)  # fmt: skip
 
     @app.handler(src, output=out)
     def copy(msg: Message, o: Output) -> None:
@@ -194,7 +194,14 @@ def test_a_producer_whose_coordinator_stops_answering_is_replaced(
 
     crashpoints.arm_stuck("send-offsets@2")
     stats: list[object] = []
-    runner = threading.Thread(target=lambda: stats.append(app.run(until_idle=4)), daemon=True)
+
+    def run() -> None:
+        try:
+            stats.append(app.run(until_idle=4))
+        except Exception as e:
+            stats.append(e)
+
+    runner = threading.Thread(target=run, daemon=True)
     with caplog.at_level(logging.INFO, logger="assured"):
         try:
             runner.start()
@@ -205,6 +212,7 @@ def test_a_producer_whose_coordinator_stops_answering_is_replaced(
         finally:
             crashpoints.arm_stuck("")
     assert stats, "the App made no progress for 60 s"
+    assert not isinstance(stats[0], Exception), repr(stats[0])
     said = caplog.text
     assert "starting a new one" in said, said[-2000:]
     assert "lost (the group moved on" not in said

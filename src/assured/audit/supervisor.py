@@ -217,13 +217,10 @@ class _Run:
         budget = cfg.kills if crash and not kinds else (cfg.kills // 2 if crash else 0)
         points = WEAK_POINTS[(cfg.guarantee, "topic" if cfg.sink == "topic" else "db")]
         self.crash_plan = [f"{plan.choice(points)}@{plan.randint(1, 2)}" for _ in range(budget)]
-        # Processor starts whose transactional producer gets stuck (own draws: the other
-        # faults' schedule for a seed stays as it was).
-        stuck = random.Random(cfg.seed + 3)
+        # Processor starts whose transactional producer gets stuck from its first commit on
+        # (no draws: the other faults' schedule for a seed stays as it was).
         self.stuck_plan = (
-            [f"send-offsets@{stuck.randint(1, 3)}" for _ in range(max(1, cfg.kills // 25))]
-            if _stuck_applies(cfg)
-            else []
+            ["send-offsets@1"] * max(1, cfg.kills // 25) if _stuck_applies(cfg) else []
         )
         external = cfg.kills - budget if kinds else 0
         timed = sorted(
