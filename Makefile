@@ -35,7 +35,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 # The soak (marked slow; never part of `make test`): audit rounds with every fault mixed in until
 # each guarantee has taken its share of processor SIGKILLs (1,000 exactly-once, 300 the others),
