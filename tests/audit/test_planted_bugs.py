@@ -119,6 +119,7 @@ def test_the_real_protocol_passes_where_the_fix_undone_fails(tmp_path: Path, pla
         assert f.count(anomaly) == 0, (anomaly, f.as_json())
 
 
+@pytest.mark.slow  # 10 s: two whole audits; the plan's own draws are checked in test_faults.py
 def test_the_same_seed_gives_the_same_fault_schedule(tmp_path: Path) -> None:
     def schedule(seed: int) -> tuple[list[str], list[object]]:
         cfg = AuditConfig(

@@ -113,6 +113,7 @@ def test_sigterm_drains_cleanly(tmp_path: Path, guarantee: str) -> None:
     assert (desc.state, desc.members) == ("Empty", ()), "every member left the group"
 
 
+@pytest.mark.slow  # 22 s; make test keeps the zombie fault's own tests (tests/audit/test_faults.py)
 def test_sigstopped_zombies_are_fenced(tmp_path: Path) -> None:
     """A processor frozen past its session timeout comes back as a zombie; its commits and
     transactions must be refused."""

@@ -28,6 +28,8 @@ _LABELS = {
     ("quixstreams", "kafka"): "Quix Streams",
     ("assured", "kafka"): "assured",
     ("assured", "embedded"): "assured",
+    ("assured-fixed", "kafka"): "assured, fixed-interval commits (baseline)",
+    ("assured-fixed", "embedded"): "assured, fixed-interval commits (baseline)",
 }
 
 
@@ -85,7 +87,7 @@ def _ratios(rows: list[Row]) -> None:
     for (system, guarantee, kind), row in by.items():
         if system != "assured" or kind != "throughput":
             continue
-        for other in ("bare", "quixstreams"):
+        for other in ("bare", "quixstreams", "assured-fixed"):
             peer = by.get((other, guarantee, kind))
             if not peer:
                 continue
@@ -139,6 +141,12 @@ def markdown(rows: Sequence[Row], command: str) -> str:
             f"{_with_range(r, 'peak_rss_mb', lambda v: f'{v:.0f}')} | "
             f"{r['runs']} ({r['unsteady_runs_left_out']}){note} |"
         )
+    from assured.cli._bench_runtime import targets  # here: assured.cli loads the whole CLI
+
+    judged = targets(rows)
+    if judged:
+        lines += ["", "| target (from the medians) | measured | verdict |", "|---|---:|---|"]
+        lines += [f"| {label} | {value} | {verdict} |" for label, value, verdict in judged]
     for r in rows:
         if r["run"] == "memory":
             lines += [

@@ -46,13 +46,18 @@ from assured.log import Log, open_log
 __all__ = ["RuntimeBenchConfig", "System", "run_runtime_suite", "systems_for"]
 
 _QUIX_WORKER = Path(__file__).with_name("quix_worker.py")
+# assured-fixed: assured exactly-once with commit_mode="fixed" (a transaction per commit interval
+# whatever the load), measured in the same run as the baseline of the adaptive commit.
+SYSTEMS = ("bare", "assured", "assured-fixed", "quixstreams")
 _WARM_EVERY_S = 0.1
 _PACE_TICK_S = 0.002
 
 
 @dataclass(frozen=True)
 class System:
-    system: str  # assured, bare, quixstreams
+    system: (
+        str  # assured, assured-fixed (exactly-once's fixed-interval baseline), bare, quixstreams
+    )
     guarantee: str
 
     @property
@@ -75,7 +80,7 @@ class RuntimeBenchConfig:
     memory_records: int = 5_000_000
     memory_guarantee: str = "exactly-once"
     quix_python: str | None = None
-    systems: list[str] = field(default_factory=lambda: ["bare", "assured", "quixstreams"])
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     worker_timeout_s: float = 1800.0
     commit_mode: str = "adaptive"  # assured exactly-once's; "fixed" is the baseline
     # A run during which other processes used more than ``busy_cores`` is redone; rounds whose
@@ -101,6 +106,8 @@ def systems_for(config: RuntimeBenchConfig) -> list[System]:
             out.append(System("assured", guarantee))
         if kafka and "quixstreams" in config.systems:
             out.append(System("quixstreams", guarantee))
+    if "assured-fixed" in config.systems:
+        out.append(System("assured-fixed", "exactly-once"))
     if "assured" in config.systems:
         out.append(System("assured", "at-most-once"))
     return out
@@ -179,7 +186,7 @@ def _command(config: RuntimeBenchConfig, system: System, spec: dict[str, Any]) -
         if not config.quix_python:
             raise RuntimeError("no Python with quixstreams given (quix_python)")
         return [config.quix_python, str(_QUIX_WORKER), json.dumps(spec)]
-    if system.system == "assured":
+    if system.system in ("assured", "assured-fixed"):
         role = "assured"
     elif config.backend == "kafka":
         role = "bare"
@@ -202,7 +209,7 @@ def _spec(
         "records": records,
         "commit_interval_ms": config.commit_interval_ms,
         "max_poll_records": config.max_poll_records,
-        "commit_mode": config.commit_mode,
+        "commit_mode": "fixed" if system.system == "assured-fixed" else config.commit_mode,
         # The bare loops' producer, set as assured's own Kafka producer is.
         "producer_config": {"enable.idempotence": True, "linger.ms": 5, "batch.num.messages": 1000},
     }
@@ -634,12 +641,13 @@ def _row(config: RuntimeBenchConfig, system: System, result: dict[str, Any]) -> 
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
-    """assured's rate over bare's and over Quix Streams', per guarantee, on each assured row."""
+    """assured's rate over bare's and over Quix Streams', per guarantee, on each assured row (and
+    exactly-once's over its fixed-interval baseline, as ``vs_assured-fixed``)."""
     by = {(r["system"], r["guarantee"]): r for r in rows}
     for (system, guarantee), row in by.items():
         if system != "assured":
             continue
-        for other in ("bare", "quixstreams"):
+        for other in ("bare", "quixstreams", "assured-fixed"):
             peer = by.get((other, guarantee))
             if peer and peer["records_per_s"]:
                 row[f"vs_{other}"] = round(row["records_per_s"] / peer["records_per_s"], 3)
@@ -648,7 +656,9 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 def summarize(rows: list[dict[str, Any]]) -> Iterator[str]:
     """Plain lines for a terminal, one per row."""
     for r in rows:
-        ratios = " ".join(f"{k}={r[k]}" for k in ("vs_bare", "vs_quixstreams") if k in r)
+        ratios = " ".join(
+            f"{k}={r[k]}" for k in ("vs_bare", "vs_quixstreams", "vs_assured-fixed") if k in r
+        )
         yield (
             f"{r['backend']:8} {r['system']:11} {r['guarantee']:13} {r['run']:10} "
             f"{r['records_per_s']:>12,.0f}/s p50={r['p50_ms']} p99={r['p99_ms']} "

@@ -192,9 +192,11 @@ def bench(
         3, "--rounds", min=1, help="runtime: throughput runs per system; the median is reported."
     ),
     systems: str = typer.Option(
-        "bare,assured,quixstreams",
+        "bare,assured,assured-fixed,quixstreams",
         "--systems",
-        help="runtime: which systems, comma-separated (bare and quixstreams run on Kafka only).",
+        help="runtime: which systems, comma-separated (quixstreams runs on Kafka only; "
+        "assured-fixed is exactly-once with fixed-interval commits, the adaptive commit's "
+        "baseline).",
     ),
 ) -> None:
     """Benchmark the log (produce, consume and transactional throughput against plain SQLite,
@@ -259,7 +261,7 @@ def _runtime(
     commit_mode: str = "adaptive",
     retries: int = 2,
 ) -> None:
-    from assured.bench.runtime_suite import RuntimeBenchConfig, run_runtime_suite
+    from assured.bench.runtime_suite import SYSTEMS, RuntimeBenchConfig, run_runtime_suite
     from assured.cli import _bench_runtime
     from assured.errors import AssuredError
 
@@ -269,9 +271,9 @@ def _runtime(
     elif scheme != "kafka":
         _fail(f"--log {log!r}: the runtime suite runs on kafka://HOST:PORT or embedded:///FOLDER")
     chosen = [s.strip() for s in systems.split(",") if s.strip()]
-    unknown = sorted(set(chosen) - {"bare", "assured", "quixstreams"})
+    unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown or not chosen:
-        _fail(f"--systems {systems!r}: choose from bare, assured, quixstreams")
+        _fail(f"--systems {systems!r}: choose from {', '.join(SYSTEMS)}")
     if commit_mode not in ("adaptive", "fixed"):
         _fail(f"--commit-mode {commit_mode!r}: choose adaptive or fixed")
     config = RuntimeBenchConfig(

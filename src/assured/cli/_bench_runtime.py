@@ -46,6 +46,24 @@ def targets(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
             "{:.2f} x",
         )
     eos = _find(rows, "assured", "exactly-once")
+    alo = _find(rows, "assured", "at-least-once")
+    fixed = _find(rows, "assured-fixed", "exactly-once")
+    if eos is not None and alo is not None:  # exactly-once at at-least-once's latency
+        for name, most in (("p50_ms", 2.0), ("p99_ms", 3.0)):
+            if eos.get(name) and alo.get(name):
+                judge(
+                    f"assured exactly-once {name[:3]} <= {most:g} x at-least-once's",
+                    eos[name] / alo[name],
+                    most.__ge__,
+                    "{:.2f} x",
+                )
+    if eos is not None and fixed is not None and fixed.get("records_per_s"):
+        judge(
+            "assured exactly-once >= 0.95 x its fixed-interval commits",
+            eos["records_per_s"] / fixed["records_per_s"],
+            lambda v: v >= 0.95,
+            "{:.2f} x",
+        )
     if backend == "embedded" and eos is not None:
         judge(
             "embedded exactly-once >= 100,000 records/s",
