@@ -71,6 +71,8 @@ def combine(runs: Sequence[Sequence[Row]], min_runs: int = 3) -> list[Row]:
             if values:
                 combined[name] = round(statistics.median(values), 2)
                 combined[f"{name}_range"] = [min(values), max(values)]
+        if rows and rows[0].get("records") is not None:  # what each run measured over
+            combined["records"] = max(int(r["records"]) for r in rows)
         for name in ("assured_version", "librdkafka_version", "quixstreams_version", "cpu"):
             seen = {str(r[name]) for r in rows if r.get(name) is not None}
             if seen:

@@ -19,10 +19,10 @@ Every way out of a transaction is one of three, and only the first commits:
   since a commit that timed out after it was sent may still have landed.
 
 A commit keeps within half of ``max_poll_interval_ms`` (and ``retry_deadline_ms`` and the
-transaction timeout), so a coordinator that does not answer costs an abort, not the member's
-partitions. A producer whose commits time out twice in a row while its aborts go through is
-replaced: its coordinator connection is stuck (seen under heavy load: requests queued in
-librdkafka and never sent), and a new producer, with new connections, is not.
+transaction timeout; at least 2 s), so a coordinator that does not answer costs an abort, not
+the member's partitions. A producer whose commits time out twice in a row while its aborts go
+through is replaced: its coordinator connection is stuck (seen under heavy load: requests queued
+in librdkafka and never sent), and a new producer, with new connections, is not.
 
 A failure that may be one record's fault (a record over the size limit, refused by the broker)
 aborts the whole transaction; its records are then redone one per transaction, so the record
@@ -70,6 +70,7 @@ T = TypeVar("T")
 # Commits that time out in a row, each followed by an abort that went through, before the
 # producer is replaced (a broker paused for a while costs one; a stuck client every one).
 STALLS_BEFORE_REPLACING = 2
+COMMIT_FLOOR_S = 2.0  # the least time a commit is given (within the retry deadline)
 
 _Key = tuple[TopicPartition, int]
 
@@ -118,9 +119,11 @@ class ExactlyOnce(CommitProtocol):
     def _commit_deadline(self) -> float:
         """A commit's time: the retry deadline, but at most half of max.poll.interval.ms (so
         the member still holds its partitions when the commit gives up and aborts), and at most
-        the transaction timeout (past it, the broker aborts the transaction anyway)."""
+        the transaction timeout (past it, the broker aborts the transaction anyway); never under
+        COMMIT_FLOOR_S, so that tiny timeouts do not abort every healthy but slowish commit."""
         s = self.rt.settings
-        return min(self._deadline(), s.max_poll_interval_ms / 2000, s.transaction_timeout_ms / 1000)
+        bound = min(s.max_poll_interval_ms / 2000, s.transaction_timeout_ms / 1000)
+        return min(self._deadline(), max(COMMIT_FLOOR_S, bound))
 
     def _resumable(self, fn: Callable[[float], T], backoff: Backoff | None = None) -> T:
         """``fn(timeout)``, called again while it times out (librdkafka wants a timed-out
@@ -240,7 +243,7 @@ class ExactlyOnce(CommitProtocol):
                 self.strikes.pop(key, None)
                 return True
             if not maybe_a_records_fault(failure):
-                self._failed_commit(failure, unhandled)
+                self._failed_commit(failure, unhandled, committing=True)
                 return False
             error = failure
         # The record's own fault: abort (the consumer stays where it is: we carry on from
@@ -326,10 +329,14 @@ class ExactlyOnce(CommitProtocol):
         failure = self._try_commit()
         if failure is None:
             return True
-        self._failed_commit(failure, unhandled)
+        self._failed_commit(failure, unhandled, committing=True)
         return False
 
-    def _failed_commit(self, e: AssuredError, unhandled: Sequence[Record]) -> None:
+    def _failed_commit(
+        self, e: AssuredError, unhandled: Sequence[Record], committing: bool = False
+    ) -> None:
+        """Abort after ``e`` and go back; ``committing``: ``e`` came from the commit's own calls
+        (flush, offsets, commit), where a stuck producer shows."""
         if e.fenced and e.fatal:
             self.fenced = True
             raise e  # another instance owns our transactional id: stop, commit nothing
@@ -354,9 +361,10 @@ class ExactlyOnce(CommitProtocol):
         if not e.retriable:
             self.stalls = 0
             return
-        # Timed out, yet the abort went through (the same producer is still here): once is a
-        # busy or paused broker; again and again, a client stuck on its coordinator.
-        self.stalls = self.stalls + 1 if self.producer is producer else 0
+        # The commit timed out, yet the abort went through (the same producer is still here):
+        # once is a busy or paused broker; again and again, a client stuck on its coordinator.
+        stalled = committing and self.producer is producer
+        self.stalls = self.stalls + 1 if stalled else 0
         if self.stalls >= STALLS_BEFORE_REPLACING:
             self.stalls = 0
             self._replace_producer(
