@@ -11,8 +11,8 @@ die. Faults are drawn from the seed, so the same seed gives the same plan:
   (PostgreSQL restarted, ``fast`` and ``immediate`` in turn);
 - ``crash-points`` are armed in a processor's environment when it starts, to kill it at the
   n-th pass of the point where its guarantee is weakest;
-- ``stuck-coordinator`` (Kafka, exactly-once to topics) is armed the same way: from its n-th
-  transaction on, the processor's transactional producer never hears back when it sends its
+- ``stuck-coordinator`` (Kafka, exactly-once to topics) is armed the same way: from its first
+  commit on, the processor's first transactional producer never hears back when it sends its
   offsets (a client stuck on its coordinator connection; see ``crashpoints``), while the rest
   of the cluster works;
 - the workload carries the rest in its messages' ``fate`` header: ``handler-errors``
