@@ -55,9 +55,9 @@ _PACE_TICK_S = 0.002
 
 @dataclass(frozen=True)
 class System:
-    system: (
-        str  # assured, assured-fixed (exactly-once's fixed-interval baseline), bare, quixstreams
-    )
+    # One of SYSTEMS: assured, assured-fixed (exactly-once's fixed-interval baseline), bare,
+    # quixstreams.
+    system: str
     guarantee: str
 
     @property
