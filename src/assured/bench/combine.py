@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from assured.bench.runtime_suite import peer_ratios
+
 __all__ = ["FIGURES", "combine", "main", "markdown"]
 
 Row = dict[str, Any]
@@ -78,27 +80,8 @@ def combine(runs: Sequence[Sequence[Row]], min_runs: int = 3) -> list[Row]:
             if seen:
                 combined[name] = ", ".join(sorted(seen))
         out.append(combined)
-    _ratios(out)
+    peer_ratios(out, digits=2)
     return out
-
-
-def _ratios(rows: list[Row]) -> None:
-    """assured over bare and over Quix, from the combined medians: throughput (higher is
-    better) and CPU per record (lower is better)."""
-    by = {(r["system"], r["guarantee"], r["run"]): r for r in rows}
-    for (system, guarantee, kind), row in by.items():
-        if system != "assured" or kind != "throughput":
-            continue
-        for other in ("bare", "quixstreams", "assured-fixed"):
-            peer = by.get((other, guarantee, kind))
-            if not peer:
-                continue
-            if peer.get("records_per_s"):
-                row[f"vs_{other}"] = round(row["records_per_s"] / peer["records_per_s"], 2)
-            if peer.get("cpu_us_per_record") and row.get("cpu_us_per_record"):
-                row[f"cpu_vs_{other}"] = round(
-                    row["cpu_us_per_record"] / peer["cpu_us_per_record"], 2
-                )
 
 
 def _k(value: float) -> str:

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -43,7 +43,14 @@ from typing import IO, Any
 from assured.bench.log_suite import machine_facts
 from assured.log import Log, open_log
 
-__all__ = ["RuntimeBenchConfig", "System", "run_runtime_suite", "systems_for"]
+__all__ = [
+    "PEERS",
+    "RuntimeBenchConfig",
+    "System",
+    "peer_ratios",
+    "run_runtime_suite",
+    "systems_for",
+]
 
 _QUIX_WORKER = Path(__file__).with_name("quix_worker.py")
 # assured-fixed: assured exactly-once with commit_mode="fixed" (a transaction per commit interval
@@ -566,7 +573,7 @@ def run_runtime_suite(
                     f"{system.name}: the latency reader saw {latency['samples']} of "
                     f"{latency['sent']} records"
                 )
-        _ratios(rows)
+        peer_ratios(rows)
         if config.memory_records > 0 and "assured" in config.systems:
             say(f"assured {config.memory_guarantee}: memory over {config.memory_records:,} records")
             memory = _memory(bench)
@@ -640,25 +647,34 @@ def _row(config: RuntimeBenchConfig, system: System, result: dict[str, Any]) -> 
     }
 
 
-def _ratios(rows: list[dict[str, Any]]) -> None:
-    """assured's rate over bare's and over Quix Streams', per guarantee, on each assured row (and
-    exactly-once's over its fixed-interval baseline, as ``vs_assured-fixed``)."""
-    by = {(r["system"], r["guarantee"]): r for r in rows}
+PEERS = ("bare", "quixstreams", "assured-fixed")
+
+
+def peer_ratios(rows: Sequence[dict[str, Any]], digits: int = 3) -> None:
+    """On each assured throughput row: its rate over each peer's of the same guarantee
+    (``vs_bare``, ``vs_quixstreams``, ``vs_assured-fixed``; higher is better) and its CPU per
+    record over theirs (``cpu_vs_...``; lower is better). One run's rows, or the medians that
+    :mod:`assured.bench.combine` makes of several: the same arithmetic for both."""
+    by = {(r["system"], r["guarantee"]): r for r in rows if r.get("run") == "throughput"}
     for (system, guarantee), row in by.items():
         if system != "assured":
             continue
-        for other in ("bare", "quixstreams", "assured-fixed"):
+        for other in PEERS:
             peer = by.get((other, guarantee))
-            if peer and peer["records_per_s"]:
-                row[f"vs_{other}"] = round(row["records_per_s"] / peer["records_per_s"], 3)
+            if not peer:
+                continue
+            if peer.get("records_per_s"):
+                row[f"vs_{other}"] = round(row["records_per_s"] / peer["records_per_s"], digits)
+            if peer.get("cpu_us_per_record") and row.get("cpu_us_per_record"):
+                row[f"cpu_vs_{other}"] = round(
+                    row["cpu_us_per_record"] / peer["cpu_us_per_record"], digits
+                )
 
 
 def summarize(rows: list[dict[str, Any]]) -> Iterator[str]:
     """Plain lines for a terminal, one per row."""
     for r in rows:
-        ratios = " ".join(
-            f"{k}={r[k]}" for k in ("vs_bare", "vs_quixstreams", "vs_assured-fixed") if k in r
-        )
+        ratios = " ".join(f"{k}={r[k]}" for k in (f"vs_{p}" for p in PEERS) if k in r)
         yield (
             f"{r['backend']:8} {r['system']:11} {r['guarantee']:13} {r['run']:10} "
             f"{r['records_per_s']:>12,.0f}/s p50={r['p50_ms']} p99={r['p99_ms']} "
