@@ -66,6 +66,7 @@ def test_too_few_runs_and_mixed_backends_are_said() -> None:
 def test_command_line_writes_json_and_table(tmp_path: Path) -> None:
     files = []
     for i, run in enumerate(runs()):
+        run[1]["latency_commit_ms_mean"] = [9.0, 30.0, 11.0, 50.0][i]  # the fourth left out
         memory = row("assured", "exactly-once", 100_000, 9.0, run="memory", records=5_000_000)
         run.append({**memory, "rss_growth_mb": 4.0 + i})
         path = tmp_path / f"run{i}.json"
@@ -84,4 +85,7 @@ def test_command_line_writes_json_and_table(tmp_path: Path) -> None:
     # The targets, judged from the medians (the memory row's growth: median of 4, 5, 6, 7).
     assert "| assured exactly-once >= 0.85 x bare | 0.86 x | met |" in table
     assert "| RSS growth over 5,000,000 records < 50 MB (exactly-once) | 5.5 MB | met |" in table
+    # What a commit cost in the latency runs: the median of the steady runs' means.
+    assert "assured exactly-once: a commit took 11.0 (9.0-30.0) ms on average" in table
+    assert "bare exactly-once: a commit" not in table
     assert main([*files[:2], "--out", str(tmp_path / "few")]) == 1  # too few runs: exit 1

@@ -107,6 +107,12 @@ def test_cli_runs_the_runtime_suite_on_the_embedded_engine(tmp_path: Path) -> No
     assert rows[3]["vs_assured-fixed"] == pytest.approx(
         rows[3]["records_per_s"] / rows[4]["records_per_s"], rel=1e-2
     )
+    # What a commit costs, counted by the App's own metrics in the latency run: exactly-once
+    # latency at half load is a few of these.
+    for mine in (rows[1], rows[3], rows[4]):
+        assert mine["latency_commits"] > 0
+        assert mine["latency_commit_ms_mean"] > 0
+    assert rows[0]["latency_commit_ms_mean"] is None  # the bare loop has no App to count
     assert json.loads((tmp_path / "results" / "runtime-embedded.json").read_text()) == rows
     table = (tmp_path / "results" / "runtime-embedded.md").read_text()
     assert "embedded exactly-once >= 100,000 records/s" in table

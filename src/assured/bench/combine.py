@@ -23,7 +23,10 @@ __all__ = ["FIGURES", "combine", "main", "markdown"]
 
 Row = dict[str, Any]
 # What is combined: the median over the runs, with the lowest and the highest.
-FIGURES = ("records_per_s", "cpu_us_per_record", "p50_ms", "p99_ms", "peak_rss_mb", "rss_growth_mb")
+FIGURES = (
+    "records_per_s", "cpu_us_per_record", "p50_ms", "p99_ms", "peak_rss_mb", "rss_growth_mb",
+    "latency_commit_ms_mean",
+)  # fmt: skip
 _LABELS = {
     ("bare", "kafka"): "bare confluent-kafka loop",
     ("bare", "embedded"): "bare loop over `assured.log`",
@@ -133,6 +136,13 @@ def markdown(rows: Sequence[Row], command: str) -> str:
         lines += ["", "| target (from the medians) | measured | verdict |", "|---|---:|---|"]
         lines += [f"| {label} | {value} | {verdict} |" for label, value, verdict in judged]
     for r in rows:
+        if r["system"] == "assured" and r.get("latency_commit_ms_mean") is not None:
+            lines += [
+                "",
+                f"assured {r['guarantee']}: a commit took "
+                f"{_with_range(r, 'latency_commit_ms_mean', lambda v: f'{v:.1f}')} ms on average "
+                "in the latency run (median of the runs' means).",
+            ]
         if r["run"] == "memory":
             lines += [
                 "",

@@ -567,6 +567,8 @@ def run_runtime_suite(
                 latency_rate_per_s=latency["rate_per_s"],
                 latency_samples=latency["samples"],
                 latency_sent=latency["sent"],
+                latency_commits=latency["processor"].get("commits"),
+                latency_commit_ms_mean=latency["processor"].get("commit_ms_mean"),
             )
             if latency["samples"] != latency["sent"]:
                 raise RuntimeError(
