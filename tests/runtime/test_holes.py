@@ -135,18 +135,31 @@ def test_an_error_leaving_run_aborts_the_transaction_and_commits_nothing(log: Lo
     assert committed(log) is None
 
 
-def test_async_handlers_and_handlers_of_the_wrong_shape_are_refused_when_registered(
+def test_async_handlers_run_and_handlers_of_the_wrong_shape_are_refused_when_registered(
     log: Log,
 ) -> None:
     """Old code: an ``async def`` handler was called and never awaited; every offset committed
-    and nothing was sent (exit 0)."""
+    and nothing was sent (exit 0). Now it is awaited (tests/runtime/test_async_handlers.py has
+    the rest); a generator, which would also return without running, is refused."""
+    fill(log, [b"a", b"b"])
     app = App(log=log, group="g", guarantee="at-least-once")
 
     async def charge(msg: Message, out: Output) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        out.send(msg.value)
 
-    with pytest.raises(ConfigError, match="async def"):
-        app.handler("in", output="out")(charge)
+    app.handler("in", output="out")(charge)
+    app.run(until_idle=0.5)
+    assert read(log, "out") == [b"a", b"b"]
+    assert committed(log) == 2
+
+    app = App(log=log, group="g2", guarantee="at-least-once")
+
+    async def charges(msg: Message, out: Output) -> Any:
+        yield msg.value
+
+    with pytest.raises(ConfigError, match="generator"):
+        app.handler("in", output="out")(charges)
 
     def one_arg(msg: Message) -> None: ...
 

@@ -22,7 +22,8 @@ from assured.errors import (
     UsageError,
 )
 from assured.log import Admin, Consumer, Log, Record, TopicPartition, open_log
-from assured.runtime._handling import HandlerSpec, check_handler
+from assured.runtime._concurrent import is_async, outside_event_loops
+from assured.runtime._handling import ORDERINGS, HandlerSpec, Ordering, check_handler
 from assured.runtime._message import Codec, codec
 from assured.runtime._settings import AppSettings, Guarantee
 from assured.runtime.metrics import RuntimeMetrics
@@ -126,6 +127,8 @@ class App:
         key_codec: str | Codec | type[Any] = "bytes",
         value_codec: str | Codec | type[Any] = "bytes",
         backoff_ms: float = 50,
+        concurrency: int = 1,
+        ordering: Ordering | None = None,
     ) -> Callable[[F], F]:
         """Register ``fn(message)``, ``fn(message, out)`` (with ``output``: an
         :class:`~assured.runtime.Output`) or ``fn(message, db)`` (with ``sink``: a database
@@ -136,13 +139,34 @@ class App:
         ``key_codec`` and ``value_codec``: ``"bytes"``, ``"str"``, ``"json"``, an object with
         ``encode`` and ``decode``, or a pydantic model class (each record is validated into
         the model, and what the handler sends is written as JSON). A record that does not
-        decode goes to ``dead_letter`` at once, without retries."""
+        decode goes to ``dead_letter`` at once, without retries.
+
+        ``fn`` may be an ``async def``: it is awaited to its end on the App's own event loop.
+        ``concurrency``: how many records of a polled batch may be handled side by side (an
+        async handler's awaits overlap; a plain ``def`` runs in that many threads). Records that
+        share a partition and key (``ordering="key"``, the default then), a partition
+        (``"partition"``) or nothing (``"unordered"``) never overlap and run in offset order.
+        The batch is committed only when every record of it is handled, so each guarantee
+        keeps its meaning; a batch is at most ``max_poll_records``, which bounds the
+        concurrency too."""
         if topic in self._specs:
             raise ConfigError(f"topic {topic!r} already has a handler")
         if output is not None and sink is not None:
             raise ConfigError("a handler writes to an output topic or to a sink, not both")
         if retries < 0:
             raise ConfigError("retries must be 0 or more")
+        if type(concurrency) is not int or concurrency < 1:
+            raise ConfigError(f"concurrency={concurrency!r}: a whole number, 1 or more")
+        if ordering is None:
+            ordering = "key" if concurrency > 1 else "partition"
+        if ordering not in ORDERINGS:
+            raise ConfigError(f"ordering={ordering!r}: one of {', '.join(ORDERINGS)}")
+        if concurrency > 1 and sink is not None:
+            raise ConfigError(
+                f"concurrency={concurrency} with sink=: a database sink handles one record at a "
+                "time in this version (its records share one database transaction). Use "
+                "concurrency=1, or output= to a topic."
+            )
         codecs = codec(key_codec), codec(value_codec)
 
         def register(fn: F) -> F:
@@ -159,6 +183,9 @@ class App:
                 key_codec=codecs[0],
                 value_codec=codecs[1],
                 backoff_s=backoff_ms / 1000,
+                concurrency=concurrency,
+                ordering=ordering,
+                is_async=is_async(fn),
             )
             return fn
 
@@ -190,6 +217,8 @@ class App:
         letters) every so many seconds."""
         if not self._specs:
             raise ConfigError("the App has no handlers; register one with @app.handler(topic)")
+        if any(spec.is_async or spec.concurrency > 1 for spec in self._specs.values()):
+            outside_event_loops()
         self._running = True
         try:
             return self._run(max_messages, until_idle, progress_every)
@@ -213,6 +242,13 @@ class App:
         )
         rt = Runtime(s, log_, consumer, self._specs, self.metrics, sink, self.on_transaction)
         rt.incarnations = incarnations
+        for spec in self._specs.values():
+            if spec.concurrency > s.max_poll_records:
+                log.warning(
+                    "handler %s: concurrency=%d, but a batch is at most max_poll_records=%d "
+                    "records: raise max_poll_records to let %d run side by side",
+                    spec.name, spec.concurrency, s.max_poll_records, spec.concurrency,
+                )  # fmt: skip
         protocol = self._protocol(rt, sink)
         stats = RunStats()
         watch = _Watch(s, log_, consumer, self.metrics, stats, progress_every)
@@ -253,6 +289,7 @@ class App:
             raise
         finally:
             watch.close()
+            rt.loop.close()
             if sink is not None:
                 sink.close()
             stats.seconds = time.monotonic() - started

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from assured.errors import AssuredError, ConfigError
 from assured.log import Header, Producer, Record
@@ -33,16 +33,24 @@ from assured.sinks import Sink, SinkTransaction
 from assured.sinks._base import dead_letter_headers
 
 __all__ = [
+    "ORDERINGS",
     "DeadLetterSink",
     "HandlerFailedError",
     "HandlerSpec",
+    "Ordering",
     "Output",
     "SendFailedError",
     "check_handler",
+    "partial_send_failure",
     "record_handler",
 ]
 
 log = logging.getLogger("assured.runtime")
+
+# Which records of a batch never overlap under concurrency > 1: those of one partition and key,
+# of one partition, or none.
+Ordering = Literal["key", "partition", "unordered"]
+ORDERINGS: tuple[Ordering, ...] = ("key", "partition", "unordered")
 
 # (topic, value, key, headers, partition), encoded, waiting for the attempt to succeed
 _Pending = tuple[str, bytes | None, bytes | None, Sequence[Header] | None, int | None]
@@ -159,6 +167,9 @@ class HandlerSpec:
     key_codec: Codec
     value_codec: Codec
     backoff_s: float = 0.05
+    concurrency: int = 1  # records of one batch handled side by side (see _concurrent)
+    ordering: Ordering = "partition"  # which records never overlap (see _concurrent)
+    is_async: bool = False  # fn is an ``async def``
 
     @property
     def name(self) -> str:
@@ -186,7 +197,7 @@ class HandlerSpec:
         return make_message((key, value, r))
 
 
-class Undecodable(Exception):  # noqa: N818 -- a carrier, never seen outside this module
+class Undecodable(Exception):  # noqa: N818 -- a carrier, never seen outside the runtime
     """Raised by :meth:`HandlerSpec.decode` around the :class:`DecodeError` of a record its
     codecs refuse. Its own class, so the retry loop tells a record that did not decode (no
     retry: its bytes will not change) from a ``DecodeError`` the handler raised (retried)."""
@@ -197,18 +208,16 @@ class Undecodable(Exception):  # noqa: N818 -- a carrier, never seen outside thi
 
 
 def check_handler(fn: Callable[..., Any], topic: str, second: str | None) -> None:
-    """Refuse, at registration, a handler the runtime could not call right: an ``async def``
-    (it would be called and never awaited: every record lost), or a signature that does not
-    take what it will be given (``msg``, plus ``out`` or ``db`` when ``second`` names it)."""
+    """Refuse, at registration, a handler the runtime could not call right: not callable, an
+    async generator, or a signature that does not take what it will be given (``msg``, plus
+    ``out`` or ``db`` when ``second`` names it)."""
     name = getattr(fn, "__qualname__", repr(fn))
     if not callable(fn):
         raise ConfigError(f"the handler for topic {topic!r} is not callable: {fn!r}")
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 -- an object with an async __call__
-    ):
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
         raise ConfigError(
-            f"handler {name} for topic {topic!r} is 'async def'; this version of assured calls "
-            "handlers synchronously (an async one would never run). Make it a plain 'def'."
+            f"handler {name} for topic {topic!r} is a generator ('yield' in its body): it would "
+            "return without running. Send outputs with out.send(...) instead of yielding them."
         )
     try:
         signature = inspect.signature(fn)
@@ -309,12 +318,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     def partial_failure(record: Record, error: SendFailedError) -> None:
         if transactional:
             raise error
-        if guarantee == "at-most-once":
-            # Part of it went out: it was handled, once. A dead letter would be a second fate.
-            log.error("%s; at most once, the rest of its outputs are given up", error)
-            return
-        labels = (guarantee, record.topic)
-        dead_letter(spec, record, error, 1, dead_letters, metrics, labels)
+        partial_send_failure(spec, record, error, dead_letters, metrics, guarantee)
 
     # One closure per case, so the common path has no branch and no extra call.
     if savepoint is not None:
@@ -357,6 +361,24 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
                 failed(record, error)
 
     return handle
+
+
+def partial_send_failure(
+    spec: HandlerSpec,
+    record: Record,
+    error: SendFailedError,
+    dead_letters: DeadLetterSink,
+    metrics: RuntimeMetrics,
+    guarantee: str,
+) -> None:
+    """Part of a record's outputs went out, outside a transaction: a retry would repeat that
+    part, so the record is dead-lettered as it stands (at most once: it was handled, once; a
+    dead letter would be a second fate)."""
+    if guarantee == "at-most-once":
+        log.error("%s; at most once, the rest of its outputs are given up", error)
+        return
+    labels = (guarantee, record.topic)
+    dead_letter(spec, record, error, 1, dead_letters, metrics, labels)
 
 
 def _where(record: Record) -> str:

@@ -7,11 +7,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from operator import itemgetter
 
 from assured.log import Consumer, Log, Producer, Record, TopicPartition
+from assured.runtime._concurrent import EventLoop, blocking, handle_concurrently
 from assured.runtime._handling import (
     DeadLetterSink,
     HandlerSpec,
@@ -139,6 +140,8 @@ class Runtime:
     # Each input topic's incarnation (see TopicDescription.topic_id), for the sink's inbox and
     # claims: a topic deleted and created again starts its offsets from 0.
     incarnations: dict[str, str] = field(default_factory=dict)
+    # Where async handlers are awaited, and concurrent batches run (made on first use).
+    loop: EventLoop = field(default_factory=EventLoop)
     # Keyed by the producer itself, not its id(): a replaced producer's id may be reused.
     _outputs: dict[tuple[Producer, str], Output] = field(default_factory=dict)
 
@@ -158,6 +161,12 @@ class Runtime:
         dlq = dead_letters or producer_dead_letters(producer)
         try:
             for topic, run in groupby(records, _topic_of):
+                spec = self.specs[topic]
+                if spec.concurrency > 1:
+                    batch = list(run)
+                    self._side_by_side(spec, batch, producer, dlq, transactional)
+                    counts[topic] = counts.get(topic, 0) + len(batch)
+                    continue
                 handle = handlers.get(topic)
                 if handle is None:
                     handle = handlers[topic] = self._handler(
@@ -169,6 +178,22 @@ class Runtime:
         finally:
             for topic, n in counts.items():
                 self.metrics.processed.labels(self.settings.guarantee, topic).inc(n)
+
+    def _side_by_side(
+        self,
+        spec: HandlerSpec,
+        batch: list[Record],
+        producer: Producer,
+        dead_letters: DeadLetterSink,
+        transactional: bool,
+    ) -> None:
+        threads = None if spec.is_async else self.loop.pool(spec)
+        self.loop.run(
+            handle_concurrently(
+                spec, batch, producer, dead_letters, self.metrics, self.settings.guarantee,
+                transactional, lambda: self.transaction, threads,
+            )
+        )  # fmt: skip
 
     def _handler(
         self,
@@ -185,6 +210,8 @@ class Runtime:
             target = self._output(spec, producer)
         else:
             target = None
+        if spec.is_async:  # awaited to its end, one record at a time
+            spec = replace(spec, fn=blocking(spec.fn, self.loop), is_async=False)
         return record_handler(
             spec, target, dead_letters, self.metrics, self.settings.guarantee, transactional
         )

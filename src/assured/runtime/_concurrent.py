@@ -1,0 +1,280 @@
+"""Async handlers, and records handled side by side within a batch.
+
+An ``async def`` handler with ``concurrency=1`` is awaited to its end, one record at a time, on
+an event loop the App owns: every protocol sees it exactly as it sees a plain ``def``.
+
+With ``concurrency=N`` a polled batch is split into *lanes*: one per partition
+(``ordering="partition"``), per partition and key (``"key"``) or per record (``"unordered"``).
+A lane's records run one after another in offset order; lanes run side by side, at most N
+records at a time, so a slow key holds up only its own lane. The batch is handed back to the
+protocol only when every lane has finished, so what each guarantee commits is unchanged: a
+position is committed only once every record below it is handled, and under exactly-once a
+transaction holds the outputs of exactly the records whose positions it commits.
+
+Each record has its own output buffer: its outputs reach the producer (or the open
+transaction) when its handler returns, never those of an attempt that raised. When a record
+fails in a way that is not its own fault (the log or the database is away, the transaction
+must abort), lanes start no new record; records already running finish (they are not cancelled
+half-way), and the first such error goes up to the protocol, as it would from a sequential
+batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from assured.errors import AssuredError, UsageError
+from assured.log import Producer, Record
+from assured.runtime._handling import (
+    DeadLetterSink,
+    HandlerSpec,
+    Ordering,
+    Output,
+    SendFailedError,
+    Undecodable,
+    dead_letter,
+    owed_to_record,
+    partial_send_failure,
+)
+from assured.runtime.metrics import RuntimeMetrics
+
+__all__ = [
+    "EventLoop",
+    "InsideEventLoopError",
+    "blocking",
+    "handle_concurrently",
+    "is_async",
+    "lanes",
+    "outside_event_loops",
+]
+
+T = TypeVar("T")
+
+
+class InsideEventLoopError(UsageError):
+    """``App.run()`` was called from a coroutine: the App's own loop cannot run there. Fatal:
+    no record is at fault, and none may be dead-lettered for it."""
+
+    fatal = True
+
+    def __init__(self) -> None:
+        super().__init__(
+            "App.run() was called from inside a running event loop, and this App has async or "
+            "concurrent handlers, which need a loop of their own: run it in a thread, for "
+            "example 'await asyncio.to_thread(app.run)'"
+        )
+
+
+def outside_event_loops() -> None:
+    """Raise :class:`InsideEventLoopError` if this thread is running an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise InsideEventLoopError
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """Is ``fn`` an ``async def`` (or an object whose ``__call__`` is one)?"""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 -- an object with an async __call__
+    )
+
+
+class EventLoop:
+    """The App's event loop, made on first use in the thread that runs the App, and the
+    threads that run plain ``def`` handlers given ``concurrency`` > 1."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+
+    def run(self, work: Awaitable[T]) -> T:
+        """Run ``work`` to its end (the App's thread waits)."""
+        if self._loop is None:
+            try:
+                outside_event_loops()
+            except InsideEventLoopError:
+                if inspect.iscoroutine(work):
+                    work.close()  # never awaited: said here, not in a RuntimeWarning
+                raise
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(work)
+
+    def pool(self, spec: HandlerSpec) -> ThreadPoolExecutor:
+        pool = self._pools.get(spec.topic)
+        if pool is None:
+            pool = self._pools[spec.topic] = ThreadPoolExecutor(
+                spec.concurrency, thread_name_prefix=f"assured-{spec.topic}"
+            )
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
+        self._pools.clear()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+
+def lanes(records: Sequence[Record], ordering: Ordering) -> list[list[Record]]:
+    """``records`` (in the order polled) split into lanes that may run side by side; each lane
+    in offset order."""
+    if ordering == "unordered":
+        return [[r] for r in records]
+    by: dict[tuple[Any, ...], list[Record]] = {}
+    if ordering == "partition":
+        for r in records:
+            by.setdefault((r.topic, r.partition), []).append(r)
+    else:
+        for r in records:
+            by.setdefault((r.topic, r.partition, r.key), []).append(r)
+    return list(by.values())
+
+
+def _worst(errors: list[BaseException]) -> BaseException:
+    """The error the protocol must see first: one that is not an ``Exception`` (a signal's),
+    then a fenced or fatal one (stop), then the first."""
+    for e in errors:
+        if not isinstance(e, Exception):
+            return e
+    for e in errors:
+        if isinstance(e, AssuredError) and (e.fenced or e.fatal):
+            return e
+    return errors[0]
+
+
+async def handle_concurrently(
+    spec: HandlerSpec,
+    records: Sequence[Record],
+    producer: Producer | None,
+    dead_letters: DeadLetterSink,
+    metrics: RuntimeMetrics,
+    guarantee: str,
+    transactional: bool,
+    transaction: Callable[[], str | None],
+    threads: ThreadPoolExecutor | None,
+) -> None:
+    """``records`` through ``spec``'s handler, up to ``spec.concurrency`` at a time, lanes as
+    ``spec.ordering`` says. Returns when every record is handled (or dead-lettered); raises the
+    first error that is not a record's own fault, once every record already running is done."""
+    batch = _Batch(spec, producer, dead_letters, metrics, guarantee, transactional, transaction)
+    await batch.run(records, threads)
+
+
+class _Batch:
+    def __init__(
+        self,
+        spec: HandlerSpec,
+        producer: Producer | None,
+        dead_letters: DeadLetterSink,
+        metrics: RuntimeMetrics,
+        guarantee: str,
+        transactional: bool,
+        transaction: Callable[[], str | None],
+    ):
+        self.spec = spec
+        self.producer = producer if spec.output is not None else None
+        self.dead_letters = dead_letters
+        self.metrics = metrics
+        self.guarantee = guarantee
+        self.transactional = transactional
+        self.transaction = transaction
+        self.labels = (guarantee, spec.topic)
+        self.gate = asyncio.Semaphore(spec.concurrency)
+        self.stopped: list[BaseException] = []  # errors that give the batch up
+        self.threads: ThreadPoolExecutor | None = None
+
+    async def run(self, records: Sequence[Record], threads: ThreadPoolExecutor | None) -> None:
+        self.threads = threads
+        tasks = [
+            asyncio.ensure_future(self.lane(mine)) for mine in lanes(records, self.spec.ordering)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # Cancelled from outside (a second signal): the records running are given up.
+            for task in tasks:
+                task.cancel()
+            raise
+        if self.stopped:
+            raise _worst(self.stopped)
+
+    async def lane(self, mine: list[Record]) -> None:
+        for record in mine:
+            async with self.gate:
+                if self.stopped:
+                    return
+                try:
+                    await self.one(record)
+                except BaseException as e:
+                    self.stopped.append(e)
+                    return
+
+    async def attempt(self, record: Record, out: Output | None) -> None:
+        spec = self.spec
+        msg = spec.decode(record)
+        args: tuple[Any, ...] = (msg,) if out is None else (msg, out)
+        if spec.is_async:
+            await spec.fn(*args)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self.threads, spec.fn, *args)
+
+    async def one(self, record: Record) -> None:
+        """One record: attempts with backoff, then its dead letter."""
+        spec = self.spec
+        out = None
+        if self.producer is not None:
+            out = Output(
+                self.producer, spec.output, spec.key_codec, spec.value_codec, self.transaction
+            )
+        strikes = 0
+        while True:
+            try:
+                await self.attempt(record, out)
+                if out is not None and out._pending:
+                    out._release(record)
+                return
+            except SendFailedError as e:
+                if e.partial:
+                    if self.transactional:
+                        raise  # the open transaction holds part of it: only an abort undoes it
+                    partial_send_failure(
+                        spec, record, e, self.dead_letters, self.metrics, self.guarantee
+                    )
+                    return
+                error: Exception = e.error  # nothing of it went out: the record's failure
+            except Undecodable as e:
+                dead_letter(spec, record, e.error, 1, self.dead_letters, self.metrics, self.labels)
+                return
+            except Exception as e:
+                if out is not None:
+                    out._discard()
+                if not owed_to_record(e):
+                    raise  # the log's or the database's: the protocol decides
+                error = e
+            strikes += 1
+            if self.stopped:
+                return  # the batch is given up and will be handled again: no retry, no letter
+            if strikes > spec.retries:
+                dead_letter(
+                    spec, record, error, strikes, self.dead_letters, self.metrics, self.labels
+                )
+                return
+            self.metrics.retried.labels(*self.labels).inc()
+            await asyncio.sleep(min(2.0, spec.backoff_s * 2 ** (strikes - 1)))
+
+
+def blocking(fn: Callable[..., Awaitable[Any]], loop: EventLoop) -> Callable[..., Any]:
+    """A plain callable that awaits ``fn`` to its end on ``loop`` (concurrency 1)."""
+
+    def call(*args: Any) -> Any:
+        return loop.run(fn(*args))
+
+    call.__qualname__ = getattr(fn, "__qualname__", repr(fn))
+    return call

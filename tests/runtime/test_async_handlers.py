@@ -1,0 +1,249 @@
+"""Async handlers and records handled side by side (issue 14), on the embedded engine: each
+guarantee keeps its meaning, lanes keep their order, in-flight work stays within its bound."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
+from assured.errors import ConfigError, UsageError
+from assured.log import Log
+from assured.runtime._settings import Guarantee
+
+GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    opened = open_log(f"embedded://{tmp_path}/log.db")
+    with opened.admin() as admin:
+        admin.create_topic("in", 2)
+        admin.create_topic("out", 1)
+    return opened
+
+
+def fill(log: Log, n: int, keys: int = 10) -> list[bytes]:
+    values = [f"m{i:04d}".encode() for i in range(n)]
+    with log.producer() as producer:
+        for i, v in enumerate(values):
+            producer.send("in", v, key=f"k{i % keys}".encode(), partition=i % 2)
+        producer.flush()
+    return values
+
+
+def read(log: Log, topic: str = "out") -> list[tuple[bytes | None, bytes | None]]:
+    with log.consumer(isolation="read_committed") as consumer:
+        consumer.assign([TopicPartition(topic, 0)])
+        out: list[tuple[bytes | None, bytes | None]] = []
+        while batch := consumer.poll(timeout=0.3):
+            out += [(r.key, r.value) for r in batch]
+        return out
+
+
+def committed(log: Log, group: str = "g") -> dict[int, int]:
+    with log.admin() as admin:
+        found = admin.committed_offsets(group, ["in"])
+    return {tp.partition: offset for tp, offset in found.items()}
+
+
+class InFlight:
+    """How many calls overlap, overall and per lane; and the order each lane saw."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now: Counter[Any] = Counter()
+        self.most: Counter[Any] = Counter()
+        self.seen: dict[Any, list[int]] = {}
+
+    def enter(self, lane: Any, offset: int) -> None:
+        with self.lock:
+            for k in ("all", lane):
+                self.now[k] += 1
+                self.most[k] = max(self.most[k], self.now[k])
+            self.seen.setdefault(lane, []).append(offset)
+
+    def leave(self, lane: Any) -> None:
+        with self.lock:
+            self.now["all"] -= 1
+            self.now[lane] -= 1
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_an_async_handler_is_awaited_under_every_guarantee(log: Log, guarantee: Guarantee) -> None:
+    values = fill(log, 40)
+    app = App(log=log, group="g", guarantee=guarantee)
+
+    @app.handler("in", output="out")
+    async def copy(msg: Message, out: Output) -> None:
+        await asyncio.sleep(0.001)
+        out.send(msg.value, key=msg.key)
+
+    stats = app.run(until_idle=0.5)
+    assert stats.processed == 40
+    assert sorted(v or b"" for _, v in read(log)) == values
+    assert committed(log) == {0: 20, 1: 20}
+
+
+def test_an_async_handler_into_a_database_commits_its_effects_once(
+    log: Log, tmp_path: Path
+) -> None:
+    fill(log, 30)
+    sink = SqliteSink(str(tmp_path / "effects.db"))
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=sink)
+    async def charge(msg: Message, db: Any) -> None:
+        await asyncio.sleep(0.001)
+        db.execute("CREATE TABLE IF NOT EXISTS charges (v TEXT)")
+        db.execute("INSERT INTO charges VALUES (?)", (msg.value.decode(),))
+
+    assert app.run(until_idle=0.5).processed == 30
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "effects.db") as db:
+        rows = [r[0] for r in db.execute("SELECT v FROM charges")]
+    assert sorted(rows) == [f"m{i:04d}" for i in range(30)]
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_records_run_side_by_side_and_one_key_never_overlaps_itself(
+    log: Log, guarantee: Guarantee
+) -> None:
+    """concurrency=20, ordering by key: calls overlap (up to 20, never more), the records of one
+    partition and key never do, and each such lane is handled and written in offset order."""
+    fill(log, 200, keys=40)
+    app = App(log=log, group="g", guarantee=guarantee, max_poll_records=200)
+    flight = InFlight()
+
+    @app.handler("in", output="out", concurrency=20)  # ordering="key" is the default then
+    async def copy(msg: Message, out: Output) -> None:
+        lane = (msg.partition, msg.key)
+        flight.enter(lane, msg.offset)
+        try:
+            await asyncio.sleep(0.002 * (1 + msg.offset % 5))  # lanes finish out of step
+            out.send(msg.value, key=msg.key)
+        finally:
+            flight.leave(lane)
+
+    assert app.run(until_idle=0.5).processed == 200
+    assert 1 < flight.most["all"] <= 20
+    lanes = [k for k in flight.most if k != "all"]
+    assert len(lanes) == 40
+    assert all(flight.most[k] == 1 for k in lanes)
+    assert all(seen == sorted(seen) for seen in flight.seen.values())
+    written = read(log)
+    assert len(written) == 200
+    by_key: dict[bytes | None, list[int]] = {}
+    for key, value in written:
+        assert value is not None
+        by_key.setdefault(key, []).append(int(value[1:]))
+    assert all(vs == sorted(vs) for vs in by_key.values())  # a key's outputs in input order
+    assert committed(log) == {0: 100, 1: 100}
+
+
+def test_partition_ordering_runs_one_record_per_partition_and_unordered_any(log: Log) -> None:
+    fill(log, 60)
+    for group, ordering, most in (("p", "partition", 2), ("u", "unordered", 10)):
+        app = App(log=log, group=group, guarantee="at-least-once")
+        flight = InFlight()
+
+        @app.handler("in", concurrency=10, ordering=ordering)  # type: ignore[arg-type]
+        async def wait(msg: Message, flight: InFlight = flight) -> None:
+            flight.enter(msg.partition, msg.offset)
+            try:
+                await asyncio.sleep(0.005)
+            finally:
+                flight.leave(msg.partition)
+
+        assert app.run(until_idle=0.5).processed == 60
+        assert flight.most["all"] <= most
+        if ordering == "partition":
+            assert flight.most[0] == flight.most[1] == 1
+            assert all(seen == sorted(seen) for seen in flight.seen.values())
+        else:
+            assert flight.most[0] > 1  # records of one partition overlapped
+
+
+def test_a_plain_def_with_concurrency_runs_in_threads(log: Log) -> None:
+    fill(log, 40)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    flight = InFlight()
+    threads: set[str] = set()
+
+    @app.handler("in", output="out", concurrency=8, ordering="unordered")
+    def copy(msg: Message, out: Output) -> None:
+        flight.enter("x", msg.offset)
+        threads.add(threading.current_thread().name)
+        time.sleep(0.01)  # blocking I/O, say
+        out.send(msg.value)
+        flight.leave("x")
+
+    assert app.run(until_idle=0.5).processed == 40
+    assert 1 < flight.most["all"] <= 8
+    assert len(threads) > 1
+    assert len(read(log)) == 40
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_retries_and_dead_letters_side_by_side(log: Log, guarantee: Guarantee) -> None:
+    """A record that sends, then raises, and succeeds on a retry is written once (its failed
+    attempt's outputs are dropped); one that always fails is dead-lettered once; the rest are
+    not held back by either."""
+    with log.admin() as admin:
+        admin.create_topic("in.dlq", 1)
+    values = fill(log, 50)
+    attempts: Counter[bytes] = Counter()
+    app = App(log=log, group="g", guarantee=guarantee)
+
+    @app.handler("in", output="out", concurrency=10, retries=2, backoff_ms=1)
+    async def copy(msg: Message, out: Output) -> None:
+        attempts[msg.value] += 1
+        out.send(msg.value)
+        await asyncio.sleep(0.001)
+        if msg.value == b"m0007" and attempts[msg.value] == 1:
+            raise RuntimeError("a gateway timed out")
+        if msg.value == b"m0011":
+            raise ValueError("card declined")
+
+    assert app.run(until_idle=0.5).processed == 50
+    written = Counter(v for _, v in read(log))
+    assert written == Counter(v for v in values if v != b"m0011")
+    assert attempts[b"m0007"] == 2
+    assert attempts[b"m0011"] == 3  # the first try and two retries
+    assert [v for _, v in read(log, "in.dlq")] == [b"m0011"]
+    assert committed(log) == {0: 25, 1: 25}
+
+
+def test_concurrency_is_checked_when_registered(log: Log, tmp_path: Path) -> None:
+    app = App(log=log, group="g")
+    with pytest.raises(ConfigError, match="concurrency=0"):
+        app.handler("in", concurrency=0)
+    with pytest.raises(ConfigError, match="ordering='offset'"):
+        app.handler("in", concurrency=4, ordering="offset")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="database sink handles one record at a time"):
+        app.handler("in", sink=SqliteSink(str(tmp_path / "s.db")), concurrency=4)
+
+
+def test_run_inside_an_event_loop_says_to_use_a_thread(log: Log) -> None:
+    fill(log, 4)
+    app = App(log=log, group="g")
+
+    @app.handler("in", output="out")
+    async def copy(msg: Message, out: Output) -> None:
+        out.send(msg.value)
+
+    async def main() -> int:
+        with pytest.raises(UsageError, match="to_thread"):
+            app.run(until_idle=0.3)
+        stats = await asyncio.to_thread(app.run, until_idle=0.5)
+        return stats.processed
+
+    assert asyncio.run(main()) == 4
+    assert len(read(log)) == 4
