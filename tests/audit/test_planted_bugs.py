@@ -74,6 +74,15 @@ FIXES: dict[str, dict[str, Any]] = {
         "kills": 0,
         "shows": ("duplicate", "refused-effect", "effect-and-dead-letter"),
     },
+    # issue 14: records side by side, positions committed past records still in flight
+    "commit-dispatched": {
+        "guarantee": "exactly-once",
+        "faults": ("crash-points",),
+        "kills": 4,
+        "concurrency": 20,
+        "handler_latency_ms": 5.0,
+        "shows": ("lost",),
+    },
 }
 
 
@@ -92,6 +101,8 @@ def _audit(tmp_path: Path, case: dict[str, Any]) -> Findings:
             session_timeout_ms=1000,
             handle_delay_ms=1.0,
             timeout_s=180,
+            concurrency=case.get("concurrency", 1),
+            handler_latency_ms=case.get("handler_latency_ms", 0.0),
         )
     )
 

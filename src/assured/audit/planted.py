@@ -20,11 +20,16 @@ one rule the runtime keeps, in as few lines as it takes:
   where this design is weakest, after the dead letters went out, in batches that had some);
 - ``keep-failed-attempts`` (fix 8 undone): exactly-once, but an output is sent as soon as the
   handler calls ``send``, not when the call returns: a failed attempt's outputs stay, so a
-  retry repeats them and a dead-lettered record has effects too (shown by ``handler-errors``).
+  retry repeats them and a dead-lettered record has effects too (shown by ``handler-errors``);
+- ``commit-dispatched`` (issue 14): exactly-once with records side by side, but a batch counts
+  as handled once each of its records has started: positions are committed past records still
+  in flight, which are lost if the process dies, or the run ends, before they finish (shown
+  by ``--concurrency`` with ``--handler-latency-ms``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -32,6 +37,7 @@ from typing import Any
 
 from assured.errors import AssuredError, DeliveryError
 from assured.log import Header, Producer, Record, TopicPartition
+from assured.runtime._concurrent import handle_concurrently
 from assured.runtime._handling import HandlerSpec, Output
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, Runtime, next_offsets
@@ -156,6 +162,40 @@ class KeepsFailedAttempts(ExactlyOnce):
         self.rt._output = output  # type: ignore[method-assign]  # the bug: Output of v1
 
 
+class CommitsDispatchedRecords(ExactlyOnce):
+    """Hands a batch of concurrent records back once each has *started*, not finished: the
+    transaction commits positions past records still in flight, whose outputs land in a later
+    transaction, or never (a crash, or the end of the run)."""
+
+    def start(self) -> None:
+        super().start()
+        rt = self.rt
+        running: set[asyncio.Future[None]] = set()
+
+        async def dispatch(*args: Any) -> None:
+            task = asyncio.ensure_future(handle_concurrently(*args))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            await asyncio.sleep(0)  # every lane has begun its first record: "handled"
+
+        def side_by_side(
+            spec: HandlerSpec,
+            batch: list[Record],
+            producer: Producer,
+            dead_letters: Any,
+            transactional: bool,
+        ) -> None:
+            threads = None if spec.is_async else rt.loop.pool(spec)
+            rt.loop.run(
+                dispatch(
+                    spec, batch, producer, dead_letters, rt.metrics, rt.settings.guarantee,
+                    transactional, lambda: rt.transaction, threads,
+                )
+            )  # fmt: skip
+
+        rt._side_by_side = side_by_side  # type: ignore[method-assign]  # the bug
+
+
 PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "commit-before-handle": CommitsBeforeHandling,
     "offsets-outside-transaction": OffsetsOutsideTransaction,
@@ -163,6 +203,7 @@ PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "commit-past-failed-write": CommitsPastFailedWrites,
     "dead-letters-outside-database": DeadLettersOutsideTheDatabase,
     "keep-failed-attempts": KeepsFailedAttempts,
+    "commit-dispatched": CommitsDispatchedRecords,
 }
 
 

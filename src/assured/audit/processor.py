@@ -17,6 +17,7 @@ every later delivery of that message is handled plainly.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import faulthandler
 import json
 import logging
@@ -149,7 +150,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-poll-interval-ms", type=int, default=300_000)
     parser.add_argument("--delivery-timeout-ms", type=int, default=0, help="0: the log's default")
     parser.add_argument("--slow-ms", type=int, default=0, help="how long a 'slow' fate sleeps")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--ordering", choices=("key", "partition", "unordered"), default="key")
+    parser.add_argument(
+        "--handler-latency-ms", type=float, default=0.0,
+        help="an async handler awaiting this long (one in ten: ten times as long); 0: a def",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def _latencies(typical: float) -> Callable[[Message], float]:
+    """A latency tail: nine messages in ten wait ``typical``, one waits ten times as long
+    (chosen from the message's offset, so every process agrees)."""
+
+    def wait(msg: Message) -> float:
+        return typical * (10 if zlib.crc32(b"%d:%d" % (msg.partition, msg.offset)) % 10 == 0 else 1)
+
+    return wait
 
 
 def _open(args: argparse.Namespace) -> Log:
@@ -239,9 +256,26 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
             history.write(fault="handler-errors", kind=fate, id=mid)
             raise PlannedFailure(f"{mid}: fails every attempt (planned)")
 
+    options: dict[str, Any] = {"retries": 1, "backoff_ms": 1, "concurrency": args.concurrency}
+    if args.concurrency > 1:
+        options["ordering"] = args.ordering
+    waits = _latencies(args.handler_latency_ms / 1000)
+
+    def register(handler: Callable[[Message, Any], None], **where: Any) -> None:
+        """``handler`` as it is, or (``--handler-latency-ms``) behind an await: a gateway, an
+        HTTP API."""
+        if not args.handler_latency_ms:
+            app.handler(args.input, **where, **options)(handler)
+            return
+
+        async def waiting(msg: Message, target: Any) -> None:
+            await asyncio.sleep(waits(msg))
+            handler(msg, target)
+
+        app.handler(args.input, **where, **options)(waiting)
+
     if args.sink == "topic":
 
-        @app.handler(args.input, output=args.output, retries=1, backoff_ms=1)
         def to_topic(msg: Message, out: Output) -> None:
             body = json.loads(msg.value)
             mid, account = body["id"], body["account"]
@@ -255,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
 
             act(msg, mid, effect, lambda: effect(b"x" * OVERSIZE))
 
+        register(to_topic, output=args.output)
+
     else:
         sink: Sink = SqliteSink(args.db) if args.sink == "sqlite" else PostgresSink(args.db)
         mark = "?" if args.sink == "sqlite" else "%s"
@@ -263,7 +299,6 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
         with sink, sink.transaction() as tx:
             tx.execute(EFFECTS_DDL[args.sink])
 
-        @app.handler(args.input, sink=sink, retries=1, backoff_ms=1)
         def to_db(msg: Message, db: SinkTransaction) -> None:
             body = json.loads(msg.value)
             mid, account = body["id"], body["account"]
@@ -273,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
                 lambda: db.execute(insert, (mid, account, slot)),
                 lambda: db.execute(insert, (None, account, slot)),  # NOT NULL refuses it
             )
+
+        register(to_db, sink=sink)
 
     plant = os.environ.get("ASSURED_AUDIT_PLANT")
     if plant:  # a deliberate bug, for tests that show the audit catches it

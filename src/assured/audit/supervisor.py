@@ -120,6 +120,11 @@ class AuditConfig:
     timeout_s: float = 300.0
     poison_rate: float = 0.0
     handle_delay_ms: float = 0.0  # per message, to spread a small run over time
+    # Async handlers side by side (issue 14): records per batch at once, which never overlap,
+    # and how long each awaits (9 in 10 that long, 1 in 10 ten times as long; 0: not async).
+    concurrency: int = 1
+    ordering: str = "key"
+    handler_latency_ms: float = 0.0
     marked: int = 0  # handler-errors: messages per kind (0: one in a hundred, at least 3)
     broker: Any = None  # an assured.testing.KafkaCluster: broker-kill (3 nodes), write-stall
     # db-restart: an object with restart(mode) (assured.testing.PostgresServer), or the path
@@ -542,6 +547,8 @@ def _start(run: _Run, slot: _Slot) -> None:
         "--max-poll-interval-ms", str(t.max_poll_interval_ms),
         "--delivery-timeout-ms", str(t.delivery_timeout_ms),
         "--slow-ms", str(t.slow_ms),
+        "--concurrency", str(cfg.concurrency), "--ordering", cfg.ordering,
+        "--handler-latency-ms", str(cfg.handler_latency_ms),
     ]  # fmt: skip
     errors = (run.workdir / f"processor-{slot.index}.log").open("ab")
     slot.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)

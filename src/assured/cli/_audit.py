@@ -21,6 +21,7 @@ from assured.audit.supervisor import check_faults
 from assured.errors import AssuredError, ConfigError, UsageError
 from assured.log._open import parse_log_url
 from assured.runtime import GUARANTEES
+from assured.runtime._handling import ORDERINGS
 
 __all__ = ["audit", "demo"]
 
@@ -154,6 +155,18 @@ def audit(
         help="Work per message in each processor, so that a short run lasts long enough for "
         "every planned fault to land mid-stream.",
     ),
+    concurrency: int = typer.Option(
+        1, min=1, help="Records each processor handles side by side (@app.handler concurrency)."
+    ),
+    ordering: str = typer.Option(
+        "key", help="With --concurrency: which records never overlap: key, partition, unordered."
+    ),
+    handler_latency_ms: float = typer.Option(
+        0.0,
+        min=0.0,
+        help="An async handler that awaits this long per message (one in ten: ten times as "
+        "long), like a payment gateway; 0: a plain def.",
+    ),
     timeout: float = typer.Option(600, min=1, help="Give up on a run after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     report: Path | None = typer.Option(None, help="Write audit.json, audit.png, history.jsonl."),
@@ -178,6 +191,13 @@ def audit(
             raise ConfigError("db-restart needs --postgres-data DIR (the server's data directory)")
         if "broker-kill" in fault_list and not kafka:
             raise ConfigError("broker-kill needs a kafka:// log (a three-node cluster)")
+        if ordering not in ORDERINGS:
+            raise ConfigError(f"--ordering {ordering!r}: one of {', '.join(ORDERINGS)}")
+        if concurrency > 1 and sink != "topic":
+            raise ConfigError(
+                f"--concurrency {concurrency} with --sink {sink}: a database sink handles one "
+                "record at a time in this version; use --sink topic"
+            )
         if report is not None:
             _check_report(report)
         broker = None
@@ -204,6 +224,9 @@ def audit(
             postgres_dsn=postgres_dsn or None,
             session_timeout_ms=session,
             handle_delay_ms=handle_delay_ms,
+            concurrency=concurrency,
+            ordering=ordering,
+            handler_latency_ms=handler_latency_ms,
             timeout_s=timeout,
             marked=marked,
             broker=broker,
