@@ -320,3 +320,38 @@ def test_a_fault_with_no_target_late_in_a_run_waits_for_the_next_turn(kind: str)
     fired.join(timeout=5)
     assert not fired.is_alive(), "the supervisor spun on a fault it could not place"
     assert run.schedule == [(0.95, kind)]  # still planned, at a threshold already crossed
+
+
+# -- records side by side (issue 14) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("guarantee", LEAN)
+def test_async_handlers_side_by_side_hold_every_guarantee(tmp_path: Path, guarantee: str) -> None:
+    """Async handlers awaiting a latency tail, 50 records at a time, one key never overlapping
+    itself, under kills, crash points and handler errors: each verdict holds, per-key order
+    included under exactly-once."""
+    f = audit(
+        tmp_path, guarantee, ("sigkill", "crash-points", "handler-errors"), messages=1000,
+        kills=6, concurrency=50, ordering="key", handler_latency_ms=3.0, handle_delay_ms=0.0,
+    )  # fmt: skip
+    assert f.faults.get("sigkill", 0) + f.faults.get("crash-points", 0) > 0, f.faults
+    holds(f)
+    if guarantee != "at-most-once":
+        assert f.lost == 0
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize(
+    "guarantee", [pytest.param("at-least-once", marks=pytest.mark.slow), "exactly-once"]
+)
+def test_async_handlers_side_by_side_on_kafka(
+    tmp_path: Path, kafka_bootstrap: str, guarantee: str
+) -> None:
+    f = audit(
+        tmp_path, guarantee, ("sigkill", "crash-points", "handler-errors"),
+        log_url=f"kafka://{kafka_bootstrap}", messages=1000, kills=4, session_timeout_ms=3000,
+        concurrency=50, ordering="key", handler_latency_ms=3.0, handle_delay_ms=0.0,
+    )  # fmt: skip
+    assert f.faults.get("sigkill", 0) + f.faults.get("crash-points", 0) > 0, f.faults
+    holds(f)
+    assert f.lost == 0
