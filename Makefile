@@ -62,6 +62,17 @@ acceptance: system-deps $(STAMP)
 	    --out benchmarks/results/acceptance-$$cell.json || rc=1; \
 	done; exit $$rc
 
+# Handlers that wait, side by side (issue 14): each guarantee at concurrency 1, 50, 200 and 1,000
+# against a bare asyncio loop, on a fresh broker and on the embedded engine; kept in
+# benchmarks/results/io-{kafka,embedded}.{json,md}.
+.PHONY: bench-io
+bench-io: system-deps $(STAMP)
+	@boot=$$($(BIN)/python -m assured.testing.kafka up --dir .kafka-bench | sed -n 's/^BOOTSTRAP=//p'); \
+	$(BIN)/assured bench --suite io --log kafka://$$boot $(BENCH_ARGS); rc=$$?; \
+	$(BIN)/python -m assured.testing.kafka down --dir .kafka-bench; \
+	[ $$rc -eq 0 ] && rm -rf /tmp/assured-bench-io && \
+	$(BIN)/assured bench --suite io --log embedded:///tmp/assured-bench-io $(BENCH_ARGS)
+
 # The embedded log's numbers (both durabilities); also kept in benchmarks/results/log-embedded.*
 .PHONY: bench-log bench quix-venv
 bench-log: $(STAMP)

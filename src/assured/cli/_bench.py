@@ -17,7 +17,7 @@ from rich.table import Table
 
 __all__ = ["bench"]
 
-_SUITES = ("log", "runtime")
+_SUITES = ("log", "runtime", "io")
 _DURABILITIES = ("both", "normal", "full")
 
 # (result key, label, format, target: (description, check) or None)
@@ -191,6 +191,14 @@ def bench(
     rounds: int = typer.Option(
         3, "--rounds", min=1, help="runtime: throughput runs per system; the median is reported."
     ),
+    concurrency: str = typer.Option(
+        "1,50,200,1000",
+        "--concurrency",
+        help="io: the concurrency settings to measure, comma-separated.",
+    ),
+    handler_ms: float = typer.Option(
+        20.0, "--handler-ms", min=0.0, help="io: how long each handler call awaits."
+    ),
     systems: str = typer.Option(
         "bare,assured,assured-fixed,quixstreams",
         "--systems",
@@ -200,12 +208,17 @@ def bench(
     ),
 ) -> None:
     """Benchmark the log (produce, consume and transactional throughput against plain SQLite,
-    idle CPU, wake-up latency) or the runtime (each guarantee against bare confluent-kafka
-    loops and Quix Streams: throughput, latency at half load, memory)."""
+    idle CPU, wake-up latency), the runtime (each guarantee against bare confluent-kafka
+    loops and Quix Streams: throughput, latency at half load, memory) or io (handlers that
+    wait, side by side: each guarantee at several concurrency settings against a bare
+    asyncio loop)."""
     if suite not in _SUITES:
         _fail(f"unknown suite {suite!r}; known: {', '.join(_SUITES)}")
     if Path(results_dir).exists() and not Path(results_dir).is_dir():
         _fail(f"--results-dir {results_dir!r} is a file; the results go in a folder")
+    if suite == "io":
+        _io(log, json_out, records or 100_000, Path(results_dir), concurrency, handler_ms)
+        return
     if suite == "runtime":
         _runtime(
             log, json_out, records or 1_000_000, Path(results_dir), latency_seconds,
@@ -246,6 +259,46 @@ def bench(
     else:
         Console().print(_table(results))
         progress.print(f"written: {out / 'log-embedded.json'} and {out / 'log-embedded.md'}")
+
+
+def _io(
+    log: str, json_out: bool, records: int, out: Path, concurrency: str, handler_ms: float
+) -> None:
+    from assured.bench.io_suite import IoBenchConfig, markdown, run_io_suite
+    from assured.errors import AssuredError
+
+    scheme = urlsplit(log).scheme.lower()
+    if scheme == "embedded":
+        log = f"embedded://{_embedded_dir(log)}"
+    elif scheme != "kafka":
+        _fail(f"--log {log!r}: the io suite runs on kafka://HOST:PORT or embedded:///FOLDER")
+    try:
+        levels = sorted({int(c) for c in concurrency.split(",") if c.strip()})
+    except ValueError:
+        levels = []
+    if not levels or levels[0] < 1:
+        _fail(f"--concurrency {concurrency!r}: whole numbers of 1 or more, comma-separated")
+    if handler_ms <= 0:
+        _fail("--handler-ms must be above 0: the io suite measures handlers that wait")
+    config = IoBenchConfig(log=log, records=records, handler_ms=handler_ms, concurrency=levels)
+    progress = Console(stderr=True)
+    try:
+        rows = run_io_suite(config, progress=lambda m: progress.print(f"io: {m}"))
+    except (AssuredError, OSError, RuntimeError) as e:
+        _fail(f"the io suite failed: {e}", code=1)
+    command = shlex.join(["assured", *sys.argv[1:]])
+    text = markdown(rows, command)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / f"io-{config.backend}.json", json.dumps(rows, indent=2) + "\n")
+        _write(out / f"io-{config.backend}.md", text)
+    except OSError as e:
+        _fail(f"cannot write the results to {out}: {e}", code=1)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo(text)
+        progress.print(f"written: {out}/io-{config.backend}.json and .md")
 
 
 def _runtime(

@@ -1,0 +1,240 @@
+"""The io bench (issue 14): handlers that wait, side by side.
+
+Each record's handler awaits ``handler_ms`` (a payment gateway, an HTTP API), then sends one
+output stamped with the time its call began. Per log, for every guarantee and each
+``concurrency``: assured (an ``async def`` handler, ``ordering="key"``), and beside it a bare
+asyncio loop bounded by a semaphore (the same wait, no order, no guarantee: offsets
+auto-committed, or on the embedded engine committed as polled). A read_committed reader of the
+outputs takes receive time minus stamp: the handler's wait plus what the guarantee adds.
+
+A run handles ``records`` records, or fewer when the concurrency caps the rate: about
+``seconds`` worth at the ceiling (``concurrency / handler_ms`` records/s), and at least
+``min_records``. Database sinks are not here: they handle one record at a time in this version.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from assured.bench.log_suite import machine_facts
+from assured.bench.runtime_suite import _Bench, _last_json, _Lines, _run_worker
+from assured.log import Log, open_log
+
+__all__ = ["IO_TARGETS", "IoBenchConfig", "judge", "run_io_suite"]
+
+GUARANTEES = ("at-most-once", "at-least-once", "exactly-once")
+
+
+@dataclass
+class IoBenchConfig:
+    log: str  # kafka://host:port or embedded:///folder
+    records: int = 100_000
+    partitions: int = 4
+    keys: int = 1000
+    handler_ms: float = 20.0
+    concurrency: list[int] = field(default_factory=lambda: [1, 50, 200, 1000])
+    guarantees: list[str] = field(default_factory=lambda: list(GUARANTEES))
+    systems: list[str] = field(default_factory=lambda: ["assured", "bare"])
+    seconds: float = 15.0  # a run's length at the ceiling rate, when records would take longer
+    min_records: int = 300
+    max_poll_records: int = 500
+    worker_timeout_s: float = 900.0
+
+    @property
+    def backend(self) -> str:
+        return "kafka" if self.log.lower().startswith("kafka://") else "embedded"
+
+    def records_for(self, concurrency: int) -> int:
+        ceiling = concurrency * 1000 / self.handler_ms
+        return max(self.min_records, min(self.records, int(ceiling * self.seconds)))
+
+
+def _fill(log: Log, topic: str, records: int, keys: int) -> None:
+    with log.producer(batch_size=10_000, linger_ms=20) as producer:
+        for i in range(records):
+            producer.send(topic, b"x" * 80, key=b"k%05d" % (i % keys))
+            if i % 10_000 == 9_999 and log.url.startswith("embedded"):
+                producer.flush()
+        producer.flush()
+
+
+def _one(
+    bench: _Bench, config: IoBenchConfig, system: str, guarantee: str, concurrency: int
+) -> dict[str, Any]:
+    name = f"{system}-{guarantee}-c{concurrency}"
+    url = bench.url(name)
+    log = open_log(url)
+    try:
+        records = config.records_for(concurrency)
+        source = bench.topic(log, f"io-in-{name}")
+        sink = bench.topic(log, f"io-out-{name}")
+        _fill(log, source, records, config.keys)
+        reader_spec = {
+            "log": url,
+            "topic": sink,
+            "group": f"{sink}-reader",
+            "expected": records,
+            "timeout_s": config.worker_timeout_s,
+        }
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "assured.bench._workers", "read", json.dumps(reader_spec)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert reader.stdout is not None
+        lines = _Lines(reader.stdout)
+        try:
+            if not lines.wait_for("ready", 60):
+                raise RuntimeError("the io reader did not start")
+            spec = {
+                "log": url,
+                "bootstrap": url[len("kafka://") :] if config.backend == "kafka" else None,
+                "input": source,
+                "output": sink,
+                "group": f"{sink}-group",
+                "guarantee": guarantee,
+                "records": records,
+                "concurrency": concurrency,
+                "handler_ms": config.handler_ms,
+                "max_poll_records": max(config.max_poll_records, concurrency),
+            }
+            role = "io-assured" if system == "assured" else "io-bare"
+            result = _run_worker(
+                [sys.executable, "-m", "assured.bench._io_workers", role, json.dumps(spec)],
+                config.worker_timeout_s,
+                name,
+            )
+            reader.wait(timeout=120)
+            lines.close()
+            latency = _last_json("\n".join(lines.lines))
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+            lines.close()
+    finally:
+        log.close()
+    if latency["samples"] < records:
+        raise RuntimeError(f"{name}: the reader saw {latency['samples']} of {records} outputs")
+    return {
+        "system": system,
+        "guarantee": guarantee if system == "assured" else "none",
+        "sink": "topic",
+        "log": config.backend,
+        "concurrency": concurrency,
+        "ordering": "key" if system == "assured" else "none",
+        "handler_ms": config.handler_ms,
+        "records": records,
+        "records_per_s": result["records_per_s"],
+        "ceiling_per_s": round(concurrency * 1000 / config.handler_ms, 1),
+        "p50_ms": latency["p50_ms"],
+        "p99_ms": latency["p99_ms"],
+        "cpu_us_per_record": result.get("cpu_us_per_record"),
+        "peak_rss_mb": result.get("peak_rss_mb"),
+        "others_cores": result.get("others_cores"),
+        "max_poll_records": max(config.max_poll_records, concurrency),
+    }
+
+
+def run_io_suite(
+    config: IoBenchConfig, progress: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    say = progress or (lambda _m: None)
+    bench = _Bench(config)  # type: ignore[arg-type]  # uses .log and .partitions only
+    rows: list[dict[str, Any]] = []
+    logs: list[Log] = [open_log(config.log)] if config.backend == "kafka" else []
+    try:
+        if "bare" in config.systems:
+            for c in config.concurrency:
+                say(f"bare asyncio loop, concurrency {c}")
+                rows.append(_one(bench, config, "bare", "none", c))
+                say(f"  {rows[-1]['records_per_s']:,.0f} records/s")
+        if "assured" in config.systems:
+            for g in config.guarantees:
+                for c in config.concurrency:
+                    say(f"assured {g}, concurrency {c}")
+                    rows.append(_one(bench, config, "assured", g, c))
+                    say(
+                        f"  {rows[-1]['records_per_s']:,.0f} records/s, p99 {rows[-1]['p99_ms']} ms"
+                    )
+        bare = {r["concurrency"]: r for r in rows if r["system"] == "bare"}
+        for r in rows:
+            peer = bare.get(r["concurrency"])
+            if r["system"] == "assured" and peer and peer["records_per_s"]:
+                r["vs_bare"] = round(r["records_per_s"] / peer["records_per_s"], 3)
+    finally:
+        bench.cleanup(logs)
+    facts = machine_facts()
+    for r in rows:
+        r.update(facts)
+    return rows
+
+
+# (guarantee, concurrency, records/s at least, x bare at least), measured side by side
+IO_TARGETS = (
+    ("at-least-once", 200, 5000.0, 0.8),
+    ("exactly-once", 200, 4000.0, 0.8),
+)
+
+
+def judge(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for each target whose row is there."""
+    out = []
+    for guarantee, c, rate, ratio in IO_TARGETS:
+        row = next(
+            (
+                r
+                for r in rows
+                if r["system"] == "assured" and r["guarantee"] == guarantee
+                and r["concurrency"] == c
+            ),
+            None,
+        )  # fmt: skip
+        if row is None:
+            continue
+        out.append(
+            (
+                f"assured {guarantee}, concurrency {c}: >= {rate:,.0f} records/s",
+                f"{row['records_per_s']:,.0f}",
+                "met" if row["records_per_s"] >= rate else "MISSED",
+            )
+        )
+        if "vs_bare" in row:
+            out.append(
+                (
+                    f"assured {guarantee}, concurrency {c}: >= {ratio} x the bare loop",
+                    f"{row['vs_bare']:.2f} x",
+                    "met" if row["vs_bare"] >= ratio else "MISSED",
+                )
+            )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    backend = rows[0]["log"] if rows else "?"
+    handler = rows[0]["handler_ms"] if rows else 0
+    lines = [
+        f"# io bench, {backend}: a handler that awaits {handler:g} ms, records side by side",
+        "",
+        f"`{command}`",
+        "",
+        "| system | guarantee | concurrency | records | records/s | ceiling/s | x bare | "
+        "p50 / p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['system']} | {r['guarantee']} | {r['concurrency']} | {r['records']:,} | "
+            f"{r['records_per_s']:,.0f} | {r['ceiling_per_s']:,.0f} | {r.get('vs_bare', '')} | "
+            f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} |"
+        )
+    judged = judge(rows)
+    if judged:
+        lines += ["", "| target (one run, side by side) | measured | verdict |", "|---|---:|---|"]
+        lines += [f"| {t} | {m} | {v} |" for t, m, v in judged]
+    return "\n".join(lines) + "\n"
