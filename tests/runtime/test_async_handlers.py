@@ -4,6 +4,7 @@ guarantee keeps its meaning, lanes keep their order, in-flight work stays within
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections import Counter
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
-from assured.errors import ConfigError, UsageError
+from assured.errors import ConfigError, FatalError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
 
@@ -247,3 +248,103 @@ def test_run_inside_an_event_loop_says_to_use_a_thread(log: Log) -> None:
 
     assert asyncio.run(main()) == 4
     assert len(read(log)) == 4
+
+
+# -- from a hostile review ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_coroutine_returned_by_a_plain_wrapper_is_awaited_not_dropped(
+    log: Log, concurrency: int
+) -> None:
+    """``functools.wraps`` around an ``async def`` hides it from ``iscoroutinefunction``: the
+    wrapper is a plain function returning a coroutine. It was called, its coroutine dropped
+    (never awaited) and every record committed with no output."""
+    values = fill(log, 10)
+
+    def traced(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return fn(*args)
+
+        return call
+
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", output="out", concurrency=concurrency)
+    @traced
+    async def copy(msg: Message, out: Output) -> None:
+        await asyncio.sleep(0.001)
+        out.send(msg.value)
+
+    assert app.run(until_idle=0.5).processed == 10
+    assert sorted(v or b"" for _, v in read(log)) == values
+
+
+def test_what_a_handler_binds_to_the_loop_holds_across_runs(log: Log) -> None:
+    """A lock (a client, a pool) a handler makes on its first call is bound to the loop it was
+    made on; a new loop per run() made every record of the second run fail and be
+    dead-lettered."""
+    with log.admin() as admin:
+        admin.create_topic("in.dlq", 1)
+    fill(log, 10)
+    made: list[asyncio.Lock] = []
+    app = App(log=log, group="g", guarantee="at-least-once")
+
+    @app.handler("in", output="out", concurrency=4)
+    async def copy(msg: Message, out: Output) -> None:
+        if not made:
+            made.append(asyncio.Lock())
+        async with made[0]:
+            await asyncio.sleep(0.001)
+        out.send(msg.value)
+
+    assert app.run(until_idle=0.5).processed == 10
+    fill(log, 10)
+    assert app.run(until_idle=0.5).processed == 10
+    assert len(read(log)) == 20
+    assert read(log, "in.dlq") == []
+
+
+def test_no_attempt_starts_after_the_batch_is_given_up(log: Log) -> None:
+    """A record waiting to retry when another one stops the App (a fatal error) gets no
+    further attempt: a payment call is not made again after the App decided to stop."""
+    fill(log, 2, keys=2)  # m0000 on partition 0, m0001 on partition 1
+    attempts: Counter[bytes] = Counter()
+    app = App(log=log, group="g", guarantee="at-least-once")
+
+    @app.handler("in", output="out", concurrency=2, retries=3, backoff_ms=300)
+    async def charge(msg: Message, out: Output) -> None:
+        attempts[msg.value] += 1
+        if msg.value == b"m0000":
+            raise RuntimeError("a gateway timed out")  # retried, after 300 ms
+        await asyncio.sleep(0.05)
+        raise FatalError("the gateway's credentials were revoked")
+
+    with pytest.raises(FatalError, match="revoked"):
+        app.run(until_idle=0.5)
+    assert attempts == {b"m0000": 1, b"m0001": 1}
+    assert committed(log) == {}
+
+
+def test_a_cancelled_await_inside_a_handler_is_that_records_failure(log: Log) -> None:
+    with log.admin() as admin:
+        admin.create_topic("in.dlq", 1)
+    fill(log, 6)
+    app = App(log=log, group="g", guarantee="at-least-once")
+
+    @app.handler("in", output="out", concurrency=3, retries=1, backoff_ms=1)
+    async def call(msg: Message, out: Output) -> None:
+        if msg.value == b"m0002":
+            await asyncio.wait_for(asyncio.sleep(1), timeout=0.001)  # the gateway is slow
+        out.send(msg.value)
+
+    assert app.run(until_idle=0.5).processed == 6
+    assert len(read(log)) == 5
+    assert [v for _, v in read(log, "in.dlq")] == [b"m0002"]
+
+
+def test_ordering_needs_concurrency(log: Log) -> None:
+    app = App(log=log, group="g")
+    with pytest.raises(ConfigError, match="with concurrency=1"):
+        app.handler("in", ordering="unordered")

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
@@ -22,7 +23,7 @@ from assured.errors import (
     UsageError,
 )
 from assured.log import Admin, Consumer, Log, Record, TopicPartition, open_log
-from assured.runtime._concurrent import is_async, outside_event_loops
+from assured.runtime._concurrent import EventLoop, is_async, outside_event_loops
 from assured.runtime._handling import ORDERINGS, HandlerSpec, Ordering, check_handler
 from assured.runtime._message import Codec, codec
 from assured.runtime._settings import AppSettings, Guarantee
@@ -84,6 +85,10 @@ class App:
         self._stop = threading.Event()
         self._running = False
         self.metrics = RuntimeMetrics(self.settings.guarantee)
+        # Async handlers' loop: one for the App's life, so what a handler binds to it (a lock,
+        # a client) holds from one run() to the next; closed when the App is collected.
+        self._event_loop = EventLoop()
+        weakref.finalize(self, self._event_loop.close)
         # Called with (transaction label, "committed" | "aborted") under exactly-once.
         self.on_transaction: Callable[[str, str], None] | None = None
 
@@ -159,6 +164,11 @@ class App:
             raise ConfigError(f"concurrency={concurrency!r}: a whole number, 1 or more")
         if ordering is None:
             ordering = "key" if concurrency > 1 else "partition"
+        elif concurrency == 1 and ordering != "partition":
+            raise ConfigError(
+                f"ordering={ordering!r} with concurrency=1: one record at a time is already in "
+                "partition order; give concurrency > 1 for records to overlap"
+            )
         if ordering not in ORDERINGS:
             raise ConfigError(f"ordering={ordering!r}: one of {', '.join(ORDERINGS)}")
         if concurrency > 1 and sink is not None:
@@ -240,7 +250,10 @@ class App:
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
         )
-        rt = Runtime(s, log_, consumer, self._specs, self.metrics, sink, self.on_transaction)
+        rt = Runtime(
+            s, log_, consumer, self._specs, self.metrics, sink, self.on_transaction,
+            loop=self._event_loop,
+        )  # fmt: skip
         rt.incarnations = incarnations
         for spec in self._specs.values():
             if spec.concurrency > s.max_poll_records:
@@ -289,7 +302,7 @@ class App:
             raise
         finally:
             watch.close()
-            rt.loop.close()
+            rt.loop.end_run()
             if sink is not None:
                 sink.close()
             stats.seconds = time.monotonic() - started

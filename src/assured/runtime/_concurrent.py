@@ -22,6 +22,7 @@ batch.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +66,8 @@ class InsideEventLoopError(UsageError):
         super().__init__(
             "App.run() was called from inside a running event loop, and this App has async or "
             "concurrent handlers, which need a loop of their own: run it in a thread, for "
-            "example 'await asyncio.to_thread(app.run)'"
+            "example 'await asyncio.to_thread(app.run)', and end it with app.stop() (signals "
+            "reach only the main thread)"
         )
 
 
@@ -86,8 +88,10 @@ def is_async(fn: Callable[..., Any]) -> bool:
 
 
 class EventLoop:
-    """The App's event loop, made on first use in the thread that runs the App, and the
-    threads that run plain ``def`` handlers given ``concurrency`` > 1."""
+    """The App's event loop, made on first use in the thread that runs the App and kept from
+    one ``run()`` to the next (a lock, a client or a pool a handler made stays bound to it),
+    and the threads that run plain ``def`` handlers given ``concurrency`` > 1 (let go at the
+    end of each run)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,7 +99,7 @@ class EventLoop:
 
     def run(self, work: Awaitable[T]) -> T:
         """Run ``work`` to its end (the App's thread waits)."""
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():
             try:
                 outside_event_loops()
             except InsideEventLoopError:
@@ -105,6 +109,12 @@ class EventLoop:
             self._loop = asyncio.new_event_loop()
         return self._loop.run_until_complete(work)
 
+    def settle(self, result: Any) -> None:
+        """A handler returned ``result``: if it is awaitable (an ``async def`` behind a plain
+        wrapper, a lambda returning a coroutine), await it to its end; never drop it."""
+        if inspect.isawaitable(result):
+            self.run(_awaited(result))
+
     def pool(self, spec: HandlerSpec) -> ThreadPoolExecutor:
         pool = self._pools.get(spec.topic)
         if pool is None:
@@ -113,13 +123,33 @@ class EventLoop:
             )
         return pool
 
-    def close(self) -> None:
+    def end_run(self) -> None:
+        """A run is over: its handler threads go; the loop stays for the next run."""
         for pool in self._pools.values():
             pool.shutdown(wait=True)
         self._pools.clear()
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
+
+    def close(self) -> None:
+        """As ``asyncio.Runner`` closes: tasks a handler left running are cancelled and given
+        the chance to finish, async generators and the default executor shut down."""
+        self.end_run()
+        loop, self._loop = self._loop, None
+        if loop is None or loop.is_closed():
+            return
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+
+async def _awaited(result: Awaitable[T]) -> T:
+    return await result
 
 
 def lanes(records: Sequence[Record], ordering: Ordering) -> list[list[Record]]:
@@ -207,26 +237,36 @@ class _Batch:
 
     async def lane(self, mine: list[Record]) -> None:
         for record in mine:
-            async with self.gate:
-                if self.stopped:
-                    return
-                try:
-                    await self.one(record)
-                except BaseException as e:
-                    self.stopped.append(e)
-                    return
+            if self.stopped:
+                return
+            try:
+                await self.one(record)
+            except BaseException as e:
+                self.stopped.append(e)
+                if isinstance(e, GeneratorExit):
+                    raise
+                return
 
     async def attempt(self, record: Record, out: Output | None) -> None:
+        """One call of the handler, within the concurrency bound."""
         spec = self.spec
-        msg = spec.decode(record)
-        args: tuple[Any, ...] = (msg,) if out is None else (msg, out)
-        if spec.is_async:
-            await spec.fn(*args)
-        else:
-            await asyncio.get_running_loop().run_in_executor(self.threads, spec.fn, *args)
+        async with self.gate:
+            if self.stopped:
+                raise _GivenUp
+            msg = spec.decode(record)
+            args: tuple[Any, ...] = (msg,) if out is None else (msg, out)
+            if spec.is_async:
+                result = await spec.fn(*args)
+            else:
+                context = contextvars.copy_context()  # logging and tracing context, as a call
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self.threads, context.run, spec.fn, *args)
+            if inspect.isawaitable(result):  # an async handler behind a plain wrapper
+                await result
 
     async def one(self, record: Record) -> None:
-        """One record: attempts with backoff, then its dead letter."""
+        """One record: attempts with backoff (outside the concurrency bound, so a record that
+        waits to retry holds no slot), then its dead letter."""
         spec = self.spec
         out = None
         if self.producer is not None:
@@ -240,34 +280,60 @@ class _Batch:
                 if out is not None and out._pending:
                     out._release(record)
                 return
-            except SendFailedError as e:
-                if e.partial:
-                    if self.transactional:
-                        raise  # the open transaction holds part of it: only an abort undoes it
-                    partial_send_failure(
-                        spec, record, e, self.dead_letters, self.metrics, self.guarantee
-                    )
-                    return
-                error: Exception = e.error  # nothing of it went out: the record's failure
-            except Undecodable as e:
-                dead_letter(spec, record, e.error, 1, self.dead_letters, self.metrics, self.labels)
-                return
-            except Exception as e:
+            except _GivenUp:
+                return  # the batch is given up and will be handled again
+            except BaseException as e:
                 if out is not None:
                     out._discard()
-                if not owed_to_record(e):
-                    raise  # the log's or the database's: the protocol decides
-                error = e
+                error = self.owed(record, e)
+                if error is None:
+                    return
             strikes += 1
-            if self.stopped:
-                return  # the batch is given up and will be handled again: no retry, no letter
-            if strikes > spec.retries:
-                dead_letter(
-                    spec, record, error, strikes, self.dead_letters, self.metrics, self.labels
-                )
+            if not await self.again(record, error, strikes):
                 return
-            self.metrics.retried.labels(*self.labels).inc()
-            await asyncio.sleep(min(2.0, spec.backoff_s * 2 ** (strikes - 1)))
+
+    def owed(self, record: Record, e: BaseException) -> Exception | None:
+        """The record's own failure in ``e``, to retry; None when it is settled already (a
+        dead letter); raises ``e`` when it is not the record's to bear (the protocol decides)."""
+        if isinstance(e, SendFailedError):
+            if not e.partial:
+                return e.error  # nothing of it went out: the record's failure
+            if self.transactional:
+                raise e  # the open transaction holds part of it: only an abort undoes it
+            partial_send_failure(
+                self.spec, record, e, self.dead_letters, self.metrics, self.guarantee
+            )
+            return None
+        if isinstance(e, Undecodable):
+            dead_letter(self.spec, record, e.error, 1, self.dead_letters, self.metrics, self.labels)
+            return None
+        if isinstance(e, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise e  # we are being cancelled (a second signal): not the record's doing
+            # The handler's own await was cancelled (a timeout it set, a task it awaited).
+            return RuntimeError(f"the handler's await was cancelled: {e!r}")
+        if isinstance(e, Exception) and owed_to_record(e):
+            return e
+        raise e  # the log's or the database's, or a signal's
+
+    async def again(self, record: Record, error: Exception, strikes: int) -> bool:
+        """Whether to try ``record`` again after its ``strikes``-th failure (after a backoff);
+        dead-letters it when its retries are spent."""
+        if self.stopped:
+            return False  # the batch is given up and will be handled again: no letter
+        if strikes > self.spec.retries:
+            dead_letter(
+                self.spec, record, error, strikes, self.dead_letters, self.metrics, self.labels
+            )
+            return False
+        self.metrics.retried.labels(*self.labels).inc()
+        await asyncio.sleep(min(2.0, self.spec.backoff_s * 2 ** (strikes - 1)))
+        return not self.stopped  # given up while it waited: no further attempt
+
+
+class _GivenUp(Exception):  # noqa: N818 -- a signal between two methods, never seen outside
+    """Raised instead of starting an attempt once the batch is given up."""
 
 
 def blocking(fn: Callable[..., Awaitable[Any]], loop: EventLoop) -> Callable[..., Any]:

@@ -253,6 +253,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     metrics: RuntimeMetrics,
     guarantee: str,
     transactional: bool = False,
+    settle: Callable[[Any], None] | None = None,
 ) -> Callable[[Record], None]:
     """``handle(record)`` for ``spec``: decode, call, then hand the call's outputs over; when
     the handler raises, retry ``spec.retries`` times with exponential backoff, then
@@ -267,24 +268,28 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     The path of a record that succeeds first time is a decode, a call and the hand-over of its
     outputs: it runs for every record, the retry machinery only after a failure."""
     fn, decode = spec.fn, spec.decode
+    settle = settle or _no_awaitable
     savepoint = target.savepoint if isinstance(target, SinkTransaction) else None
     out = target if isinstance(target, Output) else None
 
     def call(record: Record) -> None:
         if savepoint is not None:
             with savepoint():
-                fn(decode(record), target)
+                if (result := fn(decode(record), target)) is not None:
+                    settle(result)  # an awaitable is awaited, never dropped
         elif out is not None:
             try:
-                fn(decode(record), out)
+                if (result := fn(decode(record), out)) is not None:
+                    settle(result)  # an awaitable is awaited, never dropped
             except BaseException:
                 out._discard()
                 raise
             release(record)
         elif target is None:
-            fn(decode(record))
-        else:
-            fn(decode(record), target)
+            if (result := fn(decode(record))) is not None:
+                settle(result)  # an awaitable is awaited, never dropped
+        elif (result := fn(decode(record), target)) is not None:
+            settle(result)  # an awaitable is awaited, never dropped
 
     def release(record: Record) -> None:
         assert out is not None
@@ -326,7 +331,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
         def handle(record: Record) -> None:
             try:
                 with savepoint():
-                    fn(decode(record), target)
+                    if (result := fn(decode(record), target)) is not None:
+                        settle(result)  # an awaitable is awaited, never dropped
             except Exception as error:
                 failed(record, error)
 
@@ -335,7 +341,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
 
         def handle(record: Record) -> None:
             try:
-                fn(decode(record), out)
+                if (result := fn(decode(record), out)) is not None:
+                    settle(result)  # an awaitable is awaited, never dropped
                 if pending:
                     release(record)
             except SendFailedError as error:
@@ -348,7 +355,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
 
         def handle(record: Record) -> None:
             try:
-                fn(decode(record))
+                if (result := fn(decode(record))) is not None:
+                    settle(result)  # an awaitable is awaited, never dropped
             except Exception as error:
                 failed(record, error)
 
@@ -356,7 +364,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
 
         def handle(record: Record) -> None:
             try:
-                fn(decode(record), target)
+                if (result := fn(decode(record), target)) is not None:
+                    settle(result)  # an awaitable is awaited, never dropped
             except Exception as error:
                 failed(record, error)
 
@@ -379,6 +388,14 @@ def partial_send_failure(
         return
     labels = (guarantee, record.topic)
     dead_letter(spec, record, error, 1, dead_letters, metrics, labels)
+
+
+def _no_awaitable(result: Any) -> None:
+    if inspect.isawaitable(result):
+        raise HandlerFailedError(
+            f"a handler returned {type(result).__name__}, which nothing here can await; "
+            "run it in an App, which awaits what its handlers return"
+        )
 
 
 def _where(record: Record) -> str:

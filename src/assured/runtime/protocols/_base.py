@@ -213,8 +213,9 @@ class Runtime:
         if spec.is_async:  # awaited to its end, one record at a time
             spec = replace(spec, fn=blocking(spec.fn, self.loop), is_async=False)
         return record_handler(
-            spec, target, dead_letters, self.metrics, self.settings.guarantee, transactional
-        )
+            spec, target, dead_letters, self.metrics, self.settings.guarantee, transactional,
+            self.loop.settle,
+        )  # fmt: skip
 
     def drop_outputs(self, producer: Producer) -> None:
         """Forget the outputs bound to ``producer`` (closed and replaced)."""
