@@ -182,6 +182,7 @@ class CommitsDispatchedRecords(ExactlyOnce):
             spec: HandlerSpec,
             batch: list[Record],
             producer: Producer,
+            tx: Any,
             dead_letters: Any,
             transactional: bool,
         ) -> None:
@@ -189,7 +190,7 @@ class CommitsDispatchedRecords(ExactlyOnce):
             rt.loop.run(
                 dispatch(
                     spec, batch, producer, dead_letters, rt.metrics, rt.settings.guarantee,
-                    transactional, lambda: rt.transaction, threads,
+                    transactional, lambda: rt.transaction, threads, tx,
                 )
             )  # fmt: skip
 
