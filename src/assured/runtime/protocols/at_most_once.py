@@ -61,7 +61,8 @@ class AtMostOnce(CommitProtocol):
                 with self.rt.sink.transaction(
                     group=self.rt.settings.group, incarnations=self.rt.incarnations
                 ) as tx:
-                    self.rt.handle([record], self.producer, tx)
+                    # alone in its transaction: with a savepoint, never side by side
+                    self.rt.handle([record], self.producer, tx, one_at_a_time=True)
                 return
             except LogError as e:
                 if not e.retriable:
