@@ -427,3 +427,27 @@ def test_at_most_once_into_a_database_with_concurrency_undoes_a_failed_attempt(
         assert sorted(r[0] for r in db.execute("SELECT v FROM ledger")) == [
             f"m{i:04d}" for i in range(6)
         ]
+
+
+def test_a_slow_handler_gets_transactions_of_about_one_commit_interval(log: Log) -> None:
+    """A 20 ms handler under exactly-once: batches of 500 made one transaction of 10 s (the
+    first output visible after all of it). Polls are now sized to about one commit interval of
+    handling, so outputs become visible while the rest is still being handled."""
+    fill(log, 60)
+    outcomes: list[str] = []
+    seen_while_running: list[int] = []
+    app = App(log=log, group="g", guarantee="exactly-once", commit_interval_ms=100)
+    app.on_transaction = lambda label, outcome: outcomes.append(outcome)
+
+    @app.handler("in", output="out")
+    def slow(msg: Message, out: Output) -> None:
+        time.sleep(0.02)
+        if msg.offset == 25:
+            seen_while_running.append(len(read(log)))
+        out.send(msg.value)
+
+    assert app.run(until_idle=0.5).processed == 60
+    assert outcomes.count("committed") >= 6  # 60 records of 20 ms: about 12 intervals
+    assert seen_while_running
+    assert seen_while_running[0] > 0
+    assert len(read(log)) == 60

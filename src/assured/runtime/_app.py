@@ -340,14 +340,18 @@ class App:
         until_idle: float | None,
     ) -> None:
         s = self.settings
+        size = _BatchSize(s, self._specs)
         while not self._stop.is_set():
-            records: list[Record] = consumer.poll(s.max_poll_records, s.poll_timeout_ms / 1000)
+            want = size.now
+            records: list[Record] = consumer.poll(want, s.poll_timeout_ms / 1000)
             # Less than a full batch, and the client holds nothing fetched beyond it: caught up.
-            caught_up = len(records) < s.max_poll_records and not consumer.maybe_more_fetched()
+            caught_up = len(records) < want and not consumer.maybe_more_fetched()
             if records:
                 if max_messages is not None and stats.processed + len(records) > max_messages:
                     records = self._keep(consumer, records, max_messages - stats.processed)
+                began = time.monotonic()
                 protocol.process(records)
+                size.took(len(records), time.monotonic() - began)
                 stats.processed += len(records)
                 watch.records()
             protocol.tick(caught_up)
@@ -628,6 +632,34 @@ class _Watch:
             with contextlib.suppress(Exception):
                 self._admin.close()
             self._admin = None
+
+
+class _BatchSize:
+    """How many records to poll: about one commit interval of handling, so a slow handler
+    does not hold a whole ``max_poll_records`` batch in one transaction (or behind one commit):
+    with 20 ms a record, five records a batch, not 500. Never more than ``max_poll_records``;
+    never fewer than the widest ``concurrency`` (its records run side by side). Handlers of a
+    few microseconds poll full batches, as before; so does ``commit_interval_ms=0``. The first
+    poll takes ``FIRST`` records (or the concurrency), to learn how long a record takes before
+    a whole batch of slow ones is in one transaction."""
+
+    FIRST = 10
+
+    def __init__(self, settings: AppSettings, specs: Mapping[str, HandlerSpec]):
+        self.most = settings.max_poll_records
+        self.least = min(self.most, max((spec.concurrency for spec in specs.values()), default=1))
+        self.interval = settings.commit_interval_ms / 1000
+        self.per_record = 0.0  # seconds of handling per record, a moving average
+        self.now = self.most if self.interval <= 0 else max(self.least, min(self.most, self.FIRST))
+
+    def took(self, records: int, seconds: float) -> None:
+        if self.interval <= 0:
+            return
+        per = seconds / records
+        self.per_record = per if not self.per_record else 0.7 * self.per_record + 0.3 * per
+        if self.per_record > 0:
+            fit = int(self.interval / self.per_record)
+            self.now = max(self.least, min(self.most, fit))
 
 
 def _partitions(partitions: list[TopicPartition], most: int = 12) -> str:
