@@ -36,34 +36,13 @@ def run_io_assured(spec: dict[str, Any]) -> dict[str, Any]:
         max_poll_records=spec["max_poll_records"],
     )
 
-    if spec.get("sink", "topic") == "topic":
-
-        @app.handler(spec["input"], output=spec["output"], concurrency=spec["concurrency"])
-        async def call(msg: Message, out: Output) -> None:
-            if not meter.seen:
-                meter.tick(1)  # the clock starts at the first call
-            began = _stamp()
-            await asyncio.sleep(wait)
-            out.send(began, key=msg.key)
-
-    else:
-        from assured.sinks import PostgresSink, Sink, SqliteSink
-
-        postgres = spec["sink"] == "postgres"
-        sink: Sink = PostgresSink(spec["db"]) if postgres else SqliteSink(spec["db"])
-        insert = (
-            "INSERT INTO io_effects (k, began) VALUES (%s, %s)"
-            if postgres
-            else "INSERT INTO io_effects (k, began) VALUES (?, ?)"
-        )
-
-        @app.handler(spec["input"], sink=sink, concurrency=spec["concurrency"])
-        async def write(msg: Message, db: Any) -> None:
-            if not meter.seen:
-                meter.tick(1)
-            began = _stamp()
-            await asyncio.sleep(wait)
-            db.execute(insert, ((msg.key or b"").decode(), began.decode()))
+    @app.handler(spec["input"], output=spec["output"], concurrency=spec["concurrency"])
+    async def call(msg: Message, out: Output) -> None:
+        if not meter.seen:
+            meter.tick(1)  # the clock starts at the first call
+        began = _stamp()
+        await asyncio.sleep(wait)
+        out.send(began, key=msg.key)
 
     stats = app.run(max_messages=spec["records"])
     meter.seen = stats.processed

@@ -9,21 +9,16 @@ outputs takes receive time minus stamp: the handler's wait plus what the guarant
 
 A run handles ``records`` records, or fewer when the concurrency caps the rate: about
 ``seconds`` worth at the ceiling (``concurrency / handler_ms`` records/s), and at least
-``min_records``. Into a database (SQLite, PostgreSQL with fsync on: a throwaway server unless a
-DSN is given) each call then writes one row; there the latency columns stay empty (no reader).
+``min_records``. Database sinks are not here: they handle one record at a time in this version.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from assured.bench.log_suite import machine_facts
@@ -45,10 +40,6 @@ class IoBenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 50, 200, 1000])
     guarantees: list[str] = field(default_factory=lambda: list(GUARANTEES))
     systems: list[str] = field(default_factory=lambda: ["assured", "bare"])
-    # Where assured's handler writes: an output topic, or one row per record in a database
-    # (at least once and exactly once; at most once gives each record a transaction of its own).
-    sinks: list[str] = field(default_factory=lambda: ["topic", "sqlite", "postgres"])
-    postgres_dsn: str | None = None  # none given: a throwaway server is started for the run
     seconds: float = 15.0  # a run's length at the ceiling rate, when records would take longer
     min_records: int = 300
     max_poll_records: int = 500
@@ -72,47 +63,10 @@ def _fill(log: Log, topic: str, records: int, keys: int) -> None:
         producer.flush()
 
 
-EFFECTS_DDL = "CREATE TABLE IF NOT EXISTS io_effects (k TEXT, began TEXT)"
-
-
-def _database(sink: str, folder: Path, dsn: str | None, name: str) -> str:
-    """A fresh effects table for one run: a SQLite file's path, or the PostgreSQL DSN (the
-    table emptied)."""
-    if sink == "sqlite":
-        path = folder / f"io-{name}.sqlite"
-        with sqlite3.connect(path) as db:
-            db.execute(EFFECTS_DDL)
-        return str(path)
-    assert dsn is not None
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as db:
-        db.execute(EFFECTS_DDL)
-        db.execute("TRUNCATE io_effects")
-    return dsn
-
-
-def _effects(sink: str, db: str) -> int:
-    if sink == "sqlite":
-        with sqlite3.connect(db) as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM io_effects").fetchone()[0])
-    import psycopg
-
-    with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT COUNT(*) FROM io_effects").fetchone()
-        return int(row[0]) if row else 0
-
-
 def _one(
-    bench: _Bench,
-    config: IoBenchConfig,
-    system: str,
-    guarantee: str,
-    concurrency: int,
-    sink_kind: str = "topic",
-    folder: Path | None = None,
+    bench: _Bench, config: IoBenchConfig, system: str, guarantee: str, concurrency: int
 ) -> dict[str, Any]:
-    name = f"{system}-{guarantee}-{sink_kind}-c{concurrency}"
+    name = f"{system}-{guarantee}-c{concurrency}"
     url = bench.url(name)
     log = open_log(url)
     try:
@@ -120,20 +74,6 @@ def _one(
         source = bench.topic(log, f"io-in-{name}")
         sink = bench.topic(log, f"io-out-{name}")
         _fill(log, source, records, config.keys)
-        if sink_kind != "topic":
-            assert folder is not None
-            db = _database(sink_kind, folder, config.postgres_dsn, name)
-            spec = _worker_spec(config, url, source, sink, guarantee, records, concurrency)
-            spec |= {"sink": sink_kind, "db": db}
-            result = _run_worker(
-                [sys.executable, "-m", "assured.bench._io_workers", "io-assured", json.dumps(spec)],
-                config.worker_timeout_s,
-                name,
-            )
-            effects = _effects(sink_kind, db)
-            if effects < records or (guarantee == "exactly-once" and effects != records):
-                raise RuntimeError(f"{name}: {effects} effects of {records} records")
-            return _row(config, system, guarantee, sink_kind, concurrency, records, result, {})
         reader_spec = {
             "log": url,
             "topic": sink,
@@ -151,7 +91,18 @@ def _one(
         try:
             if not lines.wait_for("ready", 60):
                 raise RuntimeError("the io reader did not start")
-            spec = _worker_spec(config, url, source, sink, guarantee, records, concurrency)
+            spec = {
+                "log": url,
+                "bootstrap": url[len("kafka://") :] if config.backend == "kafka" else None,
+                "input": source,
+                "output": sink,
+                "group": f"{sink}-group",
+                "guarantee": guarantee,
+                "records": records,
+                "concurrency": concurrency,
+                "handler_ms": config.handler_ms,
+                "max_poll_records": max(config.max_poll_records, concurrency),
+            }
             role = "io-assured" if system == "assured" else "io-bare"
             result = _run_worker(
                 [sys.executable, "-m", "assured.bench._io_workers", role, json.dumps(spec)],
@@ -170,47 +121,10 @@ def _one(
         log.close()
     if latency["samples"] < records:
         raise RuntimeError(f"{name}: the reader saw {latency['samples']} of {records} outputs")
-    return _row(config, system, guarantee, "topic", concurrency, records, result, latency)
-
-
-def _worker_spec(
-    config: IoBenchConfig,
-    url: str,
-    source: str,
-    sink: str,
-    guarantee: str,
-    records: int,
-    concurrency: int,
-) -> dict[str, Any]:
-    return {
-        "log": url,
-        "bootstrap": url[len("kafka://") :] if config.backend == "kafka" else None,
-        "input": source,
-        "output": sink,
-        "group": f"{sink}-group",
-        "guarantee": guarantee,
-        "records": records,
-        "concurrency": concurrency,
-        "handler_ms": config.handler_ms,
-        "max_poll_records": max(config.max_poll_records, concurrency),
-        "sink": "topic",
-    }
-
-
-def _row(
-    config: IoBenchConfig,
-    system: str,
-    guarantee: str,
-    sink: str,
-    concurrency: int,
-    records: int,
-    result: dict[str, Any],
-    latency: dict[str, Any],
-) -> dict[str, Any]:
     return {
         "system": system,
         "guarantee": guarantee if system == "assured" else "none",
-        "sink": sink,
+        "sink": "topic",
         "log": config.backend,
         "concurrency": concurrency,
         "ordering": "key" if system == "assured" else "none",
@@ -218,8 +132,8 @@ def _row(
         "records": records,
         "records_per_s": result["records_per_s"],
         "ceiling_per_s": round(concurrency * 1000 / config.handler_ms, 1),
-        "p50_ms": latency.get("p50_ms"),
-        "p99_ms": latency.get("p99_ms"),
+        "p50_ms": latency["p50_ms"],
+        "p99_ms": latency["p99_ms"],
         "cpu_us_per_record": result.get("cpu_us_per_record"),
         "peak_rss_mb": result.get("peak_rss_mb"),
         "others_cores": result.get("others_cores"),
@@ -234,14 +148,6 @@ def run_io_suite(
     bench = _Bench(config)  # type: ignore[arg-type]  # uses .log and .partitions only
     rows: list[dict[str, Any]] = []
     logs: list[Log] = [open_log(config.log)] if config.backend == "kafka" else []
-    folder = Path(tempfile.mkdtemp(prefix="assured-bench-io-"))
-    server = None
-    if "postgres" in config.sinks and "assured" in config.systems and not config.postgres_dsn:
-        from assured.testing.postgres import PostgresServer
-
-        say("starting a throwaway PostgreSQL server (fsync on)")
-        server = PostgresServer(workdir=folder / "postgres", fsync=True).start()
-        config.postgres_dsn = server.dsn
     try:
         if "bare" in config.systems:
             for c in config.concurrency:
@@ -249,77 +155,59 @@ def run_io_suite(
                 rows.append(_one(bench, config, "bare", "none", c))
                 say(f"  {rows[-1]['records_per_s']:,.0f} records/s")
         if "assured" in config.systems:
-            for sink in config.sinks:
-                for g in config.guarantees:
-                    if sink != "topic" and g == "at-most-once":
-                        continue  # a transaction per record: nothing side by side to measure
-                    for c in config.concurrency:
-                        say(f"assured {g} to {sink}, concurrency {c}")
-                        rows.append(_one(bench, config, "assured", g, c, sink, folder))
-                        say(
-                            f"  {rows[-1]['records_per_s']:,.0f} records/s, "
-                            f"p99 {rows[-1]['p99_ms']} ms"
-                        )
-        _vs_bare(rows)
+            for g in config.guarantees:
+                for c in config.concurrency:
+                    say(f"assured {g}, concurrency {c}")
+                    rows.append(_one(bench, config, "assured", g, c))
+                    say(
+                        f"  {rows[-1]['records_per_s']:,.0f} records/s, p99 {rows[-1]['p99_ms']} ms"
+                    )
+        bare = {r["concurrency"]: r for r in rows if r["system"] == "bare"}
+        for r in rows:
+            peer = bare.get(r["concurrency"])
+            if r["system"] == "assured" and peer and peer["records_per_s"]:
+                r["vs_bare"] = round(r["records_per_s"] / peer["records_per_s"], 3)
     finally:
         bench.cleanup(logs)
-        if server is not None:
-            server.stop()
-            config.postgres_dsn = None
-        shutil.rmtree(folder, ignore_errors=True)
     facts = machine_facts()
     for r in rows:
         r.update(facts)
     return rows
 
 
-def _vs_bare(rows: list[dict[str, Any]]) -> None:
-    """assured's rate over the bare loop's at the same concurrency, on each assured row."""
-    bare = {r["concurrency"]: r for r in rows if r["system"] == "bare"}
-    for r in rows:
-        peer = bare.get(r["concurrency"])
-        if r["system"] == "assured" and peer and peer["records_per_s"]:
-            r["vs_bare"] = round(r["records_per_s"] / peer["records_per_s"], 3)
-
-
-# (guarantee, sink, concurrency, records/s at least, x bare at least or None), side by side
+# (guarantee, concurrency, records/s at least, x bare at least), measured side by side
 IO_TARGETS = (
-    ("at-least-once", "topic", 200, 5000.0, 0.8),
-    ("exactly-once", "topic", 200, 4000.0, 0.8),
-    ("at-least-once", "sqlite", 200, 5000.0, None),
-    ("exactly-once", "sqlite", 200, 5000.0, None),
-    ("at-least-once", "postgres", 200, 5000.0, None),
-    ("exactly-once", "postgres", 200, 5000.0, None),
+    ("at-least-once", 200, 5000.0, 0.8),
+    ("exactly-once", 200, 4000.0, 0.8),
 )
 
 
 def judge(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for each target whose row is there."""
     out = []
-    for guarantee, sink, c, rate, ratio in IO_TARGETS:
+    for guarantee, c, rate, ratio in IO_TARGETS:
         row = next(
             (
                 r
                 for r in rows
                 if r["system"] == "assured" and r["guarantee"] == guarantee
-                and r.get("sink", "topic") == sink and r["concurrency"] == c
+                and r["concurrency"] == c
             ),
             None,
         )  # fmt: skip
         if row is None:
             continue
-        where = f"assured {guarantee} to {sink}, concurrency {c}"
         out.append(
             (
-                f"{where}: >= {rate:,.0f} records/s",
+                f"assured {guarantee}, concurrency {c}: >= {rate:,.0f} records/s",
                 f"{row['records_per_s']:,.0f}",
                 "met" if row["records_per_s"] >= rate else "MISSED",
             )
         )
-        if ratio is not None and "vs_bare" in row:
+        if "vs_bare" in row:
             out.append(
                 (
-                    f"{where}: >= {ratio} x the bare loop",
+                    f"assured {guarantee}, concurrency {c}: >= {ratio} x the bare loop",
                     f"{row['vs_bare']:.2f} x",
                     "met" if row["vs_bare"] >= ratio else "MISSED",
                 )
@@ -335,16 +223,15 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "",
         f"`{command}`",
         "",
-        "| system | guarantee | sink | concurrency | records | records/s | ceiling/s | x bare | "
+        "| system | guarantee | concurrency | records | records/s | ceiling/s | x bare | "
         "p50 / p99 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        latency = f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}" if r.get("p99_ms") is not None else ""
         lines.append(
-            f"| {r['system']} | {r['guarantee']} | {r.get('sink', 'topic')} | {r['concurrency']} "
-            f"| {r['records']:,} | {r['records_per_s']:,.0f} | {r['ceiling_per_s']:,.0f} | "
-            f"{r.get('vs_bare', '')} | {latency} |"
+            f"| {r['system']} | {r['guarantee']} | {r['concurrency']} | {r['records']:,} | "
+            f"{r['records_per_s']:,.0f} | {r['ceiling_per_s']:,.0f} | {r.get('vs_bare', '')} | "
+            f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} |"
         )
     judged = judge(rows)
     if judged:

@@ -199,12 +199,6 @@ def bench(
     handler_ms: float = typer.Option(
         20.0, "--handler-ms", min=0.0, help="io: how long each handler call awaits."
     ),
-    sinks: str = typer.Option(
-        "topic,sqlite,postgres",
-        "--sinks",
-        help="io: where assured's handler writes, comma-separated (postgres: a throwaway "
-        "server is started).",
-    ),
     systems: str = typer.Option(
         "bare,assured,assured-fixed,quixstreams",
         "--systems",
@@ -223,7 +217,7 @@ def bench(
     if Path(results_dir).exists() and not Path(results_dir).is_dir():
         _fail(f"--results-dir {results_dir!r} is a file; the results go in a folder")
     if suite == "io":
-        _io(log, json_out, records or 100_000, Path(results_dir), concurrency, handler_ms, sinks)
+        _io(log, json_out, records or 100_000, Path(results_dir), concurrency, handler_ms)
         return
     if suite == "runtime":
         _runtime(
@@ -268,13 +262,7 @@ def bench(
 
 
 def _io(
-    log: str,
-    json_out: bool,
-    records: int,
-    out: Path,
-    concurrency: str,
-    handler_ms: float,
-    sinks: str = "topic,sqlite,postgres",
+    log: str, json_out: bool, records: int, out: Path, concurrency: str, handler_ms: float
 ) -> None:
     from assured.bench.io_suite import IoBenchConfig, markdown, run_io_suite
     from assured.errors import AssuredError
@@ -292,12 +280,7 @@ def _io(
         _fail(f"--concurrency {concurrency!r}: whole numbers of 1 or more, comma-separated")
     if handler_ms <= 0:
         _fail("--handler-ms must be above 0: the io suite measures handlers that wait")
-    chosen = [k.strip() for k in sinks.split(",") if k.strip()]
-    if not chosen or set(chosen) - {"topic", "sqlite", "postgres"}:
-        _fail(f"--sinks {sinks!r}: choose from topic, sqlite, postgres")
-    config = IoBenchConfig(
-        log=log, records=records, handler_ms=handler_ms, concurrency=levels, sinks=chosen
-    )
+    config = IoBenchConfig(log=log, records=records, handler_ms=handler_ms, concurrency=levels)
     progress = Console(stderr=True)
     try:
         rows = run_io_suite(config, progress=lambda m: progress.print(f"io: {m}"))
