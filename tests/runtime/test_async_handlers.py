@@ -401,34 +401,6 @@ def test_records_side_by_side_into_a_database(
     assert committed(log) == {0: 30, 1: 30}
 
 
-def test_at_most_once_into_a_database_with_concurrency_undoes_a_failed_attempt(
-    log: Log, tmp_path: Path
-) -> None:
-    """At most once each record has a database transaction of its own: a record that fails
-    after writing is undone by its savepoint and retried (it stopped the App before)."""
-    fill(log, 6)
-    sink = SqliteSink(str(tmp_path / "ledger.db"))
-    with sink, sink.transaction() as tx:
-        tx.execute("CREATE TABLE ledger (v TEXT)")
-    tries: Counter[bytes] = Counter()
-    app = App(log=log, group="g", guarantee="at-most-once")
-
-    @app.handler("in", sink=sink, concurrency=4, retries=1, backoff_ms=1)
-    async def book(msg: Message, db: Any) -> None:
-        tries[msg.value] += 1
-        db.execute("INSERT INTO ledger VALUES (?)", (msg.value.decode(),))
-        if msg.value == b"m0002" and tries[msg.value] == 1:
-            raise TimeoutError("late")
-
-    assert app.run(until_idle=0.5).processed == 6
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "ledger.db") as db:
-        assert sorted(r[0] for r in db.execute("SELECT v FROM ledger")) == [
-            f"m{i:04d}" for i in range(6)
-        ]
-
-
 def test_a_slow_handler_gets_transactions_of_about_one_commit_interval(log: Log) -> None:
     """A 20 ms handler under exactly-once: batches of 500 made one transaction of 10 s (the
     first output visible after all of it). Polls are now sized to about one commit interval of

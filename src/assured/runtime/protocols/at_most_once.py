@@ -61,8 +61,7 @@ class AtMostOnce(CommitProtocol):
                 with self.rt.sink.transaction(
                     group=self.rt.settings.group, incarnations=self.rt.incarnations
                 ) as tx:
-                    # alone in its transaction: with a savepoint, never side by side
-                    self.rt.handle([record], self.producer, tx, one_at_a_time=True)
+                    self.rt.handle([record], self.producer, tx)
                 return
             except LogError as e:
                 if not e.retriable:
