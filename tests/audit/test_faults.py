@@ -355,35 +355,3 @@ def test_async_handlers_side_by_side_on_kafka(
     assert f.faults.get("sigkill", 0) + f.faults.get("crash-points", 0) > 0, f.faults
     holds(f)
     assert f.lost == 0
-
-
-@pytest.mark.parametrize(
-    "guarantee", [pytest.param("at-least-once", marks=pytest.mark.slow), "exactly-once"]
-)
-def test_async_handlers_side_by_side_into_sqlite(tmp_path: Path, guarantee: str) -> None:
-    """The same, into a database: 50 records of a batch share its transaction; one that fails
-    after writing has the batch redone one record at a time."""
-    f = audit(
-        tmp_path, guarantee, ("sigkill", "crash-points", "handler-errors"), sink="sqlite",
-        messages=1000, kills=6, concurrency=50, ordering="key", handler_latency_ms=3.0,
-        handle_delay_ms=0.0,
-    )  # fmt: skip
-    assert f.faults.get("sigkill", 0) + f.faults.get("crash-points", 0) > 0, f.faults
-    assert f.faults.get("handler-errors", 0) > 0, f.faults
-    holds(f)
-    assert f.lost == 0
-
-
-@pytest.mark.slow  # 30 s; the embedded case above runs by default
-@pytest.mark.kafka
-@pytest.mark.postgres
-def test_async_handlers_side_by_side_from_kafka_into_postgres(
-    tmp_path: Path, kafka_bootstrap: str, postgres_dsn: str
-) -> None:
-    f = audit(
-        tmp_path, "exactly-once", ("sigkill", "crash-points", "handler-errors"),
-        log_url=f"kafka://{kafka_bootstrap}", sink="postgres", postgres_dsn=postgres_dsn,
-        messages=1000, kills=4, session_timeout_ms=3000, concurrency=50, ordering="key",
-        handler_latency_ms=3.0, handle_delay_ms=0.0,
-    )  # fmt: skip
-    holds(f)

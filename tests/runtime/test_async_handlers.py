@@ -228,11 +228,8 @@ def test_concurrency_is_checked_when_registered(log: Log, tmp_path: Path) -> Non
         app.handler("in", concurrency=0)
     with pytest.raises(ConfigError, match="ordering='offset'"):
         app.handler("in", concurrency=4, ordering="offset")  # type: ignore[arg-type]
-
-    def plain(msg: Message, db: Any) -> None: ...
-
-    with pytest.raises(ConfigError, match="needs an 'async def' handler"):
-        app.handler("in", sink=SqliteSink(str(tmp_path / "s.db")), concurrency=4)(plain)
+    with pytest.raises(ConfigError, match="database sink handles one record at a time"):
+        app.handler("in", sink=SqliteSink(str(tmp_path / "s.db")), concurrency=4)
 
 
 def test_run_inside_an_event_loop_says_to_use_a_thread(log: Log) -> None:
@@ -351,54 +348,6 @@ def test_ordering_needs_concurrency(log: Log) -> None:
     app = App(log=log, group="g")
     with pytest.raises(ConfigError, match="with concurrency=1"):
         app.handler("in", ordering="unordered")
-
-
-@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
-def test_records_side_by_side_into_a_database(
-    log: Log, tmp_path: Path, guarantee: Guarantee
-) -> None:
-    """Async handlers awaiting a gateway, then writing, 10 at a time into one SQLite
-    transaction per batch. A record that fails after writing (a timeout after the insert) has
-    the batch rolled back and redone one record at a time, so its failed attempt leaves no row;
-    one that fails before writing is retried in place, then dead-lettered."""
-    with log.admin() as admin:
-        admin.create_topic("in.dlq", 1)
-    fill(log, 60)
-    sink = SqliteSink(str(tmp_path / "ledger.db"))
-    with sink, sink.transaction() as tx:
-        tx.execute("CREATE TABLE ledger (v TEXT)")
-    attempts: Counter[str] = Counter()
-    flight = InFlight()
-    app = App(log=log, group="g", guarantee=guarantee)
-
-    @app.handler("in", sink=sink, concurrency=10, retries=1, backoff_ms=1)
-    async def book(msg: Message, db: Any) -> None:
-        v = msg.value.decode()
-        attempts[v] += 1
-        flight.enter((msg.partition, msg.key), msg.offset)
-        try:
-            await asyncio.sleep(0.002)  # the gateway
-        finally:
-            flight.leave((msg.partition, msg.key))
-        if v == "m0013":
-            raise RuntimeError("declined")  # before writing: retried, then dead-lettered
-        db.execute("INSERT INTO ledger VALUES (?)", (v,))
-        if v == "m0007" and attempts[v] == 1:
-            raise TimeoutError("the gateway's answer came too late")  # after writing
-
-    assert app.run(until_idle=0.5).processed == 60
-    assert flight.most["all"] > 1
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "ledger.db") as db:
-        rows = sorted(r[0] for r in db.execute("SELECT v FROM ledger"))
-    assert rows == sorted(f"m{i:04d}" for i in range(60) if i != 13)  # each once
-    assert attempts["m0007"] >= 2
-    # two tries in place, or one before the batch was given up and two in the redo
-    assert 2 <= attempts["m0013"] <= 4
-    # at least once sent straight; exactly once a row of the transaction, relayed once
-    assert [v for _, v in read(log, "in.dlq")] == [b"m0013"]
-    assert committed(log) == {0: 30, 1: 30}
 
 
 def test_a_slow_handler_gets_transactions_of_about_one_commit_interval(log: Log) -> None:

@@ -182,7 +182,6 @@ class CommitsDispatchedRecords(ExactlyOnce):
             spec: HandlerSpec,
             batch: list[Record],
             producer: Producer,
-            tx: Any,
             dead_letters: Any,
             transactional: bool,
         ) -> None:
@@ -190,7 +189,7 @@ class CommitsDispatchedRecords(ExactlyOnce):
             rt.loop.run(
                 dispatch(
                     spec, batch, producer, dead_letters, rt.metrics, rt.settings.guarantee,
-                    transactional, lambda: rt.transaction, threads, tx,
+                    transactional, lambda: rt.transaction, threads,
                 )
             )  # fmt: skip
 

@@ -171,18 +171,16 @@ class App:
             )
         if ordering not in ORDERINGS:
             raise ConfigError(f"ordering={ordering!r}: one of {', '.join(ORDERINGS)}")
-
+        if concurrency > 1 and sink is not None:
+            raise ConfigError(
+                f"concurrency={concurrency} with sink=: a database sink handles one record at a "
+                "time in this version (its records share one database transaction). Use "
+                "concurrency=1, or output= to a topic."
+            )
         codecs = codec(key_codec), codec(value_codec)
 
         def register(fn: F) -> F:
             check_handler(fn, topic, "out" if output is not None else "db" if sink else None)
-            if concurrency > 1 and sink is not None and not is_async(fn):
-                raise ConfigError(
-                    f"handler {getattr(fn, '__qualname__', fn)!r} for topic {topic!r}: "
-                    f"concurrency={concurrency} with sink= needs an 'async def' handler (its "
-                    "records share the batch's database connection, which threads may not); "
-                    "make it async, or use concurrency=1"
-                )
             if topic in self._specs:
                 raise ConfigError(f"topic {topic!r} already has a handler")
             self._specs[topic] = HandlerSpec(

@@ -35,7 +35,6 @@ from assured.runtime._handling import (
     HandlerSpec,
     Ordering,
     Output,
-    PartialEffectsError,
     SendFailedError,
     Undecodable,
     dead_letter,
@@ -43,7 +42,6 @@ from assured.runtime._handling import (
     partial_send_failure,
 )
 from assured.runtime.metrics import RuntimeMetrics
-from assured.sinks import SinkTransaction
 
 __all__ = [
     "EventLoop",
@@ -191,29 +189,12 @@ async def handle_concurrently(
     transactional: bool,
     transaction: Callable[[], str | None],
     threads: ThreadPoolExecutor | None,
-    tx: SinkTransaction | None = None,
 ) -> None:
     """``records`` through ``spec``'s handler, up to ``spec.concurrency`` at a time, lanes as
     ``spec.ordering`` says. Returns when every record is handled (or dead-lettered); raises the
-    first error that is not a record's own fault, once every record already running is done.
-    ``tx``: the batch's database transaction, for a handler with a sink (an ``async def``: its
-    statements run on the loop's thread, one at a time); a record that fails after writing to
-    it raises :class:`PartialEffectsError` (see there)."""
-    batch = _Batch(spec, producer, dead_letters, metrics, guarantee, transactional, transaction, tx)
+    first error that is not a record's own fault, once every record already running is done."""
+    batch = _Batch(spec, producer, dead_letters, metrics, guarantee, transactional, transaction)
     await batch.run(records, threads)
-
-
-class _Touched:
-    """One record's view of the batch's database transaction: everything passes through, and
-    whether the record used it is kept (its writes cannot be undone alone)."""
-
-    def __init__(self, tx: SinkTransaction):
-        self._tx = tx
-        self.used = False
-
-    def __getattr__(self, name: str) -> Any:
-        self.used = True
-        return getattr(self._tx, name)
 
 
 class _Batch:
@@ -226,10 +207,8 @@ class _Batch:
         guarantee: str,
         transactional: bool,
         transaction: Callable[[], str | None],
-        tx: SinkTransaction | None = None,
     ):
         self.spec = spec
-        self.tx = tx
         self.producer = producer if spec.output is not None else None
         self.dead_letters = dead_letters
         self.metrics = metrics
@@ -275,30 +254,15 @@ class _Batch:
             if self.stopped:
                 raise _GivenUp
             msg = spec.decode(record)
-            if self.tx is not None:
-                db = _Touched(self.tx)
-                try:
-                    await self.call(msg, db)
-                except BaseException as e:
-                    if db.used and isinstance(e, Exception) and owed_to_record(e):
-                        raise PartialEffectsError(record, e) from e
-                    raise
-                return
-            if out is None:
-                await self.call(msg)
+            args: tuple[Any, ...] = (msg,) if out is None else (msg, out)
+            if spec.is_async:
+                result = await spec.fn(*args)
             else:
-                await self.call(msg, out)
-
-    async def call(self, *args: Any) -> None:
-        spec = self.spec
-        if spec.is_async:
-            result = await spec.fn(*args)
-        else:
-            context = contextvars.copy_context()  # logging and tracing context, as a call
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.threads, context.run, spec.fn, *args)
-        if inspect.isawaitable(result):  # an async handler behind a plain wrapper
-            await result
+                context = contextvars.copy_context()  # logging and tracing context, as a call
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self.threads, context.run, spec.fn, *args)
+            if inspect.isawaitable(result):  # an async handler behind a plain wrapper
+                await result
 
     async def one(self, record: Record) -> None:
         """One record: attempts with backoff (outside the concurrency bound, so a record that

@@ -39,7 +39,6 @@ __all__ = [
     "HandlerSpec",
     "Ordering",
     "Output",
-    "PartialEffectsError",
     "SendFailedError",
     "check_handler",
     "partial_send_failure",
@@ -67,23 +66,6 @@ class SendFailedError(AssuredError):
         self.record = record
         self.error = error
         self.partial = partial
-
-
-class PartialEffectsError(AssuredError):
-    """A record handled side by side failed after writing to the shared database transaction:
-    its statements cannot be undone alone (records of one batch share the transaction, and
-    their statements interleave). The protocol rolls the batch back and redoes it one record
-    at a time, where each record has a savepoint of its own."""
-
-    abortable = True
-
-    def __init__(self, record: Record, error: BaseException):
-        super().__init__(
-            f"handler failed on {_where(record)} after writing to the database "
-            f"({type(error).__name__}: {error}); redoing the batch one record at a time"
-        )
-        self.record = record
-        self.error = error
 
 
 def owed_to_record(error: BaseException) -> bool:

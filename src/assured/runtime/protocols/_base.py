@@ -152,21 +152,19 @@ class Runtime:
         tx: SinkTransaction | None = None,
         dead_letters: DeadLetterSink | None = None,
         transactional: bool = False,
-        one_at_a_time: bool = False,
     ) -> None:
         """``records`` through their handlers, in order; outputs via ``producer``, effects
         into ``tx`` when the handler has a sink, dead letters to ``dead_letters`` (default:
-        ``producer``). ``transactional``: outputs go into an open transaction. Handlers with
-        ``concurrency`` > 1 run their records side by side, unless ``one_at_a_time``."""
+        ``producer``). ``transactional``: outputs go into an open transaction."""
         handlers: dict[str, Callable[[Record], None]] = {}
         counts: dict[str, int] = {}
         dlq = dead_letters or producer_dead_letters(producer)
         try:
             for topic, run in groupby(records, _topic_of):
                 spec = self.specs[topic]
-                if spec.concurrency > 1 and not one_at_a_time:
+                if spec.concurrency > 1:
                     batch = list(run)
-                    self._side_by_side(spec, batch, producer, tx, dlq, transactional)
+                    self._side_by_side(spec, batch, producer, dlq, transactional)
                     counts[topic] = counts.get(topic, 0) + len(batch)
                     continue
                 handle = handlers.get(topic)
@@ -186,7 +184,6 @@ class Runtime:
         spec: HandlerSpec,
         batch: list[Record],
         producer: Producer,
-        tx: SinkTransaction | None,
         dead_letters: DeadLetterSink,
         transactional: bool,
     ) -> None:
@@ -195,7 +192,6 @@ class Runtime:
             handle_concurrently(
                 spec, batch, producer, dead_letters, self.metrics, self.settings.guarantee,
                 transactional, lambda: self.transaction, threads,
-                tx if spec.sink is not None else None,
             )
         )  # fmt: skip
 

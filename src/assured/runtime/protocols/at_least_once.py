@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from assured.errors import AssuredError, DeliveryError, LogError, StaleGenerationError
 from assured.log import Producer, Record, TopicPartition
-from assured.runtime._handling import PartialEffectsError, dead_letter, producer_dead_letters
+from assured.runtime._handling import dead_letter, producer_dead_letters
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import (
     CommitProtocol,
@@ -30,7 +30,6 @@ from assured.runtime.protocols._base import (
     next_offsets,
     seek_back,
 )
-from assured.sinks import Sink
 
 __all__ = ["AtLeastOnce"]
 
@@ -73,13 +72,10 @@ class AtLeastOnce(CommitProtocol):
         sink = self.rt.sink
         try:
             if sink is not None:
-                try:
-                    self._into_sink(sink, records, one_at_a_time=False)
-                except PartialEffectsError as e:
-                    # Rolled back whole (a record side by side failed after writing); once
-                    # more, each record with a savepoint of its own.
-                    log.warning("%s", e)
-                    self._into_sink(sink, records, one_at_a_time=True)
+                with sink.transaction(
+                    group=self.rt.settings.group, incarnations=self.rt.incarnations
+                ) as tx:
+                    self.rt.handle(records, self.producer, tx)
                 crash_point("after-effect-before-offset")
             else:
                 self.rt.handle(records, self.producer)
@@ -94,12 +90,6 @@ class AtLeastOnce(CommitProtocol):
         self.pending.update(next_offsets(records))
         self.uncommitted += len(records)
         return True
-
-    def _into_sink(self, sink: Sink, records: Sequence[Record], one_at_a_time: bool) -> None:
-        with sink.transaction(
-            group=self.rt.settings.group, incarnations=self.rt.incarnations
-        ) as tx:
-            self.rt.handle(records, self.producer, tx, one_at_a_time=one_at_a_time)
 
     def _one_alone(self, record: Record, unhandled: Sequence[Record]) -> bool:
         """``record`` alone, its outputs flushed before its position is committed; a record

@@ -20,7 +20,6 @@ import time
 from assured._retry import Backoff
 from assured.errors import AssuredError, ConfigError, LogError
 from assured.log import Header, Producer, Record, TopicPartition
-from assured.runtime._handling import PartialEffectsError
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import (
     CommitProtocol,
@@ -29,13 +28,7 @@ from assured.runtime.protocols._base import (
     next_offsets,
     seek_back,
 )
-from assured.sinks import (
-    DeadLetterRelay,
-    Sink,
-    SinkCommitUnknownError,
-    SinkFencedError,
-    SinkTransaction,
-)
+from assured.sinks import DeadLetterRelay, Sink, SinkCommitUnknownError, SinkFencedError
 
 __all__ = ["ExactlyOnceSink"]
 
@@ -112,13 +105,20 @@ class ExactlyOnceSink(CommitProtocol):
             return
         offsets = next_offsets(mine)
         try:
-            try:
-                tx = self._transact(mine, offsets, one_at_a_time=False)
-            except PartialEffectsError as e:
-                # Rolled back whole: a record side by side failed after writing. Once more,
-                # each record with a savepoint of its own, so its failed attempts undo alone.
-                log.warning("%s", e)
-                tx = self._transact(mine, offsets, one_at_a_time=True)
+            timer = self.rt.metrics.commit_latency.labels(self.guarantee).time()
+            with (
+                timer,
+                self.sink.transaction(
+                    group=self.rt.settings.group, incarnations=self.rt.incarnations
+                ) as tx,
+            ):
+
+                def dead_letter(topic: str, record: Record, headers: list[Header]) -> None:
+                    tx.dead_letter(record, topic=topic, headers=headers)
+
+                self.rt.handle(mine, self.dead_letters, tx, dead_letter)
+                crash_point("after-effect-before-offset")
+                self.sink.store_offsets(tx, self.rt.settings.group, offsets, self.epochs)
         except SinkFencedError as e:
             log.warning("%s; dropping the partitions until the group reassigns them", e)
             for tp in offsets:
@@ -142,26 +142,6 @@ class ExactlyOnceSink(CommitProtocol):
             self.rt.consumer.commit(offsets, asynchronous=True)
         except AssuredError as e:  # only for lag tools; the database already has the truth
             log.debug("group offset commit skipped: %s", e)
-
-    def _transact(
-        self, mine: list[Record], offsets: dict[TopicPartition, int], one_at_a_time: bool
-    ) -> SinkTransaction:
-        """The batch's effects, dead letters and positions in one database transaction."""
-        timer = self.rt.metrics.commit_latency.labels(self.guarantee).time()
-        with (
-            timer,
-            self.sink.transaction(
-                group=self.rt.settings.group, incarnations=self.rt.incarnations
-            ) as tx,
-        ):
-
-            def dead_letter(topic: str, record: Record, headers: list[Header]) -> None:
-                tx.dead_letter(record, topic=topic, headers=headers)
-
-            self.rt.handle(mine, self.dead_letters, tx, dead_letter, one_at_a_time=one_at_a_time)
-            crash_point("after-effect-before-offset")
-            self.sink.store_offsets(tx, self.rt.settings.group, offsets, self.epochs)
-        return tx
 
     def _redo(self, batch: list[Record], e: LogError) -> None:
         """The batch's database transaction did not commit (or may not have): go back to where
