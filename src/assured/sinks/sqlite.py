@@ -27,6 +27,7 @@ from assured.sinks._base import (
     Sink,
     SinkLostError,
     SinkTransaction,
+    SinkUnavailableError,
     SinkUnreachableError,
     ddl,
 )
@@ -48,7 +49,18 @@ class _SqliteTransaction(SinkTransaction):
         self._conn = conn
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
-        return self._conn.execute(sql, params)
+        """``sql`` inside the transaction. SQLite ends a transaction by itself on some errors
+        (a full disk, an I/O error, running out of memory); a statement after that would run
+        on its own and commit at once, so none runs: the transaction's end is the database's
+        failure (:class:`SinkUnavailableError`: redo the batch), never a handler's."""
+        if not self._conn.in_transaction:
+            raise _rolled_back(None)
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as e:
+            if not self._conn.in_transaction:
+                raise _rolled_back(e) from e
+            raise
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -57,14 +69,15 @@ class _SqliteTransaction(SinkTransaction):
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         name = f"sp_{uuid.uuid4().hex[:8]}"
-        self._conn.execute(f"SAVEPOINT {name}")
+        self.execute(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
-            self._conn.execute(f"ROLLBACK TO {name}")
-            self._conn.execute(f"RELEASE {name}")
+            if self._conn.in_transaction:  # else the database undid it all: let the error say so
+                self.execute(f"ROLLBACK TO {name}")
+                self.execute(f"RELEASE {name}")
             raise
-        self._conn.execute(f"RELEASE {name}")
+        self.execute(f"RELEASE {name}")
 
 
 class SqliteSink(Sink):
@@ -164,8 +177,11 @@ class SqliteSink(Sink):
             raise
         moved = self._moved()
         if moved is not None:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             self._lose(moved)
+        if not conn.in_transaction:  # ended by the database (a handler swallowed the error)
+            raise _rolled_back(None)
         conn.execute("COMMIT")
 
     def _lose(self, how: str) -> NoReturn:
@@ -186,6 +202,15 @@ class SqliteSink(Sink):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _rolled_back(cause: BaseException | None) -> SinkUnavailableError:
+    said = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    return SinkUnavailableError(
+        f"SQLite rolled the transaction back by itself{said}: nothing of it was committed, and "
+        "nothing more runs in it. The disk may be full or failing; the work is redone once "
+        "the database takes writes again."
+    )
 
 
 def _busy(e: BaseException) -> bool:
