@@ -299,9 +299,35 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
         with sink, sink.transaction() as tx:
             tx.execute(EFFECTS_DDL[args.sink])
 
+        full: list[bool] = []  # this process filled the disk: give it room at the next call
+
         def to_db(msg: Message, db: SinkTransaction) -> None:
             body = json.loads(msg.value)
             mid, account = body["id"], body["account"]
+            if full:
+                db.execute("PRAGMA max_page_count=1073741823")
+                full.clear()
+            if (
+                args.sink == "sqlite"
+                and (msg.header("fate") or b"") == b"diskfull"
+                and marks.claim("diskfull", mid)
+            ):
+                # The disk is full: the file may not grow, and a write that needs a page fails
+                # (SQLITE_FULL). When that happens as SQLite spills its cache to the file, it
+                # rolls the whole transaction back by itself; when not, only the statement. The
+                # first is the case to audit, so it is made to happen as SQLite would.
+                history.write(fault="disk-full", id=mid)
+                full.append(True)
+                db.execute(EFFECTS_DDL["sqlite"].replace("audit_effects", "audit_filler"))
+                pages = db.execute("PRAGMA page_count").fetchone()[0]
+                db.execute(f"PRAGMA max_page_count={pages}")
+                try:
+                    db.execute("INSERT INTO audit_filler (msg_id, account, slot) VALUES (?, ?, ?)",
+                               ("x" * 65_536, account, slot))  # fmt: skip
+                except Exception:
+                    if db.connection.in_transaction:
+                        db.connection.execute("ROLLBACK")  # as at a cache spill
+                    raise
             act(
                 msg,
                 mid,

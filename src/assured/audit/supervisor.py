@@ -19,7 +19,10 @@ die. Faults are drawn from the seed, so the same seed gives the same plan:
   (transient, permanent, oversize and fatal failures of the handler), ``slow-handler`` (a
   handler outlasting the transaction timeout and ``max_poll_interval_ms``) and ``zombie`` (a
   handler SIGSTOPping its own process mid-transaction; the audit SIGCONTs it once its
-  partitions have moved). Slow and zombie messages sit where the plan's thresholds fall.
+  partitions have moved), and ``disk-full`` (``--sink sqlite``: the sink's file may not grow
+  while a handler writes, so SQLite rolls the batch's transaction back by itself; the next
+  handler call gives it room again). Slow and zombie messages sit where the plan's thresholds
+  fall.
 
 Where a fault needs shorter timeouts to bite, the audit sets them for its processors only (see
 :func:`tuning`). ``Findings.faults`` counts what landed, not what was planned.
@@ -76,6 +79,7 @@ FAULTS = (
     "db-restart",
     "slow-handler",
     "stuck-coordinator",
+    "disk-full",
 )
 # Faults drawn on the schedule of thresholds (the kills budget is shared among them).
 TIMED = (
@@ -279,6 +283,10 @@ def _fates(cfg: AuditConfig, timed: list[tuple[float, str]]) -> dict[int, str]:
             # a fatal failure restarts a processor: fewer of those
             for _ in range(per_kind if fate != "fatal" else max(1, per_kind // 2)):
                 mark(rng.randrange(n), fate)
+    if "disk-full" in cfg.faults:
+        rng = random.Random(cfg.seed + 3)
+        for _ in range(cfg.marked or max(2, n // 300)):
+            mark(rng.randrange(n), "diskfull")
     return fates
 
 
@@ -321,6 +329,10 @@ def _check(cfg: AuditConfig) -> None:
         raise ConfigError(
             "stuck-coordinator is a Kafka client's fault (a transactional producer whose "
             "coordinator stops answering); the embedded engine has no coordinator to wait for"
+        )
+    if "disk-full" in cfg.faults and cfg.sink != "sqlite":
+        raise ConfigError(
+            "disk-full fills the disk of a SQLite sink (its file may not grow); give --sink sqlite"
         )
     if "db-restart" in cfg.faults and (cfg.sink != "postgres" or cfg.postgres is None):
         raise ConfigError(
@@ -401,7 +413,7 @@ def run_audit(cfg: AuditConfig) -> Findings:
 def _count_fired(run: _Run, history: History) -> None:
     """Faults that fire inside handlers are counted from what the processors wrote down; stuck
     calls from the line a processor writes when its call first goes unanswered."""
-    for fault in ("handler-errors", "slow-handler"):
+    for fault in ("handler-errors", "slow-handler", "disk-full"):
         if fault in run.faults:
             run.faults[fault] = len(history.fired.get(fault, ()))
     if "stuck-coordinator" in run.faults:

@@ -37,7 +37,7 @@ from assured.log import DeliveryReport, Log, Producer, TopicPartition
 __all__ = ["EFFECT_FATES", "REFUSED_FATES", "Workload", "make_ids", "produce"]
 
 ACCOUNTS = 50
-EFFECT_FATES = ("ok", "transient", "fatal", "slow", "zombie")
+EFFECT_FATES = ("ok", "transient", "fatal", "slow", "zombie", "diskfull")
 REFUSED_FATES = ("poison", "permanent", "oversize")
 
 
