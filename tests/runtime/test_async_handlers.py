@@ -327,13 +327,16 @@ def test_no_attempt_starts_after_the_batch_is_given_up(log: Log) -> None:
     assert committed(log) == {}
 
 
-def test_a_cancelled_await_inside_a_handler_is_that_records_failure(log: Log) -> None:
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_cancelled_await_inside_a_handler_is_that_records_failure(
+    log: Log, concurrency: int
+) -> None:
     with log.admin() as admin:
         admin.create_topic("in.dlq", 1)
     fill(log, 6)
     app = App(log=log, group="g", guarantee="at-least-once")
 
-    @app.handler("in", output="out", concurrency=3, retries=1, backoff_ms=1)
+    @app.handler("in", output="out", concurrency=concurrency, retries=1, backoff_ms=1)
     async def call(msg: Message, out: Output) -> None:
         if msg.value == b"m0002":
             await asyncio.wait_for(asyncio.sleep(1), timeout=0.001)  # the gateway is slow

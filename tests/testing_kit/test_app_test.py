@@ -143,3 +143,44 @@ def test_the_fixture_without_an_app_named_says_what_to_set(pytester: pytest.Pyte
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)  # at setup: the fixture could not be made
     result.stdout.fnmatch_lines(['*assured_app = "module:attribute"*'])
+
+
+def test_the_apps_own_database_is_never_touched(tmp_path: Path) -> None:
+    """A SQLite sink writes to a copy of its file for the test: the App's database keeps its
+    rows and its stored positions (a test run had overwritten them, and the next production
+    run stopped: the database held no position where the log had one)."""
+    path = tmp_path / "ledger.db"
+    sink = SqliteSink(str(path))
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE ledger (cents INTEGER)")
+        tx.execute("INSERT INTO ledger VALUES (1)")
+    app = App(group="ledger", guarantee="exactly-once")
+
+    @app.handler("charges", sink=sink, value_codec="json")
+    def book(msg: Message, db: Any) -> None:
+        db.execute("INSERT INTO ledger VALUES (?)", (msg.value["cents"],))
+
+    before = path.read_bytes()
+    metrics = app.metrics
+    for _ in range(2):  # twice in a row, each from the App's own state
+        with AppTest(app) as t:
+            t.send("charges", {"cents": 250})
+            t.run_until_idle()
+            assert t.query("SELECT cents FROM ledger ORDER BY cents") == [(1,), (250,)]
+            assert t.committed("charges") == {0: 1}  # the sink's stored position
+    assert path.read_bytes() == before
+    assert sink.path == path
+    assert app.metrics is metrics
+
+
+def test_a_postgres_sink_is_used_only_when_said(tmp_path: Path) -> None:
+    from assured import PostgresSink
+
+    app = App(group="g")
+
+    @app.handler("in", sink=PostgresSink("postgresql://prod@db:5432/pay"))
+    def book(msg: Message, db: Any) -> None: ...
+
+    with pytest.raises(UsageError, match="use_postgres=True"):
+        AppTest(app)
+    assert app.settings.log.startswith("embedded:")  # nothing of the App was changed

@@ -340,7 +340,12 @@ def blocking(fn: Callable[..., Awaitable[Any]], loop: EventLoop) -> Callable[...
     """A plain callable that awaits ``fn`` to its end on ``loop`` (concurrency 1)."""
 
     def call(*args: Any) -> Any:
-        return loop.run(fn(*args))
+        try:
+            return loop.run(fn(*args))
+        except asyncio.CancelledError as e:
+            # The handler's own await was cancelled (a timeout it set, a task it awaited): the
+            # record's failure, as side by side; not a signal to stop the App.
+            raise RuntimeError(f"the handler's await was cancelled: {e!r}") from e
 
     call.__qualname__ = getattr(fn, "__qualname__", repr(fn))
     return call

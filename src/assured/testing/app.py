@@ -15,7 +15,10 @@ What ``send`` is given is encoded with the codecs of the topic's handler (a dict
 ``json`` codec, a model through a pydantic one); what ``outputs`` returns is decoded with the
 codecs of the handler that wrote the topic. Topics are made for every handler (its input, its
 output, its dead-letter topic) with ``partitions`` partitions. The App is pointed at the test's
-log for the test, and back at its own afterwards. With the pytest plugin (installed with
+log for the test, and back at its own afterwards; a SQLite sink writes to a copy of its file
+(tables and rows as they were) in the test's folder, so the App's database is never touched. A
+PostgreSQL sink is used as it is, only when ``use_postgres=True`` says its database is one for
+tests. With the pytest plugin (installed with
 assured) the ``assured_test`` fixture makes these for you, and ``assured_app`` makes one for the
 App named by ``assured_app = "module:attribute"`` in the pytest configuration.
 """
@@ -36,6 +39,7 @@ from assured.log import Header, Log, Producer, TopicPartition, open_log
 from assured.runtime import App, RunStats
 from assured.runtime._handling import HandlerSpec
 from assured.runtime._message import BYTES, Codec, ModelCodec
+from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import PostgresSink, SqliteSink
 
 __all__ = ["AppTest", "Received"]
@@ -56,7 +60,13 @@ class AppTest:
     """One test's log and the App pointed at it (see the module's docstring). A context
     manager; ``close()`` gives the App its own settings back and removes the folder."""
 
-    def __init__(self, app: App, partitions: int = 1, folder: str | Path | None = None):
+    def __init__(
+        self,
+        app: App,
+        partitions: int = 1,
+        folder: str | Path | None = None,
+        use_postgres: bool = False,
+    ):
         if app._running:
             raise UsageError("AppTest(app): the App is running; test it before or after")
         if not app._specs:
@@ -66,11 +76,22 @@ class AppTest:
         self._own_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="assured-test-") if folder is None else folder)
         self.log: Log = open_log(f"embedded://{self.folder}/log.db")
-        self._before = (dict(app._given), app._log, app.settings)
+        self._before = (dict(app._given), app._log, app.settings, app.metrics)
         self._producer: Producer | None = None
         self._closed = False
+        self._sinks: list[tuple[SqliteSink, Path]] = []  # redirected to a copy: (sink, own path)
         try:
+            for sink in {id(s.sink): s.sink for s in app._specs.values() if s.sink}.values():
+                if isinstance(sink, SqliteSink):
+                    self._copy(sink)
+                elif isinstance(sink, PostgresSink) and not use_postgres:
+                    raise UsageError(
+                        "AppTest would write effects and positions into the PostgreSQL database "
+                        "the App's sink names; point the sink at a database for tests and pass "
+                        "use_postgres=True"
+                    )
             app.configure(log=self.log)
+            app.metrics = RuntimeMetrics(app.settings.guarantee)
             with self.log.admin() as admin:
                 existing = set(admin.list_topics())
                 for topic in self._topics():
@@ -91,6 +112,19 @@ class AppTest:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def _copy(self, sink: SqliteSink) -> None:
+        """The test writes to a copy of the sink's file (its tables as they are), never to the
+        file itself: a test run leaves the App's database, and its stored positions, as it was."""
+        copy = self.folder / f"sink-{len(self._sinks)}.db"
+        if sink.path.exists():
+            with sqlite3.connect(sink.path) as src, sqlite3.connect(copy) as dst:
+                src.backup(dst)
+            src.close()
+            dst.close()
+        sink.close()
+        self._sinks.append((sink, sink.path))
+        sink.path = copy
 
     def _topics(self) -> list[str]:
         topics: list[str] = []
@@ -184,9 +218,13 @@ class AppTest:
         """The App's committed position in each partition of ``topic`` (what a restart would
         start from); a partition with none is left out. Under exactly-once into a database the
         sink's positions are the truth, and the log's are what the sink relays."""
-        self._spec(topic)
+        spec = self._spec(topic)
+        group = self.app.settings.group
+        if spec.sink is not None and self.app.settings.guarantee == "exactly-once":
+            stored = spec.sink.stored_offsets(group)  # the truth; the log's are relayed
+            return {tp.partition: o for tp, o in sorted(stored.items()) if tp.topic == topic}
         with self.log.admin() as admin:
-            found = admin.committed_offsets(self.app.settings.group, [topic])
+            found = admin.committed_offsets(group, [topic])
         return {tp.partition: offset for tp, offset in sorted(found.items())}
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -196,13 +234,16 @@ class AppTest:
             raise UsageError(f"query() needs an App with one sink; this one has {len(sinks)}")
         (sink,) = sinks.values()
         if isinstance(sink, SqliteSink):
-            with sqlite3.connect(sink.path) as db:
-                return list(db.execute(sql, params))
+            conn = sqlite3.connect(sink.path)
+            try:
+                return list(conn.execute(sql, params))
+            finally:
+                conn.close()
         if isinstance(sink, PostgresSink):
             import psycopg
 
-            with psycopg.connect(sink.dsn) as db:
-                return list(db.execute(sql, params))
+            with psycopg.connect(sink.dsn) as pg:
+                return list(pg.execute(sql, params))
         raise UsageError(f"query() knows SqliteSink and PostgresSink, not {type(sink).__name__}")
 
     def _spec(self, topic: str) -> HandlerSpec:
@@ -220,8 +261,13 @@ class AppTest:
         if self._closed:
             return
         self._closed = True
-        given, log, settings = self._before
+        given, log, settings, metrics = self._before
         self.app._given, self.app._log, self.app.settings = given, log, settings
+        self.app.metrics = metrics
+        self.app._event_loop.close()  # tasks a handler left are not carried into the next test
+        for sink, path in self._sinks:
+            sink.close()
+            sink.path = path
         if self._producer is not None:
             self._producer.close()
         self.log.close()
