@@ -39,7 +39,14 @@ from assured.log._names import check_topic_name, collides
 from assured.log.assignors import ASSIGNORS
 from assured.log.embedded import _batches
 from assured.log.embedded._batches import Row
-from assured.log.embedded._schema import OFFSET_BITS, Durability, connect, rid, translate
+from assured.log.embedded._schema import (
+    OFFSET_BITS,
+    Durability,
+    _translated,
+    connect,
+    rid,
+    translate,
+)
 
 __all__ = [
     "OFFSET_BITS",
@@ -154,10 +161,15 @@ class Engine:
         self._depth = 1
         try:
             yield self.conn
-        except BaseException:
+        except BaseException as e:
             self._depth = 0
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                # A statement of the write failed (a full disk, an I/O error): the engine's
+                # failure in the project's terms, never a raw error a caller could take for a
+                # record's.
+                raise _translated(e, self.path) from e
             raise
         self._depth = 0
         try:

@@ -89,7 +89,8 @@ CREATE TABLE offsets (
 
 @contextlib.contextmanager
 def translate(path: Path | str) -> Iterator[None]:
-    """SQLite's errors in the project's terms: busy is retriable; corrupt, not-a-database and
+    """SQLite's errors in the project's terms: busy, a full disk, an I/O error and running out
+    of memory are retriable (nothing of the write landed); corrupt, not-a-database and
     read-only are :class:`EngineFileError`; anything else a :class:`LogError`."""
     try:
         yield
@@ -106,7 +107,15 @@ _BY_CODE: dict[int, tuple[type[AssuredError], str]] = {
         "engine file {path} is corrupt ({e}). Nothing more was written to it; restore it "
         "from a copy, or move it aside and start a new one.",
     ),
-    13: (LogError, "the disk holding {path} is full ({e}); the write was rolled back"),
+    # The storage's failures, not a record's: what was being written was rolled back whole,
+    # and is written again once there is room (retriable, within the runtime's deadline).
+    7: (RetriableError, "engine file {path}: out of memory ({e}); the write was rolled back"),
+    10: (RetriableError, "engine file {path}: I/O error ({e}); the write was rolled back"),
+    13: (
+        RetriableError,
+        "the disk holding {path} is full ({e}); the write was rolled back, to be retried once "
+        "there is room",
+    ),
     14: (EngineFileError, "cannot open engine file {path} ({e}); check the path"),
     26: (  # SQLITE_NOTADB
         EngineFileError,
