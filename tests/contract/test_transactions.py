@@ -171,6 +171,39 @@ def test_zombie_fenced_by_group_generation(log: Log, topic: Callable[..., str]) 
     old.close()
 
 
+def test_offsets_refused_leave_a_transaction_that_cannot_commit(
+    log: Log, topic: Callable[..., str]
+) -> None:
+    """A caller that ignores the failure of send_offsets_to_transaction and commits: the
+    outputs must not become visible without their offsets (the embedded engine committed
+    them; Kafka makes such a transaction abortable)."""
+    source, out = topic(partitions=2), topic()
+    group = unique("g")
+    old = log.consumer(group_id=group, session_timeout_ms=6000, heartbeat_interval_ms=500)
+    old.subscribe([source])
+    poll_until(old, lambda: len(old.assignment()) == 2)
+    stale = old.group_metadata()
+    newer = log.consumer(group_id=group, session_timeout_ms=6000, heartbeat_interval_ms=500)
+    newer.subscribe([source])
+    for _ in range(200):
+        old.poll(timeout=0.05)
+        newer.poll(timeout=0.05)
+        if newer.assignment() and old.group_metadata().generation != stale.generation:
+            break
+    with log.producer(transactional_id=unique("tx")) as producer:
+        producer.init_transactions()
+        producer.begin_transaction()
+        producer.send(out, b"effect")
+        with pytest.raises(AssuredError):
+            producer.send_offsets_to_transaction({TopicPartition(source, 0): 1}, stale)
+        with pytest.raises(AssuredError):
+            producer.commit_transaction()  # the caller carried on regardless
+        producer.abort_transaction()
+    assert _read(log, out, "read_committed", 0) == []
+    newer.close()
+    old.close()
+
+
 def test_dead_producers_transaction_stops_blocking_after_its_timeout(
     log: Log, topic: Callable[..., str]
 ) -> None:

@@ -517,6 +517,8 @@ class EmbeddedProducer(Producer):
                 ) from e
             except AssuredError as e:
                 self._note(e)
+                # Not added: whatever the error, no commit until they are (or an abort).
+                self._offsets_unsent.update(dict.fromkeys(offsets, e))
                 raise
             for tp in offsets:
                 self._offsets_unsent.pop(tp, None)
