@@ -133,6 +133,8 @@ class EmbeddedConsumer(Consumer):
                     self._expelled.set()
             except AssuredError as e:  # busy beyond the timeout: try again next beat
                 log.debug("heartbeat failed: %s", e)
+            except Exception as e:  # never let the heartbeat thread die: the group would churn
+                log.warning("heartbeat failed: %s: %s", type(e).__name__, e)
 
     def _group_step(self) -> None:
         """Advance this member through a rebalance, running its callbacks here."""
