@@ -515,7 +515,7 @@ def _rounds(
     # Rounds that disagree by more than ``max_spread`` are measured again, as a whole.
     for system, results in runs.items():
         for again in range(config.retries):
-            if _spread(results) <= config.max_spread:
+            if round(_spread(results), 3) <= config.max_spread:
                 break
             say(f"{system.name}: rounds disagree by {_spread(results):.0%}: measuring again")
             rejected[system] += results
@@ -619,7 +619,8 @@ def _row(config: RuntimeBenchConfig, system: System, result: dict[str, Any]) -> 
     for key in ("log", "quix_python", "systems", "worker_timeout_s", "busy_cores", "retries"):
         settings.pop(key)
     runs = result.get("runs_per_s", [result["records_per_s"]])
-    spread = _spread([{"records_per_s": r} for r in runs])
+    # Rounded once, and judged as reported: a row never says spread 0.15 and unsteady.
+    spread = round(_spread([{"records_per_s": r} for r in runs]), 3)
     others = [c for c in result.get("runs_others_cores", [result.get("others_cores")]) if c]
     return {
         **settings,
@@ -638,7 +639,7 @@ def _row(config: RuntimeBenchConfig, system: System, result: dict[str, Any]) -> 
         "cpu_us_per_record": result.get("cpu_us_per_record"),
         "cpu_cores": result.get("cpu_cores"),
         "runs_cpu_us_per_record": result.get("runs_cpu_us_per_record"),
-        "spread": round(spread, 3),
+        "spread": spread,
         "others_cores_max": round(max(others), 3) if others else 0.0,
         "steady": spread <= config.max_spread and all(c <= config.busy_cores for c in others),
         "commit_every": "off (by time only)",
