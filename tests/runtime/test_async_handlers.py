@@ -327,20 +327,29 @@ def test_no_attempt_starts_after_the_batch_is_given_up(log: Log) -> None:
     assert committed(log) == {}
 
 
-@pytest.mark.parametrize("concurrency", [1, 3])
+@pytest.mark.parametrize(("concurrency", "wrapped"), [(1, False), (3, False), (1, True)])
 def test_a_cancelled_await_inside_a_handler_is_that_records_failure(
-    log: Log, concurrency: int
+    log: Log, concurrency: int, wrapped: bool
 ) -> None:
     with log.admin() as admin:
         admin.create_topic("in.dlq", 1)
     fill(log, 6)
     app = App(log=log, group="g", guarantee="at-least-once")
 
-    @app.handler("in", output="out", concurrency=concurrency, retries=1, backoff_ms=1)
     async def call(msg: Message, out: Output) -> None:
         if msg.value == b"m0002":
             await asyncio.wait_for(asyncio.sleep(1), timeout=0.001)  # the gateway is slow
         out.send(msg.value)
+
+    if wrapped:  # a plain def returning the coroutine, as tracing decorators make
+
+        @functools.wraps(call)
+        def traced(msg: Message, out: Output) -> Any:
+            return call(msg, out)
+
+        app.handler("in", output="out", retries=1, backoff_ms=1)(traced)
+    else:
+        app.handler("in", output="out", concurrency=concurrency, retries=1, backoff_ms=1)(call)
 
     assert app.run(until_idle=0.5).processed == 6
     assert len(read(log)) == 5
@@ -375,3 +384,32 @@ def test_a_slow_handler_gets_transactions_of_about_one_commit_interval(log: Log)
     assert seen_while_running
     assert seen_while_running[0] > 0
     assert len(read(log)) == 60
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_slow_commit_does_not_shrink_the_polls(
+    log: Log, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guarantee: Guarantee
+) -> None:
+    """Polls are sized by the handlers' own time: a database transaction slower than the commit
+    interval around a fast handler took batches down to one record each (found in review)."""
+    fill(log, 300)
+    sink = SqliteSink(str(tmp_path / "ledger.db"))
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE ledger (v TEXT)")
+    opened: list[int] = []
+    real = SqliteSink.transaction
+
+    def slow_transaction(self: SqliteSink, *args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        time.sleep(0.12)  # a database far away
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqliteSink, "transaction", slow_transaction)
+    app = App(log=log, group="g", guarantee=guarantee, commit_interval_ms=100)
+
+    @app.handler("in", sink=sink)
+    def book(msg: Message, db: Any) -> None:
+        db.execute("INSERT INTO ledger VALUES (?)", (msg.value.decode(),))
+
+    assert app.run(until_idle=0.5).processed == 300
+    assert len(opened) < 30

@@ -347,9 +347,9 @@ class App:
             if records:
                 if max_messages is not None and stats.processed + len(records) > max_messages:
                     records = self._keep(consumer, records, max_messages - stats.processed)
-                began = time.monotonic()
+                handled = protocol.rt.handling_s
                 protocol.process(records)
-                size.took(len(records), time.monotonic() - began)
+                size.took(len(records), protocol.rt.handling_s - handled)
                 stats.processed += len(records)
                 watch.records()
             protocol.tick(caught_up)
@@ -633,7 +633,8 @@ class _Watch:
 
 
 class _BatchSize:
-    """How many records to poll: about one commit interval of handling, so a slow handler
+    """How many records to poll: about one commit interval of handling (the handlers' own
+    time: commits and database transactions around it are not counted), so a slow handler
     does not hold a whole ``max_poll_records`` batch in one transaction (or behind one commit):
     with 20 ms a record, five records a batch, not 500. Never more than ``max_poll_records``;
     never fewer than the widest ``concurrency`` (its records run side by side). Handlers of a
@@ -651,7 +652,7 @@ class _BatchSize:
         self.now = self.most if self.interval <= 0 else max(self.least, min(self.most, self.FIRST))
 
     def took(self, records: int, seconds: float) -> None:
-        if self.interval <= 0:
+        if self.interval <= 0 or seconds <= 0:
             return
         per = seconds / records
         self.per_record = per if not self.per_record else 0.7 * self.per_record + 0.3 * per

@@ -113,7 +113,10 @@ class EventLoop:
         """A handler returned ``result``: if it is awaitable (an ``async def`` behind a plain
         wrapper, a lambda returning a coroutine), await it to its end; never drop it."""
         if inspect.isawaitable(result):
-            self.run(_awaited(result))
+            try:
+                self.run(_awaited(result))
+            except asyncio.CancelledError as e:  # the handler's own await: as in blocking()
+                raise RuntimeError(f"the handler's await was cancelled: {e!r}") from e
 
     def pool(self, spec: HandlerSpec) -> ThreadPoolExecutor:
         pool = self._pools.get(spec.topic)

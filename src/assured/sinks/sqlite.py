@@ -182,7 +182,14 @@ class SqliteSink(Sink):
             self._lose(moved)
         if not conn.in_transaction:  # ended by the database (a handler swallowed the error)
             raise _rolled_back(None)
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            # A COMMIT that fails did not commit (in WAL mode a full disk often shows here,
+            # as the pages are written): the database's failure, and the batch is redone.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _rolled_back(e) from e
 
     def _lose(self, how: str) -> NoReturn:
         self._lost = (

@@ -90,7 +90,7 @@ class AppTest:
                         "the App's sink names; point the sink at a database for tests and pass "
                         "use_postgres=True"
                     )
-            app.configure(log=self.log)
+            app.configure(log=self.log, metrics_port=None)  # no server left behind a test
             app.metrics = RuntimeMetrics(app.settings.guarantee)
             with self.log.admin() as admin:
                 existing = set(admin.list_topics())

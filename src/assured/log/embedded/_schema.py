@@ -89,8 +89,8 @@ CREATE TABLE offsets (
 
 @contextlib.contextmanager
 def translate(path: Path | str) -> Iterator[None]:
-    """SQLite's errors in the project's terms: busy, a full disk, an I/O error and running out
-    of memory are retriable (nothing of the write landed); corrupt, not-a-database and
+    """SQLite's errors in the project's terms: busy, a full disk and an I/O error are
+    retriable (nothing of the write landed); corrupt, not-a-database and
     read-only are :class:`EngineFileError`; anything else a :class:`LogError`."""
     try:
         yield
@@ -109,7 +109,6 @@ _BY_CODE: dict[int, tuple[type[AssuredError], str]] = {
     ),
     # The storage's failures, not a record's: what was being written was rolled back whole,
     # and is written again once there is room (retriable, within the runtime's deadline).
-    7: (RetriableError, "engine file {path}: out of memory ({e}); the write was rolled back"),
     10: (RetriableError, "engine file {path}: I/O error ({e}); the write was rolled back"),
     13: (
         RetriableError,

@@ -140,6 +140,9 @@ class Runtime:
     # Each input topic's incarnation (see TopicDescription.topic_id), for the sink's inbox and
     # claims: a topic deleted and created again starts its offsets from 0.
     incarnations: dict[str, str] = field(default_factory=dict)
+    # Seconds spent in handle() so far: what sizes the polls (commits and database
+    # transactions around the handling are not the handlers' time).
+    handling_s: float = 0.0
     # Where async handlers are awaited, and concurrent batches run (made on first use).
     loop: EventLoop = field(default_factory=EventLoop)
     # Keyed by the producer itself, not its id(): a replaced producer's id may be reused.
@@ -159,6 +162,7 @@ class Runtime:
         handlers: dict[str, Callable[[Record], None]] = {}
         counts: dict[str, int] = {}
         dlq = dead_letters or producer_dead_letters(producer)
+        began = time.monotonic()
         try:
             for topic, run in groupby(records, _topic_of):
                 spec = self.specs[topic]
@@ -176,6 +180,7 @@ class Runtime:
                 deque(map(handle, batch), maxlen=0)  # the loop, in C
                 counts[topic] = counts.get(topic, 0) + len(batch)
         finally:
+            self.handling_s += time.monotonic() - began
             for topic, n in counts.items():
                 self.metrics.processed.labels(self.settings.guarantee, topic).inc(n)
 

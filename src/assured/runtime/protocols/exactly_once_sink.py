@@ -147,6 +147,12 @@ class ExactlyOnceSink(CommitProtocol):
         """The batch's database transaction did not commit (or may not have): go back to where
         the database says each partition stands, wait a little, and let the next poll redo it."""
         elapsed = self.trouble.seconds()
+        if elapsed * 1000 > self.rt.settings.retry_deadline_ms:
+            raise LogError(
+                f"nothing could be committed to the database for {elapsed:.0f} s (last: {e}); "
+                "stopping. Effects and positions commit together: what was not committed is "
+                "handled again after a restart."
+            ) from e
         log.warning("%s; redoing the batch once the database answers (%.0f s so far)", e, elapsed)
         stored = self._stored(must=isinstance(e, SinkCommitUnknownError))
         rewind = {tp: off for tp, off in stored.items() if tp in self.epochs}
