@@ -178,22 +178,7 @@ class CommitsDispatchedRecords(ExactlyOnce):
             task.add_done_callback(running.discard)
             await asyncio.sleep(0)  # every lane has begun its first record: "handled"
 
-        def side_by_side(
-            spec: HandlerSpec,
-            batch: list[Record],
-            producer: Producer,
-            dead_letters: Any,
-            transactional: bool,
-        ) -> None:
-            threads = None if spec.is_async else rt.loop.pool(spec)
-            rt.loop.run(
-                dispatch(
-                    spec, batch, producer, dead_letters, rt.metrics, rt.settings.guarantee,
-                    transactional, lambda: rt.transaction, threads,
-                )
-            )  # fmt: skip
-
-        rt._side_by_side = side_by_side  # type: ignore[method-assign]  # the bug
+        rt._concurrently = dispatch  # type: ignore[assignment]  # the bug
 
 
 PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
