@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,8 +140,9 @@ def test_zombie_fenced_by_transactional_id(log: Log, topic: Callable[..., str]) 
     zombie.close()
 
 
-def test_zombie_fenced_by_group_generation(log: Log, topic: Callable[..., str]) -> None:
-    source = topic(partitions=2)
+def _moved_on(log: Log, source: str) -> tuple[str, Any, Any, Any]:
+    """A group whose first member's generation is stale: (group, that member, the newer
+    member, the stale metadata)."""
     group = unique("g")
     old = log.consumer(group_id=group, session_timeout_ms=6000, heartbeat_interval_ms=500)
     old.subscribe([source])
@@ -153,6 +155,12 @@ def test_zombie_fenced_by_group_generation(log: Log, topic: Callable[..., str]) 
         newer.poll(timeout=0.05)
         if newer.assignment() and old.group_metadata().generation != stale.generation:
             break
+    return group, old, newer, stale
+
+
+def test_zombie_fenced_by_group_generation(log: Log, topic: Callable[..., str]) -> None:
+    source = topic(partitions=2)
+    group, old, newer, stale = _moved_on(log, source)
     assert old.group_metadata().generation != stale.generation
     with log.producer(transactional_id=unique("tx")) as producer:
         producer.init_transactions()
@@ -178,18 +186,7 @@ def test_offsets_refused_leave_a_transaction_that_cannot_commit(
     outputs must not become visible without their offsets (the embedded engine committed
     them; Kafka makes such a transaction abortable)."""
     source, out = topic(partitions=2), topic()
-    group = unique("g")
-    old = log.consumer(group_id=group, session_timeout_ms=6000, heartbeat_interval_ms=500)
-    old.subscribe([source])
-    poll_until(old, lambda: len(old.assignment()) == 2)
-    stale = old.group_metadata()
-    newer = log.consumer(group_id=group, session_timeout_ms=6000, heartbeat_interval_ms=500)
-    newer.subscribe([source])
-    for _ in range(200):
-        old.poll(timeout=0.05)
-        newer.poll(timeout=0.05)
-        if newer.assignment() and old.group_metadata().generation != stale.generation:
-            break
+    _, old, newer, stale = _moved_on(log, source)
     with log.producer(transactional_id=unique("tx")) as producer:
         producer.init_transactions()
         producer.begin_transaction()
