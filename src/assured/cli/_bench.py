@@ -261,17 +261,23 @@ def bench(
         progress.print(f"written: {out / 'log-embedded.json'} and {out / 'log-embedded.md'}")
 
 
+def _kafka_or_folder(log: str, suite: str) -> str:
+    """``--log`` for a suite that runs on Kafka or in a folder of fresh engine files."""
+    scheme = urlsplit(log).scheme.lower()
+    if scheme == "embedded":
+        return f"embedded://{_embedded_dir(log)}"
+    if scheme != "kafka":
+        _fail(f"--log {log!r}: the {suite} suite runs on kafka://HOST:PORT or embedded:///FOLDER")
+    return log
+
+
 def _io(
     log: str, json_out: bool, records: int, out: Path, concurrency: str, handler_ms: float
 ) -> None:
     from assured.bench.io_suite import IoBenchConfig, markdown, run_io_suite
     from assured.errors import AssuredError
 
-    scheme = urlsplit(log).scheme.lower()
-    if scheme == "embedded":
-        log = f"embedded://{_embedded_dir(log)}"
-    elif scheme != "kafka":
-        _fail(f"--log {log!r}: the io suite runs on kafka://HOST:PORT or embedded:///FOLDER")
+    log = _kafka_or_folder(log, "io")
     try:
         levels = sorted({int(c) for c in concurrency.split(",") if c.strip()})
     except ValueError:
@@ -318,11 +324,7 @@ def _runtime(
     from assured.cli import _bench_runtime
     from assured.errors import AssuredError
 
-    scheme = urlsplit(log).scheme.lower()
-    if scheme == "embedded":
-        log = f"embedded://{_embedded_dir(log)}"
-    elif scheme != "kafka":
-        _fail(f"--log {log!r}: the runtime suite runs on kafka://HOST:PORT or embedded:///FOLDER")
+    log = _kafka_or_folder(log, "runtime")
     chosen = [s.strip() for s in systems.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown or not chosen:
