@@ -17,6 +17,7 @@ lost                      no outcome of the kind it must have                   
 duplicate                 two or more effects, or two or more dead letters       fail  count fail
 effect-and-dead-letter    both an effect and a dead letter                       fail  count fail
 refused-effect            an effect, though its handler never succeeds           fail  fail  fail
+stray-effect              an effect, though it is no input's id                  fail  fail  fail
 aborted-read              an effect written in a transaction reported aborted    fail  --    --
 unseen, reordered, ...    as in the design's table                               (unchanged)
 ========================  =====================================================  ====  ====  ====
@@ -62,17 +63,19 @@ ANOMALIES = (
     "reordered",
     "hanging-transaction",
     "commit-regression",
+    "stray-effect",
 )
 # What fails each guarantee; the rest is counted. Exactly-once fails on every anomaly.
 FAILING = {
     "exactly-once": ANOMALIES,
-    "at-least-once": ("lost", "refused-effect", "unseen", "commit-regression"),
+    "at-least-once": ("lost", "refused-effect", "unseen", "commit-regression", "stray-effect"),
     "at-most-once": (
         "duplicate",
         "effect-and-dead-letter",
         "refused-effect",
         "unseen",
         "commit-regression",
+        "stray-effect",
     ),
 }
 SHOWN = 20  # ids shown per anomaly
@@ -105,6 +108,7 @@ class Findings:
     ambiguous_transactions: int = 0  # labels told both committed and aborted, or unknown
     # Where repeated outcomes came from, for a human to read: see :func:`duplicate_evidence`.
     evidence: dict[str, Any] = field(default_factory=dict)
+    app: str = ""  # assured audit --app: the App audited (module:attribute)
 
     def count(self, anomaly: str) -> int:
         return len(self.anomalies.get(anomaly, []))
@@ -212,16 +216,31 @@ def check(
     history: History | None = None,
     hanging: list[str],
     regressions: list[str],
+    any_outcome: bool = False,
+    ordered: bool = True,
+    id_header: str = "id",
 ) -> Findings:
     """Every anomaly of the module's table, by message id. ``fates`` maps ids to their fate
-    (ids not in it are ``ok``); ``dead_letters`` holds one id per dead-letter record."""
+    (ids not in it are ``ok``); ``dead_letters`` holds one id per dead-letter record.
+
+    For a user's App (``assured audit --app``) nothing says which kind of outcome a message
+    must have: ``any_outcome`` takes either an effect or a dead letter as its outcome. Its
+    effects have no order the audit knows of (rows a query returns): ``ordered=False`` leaves
+    the ``reordered`` check out. ``id_header``: the input records' header holding their id."""
     history = history or History()
     counts = Counter(e.id for e in effects)
     dlq = Counter(dead_letters)
     refused = {i for i, fate in fates.items() if fate in REFUSED_FATES}
-    seen_in_source = {r.header("id").decode() for r in source if r.header("id") is not None}  # type: ignore[union-attr]
+    seen_in_source = {
+        r.header(id_header).decode()  # type: ignore[union-attr]
+        for r in source
+        if r.header(id_header) is not None
+    }
     anomalies: dict[str, list[str]] = {name: [] for name in ANOMALIES}
-    anomalies["lost"] = [i for i in ids if (dlq[i] if i in refused else counts[i]) == 0]
+    if any_outcome:
+        anomalies["lost"] = [i for i in ids if counts[i] + dlq[i] == 0]
+    else:
+        anomalies["lost"] = [i for i in ids if (dlq[i] if i in refused else counts[i]) == 0]
     anomalies["duplicate"] = [i for i in ids if counts[i] > 1 or dlq[i] > 1]
     anomalies["effect-and-dead-letter"] = [i for i in ids if counts[i] and dlq[i]]
     anomalies["refused-effect"] = [i for i in ids if i in refused and counts[i]]
@@ -230,7 +249,9 @@ def check(
         {e.id for e in effects if e.txn is not None and (e.run or "", e.txn) in aborted}
     )
     anomalies["unseen"] = sorted(i for i in acked if i not in seen_in_source)
-    anomalies["reordered"] = _reordered(effects, ids, keys)
+    anomalies["reordered"] = _reordered(effects, ids, keys) if ordered else []
+    known = set(ids)
+    anomalies["stray-effect"] = sorted({e.id for e in effects if e.id not in known})
     anomalies["hanging-transaction"] = hanging
     anomalies["commit-regression"] = regressions
     ambiguous = history.ambiguous()

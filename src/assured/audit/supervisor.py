@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assured.audit.apps import APP_FAULTS, ID_HEADER, AppPlan, AppTarget
 from assured.audit.checker import (
     Effect,
     Findings,
@@ -59,7 +60,7 @@ from assured.audit.checker import (
     parse_history,
     read_topic,
 )
-from assured.audit.workload import produce
+from assured.audit.workload import Workload, produce
 from assured.errors import ConfigError, HarnessError
 from assured.log import Admin, Log, Record, TopicPartition, open_log
 
@@ -134,6 +135,9 @@ class AuditConfig:
     # db-restart: an object with restart(mode) (assured.testing.PostgresServer), or the path
     # of the server's data directory (restarted with pg_ctl)
     postgres: Any = None
+    # assured audit --app: the user's App under audit (its guarantee, group, topics and sink
+    # replace the audit's own workload); see assured.audit.apps
+    app: AppTarget | None = None
     progress: Callable[[int, int], None] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -200,10 +204,13 @@ class _Slot:
 class _Run:
     """The state of one audit while it runs."""
 
-    def __init__(self, cfg: AuditConfig, log: Log, workdir: Path):
+    def __init__(
+        self, cfg: AuditConfig, log: Log, workdir: Path, app: AppPlan | None = None
+    ) -> None:
         self.cfg = cfg
         self.log = log
         self.workdir = workdir
+        self.plan = app
         self.rng = random.Random(cfg.seed + 1)
         tag = f"{cfg.guarantee}-{cfg.sink}-{cfg.seed}-{uuid.uuid4().hex[:6]}"
         self.input = f"audit-in-{tag}"
@@ -214,6 +221,10 @@ class _Run:
         self.db = (
             str(workdir / f"effects-{tag}.db") if cfg.sink == "sqlite" else cfg.postgres_dsn or ""
         )
+        self.inputs, self.outputs = [self.input], [self.output]
+        if app is not None:  # the App's own topics, group and database
+            self.inputs, self.outputs, self.group = app.inputs, app.outputs, app.group
+            self.db = app.db
         self.tuning = tuning(cfg)
         self.faults: dict[str, int] = dict.fromkeys(cfg.faults, 0)
         self.regressions: list[str] = []
@@ -313,6 +324,14 @@ def check_faults(names: Iterable[str]) -> tuple[str, ...]:
 
 def _check(cfg: AuditConfig) -> None:
     check_faults(cfg.faults)
+    if cfg.app is not None:
+        cfg.app.check()
+        needs_handler = [f for f in cfg.faults if f not in APP_FAULTS]
+        if needs_handler:
+            raise ConfigError(
+                f"--app: {', '.join(needs_handler)} needs the audit's own handler to act it out; "
+                f"an App's own code runs untouched under: {', '.join(APP_FAULTS)}"
+            )
     if cfg.sink not in ("topic", "sqlite", "postgres"):
         raise ConfigError(f"sink {cfg.sink!r}: topic, sqlite or postgres")
     if cfg.sink == "postgres" and not cfg.postgres_dsn:
@@ -346,15 +365,13 @@ def run_audit(cfg: AuditConfig) -> Findings:
     started = time.monotonic()
     workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="assured-audit-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    plan = None
+    if cfg.app is not None:
+        plan = AppPlan(cfg.app, workdir)
+        _check(app_config(cfg, plan))
     log = open_log(cfg.log_url)
-    run = _Run(cfg, log, workdir)
-    with log.admin() as admin:
-        admin.create_topic(run.input, PARTITIONS)
-        admin.create_topic(run.output, PARTITIONS)
-    lost_acks = cfg.kills if "lost-ack" in cfg.faults else 0
-    workload = produce(
-        log, run.input, cfg.messages, cfg.seed, cfg.poison_rate, lost_acks, run.fates
-    )
+    run = _Run(cfg, log, workdir, plan)
+    workload = _produce(run)
     if "lost-ack" in cfg.faults:
         run.faults["lost-ack"] = workload.lost_acks
     run.event("produced", messages=cfg.messages, acked=len(workload.acked))
@@ -366,7 +383,7 @@ def run_audit(cfg: AuditConfig) -> Findings:
         tuning=run.tuning.__dict__,
     )
     total = sum(workload.ends.values())
-    if cfg.sink == "postgres":
+    if cfg.sink == "postgres" and plan is None:
         _fresh_effects_table(run.db)
     slots = [_Slot(i) for i in range(cfg.processes)]
     try:
@@ -385,28 +402,73 @@ def run_audit(cfg: AuditConfig) -> Findings:
         run._admin.close()
     _drop_offsets_reader(run)
     history = parse_history(run.history.read_text().splitlines()) if run.history.exists() else None
-    source = read_topic(log, run.input, "read_uncommitted")
-    findings = check(
-        guarantee=cfg.guarantee,
-        log_url=cfg.log_url,
-        sink=cfg.sink,
-        ids=workload.ids,
-        keys=workload.keys,
-        fates=workload.fates,
-        acked=workload.acked,
-        source=source,
-        effects=_effects(run),
-        dead_letters=_dead_letters(run, source),
-        history=history,
-        hanging=hanging,
-        regressions=run.regressions,
-    )
+    findings = _check_run(run, workload, history, hanging)
     _count_fired(run, history or History())
     findings.faults = dict(run.faults)
     findings.seconds = round(time.monotonic() - started, 2)
     run.event("checked", verdict=findings.verdict)
     if cfg.workdir is None:  # a folder of our own: gone once checked (a failed run keeps it)
         shutil.rmtree(workdir, ignore_errors=True)
+    return findings
+
+
+def _produce(run: _Run) -> Workload:
+    """The topics, then the input: the audit's own workload, or the App's (``--app``)."""
+    cfg, log, plan = run.cfg, run.log, run.plan
+    if plan is not None:
+        plan.effects_before(log)
+        plan.create_topics(log, PARTITIONS)
+        return plan.produce(log)
+    with log.admin() as admin:
+        admin.create_topic(run.input, PARTITIONS)
+        admin.create_topic(run.output, PARTITIONS)
+    lost_acks = cfg.kills if "lost-ack" in cfg.faults else 0
+    return produce(log, run.input, cfg.messages, cfg.seed, cfg.poison_rate, lost_acks, run.fates)
+
+
+def _check_run(
+    run: _Run, workload: Workload, history: History | None, hanging: list[str]
+) -> Findings:
+    """What the checker finds: in the audit's own workload, or in the App's (``--app``)."""
+    plan = run.plan
+    if plan is not None:
+        source = plan.source(run.log)
+        findings = check(
+            guarantee=plan.expect,
+            log_url=run.cfg.log_url,
+            sink=run.cfg.sink,
+            ids=workload.ids,
+            keys=workload.keys,
+            fates={},
+            acked=workload.acked,
+            source=source,
+            effects=plan.effects(run.log),
+            dead_letters=plan.dead_letter_ids(run.log, source),
+            history=history,
+            hanging=hanging,
+            regressions=run.regressions,
+            any_outcome=True,
+            ordered=False,
+            id_header=ID_HEADER,
+        )
+        findings.app = run.cfg.app.app if run.cfg.app else ""
+    else:
+        source = read_topic(run.log, run.input, "read_uncommitted")
+        findings = check(
+            guarantee=run.cfg.guarantee,
+            log_url=run.cfg.log_url,
+            sink=run.cfg.sink,
+            ids=workload.ids,
+            keys=workload.keys,
+            fates=workload.fates,
+            acked=workload.acked,
+            source=source,
+            effects=_effects(run),
+            dead_letters=_dead_letters(run, source),
+            history=history,
+            hanging=hanging,
+            regressions=run.regressions,
+        )
     return findings
 
 
@@ -548,7 +610,7 @@ def _start(run: _Run, slot: _Slot) -> None:
     elif run.crash_plan:
         env["ASSURED_CRASH_POINTS"] = run.crash_plan.pop(0)
         slot.armed = True
-    cmd = [
+    cmd = _app_command(run, slot) if run.plan is not None else [
         sys.executable, "-m", "assured.audit.processor",
         "--log", cfg.log_url, "--guarantee", cfg.guarantee, "--group", run.group,
         "--input", run.input, "--output", run.output, "--sink", cfg.sink, "--db", run.db,
@@ -570,6 +632,32 @@ def _start(run: _Run, slot: _Slot) -> None:
         "started", slot=slot.index, pid=slot.proc.pid, crash_point=env.get("ASSURED_CRASH_POINTS"),
         stuck=env.get("ASSURED_STUCK_CALLS"),
     )  # fmt: skip
+
+
+def app_config(cfg: AuditConfig, plan: AppPlan) -> AuditConfig:
+    """``cfg`` as it applies to the App under audit: its own guarantee and sink."""
+    cfg.guarantee, cfg.sink = plan.guarantee, plan.sink_kind
+    cfg.messages = len(plan.records)
+    if plan.sink_kind == "postgres":
+        cfg.postgres_dsn = plan.db
+    return cfg
+
+
+def _app_command(run: _Run, slot: _Slot) -> list[str]:
+    """The processor of ``assured audit --app``: the user's App (see app_processor)."""
+    cfg, t, plan = run.cfg, run.tuning, run.plan
+    assert plan is not None
+    assert cfg.app is not None
+    return [
+        sys.executable, "-m", "assured.audit.app_processor",
+        "--app", cfg.app.app, "--folder", str(cfg.app.folder), "--log", cfg.log_url,
+        "--slot", str(slot.index), "--history", str(run.history), "--sink-path", plan.sink_path,
+        "--session-timeout-ms", str(t.session_timeout_ms),
+        "--transaction-timeout-ms", str(t.transaction_timeout_ms),
+        "--max-poll-interval-ms", str(t.max_poll_interval_ms),
+        "--delivery-timeout-ms", str(t.delivery_timeout_ms),
+        "--handle-delay-ms", str(cfg.handle_delay_ms),
+    ]  # fmt: skip
 
 
 def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
@@ -866,7 +954,7 @@ def _committed(run: _Run) -> dict[TopicPartition, int]:
             _drop_offsets_reader(run)
             return dict(run.last_committed)
     try:
-        return run.admin().committed_offsets(run.group, [run.input])
+        return run.admin().committed_offsets(run.group, run.inputs)
     except Exception:  # a broker may be down: try again next tick
         return dict(run.last_committed)
 
@@ -926,16 +1014,17 @@ def _stop_all(run: _Run, slots: list[_Slot]) -> None:
 def _hanging(run: _Run) -> list[str]:
     """Output partitions whose LSO is still below the high watermark at the end (after the
     processors' transaction timeout has had time to clean up)."""
-    if run.cfg.sink != "topic":
+    if run.cfg.sink != "topic" or not run.outputs:
         return []
     deadline = time.monotonic() + max(20, 2 * run.tuning.transaction_timeout_ms / 1000)
     while True:
         with run.log.admin() as admin:
             stuck = []
-            for p in range(PARTITIONS):
-                w = admin.watermarks(TopicPartition(run.output, p))
-                if w.lso < w.high:
-                    stuck.append(f"{run.output}[{p}] lso={w.lso} high={w.high}")
+            for topic in run.outputs:
+                for p in range(admin.describe_topic(topic).partitions):
+                    w = admin.watermarks(TopicPartition(topic, p))
+                    if w.lso < w.high:
+                        stuck.append(f"{topic}[{p}] lso={w.lso} high={w.high}")
         if not stuck or time.monotonic() > deadline:
             return stuck
         time.sleep(0.5)

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from assured.audit import FAULTS, AuditConfig, Findings, run_audit
+from assured.audit.apps import AppTarget, load_app
 from assured.audit.report import plain_lines, table, write_report
 from assured.audit.supervisor import _check as check_audit
 from assured.audit.supervisor import check_faults
@@ -149,11 +150,13 @@ def audit(
         0, min=0, help="handler-errors: messages per kind of failure (0: one in a hundred)."
     ),
     session_timeout_ms: int = typer.Option(0, min=0, help="Processors' session timeout (0: auto)."),
-    handle_delay_ms: float = typer.Option(
-        0.0,
+    handle_delay_ms: float | None = typer.Option(
+        None,
         min=0.0,
         help="Work per message in each processor, so that a short run lasts long enough for "
-        "every planned fault to land mid-stream.",
+        "every planned fault to land mid-stream (default 0; 2 with --app: a pause before each "
+        "call of the App's handler).",
+        show_default=False,
     ),
     concurrency: int = typer.Option(
         1, min=1, help="Records each processor handles side by side (@app.handler concurrency)."
@@ -171,10 +174,55 @@ def audit(
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     report: Path | None = typer.Option(None, help="Write audit.json, audit.png, history.jsonl."),
     keep: bool = KEEP,
+    app: str = typer.Option(
+        "",
+        "--app",
+        help="Audit your own App (module:attribute, imported from the current folder) instead "
+        "of the audit's workload: its handlers and sink run untouched under the faults, and "
+        "the verdict is judged against its own guarantee (or --expect).",
+        metavar="MODULE:APP",
+    ),
+    inputs: list[str] = typer.Option(
+        [],
+        "--input",
+        help="With --app: topic=FILE.jsonl (one record per line: key, value, headers) or "
+        "topic=module:function (returns such dicts); repeatable.",
+        metavar="TOPIC=SOURCE",
+    ),
+    id_field: str = typer.Option(
+        "",
+        help="With --app: the field (dotted path) of each input's JSON value that is its id, "
+        "and of each output of --effects-topic that names its input. Default: the position.",
+    ),
+    effects_sql: str = typer.Option(
+        "", help='With --app: "SELECT <id> FROM ...", one row per effect, on the sink\'s database.'
+    ),
+    effects_db: str = typer.Option(
+        "",
+        help="With --app: where --effects-sql runs (a SQLite file or a postgresql:// DSN), when "
+        "the effects are not in the App's sink.",
+    ),
+    effects_topic: str = typer.Option(
+        "", help="With --app: the topic whose records are the effects (see --id-field)."
+    ),
+    expect: str = typer.Option(
+        "",
+        help="With --app: the guarantee its effects must show, when not the one it runs under "
+        "(an at-least-once App with idempotent effects: exactly-once).",
+    ),
+    use_postgres: bool = typer.Option(
+        False,
+        "--use-postgres",
+        help="With --app: the App's PostgreSQL sink names a database for tests; the audit may "
+        "write there.",
+    ),
 ) -> None:
     """Crash processors on purpose and count what was lost, duplicated or read from aborted
     transactions. Exits 1 when any audited guarantee fails its verdict. Every option is
-    checked before the first run; the work folder in /tmp goes afterwards unless --keep."""
+    checked before the first run; the work folder in /tmp goes afterwards unless --keep.
+
+    With --app, your own App is audited: assured audit --app payments:app --input
+    charges=charges.jsonl --id-field id --effects-sql "SELECT charge_id FROM charges"."""
     import json
     import logging
 
@@ -200,6 +248,10 @@ def audit(
             )
         if report is not None:
             _check_report(report)
+        target, chosen = _app_target(
+            app, inputs, id_field, effects_sql, effects_db, effects_topic, expect, use_postgres,
+            guarantee, sink,
+        ) or (None, chosen)  # fmt: skip
         broker = None
         if "broker-kill" in fault_list or ("write-stall" in fault_list and kafka):
             from assured.testing.kafka import KafkaCluster
@@ -223,7 +275,8 @@ def audit(
             workdir=workdir,
             postgres_dsn=postgres_dsn or None,
             session_timeout_ms=session,
-            handle_delay_ms=handle_delay_ms,
+            handle_delay_ms=_delay(handle_delay_ms, target),
+            app=target,
             concurrency=concurrency,
             ordering=ordering,
             handler_latency_ms=handler_latency_ms,
@@ -244,6 +297,62 @@ def audit(
         console.print(table(results))
     if any(f.verdict != "pass" for f in results):
         raise typer.Exit(1)
+
+
+def _delay(given: float | None, target: AppTarget | None) -> float:
+    """--handle-delay-ms: as given; else 2 ms before each call of an App's own handler (its
+    run must last long enough for the faults to land), none in the audit's own workload."""
+    if given is not None:
+        return given
+    return 2.0 if target is not None else 0.0
+
+
+def _app_target(
+    app: str,
+    inputs: list[str],
+    id_field: str,
+    effects_sql: str,
+    effects_db: str,
+    effects_topic: str,
+    expect: str,
+    use_postgres: bool,
+    guarantee: str,
+    sink: str,
+) -> tuple[AppTarget, list[str]] | None:
+    """``--app`` and its options, checked; and the guarantee the App runs under. None without
+    --app (when none of its options may be given either)."""
+    if not app:
+        if inputs or id_field or effects_sql or effects_db or effects_topic or expect:
+            raise ConfigError(
+                "--input, --id-field, --effects-sql, --effects-db, --effects-topic and --expect "
+                "are for --app (your own App); the audit's own workload needs none of them"
+            )
+        return None
+    if guarantee != "all":
+        raise ConfigError(
+            f"--guarantee {guarantee} with --app: the App runs under its own guarantee; "
+            "--expect names another one its effects must show"
+        )
+    if sink != "topic":
+        raise ConfigError(f"--sink {sink} with --app: the App's own sink is audited")
+    pairs = []
+    for item in inputs:
+        topic, eq, source = item.partition("=")
+        if not eq or not topic or not source:
+            raise ConfigError(f"--input {item!r}: topic=FILE.jsonl or topic=module:function")
+        pairs.append((topic, source))
+    target = AppTarget(
+        app=app,
+        inputs=pairs,
+        id_field=id_field or None,
+        effects_sql=effects_sql or None,
+        effects_topic=effects_topic or None,
+        effects_db=effects_db or None,
+        expect=expect or None,
+        use_postgres=use_postgres,
+    )
+    target.check()
+    return target, [load_app(app, target.folder).settings.guarantee]
 
 
 def demo(

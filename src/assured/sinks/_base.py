@@ -35,7 +35,13 @@ import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from assured.errors import RetriableError, ServiceError, StaleGenerationError, UsageError
+from assured.errors import (
+    ConfigError,
+    RetriableError,
+    ServiceError,
+    StaleGenerationError,
+    UsageError,
+)
 from assured.log import Header, Record, TopicPartition
 from assured.log._models import encode_headers
 
@@ -218,6 +224,18 @@ class SinkTransaction(abc.ABC):
         return int(row[0])
 
 
+def checked_schema(schema: str | Iterable[str]) -> tuple[str, ...]:
+    """A sink's ``schema=``: SQL statements, one per item (a lone string is one statement)."""
+    statements = (schema,) if isinstance(schema, str) else tuple(schema)
+    for statement in statements:
+        if not isinstance(statement, str) or not statement.strip():
+            raise ConfigError(
+                f"schema={schema!r}: SQL statements as strings, one per item "
+                "(CREATE TABLE IF NOT EXISTS ..., INSERT ... ON CONFLICT DO NOTHING)"
+            )
+    return statements
+
+
 def dead_letter_headers(record: Record, error: BaseException, attempts: int) -> list[Header]:
     """A dead letter's headers: the record's own, then what failed, where, and how often."""
     message = "".join(traceback.format_exception_only(type(error), error)).strip()
@@ -245,6 +263,8 @@ class Sink(abc.ABC):
     placeholder = "?"
     # Each database's CREATE statements for the runtime's tables (all IF NOT EXISTS).
     _ddl: tuple[str, ...] = ()
+    # The App's own statements (its tables, seed rows), run by setup() after the runtime's.
+    schema: tuple[str, ...] = ()
     _legacy_inbox = False  # an inbox table from before groups, with rows (see setup)
 
     def _sql(self, template: str) -> str:
@@ -267,7 +287,8 @@ class Sink(abc.ABC):
 
     def setup(self) -> None:
         """Create the runtime's tables (offsets, inbox, dead letters) if missing, and bring
-        tables from older versions up to date, in place, in one transaction."""
+        tables from older versions up to date, in place, then run the App's ``schema``
+        statements: all in one transaction, one process at a time, before the first record."""
         with self.transaction() as tx:
             self._setup_lock(tx)
             for statement in self._ddl:
@@ -290,6 +311,8 @@ class Sink(abc.ABC):
             self._legacy_inbox = bool(self._columns(tx, "assured_inbox_v1")) and (
                 tx.execute("SELECT 1 FROM assured_inbox_v1 LIMIT 1").fetchone() is not None
             )
+            for statement in self.schema:
+                tx.execute(statement)
 
     def claim(
         self,

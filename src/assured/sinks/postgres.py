@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import psycopg
@@ -26,6 +26,7 @@ from assured.sinks._base import (
     SinkTransaction,
     SinkUnavailableError,
     SinkUnreachableError,
+    checked_schema,
     ddl,
 )
 
@@ -135,7 +136,14 @@ class PostgresSink(Sink):
     placeholder = "%s"
     _ddl = ddl("id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "BYTEA")
 
-    def __init__(self, dsn: str, reconnect_timeout_s: float = 30.0, connect_timeout_s: int = 5):
+    def __init__(
+        self,
+        dsn: str,
+        reconnect_timeout_s: float = 30.0,
+        connect_timeout_s: int = 5,
+        schema: str | Iterable[str] = (),
+    ):
+        self.schema = checked_schema(schema)
         if reconnect_timeout_s < 0:
             raise ConfigError(f"reconnect_timeout_s={reconnect_timeout_s!r}: seconds, 0 or more")
         self.dsn = dsn

@@ -16,7 +16,7 @@ import contextlib
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,6 +29,7 @@ from assured.sinks._base import (
     SinkTransaction,
     SinkUnavailableError,
     SinkUnreachableError,
+    checked_schema,
     ddl,
 )
 
@@ -87,9 +88,14 @@ class SqliteSink(Sink):
     _ddl = ddl("id INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB")
 
     def __init__(
-        self, path: str | Path, durability: str = "full", lock_timeout_s: float = 30.0
+        self,
+        path: str | Path,
+        durability: str = "full",
+        lock_timeout_s: float = 30.0,
+        schema: str | Iterable[str] = (),
     ) -> None:
         self.path = Path(path)
+        self.schema = checked_schema(schema)
         if durability not in ("normal", "full"):
             raise ConfigError(f"durability={durability!r}: 'normal' or 'full'")
         if lock_timeout_s <= 0:

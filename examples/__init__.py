@@ -1,0 +1,1 @@
+"""Example Apps, each audited in CI with ``assured audit --app`` (see each folder's README)."""
