@@ -182,3 +182,49 @@ def test_a_duplicate_comes_with_the_transactions_that_wrote_it() -> None:
     assert [e["txn"] for e in f.evidence["ids"]["m-0"]["effects"]] == ["t:a:1", "t:a:2"]
     assert f.as_json()["evidence"] == f.evidence
     assert findings("exactly-once", every_effect()).evidence == {}, "no duplicate, no evidence"
+
+
+def app_findings(guarantee: str, effects: list[Effect], dead_letters: list[str]) -> Findings:
+    """As ``assured audit --app`` asks: any outcome counts, in no known order."""
+    return check(
+        guarantee=guarantee,
+        log_url="embedded:///x.db",
+        sink="postgres",
+        ids=IDS,
+        keys=KEYS,
+        fates={},
+        acked=set(IDS),
+        source=SOURCE,
+        effects=effects,
+        dead_letters=dead_letters,
+        hanging=[],
+        regressions=[],
+        any_outcome=True,
+        ordered=False,
+    )
+
+
+def test_an_apps_outcome_is_an_effect_or_a_dead_letter_once() -> None:
+    """For a user's App nothing says which inputs its handler refuses: a dead letter is as
+    good an outcome as an effect, once; none is lost, two are a duplicate or both."""
+    one_each = [effect("m-3"), effect("m-1"), effect("m-0")]  # any order: rows of a query
+    passed = app_findings("exactly-once", one_each, ["m-2"])
+    assert passed.verdict == "pass", passed.as_json()
+    lost = app_findings("exactly-once", one_each, [])
+    assert lost.anomalies["lost"] == ["m-2"]
+    assert lost.verdict == "fail"
+    both = app_findings("exactly-once", [*one_each, effect("m-2")], ["m-2"])
+    assert both.anomalies["effect-and-dead-letter"] == ["m-2"]
+    twice = app_findings("at-least-once", [*one_each, effect("m-1")], ["m-2"])
+    assert twice.anomalies["duplicate"] == ["m-1"]
+    assert twice.verdict == "pass"  # at-least-once counts repeats
+
+
+@pytest.mark.parametrize("guarantee", ["at-most-once", "at-least-once", "exactly-once"])
+def test_an_effect_of_no_input_fails_every_guarantee(guarantee: str) -> None:
+    """An effect whose id is no input's (an output without the id field, a row of something
+    else) cannot be traced: the audit says so rather than ignore it."""
+    f = app_findings(guarantee, [*every_effect(), effect("?receipts[0]@7")], [])
+    assert f.anomalies["stray-effect"] == ["?receipts[0]@7"]
+    assert f.verdict == "fail"
+    assert "stray-effect=1" in f.reasons

@@ -232,8 +232,8 @@ def read_inputs(
                 )
             value = item.get("value")
             if id_field:
-                decoded = json.loads(value) if isinstance(value, str | bytes) else value
                 try:
+                    decoded = json.loads(value) if isinstance(value, str | bytes) else value
                     mid = str(_field(decoded, id_field))
                 except (KeyError, TypeError, json.JSONDecodeError):
                     raise ConfigError(
@@ -323,7 +323,7 @@ class AppPlan:
     """What the supervisor needs of the App under audit, learned by importing it once here:
     its guarantee, group, topics and sink; the copy of a SQLite sink's file; the input."""
 
-    def __init__(self, target: AppTarget, workdir: Path):
+    def __init__(self, target: AppTarget):
         from assured.sinks import PostgresSink, SqliteSink
 
         target.check()
@@ -347,15 +347,10 @@ class AppPlan:
         self.sink_kind = "topic"
         self.db = ""  # the database the runtime keeps its positions and dead letters in
         self.sink_path = ""  # the copy of a SQLite sink's file the processors write to
+        self._sqlite_file: Path | None = None
         if isinstance(sink, SqliteSink):
             self.sink_kind = "sqlite"
-            self.sink_path = self.db = str(workdir / "sink.db")
-            if sink.path.exists():  # its tables and rows as they are; the App's file untouched
-                with (
-                    contextlib.closing(sqlite3.connect(sink.path)) as src,
-                    contextlib.closing(sqlite3.connect(self.sink_path)) as dst,
-                ):
-                    src.backup(dst)
+            self._sqlite_file = sink.path
         elif isinstance(sink, PostgresSink):
             if not target.use_postgres:
                 raise ConfigError(
@@ -370,13 +365,28 @@ class AppPlan:
         self.effects_db = target.effects_db or self.db
         if target.effects_db and not _is_dsn(target.effects_db):
             self.effects_db = str((target.folder / target.effects_db).resolve())
-        if target.effects_sql is not None and not self.effects_db:
+        if target.effects_sql is not None and not (self.effects_db or self._sqlite_file):
             raise ConfigError(
                 "--effects-sql: the App has no database sink to run it on; give --effects-db "
                 "(a SQLite file or a postgresql:// DSN) where its effects land"
             )
         self.expect = target.expect or self.guarantee
         self.records = read_inputs(target.inputs, target.folder, target.id_field)
+
+    def prepare(self, workdir: Path) -> None:
+        """A SQLite sink's file is copied into ``workdir`` (its tables and rows as they are),
+        and the processors write to the copy: the App's own file is never touched."""
+        if self._sqlite_file is None:
+            return
+        self.sink_path = self.db = str(workdir / "sink.db")
+        if self.target.effects_db is None:
+            self.effects_db = self.db
+        if self._sqlite_file.exists():
+            with (
+                contextlib.closing(sqlite3.connect(self._sqlite_file)) as src,
+                contextlib.closing(sqlite3.connect(self.sink_path)) as dst,
+            ):
+                src.backup(dst)
 
     def effects_before(self, log: Log) -> None:
         """Refuse to start where earlier effects or positions would be taken for this run's."""

@@ -367,7 +367,8 @@ def run_audit(cfg: AuditConfig) -> Findings:
     workdir.mkdir(parents=True, exist_ok=True)
     plan = None
     if cfg.app is not None:
-        plan = AppPlan(cfg.app, workdir)
+        plan = AppPlan(cfg.app)
+        plan.prepare(workdir)
         _check(app_config(cfg, plan))
     log = open_log(cfg.log_url)
     run = _Run(cfg, log, workdir, plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -15,11 +16,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from assured.audit import FAULTS, AuditConfig, Findings, run_audit
-from assured.audit.apps import AppTarget, load_app
+from assured.audit.apps import AppPlan, AppTarget
 from assured.audit.report import plain_lines, table, write_report
 from assured.audit.supervisor import _check as check_audit
 from assured.audit.supervisor import check_faults
 from assured.errors import AssuredError, ConfigError, UsageError
+from assured.log import open_log
 from assured.log._open import parse_log_url
 from assured.runtime import GUARANTEES
 from assured.runtime._handling import ORDERINGS
@@ -248,10 +250,10 @@ def audit(
             )
         if report is not None:
             _check_report(report)
-        target, chosen = _app_target(
+        target, chosen, messages = _app_target(
             app, inputs, id_field, effects_sql, effects_db, effects_topic, expect, use_postgres,
-            guarantee, sink,
-        ) or (None, chosen)  # fmt: skip
+            guarantee, sink, log,
+        ) or (None, chosen, messages)  # fmt: skip
         broker = None
         if "broker-kill" in fault_list or ("write-stall" in fault_list and kafka):
             from assured.testing.kafka import KafkaCluster
@@ -318,9 +320,11 @@ def _app_target(
     use_postgres: bool,
     guarantee: str,
     sink: str,
-) -> tuple[AppTarget, list[str]] | None:
-    """``--app`` and its options, checked; and the guarantee the App runs under. None without
-    --app (when none of its options may be given either)."""
+    log: str,
+) -> tuple[AppTarget, list[str], int] | None:
+    """``--app`` and its options, checked (the App imported, its input read); the guarantee
+    it runs under and the number of inputs. None without --app (when none of its options may
+    be given either)."""
     if not app:
         if inputs or id_field or effects_sql or effects_db or effects_topic or expect:
             raise ConfigError(
@@ -351,8 +355,11 @@ def _app_target(
         expect=expect or None,
         use_postgres=use_postgres,
     )
-    target.check()
-    return target, [load_app(app, target.folder).settings.guarantee]
+    plan = AppPlan(target)
+    if log:  # a log of the user's: what is on it already is checked before any run
+        with contextlib.closing(open_log(log)) as opened:
+            plan.effects_before(opened)
+    return target, [plan.guarantee], len(plan.records)
 
 
 def demo(
