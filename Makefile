@@ -17,11 +17,20 @@ QUIX_STAMP := $(QUIX_VENV)/.installed
 QUIX_VERSION ?= 3.28.1
 
 .PHONY: demo test test-slow lint typecheck pytest system-deps kafka-up kafka-down kafka-status clean
+.PHONY: examples
 
 demo: $(STAMP)
 	$(BIN)/assured demo
 
 test: system-deps $(STAMP) $(QUIX_STAMP) lint typecheck pytest
+
+# The example Apps, each audited with `assured audit --app` under crashes; each correct one
+# passes and each careless variant fails with duplicates (payments starts a throwaway PostgreSQL
+# unless PAYMENTS_DSN names one).
+examples: system-deps $(STAMP)
+	$(BIN)/python -m examples.receipts
+	$(BIN)/python -m examples.payments
+	$(BIN)/python -m examples.notifications
 
 # Everything, soak and fault suites included.
 test-slow: system-deps $(STAMP)
