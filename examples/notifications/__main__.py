@@ -4,6 +4,7 @@ first sends each notification once; the second sends some twice."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ def with_api(app: str) -> int:
     finally:
         server.shutdown()
         server.server_close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 keyed = with_api("examples.notifications.app:app")

@@ -5,6 +5,7 @@ passes; the second, which records charges through its own connection, fails with
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -38,9 +39,11 @@ if "PAYMENTS_DSN" in os.environ:
     raise SystemExit(main(os.environ["PAYMENTS_DSN"]))
 from assured.testing.postgres import PostgresServer  # noqa: E402 -- only when none is given
 
-server = PostgresServer(workdir=Path(tempfile.mkdtemp(prefix="assured-pg-")))
+folder = Path(tempfile.mkdtemp(prefix="assured-pg-"))
+server = PostgresServer(workdir=folder)
 server.start()
 try:
     raise SystemExit(main(server.dsn))
 finally:
     server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
