@@ -3,8 +3,12 @@ reads the input it is given (a JSONL file, a generator) as the App's codecs expe
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -59,6 +63,10 @@ def test_bad_input_is_refused_in_one_line_naming_where(tmp_path: Path) -> None:
         ([*RECEIPTS, "--input", orders(tmp_path, [ok]), "--guarantee", "at-least-once"],
          "--expect names another one"),
         (["--input", orders(tmp_path, [ok])], "are for --app"),
+        (["--app", "examples.receipts.app:app", "--input", orders(tmp_path, [ok]),
+          "--effects-topic", "orders.dlq", "--id-field", "order_id"], "the App writes 'receipts'"),
+        ([*RECEIPTS, "--input", "orders=tests.apps.ledger:broken"],
+         "the function failed: RuntimeError: no entries today"),
     ]  # fmt: skip
     for args, says in cases:
         assert says in refused(args), args
@@ -109,7 +117,7 @@ def test_inputs_are_sent_as_the_apps_codecs_read_them(tmp_path: Path) -> None:
     assert len(generated) == 300
     assert generated[0].id == "o-00000"
     assert json.loads(generated[0].value or b"")["order_id"] == "o-00000"
-    with pytest.raises(ConfigError, match=r"in.jsonl:1: its value has no field 'id'"):
+    with pytest.raises(ConfigError, match=r"in.jsonl:1: its value is not JSON"):
         read_inputs([("t", str(path))], tmp_path, "id")  # "plain text" is no JSON object
 
 
@@ -118,3 +126,73 @@ def test_a_target_needs_inputs_and_one_way_to_count_effects() -> None:
         AppTarget(app="m:app", inputs=[], effects_sql="SELECT 1").check()
     with pytest.raises(ConfigError, match="--expect 'twice'"):
         AppTarget(app="m:app", inputs=[("t", "f")], effects_sql="SELECT 1", expect="twice").check()
+
+
+LEDGER = ["--app", "ledger:app", "--id-field", "id",
+          "--effects-sql", "SELECT entry_id FROM ledger"]  # fmt: skip
+
+
+def audit_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, *args: str) -> Any:
+    """``assured audit --json`` of tests/apps/ledger.py in ``mode``; (exit code, rows)."""
+    monkeypatch.chdir(Path(__file__).parents[1] / "apps")
+    monkeypatch.setenv("LEDGER_MODE", mode)
+    monkeypatch.setenv("LEDGER_DB", str(tmp_path / "ledger.db"))
+    sys.modules.pop("ledger", None)  # imported again in this mode
+    given = args if "--input" in args else (*args, "--input", "entries=ledger:entries")
+    result = CliRunner().invoke(cli, ["audit", "--json", *LEDGER, *given])
+    rows = json.loads(result.stdout) if result.exit_code in (0, 1) and result.stdout else None
+    return result.exit_code, rows, result.stderr
+
+
+def test_an_apps_sqlite_file_is_copied_without_the_runtimes_state_of_an_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The App's file holds positions and dead letters of an earlier run of the same group (on
+    another log): they would make the audit think the input consumed and its dead letters
+    given. The copy keeps the App's tables and drops the runtime's; the file is untouched."""
+    db = tmp_path / "ledger.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE ledger (entry_id TEXT NOT NULL, cents INTEGER NOT NULL)")
+        conn.execute("CREATE TABLE assured_offsets (group_id TEXT, topic TEXT, partition "
+                     "INTEGER, next_offset BIGINT, epoch BIGINT, incarnation TEXT)")  # fmt: skip
+        conn.executemany("INSERT INTO assured_offsets VALUES ('ledger', 'entries', ?, 999, 1, "
+                         "NULL)", [(p,) for p in range(4)])  # fmt: skip
+        conn.commit()
+    before = db.read_bytes()
+    code, rows, stderr = audit_ledger(tmp_path, monkeypatch, "ok", "--kills", "4")
+    assert code == 0, stderr
+    assert (rows[0]["verdict"], rows[0]["effects"], rows[0]["lost"]) == ("pass", 60, 0)
+    assert db.read_bytes() == before
+
+
+def test_an_app_that_dead_letters_its_work_has_lost_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, rows, stderr = audit_ledger(tmp_path, monkeypatch, "refuse", "--kills", "2")
+    assert code == 1, stderr
+    assert rows[0]["verdict"] == "fail"
+    assert (rows[0]["lost"], rows[0]["dead_lettered"]) == (60, 60)
+
+
+def test_an_audit_where_no_fault_landed_is_inconclusive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three entries are handled before the first planned fault's turn: nothing was shown."""
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(f'{{"value": {{"id": "e{i}", "cents": 1}}}}\n' for i in range(3)))
+    code, rows, stderr = audit_ledger(
+        tmp_path, monkeypatch, "ok", "--kills", "10", "--faults", "sigkill", "--input",
+        f"entries={path}",
+    )  # fmt: skip
+    assert code == 1, stderr
+    assert rows[0]["verdict"] == "inconclusive"
+    assert "no planned fault landed" in rows[0]["reasons"][-1]
+
+
+def test_an_app_that_stops_as_it_starts_ends_the_audit_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, stderr = audit_ledger(tmp_path, monkeypatch, "crash", "--kills", "0")
+    assert code == 1
+    assert "3 times in a row" in stderr
+    assert "the ledger's client is broken" in stderr

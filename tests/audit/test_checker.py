@@ -184,38 +184,41 @@ def test_a_duplicate_comes_with_the_transactions_that_wrote_it() -> None:
     assert findings("exactly-once", every_effect()).evidence == {}, "no duplicate, no evidence"
 
 
-def app_findings(guarantee: str, effects: list[Effect], dead_letters: list[str]) -> Findings:
-    """As ``assured audit --app`` asks: any outcome counts, in no known order."""
+def app_findings(
+    guarantee: str, effects: list[Effect], dead_letters: list[str], refused: tuple[str, ...] = ()
+) -> Findings:
+    """As ``assured audit --app`` asks: inputs marked ``"expect": "dead-letter"`` must be
+    refused, the rest must have effects; the effects are in no known order."""
     return check(
         guarantee=guarantee,
         log_url="embedded:///x.db",
         sink="postgres",
         ids=IDS,
         keys=KEYS,
-        fates={},
+        fates=dict.fromkeys(refused, "poison"),
         acked=set(IDS),
         source=SOURCE,
         effects=effects,
         dead_letters=dead_letters,
         hanging=[],
         regressions=[],
-        any_outcome=True,
         ordered=False,
     )
 
 
-def test_an_apps_outcome_is_an_effect_or_a_dead_letter_once() -> None:
-    """For a user's App nothing says which inputs its handler refuses: a dead letter is as
-    good an outcome as an effect, once; none is lost, two are a duplicate or both."""
-    one_each = [effect("m-3"), effect("m-1"), effect("m-0")]  # any order: rows of a query
-    passed = app_findings("exactly-once", one_each, ["m-2"])
+def test_an_apps_dead_letter_counts_only_where_the_input_expects_one() -> None:
+    """An App that dead-letters real work has lost it, unless the input said it must be
+    refused; effects come in any order (rows of a query)."""
+    one_each = [effect("m-3"), effect("m-1"), effect("m-0")]
+    passed = app_findings("exactly-once", one_each, ["m-2"], refused=("m-2",))
     assert passed.verdict == "pass", passed.as_json()
-    lost = app_findings("exactly-once", one_each, [])
-    assert lost.anomalies["lost"] == ["m-2"]
-    assert lost.verdict == "fail"
-    both = app_findings("exactly-once", [*one_each, effect("m-2")], ["m-2"])
+    unexpected = app_findings("exactly-once", one_each, ["m-2"])
+    assert unexpected.anomalies["lost"] == ["m-2"]
+    assert unexpected.verdict == "fail"
+    both = app_findings("exactly-once", [*one_each, effect("m-2")], ["m-2"], refused=("m-2",))
     assert both.anomalies["effect-and-dead-letter"] == ["m-2"]
-    twice = app_findings("at-least-once", [*one_each, effect("m-1")], ["m-2"])
+    assert both.anomalies["refused-effect"] == ["m-2"]
+    twice = app_findings("at-least-once", [*one_each, effect("m-1"), effect("m-2")], [])
     assert twice.anomalies["duplicate"] == ["m-1"]
     assert twice.verdict == "pass"  # at-least-once counts repeats
 

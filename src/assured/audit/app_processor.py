@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for spec in app._specs.values():
         if args.sink_path and isinstance(spec.sink, SqliteSink):
+            spec.sink.close()  # opened at import, say: its connection is to the App's own file
             spec.sink.path = Path(args.sink_path)
     if args.handle_delay_ms:
         app._specs = {

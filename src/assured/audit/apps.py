@@ -72,6 +72,7 @@ class InputRecord:
     value: bytes | None
     headers: tuple[Header, ...]
     where: str  # FILE:LINE or module:function#N, for messages
+    refused: bool = False  # "expect": "dead-letter": the App must refuse it
 
 
 @dataclass
@@ -206,8 +207,13 @@ def _generated(spec: str, folder: Path) -> Iterator[tuple[str, Any]]:
         raise ConfigError(f"--input ...={spec}: {e}") from None
     if not callable(fn):
         raise ConfigError(f"--input ...={spec}: not a function")
-    for n, item in enumerate(fn()):
-        yield f"{spec}#{n}", item
+    try:
+        for n, item in enumerate(fn()):
+            yield f"{spec}#{n}", item
+    except Exception as e:  # its own failure: said in one line, as a bad file would be
+        raise ConfigError(
+            f"--input ...={spec}: the function failed: {type(e).__name__}: {e}"
+        ) from None
 
 
 def read_inputs(
@@ -225,17 +231,29 @@ def read_inputs(
             _generated(source, folder) if is_function else _read_jsonl(path)
         )
         for where, item in items:
-            if not isinstance(item, dict) or not set(item) <= {"key", "value", "headers"}:
+            if not isinstance(item, dict) or not set(item) <= {"key", "value", "headers", "expect"}:
                 raise ConfigError(
-                    f"--input: {where}: expected an object with key, value and headers (each "
-                    f"optional), got {json.dumps(item, default=repr)[:120]}"
+                    f"--input: {where}: expected an object with key, value, headers and expect "
+                    f"(each optional), got {json.dumps(item, default=repr)[:120]}"
+                )
+            expect = item.get("expect", "effect")
+            if expect not in ("effect", "dead-letter"):
+                raise ConfigError(
+                    f"--input: {where}: expect {expect!r}: effect (the default) or dead-letter "
+                    "(an input the App must refuse)"
                 )
             value = item.get("value")
             if id_field:
                 try:
                     decoded = json.loads(value) if isinstance(value, str | bytes) else value
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise ConfigError(
+                        f"--input: {where}: its value is not JSON, so it has no field "
+                        f"{id_field!r} (--id-field)"
+                    ) from None
+                try:
                     mid = str(_field(decoded, id_field))
-                except (KeyError, TypeError, json.JSONDecodeError):
+                except (KeyError, TypeError):
                     raise ConfigError(
                         f"--input: {where}: its value has no field {id_field!r} (--id-field)"
                     ) from None
@@ -262,6 +280,7 @@ def read_inputs(
                     _bytes(value, f"{where} value"),
                     tuple(sent),
                     where,
+                    expect == "dead-letter",
                 )
             )
     if not out:
@@ -279,6 +298,7 @@ def effect_ids_from_sql(db: str, query: str) -> list[str]:
             import psycopg
 
             with psycopg.connect(db, connect_timeout=10) as pg:
+                pg.read_only = True  # a count, never a change to the App's data
                 rows = pg.execute(query).fetchall()
         else:
             uri = Path(db).resolve().as_uri() + "?mode=ro"  # never creates the file
@@ -301,6 +321,35 @@ def effect_ids_from_topic(
         except (KeyError, TypeError, ValueError):
             out.append(f"?{topic}[{r.partition}]@{r.offset}")
     return out
+
+
+def _no_such_table(e: BaseException) -> bool:
+    cause = e.__cause__
+    if isinstance(cause, sqlite3.OperationalError):
+        return "no such table" in str(cause)
+    return type(cause).__name__ == "UndefinedTable"
+
+
+def _copy_sqlite(source: Path, copy: Path) -> None:
+    """``source`` (the App's file, opened read-only) into ``copy``, without the runtime's own
+    state: its positions, inbox and dead letters there are an earlier run's, and would be taken
+    for this one's. The App's own tables stay as they are."""
+    try:
+        src = sqlite3.connect(source.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.OperationalError:  # a WAL file whose -shm cannot be made read-only
+        src = sqlite3.connect(source)
+    with contextlib.closing(src), contextlib.closing(sqlite3.connect(copy)) as dst:
+        src.backup(dst)
+        tables = [
+            name
+            for (name,) in dst.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'assured\\_%' "
+                "ESCAPE '\\'"
+            )
+        ]
+        for name in tables:
+            dst.execute(f'DROP TABLE "{name}"')
+        dst.commit()
 
 
 def _is_dsn(db: str) -> bool:
@@ -342,8 +391,27 @@ class AppPlan:
                 f"--input {unknown[0]}=...: the App has no handler for {unknown[0]!r}; it reads "
                 + ", ".join(map(repr, self.inputs))
             )
+        internal = sorted(set(self.inputs) & set(self.outputs))
+        if internal:
+            raise ConfigError(
+                f"--app {target.app}: the App reads {internal[0]!r}, which it also writes; the "
+                "audit counts an App's input as what it sends, so it audits one stage at a "
+                "time: audit each stage as an App of its own"
+            )
+        if target.effects_topic is not None and target.effects_topic not in self.outputs:
+            raise ConfigError(
+                f"--effects-topic {target.effects_topic}: the App writes "
+                + (", ".join(map(repr, self.outputs)) or "no topic")
+            )
         sinks = {id(s.sink): s.sink for s in specs if s.sink is not None}
+        if len(sinks) > 1:
+            raise ConfigError(f"--app {target.app}: all handlers of one App share one sink")
         sink = next(iter(sinks.values()), None)
+        if sink is not None and settings.guarantee == "exactly-once" and self.outputs:
+            raise ConfigError(
+                f"--app {target.app}: under exactly-once, an App writes either to topics or "
+                "to one database, not both"
+            )
         self.sink_kind = "topic"
         self.db = ""  # the database the runtime keeps its positions and dead letters in
         self.sink_path = ""  # the copy of a SQLite sink's file the processors write to
@@ -382,19 +450,26 @@ class AppPlan:
         if self.target.effects_db is None:
             self.effects_db = self.db
         if self._sqlite_file.exists():
-            with (
-                contextlib.closing(sqlite3.connect(self._sqlite_file)) as src,
-                contextlib.closing(sqlite3.connect(self.sink_path)) as dst,
-            ):
-                src.backup(dst)
+            try:
+                _copy_sqlite(self._sqlite_file, Path(self.sink_path))
+            except sqlite3.Error as e:
+                raise ConfigError(
+                    f"the App's SQLite sink {self._sqlite_file} could not be read ({e}); is it "
+                    "a SQLite database?"
+                ) from None
 
     def effects_before(self, log: Log) -> None:
         """Refuse to start where earlier effects or positions would be taken for this run's."""
-        if self.target.effects_sql is not None and self.effects_db:
+        exists = bool(self.effects_db) and (
+            _is_dsn(self.effects_db) or Path(self.effects_db).exists()
+        )
+        if self.target.effects_sql is not None and exists:
             try:
                 found = effect_ids_from_sql(self.effects_db, self.target.effects_sql)
-            except ConfigError:  # no table yet: the App makes it when it starts
-                found = []
+            except ConfigError as e:
+                if not _no_such_table(e):
+                    raise
+                found = []  # no table yet: the App makes it when it starts
             if found:
                 raise ConfigError(
                     f"--effects-sql finds {len(found)} effects before the audit sent anything "
@@ -404,26 +479,36 @@ class AppPlan:
         if self.sink_kind == "postgres":
             import psycopg
 
-            with contextlib.suppress(psycopg.errors.UndefinedTable), psycopg.connect(self.db) as pg:
-                row = pg.execute(
-                    "SELECT count(*) FROM assured_offsets WHERE group_id = %s", (self.group,)
-                ).fetchone()
-                if row and row[0]:
-                    raise ConfigError(
-                        f"the App's database ({_where(self.db)}) holds positions of group "
-                        f"{self.group!r} from an earlier run; give the App a fresh database"
-                    )
+            with psycopg.connect(self.db, autocommit=True) as pg:
+                for table, what in (
+                    ("assured_offsets", "positions"),
+                    ("assured_inbox", "deliveries"),
+                    ("assured_dead_letters", "dead letters"),
+                ):
+                    try:
+                        row = pg.execute(
+                            f"SELECT count(*) FROM {table} WHERE group_id = %s",  # noqa: S608 -- our names
+                            (self.group,),
+                        ).fetchone()
+                    except psycopg.errors.UndefinedTable:
+                        continue
+                    if row and row[0]:
+                        raise ConfigError(
+                            f"the App's database ({_where(self.db)}) holds {what} of group "
+                            f"{self.group!r} from an earlier run, which this one would take for "
+                            "its own; give the App a fresh database"
+                        )
         with log.admin() as admin:
             existing = set(admin.list_topics())
-            watched = [*self.inputs, *filter(None, [self.target.effects_topic])]
+            watched = [*self.inputs, *self.outputs, *self.dead_letters]
             for topic in [t for t in dict.fromkeys(watched) if t in existing]:
                 for p in range(admin.describe_topic(topic).partitions):
                     w = admin.watermarks(TopicPartition(topic, p))
                     if w.high > w.low:
                         raise ConfigError(
                             f"topic {topic!r} holds records already; the audit counts every "
-                            "record there as its own: give it a fresh log (the default), or "
-                            "delete the topic"
+                            "record of the App's topics as its own: give it a fresh log (the "
+                            "default), or delete the App's topics"
                         )
 
     def create_topics(self, log: Log, partitions: int) -> None:

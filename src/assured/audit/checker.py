@@ -216,17 +216,15 @@ def check(
     history: History | None = None,
     hanging: list[str],
     regressions: list[str],
-    any_outcome: bool = False,
     ordered: bool = True,
     id_header: str = "id",
 ) -> Findings:
     """Every anomaly of the module's table, by message id. ``fates`` maps ids to their fate
     (ids not in it are ``ok``); ``dead_letters`` holds one id per dead-letter record.
 
-    For a user's App (``assured audit --app``) nothing says which kind of outcome a message
-    must have: ``any_outcome`` takes either an effect or a dead letter as its outcome. Its
-    effects have no order the audit knows of (rows a query returns): ``ordered=False`` leaves
-    the ``reordered`` check out. ``id_header``: the input records' header holding their id."""
+    A user's App's effects (``assured audit --app``) have no order the audit knows of (rows a
+    query returns): ``ordered=False`` leaves the ``reordered`` check out. ``id_header``: the
+    input records' header holding their id."""
     history = history or History()
     counts = Counter(e.id for e in effects)
     dlq = Counter(dead_letters)
@@ -237,10 +235,7 @@ def check(
         if r.header(id_header) is not None
     }
     anomalies: dict[str, list[str]] = {name: [] for name in ANOMALIES}
-    if any_outcome:
-        anomalies["lost"] = [i for i in ids if counts[i] + dlq[i] == 0]
-    else:
-        anomalies["lost"] = [i for i in ids if (dlq[i] if i in refused else counts[i]) == 0]
+    anomalies["lost"] = [i for i in ids if (dlq[i] if i in refused else counts[i]) == 0]
     anomalies["duplicate"] = [i for i in ids if counts[i] > 1 or dlq[i] > 1]
     anomalies["effect-and-dead-letter"] = [i for i in ids if counts[i] and dlq[i]]
     anomalies["refused-effect"] = [i for i in ids if i in refused and counts[i]]

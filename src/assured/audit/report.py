@@ -14,6 +14,7 @@ from assured.audit.checker import ANOMALIES, Findings
 __all__ = ["plain_lines", "table", "write_report"]
 
 _OTHER = [a for a in ANOMALIES if a not in ("lost", "duplicate")]
+_VERDICTS = {"pass": "[green]PASS[/green]", "inconclusive": "[yellow]INCONCLUSIVE[/yellow]"}
 
 
 def table(results: Sequence[Findings], title: str = "assured audit") -> Table:
@@ -27,7 +28,7 @@ def table(results: Sequence[Findings], title: str = "assured audit") -> Table:
     for f in results:
         other = ", ".join(f"{a}={f.count(a)}" for a in _OTHER if f.count(a)) or "none"
         faults = ", ".join(f"{k}={v}" for k, v in f.faults.items() if v) or "none"
-        verdict = "[green]PASS[/green]" if f.verdict == "pass" else "[red]FAIL[/red]"
+        verdict = _VERDICTS.get(f.verdict, "[red]FAIL[/red]")
         if f.reasons:
             verdict += f" ({', '.join(f.reasons)})"
         t.add_row(f.guarantee, str(f.sent), str(f.effects), str(f.lost), str(f.duplicated),

@@ -196,6 +196,8 @@ class _Slot:
         self.zombie = False  # stopped by its own handler (a zombie fate), not by us
         self.terminating = False  # sent SIGTERM: draining; a second signal would cut it short
         self.wanted = True  # restarted when it dies (a rebalance parks it)
+        self.started_at = 0.0
+        self.quick_failures = 0  # exits of its own, each soon after its start, in a row
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -406,6 +408,13 @@ def run_audit(cfg: AuditConfig) -> Findings:
     findings = _check_run(run, workload, history, hanging)
     _count_fired(run, history or History())
     findings.faults = dict(run.faults)
+    if plan is not None and cfg.kills and not any(findings.faults.values()):
+        # Nothing was tried: a pass would claim what was not shown.
+        findings.verdict = "inconclusive"
+        findings.reasons.append(
+            "no planned fault landed before the input ran out: give more input, or a longer "
+            "--handle-delay-ms"
+        )
     findings.seconds = round(time.monotonic() - started, 2)
     run.event("checked", verdict=findings.verdict)
     if cfg.workdir is None:  # a folder of our own: gone once checked (a failed run keeps it)
@@ -440,7 +449,7 @@ def _check_run(
             sink=run.cfg.sink,
             ids=workload.ids,
             keys=workload.keys,
-            fates={},
+            fates={r.id: "poison" for r in plan.records if r.refused},
             acked=workload.acked,
             source=source,
             effects=plan.effects(run.log),
@@ -448,7 +457,6 @@ def _check_run(
             history=history,
             hanging=hanging,
             regressions=run.regressions,
-            any_outcome=True,
             ordered=False,
             id_header=ID_HEADER,
         )
@@ -563,10 +571,31 @@ def _tend(run: _Run, slot: _Slot, now: float) -> None:
         if code == -signal.SIGKILL and slot.armed:
             run.faults["crash-points"] += 1
         slot.stopped_until, slot.zombie = 0.0, False
+        if run.plan is not None:
+            _app_failing(run, slot, code, now)
         if slot.wanted:
             _start(run, slot)
         else:
             slot.proc = None  # left the group for good (a rebalance); may join again later
+
+
+# An App's processor that exits by itself this soon after starting, this many times in a row,
+# fails at start (a setting its App refuses, a bug on its first record): the audit stops.
+_QUICK_S, _QUICK_EXITS = 5.0, 3
+
+
+def _app_failing(run: _Run, slot: _Slot, code: int, now: float) -> None:
+    """Stop the audit of an App whose processor keeps failing as it starts, with its error,
+    rather than restart it until the audit's timeout."""
+    if code > 0 and now - slot.started_at < _QUICK_S:
+        slot.quick_failures += 1
+    else:
+        slot.quick_failures = 0
+    if slot.quick_failures >= _QUICK_EXITS:
+        raise HarnessError(
+            f"the App's processor exited with {code}, {_QUICK_EXITS} times in a row within "
+            f"{_QUICK_S:.0f} s of starting; its last lines:{_tail(run).split(':', 1)[-1]}"
+        )
 
 
 def _zombie_resumed(run: _Run, slot: _Slot, now: float) -> None:
@@ -627,6 +656,7 @@ def _start(run: _Run, slot: _Slot) -> None:
     ]  # fmt: skip
     errors = (run.workdir / f"processor-{slot.index}.log").open("ab")
     slot.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+    slot.started_at = time.monotonic()
     errors.close()
     slot.starts += 1
     run.event(
