@@ -408,8 +408,9 @@ def run_audit(cfg: AuditConfig) -> Findings:
     findings = _check_run(run, workload, history, hanging)
     _count_fired(run, history or History())
     findings.faults = dict(run.faults)
-    if plan is not None and cfg.kills and not any(findings.faults.values()):
-        # Nothing was tried: a pass would claim what was not shown.
+    landed = any(findings.faults.values())
+    if plan is not None and cfg.kills and not landed and findings.verdict == "pass":
+        # Nothing was tried: a pass would claim what was not shown (a failure stands).
         findings.verdict = "inconclusive"
         findings.reasons.append(
             "no planned fault landed before the input ran out: give more input, or a longer "
