@@ -15,6 +15,10 @@ QUIX_VENV := .venv-quix
 QUIX_STAMP := $(QUIX_VENV)/.installed
 # The Quix Streams release the README's figures were measured against.
 QUIX_VERSION ?= 3.28.1
+# FastStream, beside assured in the io bench: a virtualenv of its own too.
+FASTSTREAM_VENV := .venv-faststream
+FASTSTREAM_STAMP := $(FASTSTREAM_VENV)/.installed
+FASTSTREAM_VERSION ?= 0.7.8
 
 .PHONY: demo test test-slow lint typecheck pytest system-deps kafka-up kafka-down kafka-status clean
 .PHONY: examples
@@ -33,7 +37,7 @@ examples: system-deps $(STAMP)
 	$(BIN)/python -m examples.notifications
 
 # Everything, soak and fault suites included.
-test-slow: system-deps $(STAMP)
+test-slow: system-deps $(STAMP) $(QUIX_STAMP) $(FASTSTREAM_STAMP)
 	$(BIN)/pytest -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -74,13 +78,20 @@ acceptance: system-deps $(STAMP)
 # Handlers that wait, side by side (issue 14): each guarantee at concurrency 1, 50, 200 and 1,000
 # against a bare asyncio loop, on a fresh broker and on the embedded engine; kept in
 # benchmarks/results/io-{kafka,embedded}.{json,md}.
-.PHONY: bench-io
-bench-io: system-deps $(STAMP)
+.PHONY: bench-io faststream-venv
+bench-io: system-deps $(STAMP) $(FASTSTREAM_STAMP)
 	@boot=$$($(BIN)/python -m assured.testing.kafka up --dir .kafka-bench | sed -n 's/^BOOTSTRAP=//p'); \
-	$(BIN)/assured bench --suite io --log kafka://$$boot $(BENCH_ARGS); rc=$$?; \
+	$(BIN)/assured bench --suite io --log kafka://$$boot --faststream-python $(FASTSTREAM_VENV)/bin/python \
+	  $(BENCH_ARGS); rc=$$?; \
 	$(BIN)/python -m assured.testing.kafka down --dir .kafka-bench; \
 	[ $$rc -eq 0 ] && rm -rf /tmp/assured-bench-io && \
 	$(BIN)/assured bench --suite io --log embedded:///tmp/assured-bench-io $(BENCH_ARGS)
+
+faststream-venv: $(FASTSTREAM_STAMP)
+$(FASTSTREAM_STAMP): Makefile
+	@test -x $(FASTSTREAM_VENV)/bin/python || $(PYTHON) -m venv $(FASTSTREAM_VENV)
+	$(FASTSTREAM_VENV)/bin/python -m pip install --quiet "faststream[confluent]==$(FASTSTREAM_VERSION)" psutil
+	@touch $@
 
 # The embedded log's numbers (both durabilities); also kept in benchmarks/results/log-embedded.*
 .PHONY: bench-log bench quix-venv

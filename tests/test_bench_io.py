@@ -51,6 +51,8 @@ def test_bad_io_options_are_refused_in_one_line(tmp_path: Path) -> None:
         (["--concurrency", "0,5"], "--concurrency '0,5'"),
         (["--concurrency", "many"], "--concurrency 'many'"),
         (["--log", "kafkaa://x:1"], "the io suite runs on"),
+        (["--faststream-python", "/no/such/python"], "no such program"),
+        (["--faststream-python", "python3"], "FastStream runs on Kafka only"),
     ):
         argv = ["bench", "--suite", "io", "--log", f"embedded://{tmp_path}", *args]
         done = run(*argv, cwd=tmp_path)
@@ -73,14 +75,25 @@ def test_targets_are_judged_from_rows_of_one_run() -> None:
     assert verdicts["assured exactly-once, concurrency 200: >= 0.8 x the bare loop"] == "MISSED"
 
 
+FASTSTREAM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-faststream" / "bin" / "python"
+
+
 @pytest.mark.slow  # make bench-io runs it in full
 @pytest.mark.kafka
-def test_io_suite_on_a_real_broker(kafka_bootstrap: str) -> None:
+def test_io_suite_on_a_real_broker_beside_faststream(kafka_bootstrap: str) -> None:
+    assert FASTSTREAM_PYTHON.exists(), "make bench-io builds .venv-faststream"
     rows = run_io_suite(
         IoBenchConfig(
             log=f"kafka://{kafka_bootstrap}", records=400, handler_ms=5, concurrency=[20],
-            guarantees=["exactly-once"],
+            guarantees=["exactly-once"], faststream_python=str(FASTSTREAM_PYTHON),
         )
     )  # fmt: skip
-    assert [(r["system"], r["concurrency"]) for r in rows] == [("bare", 20), ("assured", 20)]
+    assert [(r["system"], r["guarantee"], r["concurrency"]) for r in rows] == [
+        ("faststream", "ack-first", 20),
+        ("bare", "none", 20),
+        ("assured", "exactly-once", 20),
+    ]
     assert all(r["records"] == 400 and r["p99_ms"] >= 5 for r in rows)
+    assert rows[0]["faststream_version"]  # what was measured is disclosed
+    fast, bare = rows[0], rows[1]
+    assert fast["vs_bare"] == pytest.approx(fast["records_per_s"] / bare["records_per_s"], rel=1e-2)

@@ -7,6 +7,12 @@ asyncio loop bounded by a semaphore (the same wait, no order, no guarantee: offs
 auto-committed, or on the embedded engine committed as polled). A read_committed reader of the
 outputs takes receive time minus stamp: the handler's wait plus what the guarantee adds.
 
+On Kafka, with ``faststream_python`` (a Python that has ``faststream[confluent]``; ``make
+bench-io`` makes ``.venv-faststream``), FastStream runs the same handler at its own setting for
+calls side by side, ``max_workers``. It takes that setting only with ``AckPolicy.ACK_FIRST``
+(each record acknowledged before its call, offsets committed automatically): its rows are
+labelled ``ack-first``, the nearest of assured's guarantees being at-most-once.
+
 A run handles ``records`` records, or fewer when the concurrency caps the rate: about
 ``seconds`` worth at the ceiling (``concurrency / handler_ms`` records/s), and at least
 ``min_records``. Database sinks are not here: they handle one record at a time in this version.
@@ -19,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from assured.bench.log_suite import machine_facts
@@ -28,6 +35,7 @@ from assured.log import Log, open_log
 __all__ = ["IO_TARGETS", "IoBenchConfig", "judge", "run_io_suite"]
 
 GUARANTEES = ("at-most-once", "at-least-once", "exactly-once")
+_FASTSTREAM_WORKER = Path(__file__).with_name("faststream_worker.py")
 
 
 @dataclass
@@ -39,11 +47,12 @@ class IoBenchConfig:
     handler_ms: float = 20.0
     concurrency: list[int] = field(default_factory=lambda: [1, 50, 200, 1000])
     guarantees: list[str] = field(default_factory=lambda: list(GUARANTEES))
-    systems: list[str] = field(default_factory=lambda: ["assured", "bare"])
+    systems: list[str] = field(default_factory=lambda: ["assured", "bare", "faststream"])
     seconds: float = 15.0  # a run's length at the ceiling rate, when records would take longer
     min_records: int = 300
     max_poll_records: int = 500
     worker_timeout_s: float = 900.0
+    faststream_python: str | None = None  # Kafka only: a Python that has faststream[confluent]
 
     @property
     def backend(self) -> str:
@@ -103,12 +112,13 @@ def _one(
                 "handler_ms": config.handler_ms,
                 "max_poll_records": max(config.max_poll_records, concurrency),
             }
-            role = "io-assured" if system == "assured" else "io-bare"
-            result = _run_worker(
-                [sys.executable, "-m", "assured.bench._io_workers", role, json.dumps(spec)],
-                config.worker_timeout_s,
-                name,
-            )
+            if system == "faststream":
+                assert config.faststream_python is not None
+                cmd = [config.faststream_python, str(_FASTSTREAM_WORKER), json.dumps(spec)]
+            else:
+                role = "io-assured" if system == "assured" else "io-bare"
+                cmd = [sys.executable, "-m", "assured.bench._io_workers", role, json.dumps(spec)]
+            result = _run_worker(cmd, config.worker_timeout_s, name)
             reader.wait(timeout=120)
             lines.close()
             latency = _last_json("\n".join(lines.lines))
@@ -121,9 +131,9 @@ def _one(
         log.close()
     if latency["samples"] < records:
         raise RuntimeError(f"{name}: the reader saw {latency['samples']} of {records} outputs")
-    return {
+    row = {
         "system": system,
-        "guarantee": guarantee if system == "assured" else "none",
+        "guarantee": guarantee,
         "sink": "topic",
         "log": config.backend,
         "concurrency": concurrency,
@@ -139,6 +149,9 @@ def _one(
         "others_cores": result.get("others_cores"),
         "max_poll_records": max(config.max_poll_records, concurrency),
     }
+    if system == "faststream":
+        row["faststream_version"] = result.get("faststream_version")
+    return row
 
 
 def run_io_suite(
@@ -149,6 +162,13 @@ def run_io_suite(
     rows: list[dict[str, Any]] = []
     logs: list[Log] = [open_log(config.log)] if config.backend == "kafka" else []
     try:
+        if "faststream" in config.systems and config.faststream_python:
+            if config.backend != "kafka":
+                raise RuntimeError("FastStream runs on Kafka only: give a kafka:// log")
+            for c in config.concurrency:
+                say(f"FastStream (max_workers, ack-first), concurrency {c}")
+                rows.append(_one(bench, config, "faststream", "ack-first", c))
+                say(f"  {rows[-1]['records_per_s']:,.0f} records/s")
         if "bare" in config.systems:
             for c in config.concurrency:
                 say(f"bare asyncio loop, concurrency {c}")
@@ -165,7 +185,7 @@ def run_io_suite(
         bare = {r["concurrency"]: r for r in rows if r["system"] == "bare"}
         for r in rows:
             peer = bare.get(r["concurrency"])
-            if r["system"] == "assured" and peer and peer["records_per_s"]:
+            if r["system"] != "bare" and peer and peer["records_per_s"]:
                 r["vs_bare"] = round(r["records_per_s"] / peer["records_per_s"], 3)
     finally:
         bench.cleanup(logs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -176,6 +177,12 @@ def bench(
         "--quix-python",
         help="runtime on Kafka: a Python that has quixstreams (make bench makes .venv-quix).",
     ),
+    faststream_python: str | None = typer.Option(
+        None,
+        "--faststream-python",
+        help="io on Kafka: a Python that has faststream[confluent] (make bench-io makes "
+        ".venv-faststream).",
+    ),
     commit_mode: str = typer.Option(
         "adaptive",
         "--commit-mode",
@@ -217,7 +224,10 @@ def bench(
     if Path(results_dir).exists() and not Path(results_dir).is_dir():
         _fail(f"--results-dir {results_dir!r} is a file; the results go in a folder")
     if suite == "io":
-        _io(log, json_out, records or 100_000, Path(results_dir), concurrency, handler_ms)
+        _io(
+            log, json_out, records or 100_000, Path(results_dir), concurrency, handler_ms,
+            faststream_python,
+        )  # fmt: skip
         return
     if suite == "runtime":
         _runtime(
@@ -272,7 +282,13 @@ def _kafka_or_folder(log: str, suite: str) -> str:
 
 
 def _io(
-    log: str, json_out: bool, records: int, out: Path, concurrency: str, handler_ms: float
+    log: str,
+    json_out: bool,
+    records: int,
+    out: Path,
+    concurrency: str,
+    handler_ms: float,
+    faststream_python: str | None,
 ) -> None:
     from assured.bench.io_suite import IoBenchConfig, markdown, run_io_suite
     from assured.errors import AssuredError
@@ -286,7 +302,17 @@ def _io(
         _fail(f"--concurrency {concurrency!r}: whole numbers of 1 or more, comma-separated")
     if handler_ms <= 0:
         _fail("--handler-ms must be above 0: the io suite measures handlers that wait")
-    config = IoBenchConfig(log=log, records=records, handler_ms=handler_ms, concurrency=levels)
+    if faststream_python and not shutil.which(faststream_python):
+        _fail(f"--faststream-python {faststream_python!r}: no such program")
+    if faststream_python and not log.startswith("kafka://"):
+        _fail("--faststream-python: FastStream runs on Kafka only; give --log kafka://HOST:PORT")
+    config = IoBenchConfig(
+        log=log,
+        records=records,
+        handler_ms=handler_ms,
+        concurrency=levels,
+        faststream_python=faststream_python,
+    )
     progress = Console(stderr=True)
     try:
         rows = run_io_suite(config, progress=lambda m: progress.print(f"io: {m}"))
