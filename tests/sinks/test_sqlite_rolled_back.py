@@ -74,3 +74,29 @@ def test_nothing_runs_after_sqlite_ended_the_transaction(tmp_path: Path) -> None
         tx.execute("INSERT INTO t VALUES ('b')")  # would commit alone
     with sqlite3.connect(tmp_path / "sink.db") as db:
         assert list(db.execute("SELECT v FROM t")) == []
+
+
+def test_a_handler_that_swallows_the_end_and_writes_on_the_raw_connection_commits_nothing(
+    tmp_path: Path,
+) -> None:
+    """SQLite ended the transaction (a full disk); the handler catches the error and goes on
+    through ``db.connection``, the raw connection. Old code: that statement ran with no
+    transaction open and committed at once, while the batch was redone: its effect twice.
+    Now the sink opens a transaction again as soon as it sees the end, so what follows runs
+    inside it, and it is rolled back with the batch."""
+    sink = SqliteSink(str(tmp_path / "sink.db"))
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE t (v TEXT)")
+    with sink, pytest.raises(SinkUnavailableError, match="rolled"), sink.transaction() as tx:  # noqa: PT012
+        tx.execute("INSERT INTO t VALUES ('a')")
+        pages = tx.execute("PRAGMA page_count").fetchone()[0]
+        tx.execute(f"PRAGMA max_page_count={pages}")
+        try:
+            for _ in range(50):  # until the disk is full and SQLite gives the transaction up
+                tx.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+        except SinkUnavailableError:
+            pass  # swallowed, as a careless handler would
+        tx.connection.execute("PRAGMA max_page_count=1073741823")
+        tx.connection.execute("INSERT INTO t VALUES ('after')")  # the raw connection
+    with sqlite3.connect(tmp_path / "sink.db") as db:
+        assert list(db.execute("SELECT v FROM t")) == []

@@ -48,20 +48,31 @@ class _SqliteTransaction(SinkTransaction):
     ):
         super().__init__(sink, group, incarnations)
         self._conn = conn
+        self.ended = False  # SQLite ended the transaction by itself: nothing of it commits
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         """``sql`` inside the transaction. SQLite ends a transaction by itself on some errors
         (a full disk, an I/O error, running out of memory); a statement after that would run
         on its own and commit at once, so none runs: the transaction's end is the database's
-        failure (:class:`SinkUnavailableError`: redo the batch), never a handler's."""
-        if not self._conn.in_transaction:
-            raise _rolled_back(None)
+        failure (:class:`SinkUnavailableError`: redo the batch), never a handler's. Seen here,
+        the end is followed at once by a new transaction that is only ever rolled back, so
+        that a handler that swallows the error and goes on through ``connection`` writes
+        nothing that commits."""
+        if self.ended or not self._conn.in_transaction:
+            self._end(None)
         try:
             return self._conn.execute(sql, params)
         except sqlite3.Error as e:
             if not self._conn.in_transaction:
-                raise _rolled_back(e) from e
+                self._end(e)
             raise
+
+    def _end(self, cause: BaseException | None) -> NoReturn:
+        if not self.ended:
+            self.ended = True
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("BEGIN")  # a transaction for strays, rolled back at the end
+        raise _rolled_back(cause) from cause
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -175,8 +186,9 @@ class SqliteSink(Sink):
     ) -> Iterator[SinkTransaction]:
         conn = self._connect()
         self._locked(conn, "BEGIN IMMEDIATE")
+        tx = _SqliteTransaction(self, conn, group, incarnations)
         try:
-            yield _SqliteTransaction(self, conn, group, incarnations)
+            yield tx
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -186,7 +198,9 @@ class SqliteSink(Sink):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._lose(moved)
-        if not conn.in_transaction:  # ended by the database (a handler swallowed the error)
+        if tx.ended or not conn.in_transaction:  # ended by the database, error swallowed
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")  # what strays wrote after the end
             raise _rolled_back(None)
         try:
             conn.execute("COMMIT")
