@@ -41,3 +41,9 @@ def entries(n: int = 60) -> list[dict[str, Any]]:
 
 def broken() -> list[dict[str, Any]]:
     raise RuntimeError("no entries today")
+
+
+# An App that reads its own dead letters: a second stage, refused by the audit.
+two_stages = App(log="embedded:///nonexistent/log.db", group="ledger-2", guarantee="exactly-once")
+two_stages.handler("entries", sink=sink, value_codec="json")(enter)
+two_stages.handler("entries.dlq", sink=sink)(lambda msg, db: None)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from assured.audit.apps import ID_HEADER, AppTarget, read_inputs
+from assured.audit.apps import ID_HEADER, AppTarget, _copy_sqlite, read_inputs
 from assured.cli import app as cli
 from assured.errors import ConfigError
 from assured.log import open_log
@@ -140,7 +140,7 @@ def audit_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, *ar
     sys.modules.pop("ledger", None)  # imported again in this mode
     given = args if "--input" in args else (*args, "--input", "entries=ledger:entries")
     result = CliRunner().invoke(cli, ["audit", "--json", *LEDGER, *given])
-    rows = json.loads(result.stdout) if result.exit_code in (0, 1) and result.stdout else None
+    rows = json.loads(result.stdout) if result.exit_code in (0, 1, 3) and result.stdout else None
     return result.exit_code, rows, result.stderr
 
 
@@ -184,7 +184,7 @@ def test_an_audit_where_no_fault_landed_is_inconclusive(
         tmp_path, monkeypatch, "ok", "--kills", "10", "--faults", "sigkill", "--input",
         f"entries={path}",
     )  # fmt: skip
-    assert code == 1, stderr
+    assert code == 3, stderr  # not a failure, not a pass
     assert rows[0]["verdict"] == "inconclusive"
     assert "no planned fault landed" in rows[0]["reasons"][-1]
 
@@ -196,3 +196,25 @@ def test_an_app_that_stops_as_it_starts_ends_the_audit_with_its_error(
     assert code == 1
     assert "3 times in a row" in stderr
     assert "the ledger's client is broken" in stderr
+
+
+def test_the_copy_drops_the_runtimes_tables_by_name_and_keeps_the_apps(tmp_path: Path) -> None:
+    source, copy = tmp_path / "app.db", tmp_path / "copy.db"
+    with contextlib.closing(sqlite3.connect(source)) as conn:
+        for table in ("assured_offsets", "assured_dead_letters", "assured_notes", "Assured_Log"):
+            conn.execute(f"CREATE TABLE {table} (x TEXT)")
+        conn.commit()
+    _copy_sqlite(source, copy)
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        kept = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
+    assert kept == ["Assured_Log", "assured_notes"]
+
+
+def test_an_app_that_reads_its_own_dead_letters_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its second stage would still be at work when the audit, which counts only what it sent,
+    judges the run."""
+    code, _, stderr = audit_ledger(tmp_path, monkeypatch, "ok", "--app", "ledger:two_stages")
+    assert code == 2
+    assert "reads 'entries.dlq', which it also writes" in stderr

@@ -49,6 +49,14 @@ __all__ = [
 
 ID_HEADER = "assured.audit.id"
 READ_COMMITTED: Isolation = "read_committed"
+# The runtime's own tables in a sink's database (see assured.sinks._base.ddl).
+RUNTIME_TABLES = (
+    "assured_offsets",
+    "assured_inbox",
+    "assured_inbox_v1",
+    "assured_dead_letters",
+    "assured_dead_letter_relays",
+)
 # Faults that need no help from the handler: the App's own code runs untouched, so the fates the
 # audit's own handler acts out (handler-errors, slow-handler, zombie, disk-full) cannot be played.
 APP_FAULTS = (
@@ -340,15 +348,8 @@ def _copy_sqlite(source: Path, copy: Path) -> None:
         src = sqlite3.connect(source)
     with contextlib.closing(src), contextlib.closing(sqlite3.connect(copy)) as dst:
         src.backup(dst)
-        tables = [
-            name
-            for (name,) in dst.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'assured\\_%' "
-                "ESCAPE '\\'"
-            )
-        ]
-        for name in tables:
-            dst.execute(f'DROP TABLE "{name}"')
+        for name in RUNTIME_TABLES:  # by name: an App's own table may start with assured_ too
+            dst.execute(f"DROP TABLE IF EXISTS {name}")
         dst.commit()
 
 
@@ -391,7 +392,7 @@ class AppPlan:
                 f"--input {unknown[0]}=...: the App has no handler for {unknown[0]!r}; it reads "
                 + ", ".join(map(repr, self.inputs))
             )
-        internal = sorted(set(self.inputs) & set(self.outputs))
+        internal = sorted(set(self.inputs) & {*self.outputs, *self.dead_letters})
         if internal:
             raise ConfigError(
                 f"--app {target.app}: the App reads {internal[0]!r}, which it also writes; the "
@@ -447,8 +448,9 @@ class AppPlan:
         if self._sqlite_file is None:
             return
         self.sink_path = self.db = str(workdir / "sink.db")
-        if self.target.effects_db is None:
-            self.effects_db = self.db
+        given = self.target.effects_db
+        if given is None or Path(self.effects_db).resolve() == self._sqlite_file.resolve():
+            self.effects_db = self.db  # the App's file: its copy is what the processors write
         if self._sqlite_file.exists():
             try:
                 _copy_sqlite(self._sqlite_file, Path(self.sink_path))
@@ -483,12 +485,15 @@ class AppPlan:
                 for table, what in (
                     ("assured_offsets", "positions"),
                     ("assured_inbox", "deliveries"),
+                    ("assured_inbox_v1", "deliveries"),  # kept by message alone, any group
                     ("assured_dead_letters", "dead letters"),
                 ):
+                    where = "" if table == "assured_inbox_v1" else " WHERE group_id = %s"
+                    params = () if table == "assured_inbox_v1" else (self.group,)
                     try:
                         row = pg.execute(
-                            f"SELECT count(*) FROM {table} WHERE group_id = %s",  # noqa: S608 -- our names
-                            (self.group,),
+                            f"SELECT count(*) FROM {table}{where}",  # noqa: S608 -- our names
+                            params,
                         ).fetchone()
                     except psycopg.errors.UndefinedTable:
                         continue

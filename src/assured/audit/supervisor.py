@@ -198,6 +198,7 @@ class _Slot:
         self.wanted = True  # restarted when it dies (a rebalance parks it)
         self.started_at = 0.0
         self.quick_failures = 0  # exits of its own, each soon after its start, in a row
+        self.dying = False  # sent SIGKILL, not yet restarted
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -409,12 +410,14 @@ def run_audit(cfg: AuditConfig) -> Findings:
     _count_fired(run, history or History())
     findings.faults = dict(run.faults)
     landed = any(findings.faults.values())
-    if plan is not None and cfg.kills and not landed and findings.verdict == "pass":
+    if plan is not None and not landed and findings.verdict == "pass":
         # Nothing was tried: a pass would claim what was not shown (a failure stands).
         findings.verdict = "inconclusive"
         findings.reasons.append(
             "no planned fault landed before the input ran out: give more input, or a longer "
             "--handle-delay-ms"
+            if cfg.kills
+            else "no fault was planned (--kills 0): the App ran without a crash"
         )
     findings.seconds = round(time.monotonic() - started, 2)
     run.event("checked", verdict=findings.verdict)
@@ -588,14 +591,18 @@ _QUICK_S, _QUICK_EXITS = 5.0, 3
 def _app_failing(run: _Run, slot: _Slot, code: int, now: float) -> None:
     """Stop the audit of an App whose processor keeps failing as it starts, with its error,
     rather than restart it until the audit's timeout."""
-    if code > 0 and now - slot.started_at < _QUICK_S:
+    planned = code in (0, -signal.SIGKILL, -signal.SIGTERM)  # the audit's doing, or drained
+    if not planned and now - slot.started_at < _QUICK_S:
         slot.quick_failures += 1
-    else:
+    elif code == 0 or now - slot.started_at >= _QUICK_S:
         slot.quick_failures = 0
     if slot.quick_failures >= _QUICK_EXITS:
+        log = run.workdir / f"processor-{slot.index}.log"
+        lines = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
         raise HarnessError(
             f"the App's processor exited with {code}, {_QUICK_EXITS} times in a row within "
-            f"{_QUICK_S:.0f} s of starting; its last lines:{_tail(run).split(':', 1)[-1]}"
+            f"{_QUICK_S:.0f} s of starting; the end of {log.name}:\n"
+            + "\n".join(line[:300] for line in lines)
         )
 
 
@@ -634,6 +641,7 @@ def _start(run: _Run, slot: _Slot) -> None:
     env = dict(run.env)
     slot.armed = False
     slot.terminating = False
+    slot.dying = False
     if run.stuck_plan and (slot.starts == 0 or not run.crash_plan):
         # A slot's first start (or any, once crash points run out), with no crash point to
         # cut it short: the stuck producer must be replaced for the slot to go on.
@@ -705,7 +713,11 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
     if kind == "write-stall" and run.cfg.log_url.startswith("kafka:"):
         _stall_broker(run)
         return
-    live = [s for s in slots if s.alive() and not s.stopped_until and not s.terminating]
+    live = [
+        s
+        for s in slots
+        if s.alive() and not (s.stopped_until or s.terminating or s.dying) and _settled(run, s)
+    ]
     if not live:  # everyone is down or frozen: try again a little later
         _later(run, kind)
         return
@@ -719,10 +731,21 @@ def _inject(run: _Run, slots: list[_Slot], kind: str) -> None:
         os.kill(slot.proc.pid, sig)
     if kind == "sigterm":
         slot.terminating = True
+    if kind == "sigkill":
+        slot.dying = True  # not picked again before it is reaped and restarted
     if kind == "sigstop":  # a zombie: frozen past its session timeout, then back
         slot.stopped_until = time.monotonic() + 2 * run.tuning.session_timeout_ms / 1000
     run.faults[kind] += 1
     run.event(kind, slot=slot.index, pid=slot.proc.pid)
+
+
+# A processor of a user's App is a target once it has been up this long: one signalled as it
+# starts has run none of the App's code (nor set up its signal handlers), and shows nothing.
+_APP_SETTLE_S = 0.5
+
+
+def _settled(run: _Run, slot: _Slot) -> bool:
+    return run.plan is None or time.monotonic() - slot.started_at >= _APP_SETTLE_S
 
 
 def _later(run: _Run, kind: str) -> None:

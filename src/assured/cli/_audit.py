@@ -220,7 +220,8 @@ def audit(
     ),
 ) -> None:
     """Crash processors on purpose and count what was lost, duplicated or read from aborted
-    transactions. Exits 1 when any audited guarantee fails its verdict. Every option is
+    transactions. Exits 1 when any audited guarantee fails its verdict (3 when none fails and
+    one is inconclusive: an audit of an App where no fault landed). Every option is
     checked before the first run; the work folder in /tmp goes afterwards unless --keep.
 
     With --app, your own App is audited: assured audit --app payments:app --input
@@ -297,8 +298,16 @@ def audit(
         print(json.dumps([f.as_json() for f in results], indent=2))
     else:
         console.print(table(results))
-    if any(f.verdict != "pass" for f in results):
+    _exit_for(results)
+
+
+def _exit_for(results: list[Findings]) -> None:
+    """Exit 1 when a verdict failed; 3 when none failed and one is inconclusive (nothing
+    failed, and not everything was shown)."""
+    if any(f.verdict == "fail" for f in results):
         raise typer.Exit(1)
+    if any(f.verdict != "pass" for f in results):
+        raise typer.Exit(3)
 
 
 def _delay(given: float | None, target: AppTarget | None) -> float:
