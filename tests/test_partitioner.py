@@ -22,18 +22,24 @@ JAVA_MURMUR2 = [
 
 
 @pytest.mark.parametrize(("key", "expected"), JAVA_MURMUR2)
-@pytest.mark.parametrize("hash_of", [murmur2, murmur2_python], ids=["compiled", "python"])
+@pytest.mark.parametrize("hash_of", [murmur2, murmur2_python], ids=["cached", "python"])
 def test_murmur2_matches_java(key: str, expected: int, hash_of: Callable[[bytes], int]) -> None:
     assert hash_of(key.encode()) == expected
 
 
-def test_the_compiled_hash_is_in_use() -> None:
-    assert murmur2 is not murmur2_python  # murmurhash2 is a dependency: its wheel is installed
-
-
 @given(st.binary(max_size=300))
-def test_the_compiled_hash_agrees_with_the_python_one(key: bytes) -> None:
+def test_the_cached_hash_agrees_with_the_python_one(key: bytes) -> None:
     assert murmur2(key) == murmur2_python(key)
+    assert murmur2(key) == murmur2_python(key)  # from the cache the second time
+
+
+def test_the_cache_is_bounded() -> None:
+    """Keys that never repeat (ids) must not grow the process without end."""
+    for i in range(70_000):
+        murmur2(b"unique-%d" % i)
+    info = murmur2.cache_info()
+    assert info.maxsize == 65_536
+    assert info.currsize <= info.maxsize
 
 
 def test_partition_is_the_positive_hash_modulo_partitions() -> None:
