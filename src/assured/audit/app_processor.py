@@ -13,19 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import faulthandler
 import functools
-import logging
 import os
-import signal
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from assured.audit.apps import load_app
-from assured.audit.processor import _History, _ProducersWith, _stop_with_parent
+from assured.audit.processor import _History, _ProducersWith, as_a_processor
 from assured.log import open_log
 from assured.runtime._handling import HandlerSpec
 from assured.sinks import SqliteSink
@@ -71,15 +67,7 @@ def _paused(spec: HandlerSpec, delay: float) -> HandlerSpec:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    _stop_with_parent()
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s slot={args.slot} pid={os.getpid()} %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("assured.runtime").setLevel(logging.DEBUG)
+    as_a_processor(args.slot)
     os.chdir(args.folder)
     app = load_app(args.app, args.folder)
     log = open_log(args.log)

@@ -39,7 +39,7 @@ from assured.runtime import App, Message, Output
 from assured.runtime.crashpoints import freeze_at
 from assured.sinks import PostgresSink, Sink, SinkTransaction, SqliteSink
 
-__all__ = ["EFFECTS_DDL", "OVERSIZE", "main"]
+__all__ = ["EFFECTS_DDL", "OVERSIZE", "as_a_processor", "main"]
 
 EFFECTS_DDL = {
     "sqlite": "CREATE TABLE IF NOT EXISTS audit_effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -176,8 +176,8 @@ def _open(args: argparse.Namespace) -> Log:
     return log
 
 
-def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler per sink kind
-    args = _parse(argv)
+def as_a_processor(slot: int) -> None:
+    """What every processor the audit starts does first: signals, its log, and its end."""
     # Until the App takes over SIGTERM, a stop means nothing was consumed yet: exit cleanly.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     # A stuck run ends with SIGUSR1 from the audit: every thread's stack goes to our log.
@@ -185,11 +185,16 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
     _stop_with_parent()
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s slot={args.slot} pid={os.getpid()} %(levelname)s %(message)s",
+        format=f"%(asctime)s slot={slot} pid={os.getpid()} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     # Every commit and abort with the positions it covered: what explains an anomaly.
     logging.getLogger("assured.runtime").setLevel(logging.DEBUG)
+
+
+def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler per sink kind
+    args = _parse(argv)
+    as_a_processor(args.slot)
     slot = args.slot
     run = uuid.uuid4().hex[:10]
     app = App(

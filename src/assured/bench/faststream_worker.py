@@ -17,27 +17,16 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 from typing import Any
 
-
-def _peak_rss_mb() -> float:
-    """VmHWM: the kernel's high-water mark of resident memory."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+try:
+    from assured.bench._outside import Clock, version
+except ImportError:  # run as a script in FastStream's virtualenv: this folder is on sys.path
+    from _outside import Clock, version  # type: ignore[import-not-found,no-redef]
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
-
-
-async def _run(spec: dict[str, Any], state: dict[str, float]) -> None:
+async def _run(spec: dict[str, Any], clock: Clock) -> None:
     from faststream import AckPolicy  # type: ignore[import-not-found]
     from faststream.confluent import KafkaBroker, KafkaMessage  # type: ignore[import-not-found]
 
@@ -54,14 +43,12 @@ async def _run(spec: dict[str, Any], state: dict[str, float]) -> None:
         ack_policy=AckPolicy.ACK_FIRST,
     )
     async def call(body: bytes, msg: KafkaMessage) -> None:
-        if state["seen"] == 0:
-            state["first"] = time.perf_counter()
-            state["cpu_first"] = time.process_time()
         began = b"%020d" % time.time_ns()
+        clock.start()  # at the first call, as the other io workers
         await asyncio.sleep(wait)
         await broker.publish(began, spec["output"], key=msg.raw_message.key())
-        state["seen"] += 1
-        if state["seen"] >= records:
+        clock.tick()
+        if clock.seen >= records:
             done.set()
 
     async with broker:
@@ -70,42 +57,10 @@ async def _run(spec: dict[str, Any], state: dict[str, float]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    import psutil
-
     spec = json.loads(argv[0])
-    proc = psutil.Process()
-    samples: list[tuple[float, float]] = []
-    stop = threading.Event()
-
-    def sample() -> None:  # RSS every 50 ms, as the other workers do
-        while not stop.wait(0.05):
-            samples.append((time.perf_counter(), proc.memory_info().rss / 2**20))
-
-    threading.Thread(target=sample, daemon=True).start()
-    state = {"seen": 0.0, "first": 0.0, "cpu_first": 0.0}
-    asyncio.run(_run(spec, state))
-    stop.set()
-    seconds = time.perf_counter() - state["first"] if state["seen"] else 0.0
-    cpu = time.process_time() - state["cpu_first"] if state["seen"] else 0.0
-    seen = int(state["seen"])
-    warm = [rss for t, rss in samples if t >= state["first"] + seconds / 10]
-    print(
-        json.dumps(
-            {
-                "processed": seen,
-                "seconds": round(seconds, 4),
-                "records_per_s": round(seen / seconds, 1) if seconds > 0 else 0.0,
-                "cpu_s": round(cpu, 3),
-                "cpu_us_per_record": round(cpu * 1e6 / seen, 2) if seen else 0.0,
-                "cpu_cores": round(cpu / seconds, 3) if seconds > 0 else 0.0,
-                "rss_warm_mb": round(warm[0] if warm else 0.0, 1),
-                "peak_rss_mb": round(_peak_rss_mb(), 1),
-                "faststream_version": _version("faststream"),
-                "confluent_kafka_version": _version("confluent-kafka"),
-            }
-        ),
-        flush=True,
-    )
+    clock = Clock()
+    asyncio.run(_run(spec, clock))
+    print(json.dumps(clock.result(faststream_version=version("faststream"))), flush=True)
     return 0
 
 
