@@ -74,8 +74,8 @@ FIXES: dict[str, dict[str, Any]] = {
         "kills": 0,
         "shows": ("duplicate", "refused-effect", "effect-and-dead-letter"),
     },
-    # issue 14: records side by side, positions committed past records still in flight
-    "commit-dispatched": {
+    # issue 14: records side by side, positions committed past the highest handled record
+    "commit-highest-completed": {
         "guarantee": "exactly-once",
         "faults": ("crash-points",),
         "kills": 4,

@@ -21,15 +21,14 @@ one rule the runtime keeps, in as few lines as it takes:
 - ``keep-failed-attempts`` (fix 8 undone): exactly-once, but an output is sent as soon as the
   handler calls ``send``, not when the call returns: a failed attempt's outputs stay, so a
   retry repeats them and a dead-lettered record has effects too (shown by ``handler-errors``);
-- ``commit-dispatched`` (issue 14): exactly-once with records side by side, but a batch counts
-  as handled once each of its records has started: positions are committed past records still
-  in flight, which are lost if the process dies, or the run ends, before they finish (shown
-  by ``--concurrency`` with ``--handler-latency-ms``).
+- ``commit-highest-completed`` (issue 14): exactly-once with records side by side, but each
+  partition's position is committed past its highest handled record, not its contiguous
+  handled prefix: records below it still in flight are lost if the process dies before they
+  finish (shown by ``--concurrency`` with ``--handler-latency-ms`` and ``sigkill``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from typing import Any
 
 from assured.errors import AssuredError, DeliveryError
 from assured.log import Header, Producer, Record, TopicPartition
-from assured.runtime._concurrent import handle_concurrently
+from assured.runtime._concurrent import Window
 from assured.runtime._handling import HandlerSpec, Output
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, Runtime, next_offsets
@@ -162,23 +161,37 @@ class KeepsFailedAttempts(ExactlyOnce):
         self.rt._output = output  # type: ignore[method-assign]  # the bug: Output of v1
 
 
-class CommitsDispatchedRecords(ExactlyOnce):
-    """Hands a batch of concurrent records back once each has *started*, not finished: the
-    transaction commits positions past records still in flight, whose outputs land in a later
-    transaction, or never (a crash, or the end of the run)."""
+class _HighestCompleted(Window):
+    """Each partition's position is taken past its highest handled record, not its contiguous
+    handled prefix: records below it still running are passed over."""
+
+    highest: dict[TopicPartition, int]
+
+    def prefix(self) -> tuple[dict[TopicPartition, int], int]:
+        highest = self.__dict__.setdefault("highest", {})
+        moved: dict[TopicPartition, int] = {}
+        n = 0
+        for tp, q in self.entries.items():
+            done = [e for e in q if e.done]
+            for entry in done:
+                q.remove(entry)
+                self._release(entry)
+            n += len(done)
+            top = max((e.record.offset + 1 for e in done), default=0)
+            if top > highest.get(tp, 0):
+                moved[tp] = highest[tp] = top  # the bug: past whatever still runs below
+        self.count -= n
+        return moved, n
+
+
+class CommitsHighestCompleted(ExactlyOnce):
+    """Exactly-once with records side by side, but each transaction commits the positions past
+    the highest handled record of each partition instead of its contiguous handled prefix: a
+    slower record below it is still running, and is lost if the process dies before it ends."""
 
     def start(self) -> None:
         super().start()
-        rt = self.rt
-        running: set[asyncio.Future[None]] = set()
-
-        async def dispatch(*args: Any) -> None:
-            task = asyncio.ensure_future(handle_concurrently(*args))
-            running.add(task)
-            task.add_done_callback(running.discard)
-            await asyncio.sleep(0)  # every lane has begun its first record: "handled"
-
-        rt._concurrently = dispatch  # type: ignore[assignment]  # the bug
+        self.rt.window_class = _HighestCompleted  # the bug
 
 
 PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
@@ -188,7 +201,7 @@ PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "commit-past-failed-write": CommitsPastFailedWrites,
     "dead-letters-outside-database": DeadLettersOutsideTheDatabase,
     "keep-failed-attempts": KeepsFailedAttempts,
-    "commit-dispatched": CommitsDispatchedRecords,
+    "commit-highest-completed": CommitsHighestCompleted,
 }
 
 

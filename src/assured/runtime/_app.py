@@ -339,25 +339,30 @@ class App:
     ) -> None:
         s = self.settings
         size = _BatchSize(s, self._specs)
+        rt = protocol.rt
         while not self._stop.is_set():
             want = size.now
-            records: list[Record] = consumer.poll(want, s.poll_timeout_ms / 1000)
+            # Records side by side still running: poll without waiting long, and let them go on.
+            in_flight = rt.in_flight()
+            timeout = s.poll_timeout_ms / 1000 if not in_flight else 0.0
+            records: list[Record] = consumer.poll(want, timeout)
             # Less than a full batch, and the client holds nothing fetched beyond it: caught up.
             caught_up = len(records) < want and not consumer.maybe_more_fetched()
-            if records:
+            if records or in_flight:
                 if max_messages is not None and stats.processed + len(records) > max_messages:
                     records = self._keep(consumer, records, max_messages - stats.processed)
-                handled = protocol.rt.handling_s
+                handled = rt.handling_s
                 protocol.process(records)
-                size.took(len(records), protocol.rt.handling_s - handled)
-                stats.processed += len(records)
-                watch.records()
+                if records:
+                    size.took(len(records), rt.handling_s - handled)
+                    stats.processed += len(records)
+                    watch.records()
             protocol.tick(caught_up)
             if max_messages is not None and stats.processed >= max_messages:
                 stats.stopped_by = "max_messages"
                 return
             watch.tick()
-            if until_idle is not None and watch.idle(until_idle, caught_up):
+            if until_idle is not None and watch.idle(until_idle, caught_up and not rt.in_flight()):
                 stats.stopped_by = "idle"
                 return
         stats.stopped_by = stats.stopped_by or "stop"

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from assured.errors import AssuredError, UsageError
-from assured.log import Producer, Record
+from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime._handling import (
     DeadLetterSink,
     HandlerSpec,
@@ -46,10 +47,10 @@ from assured.runtime.metrics import RuntimeMetrics
 __all__ = [
     "EventLoop",
     "InsideEventLoopError",
+    "Window",
     "blocking",
-    "handle_concurrently",
     "is_async",
-    "lanes",
+    "lane_of",
     "outside_event_loops",
 ]
 
@@ -155,19 +156,14 @@ async def _awaited(result: Awaitable[T]) -> T:
     return await result
 
 
-def lanes(records: Sequence[Record], ordering: Ordering) -> list[list[Record]]:
-    """``records`` (in the order polled) split into lanes that may run side by side; each lane
-    in offset order."""
+def lane_of(record: Record, ordering: Ordering) -> tuple[Any, ...] | None:
+    """The lane ``record`` runs in: records of one lane never overlap and run in offset order
+    (None: a lane of its own)."""
     if ordering == "unordered":
-        return [[r] for r in records]
-    by: dict[tuple[Any, ...], list[Record]] = {}
+        return None
     if ordering == "partition":
-        for r in records:
-            by.setdefault((r.topic, r.partition), []).append(r)
-    else:
-        for r in records:
-            by.setdefault((r.topic, r.partition, r.key), []).append(r)
-    return list(by.values())
+        return (record.topic, record.partition)
+    return (record.topic, record.partition, record.key)
 
 
 def _worst(errors: list[BaseException]) -> BaseException:
@@ -182,77 +178,211 @@ def _worst(errors: list[BaseException]) -> BaseException:
     return errors[0]
 
 
-async def handle_concurrently(
-    spec: HandlerSpec,
-    records: Sequence[Record],
-    producer: Producer | None,
-    dead_letters: DeadLetterSink,
-    metrics: RuntimeMetrics,
-    guarantee: str,
-    transactional: bool,
-    transaction: Callable[[], str | None],
-    threads: ThreadPoolExecutor | None,
-) -> None:
-    """``records`` through ``spec``'s handler, up to ``spec.concurrency`` at a time, lanes as
-    ``spec.ordering`` says. Returns when every record is handled (or dead-lettered); raises the
-    first error that is not a record's own fault, once every record already running is done."""
-    batch = _Batch(spec, producer, dead_letters, metrics, guarantee, transactional, transaction)
-    await batch.run(records, threads)
+class _Entry:
+    """One record in the window: its outputs and dead letters (held until its position is
+    committed, under exactly-once), and whether its handling is over."""
+
+    __slots__ = ("done", "letters", "out", "record", "task")
+
+    def __init__(self, record: Record, out: Output | None):
+        self.record = record
+        self.out = out
+        self.letters: list[tuple[str, Record, list[Header]]] = []
+        self.done = False
+        self.task: asyncio.Future[None] | None = None
 
 
-class _Batch:
+class Window:
+    """One handler's records in flight, across polls and commits (see the module's docstring).
+
+    :meth:`step` takes a polled batch (or none) and runs the App's loop until the window has
+    room for another poll, or until it is empty (``complete``); :meth:`prefix` then gives each
+    partition's contiguous handled prefix, which is all a protocol may commit. Under
+    exactly-once a record's outputs and dead letters are held until its position is in that
+    prefix: a transaction never holds the outputs of a record whose position it does not
+    commit. Above the prefix, records go on running while the protocol commits below it."""
+
     def __init__(
         self,
         spec: HandlerSpec,
-        producer: Producer | None,
-        dead_letters: DeadLetterSink,
         metrics: RuntimeMetrics,
         guarantee: str,
-        transactional: bool,
-        transaction: Callable[[], str | None],
+        threads: ThreadPoolExecutor | None,
+        room: int,
     ):
         self.spec = spec
-        self.producer = producer if spec.output is not None else None
-        self.dead_letters = dead_letters
         self.metrics = metrics
         self.guarantee = guarantee
-        self.transactional = transactional
-        self.transaction = transaction
         self.labels = (guarantee, spec.topic)
-        self.gate = asyncio.Semaphore(spec.concurrency)
-        self.stopped: list[BaseException] = []  # errors that give the batch up
-        self.threads: ThreadPoolExecutor | None = None
-
-    async def run(self, records: Sequence[Record], threads: ThreadPoolExecutor | None) -> None:
         self.threads = threads
-        tasks = [
-            asyncio.ensure_future(self.lane(mine)) for mine in lanes(records, self.spec.ordering)
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            # Cancelled from outside (a second signal): the records running are given up.
-            for task in tasks:
-                task.cancel()
-            raise
-        if self.stopped:
-            raise _worst(self.stopped)
+        self.room = room  # records in flight at most before a step waits for some to finish
+        self.entries: dict[TopicPartition, deque[_Entry]] = {}
+        self.count = 0  # entries in the window
+        self.unfinished = 0  # entries whose handling is not over
+        self.finished = 0  # entries whose handling ended, ever (a clock for step())
+        self.tails: dict[Any, asyncio.Future[None]] = {}  # lane -> its last record's end
+        self.stopped: list[BaseException] = []  # errors that give the window up
+        self.changed: asyncio.Event | None = None
+        self.gate: asyncio.Semaphore | None = None
+        # Set per step by the protocol: where outputs and dead letters go.
+        self.producer: Producer | None = None
+        self.dead_letters: DeadLetterSink | None = None
+        self.transactional = False
+        self.transaction: Callable[[], str | None] = lambda: None
 
-    async def lane(self, mine: list[Record]) -> None:
-        for record in mine:
+    # -- the protocol's side -----------------------------------------------------------------
+
+    def heads(self) -> dict[TopicPartition, int]:
+        """Each partition's first record still in the window: where a rewind must go back to."""
+        return {tp: q[0].record.offset for tp, q in self.entries.items() if q}
+
+    def prefix(self) -> tuple[dict[TopicPartition, int], int]:
+        """Take the handled records at the head of each partition out of the window: the
+        position after them per partition (those that moved), and how many. Under
+        exactly-once their held outputs and dead letters go out now, in offset order, into
+        the open transaction."""
+        moved: dict[TopicPartition, int] = {}
+        n = 0
+        for tp, q in self.entries.items():
+            while q and q[0].done:
+                entry = q.popleft()
+                self._release(entry)
+                moved[tp] = entry.record.offset + 1
+                n += 1
+        self.count -= n
+        if n:
+            self.metrics.processed.labels(*self.labels).inc(n)
+        return moved, n
+
+    def _release(self, entry: _Entry) -> None:
+        if not self.transactional:
+            return  # sent when the handler returned
+        assert self.dead_letters is not None
+        for topic, record, headers in entry.letters:
+            self.dead_letters(topic, record, headers)
+        if entry.out is not None and entry.out._pending:
+            entry.out._release(entry.record)
+
+    async def step(self, records: Sequence[Record], complete: bool) -> None:
+        """Put ``records`` in the window, then run until it has room for the next poll and
+        something finished (or 10 ms passed), or, ``complete``, until every record in it is
+        handled. Raises the first error that is not a record's own fault, once no record of
+        the window is running any more."""
+        if self.changed is None:
+            self.changed = asyncio.Event()
+            self.gate = asyncio.Semaphore(self.spec.concurrency)
+        for record in records:
+            self._dispatch(record)
+        seen = self.finished
+        while True:
             if self.stopped:
+                if not any(
+                    e.task is not None and not e.task.done()
+                    for q in self.entries.values()
+                    for e in q
+                ):
+                    raise _worst(self.stopped)
+            elif not self.unfinished or (
+                not complete and self.finished > seen and self._occupied() < self.room
+            ):
                 return
+            self.changed.clear()
             try:
-                await self.one(record)
-            except BaseException as e:
-                self.stopped.append(e)
-                if isinstance(e, GeneratorExit):
-                    raise
-                return
+                await asyncio.wait_for(self.changed.wait(), None if complete else 0.01)
+            except TimeoutError:
+                if not self.stopped and self._occupied() < self.room:
+                    return
+
+    def _occupied(self) -> int:
+        """Entries that will still be in the window after the next :meth:`prefix`."""
+        ready = 0
+        for q in self.entries.values():
+            for entry in q:
+                if not entry.done:
+                    break
+                ready += 1
+        return self.count - ready
+
+    def _finish(self, entry: _Entry) -> None:
+        if not entry.done:
+            entry.done = True
+            self.unfinished -= 1
+            self.finished += 1
+
+    def reset(self) -> list[asyncio.Future[None]]:
+        """Give up every record in the window (the protocol rewinds to :meth:`heads`): their
+        tasks are cancelled, their outputs dropped. Returns the tasks, to be awaited."""
+        tasks = [e.task for q in self.entries.values() for e in q if e.task is not None]
+        for task in tasks:
+            task.cancel()
+        self.entries.clear()
+        self.tails.clear()
+        self.stopped.clear()
+        self.count = self.unfinished = 0
+        return tasks
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> list[asyncio.Future[None]]:
+        """Give up the records of ``partitions`` (lost to another member)."""
+        tasks: list[asyncio.Future[None]] = []
+        for tp in partitions:
+            q = self.entries.pop(tp, None)
+            if q:
+                self.count -= len(q)
+                self.unfinished -= sum(1 for e in q if not e.done)
+                tasks += [e.task for e in q if e.task is not None]
+        for task in tasks:
+            task.cancel()
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self.tails = {lane: f for lane, f in self.tails.items() if tuple(lane[:2]) not in gone}
+        return tasks
+
+    # -- one record --------------------------------------------------------------------------
+
+    def _dispatch(self, record: Record) -> None:
+        spec = self.spec
+        out = None
+        if spec.output is not None:
+            assert self.producer is not None
+            out = Output(
+                self.producer, spec.output, spec.key_codec, spec.value_codec, self.transaction
+            )
+        entry = _Entry(record, out)
+        tp = TopicPartition(record.topic, record.partition)
+        self.entries.setdefault(tp, deque()).append(entry)
+        self.count += 1
+        self.unfinished += 1
+        loop = asyncio.get_running_loop()
+        lane = lane_of(record, spec.ordering)
+        before = self.tails.get(lane) if lane is not None else None
+        end: asyncio.Future[None] = loop.create_future()
+        if lane is not None:
+            self.tails[lane] = end
+        entry.task = asyncio.ensure_future(self._run(entry, before, end))
+
+    async def _run(
+        self, entry: _Entry, before: asyncio.Future[None] | None, end: asyncio.Future[None]
+    ) -> None:
+        try:
+            if before is not None:
+                await asyncio.shield(before)  # the lane's previous record has finished
+            if not self.stopped:
+                await self.one(entry)
+        except asyncio.CancelledError:
+            raise  # given up by reset() or forget()
+        except BaseException as e:
+            self.stopped.append(e)
+            if isinstance(e, GeneratorExit):
+                raise
+        finally:
+            if not end.done():
+                end.set_result(None)
+            if self.changed is not None:
+                self.changed.set()
 
     async def attempt(self, record: Record, out: Output | None) -> None:
         """One call of the handler, within the concurrency bound."""
         spec = self.spec
+        assert self.gate is not None
         async with self.gate:
             if self.stopped:
                 raise _GivenUp
@@ -267,68 +397,75 @@ class _Batch:
             if inspect.isawaitable(result):  # an async handler behind a plain wrapper
                 await result
 
-    async def one(self, record: Record) -> None:
+    async def one(self, entry: _Entry) -> None:
         """One record: attempts with backoff (outside the concurrency bound, so a record that
-        waits to retry holds no slot), then its dead letter."""
-        spec = self.spec
-        out = None
-        if self.producer is not None:
-            out = Output(
-                self.producer, spec.output, spec.key_codec, spec.value_codec, self.transaction
-            )
+        waits to retry holds no slot), then its dead letter. Its outputs go to the producer
+        when its handler returns; under exactly-once they wait in the window instead."""
+        record, out = entry.record, entry.out
         strikes = 0
         while True:
             try:
                 await self.attempt(record, out)
-                if out is not None and out._pending:
+                if out is not None and out._pending and not self.transactional:
                     out._release(record)
+                self._finish(entry)
                 return
             except _GivenUp:
-                return  # the batch is given up and will be handled again
+                return  # the window is given up and will be handled again
             except BaseException as e:
                 if out is not None:
                     out._discard()
-                error = self.owed(record, e)
+                error = self.owed(entry, e)
                 if error is None:
+                    self._finish(entry)
                     return
             strikes += 1
-            if not await self.again(record, error, strikes):
+            if not await self.again(entry, error, strikes):
                 return
 
-    def owed(self, record: Record, e: BaseException) -> Exception | None:
+    def _letters(self, entry: _Entry) -> DeadLetterSink:
+        """Where ``entry``'s dead letter goes: held with it under exactly-once."""
+        if self.transactional:
+            return lambda topic, record, headers: entry.letters.append((topic, record, headers))
+        assert self.dead_letters is not None
+        return self.dead_letters
+
+    def owed(self, entry: _Entry, e: BaseException) -> Exception | None:
         """The record's own failure in ``e``, to retry; None when it is settled already (a
         dead letter); raises ``e`` when it is not the record's to bear (the protocol decides)."""
+        record = entry.record
         if isinstance(e, SendFailedError):
             if not e.partial:
                 return e.error  # nothing of it went out: the record's failure
             if self.transactional:
                 raise e  # the open transaction holds part of it: only an abort undoes it
             partial_send_failure(
-                self.spec, record, e, self.dead_letters, self.metrics, self.guarantee
+                self.spec, record, e, self._letters(entry), self.metrics, self.guarantee
             )
             return None
         if isinstance(e, Undecodable):
-            dead_letter(self.spec, record, e.error, 1, self.dead_letters, self.metrics, self.labels)
+            dead_letter(self.spec, record, e.error, 1, self._letters(entry), self.metrics,
+                        self.labels)  # fmt: skip
             return None
         if isinstance(e, asyncio.CancelledError):
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise e  # we are being cancelled (a second signal): not the record's doing
+                raise e  # we are being cancelled (given up, or a second signal)
             # The handler's own await was cancelled (a timeout it set, a task it awaited).
             return RuntimeError(f"the handler's await was cancelled: {e!r}")
         if isinstance(e, Exception) and owed_to_record(e):
             return e
         raise e  # the log's or the database's, or a signal's
 
-    async def again(self, record: Record, error: Exception, strikes: int) -> bool:
-        """Whether to try ``record`` again after its ``strikes``-th failure (after a backoff);
+    async def again(self, entry: _Entry, error: Exception, strikes: int) -> bool:
+        """Whether to try the record again after its ``strikes``-th failure (after a backoff);
         dead-letters it when its retries are spent."""
         if self.stopped:
-            return False  # the batch is given up and will be handled again: no letter
+            return False  # the window is given up and will be handled again: no letter
         if strikes > self.spec.retries:
-            dead_letter(
-                self.spec, record, error, strikes, self.dead_letters, self.metrics, self.labels
-            )
+            dead_letter(self.spec, entry.record, error, strikes, self._letters(entry),
+                        self.metrics, self.labels)  # fmt: skip
+            self._finish(entry)
             return False
         self.metrics.retried.labels(*self.labels).inc()
         await asyncio.sleep(min(2.0, self.spec.backoff_s * 2 ** (strikes - 1)))
@@ -336,7 +473,7 @@ class _Batch:
 
 
 class _GivenUp(Exception):  # noqa: N818 -- a signal between two methods, never seen outside
-    """Raised instead of starting an attempt once the batch is given up."""
+    """Raised instead of starting an attempt once the window is given up."""
 
 
 def blocking(fn: Callable[..., Awaitable[Any]], loop: EventLoop) -> Callable[..., Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import time
 from collections import deque
@@ -12,7 +13,7 @@ from itertools import groupby
 from operator import itemgetter
 
 from assured.log import Consumer, Log, Producer, Record, TopicPartition
-from assured.runtime._concurrent import EventLoop, blocking, handle_concurrently
+from assured.runtime._concurrent import EventLoop, Window, blocking
 from assured.runtime._handling import (
     DeadLetterSink,
     HandlerSpec,
@@ -147,6 +148,10 @@ class Runtime:
     loop: EventLoop = field(default_factory=EventLoop)
     # Keyed by the producer itself, not its id(): a replaced producer's id may be reused.
     _outputs: dict[tuple[Producer, str], Output] = field(default_factory=dict)
+    # Records of handlers with concurrency > 1 in flight, across polls and commits.
+    windows: dict[str, Window] = field(default_factory=dict)
+    # The window's kind; the audit's planted bugs put a broken one here.
+    window_class: type[Window] = Window
 
     def handle(
         self,
@@ -155,53 +160,100 @@ class Runtime:
         tx: SinkTransaction | None = None,
         dead_letters: DeadLetterSink | None = None,
         transactional: bool = False,
-    ) -> None:
+        complete: bool = False,
+    ) -> dict[TopicPartition, int]:
         """``records`` through their handlers, in order; outputs via ``producer``, effects
         into ``tx`` when the handler has a sink, dead letters to ``dead_letters`` (default:
-        ``producer``). ``transactional``: outputs go into an open transaction."""
+        ``producer``). ``transactional``: outputs go into an open transaction.
+
+        Returns the positions the protocol may now commit. A handler with ``concurrency`` > 1
+        keeps its records in a :class:`Window` across calls: its positions are each
+        partition's contiguous handled prefix, which may hold records of earlier calls and
+        leave out some of these, still running; with ``records`` empty the call lets the
+        window's records go on. ``complete``: return only when no record is in flight."""
         handlers: dict[str, Callable[[Record], None]] = {}
         counts: dict[str, int] = {}
+        done: dict[TopicPartition, int] = {}
         dlq = dead_letters or producer_dead_letters(producer)
         began = time.monotonic()
+        stepped: set[str] = set()
         try:
             for topic, run in groupby(records, _topic_of):
                 spec = self.specs[topic]
+                batch = list(run)
                 if spec.concurrency > 1:
-                    batch = list(run)
-                    self._side_by_side(spec, batch, producer, dlq, transactional)
-                    counts[topic] = counts.get(topic, 0) + len(batch)
+                    self._step(spec, batch, producer, dlq, transactional, complete)
+                    stepped.add(topic)
                     continue
                 handle = handlers.get(topic)
                 if handle is None:
                     handle = handlers[topic] = self._handler(
                         self.specs[topic], producer, tx, dlq, transactional
                     )
-                batch = list(run)
                 deque(map(handle, batch), maxlen=0)  # the loop, in C
                 counts[topic] = counts.get(topic, 0) + len(batch)
+                done.update(next_offsets(batch))
+            for topic, window in self.windows.items():
+                if topic not in stepped and window.count:
+                    self._step(window.spec, [], producer, dlq, transactional, complete)
+                moved, _ = window.prefix()
+                done.update(moved)
         finally:
             self.handling_s += time.monotonic() - began
             for topic, n in counts.items():
                 self.metrics.processed.labels(self.settings.guarantee, topic).inc(n)
+        return done
 
-    # The batch's work side by side; the audit's planted bugs put a broken one here.
-    _concurrently = staticmethod(handle_concurrently)
-
-    def _side_by_side(
+    def _step(
         self,
         spec: HandlerSpec,
         batch: list[Record],
         producer: Producer,
         dead_letters: DeadLetterSink,
         transactional: bool,
+        complete: bool,
     ) -> None:
-        threads = None if spec.is_async else self.loop.pool(spec)
-        self.loop.run(
-            self._concurrently(
-                spec, batch, producer, dead_letters, self.metrics, self.settings.guarantee,
-                transactional, lambda: self.transaction, threads,
+        window = self.windows.get(spec.topic)
+        if window is None:
+            threads = None if spec.is_async else self.loop.pool(spec)
+            room = 2 * max(self.settings.max_poll_records, spec.concurrency)
+            window = self.windows[spec.topic] = self.window_class(
+                spec, self.metrics, self.settings.guarantee, threads, room
             )
-        )  # fmt: skip
+        window.producer, window.dead_letters = producer, dead_letters
+        window.transactional, window.transaction = transactional, lambda: self.transaction
+        self.loop.run(window.step(batch, complete))
+
+    def in_flight(self) -> int:
+        """Records of concurrent handlers still in their windows."""
+        return sum(w.count for w in self.windows.values())
+
+    def heads(self) -> dict[TopicPartition, int]:
+        """Each partition's first record still in a window."""
+        out: dict[TopicPartition, int] = {}
+        for window in self.windows.values():
+            out.update(window.heads())
+        return out
+
+    def seek_back(
+        self, rewind: Mapping[TopicPartition, int], unhandled: Sequence[Record] = ()
+    ) -> None:
+        """:func:`seek_back`, after giving up every record in a window: their partitions go
+        back to their first such record too (or further, as ``rewind`` says)."""
+        merged = self.heads()
+        for tp, offset in rewind.items():
+            merged[tp] = min(offset, merged.get(tp, offset))
+        self.give_up()
+        seek_back(self.consumer, merged, unhandled)
+
+    def give_up(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        """Drop the records in flight (of ``partitions``, or all): their tasks are cancelled
+        and awaited, their outputs dropped; the caller rewinds or the partitions are gone."""
+        tasks = []
+        for window in self.windows.values():
+            tasks += window.reset() if partitions is None else window.forget(partitions)
+        if tasks:
+            self.loop.run(_settled(tasks))
 
     def _handler(
         self,
@@ -238,6 +290,10 @@ class Runtime:
             )
             self._outputs[key] = out
         return out
+
+
+async def _settled(tasks: list[asyncio.Future[None]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class CommitProtocol(abc.ABC):

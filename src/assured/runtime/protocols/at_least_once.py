@@ -27,8 +27,6 @@ from assured.runtime.protocols._base import (
     Trouble,
     isolated,
     log_commit,
-    next_offsets,
-    seek_back,
 )
 
 __all__ = ["AtLeastOnce"]
@@ -58,7 +56,9 @@ class AtLeastOnce(CommitProtocol):
                 return
             for i, r in enumerate(records):
                 if not isolated(self.isolate, r):
-                    if not self._handle([r], records[i:]):
+                    # one at a time, each over before the next (records side by side too), so
+                    # the commit before a record redone alone holds all before it
+                    if not self._handle([r], records[i:], complete=True):
                         return
                 elif not (self.commit(True, records[i:]) and self._one_alone(r, records[i + 1 :])):
                     return
@@ -66,7 +66,11 @@ class AtLeastOnce(CommitProtocol):
             self.abandon()
             raise
 
-    def _handle(self, records: Sequence[Record], unhandled: Sequence[Record]) -> bool:
+    def _handle(
+        self, records: Sequence[Record], unhandled: Sequence[Record], complete: bool = False
+    ) -> bool:
+        for tp, offset in self.rt.heads().items():  # still in flight from earlier batches
+            self.rewind.setdefault(tp, offset)
         for r in records:
             self.rewind.setdefault(TopicPartition(r.topic, r.partition), r.offset)
         sink = self.rt.sink
@@ -75,19 +79,19 @@ class AtLeastOnce(CommitProtocol):
                 with sink.transaction(
                     group=self.rt.settings.group, incarnations=self.rt.incarnations
                 ) as tx:
-                    self.rt.handle(records, self.producer, tx)
+                    done = self.rt.handle(records, self.producer, tx, complete=complete)
                 crash_point("after-effect-before-offset")
             else:
-                self.rt.handle(records, self.producer)
+                done = self.rt.handle(records, self.producer, complete=complete)
         except LogError as e:
             if not e.retriable:
                 raise
             # The database (or the log) is away: its transaction rolled back. Redo from here.
             log.warning("%s; handling these records again shortly", e)
-            seek_back(self.rt.consumer, {}, unhandled)
+            self.rt.seek_back({}, unhandled)
             self._trouble(e)
             return False
-        self.pending.update(next_offsets(records))
+        self.pending.update(done)
         self.uncommitted += len(records)
         return True
 
@@ -96,7 +100,7 @@ class AtLeastOnce(CommitProtocol):
         whose outputs keep being refused is dead-lettered after its handler's retries."""
         tp = TopicPartition(record.topic, record.partition)
         key = (tp, record.offset)
-        if not self._handle([record], [record, *unhandled]):
+        if not self._handle([record], [record, *unhandled], complete=True):
             return False
         try:
             self.producer.flush()
@@ -109,7 +113,7 @@ class AtLeastOnce(CommitProtocol):
             spec = self.rt.specs[record.topic]
             if strikes <= spec.retries:
                 time.sleep(min(2.0, spec.backoff_s * 2 ** (strikes - 1)))
-                seek_back(self.rt.consumer, {tp: record.offset}, unhandled)
+                self.rt.seek_back({tp: record.offset}, unhandled)
                 self.rewind.pop(tp, None)
                 return False
             labels = (self.guarantee, record.topic)
@@ -166,7 +170,7 @@ class AtLeastOnce(CommitProtocol):
                 self.isolate[tp] = max(end, self.isolate.get(tp, 0))
         else:
             log.warning("%s; handling the uncommitted records again", e)
-        seek_back(self.rt.consumer, self.rewind, unhandled)
+        self.rt.seek_back(self.rewind, unhandled)
         self._committed()
         if e.retriable:
             self._trouble(e)
@@ -183,12 +187,19 @@ class AtLeastOnce(CommitProtocol):
             ) from e
         self.trouble.pause()
 
+    def _drain(self) -> None:
+        """Records side by side still running finish, and count, before a final commit."""
+        if self.rt.in_flight():
+            self._handle([], [], complete=True)
+
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         if not (self.failed or self.fenced):
+            self._drain()
             self.commit(synchronous=True)
         self._forget(partitions)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
+        self.rt.give_up(partitions)
         for tp in partitions:
             self.pending.pop(tp, None)
             self.rewind.pop(tp, None)
@@ -203,10 +214,14 @@ class AtLeastOnce(CommitProtocol):
         self.strikes = {key: n for key, n in self.strikes.items() if key[0] not in gone}
 
     def close(self) -> None:
-        if not (self.failed or self.fenced):
-            self.commit(synchronous=True)
-        self.producer.close()
+        try:
+            if not (self.failed or self.fenced):
+                self._drain()
+                self.commit(synchronous=True)
+        finally:
+            self.producer.close()
 
     def abandon(self) -> None:
         super().abandon()
+        self.rt.give_up()
         self.pending.clear()

@@ -9,7 +9,7 @@ import logging
 
 from assured._retry import Backoff
 from assured.errors import LogError, StaleGenerationError
-from assured.log import Producer, Record
+from assured.log import Producer, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, log_commit, next_offsets
 
@@ -25,6 +25,9 @@ class AtMostOnce(CommitProtocol):
         self.producer: Producer = self.rt.log.producer()
 
     def process(self, records: list[Record]) -> None:
+        if not records:  # records side by side still running: let them go on
+            self.rt.handle([], self.producer)
+            return
         offsets = next_offsets(records)
         try:
             with self.rt.metrics.commit_latency.labels(self.guarantee).time():
@@ -74,5 +77,21 @@ class AtMostOnce(CommitProtocol):
                     )  # fmt: skip
                     return
 
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        # Records side by side finish before their partitions go (committed already).
+        if self.rt.in_flight() and not self.failed:
+            self.rt.handle([], self.producer, complete=True)
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        self.rt.give_up(partitions)
+
     def close(self) -> None:
-        self.producer.close()
+        try:
+            if self.rt.in_flight() and not self.failed:
+                self.rt.handle([], self.producer, complete=True)
+        finally:
+            self.producer.close()
+
+    def abandon(self) -> None:
+        super().abandon()
+        self.rt.give_up()

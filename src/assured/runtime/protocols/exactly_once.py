@@ -58,8 +58,6 @@ from assured.runtime.protocols._base import (
     CommitProtocol,
     isolated,
     log_commit,
-    next_offsets,
-    seek_back,
 )
 
 __all__ = ["ExactlyOnce"]
@@ -171,7 +169,9 @@ class ExactlyOnce(CommitProtocol):
                 alone = (TopicPartition(r.topic, r.partition), r.offset) in self.alone
                 if not (isolated(self.isolate, r) or alone):
                     continue
-                if not self._handle(records[start:i], records[start:]):
+                # Everything before it handled and committed first (records side by side
+                # included): the transaction that redoes it holds it alone.
+                if not self._handle(records[start:i], records[start:], complete=True):
                     return
                 if not (self.commit(records[i:]) and self._redo_alone(r, records[i + 1 :])):
                     return
@@ -188,16 +188,22 @@ class ExactlyOnce(CommitProtocol):
             self.seq += 1
             self.rt.transaction = f"{self.txn_id}:{self.token}:{self.seq}"
 
-    def _handle(self, records: Sequence[Record], unhandled: Sequence[Record]) -> bool:
-        """``records`` into the open transaction. False if it had to be aborted (the consumer
-        is then back at the start of the transaction and of every unhandled record)."""
-        if not records:
+    def _handle(
+        self, records: Sequence[Record], unhandled: Sequence[Record], complete: bool = False
+    ) -> bool:
+        """``records`` into the open transaction (and the records side by side still running
+        from earlier batches, whose outputs go into it once their positions do). False if it
+        had to be aborted (the consumer is then back at the start of the transaction, of every
+        record still in flight, and of every unhandled record)."""
+        if not records and not self.rt.in_flight():
             return True
         self._begin()
+        for tp, offset in self.rt.heads().items():  # in flight since an earlier transaction
+            self.rewind.setdefault(tp, offset)
         for r in records:  # first offsets of every partition in the batch
             self.rewind.setdefault(TopicPartition(r.topic, r.partition), r.offset)
         try:
-            self.rt.handle(records, self.producer, transactional=True)
+            done = self.rt.handle(records, self.producer, transactional=True, complete=complete)
         except SendFailedError as e:
             # Part of the record's outputs is in the transaction: abort, redo the record alone.
             r = e.record
@@ -213,23 +219,31 @@ class ExactlyOnce(CommitProtocol):
             self._failed_commit(e, unhandled)
             return False
         crash_point("inside-transaction")
-        self.pending.update(next_offsets(records))
+        self.pending.update(done)
         self.count += len(records)
         return True
 
-    def _redo_alone(self, record: Record, unhandled: Sequence[Record]) -> bool:
+    def _redo_alone(self, record: Record, unhandled: Sequence[Record]) -> bool:  # noqa: PLR0911
         """``record`` in a transaction of its own; one that fails for a reason of its own is
         struck, and after its handler's retries it is dead-lettered (in a transaction too)."""
         tp = TopicPartition(record.topic, record.partition)
         key = (tp, record.offset)
         error: Exception | None = None
         self._begin()
+        for head, offset in self.rt.heads().items():
+            self.rewind.setdefault(head, offset)
         self.rewind.setdefault(tp, record.offset)
         try:
-            self.rt.handle([record], self.producer, transactional=True)
+            done = self.rt.handle([record], self.producer, transactional=True, complete=True)
+            self.pending.update(done)
             self.pending[tp] = record.offset + 1
             self.count += 1
         except SendFailedError as e:
+            if e.record is not record:  # another record's, still in flight: redo as _handle does
+                other = e.record
+                self.alone.add((TopicPartition(other.topic, other.partition), other.offset))
+                self.abort([record, *unhandled], e)
+                return False
             error = e
         except AssuredError as e:
             if owed_to_record(e) or e.fatal:
@@ -255,7 +269,7 @@ class ExactlyOnce(CommitProtocol):
         # refused record broke can fail once for that reason (librdkafka's sequence reset).
         if strikes <= max(spec.retries, 1):
             time.sleep(min(2.0, spec.backoff_s * 2 ** (strikes - 1)))
-            seek_back(self.rt.consumer, {tp: record.offset}, unhandled)
+            self.rt.seek_back({tp: record.offset}, unhandled)
             return False
         # Out of retries: its dead letter and its position, in one transaction.
         self._begin()
@@ -412,7 +426,7 @@ class ExactlyOnce(CommitProtocol):
         self.pending.clear()
         self.rewind.clear()
         if seek:
-            seek_back(self.rt.consumer, rewind, unhandled)
+            self.rt.seek_back(rewind, unhandled)
 
     def _where_the_group_stands(
         self, rewind: dict[TopicPartition, int]
@@ -439,16 +453,24 @@ class ExactlyOnce(CommitProtocol):
 
     # -- rebalances and the end ----------------------------------------------------------------
 
+    def _drain(self) -> bool:
+        """Records side by side still running finish, into the open transaction, before a
+        final commit. False if that transaction had to be aborted."""
+        if not self.rt.in_flight():
+            return True
+        return self._handle([], [], complete=True)
+
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Before the partitions move, while our generation still counts; a transaction that
         # met an error is aborted instead, never committed here.
         if self.failed or self.fenced:
             self._quietly_abort()
-        else:
+        elif self._drain():
             self.commit()
         self._forget(partitions)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
+        self.rt.give_up(partitions)
         if self.open:
             self.abort()
         self._forget(partitions)
@@ -467,7 +489,7 @@ class ExactlyOnce(CommitProtocol):
             self._quietly_abort()
             self.producer.close()
             return
-        committed = self.commit()
+        committed = self._drain() and self.commit()
         self.producer.close()
         if not committed:
             raise LogError(
@@ -477,6 +499,7 @@ class ExactlyOnce(CommitProtocol):
 
     def abandon(self) -> None:
         super().abandon()
+        self.rt.give_up()
         self._quietly_abort()
 
     def _quietly_abort(self) -> None:
