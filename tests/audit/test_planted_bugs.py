@@ -77,8 +77,8 @@ FIXES: dict[str, dict[str, Any]] = {
     # issue 14: records side by side, positions committed past the highest handled record
     "commit-highest-completed": {
         "guarantee": "exactly-once",
-        "faults": ("crash-points",),
-        "kills": 4,
+        "faults": ("sigkill",),
+        "kills": 6,
         "concurrency": 20,
         "handler_latency_ms": 5.0,
         "shows": ("lost",),

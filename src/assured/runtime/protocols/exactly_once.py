@@ -195,8 +195,8 @@ class ExactlyOnce(CommitProtocol):
         from earlier batches, whose outputs go into it once their positions do). False if it
         had to be aborted (the consumer is then back at the start of the transaction, of every
         record still in flight, and of every unhandled record)."""
-        if not records and not self.rt.in_flight():
-            return True
+        if not records and not (self.rt.in_flight() and (complete or self.rt.let_run())):
+            return True  # nothing came, nothing finished: no transaction for nothing
         self._begin()
         for tp, offset in self.rt.heads().items():  # in flight since an earlier transaction
             self.rewind.setdefault(tp, offset)
