@@ -413,3 +413,46 @@ def test_a_slow_commit_does_not_shrink_the_polls(
 
     assert app.run(until_idle=0.5).processed == 300
     assert len(opened) < 30
+
+
+# -- a window, not a barrier (issue 14) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_slow_key_never_stalls_the_others_and_nothing_commits_past_it(
+    log: Log, guarantee: Guarantee
+) -> None:
+    """One record of one key takes 1.5 s; the other keys' 300 records, in polls of 20, go on
+    meanwhile (a batch barrier let 19 pass). While it runs, no position is committed past it,
+    and under exactly-once no output of a record after it in its partition is visible yet."""
+    with log.producer() as producer:
+        producer.send("in", b"slow", key=b"slow", partition=0)
+        for i in range(300):
+            producer.send("in", f"m{i:04d}".encode(), key=f"k{i % 30}".encode(), partition=0)
+        producer.flush()
+    app = App(log=log, group="g", guarantee=guarantee, max_poll_records=20,
+              commit_interval_ms=20)  # fmt: skip
+    done_while_slow: list[int] = []
+    seen_while_slow: dict[str, Any] = {}
+    finished: list[bytes] = []
+
+    @app.handler("in", output="out", concurrency=10)
+    async def handle(msg: Message, out: Output) -> None:
+        if msg.value == b"slow":
+            await asyncio.sleep(1.5)
+            done_while_slow.append(len(finished))
+            seen_while_slow["committed"] = await asyncio.to_thread(committed, log)
+            seen_while_slow["outputs"] = await asyncio.to_thread(read, log)
+        else:
+            await asyncio.sleep(0.002)
+        finished.append(msg.value or b"")
+        out.send(msg.value, key=msg.key)
+
+    app.run(until_idle=0.5)
+    assert done_while_slow[0] >= 250, done_while_slow  # the others went on
+    assert seen_while_slow["committed"].get(0, 0) == 0  # nothing past the slow record, at 0
+    if guarantee == "exactly-once":
+        assert seen_while_slow["outputs"] == []  # held: their positions are not committed
+    outputs = [v or b"" for _, v in read(log)]
+    assert sorted(outputs) == sorted([b"slow", *(f"m{i:04d}".encode() for i in range(300))])
+    assert committed(log) == {0: 301}

@@ -147,13 +147,13 @@ class App:
         decode goes to ``dead_letter`` at once, without retries.
 
         ``fn`` may be an ``async def``: it is awaited to its end on the App's own event loop.
-        ``concurrency``: how many records of a polled batch may be handled side by side (an
-        async handler's awaits overlap; a plain ``def`` runs in that many threads). Records that
-        share a partition and key (``ordering="key"``, the default then), a partition
-        (``"partition"``) or nothing (``"unordered"``) never overlap and run in offset order.
-        The batch is committed only when every record of it is handled, so each guarantee
-        keeps its meaning; a batch is at most ``max_poll_records``, which bounds the
-        concurrency too."""
+        ``concurrency``: how many records may be handled side by side (an async handler's awaits
+        overlap; a plain ``def`` runs in that many threads), across polls: a slow record does
+        not hold up the next poll. Records that share a partition and key (``ordering="key"``,
+        the default then), a partition (``"partition"``) or nothing (``"unordered"``) never
+        overlap and run in offset order. Each partition commits only its contiguous handled
+        prefix, so each guarantee keeps its meaning; under exactly-once a record's outputs
+        wait in memory until every record below it is handled."""
         if topic in self._specs:
             raise ConfigError(f"topic {topic!r} already has a handler")
         if output is not None and sink is not None:
@@ -255,13 +255,6 @@ class App:
             loop=self._event_loop,
         )  # fmt: skip
         rt.incarnations = incarnations
-        for spec in self._specs.values():
-            if spec.concurrency > s.max_poll_records:
-                log.warning(
-                    "handler %s: concurrency=%d, but a batch is at most max_poll_records=%d "
-                    "records: raise max_poll_records to let %d run side by side",
-                    spec.name, spec.concurrency, s.max_poll_records, spec.concurrency,
-                )  # fmt: skip
         protocol = self._protocol(rt, sink)
         stats = RunStats()
         watch = _Watch(s, log_, consumer, self.metrics, stats, progress_every)

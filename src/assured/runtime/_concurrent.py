@@ -1,22 +1,28 @@
-"""Async handlers, and records handled side by side within a batch.
+"""Async handlers, and records handled side by side in a window.
 
 An ``async def`` handler with ``concurrency=1`` is awaited to its end, one record at a time, on
 an event loop the App owns: every protocol sees it exactly as it sees a plain ``def``.
 
-With ``concurrency=N`` a polled batch is split into *lanes*: one per partition
-(``ordering="partition"``), per partition and key (``"key"``) or per record (``"unordered"``).
-A lane's records run one after another in offset order; lanes run side by side, at most N
-records at a time, so a slow key holds up only its own lane. The batch is handed back to the
-protocol only when every lane has finished, so what each guarantee commits is unchanged: a
-position is committed only once every record below it is handled, and under exactly-once a
-transaction holds the outputs of exactly the records whose positions it commits.
+With ``concurrency=N`` each polled record joins the handler's :class:`Window`, and runs in a
+*lane*: one per partition (``ordering="partition"``), per partition and key (``"key"``) or per
+record (``"unordered"``). A lane's records run one after another in offset order; lanes run
+side by side, at most N records at a time. The window lives across polls and commits: while a
+slow record runs, the App goes on polling and the other lanes go on working, so a slow key
+holds up only its own lane. What a protocol may commit is each partition's contiguous handled
+prefix, never more: a position is committed only once every record below it is handled. Under
+exactly-once a record's outputs and dead letters are held in the window until its position
+goes into the transaction, so a transaction holds the outputs of exactly the records whose
+positions it commits; a record handled above a slower one waits for it, in memory. The window
+holds at most ``max(1000, 4 * N, 2 * max_poll_records)`` records that cannot leave it yet;
+then polling waits for the slow ones (the bound on memory).
 
-Each record has its own output buffer: its outputs reach the producer (or the open
-transaction) when its handler returns, never those of an attempt that raised. When a record
+Each record has its own output buffer: its outputs reach the producer (or, under exactly-once,
+the window) when its handler returns, never those of an attempt that raised. When a record
 fails in a way that is not its own fault (the log or the database is away, the transaction
 must abort), lanes start no new record; records already running finish (they are not cancelled
-half-way), and the first such error goes up to the protocol, as it would from a sequential
-batch.
+half-way), and the first such error goes up to the protocol, which gives up the whole window
+and rewinds to its first record in each partition. Giving up (an abort, a lost partition, an
+error on the way out) cancels the records still running.
 """
 
 from __future__ import annotations

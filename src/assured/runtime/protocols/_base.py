@@ -216,7 +216,7 @@ class Runtime:
         window = self.windows.get(spec.topic)
         if window is None:
             threads = None if spec.is_async else self.loop.pool(spec)
-            room = 2 * max(self.settings.max_poll_records, spec.concurrency)
+            room = max(1000, 4 * spec.concurrency, 2 * self.settings.max_poll_records)
             window = self.windows[spec.topic] = self.window_class(
                 spec, self.metrics, self.settings.guarantee, threads, room
             )
