@@ -456,3 +456,98 @@ def test_a_slow_key_never_stalls_the_others_and_nothing_commits_past_it(
     outputs = [v or b"" for _, v in read(log)]
     assert sorted(outputs) == sorted([b"slow", *(f"m{i:04d}".encode() for i in range(300))])
     assert committed(log) == {0: 301}
+
+
+def _two_partitions(log: Log, *values: tuple[bytes, bytes, int]) -> None:
+    with log.producer() as producer:
+        for value, key, partition in values:
+            producer.send("in", value, key=key, partition=partition)
+        producer.flush()
+
+
+def test_an_oversized_output_side_by_side_is_dead_lettered_and_the_run_ends(log: Log) -> None:
+    """From a review: the record whose output the log refused was taken out of the window
+    uncounted; the window then never emptied: until_idle never ended the run, and the stop
+    committed on a closed producer. Now it is dead-lettered and the run ends cleanly."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    fill(log, 20)
+    app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=10,
+              commit_interval_ms=20)  # fmt: skip
+
+    @app.handler("in", output="out", concurrency=4, retries=0, dead_letter="dlq")
+    async def handle(msg: Message, out: Output) -> None:
+        await asyncio.sleep(0.002)
+        out.send(b"x" * 1_100_000 if msg.value == b"m0005" else msg.value)
+
+    stats = app.run(until_idle=0.5)
+    assert stats.stopped_by == "idle"
+    outputs = sorted(v or b"" for _, v in read(log))
+    assert outputs == sorted(f"m{i:04d}".encode() for i in range(20) if i != 5)
+    assert [v for _, v in read(log, "dlq")] == [b"m0005"]
+    assert committed(log) == {0: 10, 1: 10}
+
+
+def test_a_record_given_up_counts_for_nothing_even_if_its_handler_ends(log: Log) -> None:
+    """From a review: a handler that swallows its cancellation (as a client may, or asyncio's
+    wait_for race) ran on after its record was given up, and counted as handled: a later
+    transaction could commit a position past a record whose output it did not hold. Given up
+    is now given up; every output once, every position after its output."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    _two_partitions(log, (b"Q", b"q", 0), (b"R", b"r", 0), (b"S", b"s", 1))
+    app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=10,
+              commit_interval_ms=20)  # fmt: skip
+    swallowed: list[int] = []
+    too_early: list[Any] = []
+
+    @app.handler("in", output="out", concurrency=4, retries=0, dead_letter="dlq")
+    async def handle(msg: Message, out: Output) -> None:
+        if msg.value == b"S" and not swallowed:
+            try:
+                await asyncio.sleep(2)
+            except asyncio.CancelledError:
+                swallowed.append(1)  # and goes on, as if nothing happened
+        elif msg.value == b"Q":
+            await asyncio.sleep(0.3)
+        out.send(b"x" * 1_100_000 if msg.value == b"R" else msg.value)
+
+    def told(label: str, outcome: str) -> None:
+        past_q = outcome == "committed" and committed(log).get(0, 0) >= 1
+        if past_q and b"Q" not in [v for _, v in read(log)]:
+            too_early.append(label)
+
+    app.on_transaction = told
+    app.run(until_idle=1.0)
+    assert swallowed == [1]
+    assert too_early == []
+    assert sorted(v or b"" for _, v in read(log)) == [b"Q", b"S"]
+    assert [v for _, v in read(log, "dlq")] == [b"R"]
+
+
+def test_a_plain_def_given_up_is_waited_for_before_its_record_runs_again(log: Log) -> None:
+    """From a review: giving up the window cancelled the wait for a plain ``def``'s thread, not
+    the thread: after the rewind its record ran again beside the first call, one key twice at
+    once. Now the rewind waits for the thread."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    _two_partitions(log, (b"A", b"a", 0), (b"B", b"b", 1))
+    app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=10,
+              commit_interval_ms=20)  # fmt: skip
+    flight = InFlight()
+
+    @app.handler("in", output="out", concurrency=4, retries=0, dead_letter="dlq")
+    def handle(msg: Message, out: Output) -> None:
+        if msg.value == b"A":
+            flight.enter("a", msg.offset)
+            time.sleep(0.5)
+            flight.leave("a")
+            out.send(b"A")
+        else:
+            time.sleep(0.05)
+            out.send(b"x" * 1_100_000)  # refused: the transaction aborts, the window rewinds
+
+    app.run(until_idle=1.0)
+    assert flight.most["a"] == 1
+    assert [v for _, v in read(log)] == [b"A"]
+    assert [v for _, v in read(log, "dlq")] == [b"B"]

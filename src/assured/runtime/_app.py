@@ -340,7 +340,8 @@ class App:
             timeout = s.poll_timeout_ms / 1000 if not in_flight else 0.0
             records: list[Record] = consumer.poll(want, timeout)
             # Less than a full batch, and the client holds nothing fetched beyond it: caught up.
-            caught_up = len(records) < want and not consumer.maybe_more_fetched()
+            # Not while records are in flight: their polls do not wait, and each would commit.
+            caught_up = len(records) < want and not consumer.maybe_more_fetched() and not in_flight
             if records or in_flight:
                 if max_messages is not None and stats.processed + len(records) > max_messages:
                     records = self._keep(consumer, records, max_messages - stats.processed)

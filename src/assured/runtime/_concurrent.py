@@ -28,6 +28,7 @@ error on the way out) cancels the records still running.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import inspect
 from collections import deque
@@ -188,14 +189,16 @@ class _Entry:
     """One record in the window: its outputs and dead letters (held until its position is
     committed, under exactly-once), and whether its handling is over."""
 
-    __slots__ = ("done", "letters", "out", "record", "task")
+    __slots__ = ("call", "done", "gone", "letters", "out", "record", "task")
 
     def __init__(self, record: Record, out: Output | None):
         self.record = record
         self.out = out
         self.letters: list[tuple[str, Record, list[Header]]] = []
         self.done = False
+        self.gone = False  # given up: whatever its task still does counts for nothing
         self.task: asyncio.Future[None] | None = None
+        self.call: concurrent.futures.Future[Any] | None = None  # a plain def's, in a thread
 
 
 class Window:
@@ -249,15 +252,17 @@ class Window:
         the open transaction."""
         moved: dict[TopicPartition, int] = {}
         n = 0
-        for tp, q in self.entries.items():
-            while q and q[0].done:
-                entry = q.popleft()
-                self._release(entry)
-                moved[tp] = entry.record.offset + 1
-                n += 1
-        self.count -= n
-        if n:
-            self.metrics.processed.labels(*self.labels).inc(n)
+        try:
+            for tp, q in self.entries.items():
+                while q and q[0].done:
+                    entry = q.popleft()
+                    self.count -= 1  # out of the window, whatever its release does
+                    n += 1
+                    self._release(entry)
+                    moved[tp] = entry.record.offset + 1
+        finally:
+            if n:
+                self.metrics.processed.labels(*self.labels).inc(n)
         return moved, n
 
     def _release(self, entry: _Entry) -> None:
@@ -310,7 +315,7 @@ class Window:
         return self.count - ready
 
     def _finish(self, entry: _Entry) -> None:
-        if not entry.done:
+        if not entry.done and not entry.gone:
             entry.done = True
             self.unfinished -= 1
             self.finished += 1
@@ -318,9 +323,7 @@ class Window:
     def reset(self) -> list[asyncio.Future[None]]:
         """Give up every record in the window (the protocol rewinds to :meth:`heads`): their
         tasks are cancelled, their outputs dropped. Returns the tasks, to be awaited."""
-        tasks = [e.task for q in self.entries.values() for e in q if e.task is not None]
-        for task in tasks:
-            task.cancel()
+        tasks = self._give_up([e for q in self.entries.values() for e in q])
         self.entries.clear()
         self.tails.clear()
         self.stopped.clear()
@@ -335,12 +338,25 @@ class Window:
             if q:
                 self.count -= len(q)
                 self.unfinished -= sum(1 for e in q if not e.done)
-                tasks += [e.task for e in q if e.task is not None]
-        for task in tasks:
-            task.cancel()
+                tasks += self._give_up(list(q))
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self.tails = {lane: f for lane, f in self.tails.items() if tuple(lane[:2]) not in gone}
         return tasks
+
+    def _give_up(self, entries: list[_Entry]) -> list[asyncio.Future[None]]:
+        """Mark ``entries`` gone and cancel their tasks; a plain ``def`` already running in a
+        thread cannot be stopped, so its call is waited for (its record must not run again,
+        from the rewind, beside it)."""
+        calls = []
+        for entry in entries:
+            entry.gone = True
+            if entry.task is not None:
+                entry.task.cancel()
+            if entry.call is not None and not entry.call.done():
+                calls.append(entry.call)
+        if calls:
+            concurrent.futures.wait(calls)
+        return [e.task for e in entries if e.task is not None]
 
     # -- one record --------------------------------------------------------------------------
 
@@ -349,9 +365,10 @@ class Window:
         out = None
         if spec.output is not None:
             assert self.producer is not None
-            out = Output(
-                self.producer, spec.output, spec.key_codec, spec.value_codec, self.transaction
-            )
+            # Under exactly-once its outputs go into whichever transaction commits its position,
+            # which is not known while it runs: it has no label to read.
+            label = self.transaction if not self.transactional else (lambda: None)
+            out = Output(self.producer, spec.output, spec.key_codec, spec.value_codec, label)
         entry = _Entry(record, out)
         tp = TopicPartition(record.topic, record.partition)
         self.entries.setdefault(tp, deque()).append(entry)
@@ -385,9 +402,10 @@ class Window:
             if self.changed is not None:
                 self.changed.set()
 
-    async def attempt(self, record: Record, out: Output | None) -> None:
+    async def attempt(self, entry: _Entry) -> None:
         """One call of the handler, within the concurrency bound."""
         spec = self.spec
+        record, out = entry.record, entry.out
         assert self.gate is not None
         async with self.gate:
             if self.stopped:
@@ -398,8 +416,9 @@ class Window:
                 result = await spec.fn(*args)
             else:
                 context = contextvars.copy_context()  # logging and tracing context, as a call
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.threads, context.run, spec.fn, *args)
+                assert self.threads is not None
+                call = entry.call = self.threads.submit(context.run, spec.fn, *args)
+                result = await asyncio.wrap_future(call)
             if inspect.isawaitable(result):  # an async handler behind a plain wrapper
                 await result
 
@@ -411,7 +430,9 @@ class Window:
         strikes = 0
         while True:
             try:
-                await self.attempt(record, out)
+                await self.attempt(entry)
+                if entry.gone:
+                    return  # given up meanwhile: its outputs go nowhere
                 if out is not None and out._pending and not self.transactional:
                     out._release(record)
                 self._finish(entry)
@@ -421,6 +442,8 @@ class Window:
             except BaseException as e:
                 if out is not None:
                     out._discard()
+                if entry.gone and not isinstance(e, asyncio.CancelledError):
+                    return  # given up meanwhile: its failure counts for nothing
                 error = self.owed(entry, e)
                 if error is None:
                     self._finish(entry)
@@ -466,7 +489,7 @@ class Window:
     async def again(self, entry: _Entry, error: Exception, strikes: int) -> bool:
         """Whether to try the record again after its ``strikes``-th failure (after a backoff);
         dead-letters it when its retries are spent."""
-        if self.stopped:
+        if self.stopped or entry.gone:
             return False  # the window is given up and will be handled again: no letter
         if strikes > self.spec.retries:
             dead_letter(self.spec, entry.record, error, strikes, self._letters(entry),

@@ -99,7 +99,9 @@ class Output:
 
     @property
     def transaction(self) -> str | None:
-        """A label of the open transaction under exactly-once, unique across processes."""
+        """A label of the open transaction under exactly-once, unique across processes; None
+        otherwise, and for records side by side (``concurrency`` > 1), whose outputs go into
+        whichever later transaction commits their position."""
         return self._transaction()
 
     def send(

@@ -219,6 +219,7 @@ class AtLeastOnce(CommitProtocol):
                 self._drain()
                 self.commit(synchronous=True)
         finally:
+            self.rt.give_up()  # nothing left in flight for on_revoke to drain after this
             self.producer.close()
 
     def abandon(self) -> None:

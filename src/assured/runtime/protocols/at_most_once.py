@@ -90,6 +90,7 @@ class AtMostOnce(CommitProtocol):
             if self.rt.in_flight() and not self.failed:
                 self.rt.handle([], self.producer, complete=True)
         finally:
+            self.rt.give_up()
             self.producer.close()
 
     def abandon(self) -> None:

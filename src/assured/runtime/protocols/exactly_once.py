@@ -234,9 +234,10 @@ class ExactlyOnce(CommitProtocol):
             self.rewind.setdefault(head, offset)
         self.rewind.setdefault(tp, record.offset)
         try:
+            # Its position only as the handling says: past it once it is handled (and, side by
+            # side, its outputs are in the transaction), never forced.
             done = self.rt.handle([record], self.producer, transactional=True, complete=True)
             self.pending.update(done)
-            self.pending[tp] = record.offset + 1
             self.count += 1
         except SendFailedError as e:
             if e.record is not record:  # another record's, still in flight: redo as _handle does
@@ -490,6 +491,7 @@ class ExactlyOnce(CommitProtocol):
             self.producer.close()
             return
         committed = self._drain() and self.commit()
+        self.rt.give_up()  # nothing left in flight for on_revoke to drain after this
         self.producer.close()
         if not committed:
             raise LogError(
