@@ -90,7 +90,10 @@ def test_handler_errors_into_sqlite(tmp_path: Path, guarantee: str) -> None:
 # -- write-stall -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+# at-least-once: make test-slow (exactly-once, the stricter, runs in make test)
+@pytest.mark.parametrize(
+    "guarantee", [pytest.param("at-least-once", marks=pytest.mark.slow), "exactly-once"]
+)
 def test_write_stall_freezes_a_processor_holding_the_engines_write_lock(
     tmp_path: Path, guarantee: str
 ) -> None:

@@ -98,7 +98,10 @@ def test_a_handler_slower_than_the_transaction_timeout_is_aborted_and_redone(
     assert committed(log, group, src) == 4
 
 
-@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+# at-least-once: make test-slow (exactly-once, the stricter, runs in make test)
+@pytest.mark.parametrize(
+    "guarantee", [pytest.param("at-least-once", marks=pytest.mark.slow), "exactly-once"]
+)
 def test_a_handler_slower_than_max_poll_interval_rejoins_and_goes_on(
     log: Log, kafka_bootstrap: str, guarantee: Guarantee
 ) -> None:
