@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
-from assured.errors import ConfigError, FatalError, UsageError
+from assured.errors import ConfigError, FatalError, RetriableError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
 
@@ -551,3 +551,34 @@ def test_a_plain_def_given_up_is_waited_for_before_its_record_runs_again(log: Lo
     assert flight.most["a"] == 1
     assert [v for _, v in read(log)] == [b"A"]
     assert [v for _, v in read(log, "dlq")] == [b"B"]
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_the_logs_error_side_by_side_between_polls_is_undone_not_fatal(
+    log: Log, guarantee: Guarantee
+) -> None:
+    """From a review: under exactly-once, a record side by side that met an error of the log's
+    (retriable, not its own) while the App polled nothing new stopped the App, where inside a
+    transaction it is aborted and redone. Now it is redone: every output once."""
+    fill(log, 20)
+    app = App(log=log, group="g", guarantee=guarantee, max_poll_records=50,
+              commit_interval_ms=50)  # fmt: skip
+    raised: list[int] = []
+
+    @app.handler("in", output="out", concurrency=4, ordering="unordered", retries=0)
+    def handle(msg: Message, out: Output) -> None:
+        if msg.value == b"m0005" and not raised:
+            time.sleep(0.4)  # the others are done: the App is polling nothing new
+            raised.append(1)
+            raise RetriableError("the database is away (for a moment)")
+        out.send(msg.value)
+
+    stats = app.run(until_idle=0.5)
+    assert raised == [1]
+    assert stats.stopped_by == "idle"
+    outputs = [v or b"" for _, v in read(log)]
+    if guarantee == "exactly-once":
+        assert sorted(outputs) == sorted(f"m{i:04d}".encode() for i in range(20))
+    else:
+        assert set(outputs) == {f"m{i:04d}".encode() for i in range(20)}
+    assert committed(log) == {0: 10, 1: 10}

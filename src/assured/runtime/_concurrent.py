@@ -31,6 +31,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("assured.runtime")
 
 
 class InsideEventLoopError(UsageError):
@@ -146,6 +148,13 @@ class EventLoop:
         self.end_run()
         loop, self._loop = self._loop, None
         if loop is None or loop.is_closed():
+            return
+        if asyncio._get_running_loop() is not None:
+            # Collected (the App's finalizer) while another loop runs in this thread: this one
+            # cannot run to settle its tasks; they are cancelled and the loop closed as it is.
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.close()
             return
         try:
             pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
@@ -240,6 +249,10 @@ class Window:
         self.transaction: Callable[[], str | None] = lambda: None
 
     # -- the protocol's side -----------------------------------------------------------------
+
+    def ends(self) -> dict[TopicPartition, int]:
+        """Each partition's position after its last record in the window."""
+        return {tp: q[-1].record.offset + 1 for tp, q in self.entries.items() if q}
 
     def heads(self) -> dict[TopicPartition, int]:
         """Each partition's first record still in the window: where a rewind must go back to."""
@@ -354,8 +367,14 @@ class Window:
                 entry.task.cancel()
             if entry.call is not None and not entry.call.done():
                 calls.append(entry.call)
-        if calls:
-            concurrent.futures.wait(calls)
+        while calls:  # a handler stuck for good shows in the log, not as silence
+            calls = list(concurrent.futures.wait(calls, timeout=5).not_done)
+            if calls:
+                log.warning(
+                    "waiting for %d call(s) of handler %s given up, still running in threads "
+                    "(a plain def cannot be stopped: give its blocking calls timeouts)",
+                    len(calls), self.spec.name,
+                )  # fmt: skip
         return [e.task for e in entries if e.task is not None]
 
     # -- one record --------------------------------------------------------------------------

@@ -236,6 +236,13 @@ class Runtime:
                 self.loop.run(window.step([], complete=False))
         return sum(w.count - w._occupied() for w in self.windows.values())
 
+    def ends(self) -> dict[TopicPartition, int]:
+        """Each partition's position after its last record in a window."""
+        out: dict[TopicPartition, int] = {}
+        for window in self.windows.values():
+            out.update(window.ends())
+        return out
+
     def heads(self) -> dict[TopicPartition, int]:
         """Each partition's first record still in a window."""
         out: dict[TopicPartition, int] = {}

@@ -166,7 +166,7 @@ class AtLeastOnce(CommitProtocol):
         """A delivery failed: commit nothing, go back to the last committed positions."""
         if not e.retriable:
             log.warning("%s; redoing the uncommitted records one at a time", e)
-            for tp, end in self.pending.items():
+            for tp, end in [*self.pending.items(), *self.rt.ends().items()]:
                 self.isolate[tp] = max(end, self.isolate.get(tp, 0))
         else:
             log.warning("%s; handling the uncommitted records again", e)

@@ -195,8 +195,8 @@ class ExactlyOnce(CommitProtocol):
         from earlier batches, whose outputs go into it once their positions do). False if it
         had to be aborted (the consumer is then back at the start of the transaction, of every
         record still in flight, and of every unhandled record)."""
-        if not records and not (self.rt.in_flight() and (complete or self.rt.let_run())):
-            return True  # nothing came, nothing finished: no transaction for nothing
+        if not records and not self._worth_a_transaction(complete, unhandled):
+            return True  # nothing came, nothing finished (or it was undone): no transaction
         self._begin()
         for tp, offset in self.rt.heads().items():  # in flight since an earlier transaction
             self.rewind.setdefault(tp, offset)
@@ -222,6 +222,22 @@ class ExactlyOnce(CommitProtocol):
         self.pending.update(done)
         self.count += len(records)
         return True
+
+    def _worth_a_transaction(self, complete: bool, unhandled: Sequence[Record]) -> bool:
+        """With no new record: are records side by side there to finish (``complete``), or
+        ready to leave the window? Lets them run a moment to see. An error one of them raises
+        that is the log's is undone as inside a transaction: abort (nothing open), rewind."""
+        if not self.rt.in_flight():
+            return False
+        if complete:
+            return True
+        try:
+            return self.rt.let_run() > 0
+        except AssuredError as e:
+            if owed_to_record(e) or e.fatal:
+                raise
+            self._failed_commit(e, unhandled)
+            return False
 
     def _redo_alone(self, record: Record, unhandled: Sequence[Record]) -> bool:  # noqa: PLR0911
         """``record`` in a transaction of its own; one that fails for a reason of its own is
@@ -364,9 +380,9 @@ class ExactlyOnce(CommitProtocol):
             )  # fmt: skip
         elif maybe_a_records_fault(e):
             # Some record's output may have been refused: redo these records one per
-            # transaction, so that record alone is struck.
+            # transaction (those still in a window too), so that record alone is struck.
             log.warning("%s; redoing the transaction's records one at a time", e)
-            for tp, end in self.pending.items():
+            for tp, end in [*self.pending.items(), *self.rt.ends().items()]:
                 self.isolate[tp] = max(end, self.isolate.get(tp, 0))
         else:
             log.warning("the transaction could not commit (%s): aborting and rewinding", e)
