@@ -597,12 +597,9 @@ def _app_failing(run: _Run, slot: _Slot, code: int, now: float) -> None:
     elif code == 0 or now - slot.started_at >= _QUICK_S:
         slot.quick_failures = 0
     if slot.quick_failures >= _QUICK_EXITS:
-        log = run.workdir / f"processor-{slot.index}.log"
-        lines = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
         raise HarnessError(
             f"the App's processor exited with {code}, {_QUICK_EXITS} times in a row within "
-            f"{_QUICK_S:.0f} s of starting; the end of {log.name}:\n"
-            + "\n".join(line[:300] for line in lines)
+            f"{_QUICK_S:.0f} s of starting{_tail(run, run.workdir / f'processor-{slot.index}.log')}"
         )
 
 
@@ -627,13 +624,16 @@ def _frozen(pid: int) -> bool:
     return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("T", "t")
 
 
-def _tail(run: _Run) -> str:
-    """The end of the most recently written processor log, for an error message."""
-    logs = sorted(run.workdir.glob("processor-*.log"), key=lambda p: p.stat().st_mtime)
-    if not logs:
+def _tail(run: _Run, log: Path | None = None) -> str:
+    """The end of processor log ``log``, or of the most recently written one, for an error
+    message."""
+    if log is None:
+        logs = sorted(run.workdir.glob("processor-*.log"), key=lambda p: p.stat().st_mtime)
+        log = logs[-1] if logs else None
+    if log is None or not log.exists():
         return ""
-    text = logs[-1].read_text(errors="replace").strip().splitlines()[-5:]
-    return f"; the end of {logs[-1].name}:\n" + "\n".join(line[:300] for line in text)
+    text = log.read_text(errors="replace").strip().splitlines()[-5:]
+    return f"; the end of {log.name}:\n" + "\n".join(line[:300] for line in text)
 
 
 def _start(run: _Run, slot: _Slot) -> None:

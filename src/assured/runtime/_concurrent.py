@@ -297,6 +297,8 @@ class Window:
             self.gate = asyncio.Semaphore(self.spec.concurrency)
         for record in records:
             self._dispatch(record)
+        if not records and not complete and not self.stopped and self.ready():
+            return  # handled records wait at the heads already (let_run() found them)
         seen = self.finished
         while True:
             if self.stopped:
@@ -307,25 +309,25 @@ class Window:
                 ):
                     raise _worst(self.stopped)
             elif not self.unfinished or (
-                not complete and self.finished > seen and self._occupied() < self.room
+                not complete and self.finished > seen and self.count - self.ready() < self.room
             ):
                 return
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), None if complete else 0.01)
             except TimeoutError:
-                if not self.stopped and self._occupied() < self.room:
+                if not self.stopped and self.count - self.ready() < self.room:
                     return
 
-    def _occupied(self) -> int:
-        """Entries that will still be in the window after the next :meth:`prefix`."""
-        ready = 0
+    def ready(self) -> int:
+        """Entries the next :meth:`prefix` takes out: handled, at their partitions' heads."""
+        n = 0
         for q in self.entries.values():
             for entry in q:
                 if not entry.done:
                     break
-                ready += 1
-        return self.count - ready
+                n += 1
+        return n
 
     def _finish(self, entry: _Entry) -> None:
         if not entry.done and not entry.gone:

@@ -234,7 +234,7 @@ class Runtime:
         for window in self.windows.values():
             if window.count:
                 self.loop.run(window.step([], complete=False))
-        return sum(w.count - w._occupied() for w in self.windows.values())
+        return sum(w.ready() for w in self.windows.values())
 
     def ends(self) -> dict[TopicPartition, int]:
         """Each partition's position after its last record in a window."""
