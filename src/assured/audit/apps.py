@@ -593,7 +593,8 @@ class AppPlan:
                 "WHERE group_id = ?"
             )
             with contextlib.suppress(Exception):  # no such table: no dead letters there
-                for topic, p, o in _rows(self.db, query, (self.group,)):
+                postgres = self.sink_kind == "postgres"
+                for topic, p, o in sink_rows(self.db, postgres, query, (self.group,)):
                     in_table[ids.get((topic, int(p), int(o)), f"?{topic}[{p}]@{o}")] += 1
         counts = {i: max(in_topic[i], in_table[i]) for i in set(in_topic) | set(in_table)}
         return [i for i, n in counts.items() for _ in range(n)]
@@ -609,8 +610,12 @@ def placed(records: list[Record]) -> dict[tuple[str, int, int], str]:
     return out
 
 
-def _rows(db: str, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    if _is_dsn(db):
+def sink_rows(
+    db: str, postgres: bool, query: str, params: tuple[Any, ...] = ()
+) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` (``?`` placeholders) on a sink's database: a PostgreSQL DSN, or
+    else a SQLite file."""
+    if postgres:
         import psycopg
 
         with psycopg.connect(db) as pg:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from assured.audit.apps import APP_FAULTS, ID_HEADER, AppPlan, AppTarget
+from assured.audit.apps import APP_FAULTS, ID_HEADER, AppPlan, AppTarget, sink_rows
 from assured.audit.checker import (
     Effect,
     Findings,
@@ -1105,13 +1105,7 @@ def _effects(run: _Run) -> list[Effect]:
 
 
 def _sink_rows(run: _Run, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    if run.cfg.sink == "sqlite":
-        with contextlib.closing(sqlite3.connect(run.db)) as conn:
-            return [tuple(row) for row in conn.execute(query, params).fetchall()]
-    import psycopg
-
-    with psycopg.connect(run.db) as pg:
-        return [tuple(row) for row in pg.execute(query.replace("?", "%s"), params).fetchall()]
+    return sink_rows(run.db, run.cfg.sink == "postgres", query, params)
 
 
 def _dead_letters(run: _Run, source: list[Record]) -> list[str]:
