@@ -228,8 +228,8 @@ def test_concurrency_is_checked_when_registered(log: Log, tmp_path: Path) -> Non
         app.handler("in", concurrency=0)
     with pytest.raises(ConfigError, match="ordering='offset'"):
         app.handler("in", concurrency=4, ordering="offset")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="database sink handles one record at a time"):
-        app.handler("in", sink=SqliteSink(str(tmp_path / "s.db")), concurrency=4)
+    with pytest.raises(ConfigError, match="must be an async def"):
+        app.handler("in", sink=SqliteSink(str(tmp_path / "s.db")), concurrency=4)(lambda m, db: 0)
 
 
 def test_run_inside_an_event_loop_says_to_use_a_thread(log: Log) -> None:

@@ -56,6 +56,7 @@ RUNTIME_TABLES = (
     "assured_inbox_v1",
     "assured_dead_letters",
     "assured_dead_letter_relays",
+    "assured_done",
 )
 # Faults that need no help from the handler: the App's own code runs untouched, so the fates the
 # audit's own handler acts out (handler-errors, slow-handler, zombie, disk-full) cannot be played.

@@ -269,13 +269,16 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
     def register(handler: Callable[[Message, Any], None], **where: Any) -> None:
         """``handler`` as it is, or (``--handler-latency-ms``) behind an await: a gateway, an
         HTTP API."""
-        if not args.handler_latency_ms:
+        side_by_side = args.concurrency > 1 and "sink" in where
+        if not (args.handler_latency_ms or side_by_side):
             app.handler(args.input, **where, **options)(handler)
             return
 
         async def waiting(msg: Message, target: Any) -> None:
-            await asyncio.sleep(waits(msg))
-            handler(msg, target)
+            if args.handler_latency_ms:
+                await asyncio.sleep(waits(msg))
+            # side by side, the database is taken (awaited) and then used as one transaction
+            handler(msg, await target.hold() if side_by_side else target)
 
         app.handler(args.input, **where, **options)(waiting)
 

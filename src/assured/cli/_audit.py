@@ -244,11 +244,6 @@ def audit(
             raise ConfigError("broker-kill needs a kafka:// log (a three-node cluster)")
         if ordering not in ORDERINGS:
             raise ConfigError(f"--ordering {ordering!r}: one of {', '.join(ORDERINGS)}")
-        if concurrency > 1 and sink != "topic":
-            raise ConfigError(
-                f"--concurrency {concurrency} with --sink {sink}: a database sink handles one "
-                "record at a time in this version; use --sink topic"
-            )
         if report is not None:
             _check_report(report)
         target, chosen, messages = _app_target(

@@ -153,7 +153,14 @@ class App:
         the default then), a partition (``"partition"``) or nothing (``"unordered"``) never
         overlap and run in offset order. Each partition commits only its contiguous handled
         prefix, so each guarantee keeps its meaning; under exactly-once a record's outputs
-        wait in memory until every record below it is handled."""
+        wait in memory until every record below it is handled.
+
+        With ``sink=`` and ``concurrency`` > 1 the handler is an ``async def`` and awaits its
+        database calls (``await db.execute(...)``): records share one transaction per step,
+        each in a savepoint, and take turns on the database from their first call to their
+        return, so do the waiting (an API call) before the first database call. Under
+        exactly-once each record handled above its partition's stored position is marked done
+        in the same commit as its effects: a restart never repeats it."""
         if topic in self._specs:
             raise ConfigError(f"topic {topic!r} already has a handler")
         if output is not None and sink is not None:
@@ -171,16 +178,28 @@ class App:
             )
         if ordering not in ORDERINGS:
             raise ConfigError(f"ordering={ordering!r}: one of {', '.join(ORDERINGS)}")
-        if concurrency > 1 and sink is not None:
+        side_by_side = {
+            t: spec.concurrency > 1 for t, spec in self._specs.items() if spec.sink is not None
+        }
+        if sink is not None and side_by_side and (concurrency > 1) not in side_by_side.values():
             raise ConfigError(
-                f"concurrency={concurrency} with sink=: a database sink handles one record at a "
-                "time in this version (its records share one database transaction). Use "
-                "concurrency=1, or output= to a topic."
+                f"concurrency={concurrency} with sink=, while the handlers of "
+                f"{', '.join(sorted(side_by_side))} use the sink with concurrency "
+                f"{'1' if concurrency > 1 else '> 1'}: the handlers of one sink run either all "
+                "side by side (each window commits its own database transactions) or all one "
+                "at a time (in one transaction per batch)"
             )
         codecs = codec(key_codec), codec(value_codec)
 
         def register(fn: F) -> F:
             check_handler(fn, topic, "out" if output is not None else "db" if sink else None)
+            if concurrency > 1 and sink is not None and not is_async(fn):
+                raise ConfigError(
+                    f"handler {getattr(fn, '__qualname__', fn)!r} for topic {topic!r}: with "
+                    f"sink= and concurrency={concurrency} the handler must be an async def, "
+                    "whose database calls are awaited (await db.execute(...)): records side by "
+                    "side take turns on the database. Use async def, or concurrency=1."
+                )
             if topic in self._specs:
                 raise ConfigError(f"topic {topic!r} already has a handler")
             self._specs[topic] = HandlerSpec(

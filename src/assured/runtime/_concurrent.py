@@ -50,6 +50,7 @@ from assured.runtime._handling import (
     owed_to_record,
     partial_send_failure,
 )
+from assured.runtime._shared_db import RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
 
 __all__ = [
@@ -198,13 +199,14 @@ class _Entry:
     """One record in the window: its outputs and dead letters (held until its position is
     committed, under exactly-once), and whether its handling is over."""
 
-    __slots__ = ("call", "done", "gone", "letters", "out", "record", "task")
+    __slots__ = ("call", "done", "gone", "held", "letters", "out", "record", "task")
 
     def __init__(self, record: Record, out: Output | None):
         self.record = record
         self.out = out
         self.letters: list[tuple[str, Record, list[Header]]] = []
         self.done = False
+        self.held = False  # handled into the shared database transaction, not yet committed
         self.gone = False  # given up: whatever its task still does counts for nothing
         self.task: asyncio.Future[None] | None = None
         self.call: concurrent.futures.Future[Any] | None = None  # a plain def's, in a thread
@@ -247,6 +249,12 @@ class Window:
         self.dead_letters: DeadLetterSink | None = None
         self.transactional = False
         self.transaction: Callable[[], str | None] = lambda: None
+        # A handler with a sink: the records' shared database transaction (see _shared_db),
+        # the records handled into it since the last group commit, and the records already
+        # committed above a rewind or a claim (skipped when polled again; shared by windows).
+        self.db: SharedTransaction | None = None
+        self.held: list[_Entry] = []
+        self.skips: dict[TopicPartition, set[int]] = {}
 
     # -- the protocol's side -----------------------------------------------------------------
 
@@ -291,7 +299,37 @@ class Window:
         """Put ``records`` in the window, then run until it has room for the next poll and
         something finished (or 10 ms passed), or, ``complete``, until every record in it is
         handled. Raises the first error that is not a record's own fault, once no record of
-        the window is running any more."""
+        the window is running any more. With a sink, the step ends with the group commit of
+        the records handled in it (they count as handled once it has landed)."""
+        if self.db is None:
+            await self._step(records, complete)
+            return
+        self.db.reopen()
+        try:
+            await self._step(records, complete)
+        except BaseException as e:
+            self.db.rollback(e)
+            raise
+        await self._commit()
+
+    async def _commit(self) -> None:
+        """The group commit of the records handled since the last one; then they are done."""
+        assert self.db is not None
+        held = [e for e in self.held if not e.gone]
+        self.held = []
+        positions: dict[TopicPartition, int] = {}
+        for tp, q in self.entries.items():
+            for entry in q:
+                if not (entry.done or entry.held):
+                    break
+                positions[tp] = entry.record.offset + 1
+        await self.db.commit([(e.record, e.letters) for e in held], positions)
+        for entry in held:
+            entry.letters = []
+            if not entry.gone:
+                entry.done = True
+
+    async def _step(self, records: Sequence[Record], complete: bool) -> None:
         if self.changed is None:
             self.changed = asyncio.Event()
             self.gate = asyncio.Semaphore(self.spec.concurrency)
@@ -330,15 +368,27 @@ class Window:
         return n
 
     def _finish(self, entry: _Entry) -> None:
-        if not entry.done and not entry.gone:
-            entry.done = True
+        if not (entry.done or entry.held or entry.gone):
+            if self.db is not None:
+                entry.held = True  # done once the step's group commit lands
+                self.held.append(entry)
+            else:
+                entry.done = True
             self.unfinished -= 1
             self.finished += 1
 
     def reset(self) -> list[asyncio.Future[None]]:
         """Give up every record in the window (the protocol rewinds to :meth:`heads`): their
         tasks are cancelled, their outputs dropped. Returns the tasks, to be awaited."""
-        tasks = self._give_up([e for q in self.entries.values() for e in q])
+        entries = [e for q in self.entries.values() for e in q]
+        if self.db is not None:  # committed to the database: never handled again
+            self.db.closed = True
+            for e in entries:
+                if e.done:
+                    tp = TopicPartition(e.record.topic, e.record.partition)
+                    self.skips.setdefault(tp, set()).add(e.record.offset)
+        tasks = self._give_up(entries)
+        self.held = []
         self.entries.clear()
         self.tails.clear()
         self.stopped.clear()
@@ -349,6 +399,7 @@ class Window:
         """Give up the records of ``partitions`` (lost to another member)."""
         tasks: list[asyncio.Future[None]] = []
         for tp in partitions:
+            self.skips.pop(tp, None)
             q = self.entries.pop(tp, None)
             if q:
                 self.count -= len(q)
@@ -394,6 +445,11 @@ class Window:
         tp = TopicPartition(record.topic, record.partition)
         self.entries.setdefault(tp, deque()).append(entry)
         self.count += 1
+        skip = self.skips.get(tp)
+        if skip and record.offset in skip:  # its effects committed before a rewind or a claim
+            skip.discard(record.offset)
+            entry.done = True
+            return
         self.unfinished += 1
         loop = asyncio.get_running_loop()
         lane = lane_of(record, spec.ordering)
@@ -432,6 +488,9 @@ class Window:
             if self.stopped:
                 raise _GivenUp
             msg = spec.decode(record)
+            if self.db is not None:
+                await self._into_db(msg)
+                return
             args: tuple[Any, ...] = (msg,) if out is None else (msg, out)
             if spec.is_async:
                 result = await spec.fn(*args)
@@ -442,6 +501,18 @@ class Window:
                 result = await asyncio.wrap_future(call)
             if inspect.isawaitable(result):  # an async handler behind a plain wrapper
                 await result
+
+    async def _into_db(self, msg: Any) -> None:
+        """One call of an async handler with a sink: its part of the shared transaction is
+        kept if it returns, rolled back to its savepoint if it raises."""
+        assert self.db is not None
+        db = RecordDb(self.db)
+        try:
+            await self.spec.fn(msg, db)
+        except BaseException as e:
+            db.end(e)
+            raise
+        db.end(None)
 
     async def one(self, entry: _Entry) -> None:
         """One record: attempts with backoff (outside the concurrency bound, so a record that
@@ -458,7 +529,7 @@ class Window:
                     out._release(record)
                 self._finish(entry)
                 return
-            except _GivenUp:
+            except (_GivenUp, WindowClosed):
                 return  # the window is given up and will be handled again
             except BaseException as e:
                 if out is not None:
@@ -475,7 +546,7 @@ class Window:
 
     def _letters(self, entry: _Entry) -> DeadLetterSink:
         """Where ``entry``'s dead letter goes: held with it under exactly-once."""
-        if self.transactional:
+        if self.transactional or (self.db is not None and self.db.marks):
             return lambda topic, record, headers: entry.letters.append((topic, record, headers))
         assert self.dead_letters is not None
         return self.dead_letters

@@ -337,11 +337,16 @@ class Sink(abc.ABC):
             "incarnation = COALESCE(excluded.incarnation, assured_offsets.incarnation) "
             "RETURNING next_offset, epoch"
         )
+        drop_done = self._sql(
+            "DELETE FROM assured_done WHERE group_id = ? AND topic = ? AND partition = ?"
+        )
         out: Claim = {}
         with self.transaction(group, incarnations) as tx:
             for tp in partitions:
                 incarnation = incarnations.get(tp.topic)
                 old = tx.execute(before, (group, tp.topic, tp.partition)).fetchone()
+                if old and incarnation and old[0] and old[0] != incarnation:
+                    tx.execute(drop_done, (group, tp.topic, tp.partition))
                 if old and incarnation and old[0] and old[0] != incarnation and old[1] is not None:
                     log.warning(
                         "%s was deleted and created again since group %r stored offset %d for "
@@ -378,6 +383,27 @@ class Sink(abc.ABC):
         with self.transaction(group) as tx:
             rows = tx.execute(query, (group,)).fetchall()
         return {TopicPartition(t, p): o for t, p, o in rows}
+
+    def done_above(
+        self, group: str, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, set[int]]:
+        """Records of ``partitions`` marked handled above their stored positions (by handlers
+        side by side): a new owner starts at the stored position and skips these."""
+        wanted = set(partitions)
+        query = self._sql(
+            "SELECT d.topic, d.partition, d.record_offset FROM assured_done d "
+            "JOIN assured_offsets o ON o.group_id = d.group_id AND o.topic = d.topic "
+            "AND o.partition = d.partition WHERE d.group_id = ? "
+            "AND d.record_offset >= COALESCE(o.next_offset, 0)"
+        )
+        with self.transaction(group) as tx:
+            rows = tx.execute(query, (group,)).fetchall()
+        out: dict[TopicPartition, set[int]] = {}
+        for topic, partition, offset in rows:
+            tp = TopicPartition(topic, partition)
+            if tp in wanted:
+                out.setdefault(tp, set()).add(int(offset))
+        return out
 
     def has_offsets(self, group: str, topics: Iterable[str] | None = None) -> bool:
         """Whether this database holds a stored offset for ``group`` (of any of ``topics``).
@@ -441,6 +467,11 @@ def ddl(id_column: str, blob: str) -> tuple[str, ...]:
         # the batch it is publishing (ids, and where in the dead-letter topics it starts).
         "CREATE TABLE IF NOT EXISTS assured_dead_letter_relays (group_id TEXT PRIMARY KEY, "
         "epoch BIGINT NOT NULL, inflight TEXT)",
+        # Records handled side by side, above their partition's stored next_offset: each is
+        # marked here in the transaction of its effects, so a restart never repeats one.
+        "CREATE TABLE IF NOT EXISTS assured_done (group_id TEXT NOT NULL, topic TEXT NOT NULL, "
+        "partition INTEGER NOT NULL, record_offset BIGINT NOT NULL, "
+        "PRIMARY KEY (group_id, topic, partition, record_offset))",
     )
 
 

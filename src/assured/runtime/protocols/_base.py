@@ -22,6 +22,7 @@ from assured.runtime._handling import (
     record_handler,
 )
 from assured.runtime._settings import AppSettings
+from assured.runtime._shared_db import SharedTransaction
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
 
@@ -152,6 +153,17 @@ class Runtime:
     windows: dict[str, Window] = field(default_factory=dict)
     # The window's kind; the audit's planted bugs put a broken one here.
     window_class: type[Window] = Window
+    # Records a database sink has committed above where the consumer will read from again (a
+    # rewind, or marks a claim found): skipped when polled. Under exactly-once into a
+    # database, the claimed partitions' epochs, which every group commit checks.
+    skips: dict[TopicPartition, set[int]] = field(default_factory=dict)
+    epochs: dict[TopicPartition, int] = field(default_factory=dict)
+
+    @property
+    def sink_side_by_side(self) -> bool:
+        """Whether records reach the sink side by side: each window then commits its own
+        database transactions, and a protocol opens none around the handling."""
+        return any(s.sink is not None and s.concurrency > 1 for s in self.specs.values())
 
     def handle(
         self,
@@ -220,6 +232,12 @@ class Runtime:
             window = self.windows[spec.topic] = self.window_class(
                 spec, self.metrics, self.settings.guarantee, threads, room
             )
+            window.skips = self.skips
+            if spec.sink is not None:
+                window.db = SharedTransaction(
+                    spec.sink, self.settings.group, self.incarnations,
+                    marks=self.settings.guarantee == "exactly-once", epochs=lambda: self.epochs,
+                )  # fmt: skip
         window.producer, window.dead_letters = producer, dead_letters
         window.transactional, window.transaction = transactional, lambda: self.transaction
         self.loop.run(window.step(batch, complete))
@@ -269,6 +287,9 @@ class Runtime:
             tasks += window.reset() if partitions is None else window.forget(partitions)
         if tasks:
             self.loop.run(_settled(tasks))
+        for window in self.windows.values():
+            if window.db is not None and partitions is None:
+                window.db.rollback()  # what the records given up had begun
 
     def _handler(
         self,

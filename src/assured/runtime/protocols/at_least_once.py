@@ -75,7 +75,7 @@ class AtLeastOnce(CommitProtocol):
             self.rewind.setdefault(TopicPartition(r.topic, r.partition), r.offset)
         sink = self.rt.sink
         try:
-            if sink is not None:
+            if sink is not None and not self.rt.sink_side_by_side:
                 with sink.transaction(
                     group=self.rt.settings.group, incarnations=self.rt.incarnations
                 ) as tx:

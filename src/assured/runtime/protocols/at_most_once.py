@@ -11,7 +11,8 @@ from assured._retry import Backoff
 from assured.errors import LogError, StaleGenerationError
 from assured.log import Producer, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
-from assured.runtime.protocols._base import CommitProtocol, log_commit, next_offsets
+from assured.runtime.protocols._base import CommitProtocol, Trouble, log_commit, next_offsets
+from assured.sinks import SinkCommitUnknownError
 
 __all__ = ["AtMostOnce"]
 
@@ -23,10 +24,11 @@ class AtMostOnce(CommitProtocol):
 
     def start(self) -> None:
         self.producer: Producer = self.rt.log.producer()
+        self.trouble = Trouble()
 
     def process(self, records: list[Record]) -> None:
         if not records:  # records side by side still running: let them go on
-            self.rt.handle([], self.producer)
+            self._side_by_side([])
             return
         offsets = next_offsets(records)
         try:
@@ -41,8 +43,8 @@ class AtMostOnce(CommitProtocol):
         log_commit("commit", "committed before handling", offsets)
         crash_point("after-commit-before-handle")
         sink = self.rt.sink
-        if sink is None:
-            self.rt.handle(records, self.producer)
+        if sink is None or self.rt.sink_side_by_side:
+            self._side_by_side(records)
         else:
             for record in records:  # each effect its own database transaction
                 if self.rt.specs[record.topic].sink is not None:
@@ -52,6 +54,29 @@ class AtMostOnce(CommitProtocol):
         # No flush per batch: losing an unflushed output in a crash is within this guarantee,
         # and waiting for acknowledgements would stall every batch. close() flushes.
         self.producer.poll(0)
+
+    def _side_by_side(self, records: list[Record]) -> None:
+        """Records (side by side, or without a sink) through their handlers. A database that
+        is away when a window commits: the records of that commit rolled back, so they are
+        handled again from the window's heads (not a repeat: nothing of them committed),
+        within the retry deadline; a commit whose outcome is unknown is not redone (it may
+        have landed): those records may be lost, as this guarantee allows, and said so."""
+        try:
+            self.rt.handle(records, self.producer)
+        except LogError as e:
+            if not e.retriable or e.fatal or self.rt.sink is None:
+                raise
+            if isinstance(e, SinkCommitUnknownError):
+                log.error("%s; the records in flight are given up (at-most-once)", e)
+                self.rt.give_up()
+                return
+            if self.trouble.seconds() * 1000 > self.rt.settings.retry_deadline_ms:
+                raise
+            log.warning("%s; handling the records in flight again shortly", e)
+            self.rt.seek_back({}, records)
+            self.trouble.pause()
+            return
+        self.trouble.over()
 
     def _into_sink(self, record: Record) -> None:
         """One record's effects in one database transaction. A database that is away is

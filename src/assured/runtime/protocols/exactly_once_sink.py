@@ -14,6 +14,7 @@ connection broke during COMMIT, nobody knows whether it landed: the stored posit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -43,7 +44,7 @@ class ExactlyOnceSink(CommitProtocol):
         assert self.rt.sink is not None
         self.sink: Sink = self.rt.sink
         self.dead_letters: Producer = self.rt.log.producer()
-        self.epochs: dict[TopicPartition, int] = {}
+        self.epochs: dict[TopicPartition, int] = self.rt.epochs  # the windows check them too
         self.trouble = Trouble()  # batches in a row the database did not take
         # Dead letters are rows in the database, committed with the effects and positions;
         # the relay publishes them to their topics afterwards, each exactly once.
@@ -72,6 +73,10 @@ class ExactlyOnceSink(CommitProtocol):
                 unknown.append(tp)
         if unknown:
             starts.update(self._missing(unknown))
+        if self.rt.sink_side_by_side:  # records handled side by side above those positions
+            for tp in partitions:
+                self.rt.skips.pop(tp, None)
+            self.rt.skips.update(self.sink.done_above(group, partitions))
         return starts
 
     def _missing(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
@@ -101,6 +106,9 @@ class ExactlyOnceSink(CommitProtocol):
 
     def process(self, records: list[Record]) -> None:
         mine = [r for r in records if TopicPartition(r.topic, r.partition) in self.epochs]
+        if self.rt.sink_side_by_side:
+            self._side_by_side(mine)
+            return
         if not mine:
             return
         offsets = next_offsets(mine)
@@ -142,6 +150,65 @@ class ExactlyOnceSink(CommitProtocol):
             self.rt.consumer.commit(offsets, asynchronous=True)
         except AssuredError as e:  # only for lag tools; the database already has the truth
             log.debug("group offset commit skipped: %s", e)
+
+    def _side_by_side(self, records: list[Record]) -> None:
+        """Records side by side: each step of their window ends with a group commit of their
+        effects, marks, dead letters and positions (see runtime._shared_db); nothing is left
+        to commit here but the group offsets, for lag tools."""
+        try:
+            offsets = self.rt.handle(records, self.dead_letters)
+        except SinkFencedError as e:
+            log.warning("%s; giving up the records in flight until the group reassigns", e)
+            self._redo_side_by_side(e)
+            return
+        except LogError as e:
+            if not (e.retriable or e.abortable) or e.fatal:
+                self.abandon()
+                raise
+            if self.trouble.seconds() * 1000 > self.rt.settings.retry_deadline_ms:
+                self.abandon()
+                raise LogError(
+                    f"nothing could be committed to the database for "
+                    f"{self.trouble.seconds():.0f} s (last: {e}); stopping. Effects and "
+                    "positions commit together: what was not committed is handled again "
+                    "after a restart."
+                ) from e
+            log.warning("%s; redoing the records in flight once the database answers", e)
+            self._redo_side_by_side(e)
+            self.trouble.pause()
+            return
+        except BaseException:
+            self.abandon()
+            raise
+        self.trouble.over()
+        if any(w.db is not None and w.db.lettered for w in self.rt.windows.values()):
+            for w in self.rt.windows.values():
+                if w.db is not None:
+                    w.db.lettered = False
+            self._relay()
+        if offsets:
+            self.rt.metrics.committed.labels(self.guarantee).inc()
+            with contextlib.suppress(AssuredError):  # only for lag tools
+                self.rt.consumer.commit(offsets, asynchronous=True)
+
+    def _redo_side_by_side(self, e: LogError) -> None:
+        """Give up the records in flight and read again from where the database says each
+        partition stands, skipping the records it holds as handled above that."""
+        self.rt.give_up()
+        try:
+            stored = self._stored(must=True)
+            done = self.sink.done_above(self.rt.settings.group, list(self.epochs))
+        except LogError:
+            self.abandon()
+            raise
+        if isinstance(e, SinkFencedError):
+            for tp in list(self.epochs):
+                self.epochs.pop(tp, None)  # the group reassigns; the claim comes again
+            return
+        self.rt.skips.clear()
+        self.rt.skips.update(done)
+        rewind = {tp: stored[tp] for tp in self.epochs if tp in stored}
+        seek_back(self.rt.consumer, rewind, ())
 
     def _redo(self, batch: list[Record], e: LogError) -> None:
         """The batch's database transaction did not commit (or may not have): go back to where
@@ -188,13 +255,35 @@ class ExactlyOnceSink(CommitProtocol):
                 log.debug("dead-letter relay check skipped: %s", e)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.epochs.pop(tp, None)
+        if self.rt.in_flight() and not self.failed:
+            try:  # records in flight finish, and commit, before their partitions go
+                self.rt.handle([], self.dead_letters, complete=True)
+            except LogError as e:
+                if e.fatal and not e.fenced:
+                    raise
+                log.warning("%s; the next owner redoes what did not commit", e)
+                self._redo_side_by_side(e)
+        self._forget(partitions)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
-        self.on_revoke(partitions)
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        self.rt.give_up(partitions)
+        for tp in partitions:
+            self.epochs.pop(tp, None)
+            self.rt.skips.pop(tp, None)
+
+    def abandon(self) -> None:
+        super().abandon()
+        self.rt.give_up()
 
     def close(self) -> None:
+        try:
+            if self.rt.in_flight() and not self.failed:
+                self.rt.handle([], self.dead_letters, complete=True)
+        finally:
+            self.rt.give_up()
         if not self.failed:
             self._relay()
         self.relay.close()

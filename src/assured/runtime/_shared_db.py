@@ -1,0 +1,250 @@
+"""A database sink for records handled side by side: one transaction shared by the records of
+a step, a savepoint per record, and a group commit at the end of the step.
+
+An ``async def`` handler with ``concurrency`` > 1 and ``sink=`` gets a :class:`RecordDb` as its
+``db``: its calls are awaited (``await db.execute(...)``). A record's first call waits for the
+database, takes it, and opens a savepoint in the shared transaction; the database stays the
+record's until its handler returns (the savepoint is released) or raises (rolled back to the
+savepoint: a failed attempt leaves nothing behind). The records' awaits elsewhere (an API, a
+queue) overlap; their database work takes turns, so a handler should do its waiting before its
+first database call, not between two of them.
+
+Each step of the window ends with a group commit, one transaction for every record whose
+handler ended since the last one (one fsync for many records, on SQLite as on PostgreSQL). A
+record counts as handled only once that commit has landed. Under exactly-once the commit also
+holds, per record above its partition's stored position, a mark in ``assured_done``, its dead
+letter, and the partitions' new positions, each written only if this instance's epoch (the
+claim's fencing token) still holds: a crash never repeats a record whose effects committed, even
+above the contiguous prefix, and a new owner skips them. Between two steps no transaction is
+open, so the protocol's own database work (claims, stored positions, the dead-letter relay)
+never waits for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from assured.errors import UsageError
+from assured.log import Header, Record, TopicPartition
+from assured.runtime.crashpoints import crash_point
+from assured.sinks import Sink, SinkTransaction
+from assured.sinks._base import MessageLike, fenced
+
+__all__ = ["RecordDb", "SharedTransaction", "WindowClosed"]
+
+
+class WindowClosed(BaseException):
+    """The window was given up while a record waited for the database: its work counts for
+    nothing. A BaseException, so a handler's ``except Exception`` does not swallow it."""
+
+
+class SharedTransaction:
+    """One window's database transaction, shared by its records between two group commits."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        group: str,
+        incarnations: Mapping[str, str],
+        marks: bool,
+        epochs: Callable[[], Mapping[TopicPartition, int]],
+    ):
+        self.sink = sink
+        self.group = group
+        self.incarnations = incarnations
+        self.marks = marks  # exactly-once: marks, dead letters and positions go in the commit
+        self.epochs = epochs
+        self._lock = asyncio.Lock()
+        self._open = asyncio.Event()  # set while records may take the database (in a step)
+        self._cm: contextlib.AbstractContextManager[SinkTransaction] | None = None
+        self.tx: SinkTransaction | None = None
+        self.closed = False  # given up: no record may open a transaction any more
+        self.lettered = False  # a commit held dead letters (the relay has work)
+
+    async def take(self) -> SinkTransaction:
+        """Wait for the database and take it; the transaction is begun if none is open. The
+        gate is shut from a group commit to the next step: no record opens a transaction that
+        would stay open while the App's thread is elsewhere."""
+        while True:
+            await self._open.wait()
+            await self._lock.acquire()
+            if self._open.is_set():
+                break
+            self._lock.release()  # a commit shut the gate while this one queued
+        try:
+            if self.closed:
+                raise WindowClosed
+            if self.tx is None:
+                self._begin()
+            return self.tx  # type: ignore[return-value]
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _begin(self) -> None:
+        cm = self.sink.transaction(group=self.group, incarnations=self.incarnations)
+        self.tx = cm.__enter__()
+        self._cm = cm
+
+    def reopen(self) -> None:
+        """A step begins: records may take the database again."""
+        self.closed = False
+        self._open.set()
+
+    def give_back(self) -> None:
+        self._lock.release()
+
+    async def commit(
+        self,
+        held: Sequence[tuple[Record, list[tuple[str, Record, list[Header]]]]],
+        positions: Mapping[TopicPartition, int],
+    ) -> None:
+        """Commit the open transaction with what ``held`` records add to it under exactly-once
+        (their dead letters, and marks for those at or above ``positions``, the partitions'
+        new stored positions). Raises what the sink raises: then nothing of it committed (or,
+        :class:`~assured.sinks.SinkCommitUnknownError`, nobody knows)."""
+        self._open.clear()  # shut until the next step: records that want the database wait
+        async with self._lock:  # once the record holding it now has ended
+            if self.marks and held and self.tx is None:
+                self._begin()
+            tx = self.tx
+            if tx is None:
+                return
+            try:
+                if self.marks:
+                    self._write(tx, held, positions)
+                    crash_point("after-effect-before-offset")  # written, not committed
+            except BaseException as e:
+                self.rollback(e)
+                raise
+            cm, self._cm, self.tx = self._cm, None, None
+            assert cm is not None
+            cm.__exit__(None, None, None)
+        if not self.marks:
+            crash_point("after-effect-before-offset")  # committed; the log's offsets not yet
+
+    def _write(
+        self,
+        tx: SinkTransaction,
+        held: Sequence[tuple[Record, list[tuple[str, Record, list[Header]]]]],
+        positions: Mapping[TopicPartition, int],
+    ) -> None:
+        sql = self.sink._sql
+        epochs = self.epochs()
+        touched: set[TopicPartition] = set(positions)
+        mark = sql(
+            "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        )
+        for record, letters in held:
+            tp = TopicPartition(record.topic, record.partition)
+            touched.add(tp)
+            for topic, dead, headers in letters:
+                tx.dead_letter(dead, topic=topic, headers=headers)
+                self.lettered = True
+            if record.offset >= positions.get(tp, 0):
+                tx.execute(mark, (self.group, tp.topic, tp.partition, record.offset))
+        store = sql(
+            "UPDATE assured_offsets SET next_offset = COALESCE(?, next_offset) "
+            "WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?"
+        )
+        below = sql(
+            "DELETE FROM assured_done WHERE group_id = ? AND topic = ? AND partition = ? "
+            "AND record_offset < ?"
+        )
+        for tp in sorted(touched):
+            position = positions.get(tp)
+            row = (position, self.group, tp.topic, tp.partition, epochs.get(tp, -1))
+            if tx.execute(store, row).rowcount != 1:
+                raise fenced(tp, self.group)
+            if position is not None:
+                tx.execute(below, (self.group, tp.topic, tp.partition, position))
+
+    def rollback(self, error: BaseException | None = None) -> None:
+        """Roll the open transaction back (a failed step, a given-up window); never raises."""
+        cm, self._cm, self.tx = self._cm, None, None
+        if cm is not None:
+            error = error or asyncio.CancelledError()
+            with contextlib.suppress(BaseException):
+                cm.__exit__(type(error), error, error.__traceback__)
+
+
+class RecordDb:
+    """The ``db`` of an async handler side by side: the record's part of the shared database
+    transaction. Every call is awaited; the first one waits for the database (see the module's
+    docstring). Speaks the database's own SQL, as :class:`~assured.sinks.SinkTransaction`."""
+
+    __slots__ = ("_savepoint", "_shared", "_tx")
+
+    def __init__(self, shared: SharedTransaction):
+        self._shared = shared
+        self._tx: SinkTransaction | None = None
+        self._savepoint: contextlib.AbstractContextManager[None] | None = None
+
+    @property
+    def group(self) -> str:
+        return self._shared.group
+
+    async def _take(self) -> SinkTransaction:
+        if self._tx is None:
+            tx = await self._shared.take()
+            try:
+                savepoint = tx.savepoint()
+                savepoint.__enter__()
+            except BaseException:
+                self._shared.give_back()
+                raise
+            self._tx, self._savepoint = tx, savepoint
+        return self._tx
+
+    async def hold(self) -> SinkTransaction:
+        """Take the database for this record now and return the transaction itself, for code
+        that calls it without awaiting (``tx.execute(...)``, ``tx.connection``). It is this
+        record's until the handler returns; never keep it beyond that."""
+        return await self._take()
+
+    async def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
+        """``sql`` in the record's part of the transaction; returns the cursor."""
+        return (await self._take()).execute(sql, params)
+
+    async def first_delivery(self, message: MessageLike | str) -> bool:
+        """As :meth:`SinkTransaction.first_delivery`: False if ``message`` was delivered to
+        this group before (its effects committed)."""
+        return (await self._take()).first_delivery(message)
+
+    @property
+    def connection(self) -> Any:
+        raise UsageError(
+            "db.connection is not offered to handlers side by side: the connection is shared, "
+            "and only awaited db.execute(...) calls take turns on it"
+        )
+
+    def end(self, error: BaseException | None) -> None:
+        """The handler returned (``error`` None: keep its work) or raised (undo it). Raises
+        what the database raised while doing so (the database's failure, not the record's)."""
+        if self._tx is None:
+            return
+        savepoint, self._savepoint, self._tx = self._savepoint, None, None
+        try:
+            assert savepoint is not None
+            if error is None:
+                savepoint.__exit__(None, None, None)
+            else:
+                with _unless_same(error):
+                    savepoint.__exit__(type(error), error, error.__traceback__)
+        finally:
+            self._shared.give_back()
+
+
+@contextlib.contextmanager
+def _unless_same(error: BaseException) -> Iterator[None]:
+    """Swallow ``error`` itself coming back out of a savepoint's exit (the caller re-raises
+    it); let any other error (the database's) through."""
+    try:
+        yield
+    except BaseException as e:
+        if e is not error:
+            raise

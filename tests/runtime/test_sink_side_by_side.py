@@ -1,0 +1,201 @@
+"""A database sink for records handled side by side (issue 14): async handlers await their
+database calls, records share a transaction per step (a savepoint each), and under exactly-once
+every record committed above its partition's stored position is marked done, so a restart never
+repeats it. On the embedded engine with SQLite; tests/sinks/test_postgres_side_by_side.py does
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assured import App, Message, SqliteSink, TopicPartition, open_log
+from assured.errors import ConfigError
+from assured.log import Log
+from assured.runtime._handling import HandlerFailedError
+from assured.runtime._settings import Guarantee
+
+GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
+SCHEMA = "CREATE TABLE IF NOT EXISTS charges (id INTEGER PRIMARY KEY, k TEXT, v TEXT)"
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    opened = open_log(f"embedded://{tmp_path}/log.db")
+    with opened.admin() as admin:
+        admin.create_topic("in", 2)
+    return opened
+
+
+def fill(log: Log, n: int, keys: int = 10) -> list[str]:
+    values = [f"m{i:04d}" for i in range(n)]
+    with log.producer() as producer:
+        for i, v in enumerate(values):
+            producer.send("in", v.encode(), key=f"k{i % keys}".encode(), partition=i % 2)
+        producer.flush()
+    return values
+
+
+def charges(path: Path) -> list[tuple[bytes, bytes]]:
+    with sqlite3.connect(path) as db:
+        return [(k, v) for k, v in db.execute("SELECT k, v FROM charges ORDER BY id")]
+
+
+def read_all(log: Log, topic: str) -> list[bytes]:
+    with log.consumer(isolation="read_committed") as consumer:
+        consumer.assign([TopicPartition(topic, 0)])
+        out: list[bytes] = []
+        while batch := consumer.poll(timeout=0.3):
+            out += [r.value or b"" for r in batch]
+        return out
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_records_side_by_side_write_each_effect_once_in_key_order(
+    log: Log, tmp_path: Path, guarantee: Guarantee
+) -> None:
+    values = fill(log, 300)
+    path = tmp_path / "effects.db"
+    app = App(log=log, group="g", guarantee=guarantee)
+    rng = random.Random(7)
+    in_flight = Counter[str]()
+    most = 0
+
+    @app.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=20)
+    async def charge(msg: Message, db: Any) -> None:
+        nonlocal most
+        in_flight["all"] += 1
+        most = max(most, in_flight["all"])
+        await asyncio.sleep(rng.random() * 0.01)  # the gateway, before the database
+        in_flight["all"] -= 1
+        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+
+    assert app.run(until_idle=0.5).processed == 300
+    rows = charges(path)
+    assert sorted(v.decode() for _, v in rows) == values  # each once
+    assert most > 5  # the awaits overlapped
+    # per key (each key lives in one partition), effects in offset order
+    for key in {k for k, _ in rows}:
+        mine = [v for k, v in rows if k == key]
+        assert mine == sorted(mine)
+
+
+def test_a_failed_attempts_writes_are_rolled_back_and_the_retry_writes_once(
+    log: Log, tmp_path: Path
+) -> None:
+    values = fill(log, 60)
+    path = tmp_path / "effects.db"
+    app = App(log=log, group="g", guarantee="exactly-once")
+    tries = Counter[bytes]()
+
+    @app.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=8, backoff_ms=1)
+    async def charge(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+        tries[msg.value] += 1
+        await asyncio.sleep(0.001)
+        if tries[msg.value] == 1:
+            raise RuntimeError("the gateway timed out after the write")
+
+    assert app.run(until_idle=0.5).processed == 60
+    assert sorted(v.decode() for _, v in charges(path)) == values
+
+
+def test_exactly_once_a_restart_never_repeats_a_record_committed_above_a_slow_one(
+    log: Log, tmp_path: Path
+) -> None:
+    values = fill(log, 80)
+    path = tmp_path / "effects.db"
+    sink = SqliteSink(path, schema=SCHEMA)
+    first = App(log=log, group="g", guarantee="exactly-once")
+
+    @first.handler("in", sink=sink, concurrency=10, retries=0, dead_letter=False, backoff_ms=1)
+    async def stuck(msg: Message, db: Any) -> None:
+        if msg.offset == 3 and msg.partition == 0:  # the head of a partition fails for good
+            await asyncio.sleep(0.3)  # while the records above it commit
+            raise RuntimeError("the gateway is down")
+        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+
+    with pytest.raises(HandlerFailedError):
+        first.run(until_idle=2)
+    before = charges(path)
+    assert len(before) > 4  # records above the failed one committed, marked done
+    with sqlite3.connect(path) as db:
+        marks = db.execute("SELECT count(*) FROM assured_done WHERE partition = 0").fetchone()[0]
+    assert marks > 0
+
+    second = App(log=log, group="g", guarantee="exactly-once")
+    ran = Counter[bytes]()
+
+    @second.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=10)
+    async def charge(msg: Message, db: Any) -> None:
+        ran[msg.value] += 1
+        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+
+    second.run(until_idle=0.5)
+    after = charges(path)
+    assert sorted(v.decode() for _, v in after) == values  # each effect exactly once
+    assert not set(ran) & {v for _, v in before}  # nothing committed before ran again
+    with sqlite3.connect(path) as db:
+        left = db.execute("SELECT count(*) FROM assured_done").fetchone()[0]
+        stored = dict(db.execute("SELECT partition, next_offset FROM assured_offsets"))
+    assert left == 0  # marks below the stored positions are dropped
+    assert stored == {0: 40, 1: 40}
+
+
+def test_exactly_once_dead_letters_side_by_side_go_out_once(log: Log, tmp_path: Path) -> None:
+    fill(log, 40)
+    path = tmp_path / "effects.db"
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=8, retries=1,
+                 backoff_ms=1)  # fmt: skip
+    async def charge(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+        if msg.value.endswith(b"7"):
+            raise ValueError("refused by the gateway")
+
+    assert app.run(until_idle=1).processed == 40
+    assert sorted(v for _, v in charges(path)) == sorted(
+        f"m{i:04d}".encode() for i in range(40) if i % 10 != 7
+    )
+    letters = read_all(log, "in.dlq")
+    assert sorted(letters) == [f"m{i:04d}".encode() for i in range(40) if i % 10 == 7]
+
+
+def test_side_by_side_with_a_sink_is_refused_where_it_cannot_work(log: Log, tmp_path: Path) -> None:
+    sink = SqliteSink(tmp_path / "s.db")
+    app = App(log=log, group="g")
+
+    def plain(msg: Message, db: Any) -> None: ...
+
+    with pytest.raises(ConfigError, match="must be an async def"):
+        app.handler("in", sink=sink, concurrency=4)(plain)
+
+    async def fine(msg: Message, db: Any) -> None: ...
+
+    app.handler("in", sink=sink, concurrency=4)(fine)
+    with pytest.raises(ConfigError, match="either all side by side"):
+        app.handler("other", sink=sink)(fine)
+
+
+def test_db_connection_is_refused_side_by_side(log: Log, tmp_path: Path) -> None:
+    fill(log, 2)
+    app = App(log=log, group="g", guarantee="at-least-once")
+    seen: list[str] = []
+
+    @app.handler("in", sink=SqliteSink(tmp_path / "s.db"), concurrency=2, retries=0)
+    async def raw(msg: Message, db: Any) -> None:
+        try:
+            db.connection  # noqa: B018
+        except Exception as e:
+            seen.append(str(e))
+
+    app.run(until_idle=0.3)
+    assert seen
+    assert "not offered" in seen[0]
