@@ -346,9 +346,9 @@ class CountingAdmin(Admin):
         return self.inner.describe_group(group_id)
 
     def committed_offsets(
-        self, group_id: str, topics: Iterable[str] | None = None
+        self, group_id: str, topics: Iterable[str] | None = None, *, stable: bool = False
     ) -> dict[TopicPartition, int]:
-        return self.inner.committed_offsets(group_id, topics)
+        return self.inner.committed_offsets(group_id, topics, stable=stable)
 
     def close(self) -> None:
         self.inner.close()

@@ -1,7 +1,8 @@
 """The io bench's processors, each in its own process: assured with an ``async def`` handler
 side by side, and a bare asyncio loop bounded by a semaphore. Each handler call awaits
 ``handler_ms``, then sends one output stamped with the time the call began (the first 20
-digits: ns since the epoch, as the latency reader expects).
+digits: ns since the epoch, as the latency reader expects), or, into a database, writes one
+row with that stamp.
 
 python -m assured.bench._io_workers io-assured|io-bare SPEC_JSON
 """
@@ -11,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from assured.bench._workers import Meter
+
+if TYPE_CHECKING:
+    from assured import App
 
 __all__ = ["main"]
 
@@ -35,6 +40,8 @@ def run_io_assured(spec: dict[str, Any]) -> dict[str, Any]:
         guarantee=spec["guarantee"],
         max_poll_records=spec["max_poll_records"],
     )
+    if spec.get("sink", "topic") != "topic":
+        return _into_database(app, spec, meter, wait)
 
     @app.handler(spec["input"], output=spec["output"], concurrency=spec["concurrency"])
     async def call(msg: Message, out: Output) -> None:
@@ -47,6 +54,97 @@ def run_io_assured(spec: dict[str, Any]) -> dict[str, Any]:
     stats = app.run(max_messages=spec["records"])
     meter.seen = stats.processed
     return meter.result()
+
+
+_EFFECTS = "CREATE TABLE IF NOT EXISTS io_effects (id {id}, k {blob}, began BIGINT NOT NULL)"
+
+
+def _into_database(app: App, spec: dict[str, Any], meter: Meter, wait: float) -> dict[str, Any]:
+    """The same handler, its effect a row (the key and the stamp) written by an awaited
+    ``db.execute``; a reader of the database (its own connection, every 2 ms) takes the
+    latency: the time a row became visible minus its stamp."""
+    from assured import Message, PostgresSink, SqliteSink
+
+    if spec["sink"] == "sqlite":
+        schema = _EFFECTS.format(id="INTEGER PRIMARY KEY", blob="BLOB")
+        sink: Any = SqliteSink(spec["db"], durability="full", schema=schema)
+        insert = "INSERT INTO io_effects (k, began) VALUES (?, ?)"
+    else:
+        schema = _EFFECTS.format(id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", blob="BYTEA")
+        sink = PostgresSink(spec["db"], schema=schema)
+        insert = "INSERT INTO io_effects (k, began) VALUES (%s, %s)"
+    sink.setup()
+    reader = _Reader(spec)
+
+    @app.handler(spec["input"], sink=sink, concurrency=spec["concurrency"])
+    async def call(msg: Message, db: Any) -> None:
+        if not meter.seen:
+            meter.tick(1)  # the clock starts at the first call
+        began = time.time_ns()
+        await asyncio.sleep(wait)
+        await db.execute(insert, (msg.key, began))
+
+    reader.start()
+    try:
+        stats = app.run(max_messages=spec["records"])
+        meter.seen = stats.processed
+        result = meter.result()
+    finally:
+        reader.stop()
+    result.update(reader.result())
+    return result
+
+
+class _Reader(threading.Thread):
+    """Polls the effects table for new rows; each row's latency is when it was first seen
+    minus its stamp."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__(daemon=True)
+        self.spec = spec
+        self.latencies: list[float] = []
+        self.rows = 0
+        self._stop_at: float | None = None
+
+    def run(self) -> None:
+        if self.spec["sink"] == "sqlite":
+            import sqlite3
+
+            conn: Any = sqlite3.connect(self.spec["db"], isolation_level=None)
+            query = "SELECT id, began FROM io_effects WHERE id > ? ORDER BY id"
+        else:
+            import psycopg
+
+            conn = psycopg.connect(self.spec["db"], autocommit=True)
+            query = "SELECT id, began FROM io_effects WHERE id > %s ORDER BY id"
+        last = 0
+        try:
+            while True:
+                rows = conn.execute(query, (last,)).fetchall()
+                now = time.time_ns()
+                for row_id, began in rows:
+                    self.latencies.append((now - began) / 1e6)
+                    last = max(last, row_id)
+                self.rows += len(rows)
+                if self._stop_at is not None and (not rows or time.monotonic() > self._stop_at):
+                    return
+                time.sleep(0.002)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop_at = time.monotonic() + 5
+        self.join(timeout=30)
+
+    def result(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+
+        def at(q: float) -> float | None:
+            return (
+                round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else None
+            )
+
+        return {"effects": self.rows, "p50_ms": at(0.5), "p99_ms": at(0.99)}
 
 
 def run_io_bare(spec: dict[str, Any]) -> dict[str, Any]:

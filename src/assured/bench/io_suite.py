@@ -15,14 +15,23 @@ labelled ``ack-first``, the nearest of assured's guarantees being at-most-once.
 
 A run handles ``records`` records, or fewer when the concurrency caps the rate: about
 ``seconds`` worth at the ceiling (``concurrency / handler_ms`` records/s), and at least
-``min_records``. Database sinks are not here: they handle one record at a time in this version.
+``min_records``.
+
+``sinks`` adds rows where the handler's effect is a row in a database instead of an output:
+``sqlite`` (a file, ``durability="full"``: every commit fsynced) and ``postgres`` (at
+``postgres_dsn``). The handler awaits the same wait, then ``await db.execute(INSERT ...)``;
+records side by side share a transaction per step of their window. Their latency is taken by a
+reader of the database (every 2 ms): when a row became visible minus its stamp. Each run checks
+that every record left exactly one row.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +62,8 @@ class IoBenchConfig:
     max_poll_records: int = 500
     worker_timeout_s: float = 900.0
     faststream_python: str | None = None  # Kafka only: a Python that has faststream[confluent]
+    sinks: list[str] = field(default_factory=lambda: ["topic"])  # topic, sqlite, postgres
+    postgres_dsn: str | None = None  # for the postgres sink
 
     @property
     def backend(self) -> str:
@@ -70,6 +81,71 @@ def _fill(log: Log, topic: str, records: int, keys: int) -> None:
             if i % 10_000 == 9_999 and log.url.startswith("embedded"):
                 producer.flush()
         producer.flush()
+
+
+def _into_database(
+    bench: _Bench, config: IoBenchConfig, sink: str, guarantee: str, concurrency: int
+) -> dict[str, Any]:
+    """assured into a database (see the module's docstring): the worker's own reader takes
+    the latency; every record must have left exactly one row."""
+    name = f"assured-{sink}-{guarantee}-c{concurrency}"
+    url = bench.url(name)
+    log = open_log(url)
+    try:
+        records = config.records_for(concurrency)
+        source = bench.topic(log, f"io-in-{name}")
+        _fill(log, source, records, config.keys)
+    finally:
+        log.close()
+    if sink == "sqlite":
+        folder = Path(tempfile.mkdtemp(prefix="assured-bench-io-db-"))
+        db = str(folder / "effects.db")
+    else:
+        if not config.postgres_dsn:
+            raise RuntimeError("the postgres sink needs postgres_dsn")
+        db = config.postgres_dsn
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS io_effects")
+    spec = {
+        "log": url,
+        "input": source,
+        "group": f"io-{name}-group",
+        "guarantee": guarantee,
+        "records": records,
+        "concurrency": concurrency,
+        "handler_ms": config.handler_ms,
+        "max_poll_records": max(config.max_poll_records, concurrency),
+        "sink": sink,
+        "db": db,
+    }
+    cmd = [sys.executable, "-m", "assured.bench._io_workers", "io-assured", json.dumps(spec)]
+    try:
+        result = _run_worker(cmd, config.worker_timeout_s, name)
+    finally:
+        if sink == "sqlite":
+            shutil.rmtree(folder, ignore_errors=True)
+    if result.get("effects") != records:
+        raise RuntimeError(f"{name}: {result.get('effects')} rows for {records} records")
+    return {
+        "system": "assured",
+        "guarantee": guarantee,
+        "sink": sink,
+        "log": config.backend,
+        "concurrency": concurrency,
+        "ordering": "key",
+        "handler_ms": config.handler_ms,
+        "records": records,
+        "records_per_s": result["records_per_s"],
+        "ceiling_per_s": round(concurrency * 1000 / config.handler_ms, 1),
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
+        "cpu_us_per_record": result.get("cpu_us_per_record"),
+        "peak_rss_mb": result.get("peak_rss_mb"),
+        "others_cores": result.get("others_cores"),
+        "max_poll_records": max(config.max_poll_records, concurrency),
+    }
 
 
 def _one(
@@ -154,6 +230,22 @@ def _one(
     return row
 
 
+def _assured_rows(
+    bench: _Bench, config: IoBenchConfig, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    rows = []
+    for sink in config.sinks:
+        for g in config.guarantees:
+            for c in config.concurrency:
+                say(f"assured {g} into {sink}, concurrency {c}")
+                if sink == "topic":
+                    rows.append(_one(bench, config, "assured", g, c))
+                else:
+                    rows.append(_into_database(bench, config, sink, g, c))
+                say(f"  {rows[-1]['records_per_s']:,.0f} records/s, p99 {rows[-1]['p99_ms']} ms")
+    return rows
+
+
 def run_io_suite(
     config: IoBenchConfig, progress: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
@@ -175,13 +267,7 @@ def run_io_suite(
                 rows.append(_one(bench, config, "bare", "none", c))
                 say(f"  {rows[-1]['records_per_s']:,.0f} records/s")
         if "assured" in config.systems:
-            for g in config.guarantees:
-                for c in config.concurrency:
-                    say(f"assured {g}, concurrency {c}")
-                    rows.append(_one(bench, config, "assured", g, c))
-                    say(
-                        f"  {rows[-1]['records_per_s']:,.0f} records/s, p99 {rows[-1]['p99_ms']} ms"
-                    )
+            rows += _assured_rows(bench, config, say)
         bare = {r["concurrency"]: r for r in rows if r["system"] == "bare"}
         for r in rows:
             peer = bare.get(r["concurrency"])
@@ -195,23 +281,27 @@ def run_io_suite(
     return rows
 
 
-# (guarantee, concurrency, records/s at least, x bare at least), measured side by side
+# (guarantee, sink, concurrency, records/s at least, x bare at least), measured side by side
 IO_TARGETS = (
-    ("at-least-once", 200, 5000.0, 0.8),
-    ("exactly-once", 200, 4000.0, 0.8),
+    ("at-least-once", "topic", 200, 5000.0, 0.8),
+    ("exactly-once", "topic", 200, 4000.0, 0.8),
+    ("at-least-once", "sqlite", 200, 5000.0, 0.8),
+    ("exactly-once", "sqlite", 200, 5000.0, 0.8),
+    ("at-least-once", "postgres", 200, 5000.0, 0.8),
+    ("exactly-once", "postgres", 200, 5000.0, 0.8),
 )
 
 
 def judge(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for each target whose row is there."""
     out = []
-    for guarantee, c, rate, ratio in IO_TARGETS:
+    for guarantee, sink, c, rate, ratio in IO_TARGETS:
         row = next(
             (
                 r
                 for r in rows
                 if r["system"] == "assured" and r["guarantee"] == guarantee
-                and r["concurrency"] == c
+                and r["concurrency"] == c and r.get("sink", "topic") == sink
             ),
             None,
         )  # fmt: skip
@@ -219,7 +309,7 @@ def judge(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             continue
         out.append(
             (
-                f"assured {guarantee}, concurrency {c}: >= {rate:,.0f} records/s",
+                f"assured {guarantee} into {sink}, concurrency {c}: >= {rate:,.0f} records/s",
                 f"{row['records_per_s']:,.0f}",
                 "met" if row["records_per_s"] >= rate else "MISSED",
             )
@@ -227,7 +317,7 @@ def judge(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         if "vs_bare" in row:
             out.append(
                 (
-                    f"assured {guarantee}, concurrency {c}: >= {ratio} x the bare loop",
+                    f"assured {guarantee} into {sink}, concurrency {c}: >= {ratio} x the bare loop",
                     f"{row['vs_bare']:.2f} x",
                     "met" if row["vs_bare"] >= ratio else "MISSED",
                 )
@@ -243,15 +333,15 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "",
         f"`{command}`",
         "",
-        "| system | guarantee | concurrency | records | records/s | ceiling/s | x bare | "
+        "| system | guarantee | sink | concurrency | records | records/s | ceiling/s | x bare | "
         "p50 / p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['system']} | {r['guarantee']} | {r['concurrency']} | {r['records']:,} | "
-            f"{r['records_per_s']:,.0f} | {r['ceiling_per_s']:,.0f} | {r.get('vs_bare', '')} | "
-            f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} |"
+            f"| {r['system']} | {r['guarantee']} | {r.get('sink', 'topic')} | {r['concurrency']} "
+            f"| {r['records']:,} | {r['records_per_s']:,.0f} | {r['ceiling_per_s']:,.0f} | "
+            f"{r.get('vs_bare', '')} | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} |"
         )
     judged = judge(rows)
     if judged:

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, NoReturn
@@ -206,6 +207,18 @@ def bench(
     handler_ms: float = typer.Option(
         20.0, "--handler-ms", min=0.0, help="io: how long each handler call awaits."
     ),
+    sinks: str = typer.Option(
+        "topic",
+        "--sinks",
+        help="io: where assured's handler writes, comma-separated: topic (an output), sqlite "
+        "(a row in a SQLite file), postgres (a row in PostgreSQL).",
+    ),
+    postgres_dsn: str | None = typer.Option(
+        None,
+        "--postgres-dsn",
+        help="io with --sinks postgres: the server to use (default: a throwaway one is "
+        "started, fsync on).",
+    ),
     systems: str = typer.Option(
         "bare,assured,assured-fixed,quixstreams",
         "--systems",
@@ -226,7 +239,7 @@ def bench(
     if suite == "io":
         _io(
             log, json_out, records or 100_000, Path(results_dir), concurrency, handler_ms,
-            faststream_python,
+            faststream_python, sinks, postgres_dsn,
         )  # fmt: skip
         return
     if suite == "runtime":
@@ -289,9 +302,28 @@ def _io(
     concurrency: str,
     handler_ms: float,
     faststream_python: str | None,
+    sinks: str = "topic",
+    postgres_dsn: str | None = None,
 ) -> None:
     from assured.bench.io_suite import IoBenchConfig, markdown, run_io_suite
     from assured.errors import AssuredError
+
+    chosen = [x.strip() for x in sinks.split(",") if x.strip()]
+    unknown = sorted(set(chosen) - {"topic", "sqlite", "postgres"})
+    if not chosen or unknown:
+        _fail(f"--sinks {sinks!r}: comma-separated, from topic, sqlite, postgres")
+    if "postgres" in chosen and postgres_dsn is None:
+        from assured.testing.postgres import PostgresServer
+
+        with (
+            tempfile.TemporaryDirectory(prefix="assured-bench-pg-") as home,
+            PostgresServer(Path(home), fsync=True) as server,
+        ):
+            _io(
+                log, json_out, records, out, concurrency, handler_ms, faststream_python,
+                sinks, server.dsn,
+            )  # fmt: skip
+        return
 
     log = _kafka_or_folder(log, "io")
     try:
@@ -312,6 +344,8 @@ def _io(
         handler_ms=handler_ms,
         concurrency=levels,
         faststream_python=faststream_python,
+        sinks=chosen,
+        postgres_dsn=postgres_dsn,
     )
     progress = Console(stderr=True)
     try:

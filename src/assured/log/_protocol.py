@@ -110,9 +110,14 @@ class Admin(_Closing):
 
     @abc.abstractmethod
     def committed_offsets(
-        self, group_id: str, topics: Iterable[str] | None = None
+        self, group_id: str, topics: Iterable[str] | None = None, *, stable: bool = False
     ) -> dict[TopicPartition, int]:
-        """The group's committed offsets (next offset to read), for ``topics`` or all."""
+        """The group's committed offsets (next offset to read), for ``topics`` or all.
+
+        ``stable``: as a read_committed consumer reads them when it starts (Kafka's stable
+        OffsetFetch), at the group's latest replicated state, waiting out open transactions
+        that hold offsets. Without it Kafka answers at once, but a group coordinator elected a
+        moment ago may answer from a replica not yet caught up: offsets a commit or two old."""
 
     def lag(self, group_id: str, topics: Iterable[str] | None = None) -> list[PartitionLag]:
         """Committed offset, watermarks and lag for every partition of ``topics`` (default: the

@@ -66,9 +66,9 @@ class EmbeddedAdmin(Admin):
         )
 
     def committed_offsets(
-        self, group_id: str, topics: Iterable[str] | None = None
+        self, group_id: str, topics: Iterable[str] | None = None, *, stable: bool = False
     ) -> dict[TopicPartition, int]:
-        return self._engine.committed(group_id, topics)
+        return self._engine.committed(group_id, topics)  # one file: always the latest state
 
     def enforce_retention(self) -> int:
         """Apply every topic's retention.ms and retention.bytes now; returns records removed.

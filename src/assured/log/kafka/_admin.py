@@ -198,10 +198,12 @@ class KafkaAdmin(Admin):
         return GroupDescription(group_id, _state_name(desc.state), -1, members)
 
     def committed_offsets(
-        self, group_id: str, topics: Iterable[str] | None = None
+        self, group_id: str, topics: Iterable[str] | None = None, *, stable: bool = False
     ) -> dict[TopicPartition, int]:
-        if topics is not None:
-            return self._committed_by_consumer(group_id, sorted(set(topics)))
+        if topics is not None or stable:
+            if topics is None:
+                topics = {tp.topic for tp in self.committed_offsets(group_id)}
+            return self._committed_by_consumer(group_id, sorted(set(topics)), stable)
         request = [ConsumerGroupTopicPartitions(group_id)]
         futures = self._admin.list_consumer_group_offsets(request)
         result = self._wait(futures[group_id], f"reading group {group_id!r}'s offsets")
@@ -211,7 +213,9 @@ class KafkaAdmin(Admin):
             if t.offset >= 0
         }
 
-    def _committed_by_consumer(self, group_id: str, topics: list[str]) -> dict[TopicPartition, int]:
+    def _committed_by_consumer(
+        self, group_id: str, topics: list[str], stable: bool = False
+    ) -> dict[TopicPartition, int]:
         """Committed offsets read through a consumer that never joins the group.
 
         Why not AdminClient: librdkafka 2.16's ListConsumerGroupOffsets crashes the process
@@ -221,17 +225,21 @@ class KafkaAdmin(Admin):
         read_uncommitted, so the reader does not ask for stable offsets: like the AdminClient by
         default, it answers at once with the last committed offsets, where a read_committed one
         would wait as long as an open transaction holds new ones (a frozen member's, for up to
-        its transaction timeout)."""
-        reader = self._readers.get(group_id)
+        its transaction timeout). A coordinator elected a moment ago answers such a read from
+        its own high watermark, which may lag the old leader's: offsets a commit or two old,
+        never stored like that. ``stable`` reads with read_committed instead (see
+        :meth:`committed_offsets`)."""
+        key = f"{group_id}\0stable" if stable else group_id
+        reader = self._readers.get(key)
         if reader is None:
             config = {
                 **self._config,
                 "group.id": group_id,
                 "enable.auto.commit": False,
-                "isolation.level": "read_uncommitted",
+                "isolation.level": "read_committed" if stable else "read_uncommitted",
             }
             with translated(self._scrub, "creating an offset reader"):
-                reader = self._readers[group_id] = Consumer(config)
+                reader = self._readers[key] = Consumer(config)
         ktps = [
             KTopicPartition(t, p) for t in topics for p in range(self.describe_topic(t).partitions)
         ]
