@@ -192,7 +192,7 @@ class RecordDb:
         if self._tx is None:
             tx = await self._shared.take()
             try:
-                savepoint = tx.savepoint()
+                savepoint = tx.savepoint(release=False)  # regions never overlap
                 savepoint.__enter__()
             except BaseException:
                 self._shared.give_back()

@@ -108,7 +108,7 @@ class _PostgresTransaction(SinkTransaction):
         return self._conn
 
     @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
+    def savepoint(self, release: bool = True) -> Iterator[None]:
         self._savepoints += 1
         name = f"assured_sp_{self._savepoints}"
         self.execute(f"SAVEPOINT {name}")
@@ -124,7 +124,8 @@ class _PostgresTransaction(SinkTransaction):
             self.execute(f"ROLLBACK TO SAVEPOINT {name}")
             self.execute(f"RELEASE SAVEPOINT {name}")
             raise
-        self.execute(f"RELEASE SAVEPOINT {name}")
+        if release:
+            self.execute(f"RELEASE SAVEPOINT {name}")
 
 
 class PostgresSink(Sink):

@@ -79,7 +79,7 @@ class _SqliteTransaction(SinkTransaction):
         return self._conn
 
     @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
+    def savepoint(self, release: bool = True) -> Iterator[None]:
         name = f"sp_{uuid.uuid4().hex[:8]}"
         self.execute(f"SAVEPOINT {name}")
         try:
@@ -89,7 +89,8 @@ class _SqliteTransaction(SinkTransaction):
                 self.execute(f"ROLLBACK TO {name}")
                 self.execute(f"RELEASE {name}")
             raise
-        self.execute(f"RELEASE {name}")
+        if release:
+            self.execute(f"RELEASE {name}")
 
 
 class SqliteSink(Sink):

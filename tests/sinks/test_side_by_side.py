@@ -1,28 +1,65 @@
 """A database sink for records handled side by side (issue 14): async handlers await their
 database calls, records share a transaction per step (a savepoint each), and under exactly-once
 every record committed above its partition's stored position is marked done, so a restart never
-repeats it. On the embedded engine with SQLite; tests/sinks/test_postgres_side_by_side.py does
-PostgreSQL."""
+repeats it. On the embedded engine, into SQLite and into a real PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from assured import App, Message, SqliteSink, TopicPartition, open_log
+from assured import App, Message, PostgresSink, SqliteSink, TopicPartition, open_log
 from assured.errors import ConfigError
 from assured.log import Log
 from assured.runtime._handling import HandlerFailedError
 from assured.runtime._settings import Guarantee
+from assured.sinks import Sink
 
 GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
-SCHEMA = "CREATE TABLE IF NOT EXISTS charges (id INTEGER PRIMARY KEY, k TEXT, v TEXT)"
+SCHEMAS = {
+    "sqlite": "CREATE TABLE IF NOT EXISTS charges (id INTEGER PRIMARY KEY, k BLOB, v BLOB)",
+    "postgres": "CREATE TABLE IF NOT EXISTS charges "
+    "(id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, k BYTEA, v BYTEA)",
+}
+
+
+@dataclass
+class Db:
+    """One database for a test: a new sink on it each call, its INSERT, and a reader."""
+
+    new: Callable[[], Sink]
+    insert: str
+
+    def charges(self) -> list[tuple[bytes, bytes]]:
+        with self.new() as sink, sink.transaction() as tx:
+            rows = tx.execute("SELECT k, v FROM charges ORDER BY id").fetchall()
+        return [(bytes(k), bytes(v)) for k, v in rows]
+
+    def count(self, sql: str) -> int:
+        with self.new() as sink, sink.transaction() as tx:
+            return int(tx.execute(sql).fetchone()[0])
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
+    if request.param == "sqlite":
+        path = tmp_path / "effects.db"
+        return Db(
+            lambda: SqliteSink(path, schema=SCHEMAS["sqlite"]),
+            "INSERT INTO charges (k, v) VALUES (?, ?)",
+        )
+    dsn = request.getfixturevalue("pg_dsn")
+    return Db(
+        lambda: PostgresSink(dsn, schema=SCHEMAS["postgres"]),
+        "INSERT INTO charges (k, v) VALUES (%s, %s)",
+    )
 
 
 @pytest.fixture
@@ -42,11 +79,6 @@ def fill(log: Log, n: int, keys: int = 10) -> list[str]:
     return values
 
 
-def charges(path: Path) -> list[tuple[bytes, bytes]]:
-    with sqlite3.connect(path) as db:
-        return [(k, v) for k, v in db.execute("SELECT k, v FROM charges ORDER BY id")]
-
-
 def read_all(log: Log, topic: str) -> list[bytes]:
     with log.consumer(isolation="read_committed") as consumer:
         consumer.assign([TopicPartition(topic, 0)])
@@ -58,26 +90,25 @@ def read_all(log: Log, topic: str) -> list[bytes]:
 
 @pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_records_side_by_side_write_each_effect_once_in_key_order(
-    log: Log, tmp_path: Path, guarantee: Guarantee
+    log: Log, db: Db, guarantee: Guarantee
 ) -> None:
     values = fill(log, 300)
-    path = tmp_path / "effects.db"
     app = App(log=log, group="g", guarantee=guarantee)
     rng = random.Random(7)
     in_flight = Counter[str]()
     most = 0
 
-    @app.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=20)
-    async def charge(msg: Message, db: Any) -> None:
+    @app.handler("in", sink=db.new(), concurrency=20)
+    async def charge(msg: Message, tx: Any) -> None:
         nonlocal most
         in_flight["all"] += 1
         most = max(most, in_flight["all"])
         await asyncio.sleep(rng.random() * 0.01)  # the gateway, before the database
         in_flight["all"] -= 1
-        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+        await tx.execute(db.insert, (msg.key, msg.value))
 
     assert app.run(until_idle=0.5).processed == 300
-    rows = charges(path)
+    rows = db.charges()
     assert sorted(v.decode() for _, v in rows) == values  # each once
     assert most > 5  # the awaits overlapped
     # per key (each key lives in one partition), effects in offset order
@@ -87,81 +118,72 @@ def test_records_side_by_side_write_each_effect_once_in_key_order(
 
 
 def test_a_failed_attempts_writes_are_rolled_back_and_the_retry_writes_once(
-    log: Log, tmp_path: Path
+    log: Log, db: Db
 ) -> None:
     values = fill(log, 60)
-    path = tmp_path / "effects.db"
     app = App(log=log, group="g", guarantee="exactly-once")
     tries = Counter[bytes]()
 
-    @app.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=8, backoff_ms=1)
-    async def charge(msg: Message, db: Any) -> None:
-        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+    @app.handler("in", sink=db.new(), concurrency=8, backoff_ms=1)
+    async def charge(msg: Message, tx: Any) -> None:
+        await tx.execute(db.insert, (msg.key, msg.value))
         tries[msg.value] += 1
         await asyncio.sleep(0.001)
         if tries[msg.value] == 1:
             raise RuntimeError("the gateway timed out after the write")
 
     assert app.run(until_idle=0.5).processed == 60
-    assert sorted(v.decode() for _, v in charges(path)) == values
+    assert sorted(v.decode() for _, v in db.charges()) == values
 
 
 def test_exactly_once_a_restart_never_repeats_a_record_committed_above_a_slow_one(
-    log: Log, tmp_path: Path
+    log: Log, db: Db
 ) -> None:
     values = fill(log, 80)
-    path = tmp_path / "effects.db"
-    sink = SqliteSink(path, schema=SCHEMA)
+    sink = db.new()
     first = App(log=log, group="g", guarantee="exactly-once")
 
     @first.handler("in", sink=sink, concurrency=10, retries=0, dead_letter=False, backoff_ms=1)
-    async def stuck(msg: Message, db: Any) -> None:
+    async def stuck(msg: Message, tx: Any) -> None:
         if msg.offset == 3 and msg.partition == 0:  # the head of a partition fails for good
             await asyncio.sleep(0.3)  # while the records above it commit
             raise RuntimeError("the gateway is down")
-        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+        await tx.execute(db.insert, (msg.key, msg.value))
 
     with pytest.raises(HandlerFailedError):
         first.run(until_idle=2)
-    before = charges(path)
+    before = db.charges()
     assert len(before) > 4  # records above the failed one committed, marked done
-    with sqlite3.connect(path) as db:
-        marks = db.execute("SELECT count(*) FROM assured_done WHERE partition = 0").fetchone()[0]
-    assert marks > 0
+    assert db.count("SELECT count(*) FROM assured_done WHERE partition = 0") > 0
 
     second = App(log=log, group="g", guarantee="exactly-once")
     ran = Counter[bytes]()
 
-    @second.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=10)
-    async def charge(msg: Message, db: Any) -> None:
+    @second.handler("in", sink=db.new(), concurrency=10)
+    async def charge(msg: Message, tx: Any) -> None:
         ran[msg.value] += 1
-        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+        await tx.execute(db.insert, (msg.key, msg.value))
 
     second.run(until_idle=0.5)
-    after = charges(path)
+    after = db.charges()
     assert sorted(v.decode() for _, v in after) == values  # each effect exactly once
     assert not set(ran) & {v for _, v in before}  # nothing committed before ran again
-    with sqlite3.connect(path) as db:
-        left = db.execute("SELECT count(*) FROM assured_done").fetchone()[0]
-        stored = dict(db.execute("SELECT partition, next_offset FROM assured_offsets"))
-    assert left == 0  # marks below the stored positions are dropped
-    assert stored == {0: 40, 1: 40}
+    assert db.count("SELECT count(*) FROM assured_done") == 0  # below the stored positions
+    assert db.count("SELECT sum(next_offset) FROM assured_offsets") == 80
 
 
-def test_exactly_once_dead_letters_side_by_side_go_out_once(log: Log, tmp_path: Path) -> None:
+def test_exactly_once_dead_letters_side_by_side_go_out_once(log: Log, db: Db) -> None:
     fill(log, 40)
-    path = tmp_path / "effects.db"
     app = App(log=log, group="g", guarantee="exactly-once")
 
-    @app.handler("in", sink=SqliteSink(path, schema=SCHEMA), concurrency=8, retries=1,
-                 backoff_ms=1)  # fmt: skip
-    async def charge(msg: Message, db: Any) -> None:
-        await db.execute("INSERT INTO charges (k, v) VALUES (?, ?)", (msg.key, msg.value))
+    @app.handler("in", sink=db.new(), concurrency=8, retries=1, backoff_ms=1)
+    async def charge(msg: Message, tx: Any) -> None:
+        await tx.execute(db.insert, (msg.key, msg.value))
         if msg.value.endswith(b"7"):
             raise ValueError("refused by the gateway")
 
     assert app.run(until_idle=1).processed == 40
-    assert sorted(v for _, v in charges(path)) == sorted(
+    assert sorted(v for _, v in db.charges()) == sorted(
         f"m{i:04d}".encode() for i in range(40) if i % 10 != 7
     )
     letters = read_all(log, "in.dlq")
