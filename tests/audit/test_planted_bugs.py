@@ -83,6 +83,16 @@ FIXES: dict[str, dict[str, Any]] = {
         "handler_latency_ms": 5.0,
         "shows": ("lost",),
     },
+    # issue 14: into a database side by side, records committed above the prefix not marked
+    "side-by-side-without-marks": {
+        "guarantee": "exactly-once",
+        "sink": "sqlite",
+        "faults": ("sigkill",),
+        "kills": 6,
+        "concurrency": 20,
+        "handler_latency_ms": 5.0,
+        "shows": ("duplicate",),
+    },
 }
 
 

@@ -24,7 +24,11 @@ one rule the runtime keeps, in as few lines as it takes:
 - ``commit-highest-completed`` (issue 14): exactly-once with records side by side, but each
   partition's position is committed past its highest handled record, not its contiguous
   handled prefix: records below it still in flight are lost if the process dies before they
-  finish (shown by ``--concurrency`` with ``--handler-latency-ms`` and ``sigkill``).
+  finish (shown by ``--concurrency`` with ``--handler-latency-ms`` and ``sigkill``);
+- ``side-by-side-without-marks`` (issue 14): exactly-once into a database with records side
+  by side, but a group commit stores only each partition's contiguous prefix and no marks for
+  the records committed above it: a crash has them handled, and their effects made, again
+  (shown by ``--sink sqlite --concurrency`` with ``sigkill``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from assured.errors import AssuredError, DeliveryError
 from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime._concurrent import Window
 from assured.runtime._handling import HandlerSpec, Output
+from assured.runtime._shared_db import SharedTransaction
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import CommitProtocol, Runtime, next_offsets
 from assured.runtime.protocols.at_least_once import AtLeastOnce
@@ -194,6 +199,20 @@ class CommitsHighestCompleted(ExactlyOnce):
         self.rt.window_class = _HighestCompleted  # the bug
 
 
+class _Unmarked(SharedTransaction):
+    marked = False  # the bug: what committed above the prefix is not remembered
+
+
+class CommitsWithoutMarks(ExactlyOnceSink):
+    """Exactly-once into a database with records side by side, but the records committed
+    above a partition's contiguous prefix are not marked done: a restart starts at the prefix
+    and makes their effects again."""
+
+    def start(self) -> None:
+        super().start()
+        self.rt.shared_class = _Unmarked  # the bug
+
+
 PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "commit-before-handle": CommitsBeforeHandling,
     "offsets-outside-transaction": OffsetsOutsideTransaction,
@@ -202,6 +221,7 @@ PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "dead-letters-outside-database": DeadLettersOutsideTheDatabase,
     "keep-failed-attempts": KeepsFailedAttempts,
     "commit-highest-completed": CommitsHighestCompleted,
+    "side-by-side-without-marks": CommitsWithoutMarks,
 }
 
 

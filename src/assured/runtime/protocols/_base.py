@@ -158,6 +158,7 @@ class Runtime:
     # database, the claimed partitions' epochs, which every group commit checks.
     skips: dict[TopicPartition, set[int]] = field(default_factory=dict)
     epochs: dict[TopicPartition, int] = field(default_factory=dict)
+    shared_class: type[SharedTransaction] = SharedTransaction  # the audit's plants swap it
 
     @property
     def sink_side_by_side(self) -> bool:
@@ -234,7 +235,7 @@ class Runtime:
             )
             window.skips = self.skips
             if spec.sink is not None:
-                window.db = SharedTransaction(
+                window.db = self.shared_class(
                     spec.sink, self.settings.group, self.incarnations,
                     marks=self.settings.guarantee == "exactly-once", epochs=lambda: self.epochs,
                 )  # fmt: skip
