@@ -582,3 +582,45 @@ def test_the_logs_error_side_by_side_between_polls_is_undone_not_fatal(
     else:
         assert set(outputs) == {f"m{i:04d}".encode() for i in range(20)}
     assert committed(log) == {0: 10, 1: 10}
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_stop_drains_within_drain_timeout_and_redoes_what_did_not_finish(
+    log: Log, guarantee: Guarantee
+) -> None:
+    """SIGTERM (or stop()) lets records side by side finish for drain_timeout_ms at most; one
+    still running then is given up, nothing past it is committed, and the next run handles it."""
+    fill(log, 20)
+    stuck = threading.Event()
+    app = App(log=log, group="g", guarantee=guarantee, drain_timeout_ms=500)
+
+    @app.handler("in", output="out", concurrency=4)
+    async def copy(msg: Message, out: Output) -> None:
+        if msg.partition == 0 and msg.offset == 5:
+            stuck.set()
+            await asyncio.sleep(120)  # a call that does not come back
+        out.send(msg.value)
+
+    def stop_when_stuck() -> None:
+        stuck.wait(30)
+        time.sleep(0.5)  # the others finish meanwhile
+        app.stop()
+
+    threading.Thread(target=stop_when_stuck, daemon=True).start()
+    began = time.monotonic()
+    app.run(until_idle=30)
+    assert time.monotonic() - began < 10  # not the handler's 120 s
+    assert committed(log)[0] == 5  # nothing past the record given up
+    assert committed(log)[1] == 10
+
+    again = App(log=log, group="g", guarantee=guarantee)
+
+    @again.handler("in", output="out", concurrency=4)
+    async def copy_again(msg: Message, out: Output) -> None:
+        out.send(msg.value)
+
+    assert again.run(until_idle=0.5).processed == 5  # offsets 5..9 of partition 0
+    values = [v for _, v in read(log)]
+    assert set(values) == {f"m{i:04d}".encode() for i in range(20)}
+    if guarantee == "exactly-once":
+        assert len(values) == 20  # what was given up had committed nothing

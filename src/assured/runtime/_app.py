@@ -274,6 +274,7 @@ class App:
             loop=self._event_loop,
         )  # fmt: skip
         rt.incarnations = incarnations
+        rt.stopping = self._stop
         protocol = self._protocol(rt, sink)
         stats = RunStats()
         watch = _Watch(s, log_, consumer, self.metrics, stats, progress_every)
@@ -298,6 +299,8 @@ class App:
                     },
                 )  # fmt: skip
                 self._loop(protocol, consumer, stats, watch, max_messages, until_idle)
+                if rt.drain_until is None:  # the end of max_messages or until_idle
+                    rt.drain_until = time.monotonic() + s.drain_timeout_ms / 1000
                 protocol.close()
                 consumer.close()  # leaves the group; on_revoke has nothing left to commit
         except BaseException as e:

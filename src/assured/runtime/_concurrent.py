@@ -32,6 +32,7 @@ import concurrent.futures
 import contextvars
 import inspect
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,7 @@ from assured.runtime._handling import (
     owed_to_record,
     partial_send_failure,
 )
-from assured.runtime._shared_db import RecordDb, SharedTransaction, WindowClosed
+from assured.runtime._shared_db import Held, RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
 
 __all__ = [
@@ -253,6 +254,8 @@ class Window:
         # the records handled into it since the last group commit, and the records already
         # committed above a rewind or a claim (skipped when polled again; shared by windows).
         self.db: SharedTransaction | None = None
+        self.deadline: float | None = None  # a drain (complete) gives up what runs past it
+        self.past_drain: Callable[[], bool] = lambda: False  # a stop's drain is over
         self.held: list[_Entry] = []
         self.skips: dict[TopicPartition, set[int]] = {}
 
@@ -307,24 +310,40 @@ class Window:
         self.db.reopen()
         try:
             await self._step(records, complete)
+            if complete and self.unfinished:  # past the drain's deadline: given up
+                await asyncio.gather(*self._overdue(), return_exceptions=True)
         except BaseException as e:
             self.db.rollback(e)
             raise
         await self._commit()
 
+    def _overdue(self) -> list[asyncio.Future[None]]:
+        """Give up the records still running past a drain's deadline (the caller awaits the
+        returned tasks): nothing of them commits, and their database regions end."""
+        late = [e for q in self.entries.values() for e in q if not (e.done or e.held)]
+        return self._give_up(late)
+
     async def _commit(self) -> None:
         """The group commit of the records handled since the last one; then they are done."""
         assert self.db is not None
-        held = [e for e in self.held if not e.gone]
-        self.held = []
-        positions: dict[TopicPartition, int] = {}
-        for tp, q in self.entries.items():
-            for entry in q:
-                if not (entry.done or entry.held):
-                    break
-                positions[tp] = entry.record.offset + 1
-        await self.db.commit([(e.record, e.letters) for e in held], positions)
-        for entry in held:
+        committed: list[_Entry] = []
+
+        def collect() -> tuple[list[Held], dict[TopicPartition, int]]:
+            committed.extend(e for e in self.held if not e.gone)
+            self.held = []
+            positions: dict[TopicPartition, int] = {}
+            for tp, q in self.entries.items():
+                for entry in q:
+                    if not (entry.done or entry.held):
+                        break
+                    positions[tp] = entry.record.offset + 1
+            return [(e.record, e.letters) for e in committed], positions
+
+        async def give_up() -> None:
+            await asyncio.gather(*self._overdue(), return_exceptions=True)
+
+        await self.db.commit(collect, self.past_drain, give_up)
+        for entry in committed:
             entry.letters = []
             if not entry.gone:
                 entry.done = True
@@ -351,9 +370,22 @@ class Window:
             ):
                 return
             self.changed.clear()
+            timeout: float | None = 0.01
+            if complete:
+                timeout = None if self.deadline is None else self.deadline - time.monotonic()
             try:
-                await asyncio.wait_for(self.changed.wait(), None if complete else 0.01)
+                await asyncio.wait_for(self.changed.wait(), timeout)
             except TimeoutError:
+                if complete:  # the drain's deadline passed
+                    if self.stopped:
+                        raise _worst(self.stopped) from None
+                    log.warning(
+                        "%d record(s) of handler %s still running at the end of the drain "
+                        "(drain_timeout_ms): given up, not committed; the next owner handles "
+                        "them again (under at-most-once they are lost)",
+                        self.unfinished, self.spec.name,
+                    )  # fmt: skip
+                    return
                 if not self.stopped and self.count - self.ready() < self.room:
                     return
 
@@ -403,7 +435,8 @@ class Window:
             q = self.entries.pop(tp, None)
             if q:
                 self.count -= len(q)
-                self.unfinished -= sum(1 for e in q if not e.done)
+                self.unfinished -= sum(1 for e in q if not (e.done or e.held))
+                self.held = [e for e in self.held if e not in q]
                 tasks += self._give_up(list(q))
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self.tails = {lane: f for lane, f in self.tails.items() if tuple(lane[:2]) not in gone}
@@ -509,6 +542,22 @@ class Window:
         db = RecordDb(self.db)
         try:
             await self.spec.fn(msg, db)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is None or self.db.overran is not task:
+                db.end(e)
+                raise
+            # Held the database past its limit: cancelled by the group commit, which waits
+            # for it. The record's failure (retried, then dead-lettered), not the App's.
+            task.uncancel()
+            self.db.overran = None
+            late = TimeoutError(
+                f"the handler held the database for over {self.db.region_limit_s:g} s "
+                "(transaction_timeout_ms) while every other record waited for it; its work was "
+                "rolled back. Do the waiting (an API call) before the first database call."
+            )
+            db.end(late)
+            raise late from None
         except BaseException as e:
             db.end(e)
             raise

@@ -108,6 +108,12 @@ class AppSettings(BaseSettings):
         ge=0,
         description="How long transaction and commit calls are retried before the App stops.",
     )
+    drain_timeout_ms: int = Field(
+        default=30_000,
+        ge=0,
+        description="At a stop (SIGTERM), how long records still running side by side get to "
+        "finish before they are given up (handled again by the next owner; at-most-once: lost).",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=1,

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from assured.errors import UsageError
@@ -33,7 +34,10 @@ from assured.runtime.crashpoints import crash_point
 from assured.sinks import Sink, SinkTransaction
 from assured.sinks._base import MessageLike, fenced
 
-__all__ = ["RecordDb", "SharedTransaction", "WindowClosed"]
+__all__ = ["Held", "RecordDb", "SharedTransaction", "WindowClosed"]
+
+# A record handled into the shared transaction, and its dead letters (topic, record, headers).
+Held = tuple[Record, list[tuple[str, Record, list[Header]]]]
 
 
 class WindowClosed(BaseException):
@@ -51,6 +55,7 @@ class SharedTransaction:
         incarnations: Mapping[str, str],
         marks: bool,
         epochs: Callable[[], Mapping[TopicPartition, int]],
+        region_limit_s: float = 60.0,
     ):
         self.sink = sink
         self.group = group
@@ -63,6 +68,12 @@ class SharedTransaction:
         self.tx: SinkTransaction | None = None
         self.closed = False  # given up: no record may open a transaction any more
         self.lettered = False  # a commit held dead letters (the relay has work)
+        # The record holding the database, since when; one held past region_limit_s (waiting
+        # for a call that does not come back) is cancelled at the next group commit, and fails.
+        self.region_limit_s = region_limit_s
+        self.holder: asyncio.Task[Any] | None = None
+        self.held_since = 0.0
+        self.overran: asyncio.Task[Any] | None = None
 
     # Whether records above the stored positions are marked done (the audit's planted
     # ``side-by-side-without-marks`` turns it off, to show what the marks prevent).
@@ -83,6 +94,7 @@ class SharedTransaction:
                 raise WindowClosed
             if self.tx is None:
                 self._begin()
+            self.holder, self.held_since = asyncio.current_task(), time.monotonic()
             return self.tx  # type: ignore[return-value]
         except BaseException:
             self._lock.release()
@@ -99,19 +111,37 @@ class SharedTransaction:
         self._open.set()
 
     def give_back(self) -> None:
+        self.holder = None
         self._lock.release()
 
     async def commit(
         self,
-        held: Sequence[tuple[Record, list[tuple[str, Record, list[Header]]]]],
-        positions: Mapping[TopicPartition, int],
+        collect: Callable[[], tuple[Sequence[Held], Mapping[TopicPartition, int]]],
+        overdue: Callable[[], bool] = lambda: False,
+        give_up: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        """Commit the open transaction with what ``held`` records add to it under exactly-once
-        (their dead letters, and marks for those at or above ``positions``, the partitions'
-        new stored positions). Raises what the sink raises: then nothing of it committed (or,
+        """Commit the open transaction once the record holding the database (if one does)
+        has ended. ``collect()``, called then, says which records are in it and where their
+        partitions now stand: under exactly-once their dead letters, marks for those at or
+        above the new positions, and the positions go in too. While waiting, ``overdue()``
+        says a stop's drain is over: ``give_up()`` then ends the records still running (their
+        regions roll back). Raises what the sink raises: then nothing of it committed (or,
         :class:`~assured.sinks.SinkCommitUnknownError`, nobody knows)."""
         self._open.clear()  # shut until the next step: records that want the database wait
-        async with self._lock:  # once the record holding it now has ended
+        while True:
+            try:
+                await asyncio.wait_for(self._lock.acquire(), 0.05)
+                break
+            except TimeoutError:
+                if give_up is not None and overdue():
+                    await give_up()
+                holder = self.holder
+                late = time.monotonic() - self.held_since > self.region_limit_s
+                if holder is not None and late and self.overran is not holder:
+                    self.overran = holder  # it fails with a TimeoutError (see Window)
+                    holder.cancel()
+        try:
+            held, positions = collect()  # now: a record that ended meanwhile is in it too
             if self.marks and held and self.tx is None:
                 self._begin()
             tx = self.tx
@@ -127,13 +157,15 @@ class SharedTransaction:
             cm, self._cm, self.tx = self._cm, None, None
             assert cm is not None
             cm.__exit__(None, None, None)
+        finally:
+            self._lock.release()
         if not self.marks:
             crash_point("after-effect-before-offset")  # committed; the log's offsets not yet
 
     def _write(
         self,
         tx: SinkTransaction,
-        held: Sequence[tuple[Record, list[tuple[str, Record, list[Header]]]]],
+        held: Sequence[Held],
         positions: Mapping[TopicPartition, int],
     ) -> None:
         sql = self.sink._sql
@@ -169,6 +201,7 @@ class SharedTransaction:
 
     def rollback(self, error: BaseException | None = None) -> None:
         """Roll the open transaction back (a failed step, a given-up window); never raises."""
+        self._open.clear()  # until the next step
         cm, self._cm, self.tx = self._cm, None, None
         if cm is not None:
             error = error or asyncio.CancelledError()
@@ -176,23 +209,45 @@ class SharedTransaction:
                 cm.__exit__(type(error), error, error.__traceback__)
 
 
+class NotAwaitedError(UsageError):
+    """A handler side by side called ``db.execute`` (or another ``db`` call) without ``await``:
+    the statement never ran. Fatal: every record of the handler would lose its effects."""
+
+    fatal = True
+
+
 class RecordDb:
     """The ``db`` of an async handler side by side: the record's part of the shared database
     transaction. Every call is awaited; the first one waits for the database (see the module's
-    docstring). Speaks the database's own SQL, as :class:`~assured.sinks.SinkTransaction`."""
+    docstring). Speaks the database's own SQL, as :class:`~assured.sinks.SinkTransaction`.
+    A call left without ``await`` never runs: the record then fails and the App stops
+    (:class:`NotAwaitedError`), rather than commit a record without its effects."""
 
-    __slots__ = ("_savepoint", "_shared", "_tx")
+    __slots__ = ("_ended", "_savepoint", "_shared", "_tx", "_unawaited")
 
     def __init__(self, shared: SharedTransaction):
         self._shared = shared
         self._tx: SinkTransaction | None = None
         self._savepoint: contextlib.AbstractContextManager[None] | None = None
+        self._ended = False
+        self._unawaited = 0  # calls made whose coroutine has not started
 
     @property
     def group(self) -> str:
         return self._shared.group
 
+    def _call(self) -> None:
+        if self._ended:
+            raise UsageError(
+                "db was used after the handler returned (a task it left running?): its part "
+                "of the transaction is over; do every database call before returning"
+            )
+        self._unawaited += 1
+
     async def _take(self) -> SinkTransaction:
+        self._unawaited -= 1
+        if self._ended:
+            raise UsageError("db was used after the handler returned")
         if self._tx is None:
             tx = await self._shared.take()
             try:
@@ -204,31 +259,56 @@ class RecordDb:
             self._tx, self._savepoint = tx, savepoint
         return self._tx
 
-    async def hold(self) -> SinkTransaction:
+    def hold(self) -> Awaitable[Any]:
         """Take the database for this record now and return the transaction itself, for code
         that calls it without awaiting (``tx.execute(...)``, ``tx.connection``). It is this
-        record's until the handler returns; never keep it beyond that."""
-        return await self._take()
+        record's until the handler returns; used after that, it raises."""
+        self._call()
+        return self._hold()
 
-    async def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
-        """``sql`` in the record's part of the transaction; returns the cursor."""
+    async def _hold(self) -> Any:
+        return _Guarded(await self._take(), self)
+
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Awaitable[Any]:
+        """``sql`` in the record's part of the transaction; awaited, returns the cursor."""
+        self._call()
+        return self._execute(sql, params)
+
+    async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Any:
         return (await self._take()).execute(sql, params)
 
-    async def first_delivery(self, message: MessageLike | str) -> bool:
-        """As :meth:`SinkTransaction.first_delivery`: False if ``message`` was delivered to
-        this group before (its effects committed)."""
+    def first_delivery(self, message: MessageLike | str) -> Awaitable[bool]:
+        """As :meth:`SinkTransaction.first_delivery`, awaited: False if ``message`` was
+        delivered to this group before (its effects committed)."""
+        self._call()
+        return self._first_delivery(message)
+
+    async def _first_delivery(self, message: MessageLike | str) -> bool:
         return (await self._take()).first_delivery(message)
 
     @property
     def connection(self) -> Any:
         raise UsageError(
             "db.connection is not offered to handlers side by side: the connection is shared, "
-            "and only awaited db.execute(...) calls take turns on it"
+            "and only awaited db calls take turns on it (await db.hold() gives the "
+            "transaction for code that cannot await)"
         )
 
     def end(self, error: BaseException | None) -> None:
         """The handler returned (``error`` None: keep its work) or raised (undo it). Raises
-        what the database raised while doing so (the database's failure, not the record's)."""
+        what the database raised while doing so (the database's failure, not the record's),
+        or :class:`NotAwaitedError` for a call never awaited (its work is undone)."""
+        self._ended = True
+        if error is None and self._unawaited:
+            error = NotAwaitedError(
+                f"{self._unawaited} db call(s) of the handler were never awaited, so their "
+                "statements never ran; side by side every database call is awaited: "
+                "'await db.execute(...)'. Nothing of this record was committed."
+            )
+            self._unawaited = 0
+            with contextlib.suppress(NotAwaitedError):
+                self.end(error)
+            raise error
         if self._tx is None:
             return
         savepoint, self._savepoint, self._tx = self._savepoint, None, None
@@ -241,6 +321,24 @@ class RecordDb:
                     savepoint.__exit__(type(error), error, error.__traceback__)
         finally:
             self._shared.give_back()
+
+
+class _Guarded:
+    """The transaction :meth:`RecordDb.hold` gives: usable until the handler returns."""
+
+    __slots__ = ("_owner", "_tx")
+
+    def __init__(self, tx: SinkTransaction, owner: RecordDb):
+        self._tx = tx
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        if self._owner._ended:
+            raise UsageError(
+                "the transaction from db.hold() was used after the handler returned: its part "
+                "of the transaction is over"
+            )
+        return getattr(self._tx, name)
 
 
 @contextlib.contextmanager

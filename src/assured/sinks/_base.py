@@ -55,6 +55,7 @@ __all__ = [
     "SinkTransaction",
     "SinkUnavailableError",
     "SinkUnreachableError",
+    "SwallowedStatementError",
 ]
 
 log = logging.getLogger("assured.sinks")
@@ -64,7 +65,9 @@ Claim = dict[TopicPartition, tuple[int | None, int]]  # stored next offset (or N
 
 class SinkFencedError(StaleGenerationError):
     """Another instance claimed this partition in the database since this one did; this
-    transaction (effects and offsets) was rolled back."""
+    transaction (effects and offsets) was rolled back. ``partition``: which one, if known."""
+
+    partition: TopicPartition | None = None
 
 
 class SinkUnavailableError(RetriableError):
@@ -79,6 +82,12 @@ class SinkCommitUnknownError(SinkUnavailableError):
     committed or not, and nobody can tell from here. Before redoing anything, re-read the
     stored offsets (:meth:`Sink.stored_offsets`) and resume from them: what they cover was
     committed, effects included; the rest was not."""
+
+
+class SwallowedStatementError(Exception):
+    """A statement failed inside a handler's savepoint and the handler carried on (PostgreSQL
+    had aborted the transaction). The savepoint was rolled back; the record failed, as if the
+    handler had raised: retried, then dead-lettered."""
 
 
 class SinkUnreachableError(ServiceError):
@@ -478,7 +487,9 @@ def ddl(id_column: str, blob: str) -> tuple[str, ...]:
 
 
 def fenced(tp: TopicPartition, group: str) -> SinkFencedError:
-    return SinkFencedError(
+    error = SinkFencedError(
         f"{tp} of group {group!r} was claimed by another instance in the database; this "
         "transaction (effects and offsets) was rolled back"
     )
+    error.partition = tp
+    return error

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from assured.errors import ConfigError, ServiceError
@@ -26,6 +27,7 @@ from assured.sinks._base import (
     SinkTransaction,
     SinkUnavailableError,
     SinkUnreachableError,
+    SwallowedStatementError,
     checked_schema,
     ddl,
 )
@@ -124,6 +126,19 @@ class _PostgresTransaction(SinkTransaction):
             self.execute(f"ROLLBACK TO SAVEPOINT {name}")
             self.execute(f"RELEASE SAVEPOINT {name}")
             raise
+        if self._conn.info.transaction_status == TransactionStatus.INERROR:
+            # A statement failed in here and the code went on: PostgreSQL refuses everything
+            # until the transaction ends, and its COMMIT would roll it all back. Undo this part
+            # only, and make it the caller's failure, not a silent loss of the whole batch.
+            self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self.execute(f"RELEASE SAVEPOINT {name}")
+            raise SwallowedStatementError(
+                "a statement failed inside the handler and the handler went on; PostgreSQL "
+                "then refuses every statement of the transaction, so the record's work was "
+                "rolled back and the record failed. Let the error propagate (it is retried, "
+                "then dead-lettered), or check before writing (INSERT ... ON CONFLICT DO "
+                "NOTHING instead of catching a unique violation)."
+            )
         if release:
             self.execute(f"RELEASE SAVEPOINT {name}")
 
@@ -255,7 +270,7 @@ class PostgresSink(Sink):
         if tx.lost is not None:  # a handler caught the error and carried on: never commit
             raise SinkUnavailableError(tx.lost)
         try:
-            conn.execute("COMMIT")
+            done = conn.execute("COMMIT").statusmessage
         except psycopg.Error as e:
             if not connection_lost(conn, e):
                 raise  # the server refused the commit (a deferred constraint): rolled back
@@ -266,6 +281,12 @@ class PostgresSink(Sink):
                 "committed. Re-read the stored offsets (Sink.stored_offsets) before redoing "
                 "any of it: what they cover committed, effects included; the rest did not."
             ) from e
+        if done != "COMMIT":  # the server had aborted it (an error swallowed): rolled back
+            raise SinkUnavailableError(
+                f"PostgreSQL at {self.where} rolled the transaction back at COMMIT ({done}): a "
+                "statement inside it had failed and the error was swallowed. Nothing of it "
+                "committed; the work is redone."
+            )
 
     def _setup_lock(self, tx: SinkTransaction) -> None:
         tx.execute("SELECT pg_advisory_xact_lock(hashtext('assured.sinks.setup'))")

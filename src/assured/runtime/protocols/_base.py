@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -159,6 +160,18 @@ class Runtime:
     skips: dict[TopicPartition, set[int]] = field(default_factory=dict)
     epochs: dict[TopicPartition, int] = field(default_factory=dict)
     shared_class: type[SharedTransaction] = SharedTransaction  # the audit's plants swap it
+    # The App's stop (stop() or a signal), and the end of the drain it allows: records side
+    # by side still running then are given up (see past_drain).
+    stopping: threading.Event | None = None
+    drain_until: float | None = None
+
+    def past_drain(self) -> bool:
+        """Whether a stop was asked for ``drain_timeout_ms`` ago or more."""
+        if self.drain_until is None:
+            if self.stopping is None or not self.stopping.is_set():
+                return False
+            self.drain_until = time.monotonic() + self.settings.drain_timeout_ms / 1000
+        return time.monotonic() >= self.drain_until
 
     @property
     def sink_side_by_side(self) -> bool:
@@ -238,8 +251,12 @@ class Runtime:
                 window.db = self.shared_class(
                     spec.sink, self.settings.group, self.incarnations,
                     marks=self.settings.guarantee == "exactly-once", epochs=lambda: self.epochs,
+                    region_limit_s=self.settings.transaction_timeout_ms / 1000,
                 )  # fmt: skip
         window.producer, window.dead_letters = producer, dead_letters
+        self.past_drain()  # a stop seen: its drain's end is known from now
+        window.deadline = self.drain_until if complete else None
+        window.past_drain = self.past_drain
         window.transactional, window.transaction = transactional, lambda: self.transaction
         self.loop.run(window.step(batch, complete))
 

@@ -193,22 +193,30 @@ class ExactlyOnceSink(CommitProtocol):
 
     def _redo_side_by_side(self, e: LogError) -> None:
         """Give up the records in flight and read again from where the database says each
-        partition stands, skipping the records it holds as handled above that."""
+        partition stands (where none is stored yet: from the first record given up), skipping
+        the records it holds as handled above that. A fenced partition is dropped until the
+        group assigns it again; the others go on."""
+        heads = self.rt.heads()
         self.rt.give_up()
+        if isinstance(e, SinkFencedError):
+            stolen = getattr(e, "partition", None)
+            for tp in [stolen] if stolen in self.epochs else list(self.epochs):
+                self.epochs.pop(tp, None)  # the group reassigns it; the claim comes again
+                self.rt.skips.pop(tp, None)
         try:
             stored = self._stored(must=True)
             done = self.sink.done_above(self.rt.settings.group, list(self.epochs))
         except LogError:
             self.abandon()
             raise
-        if isinstance(e, SinkFencedError):
-            for tp in list(self.epochs):
-                self.epochs.pop(tp, None)  # the group reassigns; the claim comes again
-            return
         self.rt.skips.clear()
         self.rt.skips.update(done)
-        rewind = {tp: stored[tp] for tp in self.epochs if tp in stored}
-        seek_back(self.rt.consumer, rewind, ())
+        rewind = {
+            tp: stored.get(tp, heads.get(tp))
+            for tp in self.epochs
+            if stored.get(tp, heads.get(tp)) is not None
+        }
+        seek_back(self.rt.consumer, rewind, ())  # type: ignore[arg-type]
 
     def _redo(self, batch: list[Record], e: LogError) -> None:
         """The batch's database transaction did not commit (or may not have): go back to where
