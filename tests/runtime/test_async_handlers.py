@@ -624,3 +624,33 @@ def test_a_stop_drains_within_drain_timeout_and_redoes_what_did_not_finish(
     assert set(values) == {f"m{i:04d}".encode() for i in range(20)}
     if guarantee == "exactly-once":
         assert len(values) == 20  # what was given up had committed nothing
+
+
+def test_outputs_side_by_side_carry_the_label_of_the_transaction_they_went_into(log: Log) -> None:
+    """Under exactly-once side by side, a record's outputs go into whichever transaction
+    commits its position; with ``out.label_header`` they are stamped with that transaction's
+    label at release (the audit's aborted-read check reads it)."""
+    fill(log, 40)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    told: dict[str, str] = {}
+
+    def tell(label: str, outcome: str) -> None:
+        told.setdefault(label, outcome)
+
+    app.on_transaction = tell
+
+    @app.handler("in", output="out", concurrency=8)
+    async def copy(msg: Message, out: Output) -> None:
+        out.label_header = "txn"
+        assert out.transaction is None  # not known while the record runs
+        await asyncio.sleep(0.001)
+        out.send(msg.value)
+
+    app.run(until_idle=0.5)
+    with log.consumer(isolation="read_committed") as consumer:
+        consumer.assign([TopicPartition("out", 0)])
+        labels = []
+        while batch := consumer.poll(timeout=0.3):
+            labels += [dict(r.headers).get("txn") for r in batch]
+    assert len(labels) == 40
+    assert all(label is not None and told.get(label.decode()) == "committed" for label in labels)

@@ -288,9 +288,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
             body = json.loads(msg.value)
             mid, account = body["id"], body["account"]
             headers = [("id", mid.encode()), ("slot", str(slot).encode()), ("run", run.encode())]
-            label = out.transaction
-            if label is not None:
-                headers.append(("txn", label.encode()))
+            out.label_header = "txn"  # the transaction it goes into (side by side too)
 
             def effect(value: bytes = mid.encode()) -> None:
                 out.send(value, key=account.encode(), headers=headers)

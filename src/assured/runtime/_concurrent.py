@@ -473,7 +473,10 @@ class Window:
             # Under exactly-once its outputs go into whichever transaction commits its position,
             # which is not known while it runs: it has no label to read.
             label = self.transaction if not self.transactional else (lambda: None)
-            out = Output(self.producer, spec.output, spec.key_codec, spec.value_codec, label)
+            out = Output(
+                self.producer, spec.output, spec.key_codec, spec.value_codec, label,
+                released_into=self.transaction,
+            )  # fmt: skip
         entry = _Entry(record, out)
         tp = TopicPartition(record.topic, record.partition)
         self.entries.setdefault(tp, deque()).append(entry)

@@ -88,14 +88,19 @@ class Output:
         key_codec: Codec,
         value_codec: Codec,
         transaction: Callable[[], str | None] = lambda: None,
+        released_into: Callable[[], str | None] | None = None,
     ):
         self._producer = producer
         self._topic = topic
         self._key_codec = key_codec
         self._value_codec = value_codec
         self._transaction = transaction
+        self._released_into = released_into or transaction
         self._pending: list[_Pending] = []
         self.sent = 0
+        # When set, every output is stamped, under this header, with the label of the
+        # transaction it goes into (side by side, known only when it is released into one).
+        self.label_header: str | None = None
 
     @property
     def transaction(self) -> str | None:
@@ -129,8 +134,13 @@ class Output:
         """Hand the attempt's outputs to the producer (after the handler returned)."""
         pending = self._pending  # cleared in place: the handler closure holds this list
         send = self._producer.send
+        stamp = self.label_header
+        label = self._released_into() if stamp else None
         try:
-            for i, (target, value, key, headers, partition) in enumerate(pending):
+            for i, (target, value, key, given, partition) in enumerate(pending):
+                headers = given
+                if stamp is not None and label is not None:
+                    headers = [*(given or ()), (stamp, label.encode())]
                 try:
                     if headers is None and partition is None:
                         send(target, value, key)
