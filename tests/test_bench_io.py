@@ -68,11 +68,57 @@ def test_targets_are_judged_from_rows_of_one_run() -> None:
         {"system": "assured", "guarantee": "exactly-once", "concurrency": 200,
          "records_per_s": 3000.0, "vs_bare": 0.5},
     ]  # fmt: skip
+    rows += [
+        {"system": "assured", "guarantee": "exactly-once", "sink": "sqlite", "concurrency": 200,
+         "records_per_s": 5200.0, "vs_bare": 0.81},
+    ]  # fmt: skip
     verdicts = {t: v for t, _, v in judge(rows)}
-    assert verdicts["assured at-least-once, concurrency 200: >= 5,000 records/s"] == "met"
-    assert verdicts["assured at-least-once, concurrency 200: >= 0.8 x the bare loop"] == "met"
-    assert verdicts["assured exactly-once, concurrency 200: >= 4,000 records/s"] == "MISSED"
-    assert verdicts["assured exactly-once, concurrency 200: >= 0.8 x the bare loop"] == "MISSED"
+    assert (
+        verdicts["assured at-least-once into topic, concurrency 200: >= 5,000 records/s"] == "met"
+    )
+    assert (
+        verdicts["assured at-least-once into topic, concurrency 200: >= 0.8 x the bare loop"]
+        == "met"
+    )
+    assert (
+        verdicts["assured exactly-once into topic, concurrency 200: >= 4,000 records/s"] == "MISSED"
+    )
+    assert (
+        verdicts["assured exactly-once into topic, concurrency 200: >= 0.8 x the bare loop"]
+        == "MISSED"
+    )
+    assert (
+        verdicts["assured exactly-once into sqlite, concurrency 200: >= 5,000 records/s"] == "met"
+    )
+    # rows that are not there are not judged (no postgres row: no postgres verdict)
+    assert not any("postgres" in t for t in verdicts)
+
+
+def test_cli_runs_the_io_suite_into_databases(tmp_path: Path, postgres_dsn: str) -> None:
+    """The handler writes a row instead of an output; a reader of the database takes the
+    latency; every record must leave exactly one row (the run fails otherwise)."""
+    done = run(
+        "bench", "--suite", "io", "--log", f"embedded://{tmp_path}/files", "--records", "300",
+        "--concurrency", "20", "--handler-ms", "5", "--sinks", "sqlite,postgres",
+        "--postgres-dsn", postgres_dsn, "--json", "--results-dir", str(tmp_path / "results"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["system"], r["sink"], r["guarantee"]) for r in rows] == [
+        ("bare", "topic", "none"),
+        *(("assured", s, g) for s in ("sqlite", "postgres")
+          for g in ("at-most-once", "at-least-once", "exactly-once")),
+    ]  # fmt: skip
+    for r in rows[1:]:
+        assert r["records"] == 300
+        assert r["p50_ms"] >= 5  # the handler's own wait, then the commit
+        assert r["p99_ms"] >= r["p50_ms"]
+        assert r["vs_bare"] > 0
+    bad = run("bench", "--suite", "io", "--log", f"embedded://{tmp_path}", "--sinks", "mongo",
+              cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2
+    assert "--sinks 'mongo'" in bad.stderr
 
 
 FASTSTREAM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-faststream" / "bin" / "python"
