@@ -6,6 +6,7 @@ repeats it. On the embedded engine, into SQLite and into a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from assured import App, Message, PostgresSink, SqliteSink, TopicPartition, open_log
-from assured.errors import ConfigError
+from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._handling import HandlerFailedError
 from assured.runtime._settings import Guarantee
@@ -353,7 +354,7 @@ def test_a_db_call_never_awaited_stops_the_app_instead_of_losing_the_effect(
     async def charge(msg: Message, tx: Any) -> None:
         tx.execute(db.insert, (msg.key, msg.value))  # no await: the statement never runs
 
-    with pytest.warns(RuntimeWarning), pytest.raises(NotAwaitedError, match="never awaited"):
+    with pytest.raises(NotAwaitedError, match="never awaited"):
         app.run(until_idle=0.5)
     assert db.charges() == []
     assert db.count("SELECT count(*) FROM assured_offsets WHERE next_offset > 0") == 0
@@ -414,3 +415,102 @@ def test_postgres_a_statement_error_swallowed_by_the_handler_fails_only_its_reco
         keys = sorted(bytes(r[0]) for r in tx.execute("SELECT k FROM seen").fetchall())
     assert keys == [b"k0", b"k1", b"k2", b"k3", b"k4", b"k5"]
     assert read_all(log, "in.dlq") == [b"v3"]
+
+
+# -- from a second review ------------------------------------------------------------------
+
+
+def _stop_after(app: App, seconds: float) -> None:
+    def stop() -> None:
+        time.sleep(seconds)
+        app.stop()
+
+    threading.Thread(target=stop, daemon=True).start()
+
+
+def test_a_handler_that_swallows_its_cancellation_leaves_nothing_behind(log: Log, db: Db) -> None:
+    """Given up at a stop, a handler that catches the CancelledError and returns must not keep
+    its work: it would commit unmarked, and the next owner would make it again."""
+    _one_partition(log, 20)
+
+    def app(slow: bool) -> App:
+        made = App(log=log, group="g", guarantee="exactly-once", drain_timeout_ms=500)
+
+        @made.handler("in", sink=db.new(), concurrency=4, ordering="unordered")
+        async def charge(msg: Message, tx: Any) -> None:
+            await tx.execute(db.insert, (msg.key, msg.value))
+            if slow and msg.offset == 3:
+                with contextlib.suppress(asyncio.CancelledError):  # a library that swallows it
+                    await asyncio.sleep(30)
+
+        return made
+
+    first = app(slow=True)
+    _stop_after(first, 1.5)
+    first.run(until_idle=10)
+    app(slow=False).run(until_idle=0.5)
+    values = [v for _, v in db.charges()]
+    assert sorted(values) == sorted({f"v{i}".encode() for i in range(20)})  # each once
+
+
+def test_db_calls_gathered_side_by_side_share_the_records_part(log: Log, db: Db) -> None:
+    _one_partition(log, 10)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=db.new(), concurrency=4, ordering="unordered")
+    async def charge(msg: Message, tx: Any) -> None:
+        await asyncio.sleep(0.001)
+        await asyncio.gather(
+            tx.execute(db.insert, (msg.key, msg.value)),
+            tx.execute(db.insert, (msg.key, msg.value + b"+")),
+        )
+
+    assert app.run(until_idle=0.5).processed == 10
+    assert len(db.charges()) == 20
+
+
+def test_a_db_call_still_running_when_the_handler_returns_does_not_count(log: Log, db: Db) -> None:
+    _one_partition(log, 4)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=db.new(), concurrency=2)
+    async def charge(msg: Message, tx: Any) -> None:
+        asyncio.ensure_future(tx.execute(db.insert, (msg.key, msg.value)))  # noqa: RUF006
+
+    with pytest.raises(NotAwaitedError, match="had not finished"):
+        app.run(until_idle=0.5)
+
+
+def test_a_db_call_cancelled_before_it_ran_is_not_a_missing_await(log: Log, db: Db) -> None:
+    _one_partition(log, 4)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=db.new(), concurrency=2)
+    async def charge(msg: Message, tx: Any) -> None:
+        task = asyncio.ensure_future(tx.execute(db.insert, (b"never", b"never")))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await tx.execute(db.insert, (msg.key, msg.value))
+
+    assert app.run(until_idle=0.5).processed == 4
+    assert sorted(v for _, v in db.charges()) == [b"v0", b"v1", b"v2", b"v3"]
+
+
+@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK", " begin", "END"])
+def test_a_handler_may_not_end_its_transaction(log: Log, db: Db, statement: str) -> None:
+    _one_partition(log, 3)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    refused: list[str] = []
+
+    @app.handler("in", sink=db.new(), concurrency=2, retries=0)
+    async def charge(msg: Message, tx: Any) -> None:
+        await tx.execute(db.insert, (msg.key, msg.value))
+        try:
+            await tx.execute(statement)
+        except UsageError as e:
+            refused.append(str(e))
+
+    assert app.run(until_idle=0.5).processed == 3
+    assert len(refused) == 3
+    assert sorted(v for _, v in db.charges()) == [b"v0", b"v1", b"v2"]

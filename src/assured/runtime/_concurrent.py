@@ -525,7 +525,7 @@ class Window:
                 raise _GivenUp
             msg = spec.decode(record)
             if self.db is not None:
-                await self._into_db(msg)
+                await self._into_db(entry, msg)
                 return
             args: tuple[Any, ...] = (msg,) if out is None else (msg, out)
             if spec.is_async:
@@ -538,16 +538,18 @@ class Window:
             if inspect.isawaitable(result):  # an async handler behind a plain wrapper
                 await result
 
-    async def _into_db(self, msg: Any) -> None:
+    async def _into_db(self, entry: _Entry, msg: Any) -> None:
         """One call of an async handler with a sink: its part of the shared transaction is
-        kept if it returns, rolled back to its savepoint if it raises."""
+        kept if it returns, rolled back to its savepoint if it raises, or if it was given up
+        meanwhile (a handler that swallowed the cancellation must not leave work behind)."""
         assert self.db is not None
-        db = RecordDb(self.db)
+        task = asyncio.current_task()
+        assert task is not None
+        db = RecordDb(self.db, task)
         try:
             await self.spec.fn(msg, db)
         except asyncio.CancelledError as e:
-            task = asyncio.current_task()
-            if task is None or self.db.overran is not task:
+            if self.db.overran is not task:
                 db.end(e)
                 raise
             # Held the database past its limit: cancelled by the group commit, which waits
@@ -564,6 +566,9 @@ class Window:
         except BaseException as e:
             db.end(e)
             raise
+        if entry.gone or (task.cancelling() and self.db.overran is not task):
+            db.end(asyncio.CancelledError())  # given up, and it swallowed the cancellation
+            raise _GivenUp
         db.end(None)
 
     async def one(self, entry: _Entry) -> None:

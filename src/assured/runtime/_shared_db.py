@@ -24,15 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from inspect import CORO_CLOSED, CORO_CREATED
+from typing import Any, TypeVar
 
 from assured.errors import UsageError
 from assured.log import Header, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
 from assured.sinks import Sink, SinkTransaction
-from assured.sinks._base import MessageLike, fenced
+from assured.sinks._base import MessageLike, fenced, refuse_transaction_control
+
+T = TypeVar("T")
 
 __all__ = ["Held", "RecordDb", "SharedTransaction", "WindowClosed"]
 
@@ -79,7 +83,7 @@ class SharedTransaction:
     # ``side-by-side-without-marks`` turns it off, to show what the marks prevent).
     marked = True
 
-    async def take(self) -> SinkTransaction:
+    async def take(self, owner: asyncio.Task[Any] | None = None) -> SinkTransaction:
         """Wait for the database and take it; the transaction is begun if none is open. The
         gate is shut from a group commit to the next step: no record opens a transaction that
         would stay open while the App's thread is elsewhere."""
@@ -94,7 +98,7 @@ class SharedTransaction:
                 raise WindowClosed
             if self.tx is None:
                 self._begin()
-            self.holder, self.held_since = asyncio.current_task(), time.monotonic()
+            self.holder, self.held_since = owner or asyncio.current_task(), time.monotonic()
             return self.tx  # type: ignore[return-value]
         except BaseException:
             self._lock.release()
@@ -220,68 +224,76 @@ class RecordDb:
     """The ``db`` of an async handler side by side: the record's part of the shared database
     transaction. Every call is awaited; the first one waits for the database (see the module's
     docstring). Speaks the database's own SQL, as :class:`~assured.sinks.SinkTransaction`.
-    A call left without ``await`` never runs: the record then fails and the App stops
-    (:class:`NotAwaitedError`), rather than commit a record without its effects."""
+    A call left without ``await``, or still running when the handler returns, never counts:
+    the record then fails and the App stops (:class:`NotAwaitedError`), rather than commit a
+    record without its effects."""
 
-    __slots__ = ("_ended", "_savepoint", "_shared", "_tx", "_unawaited")
+    __slots__ = ("_calls", "_ended", "_first", "_owner", "_savepoint", "_shared", "_tx")
 
-    def __init__(self, shared: SharedTransaction):
+    def __init__(self, shared: SharedTransaction, owner: asyncio.Task[Any]):
         self._shared = shared
+        self._owner = owner  # the record's task: whoever awaits the calls, the region is its
         self._tx: SinkTransaction | None = None
         self._savepoint: contextlib.AbstractContextManager[None] | None = None
         self._ended = False
-        self._unawaited = 0  # calls made whose coroutine has not started
+        self._calls: list[Coroutine[Any, Any, Any]] = []
+        self._first = asyncio.Lock()  # calls side by side (gather) wait for the first one's take
 
     @property
     def group(self) -> str:
         return self._shared.group
 
-    def _call(self) -> None:
+    def _call(self, coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
         if self._ended:
+            coro.close()
             raise UsageError(
                 "db was used after the handler returned (a task it left running?): its part "
                 "of the transaction is over; do every database call before returning"
             )
-        self._unawaited += 1
+        self._calls.append(coro)
+        return coro
 
     async def _take(self) -> SinkTransaction:
-        self._unawaited -= 1
-        if self._ended:
-            raise UsageError("db was used after the handler returned")
-        if self._tx is None:
-            tx = await self._shared.take()
-            try:
-                savepoint = tx.savepoint(release=False)  # regions never overlap
-                savepoint.__enter__()
-            except BaseException:
-                self._shared.give_back()
-                raise
-            self._tx, self._savepoint = tx, savepoint
-        return self._tx
+        async with self._first:
+            if self._tx is None:
+                tx = await self._shared.take(self._owner)
+                if self._ended:  # a call left running took the database after the return
+                    self._shared.give_back()
+                    raise UsageError("db was used after the handler returned")
+                try:
+                    savepoint = tx.savepoint(release=False)  # regions never overlap
+                    savepoint.__enter__()
+                except BaseException:
+                    self._shared.give_back()
+                    raise
+                self._tx, self._savepoint = tx, savepoint
+            if self._ended:
+                raise UsageError("db was used after the handler returned")
+            return self._tx
 
-    def hold(self) -> Awaitable[Any]:
+    def hold(self) -> Coroutine[Any, Any, Any]:
         """Take the database for this record now and return the transaction itself, for code
         that calls it without awaiting (``tx.execute(...)``, ``tx.connection``). It is this
         record's until the handler returns; used after that, it raises."""
-        self._call()
-        return self._hold()
+        return self._call(self._hold())
 
     async def _hold(self) -> Any:
         return _Guarded(await self._take(), self)
 
-    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Awaitable[Any]:
+    def execute(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> Coroutine[Any, Any, Any]:
         """``sql`` in the record's part of the transaction; awaited, returns the cursor."""
-        self._call()
-        return self._execute(sql, params)
+        refuse_transaction_control(sql)
+        return self._call(self._execute(sql, params))
 
     async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Any:
         return (await self._take()).execute(sql, params)
 
-    def first_delivery(self, message: MessageLike | str) -> Awaitable[bool]:
+    def first_delivery(self, message: MessageLike | str) -> Coroutine[Any, Any, bool]:
         """As :meth:`SinkTransaction.first_delivery`, awaited: False if ``message`` was
         delivered to this group before (its effects committed)."""
-        self._call()
-        return self._first_delivery(message)
+        return self._call(self._first_delivery(message))
 
     async def _first_delivery(self, message: MessageLike | str) -> bool:
         return (await self._take()).first_delivery(message)
@@ -297,15 +309,21 @@ class RecordDb:
     def end(self, error: BaseException | None) -> None:
         """The handler returned (``error`` None: keep its work) or raised (undo it). Raises
         what the database raised while doing so (the database's failure, not the record's),
-        or :class:`NotAwaitedError` for a call never awaited (its work is undone)."""
+        or :class:`NotAwaitedError` for a call never awaited or not finished (its work is
+        undone)."""
         self._ended = True
-        if error is None and self._unawaited:
+        open_calls = [c for c in self._calls if inspect.getcoroutinestate(c) != CORO_CLOSED]
+        self._calls = []
+        for call in open_calls:
+            if inspect.getcoroutinestate(call) == CORO_CREATED:
+                call.close()  # never to run: said below, not in a RuntimeWarning
+        if error is None and open_calls:
             error = NotAwaitedError(
-                f"{self._unawaited} db call(s) of the handler were never awaited, so their "
-                "statements never ran; side by side every database call is awaited: "
+                f"{len(open_calls)} db call(s) of the handler were never awaited, or had not "
+                "finished when it returned, so they count for nothing; side by side every "
+                "database call is awaited before the handler returns: "
                 "'await db.execute(...)'. Nothing of this record was committed."
             )
-            self._unawaited = 0
             with contextlib.suppress(NotAwaitedError):
                 self.end(error)
             raise error

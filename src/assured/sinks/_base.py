@@ -235,6 +235,22 @@ class SinkTransaction(abc.ABC):
         return int(row[0])
 
 
+_ENDS_A_TRANSACTION = ("COMMIT", "END", "BEGIN", "ROLLBACK", "ABORT", "START")
+
+
+def refuse_transaction_control(sql: str) -> None:
+    """A handler's statement must not begin or end the transaction it runs in: the runtime
+    commits effects with their positions, or not at all. ``ROLLBACK TO`` a savepoint of the
+    handler's own is fine."""
+    head = sql.lstrip()[:20].upper()
+    if head.startswith(_ENDS_A_TRANSACTION) and not head.startswith("ROLLBACK TO"):
+        raise UsageError(
+            f"{sql.strip()[:40]!r}: a handler's statement may not begin or end the transaction "
+            "it runs in (effects commit with their positions, or not at all); raise to undo a "
+            "record's work, or use SAVEPOINT / ROLLBACK TO inside it"
+        )
+
+
 def checked_schema(schema: str | Iterable[str]) -> tuple[str, ...]:
     """A sink's ``schema=``: SQL statements, one per item (a lone string is one statement)."""
     statements = (schema,) if isinstance(schema, str) else tuple(schema)

@@ -30,6 +30,7 @@ from assured.sinks._base import (
     SwallowedStatementError,
     checked_schema,
     ddl,
+    refuse_transaction_control,
 )
 
 __all__ = ["PostgresSink"]
@@ -82,6 +83,7 @@ class _PostgresTransaction(SinkTransaction):
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         if self.lost is not None:
             raise SinkUnavailableError(self.lost)
+        refuse_transaction_control(sql)
         try:
             return self._conn.execute(sql, params)
         except psycopg.Error as e:
@@ -126,7 +128,10 @@ class _PostgresTransaction(SinkTransaction):
             self.execute(f"ROLLBACK TO SAVEPOINT {name}")
             self.execute(f"RELEASE SAVEPOINT {name}")
             raise
-        if self._conn.info.transaction_status == TransactionStatus.INERROR:
+        status = self._conn.info.transaction_status
+        if status == TransactionStatus.IDLE:  # ended in here (a raw COMMIT or ROLLBACK)
+            self.lose(psycopg.OperationalError("the transaction was ended inside a handler"))
+        if status == TransactionStatus.INERROR:
             # A statement failed in here and the code went on: PostgreSQL refuses everything
             # until the transaction ends, and its COMMIT would roll it all back. Undo this part
             # only, and make it the caller's failure, not a silent loss of the whole batch.
@@ -269,6 +274,16 @@ class PostgresSink(Sink):
             tx.lose(psycopg.OperationalError("the connection broke before COMMIT"))
         if tx.lost is not None:  # a handler caught the error and carried on: never commit
             raise SinkUnavailableError(tx.lost)
+        if conn.info.transaction_status != TransactionStatus.INTRANS:
+            # Ended or aborted under us (a raw COMMIT/ROLLBACK through the connection, an
+            # error swallowed outside any savepoint): what it held is not ours to commit.
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+            raise SinkUnavailableError(
+                f"the transaction on PostgreSQL at {self.where} was ended or aborted before "
+                "the runtime's COMMIT (a raw COMMIT/ROLLBACK, or an error swallowed); nothing "
+                "more of it commits, and the work is redone"
+            )
         try:
             done = conn.execute("COMMIT").statusmessage
         except psycopg.Error as e:

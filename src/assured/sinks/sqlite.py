@@ -31,6 +31,7 @@ from assured.sinks._base import (
     SinkUnreachableError,
     checked_schema,
     ddl,
+    refuse_transaction_control,
 )
 
 __all__ = ["SqliteSink"]
@@ -60,6 +61,7 @@ class _SqliteTransaction(SinkTransaction):
         nothing that commits."""
         if self.ended or not self._conn.in_transaction:
             self._end(None)
+        refuse_transaction_control(sql)
         try:
             return self._conn.execute(sql, params)
         except sqlite3.Error as e:
