@@ -61,6 +61,7 @@ def check_rows(rows: list[dict[str, Any]], backend: str, records: int) -> None:
             )
 
 
+@pytest.mark.slow  # 50 s; `make bench` runs the path in full; make test keeps the io suite's CLI
 def test_cli_runs_the_runtime_suite_on_the_embedded_engine(tmp_path: Path) -> None:
     done = run(
         "bench",
