@@ -42,7 +42,7 @@ def test_cli_runs_the_io_suite_on_the_embedded_engine(tmp_path: Path) -> None:
             )
     assert json.loads((tmp_path / "results" / "io-embedded.json").read_text()) == rows
     table = (tmp_path / "results" / "io-embedded.md").read_text()
-    assert "| assured | exactly-once | 20 |" in table
+    assert "| assured | exactly-once | topic | 20 |" in table
     assert list((tmp_path / "files").iterdir()) == []  # the run's engine files are gone
 
 
