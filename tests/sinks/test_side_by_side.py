@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
-from assured import App, Message, PostgresSink, SqliteSink, TopicPartition, open_log
+from assured import App, Message, PostgresSink, SqliteSink, open_log
 from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._handling import HandlerFailedError
 from assured.runtime._settings import Guarantee
 from assured.runtime._shared_db import NotAwaitedError
 from assured.sinks import Sink, SinkUnavailableError
+from tests.sinks.conftest import read_all
 
 GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
 SCHEMAS = {
@@ -83,13 +84,8 @@ def fill(log: Log, n: int, keys: int = 10) -> list[str]:
     return values
 
 
-def read_all(log: Log, topic: str) -> list[bytes]:
-    with log.consumer(isolation="read_committed") as consumer:
-        consumer.assign([TopicPartition(topic, 0)])
-        out: list[bytes] = []
-        while batch := consumer.poll(timeout=0.3):
-            out += [r.value or b"" for r in batch]
-        return out
+def values_of(log: Log, topic: str) -> list[bytes]:
+    return [r.value or b"" for r in read_all(log, topic)]
 
 
 @pytest.mark.parametrize("guarantee", GUARANTEES)
@@ -190,7 +186,7 @@ def test_exactly_once_dead_letters_side_by_side_go_out_once(log: Log, db: Db) ->
     assert sorted(v for _, v in db.charges()) == sorted(
         f"m{i:04d}".encode() for i in range(40) if i % 10 != 7
     )
-    letters = read_all(log, "in.dlq")
+    letters = values_of(log, "in.dlq")
     assert sorted(letters) == [f"m{i:04d}".encode() for i in range(40) if i % 10 == 7]
 
 
@@ -414,7 +410,7 @@ def test_postgres_a_statement_error_swallowed_by_the_handler_fails_only_its_reco
     with PostgresSink(pg_dsn) as check, check.transaction() as tx:
         keys = sorted(bytes(r[0]) for r in tx.execute("SELECT k FROM seen").fetchall())
     assert keys == [b"k0", b"k1", b"k2", b"k3", b"k4", b"k5"]
-    assert read_all(log, "in.dlq") == [b"v3"]
+    assert values_of(log, "in.dlq") == [b"v3"]
 
 
 # -- from a second review ------------------------------------------------------------------

@@ -128,19 +128,34 @@ def _into_database(
             shutil.rmtree(folder, ignore_errors=True)
     if result.get("effects") != records:
         raise RuntimeError(f"{name}: {result.get('effects')} rows for {records} records")
+    return _row(config, "assured", guarantee, sink, concurrency, records, result, result)
+
+
+def _row(
+    config: IoBenchConfig,
+    system: str,
+    guarantee: str,
+    sink: str,
+    concurrency: int,
+    records: int,
+    result: dict[str, Any],
+    latency: dict[str, Any],
+) -> dict[str, Any]:
+    """One row of the suite: the worker's ``result`` (rate, CPU, memory) and ``latency``
+    (p50 and p99, from whichever reader took them)."""
     return {
-        "system": "assured",
+        "system": system,
         "guarantee": guarantee,
         "sink": sink,
         "log": config.backend,
         "concurrency": concurrency,
-        "ordering": "key",
+        "ordering": "key" if system == "assured" else "none",
         "handler_ms": config.handler_ms,
         "records": records,
         "records_per_s": result["records_per_s"],
         "ceiling_per_s": round(concurrency * 1000 / config.handler_ms, 1),
-        "p50_ms": result["p50_ms"],
-        "p99_ms": result["p99_ms"],
+        "p50_ms": latency["p50_ms"],
+        "p99_ms": latency["p99_ms"],
         "cpu_us_per_record": result.get("cpu_us_per_record"),
         "rss_warm_mb": result.get("rss_warm_mb"),
         "peak_rss_mb": result.get("peak_rss_mb"),
@@ -208,25 +223,7 @@ def _one(
         log.close()
     if latency["samples"] < records:
         raise RuntimeError(f"{name}: the reader saw {latency['samples']} of {records} outputs")
-    row = {
-        "system": system,
-        "guarantee": guarantee,
-        "sink": "topic",
-        "log": config.backend,
-        "concurrency": concurrency,
-        "ordering": "key" if system == "assured" else "none",
-        "handler_ms": config.handler_ms,
-        "records": records,
-        "records_per_s": result["records_per_s"],
-        "ceiling_per_s": round(concurrency * 1000 / config.handler_ms, 1),
-        "p50_ms": latency["p50_ms"],
-        "p99_ms": latency["p99_ms"],
-        "cpu_us_per_record": result.get("cpu_us_per_record"),
-        "rss_warm_mb": result.get("rss_warm_mb"),
-        "peak_rss_mb": result.get("peak_rss_mb"),
-        "others_cores": result.get("others_cores"),
-        "max_poll_records": max(config.max_poll_records, concurrency),
-    }
+    row = _row(config, system, guarantee, "topic", concurrency, records, result, latency)
     if system == "faststream":
         row["faststream_version"] = result.get("faststream_version")
     return row
