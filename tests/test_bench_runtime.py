@@ -222,3 +222,39 @@ def test_spread_is_range_over_median() -> None:
     rates = [{"records_per_s": r} for r in (100.0, 110.0, 130.0)]
     assert _spread(rates) == pytest.approx(30 / 110)
     assert _spread(rates[:1]) == 0.0
+
+
+@pytest.mark.kafka
+def test_the_latency_floor_loop_is_exactly_once_and_commits_in_turns(kafka_bootstrap: str) -> None:
+    """bare-pipelined, the floor under exactly-once's latency, is only a floor if it is
+    exactly-once: every input record's output once, read_committed, in several transactions
+    (taken in turns by its two producers); and it is a Kafka system only."""
+    from assured.bench.runtime_suite import System, _Bench, _produce_input, _throughput, systems_for
+    from assured.log import open_log
+
+    records = 6000
+    config = RuntimeBenchConfig(log=f"kafka://{kafka_bootstrap}", records=records, retries=0)
+    bench = _Bench(config)
+    log = open_log(config.log)
+    try:
+        source = bench.topic(log, "floor-in")
+        _produce_input(log, source, records, config.record_size)
+        result = _throughput(
+            bench, log, config.log, source, System("bare-pipelined", "exactly-once"), records
+        )
+        assert result["processed"] == records
+        assert result["commits"] >= 2
+        sink = next(t for t in bench.topics if t.endswith("out-bare-pipelined-exactly-once"))
+        keys: list[bytes] = []
+        with log.consumer(group_id=f"{sink}-check", isolation="read_committed") as consumer:
+            consumer.subscribe([sink])
+            deadline = time.monotonic() + 60
+            while len(keys) < records and time.monotonic() < deadline:
+                keys += [r.key or b"" for r in consumer.poll(1000, 0.5)]
+            time.sleep(1)
+            keys += [r.key or b"" for r in consumer.poll(1000, 0.5)]
+        assert sorted(keys) == sorted(b"%08d" % i for i in range(records))
+    finally:
+        bench.cleanup([log])
+    embedded = RuntimeBenchConfig(log="embedded:///tmp/x", systems=["assured", "bare-pipelined"])
+    assert System("bare-pipelined", "exactly-once") not in systems_for(embedded)

@@ -93,6 +93,15 @@ FIXES: dict[str, dict[str, Any]] = {
         "handler_latency_ms": 5.0,
         "shows": ("duplicate",),
     },
+    # issue 14: at-least-once side by side, unfinished records named handled in the metadata
+    "remember-unfinished": {
+        "guarantee": "at-least-once",
+        "faults": ("sigkill",),
+        "kills": 6,
+        "concurrency": 20,
+        "handler_latency_ms": 5.0,
+        "shows": ("lost",),
+    },
 }
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
+from assured.errors import ConfigError
 from assured.log import Log, TopicPartition
 from tests.contract.conftest import drain, unique
 
@@ -69,3 +72,31 @@ def test_pause_and_resume(log: Log, topic: Callable[..., str]) -> None:
         assert {r.partition for r in drain(consumer, 1)} == {1}
         consumer.resume([a])
         assert {r.partition for r in drain(consumer, 1)} == {0}
+
+
+def test_offset_metadata_is_kept_with_the_committed_offset(
+    log: Log, topic: Callable[..., str]
+) -> None:
+    """Metadata goes with its offset, synchronous or not; a commit without it clears it; the
+    broker's bound (4,000 characters here) is refused before anything is sent."""
+    name = topic(partitions=2)
+    a, b = TopicPartition(name, 0), TopicPartition(name, 1)
+    _fill(log, name, 4)
+    group = unique("g")
+    with log.consumer(group_id=group) as consumer:
+        consumer.assign([a, b])
+        assert consumer.committed_metadata([a, b]) == {}
+        consumer.commit({a: 2, b: 0}, metadata={a: "a1:2:1.3"})
+        assert consumer.committed_metadata([a, b]) == {a: (2, "a1:2:1.3"), b: (0, "")}
+        consumer.commit({a: 3}, asynchronous=True, metadata={a: "x" * 4000})
+        consumer.commit({b: 1}, metadata={b: "later"})  # waits for the asynchronous one
+        assert consumer.committed_metadata([a, b]) == {a: (3, "x" * 4000), b: (1, "later")}
+        consumer.commit({a: 4})
+        assert consumer.committed_metadata([a]) == {a: (4, "")}
+        with pytest.raises(ConfigError, match="at most 4000"):
+            consumer.commit({a: 4}, metadata={a: "x" * 4001})
+        with pytest.raises(ConfigError, match="ASCII"):
+            consumer.commit({a: 4}, metadata={a: "é"})
+        assert consumer.committed_metadata([a]) == {a: (4, "")}
+    with log.consumer(group_id=group) as other:  # another member reads what was kept
+        assert other.committed_metadata([a, b]) == {a: (4, ""), b: (1, "later")}

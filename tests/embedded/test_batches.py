@@ -311,3 +311,28 @@ def test_a_damaged_batch_is_reported_as_corrupt_and_says_where(tmp_path: Path) -
     with pytest.raises(EngineFileError, match=r"batch at t\[0\] offset 4 is damaged.*corrupt"):
         _read(path, 0, 500)
     assert [r.value for r in _read(path, 5, 500)] == [b"%d" % i for i in range(5, 10)]
+
+
+def test_a_schema_2_file_keeps_its_committed_offsets_and_takes_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    log = open_log(f"embedded://{path}")
+    with log.admin() as admin:
+        admin.create_topic("t", 1)
+    tp = TopicPartition("t", 0)
+    with log.consumer(group_id="g") as consumer:
+        consumer.assign([tp])
+        consumer.commit({tp: 7})
+    log.close()
+    # Schema 2, as assured wrote it: offsets without metadata.
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE offsets DROP COLUMN metadata")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    log = open_log(f"embedded://{path}")
+    with log.consumer(group_id="g") as consumer:
+        assert consumer.committed_metadata([tp]) == {tp: (7, "")}
+        consumer.commit({tp: 8}, metadata={tp: "kept"})
+        assert consumer.committed_metadata([tp]) == {tp: (8, "kept")}
+    log.close()
+    with sqlite3.connect(path) as conn:
+        (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert int(version) == SCHEMA_VERSION == 3

@@ -28,7 +28,11 @@ one rule the runtime keeps, in as few lines as it takes:
 - ``side-by-side-without-marks`` (issue 14): exactly-once into a database with records side
   by side, but a group commit stores only each partition's contiguous prefix and no marks for
   the records committed above it: a crash has them handled, and their effects made, again
-  (shown by ``--sink sqlite --concurrency`` with ``sigkill``).
+  (shown by ``--sink sqlite --concurrency`` with ``sigkill``);
+- ``remember-unfinished`` (issue 14): at-least-once with records side by side, but the commit's
+  offset metadata names every record above the committed position, finished or not: a new
+  owner skips the ones that were still running when the process died (shown by
+  ``--concurrency`` with ``--handler-latency-ms`` and ``sigkill``).
 """
 
 from __future__ import annotations
@@ -199,6 +203,26 @@ class CommitsHighestCompleted(ExactlyOnce):
         self.rt.window_class = _HighestCompleted  # the bug
 
 
+class _RemembersUnfinished(Window):
+    """Names every record above a partition's first unhandled one, handled or not."""
+
+    def handled_above(self) -> dict[TopicPartition, tuple[int, list[int]]]:
+        return {
+            tp: (q[0].record.offset, [e.record.offset for e in q])  # the bug: not only e.done
+            for tp, q in self.entries.items()
+            if len(q) > 1 and not q[0].done
+        }
+
+
+class RemembersUnfinished(AtLeastOnce):
+    """At-least-once with records side by side, but the commit's metadata names the records
+    still running above the position as handled: a crash has the next owner skip them."""
+
+    def start(self) -> None:
+        super().start()
+        self.rt.window_class = _RemembersUnfinished  # the bug
+
+
 class _Unmarked(SharedTransaction):
     marked = False  # the bug: what committed above the prefix is not remembered
 
@@ -222,6 +246,7 @@ PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "keep-failed-attempts": KeepsFailedAttempts,
     "commit-highest-completed": CommitsHighestCompleted,
     "side-by-side-without-marks": CommitsWithoutMarks,
+    "remember-unfinished": RemembersUnfinished,
 }
 
 

@@ -35,6 +35,7 @@ _LABELS = {
     ("assured", "embedded"): "assured",
     ("assured-fixed", "kafka"): "assured, fixed-interval commits (baseline)",
     ("assured-fixed", "embedded"): "assured, fixed-interval commits (baseline)",
+    ("bare-pipelined", "kafka"): "bare loop built for exactly-once latency (floor)",
 }
 
 

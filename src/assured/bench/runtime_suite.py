@@ -13,6 +13,9 @@ own, committing by time only, every ``commit_interval_ms``:
 - ``assured`` at each guarantee: an :class:`~assured.App` with one handler;
 - ``quixstreams`` at-least-once and exactly-once (Kafka only), ``commit_interval`` the same,
   run by the Python of a virtualenv that has it (``quix_python``).
+- ``bare-pipelined`` exactly-once (Kafka only, when asked for): a bare loop built for latency,
+  not throughput (see :func:`assured.bench._workers.run_bare_pipelined`): the floor under
+  exactly-once's latency that librdkafka allows on the machine.
 
 Throughput is records over the time from a processor's first record to the end of its run
 (outputs flushed, offsets committed, clients closed); each system runs ``rounds`` times,
@@ -55,7 +58,11 @@ __all__ = [
 _QUIX_WORKER = Path(__file__).with_name("quix_worker.py")
 # assured-fixed: assured exactly-once with commit_mode="fixed" (a transaction per commit interval
 # whatever the load), measured in the same run as the baseline of the adaptive commit.
-SYSTEMS = ("bare", "assured", "assured-fixed", "quixstreams")
+# bare-pipelined (Kafka, exactly-once, not run unless asked for): a bare loop built for
+# exactly-once latency (short transactions, committed on a thread while a second producer takes
+# the next): the lowest latency librdkafka gives exactly-once here, as a floor for assured's.
+SYSTEMS = ("bare", "assured", "assured-fixed", "quixstreams", "bare-pipelined")
+DEFAULT_SYSTEMS = ("bare", "assured", "assured-fixed", "quixstreams")
 _WARM_EVERY_S = 0.1
 _PACE_TICK_S = 0.002
 
@@ -63,7 +70,7 @@ _PACE_TICK_S = 0.002
 @dataclass(frozen=True)
 class System:
     # One of SYSTEMS: assured, assured-fixed (exactly-once's fixed-interval baseline), bare,
-    # quixstreams.
+    # quixstreams, bare-pipelined.
     system: str
     guarantee: str
 
@@ -87,7 +94,7 @@ class RuntimeBenchConfig:
     memory_records: int = 5_000_000
     memory_guarantee: str = "exactly-once"
     quix_python: str | None = None
-    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    systems: list[str] = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
     worker_timeout_s: float = 1800.0
     commit_mode: str = "adaptive"  # assured exactly-once's; "fixed" is the baseline
     # A run during which other processes used more than ``busy_cores`` is redone; rounds whose
@@ -115,6 +122,8 @@ def systems_for(config: RuntimeBenchConfig) -> list[System]:
             out.append(System("quixstreams", guarantee))
     if "assured-fixed" in config.systems:
         out.append(System("assured-fixed", "exactly-once"))
+    if kafka and "bare-pipelined" in config.systems:
+        out.append(System("bare-pipelined", "exactly-once"))
     if "assured" in config.systems:
         out.append(System("assured", "at-most-once"))
     return out
@@ -196,7 +205,7 @@ def _command(config: RuntimeBenchConfig, system: System, spec: dict[str, Any]) -
     if system.system in ("assured", "assured-fixed"):
         role = "assured"
     elif config.backend == "kafka":
-        role = "bare"
+        role = system.system  # bare, bare-pipelined
     else:
         role = "log-loop"  # on the embedded engine, bare means the assured.log API alone
     return [sys.executable, "-m", "assured.bench._workers", role, json.dumps(spec)]

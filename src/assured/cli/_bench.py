@@ -224,7 +224,8 @@ def bench(
         "--systems",
         help="runtime: which systems, comma-separated (quixstreams runs on Kafka only; "
         "assured-fixed is exactly-once with fixed-interval commits, the adaptive commit's "
-        "baseline).",
+        "baseline; bare-pipelined, Kafka only, is a bare exactly-once loop built for latency: "
+        "the floor under assured's).",
     ),
 ) -> None:
     """Benchmark the log (produce, consume and transactional throughput against plain SQLite,

@@ -57,6 +57,15 @@ def targets(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
                     most.__ge__,
                     "{:.2f} x",
                 )
+    pipelined = _find(rows, "bare-pipelined", "exactly-once")
+    if pipelined is not None and alo is not None and pipelined.get("p50_ms") and alo.get("p50_ms"):
+        # Whether the latency target can be met at all here: no runtime on top, built for it.
+        judge(
+            "floor: a bare exactly-once loop built for latency, p50 <= 2 x at-least-once's",
+            pipelined["p50_ms"] / alo["p50_ms"],
+            (2.0).__ge__,
+            "{:.2f} x",
+        )
     if eos is not None and fixed is not None and fixed.get("records_per_s"):
         judge(
             "assured exactly-once >= 0.95 x its fixed-interval commits",

@@ -32,6 +32,7 @@ from assured.log._models import (
 )
 
 __all__ = [
+    "MAX_OFFSET_METADATA",
     "Admin",
     "AssignCallback",
     "ConfigValue",
@@ -235,15 +236,28 @@ class Consumer(_Closing):
 
     @abc.abstractmethod
     def commit(
-        self, offsets: Mapping[TopicPartition, int] | None = None, asynchronous: bool = False
+        self,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        asynchronous: bool = False,
+        metadata: Mapping[TopicPartition, str] | None = None,
     ) -> None:
         """Commit ``offsets`` (default: the current positions of every assigned partition).
+        ``metadata``: a string kept beside a partition's committed offset (Kafka's offset
+        metadata, at most :data:`MAX_OFFSET_METADATA` characters), read back by
+        :meth:`committed_metadata`; a partition without one commits an empty string.
         Raises :class:`~assured.errors.StaleGenerationError` if the group has moved on."""
 
     @abc.abstractmethod
     def committed(
         self, partitions: Sequence[TopicPartition]
     ) -> dict[TopicPartition, int | None]: ...
+
+    @abc.abstractmethod
+    def committed_metadata(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, tuple[int, str]]:
+        """The committed offset of each of ``partitions`` that has one, with the metadata
+        committed beside it ("" when none was)."""
 
     @abc.abstractmethod
     def group_metadata(self) -> GroupMetadata: ...
@@ -253,6 +267,25 @@ class Consumer(_Closing):
 
     @abc.abstractmethod
     def resume(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+
+# Kafka brokers refuse longer offset metadata by default (offset.metadata.max.bytes, 4096
+# bytes); both backends hold commits to the same bound.
+MAX_OFFSET_METADATA = 4000
+
+
+def checked_metadata(metadata: Mapping[TopicPartition, str] | None) -> dict[TopicPartition, str]:
+    """Offset metadata as every backend takes it: ASCII strings of at most
+    :data:`MAX_OFFSET_METADATA` characters."""
+    out: dict[TopicPartition, str] = {}
+    for tp, text in (metadata or {}).items():
+        if not isinstance(text, str) or not text.isascii() or len(text) > MAX_OFFSET_METADATA:
+            raise ConfigError(
+                f"offset metadata for {tp}: an ASCII string of at most {MAX_OFFSET_METADATA} "
+                f"characters, not {type(text).__name__} of {len(str(text))}"
+            )
+        out[tp] = text
+    return out
 
 
 def check_consumer_options(isolation: str, auto_offset_reset: str) -> None:

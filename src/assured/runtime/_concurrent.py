@@ -389,6 +389,18 @@ class Window:
                 if not self.stopped and self.count - self.ready() < self.room:
                     return
 
+    def handled_above(self) -> dict[TopicPartition, tuple[int, list[int]]]:
+        """Partitions whose first record in the window is not handled yet (their committed
+        position, once the prefix is taken) with records handled after it: that first record's
+        offset, and the offsets of those handled."""
+        out: dict[TopicPartition, tuple[int, list[int]]] = {}
+        for tp, q in self.entries.items():
+            if len(q) > 1 and not q[0].done:
+                handled = [e.record.offset for e in q if e.done]
+                if handled:
+                    out[tp] = (q[0].record.offset, handled)
+        return out
+
     def ready(self) -> int:
         """Entries the next :meth:`prefix` takes out: handled, at their partitions' heads."""
         n = 0

@@ -108,6 +108,12 @@ class AppSettings(BaseSettings):
         ge=0,
         description="How long transaction and commit calls are retried before the App stops.",
     )
+    remember_handled: bool = Field(
+        default=True,
+        description="At-least-once with concurrency > 1: each commit also keeps, in its offset "
+        "metadata, the records handled above each partition's committed position, so that the "
+        "next owner skips them instead of handling them again.",
+    )
     drain_timeout_ms: int = Field(
         default=30_000,
         ge=0,

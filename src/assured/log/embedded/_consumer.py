@@ -21,7 +21,12 @@ from collections.abc import Mapping, Sequence
 
 from assured.errors import AssuredError, LogError, UnknownTopicError, UsageError
 from assured.log._models import GroupMetadata, Isolation, OffsetReset, Record, TopicPartition
-from assured.log._protocol import AssignCallback, Consumer, PartitionsCallback
+from assured.log._protocol import (
+    AssignCallback,
+    Consumer,
+    PartitionsCallback,
+    checked_metadata,
+)
 from assured.log.embedded._engine import Engine
 from assured.log.embedded._wakeup import Waiter
 
@@ -298,7 +303,10 @@ class EmbeddedConsumer(Consumer):
     # -- commits -------------------------------------------------------------------------------
 
     def commit(
-        self, offsets: Mapping[TopicPartition, int] | None = None, asynchronous: bool = False
+        self,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        asynchronous: bool = False,
+        metadata: Mapping[TopicPartition, str] | None = None,
     ) -> None:
         self._check_open()
         if self._group_id is None:
@@ -307,10 +315,11 @@ class EmbeddedConsumer(Consumer):
             offsets = {tp: self._positions[tp] for tp in self._assigned if tp in self._positions}
         if not offsets:
             return
+        notes = checked_metadata(metadata)
         for tp in offsets:
             self._part(tp)
         self._engine.commit_offsets(
-            self._group_id, self._generation, self._member_id, dict(offsets)
+            self._group_id, self._generation, self._member_id, dict(offsets), notes
         )
 
     def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
@@ -319,6 +328,15 @@ class EmbeddedConsumer(Consumer):
             return dict.fromkeys(partitions)
         known = self._engine.committed(self._group_id, {tp.topic for tp in partitions})
         return {tp: known.get(tp) for tp in partitions}
+
+    def committed_metadata(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, tuple[int, str]]:
+        self._check_open()
+        if self._group_id is None:
+            return {}
+        known = self._engine.committed_metadata(self._group_id, {tp.topic for tp in partitions})
+        return {tp: known[tp] for tp in partitions if tp in known}
 
     def group_metadata(self) -> GroupMetadata:
         if self._group_id is None:

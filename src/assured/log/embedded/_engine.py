@@ -1005,8 +1005,10 @@ class Engine:
         generation: int,
         member_id: str,
         offsets: Mapping[TopicPartition, int],
+        metadata: Mapping[TopicPartition, str] | None = None,
     ) -> None:
         now = now_ms()
+        notes = metadata or {}
         with self.write() as c:
             c.execute(
                 "INSERT OR IGNORE INTO groups (id, generation, state, assignor) "
@@ -1015,19 +1017,33 @@ class Engine:
             )
             self._check_generation(group_id, generation, member_id)
             c.executemany(
-                "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?)",
-                [(group_id, tp.topic, tp.partition, off, now) for tp, off in offsets.items()],
+                "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (group_id, tp.topic, tp.partition, off, now, notes.get(tp, ""))
+                    for tp, off in offsets.items()
+                ],
             )
 
     def committed(
         self, group_id: str, topics: Iterable[str] | None = None
     ) -> dict[TopicPartition, int]:
+        found = self.committed_metadata(group_id, topics)
+        return {tp: off for tp, (off, _) in found.items()}
+
+    def committed_metadata(
+        self, group_id: str, topics: Iterable[str] | None = None
+    ) -> dict[TopicPartition, tuple[int, str]]:
         with translate(self.path):
             rows = self.conn.execute(
-                "SELECT topic, partition, off FROM offsets WHERE group_id = ?", (group_id,)
+                "SELECT topic, partition, off, metadata FROM offsets WHERE group_id = ?",
+                (group_id,),
             ).fetchall()
         wanted = set(topics) if topics is not None else None
-        return {TopicPartition(t, p): off for t, p, off in rows if wanted is None or t in wanted}
+        return {
+            TopicPartition(t, p): (off, meta)
+            for t, p, off, meta in rows
+            if wanted is None or t in wanted
+        }
 
     def groups(self) -> list[str]:
         with translate(self.path):

@@ -22,7 +22,8 @@ from assured.log.embedded._batches import MAX_BATCH_RECORDS, Row, row_size, tabl
 __all__ = ["FORMAT", "OFFSET_BITS", "SCHEMA_VERSION", "Durability", "connect", "rid", "translate"]
 
 FORMAT = "assured-embedded"
-SCHEMA_VERSION = 2  # 1 stored one row per record; 2 stores record batches
+# 1 stored one row per record; 2 stores record batches; 3 keeps metadata with committed offsets
+SCHEMA_VERSION = 3
 Durability = Literal["normal", "full"]
 OFFSET_BITS = 40  # 10^12 offsets per partition; 2^23 partitions per file
 
@@ -82,7 +83,7 @@ CREATE TABLE members (
     PRIMARY KEY (group_id, member_id)) WITHOUT ROWID;
 CREATE TABLE offsets (
     group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
-    off INTEGER NOT NULL, commit_ms INTEGER NOT NULL,
+    off INTEGER NOT NULL, commit_ms INTEGER NOT NULL, metadata TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (group_id, topic, partition)) WITHOUT ROWID;
 """
 
@@ -230,12 +231,14 @@ def _validate_or_create(conn: sqlite3.Connection, path: Path, create: bool = Tru
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
-    """Schema 1 (a row per record) to 2 (record batches), in one transaction: every record
-    keeps its offset, timestamp, key, value, headers and transaction state."""
+    """An older file to this schema, in one transaction. 1 (a row per record) to 2 (record
+    batches): every record keeps its offset, timestamp, key, value, headers and transaction
+    state. 2 to 3: committed offsets get an empty metadata string."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if int(version) == 1:  # not upgraded by another process meanwhile
+        version = int(version)  # the version now: another process may have upgraded it
+        if version == 1:
             conn.execute(_DDL[_DDL.index("CREATE TABLE batches") :].split(";", maxsplit=1)[0])
             rows = conn.execute("SELECT id, ts, key, value, headers, txn FROM records ORDER BY id")
             conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)", _as_batches(rows))
@@ -246,9 +249,13 @@ def _upgrade(conn: sqlite3.Connection) -> None:
                 (OFFSET_BITS, OFFSET_BITS),
             )
             conn.execute("DROP TABLE records")
-            conn.execute(
-                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
-            )
+            version = 2
+        if version == 2:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(offsets)")}
+            if "metadata" not in columns:
+                conn.execute("ALTER TABLE offsets ADD COLUMN metadata TEXT NOT NULL DEFAULT ''")
+            version = 3
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

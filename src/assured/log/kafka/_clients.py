@@ -39,6 +39,7 @@ from assured.log._protocol import (
     OnDelivery,
     PartitionsCallback,
     Producer,
+    checked_metadata,
 )
 from assured.log.kafka._errors import Scrubber, call, translate, translated
 
@@ -672,7 +673,7 @@ class KafkaConsumer(Consumer):
         # Asynchronous commits in order (see commit()): at most one in flight; offsets asked
         # for meanwhile wait, newest per partition, and go when its answer is served.
         self._in_flight = False
-        self._waiting: dict[tuple[str, int], int] = {}
+        self._waiting: dict[tuple[str, int], tuple[int, str]] = {}  # offset, metadata
         self._early: list[Record] = []  # read while a commit waited; poll() returns them first
         self._user_paused: set[TopicPartition] = set()
         with translated(scrub, "creating the Kafka consumer"):
@@ -989,7 +990,10 @@ class KafkaConsumer(Consumer):
     # -- commits -------------------------------------------------------------------------------
 
     def commit(
-        self, offsets: Mapping[TopicPartition, int] | None = None, asynchronous: bool = False
+        self,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        asynchronous: bool = False,
+        metadata: Mapping[TopicPartition, str] | None = None,
     ) -> None:
         self._check_open()
         if self._group_id is None:
@@ -1002,7 +1006,11 @@ class KafkaConsumer(Consumer):
             ktps = [KTopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
         if not ktps:
             return
-        wanted = {(k.topic, k.partition): k.offset for k in ktps}
+        notes = checked_metadata(metadata)
+        wanted = {
+            (k.topic, k.partition): (k.offset, notes.get(TopicPartition(k.topic, k.partition), ""))
+            for k in ktps
+        }
         if asynchronous:
             self._waiting.update(wanted)
             self._send_waiting_commit()
@@ -1012,8 +1020,8 @@ class KafkaConsumer(Consumer):
         merged.update(wanted)
         self._commit_now(merged)
 
-    def _commit_now(self, offsets: dict[tuple[str, int], int]) -> None:
-        ktps = [KTopicPartition(t, p, off) for (t, p), off in offsets.items()]
+    def _commit_now(self, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
+        ktps = [KTopicPartition(t, p, off, metadata=m) for (t, p), (off, m) in offsets.items()]
         # A coordinator moving or loading is retriable; a stale generation is not.
         call(
             lambda: self._c.commit(offsets=ktps, asynchronous=False),
@@ -1032,7 +1040,7 @@ class KafkaConsumer(Consumer):
         if self._in_flight or not self._waiting:
             return
         offsets, self._waiting = self._waiting, {}
-        ktps = [KTopicPartition(t, p, off) for (t, p), off in offsets.items()]
+        ktps = [KTopicPartition(t, p, off, metadata=m) for (t, p), (off, m) in offsets.items()]
         self._in_flight = True
         try:
             self._c.commit(offsets=ktps, asynchronous=True)
@@ -1087,11 +1095,26 @@ class KafkaConsumer(Consumer):
         self._check_open()
         if self._group_id is None:
             return dict.fromkeys(partitions)
-        return self._committed(partitions, 30.0)
+        return {tp: off for tp, (off, _) in self._read_committed(partitions, 30.0).items()}
+
+    def committed_metadata(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, tuple[int, str]]:
+        self._check_open()
+        if self._group_id is None:
+            return {}
+        found = self._read_committed(partitions, 30.0)
+        return {tp: (off, meta) for tp, (off, meta) in found.items() if off is not None}
 
     def _committed(
         self, partitions: Sequence[TopicPartition], seconds: float, waiting: bool = False
     ) -> dict[TopicPartition, int | None]:
+        found = self._read_committed(partitions, seconds, waiting)
+        return {tp: off for tp, (off, _) in found.items()}
+
+    def _read_committed(
+        self, partitions: Sequence[TopicPartition], seconds: float, waiting: bool = False
+    ) -> dict[TopicPartition, tuple[int | None, str]]:
         """The group's committed offsets of ``partitions``, read within ``seconds``. On a
         read_committed consumer the broker holds back offsets an open transaction sent
         ("unstable", KIP-447) and librdkafka's call times out while it does: asked again until
@@ -1125,7 +1148,7 @@ class KafkaConsumer(Consumer):
                     )  # fmt: skip
                 if not pending:
                     time.sleep(min(0.5, max(0.0, deadline - now)))
-        out: dict[TopicPartition, int | None] = {}
+        out: dict[TopicPartition, tuple[int | None, str]] = {}
         for k in found:
             if k.error is not None:
                 raise translate(
@@ -1133,7 +1156,8 @@ class KafkaConsumer(Consumer):
                     self._scrub,
                     f"reading the committed offset of {k.topic}[{k.partition}]",
                 )
-            out[TopicPartition(k.topic, k.partition)] = k.offset if k.offset >= 0 else None
+            offset = k.offset if k.offset >= 0 else None
+            out[TopicPartition(k.topic, k.partition)] = (offset, k.metadata or "")
         return out
 
     def group_metadata(self) -> GroupMetadata:

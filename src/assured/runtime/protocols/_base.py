@@ -279,6 +279,13 @@ class Runtime:
             out.update(window.ends())
         return out
 
+    def handled_above(self) -> dict[TopicPartition, tuple[int, list[int]]]:
+        """:meth:`Window.handled_above` of every window."""
+        out: dict[TopicPartition, tuple[int, list[int]]] = {}
+        for window in self.windows.values():
+            out.update(window.handled_above())
+        return out
+
     def heads(self) -> dict[TopicPartition, int]:
         """Each partition's first record still in a window."""
         out: dict[TopicPartition, int] = {}

@@ -10,6 +10,10 @@ back to the last committed positions. A failure that may be one record's fault (
 broker refused) has those records redone one at a time, each flushed before its commit, so the
 record at fault is retried and dead-lettered alone; a failure of the log (a timeout) is retried
 until ``retry_deadline_ms`` has passed without a commit, then the App stops.
+
+Records side by side (``concurrency`` > 1) commit each partition's contiguous handled prefix,
+and with ``remember_handled`` the commit's offset metadata names the records handled above it
+(see :mod:`assured.runtime._completed`): the next owner skips those.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 
 from assured.errors import AssuredError, DeliveryError, LogError, StaleGenerationError
 from assured.log import Producer, Record, TopicPartition
+from assured.runtime._completed import decode, encode
 from assured.runtime._handling import dead_letter, producer_dead_letters
 from assured.runtime.crashpoints import crash_point
 from assured.runtime.protocols._base import (
@@ -48,6 +53,11 @@ class AtLeastOnce(CommitProtocol):
         self.isolate: dict[TopicPartition, int] = {}  # below these offsets: one at a time
         self.strikes: dict[_Key, int] = {}
         self.trouble = Trouble()  # failed flushes or database transactions in a row
+        # Records side by side: the handled-above metadata last committed per partition.
+        self.noted: dict[TopicPartition, str] = {}
+        self.remember = self.rt.settings.remember_handled and any(
+            spec.concurrency > 1 for spec in self.rt.specs.values()
+        )
 
     def process(self, records: list[Record]) -> None:
         try:
@@ -126,7 +136,9 @@ class AtLeastOnce(CommitProtocol):
     def tick(self, caught_up: bool = False) -> None:
         s = self.rt.settings
         due = time.monotonic() - self.last_commit >= s.commit_interval_ms / 1000
-        if self.pending and (due or self.uncommitted >= s.commit_every):
+        if (self.pending and self.uncommitted >= s.commit_every) or (
+            due and (self.pending or self._changed(self._handled_above()))
+        ):
             try:
                 self.commit(synchronous=False)
             except BaseException:
@@ -136,7 +148,11 @@ class AtLeastOnce(CommitProtocol):
     def commit(self, synchronous: bool, unhandled: Sequence[Record] = ()) -> bool:
         """Flush, then commit what is processed. False if a delivery failed: nothing was
         committed, and the consumer is back at the last committed positions."""
-        if not self.pending:
+        # Taken before the flush: the outputs of the records it names are among those the
+        # flush makes durable.
+        above = self._handled_above()
+        changed = self._changed(above)
+        if not self.pending and not changed:
             return True
         try:
             self.producer.flush()  # outputs are durable before the offsets that cover them
@@ -144,17 +160,65 @@ class AtLeastOnce(CommitProtocol):
             self._undo(e, unhandled)
             return False
         crash_point("after-handle-before-commit")
+        offsets = dict(self.pending)
+        metadata: dict[TopicPartition, str] = {}
+        for tp, (head, text) in above.items():
+            # A partition's first record still in the window: every record before it is
+            # handled (taken out as the prefix), so it is a position to commit as it stands.
+            if (tp in offsets or tp in changed) and offsets.setdefault(tp, head) == head:
+                metadata[tp] = text
         try:
             with self.rt.metrics.commit_latency.labels(self.guarantee).time():
-                self.rt.consumer.commit(self.pending, asynchronous=not synchronous)
+                self.rt.consumer.commit(
+                    offsets, asynchronous=not synchronous, metadata=metadata or None
+                )
             self.rt.metrics.committed.labels(self.guarantee).inc()
-            log_commit("commit", "committed", self.pending)
+            log_commit("commit", "committed", offsets)
+            self.noted.update({tp: metadata.get(tp, "") for tp in offsets})
         except StaleGenerationError as e:
             # The group moved on; the next owners will handle these again (at least once).
             log.warning("commit refused, records will be handled again: %s", e)
         self._committed()
         self.trouble.over()
         return True
+
+    def _handled_above(self) -> dict[TopicPartition, tuple[int, str]]:
+        """Per partition with records handled above its first one still in the window: that
+        record's offset (its position to commit) and the metadata naming them."""
+        if not self.remember:
+            return {}
+        return {
+            tp: (head, encode(head, handled))
+            for tp, (head, handled) in self.rt.handled_above().items()
+        }
+
+    def _changed(self, above: dict[TopicPartition, tuple[int, str]]) -> set[TopicPartition]:
+        """Partitions whose metadata is not the one last committed."""
+        return {tp for tp, (_, text) in above.items() if text != self.noted.get(tp, "")}
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        """Records handled above the committed positions, named by their commits' metadata,
+        are skipped when polled."""
+        if not self.remember:
+            return
+        for tp in partitions:
+            self.rt.skips.pop(tp, None)
+            self.noted.pop(tp, None)
+        side_by_side = [
+            tp
+            for tp in partitions
+            if (spec := self.rt.specs.get(tp.topic)) and spec.concurrency > 1
+        ]
+        if not side_by_side:
+            return
+        for tp, (offset, text) in self.rt.consumer.committed_metadata(side_by_side).items():
+            skips = decode(text, offset)
+            if skips:
+                self.rt.skips[tp] = skips
+                self.noted[tp] = text
+                log.info(
+                    "%s: %d record(s) above offset %d were handled already", tp, len(skips), offset
+                )
 
     def _committed(self) -> None:
         self.pending.clear()
@@ -211,6 +275,7 @@ class AtLeastOnce(CommitProtocol):
         gone = set(partitions)
         for tp in gone:
             self.isolate.pop(tp, None)
+            self.noted.pop(tp, None)
         self.strikes = {key: n for key, n in self.strikes.items() if key[0] not in gone}
 
     def close(self) -> None:

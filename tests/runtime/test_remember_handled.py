@@ -1,0 +1,140 @@
+"""At-least-once side by side: each commit names, in its offset metadata, the records handled
+above the committed position, and the next owner skips them (issue 14). On both logs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from assured import App, Message, Output
+from assured.log import Log, TopicPartition, open_log
+from assured.runtime._completed import decode, encode
+
+STUCK = 3  # the record that never finishes in the first run
+N = 30
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Log]:
+    if request.param == "kafka":
+        from tests.conftest import create_topic
+
+        bootstrap = request.getfixturevalue("kafka_bootstrap")
+        opened = open_log(f"kafka://{bootstrap}")
+        topics = (create_topic(bootstrap), create_topic(bootstrap))
+        deadline = time.monotonic() + 30
+        with opened.admin() as admin:
+            while not set(topics) <= set(admin.list_topics()):
+                assert time.monotonic() < deadline, "the new topics never showed up"
+                time.sleep(0.1)
+    else:
+        opened = open_log(f"embedded://{tmp_path}/log.db")
+        topics = ("in", "out")
+        with opened.admin() as admin:
+            for name in topics:
+                admin.create_topic(name, 1)
+    opened.topics = topics  # type: ignore[attr-defined]
+    with opened.producer() as producer:
+        for i in range(N):
+            producer.send(topics[0], b"m%02d" % i, key=b"k%d" % i, partition=0)
+        producer.flush()
+    yield opened
+    opened.close()
+
+
+def first_run(log: Log, group: str, remember: bool) -> list[int]:
+    """Record STUCK never finishes; the others do; then a stop gives STUCK up."""
+    source, sink = log.topics  # type: ignore[attr-defined]
+    app = App(log=log, group=group, guarantee="at-least-once", drain_timeout_ms=300,
+              remember_handled=remember)  # fmt: skip
+    handled: list[int] = []
+    stuck = threading.Event()
+
+    @app.handler(source, output=sink, concurrency=8, ordering="unordered")
+    async def copy(msg: Message, out: Output) -> None:
+        if msg.offset == STUCK:
+            stuck.set()
+            await asyncio.sleep(120)
+        out.send(msg.value)
+        handled.append(msg.offset)
+
+    def stop_when_the_rest_is_done() -> None:
+        stuck.wait(30)
+        deadline = time.monotonic() + 30
+        while len(handled) < N - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a commit interval or more goes by
+        app.stop()
+
+    threading.Thread(target=stop_when_the_rest_is_done, daemon=True).start()
+    app.run(until_idle=60)
+    return handled
+
+
+def second_run(log: Log, group: str) -> list[int]:
+    source, sink = log.topics  # type: ignore[attr-defined]
+    app = App(log=log, group=group, guarantee="at-least-once")
+    handled: list[int] = []
+
+    @app.handler(source, output=sink, concurrency=8, ordering="unordered")
+    async def copy(msg: Message, out: Output) -> None:
+        out.send(msg.value)
+        handled.append(msg.offset)
+
+    app.run(until_idle=1.0)
+    return handled
+
+
+def outputs(log: Log) -> list[bytes]:
+    sink = log.topics[1]  # type: ignore[attr-defined]
+    with log.consumer(isolation="read_committed") as consumer:
+        consumer.assign([TopicPartition(sink, 0)])
+        out: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while len(out) < N and time.monotonic() < deadline:
+            out += [r.value or b"" for r in consumer.poll(timeout=0.3)]
+        out += [r.value or b"" for r in consumer.poll(timeout=0.5)]
+        return out
+
+
+def test_records_handled_above_the_committed_position_are_not_handled_again(log: Log) -> None:
+    source = log.topics[0]  # type: ignore[attr-defined]
+    tp = TopicPartition(source, 0)
+    assert sorted(first_run(log, "g", remember=True)) == [o for o in range(N) if o != STUCK]
+    with log.consumer(group_id="g") as consumer:
+        ((offset, text),) = consumer.committed_metadata([tp]).values()
+    assert offset == STUCK  # nothing past the record given up
+    assert decode(text, offset) == set(range(STUCK + 1, N))
+    assert second_run(log, "g") == [STUCK]  # the 26 above it are skipped
+    assert sorted(outputs(log)) == [b"m%02d" % i for i in range(N)]  # each once, none lost
+
+
+def test_without_it_every_record_above_the_position_is_handled_again(log: Log) -> None:
+    first_run(log, "g2", remember=False)
+    assert sorted(second_run(log, "g2")) == list(range(STUCK, N))
+    assert len(outputs(log)) == N + (N - STUCK - 1)  # the repeats it saves, above
+
+
+def test_the_metadata_names_exactly_the_offsets_it_was_given_or_the_lowest_that_fit() -> None:
+    rng = random.Random(14)
+    for _ in range(200):
+        position = rng.randrange(0, 10**12)
+        handled = {position + rng.randrange(1, 3000) for _ in range(rng.randrange(1, 400))}
+        text = encode(position, handled | {position - 1, position})  # at or below: never named
+        assert decode(text, position) == handled
+        assert decode(text, position + 1) == set()  # written with another position: ignored
+    every_other = set(range(101, 10_000, 2))
+    text = encode(100, every_other, limit=200)
+    kept = decode(text, 100)
+    assert len(text) <= 200
+    assert kept
+    assert kept == set(sorted(every_other)[: len(kept)])  # a prefix of them: the rest runs again
+    assert encode(100, []) == encode(100, [99, 100]) == ""
+    for foreign in ("", "hello", "a1:100", "a1:100:zz", "a1:100:0.1", "a1:x:1.1"):
+        assert decode(foreign, 100) == set()
