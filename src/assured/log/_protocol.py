@@ -280,9 +280,10 @@ def checked_metadata(metadata: Mapping[TopicPartition, str] | None) -> dict[Topi
     out: dict[TopicPartition, str] = {}
     for tp, text in (metadata or {}).items():
         if not isinstance(text, str) or not text.isascii() or len(text) > MAX_OFFSET_METADATA:
+            what = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
             raise ConfigError(
-                f"offset metadata for {tp}: an ASCII string of at most {MAX_OFFSET_METADATA} "
-                f"characters, not {type(text).__name__} of {len(str(text))}"
+                f"offset metadata for {tp} must be an ASCII string of at most "
+                f"{MAX_OFFSET_METADATA} characters (got {what}); nothing was committed"
             )
         out[tp] = text
     return out
