@@ -89,3 +89,21 @@ def test_command_line_writes_json_and_table(tmp_path: Path) -> None:
     assert "assured exactly-once: a commit took 11.0 (9.0-30.0) ms on average" in table
     assert "bare exactly-once: a commit" not in table
     assert main([*files[:2], "--out", str(tmp_path / "few")]) == 1  # too few runs: exit 1
+
+
+def test_the_floor_under_exactly_once_latency_is_judged_beside_assured() -> None:
+    """bare-pipelined's latency, over assured at-least-once's, says whether the latency
+    targets can be met at all on the machine: judged like assured exactly-once's."""
+    from assured.cli._bench_runtime import targets
+
+    rows = [
+        row("assured", "at-least-once", 100_000, 5.0, p50_ms=6.0, p99_ms=20.0),
+        row("assured", "exactly-once", 100_000, 5.0, p50_ms=13.8, p99_ms=50.0),
+        row("bare-pipelined", "exactly-once", 120_000, 2.0, p50_ms=11.4, p99_ms=90.0),
+    ]
+    judged = {label: (value, verdict) for label, value, verdict in targets(rows)}
+    assert judged["assured exactly-once p50 <= 2 x at-least-once's"] == ("2.30 x", "MISSED")
+    assert judged["assured exactly-once p99 <= 3 x at-least-once's"] == ("2.50 x", "met")
+    floor = "floor: a bare exactly-once loop built for latency,"
+    assert judged[f"{floor} p50 <= 2 x at-least-once's"] == ("1.90 x", "met")
+    assert judged[f"{floor} p99 <= 3 x at-least-once's"] == ("4.50 x", "MISSED")

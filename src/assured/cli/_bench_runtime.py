@@ -48,24 +48,21 @@ def targets(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
     eos = _find(rows, "assured", "exactly-once")
     alo = _find(rows, "assured", "at-least-once")
     fixed = _find(rows, "assured-fixed", "exactly-once")
-    if eos is not None and alo is not None:  # exactly-once at at-least-once's latency
+    # Exactly-once at at-least-once's latency; and the floor under it: a bare loop with no
+    # runtime on top, built for latency (whether the targets can be met at all here).
+    pipelined = _find(rows, "bare-pipelined", "exactly-once")
+    for who, row in (
+        ("assured exactly-once", eos),
+        ("floor: a bare exactly-once loop built for latency,", pipelined),
+    ):
         for name, most in (("p50_ms", 2.0), ("p99_ms", 3.0)):
-            if eos.get(name) and alo.get(name):
+            if row is not None and alo is not None and row.get(name) and alo.get(name):
                 judge(
-                    f"assured exactly-once {name[:3]} <= {most:g} x at-least-once's",
-                    eos[name] / alo[name],
+                    f"{who} {name[:3]} <= {most:g} x at-least-once's",
+                    row[name] / alo[name],
                     most.__ge__,
                     "{:.2f} x",
                 )
-    pipelined = _find(rows, "bare-pipelined", "exactly-once")
-    if pipelined is not None and alo is not None and pipelined.get("p50_ms") and alo.get("p50_ms"):
-        # Whether the latency target can be met at all here: no runtime on top, built for it.
-        judge(
-            "floor: a bare exactly-once loop built for latency, p50 <= 2 x at-least-once's",
-            pipelined["p50_ms"] / alo["p50_ms"],
-            (2.0).__ge__,
-            "{:.2f} x",
-        )
     if eos is not None and fixed is not None and fixed.get("records_per_s"):
         judge(
             "assured exactly-once >= 0.95 x its fixed-interval commits",
