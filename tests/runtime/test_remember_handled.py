@@ -138,3 +138,65 @@ def test_the_metadata_names_exactly_the_offsets_it_was_given_or_the_lowest_that_
     assert encode(100, []) == encode(100, [99, 100]) == ""
     for foreign in ("", "hello", "a1:100", "a1:100:zz", "a1:100:0.1", "a1:x:1.1"):
         assert decode(foreign, 100) == set()
+
+
+def test_a_dead_letter_whose_delivery_failed_is_sent_again_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review: at-least-once into a database side by side, a record dead-lettered above a
+    slow head counts as done once the step's database commit lands; when the flush before the
+    offset commit then reports its dead letter undelivered, the rewind must handle it again (it
+    was taken for committed to the database, skipped, and lost). The delivery failure is
+    injected: the embedded producer drops the first dead letter and its flush says so."""
+    from assured import SqliteSink
+    from assured.errors import DeliveryError, RetriableError
+    from assured.log.embedded._producer import EmbeddedProducer
+
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+        admin.create_topic("in.dlq", 1)
+    with log.producer() as producer:
+        for i in range(10):
+            producer.send("in", b"v%d" % i, partition=0)
+        producer.flush()
+    dropped: list[bool] = []
+    send, flush = EmbeddedProducer.send, EmbeddedProducer.flush
+
+    def dropping_send(self: EmbeddedProducer, topic: str, *args: object, **kw: object) -> None:
+        if topic == "in.dlq" and not dropped:
+            dropped.append(False)  # never written; the next flush reports it
+            return
+        send(self, topic, *args, **kw)  # type: ignore[arg-type]
+
+    def reporting_flush(self: EmbeddedProducer, timeout: float | None = None) -> int:
+        n = flush(self, timeout)
+        if dropped and not dropped[-1]:
+            dropped[-1] = True
+            raise DeliveryError(
+                "1 record to 'in.dlq' was not written", 1, (RetriableError("timed out"),)
+            )
+        return n
+
+    monkeypatch.setattr(EmbeddedProducer, "send", dropping_send)
+    monkeypatch.setattr(EmbeddedProducer, "flush", reporting_flush)
+    app = App(log=log, group="g", guarantee="at-least-once")
+    sink = SqliteSink(tmp_path / "fx.db", schema="CREATE TABLE IF NOT EXISTS t (o INTEGER)")
+
+    @app.handler("in", sink=sink, concurrency=4, ordering="unordered", retries=0)
+    async def handle(msg: Message, db: object) -> None:
+        if msg.offset == 0:
+            await asyncio.sleep(0.5)  # the others finish above it
+        if msg.offset == STUCK:
+            raise ValueError("a record the handler refuses")
+        await db.execute("INSERT INTO t VALUES (?)", (msg.offset,))  # type: ignore[attr-defined]
+
+    app.run(until_idle=1.0)
+    monkeypatch.undo()
+    assert dropped == [True]  # the failure was injected and reported
+    with log.consumer() as consumer:
+        consumer.assign([TopicPartition("in.dlq", 0)])
+        letters = [r.offset for r in consumer.poll(timeout=1.0)]
+    with log.consumer(group_id="g") as consumer:
+        assert consumer.committed([TopicPartition("in", 0)]) == {TopicPartition("in", 0): 10}
+    assert len(letters) == 1  # sent again after the rewind

@@ -200,7 +200,7 @@ class _Entry:
     """One record in the window: its outputs and dead letters (held until its position is
     committed, under exactly-once), and whether its handling is over."""
 
-    __slots__ = ("call", "done", "gone", "held", "letters", "out", "record", "task")
+    __slots__ = ("call", "done", "gone", "held", "letters", "out", "record", "sent", "task")
 
     def __init__(self, record: Record, out: Output | None):
         self.record = record
@@ -209,6 +209,7 @@ class _Entry:
         self.done = False
         self.held = False  # handled into the shared database transaction, not yet committed
         self.gone = False  # given up: whatever its task still does counts for nothing
+        self.sent = False  # a dead letter went straight to the producer (not yet flushed)
         self.task: asyncio.Future[None] | None = None
         self.call: concurrent.futures.Future[Any] | None = None  # a plain def's, in a thread
 
@@ -428,7 +429,9 @@ class Window:
         if self.db is not None:  # committed to the database: never handled again
             self.db.closed = True
             for e in entries:
-                if e.done:
+                # Not one whose dead letter went to the producer: the rewind may be that
+                # letter's failed delivery, and only handling it again sends it again.
+                if e.done and not e.sent:
                     tp = TopicPartition(e.record.topic, e.record.partition)
                     self.skips.setdefault(tp, set()).add(e.record.offset)
         tasks = self._give_up(entries)
@@ -617,8 +620,14 @@ class Window:
         """Where ``entry``'s dead letter goes: held with it under exactly-once."""
         if self.transactional or (self.db is not None and self.db.marks):
             return lambda topic, record, headers: entry.letters.append((topic, record, headers))
-        assert self.dead_letters is not None
-        return self.dead_letters
+        send = self.dead_letters
+        assert send is not None
+
+        def straight(topic: str, record: Record, headers: list[Header]) -> None:
+            entry.sent = True
+            send(topic, record, headers)
+
+        return straight
 
     def owed(self, entry: _Entry, e: BaseException) -> Exception | None:
         """The record's own failure in ``e``, to retry; None when it is settled already (a
