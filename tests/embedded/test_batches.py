@@ -313,8 +313,12 @@ def test_a_damaged_batch_is_reported_as_corrupt_and_says_where(tmp_path: Path) -
     assert [r.value for r in _read(path, 5, 500)] == [b"%d" % i for i in range(5, 10)]
 
 
-def test_a_schema_2_file_keeps_its_committed_offsets_and_takes_metadata(tmp_path: Path) -> None:
-    path = tmp_path / "v2.db"
+def test_offset_metadata_lives_beside_older_processes_sharing_the_file(tmp_path: Path) -> None:
+    """A file made before offset metadata gets its table when opened, and keeps its offsets;
+    an older assured, which commits offsets as it always did (five columns, never touching
+    the metadata), can still write to the file, and metadata left from before its commit no
+    longer counts."""
+    path = tmp_path / "old.db"
     log = open_log(f"embedded://{path}")
     with log.admin() as admin:
         admin.create_topic("t", 1)
@@ -323,16 +327,17 @@ def test_a_schema_2_file_keeps_its_committed_offsets_and_takes_metadata(tmp_path
         consumer.assign([tp])
         consumer.commit({tp: 7})
     log.close()
-    # Schema 2, as assured wrote it: offsets without metadata.
-    with sqlite3.connect(path) as conn:
-        conn.execute("ALTER TABLE offsets DROP COLUMN metadata")
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with sqlite3.connect(path) as conn:  # as a file made before offset metadata was
+        conn.execute("DROP TABLE offset_notes")
     log = open_log(f"embedded://{path}")
     with log.consumer(group_id="g") as consumer:
         assert consumer.committed_metadata([tp]) == {tp: (7, "")}
         consumer.commit({tp: 8}, metadata={tp: "kept"})
         assert consumer.committed_metadata([tp]) == {tp: (8, "kept")}
+        with sqlite3.connect(path) as older:  # an older assured commits the same offset
+            older.execute("INSERT OR REPLACE INTO offsets VALUES ('g', 't', 0, 8, 1)")
+        assert consumer.committed_metadata([tp]) == {tp: (8, "")}
     log.close()
     with sqlite3.connect(path) as conn:
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert int(version) == SCHEMA_VERSION == 3
+    assert int(version) == SCHEMA_VERSION == 2  # older assured still opens it

@@ -7,6 +7,7 @@ import asyncio
 import random
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from assured import App, Message, Output
 from assured.log import Log, TopicPartition, open_log
-from assured.runtime._completed import decode, encode
+from assured.runtime._completed import MOST, _b36, decode, encode
 
 STUCK = 3  # the record that never finishes in the first run
 N = 30
@@ -136,8 +137,17 @@ def test_the_metadata_names_exactly_the_offsets_it_was_given_or_the_lowest_that_
     assert kept
     assert kept == set(sorted(every_other)[: len(kept)])  # a prefix of them: the rest runs again
     assert encode(100, []) == encode(100, [99, 100]) == ""
-    for foreign in ("", "hello", "a1:100", "a1:100:zz", "a1:100:0.1", "a1:x:1.1"):
+    for foreign in ("", "hello", "a1:100", "a1:100:zz", "a1:100:0.1", "a1:x:1.1", "a1:100:1.5"):
         assert decode(foreign, 100) == set()
+    # From a review: a slip that still parses, or a text naming more than a window ever held,
+    # must not have records skipped that nobody handled.
+    text = encode(100, {101, 102, 103, 110})
+    assert decode(text, 100) == {101, 102, 103, 110}
+    slipped = text.replace("1.3", "1.4", 1)
+    assert slipped != text
+    assert decode(slipped, 100) == set()
+    body = f"a1:100:1.{_b36(MOST + 1)}"
+    assert decode(f"{body}:{_b36(zlib.crc32(body.encode()))}", 100) == set()
 
 
 def test_a_dead_letter_whose_delivery_failed_is_sent_again_not_skipped(

@@ -5,17 +5,20 @@ position is its contiguous handled prefix: records handled above it are handled 
 next owner. So each commit also carries, per partition, the offsets handled above that position
 (their outputs flushed before the commit, as the prefix's are), and a new owner skips them.
 
-The text is ``a1:<position>:<runs>``: ``<position>`` is the committed offset it was written
-with, and ``<runs>`` the handled offsets above it as comma-separated ``<gap>.<length>`` runs in
-base 36 (the gap from the end of the previous run, or from the position). It is held under
+The text is ``a1:<position>:<runs>:<check>``: ``<position>`` is the committed offset it was
+written with; ``<runs>`` the handled offsets above it as comma-separated ``<gap>.<length>`` runs
+in base 36 (the gap from the end of the previous run, or from the position); ``<check>`` the
+CRC-32 of what precedes it, in base 36. It is held under
 :data:`~assured.log.MAX_OFFSET_METADATA` by dropping the highest runs: what it leaves out is
-handled again, which at-least-once allows. A text that is not ours, is damaged, or was written
-with another position (offsets reset by a tool) is ignored: nothing is skipped.
+handled again, which at-least-once allows. A text that is not ours, fails its check, names more
+than :data:`MOST` offsets, or was written with another position (offsets reset by a tool) is
+ignored: nothing is skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterable
 
 from assured.log._protocol import MAX_OFFSET_METADATA
@@ -25,6 +28,7 @@ __all__ = ["decode", "encode"]
 log = logging.getLogger("assured.runtime")
 
 _HEAD = "a1"
+MOST = 1_000_000  # offsets one text may name; more is not something a window ever held
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -51,12 +55,12 @@ def _runs(offsets: list[int]) -> Iterable[tuple[int, int]]:
 def encode(position: int, handled: Iterable[int], limit: int = MAX_OFFSET_METADATA) -> str:
     """The metadata for a commit of ``position``: ``handled`` offsets above it, as many of the
     lowest as fit in ``limit`` characters ("" when none is above)."""
-    above = sorted({o for o in handled if o > position})
+    above = sorted({o for o in handled if o > position})[:MOST]
     if not above:
         return ""
     text = f"{_HEAD}:{position}:"
     pieces: list[str] = []
-    size, end = len(text), position
+    size, end = len(text) + 8, position  # 8: the check and its colon, at most
     for first, length in _runs(above):
         piece = f"{_b36(first - end)}.{_b36(length)}"
         size += len(piece) + (1 if pieces else 0)
@@ -64,7 +68,10 @@ def encode(position: int, handled: Iterable[int], limit: int = MAX_OFFSET_METADA
             break
         pieces.append(piece)
         end = first + length
-    return text + ",".join(pieces) if pieces else ""
+    if not pieces:
+        return ""
+    text += ",".join(pieces)
+    return f"{text}:{_b36(zlib.crc32(text.encode()))}"
 
 
 def decode(text: str, committed: int) -> set[int]:
@@ -73,14 +80,17 @@ def decode(text: str, committed: int) -> set[int]:
     if not text.startswith(_HEAD + ":"):
         return set()
     try:
-        _, position, runs = text.split(":", 2)
+        body, check = text.rsplit(":", 1)
+        if int(check, 36) != zlib.crc32(body.encode()):
+            raise ValueError("check")
+        _, position, runs = body.split(":", 2)
         if int(position) != committed:
             return set()
         out: set[int] = set()
         end = committed
         for piece in filter(None, runs.split(",")):
             gap, length = (int(x, 36) for x in piece.split("."))
-            if gap < 1 or length < 1:
+            if gap < 1 or length < 1 or len(out) + length > MOST:
                 raise ValueError(piece)
             first = end + gap
             out.update(range(first, first + length))

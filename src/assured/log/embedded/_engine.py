@@ -256,6 +256,7 @@ class Engine:
             c.execute("DELETE FROM partitions WHERE topic_id = ?", (info.id,))
             c.execute("DELETE FROM topics WHERE id = ?", (info.id,))
             c.execute("DELETE FROM offsets WHERE topic = ?", (name,))
+            c.execute("DELETE FROM offset_notes WHERE topic = ?", (name,))
         self._topics.pop(name, None)
 
     def list_topics(self) -> list[str]:
@@ -1017,10 +1018,20 @@ class Engine:
             )
             self._check_generation(group_id, generation, member_id)
             c.executemany(
-                "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?)",
+                [(group_id, tp.topic, tp.partition, off, now) for tp, off in offsets.items()],
+            )
+            # A commit without metadata for a partition leaves none behind for it.
+            c.executemany(
+                "DELETE FROM offset_notes WHERE group_id = ? AND topic = ? AND partition = ?",
+                [(group_id, tp.topic, tp.partition) for tp in offsets if not notes.get(tp)],
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO offset_notes VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (group_id, tp.topic, tp.partition, off, now, notes.get(tp, ""))
+                    (group_id, tp.topic, tp.partition, off, now, notes[tp])
                     for tp, off in offsets.items()
+                    if notes.get(tp)
                 ],
             )
 
@@ -1034,8 +1045,13 @@ class Engine:
         self, group_id: str, topics: Iterable[str] | None = None
     ) -> dict[TopicPartition, tuple[int, str]]:
         with translate(self.path):
+            # Metadata counts only beside the very commit that wrote it (an older assured
+            # sharing the file commits offsets without touching it).
             rows = self.conn.execute(
-                "SELECT topic, partition, off, metadata FROM offsets WHERE group_id = ?",
+                "SELECT o.topic, o.partition, o.off, "
+                "CASE WHEN n.off = o.off AND n.commit_ms = o.commit_ms THEN n.metadata "
+                "ELSE '' END FROM offsets o LEFT JOIN offset_notes n ON n.group_id = o.group_id "
+                "AND n.topic = o.topic AND n.partition = o.partition WHERE o.group_id = ?",
                 (group_id,),
             ).fetchall()
         wanted = set(topics) if topics is not None else None

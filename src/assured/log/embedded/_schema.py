@@ -22,10 +22,19 @@ from assured.log.embedded._batches import MAX_BATCH_RECORDS, Row, row_size, tabl
 __all__ = ["FORMAT", "OFFSET_BITS", "SCHEMA_VERSION", "Durability", "connect", "rid", "translate"]
 
 FORMAT = "assured-embedded"
-# 1 stored one row per record; 2 stores record batches; 3 keeps metadata with committed offsets
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2  # 1 stored one row per record; 2 stores record batches
 Durability = Literal["normal", "full"]
 OFFSET_BITS = 40  # 10^12 offsets per partition; 2^23 partitions per file
+
+# Metadata committed with an offset, in a table of its own, so that a file opened by an older
+# assured still works with it (it neither reads nor writes it). A row counts only while the
+# offsets row it was written with (same offset and commit time) is the group's committed one.
+_NOTES_DDL = """
+CREATE TABLE IF NOT EXISTS offset_notes (
+    group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
+    off INTEGER NOT NULL, commit_ms INTEGER NOT NULL, metadata TEXT NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)) WITHOUT ROWID
+"""
 
 
 def rid(part: int, offset: int) -> int:
@@ -40,7 +49,9 @@ def rid(part: int, offset: int) -> int:
 # and 0 for a transaction marker. So read_committed is `txn IS NULL OR txn > 0` below the LSO, and
 # read_uncommitted is `txn IS NULL OR txn <> 0`. `bytes` is what the batch counts for in
 # retention.bytes, `max_ts` its largest timestamp.
-_DDL = """
+
+_DDL = (
+    """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE topics (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, partitions INTEGER NOT NULL,
@@ -83,9 +94,11 @@ CREATE TABLE members (
     PRIMARY KEY (group_id, member_id)) WITHOUT ROWID;
 CREATE TABLE offsets (
     group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
-    off INTEGER NOT NULL, commit_ms INTEGER NOT NULL, metadata TEXT NOT NULL DEFAULT '',
+    off INTEGER NOT NULL, commit_ms INTEGER NOT NULL,
     PRIMARY KEY (group_id, topic, partition)) WITHOUT ROWID;
 """
+    + _NOTES_DDL
+)
 
 
 @contextlib.contextmanager
@@ -228,17 +241,17 @@ def _validate_or_create(conn: sqlite3.Connection, path: Path, create: bool = Tru
         )
     if version < SCHEMA_VERSION:
         _upgrade(conn)
+    if "offset_notes" not in tables:  # a file made before offset metadata
+        conn.execute(_NOTES_DDL)
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
-    """An older file to this schema, in one transaction. 1 (a row per record) to 2 (record
-    batches): every record keeps its offset, timestamp, key, value, headers and transaction
-    state. 2 to 3: committed offsets get an empty metadata string."""
+    """Schema 1 (a row per record) to 2 (record batches), in one transaction: every record
+    keeps its offset, timestamp, key, value, headers and transaction state."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(version)  # the version now: another process may have upgraded it
-        if version == 1:
+        if int(version) == 1:  # not upgraded by another process meanwhile
             conn.execute(_DDL[_DDL.index("CREATE TABLE batches") :].split(";", maxsplit=1)[0])
             rows = conn.execute("SELECT id, ts, key, value, headers, txn FROM records ORDER BY id")
             conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)", _as_batches(rows))
@@ -249,13 +262,9 @@ def _upgrade(conn: sqlite3.Connection) -> None:
                 (OFFSET_BITS, OFFSET_BITS),
             )
             conn.execute("DROP TABLE records")
-            version = 2
-        if version == 2:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(offsets)")}
-            if "metadata" not in columns:
-                conn.execute("ALTER TABLE offsets ADD COLUMN metadata TEXT NOT NULL DEFAULT ''")
-            version = 3
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -1103,7 +1103,9 @@ class KafkaConsumer(Consumer):
         self._check_open()
         if self._group_id is None:
             return {}
-        found = self._read_committed(partitions, 30.0)
+        # Read as an assignment's start is (see _stable_starts): an open transaction of another
+        # member may hold the offsets back for a while, and that is no reason to fail.
+        found = self._read_committed(partitions, self._stable_wait_s, waiting=True)
         return {tp: (off, meta) for tp, (off, meta) in found.items() if off is not None}
 
     def _committed(

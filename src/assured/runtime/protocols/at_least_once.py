@@ -136,9 +136,14 @@ class AtLeastOnce(CommitProtocol):
     def tick(self, caught_up: bool = False) -> None:
         s = self.rt.settings
         due = time.monotonic() - self.last_commit >= s.commit_interval_ms / 1000
-        if (self.pending and self.uncommitted >= s.commit_every) or (
-            due and (self.pending or self._changed(self._handled_above()))
-        ):
+        if due and not self.pending:
+            # Nothing new below the heads; a commit only if the records above them changed.
+            above = self._handled_above()
+            if not self._changed(above):
+                if above:  # a head that is slow: look again an interval later, not every pass
+                    self.last_commit = time.monotonic()
+                return
+        if due or (self.pending and self.uncommitted >= s.commit_every):
             try:
                 self.commit(synchronous=False)
             except BaseException:
