@@ -8,6 +8,7 @@ import random
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,3 +211,58 @@ def test_a_dead_letter_whose_delivery_failed_is_sent_again_not_skipped(
     with log.consumer(group_id="g") as consumer:
         assert consumer.committed([TopicPartition("in", 0)]) == {TopicPartition("in", 0): 10}
     assert len(letters) == 1  # sent again after the rewind
+
+
+def test_at_most_once_never_handles_a_dead_lettered_record_again_after_a_rewind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review of the test above's fix: a record above a slow head, dead-lettered and
+    committed by a group commit, stays done under at-most-once when a later group commit fails
+    and the window is rewound (the fix had it handled, and dead-lettered, twice). The failure
+    is injected: one group commit after the letter raises the database's retriable error."""
+    from assured import SqliteSink
+    from assured.errors import RetriableError
+    from assured.runtime._shared_db import SharedTransaction
+
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+        admin.create_topic("in.dlq", 1)
+    with log.producer() as producer:
+        for i in range(10):
+            producer.send("in", b"v%d" % i, partition=0)
+        producer.flush()
+    lettered: list[int] = []  # group commits since the letter went out
+    failed: list[bool] = []
+    commit = SharedTransaction.commit
+
+    async def failing_once(self: SharedTransaction, *args: object, **kw: object) -> None:
+        if lettered and lettered[0] >= 1 and not failed:
+            failed.append(True)
+            raise RetriableError("the database went away at a group commit")
+        await commit(self, *args, **kw)  # type: ignore[arg-type]
+        if lettered:
+            lettered[0] += 1
+
+    monkeypatch.setattr(SharedTransaction, "commit", failing_once)
+    attempts: Counter[int] = Counter()
+    app = App(log=log, group="g", guarantee="at-most-once")
+    sink = SqliteSink(tmp_path / "fx.db", schema="CREATE TABLE IF NOT EXISTS t (o INTEGER)")
+
+    @app.handler("in", sink=sink, concurrency=4, ordering="unordered", retries=0)
+    async def handle(msg: Message, db: object) -> None:
+        attempts[msg.offset] += 1
+        if msg.offset == 0 and attempts[0] == 1:
+            await asyncio.sleep(1.0)  # the others finish above it
+        if msg.offset == STUCK:
+            lettered[:] = lettered or [0]
+            raise ValueError("a record the handler refuses")
+        await db.execute("INSERT INTO t VALUES (?)", (msg.offset,))  # type: ignore[attr-defined]
+
+    app.run(until_idle=1.5)
+    monkeypatch.undo()
+    assert failed == [True]
+    with log.consumer() as consumer:
+        consumer.assign([TopicPartition("in.dlq", 0)])
+        assert len(consumer.poll(timeout=1.0)) == 1
+    assert attempts[STUCK] == 1

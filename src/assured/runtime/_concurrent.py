@@ -429,9 +429,10 @@ class Window:
         if self.db is not None:  # committed to the database: never handled again
             self.db.closed = True
             for e in entries:
-                # Not one whose dead letter went to the producer: the rewind may be that
-                # letter's failed delivery, and only handling it again sends it again.
-                if e.done and not e.sent:
+                # At-least-once: not one whose dead letter went to the producer; the rewind
+                # may be that letter's failed delivery, and only handling it again sends it
+                # again. (At-most-once never handles a record twice, letter or not.)
+                if e.done and not (e.sent and self.guarantee == "at-least-once"):
                     tp = TopicPartition(e.record.topic, e.record.partition)
                     self.skips.setdefault(tp, set()).add(e.record.offset)
         tasks = self._give_up(entries)

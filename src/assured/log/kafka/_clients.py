@@ -1101,7 +1101,7 @@ class KafkaConsumer(Consumer):
         self, partitions: Sequence[TopicPartition]
     ) -> dict[TopicPartition, tuple[int, str]]:
         self._check_open()
-        if self._group_id is None:
+        if self._group_id is None or self._closing:  # an assignment at close is never read
             return {}
         # Read as an assignment's start is (see _stable_starts): an open transaction of another
         # member may hold the offsets back for a while, and that is no reason to fail.
