@@ -13,7 +13,7 @@ own, committing by time only, every ``commit_interval_ms``:
 - ``assured`` at each guarantee: an :class:`~assured.App` with one handler;
 - ``quixstreams`` at-least-once and exactly-once (Kafka only), ``commit_interval`` the same,
   run by the Python of a virtualenv that has it (``quix_python``).
-- ``bare-pipelined`` exactly-once (Kafka only, when asked for): a bare loop built for latency,
+- ``bare-pipelined`` exactly-once (Kafka only): a bare loop built for latency,
   not throughput (see :func:`assured.bench._workers.run_bare_pipelined`): the floor under
   exactly-once's latency that librdkafka allows on the machine.
 
@@ -58,11 +58,10 @@ __all__ = [
 _QUIX_WORKER = Path(__file__).with_name("quix_worker.py")
 # assured-fixed: assured exactly-once with commit_mode="fixed" (a transaction per commit interval
 # whatever the load), measured in the same run as the baseline of the adaptive commit.
-# bare-pipelined (Kafka, exactly-once, not run unless asked for): a bare loop built for
-# exactly-once latency (short transactions, committed on a thread while a second producer takes
-# the next): the lowest latency librdkafka gives exactly-once here, as a floor for assured's.
+# bare-pipelined (Kafka, exactly-once): a bare loop built for exactly-once latency (short
+# transactions, committed on a thread while a second producer takes the next): the lowest
+# latency librdkafka gives exactly-once here, as a floor for assured's.
 SYSTEMS = ("bare", "assured", "assured-fixed", "quixstreams", "bare-pipelined")
-DEFAULT_SYSTEMS = ("bare", "assured", "assured-fixed", "quixstreams")
 _WARM_EVERY_S = 0.1
 _PACE_TICK_S = 0.002
 
@@ -94,7 +93,7 @@ class RuntimeBenchConfig:
     memory_records: int = 5_000_000
     memory_guarantee: str = "exactly-once"
     quix_python: str | None = None
-    systems: list[str] = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     worker_timeout_s: float = 1800.0
     commit_mode: str = "adaptive"  # assured exactly-once's; "fixed" is the baseline
     # A run during which other processes used more than ``busy_cores`` is redone; rounds whose

@@ -220,7 +220,7 @@ def bench(
         "started, fsync on).",
     ),
     systems: str = typer.Option(
-        "bare,assured,assured-fixed,quixstreams",
+        "bare,assured,assured-fixed,quixstreams,bare-pipelined",
         "--systems",
         help="runtime: which systems, comma-separated (quixstreams runs on Kafka only; "
         "assured-fixed is exactly-once with fixed-interval commits, the adaptive commit's "
