@@ -233,13 +233,21 @@ class Engine:
                     f"topic {name!r} collides with existing topic {other!r} "
                     "(Kafka treats '.' and '_' alike in topic names)"
                 )
-            cur = c.execute(
-                "INSERT INTO topics (name, partitions, config, created_ms) VALUES (?, ?, ?, ?)",
-                (name, partitions, json.dumps(merged, sort_keys=True), now_ms()),
+            # A topic's id is never reused, not even for one made again in the same
+            # millisecond: it names the topic's incarnation (SQLite would hand the row id of a
+            # deleted last topic out again). The highest id ever given is kept in meta.
+            (top,) = c.execute("SELECT max(id) FROM topics").fetchone()
+            given = c.execute("SELECT value FROM meta WHERE key = 'topic_seq'").fetchone()
+            topic_id = max(top or 0, int(given[0]) if given else 0) + 1
+            c.execute(
+                "INSERT INTO topics (id, name, partitions, config, created_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (topic_id, name, partitions, json.dumps(merged, sort_keys=True), now_ms()),
             )
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('topic_seq', ?)", (str(topic_id),))
             c.executemany(
                 "INSERT INTO partitions (topic_id, partition) VALUES (?, ?)",
-                [(cur.lastrowid, p) for p in range(partitions)],
+                [(topic_id, p) for p in range(partitions)],
             )
 
     def delete_topic(self, name: str) -> None:
