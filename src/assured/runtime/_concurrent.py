@@ -345,6 +345,12 @@ class Window:
 
         await self.db.commit(collect, self.past_drain, give_up)
         for entry in committed:
+            if entry.letters and not self.db.marks and not entry.gone:
+                # At-most-once: a dead letter goes out once its record's commit landed (one
+                # sent before a commit that failed would be sent again by the redo).
+                assert self.dead_letters is not None
+                for topic, record, headers in entry.letters:
+                    self.dead_letters(topic, record, headers)
             entry.letters = []
             if not entry.gone:
                 entry.done = True
@@ -618,8 +624,11 @@ class Window:
                 return
 
     def _letters(self, entry: _Entry) -> DeadLetterSink:
-        """Where ``entry``'s dead letter goes: held with it under exactly-once."""
-        if self.transactional or (self.db is not None and self.db.marks):
+        """Where ``entry``'s dead letter goes: held with it under exactly-once, and into a
+        database under at-most-once (sent once the group commit lands)."""
+        if self.transactional or (
+            self.db is not None and (self.db.marks or self.guarantee == "at-most-once")
+        ):
             return lambda topic, record, headers: entry.letters.append((topic, record, headers))
         send = self.dead_letters
         assert send is not None

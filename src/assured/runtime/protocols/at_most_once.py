@@ -25,15 +25,22 @@ class AtMostOnce(CommitProtocol):
     def start(self) -> None:
         self.producer: Producer = self.rt.log.producer()
         self.trouble = Trouble()
+        # Positions committed so far: a batch polled again after a rewind never commits below
+        # them (a crash would have the next owner handle again what was committed here).
+        self.committed: dict[TopicPartition, int] = {}
 
     def process(self, records: list[Record]) -> None:
         if not records:  # records side by side still running: let them go on
             self._side_by_side([])
             return
-        offsets = next_offsets(records)
+        offsets = {
+            tp: off for tp, off in next_offsets(records).items() if off > self.committed.get(tp, -1)
+        }
         try:
-            with self.rt.metrics.commit_latency.labels(self.guarantee).time():
-                self.rt.consumer.commit(offsets)  # the offset, before processing
+            if offsets:
+                with self.rt.metrics.commit_latency.labels(self.guarantee).time():
+                    self.rt.consumer.commit(offsets)  # the offset, before processing
+                self.committed.update(offsets)
         except StaleGenerationError as e:
             # Not ours any more: the new owner starts at the committed offset, so handling
             # these here could handle them twice. Skip them.
@@ -102,13 +109,21 @@ class AtMostOnce(CommitProtocol):
                     )  # fmt: skip
                     return
 
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:  # committed anew by whoever held them meanwhile
+            self.committed.pop(tp, None)
+
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Records side by side finish before their partitions go (committed already).
         if self.rt.in_flight() and not self.failed:
             self.rt.handle([], self.producer, complete=True)
+        for tp in partitions:
+            self.committed.pop(tp, None)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         self.rt.give_up(partitions)
+        for tp in partitions:
+            self.committed.pop(tp, None)
 
     def close(self) -> None:
         try:
