@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from assured.errors import HarnessError
+from assured.log import Log
 from assured.testing.kafka import KafkaCluster
 from assured.testing.postgres import PostgresServer
 
@@ -89,6 +91,18 @@ def create_topic(
     for future in admin.create_topics([topic], operation_timeout=30).values():
         future.result(timeout=60)
     return name
+
+
+def known_topics(log: Log, bootstrap: str, count: int) -> tuple[str, ...]:
+    """``count`` new topics of one partition, once ``log``'s own metadata has them all
+    (created is not yet known to every client)."""
+    topics = tuple(create_topic(bootstrap) for _ in range(count))
+    deadline = time.monotonic() + 30
+    with log.admin() as admin:
+        while not set(topics) <= set(admin.list_topics()):
+            assert time.monotonic() < deadline, "the new topics never showed up"
+            time.sleep(0.1)
+    return topics
 
 
 # -- the summary shows that the real services were used ----------------------------------------

@@ -21,18 +21,11 @@ INTERVAL_MS = 6000  # long, so that "well before the interval" is unmistakable
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
 def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Log]:
     if request.param == "kafka":
-        from tests.conftest import create_topic
+        from tests.conftest import known_topics
 
         bootstrap = request.getfixturevalue("kafka_bootstrap")
         opened = open_log(f"kafka://{bootstrap}")
-        topics = (create_topic(bootstrap), create_topic(bootstrap))
-        # Created is not yet known to every client: wait until this log's metadata has both.
-        deadline = time.monotonic() + 30
-        with opened.admin() as admin:
-            while not set(topics) <= set(admin.list_topics()):
-                assert time.monotonic() < deadline, "the new topics never showed up"
-                time.sleep(0.1)
-        opened.topics = topics  # type: ignore[attr-defined]
+        opened.topics = known_topics(opened, bootstrap, 2)  # type: ignore[attr-defined]
     else:
         opened = open_log(f"embedded://{tmp_path}/log.db")
         with opened.admin() as admin:

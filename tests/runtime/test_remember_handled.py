@@ -25,16 +25,11 @@ N = 30
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
 def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Log]:
     if request.param == "kafka":
-        from tests.conftest import create_topic
+        from tests.conftest import known_topics
 
         bootstrap = request.getfixturevalue("kafka_bootstrap")
         opened = open_log(f"kafka://{bootstrap}")
-        topics = (create_topic(bootstrap), create_topic(bootstrap))
-        deadline = time.monotonic() + 30
-        with opened.admin() as admin:
-            while not set(topics) <= set(admin.list_topics()):
-                assert time.monotonic() < deadline, "the new topics never showed up"
-                time.sleep(0.1)
+        topics = known_topics(opened, bootstrap, 2)
     else:
         opened = open_log(f"embedded://{tmp_path}/log.db")
         topics = ("in", "out")
@@ -151,6 +146,19 @@ def test_the_metadata_names_exactly_the_offsets_it_was_given_or_the_lowest_that_
     assert decode(f"{body}:{_b36(zlib.crc32(body.encode()))}", 100) == set()
 
 
+def ten_records_and_a_dead_letter_topic(tmp_path: Path) -> Log:
+    """An embedded log with "in" (one partition, ten records) and "in.dlq"."""
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+        admin.create_topic("in.dlq", 1)
+    with log.producer() as producer:
+        for i in range(10):
+            producer.send("in", b"v%d" % i, partition=0)
+        producer.flush()
+    return log
+
+
 def test_a_dead_letter_whose_delivery_failed_is_sent_again_not_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,14 +171,7 @@ def test_a_dead_letter_whose_delivery_failed_is_sent_again_not_skipped(
     from assured.errors import DeliveryError, RetriableError
     from assured.log.embedded._producer import EmbeddedProducer
 
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("in", 1)
-        admin.create_topic("in.dlq", 1)
-    with log.producer() as producer:
-        for i in range(10):
-            producer.send("in", b"v%d" % i, partition=0)
-        producer.flush()
+    log = ten_records_and_a_dead_letter_topic(tmp_path)
     dropped: list[bool] = []
     send, flush = EmbeddedProducer.send, EmbeddedProducer.flush
 
@@ -228,14 +229,7 @@ def test_at_most_once_never_handles_a_dead_lettered_record_again_after_a_rewind(
     from assured.errors import RetriableError
     from assured.runtime._shared_db import SharedTransaction
 
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("in", 1)
-        admin.create_topic("in.dlq", 1)
-    with log.producer() as producer:
-        for i in range(10):
-            producer.send("in", b"v%d" % i, partition=0)
-        producer.flush()
+    log = ten_records_and_a_dead_letter_topic(tmp_path)
     lettered: list[int] = []  # group commits since the letter went out
     failed: list[bool] = []
     commit = SharedTransaction.commit

@@ -156,8 +156,8 @@ def _commits(registry: Any, guarantee: str) -> dict[str, Any]:
 # -- bare confluent-kafka loops ---------------------------------------------------------------
 
 
-def _bare_clients(spec: dict[str, Any], transactional_id: str | None) -> tuple[Any, Any]:
-    from confluent_kafka import Consumer, Producer
+def _bare_producer(spec: dict[str, Any], transactional_id: str | None) -> Any:
+    from confluent_kafka import Producer
 
     producer_config: dict[str, Any] = {
         "bootstrap.servers": spec["bootstrap"],
@@ -165,6 +165,12 @@ def _bare_clients(spec: dict[str, Any], transactional_id: str | None) -> tuple[A
     }
     if transactional_id:
         producer_config["transactional.id"] = transactional_id
+    return Producer(producer_config)
+
+
+def _bare_clients(spec: dict[str, Any], transactional_id: str | None) -> tuple[Any, Any]:
+    from confluent_kafka import Consumer
+
     consumer = Consumer(
         {
             "bootstrap.servers": spec["bootstrap"],
@@ -175,7 +181,7 @@ def _bare_clients(spec: dict[str, Any], transactional_id: str | None) -> tuple[A
             "isolation.level": "read_committed",
         }
     )
-    return consumer, Producer(producer_config)
+    return consumer, _bare_producer(spec, transactional_id)
 
 
 def _produce(producer: Any, topic: str, value: bytes, key: bytes | None) -> None:
@@ -258,16 +264,7 @@ class _CommitsInTurn:
     the next transaction into the other. One commit at a time, in order."""
 
     def __init__(self, spec: dict[str, Any], first: Any):
-        from confluent_kafka import Producer
-
-        second = Producer(
-            {
-                "bootstrap.servers": spec["bootstrap"],
-                **spec["producer_config"],
-                "transactional.id": f"{spec['group']}-txn-1",
-            }
-        )
-        self.producers = [first, second]
+        self.producers = [first, _bare_producer(spec, f"{spec['group']}-txn-1")]
         for p in self.producers:
             p.init_transactions(30)
         self.turn = 0
