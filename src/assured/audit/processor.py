@@ -192,6 +192,17 @@ def as_a_processor(slot: int) -> None:
     logging.getLogger("assured.runtime").setLevel(logging.DEBUG)
 
 
+class _Statements:
+    """Stands for a transaction to a plain handler, and keeps the statements it makes, to be
+    awaited on a PostgreSQL connection side by side (none of them is read back)."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, Any]] = []
+
+    def execute(self, sql: str, params: Any = ()) -> None:
+        self.made.append((sql, params))
+
+
 def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler per sink kind
     args = _parse(argv)
     as_a_processor(args.slot)
@@ -277,8 +288,15 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
         async def waiting(msg: Message, target: Any) -> None:
             if args.handler_latency_ms:
                 await asyncio.sleep(waits(msg))
-            # side by side, the database is taken (awaited) and then used as one transaction
-            handler(msg, await target.hold() if side_by_side else target)
+            if not side_by_side:
+                handler(msg, target)
+            elif args.sink == "sqlite":  # the database taken (awaited), then used as it is
+                handler(msg, await target.hold())
+            else:  # async connections: what the handler writes is awaited once it returns
+                statements = _Statements()
+                handler(msg, statements)
+                for sql, params in statements.made:
+                    await target.execute(sql, params)
 
         app.handler(args.input, **where, **options)(waiting)
 

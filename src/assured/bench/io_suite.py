@@ -20,15 +20,17 @@ A run handles ``records`` records, or fewer when the concurrency caps the rate: 
 ``sinks`` adds rows where the handler's effect is a row in a database instead of an output:
 ``sqlite`` (a file, ``durability="full"``: every commit fsynced) and ``postgres`` (at
 ``postgres_dsn``). The handler awaits the same wait, then ``await db.execute(INSERT ...)``;
-records side by side share a transaction per step of their window. Their latency is taken by a
-reader of the database (every 2 ms): when a row became visible minus its stamp. Each run checks
-that every record left exactly one row.
+records side by side share a transaction per connection and step of their window. Their
+latency is taken by a reader of the database, in a process of its own (every 2 ms): when a row
+became visible minus its stamp. Each run checks that every record left exactly one row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assured.bench._io_workers import effects_table
 from assured.bench.log_suite import machine_facts
 from assured.bench.runtime_suite import _Bench, _last_json, _Lines, _run_worker
 from assured.log import Log, open_log
@@ -100,6 +103,8 @@ def _into_database(
     if sink == "sqlite":
         folder = Path(tempfile.mkdtemp(prefix="assured-bench-io-db-"))
         db = str(folder / "effects.db")
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as lite:
+            lite.execute(effects_table("sqlite"))
     else:
         if not config.postgres_dsn:
             raise RuntimeError("the postgres sink needs postgres_dsn")
@@ -108,6 +113,7 @@ def _into_database(
 
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute("DROP TABLE IF EXISTS io_effects")
+            conn.execute(effects_table("postgres"))
     spec = {
         "log": url,
         "input": source,
@@ -121,14 +127,31 @@ def _into_database(
         "db": db,
     }
     cmd = [sys.executable, "-m", "assured.bench._io_workers", "io-assured", json.dumps(spec)]
+    reading = dict(spec, timeout_s=config.worker_timeout_s)
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "assured.bench._io_workers", "io-db-reader", json.dumps(reading)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdout is not None
+    lines = _Lines(reader.stdout)
     try:
+        if not lines.wait_for("ready", 60):
+            raise RuntimeError("the io database reader did not start")
         result = _run_worker(cmd, config.worker_timeout_s, name)
+        reader.wait(timeout=120)
+        lines.close()
+        latency = _last_json("\n".join(lines.lines))
     finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        lines.close()
         if sink == "sqlite":
             shutil.rmtree(folder, ignore_errors=True)
-    if result.get("effects") != records:
-        raise RuntimeError(f"{name}: {result.get('effects')} rows for {records} records")
-    return _row(config, "assured", guarantee, sink, concurrency, records, result, result)
+    if latency.get("effects") != records:
+        raise RuntimeError(f"{name}: {latency.get('effects')} rows for {records} records")
+    return _row(config, "assured", guarantee, sink, concurrency, records, result, latency)
 
 
 def _row(

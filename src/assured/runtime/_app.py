@@ -317,6 +317,10 @@ class App:
             raise
         finally:
             watch.close()
+            for window in rt.windows.values():
+                if window.db is not None:
+                    with contextlib.suppress(Exception):
+                        rt.loop.run(window.db.close())  # its connections, side by side
             rt.loop.end_run()
             if sink is not None:
                 sink.close()

@@ -314,7 +314,7 @@ class Window:
             if complete and self.unfinished:  # past the drain's deadline: given up
                 await asyncio.gather(*self._overdue(), return_exceptions=True)
         except BaseException as e:
-            self.db.rollback(e)
+            await self.db.rollback(e)
             raise
         await self._commit()
 
@@ -343,17 +343,31 @@ class Window:
         async def give_up() -> None:
             await asyncio.gather(*self._overdue(), return_exceptions=True)
 
-        await self.db.commit(collect, self.past_drain, give_up)
+        def landed(records: list[Record]) -> None:
+            """One connection's commit landed (the step's last one may still fail): its
+            records are handled, whatever comes of the others."""
+            ids = {id(r) for r in records}
+            for entry in (*self.held, *committed):
+                if id(entry.record) in ids:
+                    self._landed(entry)
+            self.held = [e for e in self.held if not e.done]
+
+        await self.db.commit(collect, self.past_drain, give_up, landed)
         for entry in committed:
-            if entry.letters and not self.db.marks and not entry.gone:
-                # At-most-once: a dead letter goes out once its record's commit landed (one
-                # sent before a commit that failed would be sent again by the redo).
-                assert self.dead_letters is not None
-                for topic, record, headers in entry.letters:
-                    self.dead_letters(topic, record, headers)
-            entry.letters = []
-            if not entry.gone:
-                entry.done = True
+            self._landed(entry)
+
+    def _landed(self, entry: _Entry) -> None:
+        """``entry``'s group commit landed: it is handled."""
+        if entry.done or entry.gone:
+            return
+        if entry.letters and not self.db.marks:  # type: ignore[union-attr]
+            # At-most-once: a dead letter goes out once its record's commit landed (one sent
+            # before a commit that failed would be sent again by the redo).
+            assert self.dead_letters is not None
+            for topic, record, headers in entry.letters:
+                self.dead_letters(topic, record, headers)
+        entry.letters = []
+        entry.done = True
 
     async def _step(self, records: Sequence[Record], complete: bool) -> None:
         if self.changed is None:
@@ -567,12 +581,12 @@ class Window:
         assert self.db is not None
         task = asyncio.current_task()
         assert task is not None
-        db = RecordDb(self.db, task)
+        db = RecordDb(self.db, task, entry.record, lane_of(entry.record, self.spec.ordering))
         try:
             await self.spec.fn(msg, db)
         except asyncio.CancelledError as e:
             if self.db.overran is not task:
-                db.end(e)
+                await db.end(e)
                 raise
             # Held the database past its limit: cancelled by the group commit, which waits
             # for it. The record's failure (retried, then dead-lettered), not the App's.
@@ -583,15 +597,15 @@ class Window:
                 "(transaction_timeout_ms) while every other record waited for it; its work was "
                 "rolled back. Do the waiting (an API call) before the first database call."
             )
-            db.end(late)
+            await db.end(late)
             raise late from None
         except BaseException as e:
-            db.end(e)
+            await db.end(e)
             raise
         if entry.gone or (task.cancelling() and self.db.overran is not task):
-            db.end(asyncio.CancelledError())  # given up, and it swallowed the cancellation
+            await db.end(asyncio.CancelledError())  # given up, and it swallowed the cancellation
             raise _GivenUp
-        db.end(None)
+        await db.end(None)
 
     async def one(self, entry: _Entry) -> None:
         """One record: attempts with backoff (outside the concurrency bound, so a record that

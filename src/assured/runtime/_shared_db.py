@@ -1,21 +1,31 @@
-"""A database sink for records handled side by side: one transaction shared by the records of
+"""A database sink for records handled side by side: transactions shared by the records of
 a step, a savepoint per record, and a group commit at the end of the step.
 
 An ``async def`` handler with ``concurrency`` > 1 and ``sink=`` gets a :class:`RecordDb` as its
-``db``: its calls are awaited (``await db.execute(...)``). A record's first call waits for the
-database, takes it, and opens a savepoint in the shared transaction; the database stays the
-record's until its handler returns (the savepoint is released) or raises (rolled back to the
-savepoint: a failed attempt leaves nothing behind). The records' awaits elsewhere (an API, a
-queue) overlap; their database work takes turns, so a handler should do its waiting before its
-first database call, not between two of them.
+``db``: its calls are awaited (``await db.execute(...)``). A record's first call waits for a
+*connection* of the window, takes it, and opens a savepoint in that connection's transaction
+(in the same round trip as the call, where the database allows); the connection stays the
+record's until its handler returns (its part is kept) or raises (rolled back to the savepoint:
+a failed attempt leaves nothing behind). The records' awaits elsewhere (an API, a queue)
+overlap; on one connection their database work takes turns, so a handler should do its waiting
+before its first database call.
 
-Each step of the window ends with a group commit, one transaction for every record whose
-handler ended since the last one (one fsync for many records, on SQLite as on PostgreSQL). A
-record counts as handled only once that commit has landed. Under exactly-once the commit also
-holds, per record above its partition's stored position, a mark in ``assured_done``, its dead
-letter, and the partitions' new positions, each written only if this instance's epoch (the
-claim's fencing token) still holds: a crash never repeats a record whose effects committed, even
-above the contiguous prefix, and a new owner skips them. Between two steps no transaction is
+How many connections a window may use at once is the sink's ``side_by_side_connections``:
+one on SQLite, the sink's own (its writers take turns anyway, and its calls never wait on a
+network); up to eight on PostgreSQL, each its own async connection (psycopg's
+``AsyncConnection``), opened only when those before it are all busy, so no round trip stops
+the App's event loop. Records of one lane (a key, or a partition: see ``_concurrent``) that
+reach the database between two group commits all use the same connection, so their effects
+commit or roll back together and in their order.
+
+Each step of the window ends with a group commit: one commit per connection in use, for every
+record whose handler ended since the last one (one fsync for many records). A record counts as
+handled only once its connection's commit has landed. Under exactly-once each commit marks its
+records done in ``assured_done``, fenced by the partitions' epochs (the claim's token), so a
+crash never repeats a record whose effects committed, even above the contiguous prefix, and a
+new owner skips them; the step's last commit holds the dead letters and the partitions' new
+positions too, and is made only once every other connection's commit has landed (with one
+connection in use, that is one transaction for it all). Between two steps no transaction is
 open, so the protocol's own database work (claims, stored positions, the dead-letter relay)
 never waits for one.
 """
@@ -25,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from inspect import CORO_CLOSED, CORO_CREATED
 from typing import Any, TypeVar
@@ -33,8 +45,8 @@ from typing import Any, TypeVar
 from assured.errors import UsageError
 from assured.log import Header, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
-from assured.sinks import Sink, SinkTransaction
-from assured.sinks._base import MessageLike, fenced, refuse_transaction_control
+from assured.sinks import Sink, SinkCommitUnknownError, SinkFencedError, SinkTransaction
+from assured.sinks._base import MessageLike, SideBySide, fenced, refuse_transaction_control
 
 T = TypeVar("T")
 
@@ -43,14 +55,34 @@ __all__ = ["Held", "RecordDb", "SharedTransaction", "WindowClosed"]
 # A record handled into the shared transaction, and its dead letters (topic, record, headers).
 Held = tuple[Record, list[tuple[str, Record, list[Header]]]]
 
+_MARK = (
+    "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
+    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+
 
 class WindowClosed(BaseException):
     """The window was given up while a record waited for the database: its work counts for
     nothing. A BaseException, so a handler's ``except Exception`` does not swallow it."""
 
 
+class _Lane:
+    """One connection of the window and what its open transaction holds."""
+
+    __slots__ = ("conn", "held_since", "holder", "members", "waiting")
+
+    def __init__(self, conn: SideBySide):
+        self.conn = conn
+        # The record holding it (its task; a future while it is being handed over), since when.
+        self.holder: Any = None
+        self.held_since = 0.0
+        self.members: list[Record] = []  # records whose part the open transaction keeps
+        self.waiting: deque[asyncio.Future[_Lane]] = deque()  # records bound to this one
+
+
 class SharedTransaction:
-    """One window's database transaction, shared by its records between two group commits."""
+    """One window's database connections and their transactions, shared by its records
+    between two group commits."""
 
     def __init__(
         self,
@@ -66,127 +98,253 @@ class SharedTransaction:
         self.incarnations = incarnations
         self.marks = marks  # exactly-once: marks, dead letters and positions go in the commit
         self.epochs = epochs
-        self._lock = asyncio.Lock()
-        self._open = asyncio.Event()  # set while records may take the database (in a step)
-        self._cm: contextlib.AbstractContextManager[SinkTransaction] | None = None
-        self.tx: SinkTransaction | None = None
+        self.most = max(1, sink.side_by_side_connections)
+        self.lanes: list[_Lane] = []
+        self._any: deque[asyncio.Future[_Lane]] = deque()  # records waiting for any lane
+        self._bound: dict[Any, _Lane] = {}  # a record lane -> its connection, until the commit
+        self._gate = False  # open while records may take the database (in a step)
+        self._idle: asyncio.Future[None] | None = None  # a commit waiting for lanes to free
+        self._names = itertools.count(1)
         self.closed = False  # given up: no record may open a transaction any more
         self.lettered = False  # a commit held dead letters (the relay has work)
-        # The record holding the database, since when; one held past region_limit_s (waiting
-        # for a call that does not come back) is cancelled at the next group commit, and fails.
+        # A record held past region_limit_s (waiting for a call that does not come back) is
+        # cancelled at the next group commit, and fails.
         self.region_limit_s = region_limit_s
-        self.holder: asyncio.Task[Any] | None = None
-        self.held_since = 0.0
         self.overran: asyncio.Task[Any] | None = None
 
     # Whether records above the stored positions are marked done (the audit's planted
     # ``side-by-side-without-marks`` turns it off, to show what the marks prevent).
     marked = True
 
-    async def take(self, owner: asyncio.Task[Any] | None = None) -> SinkTransaction:
-        """Wait for the database and take it; the transaction is begun if none is open. The
-        gate is shut from a group commit to the next step: no record opens a transaction that
-        would stay open while the App's thread is elsewhere."""
-        while True:
-            await self._open.wait()
-            await self._lock.acquire()
-            if self._open.is_set():
-                break
-            self._lock.release()  # a commit shut the gate while this one queued
-        try:
-            if self.closed:
-                raise WindowClosed
-            if self.tx is None:
-                self._begin()
-            self.holder, self.held_since = owner or asyncio.current_task(), time.monotonic()
-            return self.tx  # type: ignore[return-value]
-        except BaseException:
-            self._lock.release()
-            raise
+    # -- taking and giving back a connection ------------------------------------------------
 
-    def _begin(self) -> None:
-        cm = self.sink.transaction(group=self.group, incarnations=self.incarnations)
-        self.tx = cm.__enter__()
-        self._cm = cm
+    async def take(self, owner: asyncio.Task[Any] | None = None, affinity: Any = None) -> _Lane:
+        """Wait for a connection and take it: the one ``affinity`` (the record's lane) used
+        since the last commit, else any free one (a new one while under the sink's number).
+        The gate is shut from a group commit to the next step: no record opens a transaction
+        that would stay open while the App's thread is elsewhere."""
+        self._still_open()
+        lane = self._pick(affinity) if self._gate else None
+        if lane is None:
+            waiter: asyncio.Future[_Lane] = asyncio.get_running_loop().create_future()
+            bound = self._bound.get(affinity) if affinity is not None else None
+            (bound.waiting if bound is not None else self._any).append(waiter)
+            try:
+                lane = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self.give_back(waiter.result())  # handed over as it was being cancelled
+                else:
+                    waiter.cancel()  # skipped when its turn comes
+                raise
+            try:
+                self._still_open()
+            except WindowClosed:
+                self.give_back(lane)
+                raise
+        lane.holder = owner or asyncio.current_task()
+        lane.held_since = time.monotonic()
+        if affinity is not None:
+            self._bound[affinity] = lane
+        return lane
+
+    def _still_open(self) -> None:
+        if self.closed:
+            raise WindowClosed
+
+    def _pick(self, affinity: Any) -> _Lane | None:
+        bound = self._bound.get(affinity) if affinity is not None else None
+        if bound is not None:
+            return bound if bound.holder is None else None
+        for lane in self.lanes:
+            if lane.holder is None:
+                return lane
+        if len(self.lanes) < self.most:
+            return self._new_lane()
+        return None
+
+    def _new_lane(self) -> _Lane:
+        lane = _Lane(self.sink.side_by_side(self.group, self.incarnations))
+        self.lanes.append(lane)
+        return lane
+
+    def give_back(self, lane: _Lane) -> None:
+        lane.holder = None
+        if self._gate:
+            self._serve(lane)
+        elif self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _serve(self, lane: _Lane) -> None:
+        """Hand a free ``lane`` to the first record waiting for it (bound to it, or for any)."""
+        for queue in (lane.waiting, self._any):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    lane.holder = waiter  # reserved until the record resumes
+                    waiter.set_result(lane)
+                    return
 
     def reopen(self) -> None:
         """A step begins: records may take the database again."""
         self.closed = False
-        self._open.set()
+        self._gate = True
+        for lane in self.lanes:
+            if lane.holder is None:
+                self._serve(lane)
+        while self._any and len(self.lanes) < self.most:
+            waiter = self._any.popleft()
+            if not waiter.done():
+                lane = self._new_lane()
+                lane.holder = waiter
+                waiter.set_result(lane)
 
-    def give_back(self) -> None:
-        self.holder = None
-        self._lock.release()
+    def savepoint_name(self) -> str:
+        return f"assured_r{next(self._names)}"
+
+    # -- the group commit -------------------------------------------------------------------
 
     async def commit(
         self,
         collect: Callable[[], tuple[Sequence[Held], Mapping[TopicPartition, int]]],
         overdue: Callable[[], bool] = lambda: False,
         give_up: Callable[[], Awaitable[object]] | None = None,
+        landed: Callable[[list[Record]], None] = lambda _records: None,
     ) -> None:
-        """Commit the open transaction once the record holding the database (if one does)
-        has ended. ``collect()``, called then, says which records are in it and where their
-        partitions now stand: under exactly-once their dead letters, marks for those at or
-        above the new positions, and the positions go in too. While waiting, ``overdue()``
-        says a stop's drain is over: ``give_up()`` then ends the records still running (their
-        regions roll back). Raises what the sink raises: then nothing of it committed (or,
-        :class:`~assured.sinks.SinkCommitUnknownError`, nobody knows)."""
-        self._open.clear()  # shut until the next step: records that want the database wait
+        """Commit the open transactions once every record holding a connection has ended.
+        ``collect()``, called then, says which records are in them and where their partitions
+        now stand: under exactly-once their marks, their dead letters and the positions go in
+        too. While waiting, ``overdue()`` says a stop's drain is over: ``give_up()`` then ends
+        the records still running (their parts roll back); a connection whose record is done
+        commits at once (a record still running may be waiting for one of its row locks).
+        ``landed(records)`` is told of each connection's records once its own commit landed,
+        before the last one. Raises what the sink raises: then nothing more committed (or,
+        :class:`~assured.sinks.SinkCommitUnknownError`, nobody knows what)."""
+        self._gate = False  # shut until the next step: records that want the database wait
+        try:
+            errors = await self._regions_ended(overdue, give_up, landed)
+            held, positions = collect()  # now: a record that ended meanwhile is in it too
+            if errors:
+                raise _worst(errors)
+            used = [lane for lane in self.lanes if lane.conn.in_transaction]
+            if self.marks and held and not used:  # dead letters, marks: a transaction
+                first = self.lanes[0] if self.lanes else self._new_lane()
+                await first.conn.begin()
+                used = [first]
+            if not used:
+                return
+            last, others = used[0], used[1:]
+            theirs = {id(r) for lane in others for r in lane.members}
+            ours = [h for h in held if id(h[0]) not in theirs]  # the others mark their own
+            if others:
+                errors = await self._commit_lanes(others, landed)
+                if errors:
+                    raise _worst(errors)
+            if self.marks:
+                await self._write(last.conn, ours, positions)
+                crash_point("after-effect-before-offset")  # written, not committed
+            last.members = []
+            await last.conn.commit()
+            if not self.marks:
+                crash_point("after-effect-before-offset")  # committed; the log's not yet
+        except BaseException as e:
+            await self._roll_back_all(e)
+            raise
+        finally:
+            self._bound.clear()
+            for lane in self.lanes:
+                lane.members = []
+
+    async def _regions_ended(
+        self,
+        overdue: Callable[[], bool],
+        give_up: Callable[[], Awaitable[object]] | None,
+        landed: Callable[[list[Record]], None],
+    ) -> list[BaseException]:
+        """Wait until no record holds a connection; meanwhile commit the connections already
+        free (a record still running may wait for one of their row locks). Returns the errors
+        of those commits."""
+        errors: list[BaseException] = []
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                await asyncio.wait_for(self._lock.acquire(), 0.05)
-                break
-            except TimeoutError:
-                if give_up is not None and overdue():
-                    await give_up()
-                holder = self.holder
-                late = time.monotonic() - self.held_since > self.region_limit_s
-                if holder is not None and late and self.overran is not holder:
+            busy = [lane for lane in self.lanes if lane.holder is not None]
+            if not busy:
+                return errors
+            free = [ln for ln in self.lanes if ln.holder is None and ln.conn.in_transaction]
+            if free and not errors:
+                errors += await self._commit_lanes(free, landed)
+                continue
+            self._idle = loop.create_future()
+            await asyncio.wait([self._idle], timeout=0.05)
+            if give_up is not None and overdue():
+                await give_up()
+            now = time.monotonic()
+            for lane in busy:
+                holder = lane.holder
+                late = now - lane.held_since > self.region_limit_s
+                if isinstance(holder, asyncio.Task) and late and self.overran is not holder:
                     self.overran = holder  # it fails with a TimeoutError (see Window)
                     holder.cancel()
-        try:
-            held, positions = collect()  # now: a record that ended meanwhile is in it too
-            if self.marks and held and self.tx is None:
-                self._begin()
-            tx = self.tx
-            if tx is None:
-                return
-            try:
-                if self.marks:
-                    self._write(tx, held, positions)
-                    crash_point("after-effect-before-offset")  # written, not committed
-            except BaseException as e:
-                self.rollback(e)
-                raise
-            cm, self._cm, self.tx = self._cm, None, None
-            assert cm is not None
-            cm.__exit__(None, None, None)
-        finally:
-            self._lock.release()
-        if not self.marks:
-            crash_point("after-effect-before-offset")  # committed; the log's offsets not yet
 
-    def _write(
+    async def _commit_lanes(
+        self, lanes: list[_Lane], landed: Callable[[list[Record]], None]
+    ) -> list[BaseException]:
+        """Commit ``lanes`` side by side, each without positions (under exactly-once with a
+        mark for each of its records, fenced); tell ``landed`` of those that landed; return
+        the errors of the others (rolled back, or of unknown outcome)."""
+        results = await asyncio.gather(
+            *(self._commit_marked(lane) for lane in lanes), return_exceptions=True
+        )
+        errors: list[BaseException] = []
+        for lane, result in zip(lanes, results, strict=True):
+            members, lane.members = lane.members, []
+            if isinstance(result, BaseException):
+                errors.append(result)
+                await lane.conn.rollback(result)
+            else:
+                landed(members)
+        return errors
+
+    async def _commit_marked(self, lane: _Lane) -> None:
+        """Under exactly-once, each partition's epoch is checked and its offsets row
+        share-locked (a claim waits for this commit, then sees the marks), then the marks."""
+        if self.marks:
+            sql = self.sink._sql
+            epochs = self.epochs()
+            fence = sql(
+                "SELECT 1 FROM assured_offsets WHERE group_id = ? AND topic = ? "  # noqa: S608
+                f"AND partition = ? AND epoch = ?{self.sink.share_lock}"  # a class constant
+            )
+            for tp in sorted({TopicPartition(r.topic, r.partition) for r in lane.members}):
+                row = (self.group, tp.topic, tp.partition, epochs.get(tp, -1))
+                if (await lane.conn.execute(fence, row)).fetchone() is None:
+                    raise fenced(tp, self.group)
+            if self.marked:
+                rows = [(self.group, r.topic, r.partition, r.offset) for r in lane.members]
+                await lane.conn.execute_many(sql(_MARK), rows)
+        await lane.conn.commit()
+
+    async def _write(
         self,
-        tx: SinkTransaction,
+        conn: SideBySide,
         held: Sequence[Held],
         positions: Mapping[TopicPartition, int],
     ) -> None:
+        """The last commit's part under exactly-once: dead letters, marks of the records at
+        or above the new positions, and the positions, each only if the epoch is ours."""
         sql = self.sink._sql
         epochs = self.epochs()
         touched: set[TopicPartition] = set(positions)
-        mark = sql(
-            "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
-        )
+        marks = []
         for record, letters in held:
             tp = TopicPartition(record.topic, record.partition)
             touched.add(tp)
             for topic, dead, headers in letters:
-                tx.dead_letter(dead, topic=topic, headers=headers)
+                await conn.dead_letter(dead, topic, headers)
                 self.lettered = True
             if self.marked and record.offset >= positions.get(tp, 0):
-                tx.execute(mark, (self.group, tp.topic, tp.partition, record.offset))
+                marks.append((self.group, tp.topic, tp.partition, record.offset))
+        await conn.execute_many(sql(_MARK), marks)
         store = sql(
             "UPDATE assured_offsets SET next_offset = COALESCE(?, next_offset) "
             "WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?"
@@ -198,19 +356,43 @@ class SharedTransaction:
         for tp in sorted(touched):
             position = positions.get(tp)
             row = (position, self.group, tp.topic, tp.partition, epochs.get(tp, -1))
-            if tx.execute(store, row).rowcount != 1:
+            if (await conn.execute(store, row)).rowcount != 1:
                 raise fenced(tp, self.group)
             if position is not None:
-                tx.execute(below, (self.group, tp.topic, tp.partition, position))
+                await conn.execute(below, (self.group, tp.topic, tp.partition, position))
 
-    def rollback(self, error: BaseException | None = None) -> None:
-        """Roll the open transaction back (a failed step, a given-up window); never raises."""
-        self._open.clear()  # until the next step
-        cm, self._cm, self.tx = self._cm, None, None
-        if cm is not None:
-            error = error or asyncio.CancelledError()
-            with contextlib.suppress(BaseException):
-                cm.__exit__(type(error), error, error.__traceback__)
+    # -- giving up --------------------------------------------------------------------------
+
+    async def _roll_back_all(self, error: BaseException) -> None:
+        self._gate = False
+        await asyncio.gather(
+            *(lane.conn.rollback(error) for lane in self.lanes), return_exceptions=True
+        )
+
+    async def rollback(self, error: BaseException | None = None) -> None:
+        """Roll the open transactions back (a failed step, a given-up window); never raises."""
+        await self._roll_back_all(error or asyncio.CancelledError())
+        self._bound.clear()
+        for lane in self.lanes:
+            lane.members = []
+
+    async def close(self) -> None:
+        """Roll back what is open and close the window's own connections."""
+        await self.rollback()
+        for lane in self.lanes:
+            with contextlib.suppress(Exception):
+                await lane.conn.close()
+        self.lanes = []
+
+
+def _worst(errors: Sequence[BaseException]) -> BaseException:
+    """Of the errors of a step's commits, the one the protocol must act on first: a fence
+    (the partitions went elsewhere), then a commit of unknown outcome, then the first."""
+    for kind in (SinkFencedError, SinkCommitUnknownError):
+        for e in errors:
+            if isinstance(e, kind):
+                return e
+    return errors[0]
 
 
 class NotAwaitedError(UsageError):
@@ -221,23 +403,35 @@ class NotAwaitedError(UsageError):
 
 
 class RecordDb:
-    """The ``db`` of an async handler side by side: the record's part of the shared database
-    transaction. Every call is awaited; the first one waits for the database (see the module's
+    """The ``db`` of an async handler side by side: the record's part of a shared database
+    transaction. Every call is awaited; the first one waits for a connection (see the module's
     docstring). Speaks the database's own SQL, as :class:`~assured.sinks.SinkTransaction`.
     A call left without ``await``, or still running when the handler returns, never counts:
     the record then fails and the App stops (:class:`NotAwaitedError`), rather than commit a
     record without its effects."""
 
-    __slots__ = ("_calls", "_ended", "_first", "_owner", "_savepoint", "_shared", "_tx")
+    __slots__ = (
+        "_affinity", "_calls", "_ended", "_generation", "_lane", "_lock", "_member", "_owner",
+        "_region", "_shared",
+    )  # fmt: skip
 
-    def __init__(self, shared: SharedTransaction, owner: asyncio.Task[Any]):
+    def __init__(
+        self,
+        shared: SharedTransaction,
+        owner: asyncio.Task[Any],
+        member: Record | None = None,
+        affinity: Any = None,
+    ):
         self._shared = shared
         self._owner = owner  # the record's task: whoever awaits the calls, the region is its
-        self._tx: SinkTransaction | None = None
-        self._savepoint: contextlib.AbstractContextManager[None] | None = None
+        self._member = member  # the record, named to its connection's commit once it returns
+        self._affinity = affinity  # its lane (key or partition): one connection per commit
+        self._lane: _Lane | None = None
+        self._region: str | None = None  # its savepoint, once taken
+        self._generation = 0  # of the transaction its savepoint is in
         self._ended = False
         self._calls: list[Coroutine[Any, Any, Any]] = []
-        self._first = asyncio.Lock()  # calls side by side (gather) wait for the first one's take
+        self._lock = asyncio.Lock()  # calls side by side (gather) take turns
 
     @property
     def group(self) -> str:
@@ -253,64 +447,67 @@ class RecordDb:
         self._calls.append(coro)
         return coro
 
-    async def _take(self) -> SinkTransaction:
-        async with self._first:
-            if self._tx is None:
-                tx = await self._shared.take(self._owner)
+    async def _run(self, call: Callable[[SideBySide, str | None], Awaitable[T]]) -> T:
+        """``call(connection, savepoint)`` on the record's connection: ``savepoint`` is the
+        one to take first (the record's first call; the transaction is begun if none is
+        open), else None."""
+        async with self._lock:
+            if self._lane is None:
+                lane = await self._shared.take(self._owner, self._affinity)
                 if self._ended:  # a call left running took the database after the return
-                    self._shared.give_back()
+                    self._shared.give_back(lane)
                     raise UsageError("db was used after the handler returned")
-                try:
-                    savepoint = tx.savepoint(release=False)  # regions never overlap
-                    savepoint.__enter__()
-                except BaseException:
-                    self._shared.give_back()
-                    raise
-                self._tx, self._savepoint = tx, savepoint
+                self._lane = lane
             if self._ended:
                 raise UsageError("db was used after the handler returned")
-            return self._tx
+            conn = self._lane.conn
+            self._shared._still_open()
+            if self._region is None:
+                if not conn.in_transaction:
+                    await conn.begin()
+                self._region, self._generation = self._shared.savepoint_name(), conn.generation
+                return await call(conn, self._region)
+            if conn.generation != self._generation or not conn.in_transaction:
+                raise WindowClosed  # the transaction it was in was rolled back under it
+            return await call(conn, None)
 
     def hold(self) -> Coroutine[Any, Any, Any]:
-        """Take the database for this record now and return the transaction itself, for code
-        that calls it without awaiting (``tx.execute(...)``, ``tx.connection``). It is this
-        record's until the handler returns; used after that, it raises."""
+        """Take a connection for this record now and return the transaction itself, for code
+        that calls it without awaiting (``tx.execute(...)``, ``tx.connection``): on SQLite
+        only. It is this record's until the handler returns; used after that, it raises."""
         return self._call(self._hold())
 
     async def _hold(self) -> Any:
-        return _Guarded(await self._take(), self)
+        tx = await self._run(lambda conn, savepoint: conn.plain(savepoint))
+        return _Guarded(tx, self)
 
     def execute(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
     ) -> Coroutine[Any, Any, Any]:
         """``sql`` in the record's part of the transaction; awaited, returns the cursor."""
         refuse_transaction_control(sql)
-        return self._call(self._execute(sql, params))
-
-    async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Any:
-        return (await self._take()).execute(sql, params)
+        return self._call(self._run(lambda conn, savepoint: conn.execute(sql, params, savepoint)))
 
     def first_delivery(self, message: MessageLike | str) -> Coroutine[Any, Any, bool]:
         """As :meth:`SinkTransaction.first_delivery`, awaited: False if ``message`` was
         delivered to this group before (its effects committed)."""
-        return self._call(self._first_delivery(message))
-
-    async def _first_delivery(self, message: MessageLike | str) -> bool:
-        return (await self._take()).first_delivery(message)
+        return self._call(
+            self._run(lambda conn, savepoint: conn.first_delivery(message, savepoint))
+        )
 
     @property
     def connection(self) -> Any:
         raise UsageError(
             "db.connection is not offered to handlers side by side: the connection is shared, "
-            "and only awaited db calls take turns on it (await db.hold() gives the "
+            "and only awaited db calls take turns on it (on SQLite, await db.hold() gives the "
             "transaction for code that cannot await)"
         )
 
-    def end(self, error: BaseException | None) -> None:
+    async def end(self, error: BaseException | None) -> None:
         """The handler returned (``error`` None: keep its work) or raised (undo it). Raises
         what the database raised while doing so (the database's failure, not the record's),
         or :class:`NotAwaitedError` for a call never awaited or not finished (its work is
-        undone)."""
+        undone), or :class:`WindowClosed` when its transaction was rolled back meanwhile."""
         self._ended = True
         open_calls = [c for c in self._calls if inspect.getcoroutinestate(c) != CORO_CLOSED]
         self._calls = []
@@ -325,20 +522,30 @@ class RecordDb:
                 "'await db.execute(...)'. Nothing of this record was committed."
             )
             with contextlib.suppress(NotAwaitedError):
-                self.end(error)
+                await self.end(error)
             raise error
-        if self._tx is None:
+        lane, self._lane = self._lane, None
+        if lane is None:
             return
-        savepoint, self._savepoint, self._tx = self._savepoint, None, None
+        region, self._region = self._region, None
         try:
-            assert savepoint is not None
-            if error is None:
-                savepoint.__exit__(None, None, None)
-            else:
-                with _unless_same(error):
-                    savepoint.__exit__(type(error), error, error.__traceback__)
+            async with self._lock:  # a call still running (cancelled, or left) ends first
+                conn = lane.conn
+                same = conn.in_transaction and conn.generation == self._generation
+                if region is None:
+                    return
+                if error is not None:
+                    if same:
+                        with _unless_same(error):
+                            await conn.end_region(region, error)
+                    return
+                if not same:
+                    raise WindowClosed  # rolled back under it: its window is gone
+                await conn.end_region(region, None)
+                if self._member is not None:
+                    lane.members.append(self._member)
         finally:
-            self._shared.give_back()
+            self._shared.give_back(lane)
 
 
 class _Guarded:

@@ -158,22 +158,12 @@ class SinkTransaction(abc.ABC):
         and created again, is a first delivery of its own. A string is accepted too: a record
         id (``msg.id``, ``topic[p]@offset``) is keyed exactly as the message itself; any other
         string is your own idempotency key, kept per group."""
-        plain = message if isinstance(message, str) else record_id(message)
-        key = plain
-        match = _RECORD_ID.fullmatch(plain)
-        if match is not None:
-            incarnation = self.incarnations.get(match["topic"])
-            if incarnation:
-                key = f"{plain}#{incarnation}"
-        insert = self.sink._sql(
-            "INSERT INTO assured_inbox (group_id, message_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
-        )
-        if self.execute(insert, (self.group, key)).rowcount != 1:
+        insert, params, legacy = _inbox_statements(self, message)
+        if self.execute(insert, params).rowcount != 1:
             return False
-        if self.sink._legacy_inbox:
+        if legacy is not None:
             # Delivered before the inbox knew groups (any group, then): keep that answer.
-            legacy = self.sink._sql("SELECT 1 FROM assured_inbox_v1 WHERE message_id = ?")
-            return self.execute(legacy, (plain,)).fetchone() is None
+            return self.execute(*legacy).fetchone() is None
         return True
 
     def dead_letter(
@@ -195,44 +185,210 @@ class SinkTransaction(abc.ABC):
         ``assured.attempts`` headers), or the dead letter's ``headers`` as they are to be
         published. The relay adds ``assured.dead-letter.group`` and ``assured.dead-letter.id``.
         """
-        if not self.group:
-            raise UsageError(
-                "dead_letter() needs the consumer group: open the transaction with "
-                "sink.transaction(group=...)"
-            )
-        if headers is None:
-            if error is None:
-                raise UsageError("dead_letter() needs the error, or the headers to publish")
-            headers = dead_letter_headers(record, error, attempts or 1)
-        found = dict(headers)
-        error_type = found.get("assured.error.type") or b""
-        error_message = found.get("assured.error.message") or b""
-        if attempts is None:
-            attempts = int(found.get("assured.attempts") or b"1")
-        insert = self.sink._sql(
-            "INSERT INTO assured_dead_letters (group_id, dead_letter_topic, source_topic, "
-            "source_partition, source_offset, key, value, headers, error_type, error_message, "
-            "attempts, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
-        )
-        row = self.execute(
-            insert,
-            (
-                self.group,
-                topic,
-                record.topic,
-                record.partition,
-                record.offset,
-                record.key,
-                record.value,
-                encode_headers(headers),
-                _text(error_type),
-                _text(error_message),
-                attempts,
-                int(time.time() * 1000),
-            ),
-        ).fetchone()
+        insert, params = _dead_letter_statement(self, record, topic, error, attempts, headers)
+        row = self.execute(insert, params).fetchone()
         self.dead_letters.append(int(row[0]))
         return int(row[0])
+
+
+def _inbox_statements(
+    tx: SinkTransaction | SideBySide, message: MessageLike | str
+) -> tuple[str, tuple[Any, ...], tuple[str, tuple[Any, ...]] | None]:
+    """The statements of :meth:`SinkTransaction.first_delivery`: the inbox insert, and the
+    look into the inbox from before groups when there is one."""
+    plain = message if isinstance(message, str) else record_id(message)
+    key = plain
+    match = _RECORD_ID.fullmatch(plain)
+    if match is not None:
+        incarnation = tx.incarnations.get(match["topic"])
+        if incarnation:
+            key = f"{plain}#{incarnation}"
+    insert = tx.sink._sql(
+        "INSERT INTO assured_inbox (group_id, message_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+    )
+    legacy = None
+    if tx.sink._legacy_inbox:
+        legacy = (tx.sink._sql("SELECT 1 FROM assured_inbox_v1 WHERE message_id = ?"), (plain,))
+    return insert, (tx.group, key), legacy
+
+
+def _dead_letter_statement(
+    tx: SinkTransaction | SideBySide,
+    record: Record,
+    topic: str,
+    error: BaseException | None = None,
+    attempts: int | None = None,
+    headers: Sequence[Header] | None = None,
+) -> tuple[str, tuple[Any, ...]]:
+    """The insert of :meth:`SinkTransaction.dead_letter` (it returns the new id)."""
+    if not tx.group:
+        raise UsageError(
+            "dead_letter() needs the consumer group: open the transaction with "
+            "sink.transaction(group=...)"
+        )
+    if headers is None:
+        if error is None:
+            raise UsageError("dead_letter() needs the error, or the headers to publish")
+        headers = dead_letter_headers(record, error, attempts or 1)
+    found = dict(headers)
+    error_type = found.get("assured.error.type") or b""
+    error_message = found.get("assured.error.message") or b""
+    if attempts is None:
+        attempts = int(found.get("assured.attempts") or b"1")
+    insert = tx.sink._sql(
+        "INSERT INTO assured_dead_letters (group_id, dead_letter_topic, source_topic, "
+        "source_partition, source_offset, key, value, headers, error_type, error_message, "
+        "attempts, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
+    )
+    params = (
+        tx.group,
+        topic,
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key,
+        record.value,
+        encode_headers(headers),
+        _text(error_type),
+        _text(error_message),
+        attempts,
+        int(time.time() * 1000),
+    )
+    return insert, params
+
+
+class SideBySide(abc.ABC):
+    """A connection for records handled side by side (see ``runtime._shared_db``): its own
+    transaction between two group commits, a savepoint per record, every call awaited.
+    ``generation`` counts its transactions, so a record can tell that the one its savepoint
+    was in is over."""
+
+    def __init__(self, sink: Sink, group: str, incarnations: Mapping[str, str]):
+        self.sink = sink
+        self.group = group
+        self.incarnations = incarnations
+        self.generation = 0
+
+    @property
+    @abc.abstractmethod
+    def in_transaction(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def begin(self) -> None:
+        """Begin a transaction (connecting first if need be)."""
+
+    @abc.abstractmethod
+    async def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] = (),
+        savepoint: str | None = None,
+    ) -> Any:
+        """``sql`` in the open transaction; with ``savepoint``, that savepoint is taken first
+        (in the same round trip, where the database allows)."""
+
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        for row in rows:
+            await self.execute(sql, row)
+
+    @abc.abstractmethod
+    async def end_region(self, savepoint: str, error: BaseException | None) -> None:
+        """A record's part ends: kept (``error`` None; raises if a statement in it failed and
+        was swallowed) or rolled back to ``savepoint``. Raises the database's own failure."""
+
+    @abc.abstractmethod
+    async def plain(self, savepoint: str | None) -> SinkTransaction:
+        """The open transaction for calls without ``await`` (``savepoint`` taken first)."""
+
+    @abc.abstractmethod
+    async def commit(self) -> None:
+        """Commit; raises as :meth:`Sink.transaction` does when the commit fails."""
+
+    @abc.abstractmethod
+    async def rollback(self, error: BaseException) -> None:
+        """Roll back whatever is open (never raises)."""
+
+    async def close(self) -> None:
+        """Close the connection, if it is this one's own."""
+
+    async def first_delivery(self, message: MessageLike | str, savepoint: str | None) -> bool:
+        insert, params, legacy = _inbox_statements(self, message)
+        if (await self.execute(insert, params, savepoint)).rowcount != 1:
+            return False
+        if legacy is not None:
+            return (await self.execute(*legacy)).fetchone() is None
+        return True
+
+    async def dead_letter(self, record: Record, topic: str, headers: Sequence[Header]) -> int:
+        insert, params = _dead_letter_statement(self, record, topic, headers=headers)
+        return int((await self.execute(insert, params)).fetchone()[0])
+
+
+class _Plain(SideBySide):
+    """Side by side on the sink's own connection, through its plain transactions (every call
+    runs at once: nothing to await but the coroutine)."""
+
+    def __init__(self, sink: Sink, group: str, incarnations: Mapping[str, str]):
+        super().__init__(sink, group, incarnations)
+        self._cm: contextlib.AbstractContextManager[SinkTransaction] | None = None
+        self._tx: SinkTransaction | None = None
+        self._regions: dict[str, contextlib.AbstractContextManager[None]] = {}
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._tx is not None
+
+    async def begin(self) -> None:
+        cm = self.sink.transaction(group=self.group, incarnations=self.incarnations)
+        self._tx = cm.__enter__()
+        self._cm = cm
+        self.generation += 1
+
+    def _open(self, savepoint: str | None) -> SinkTransaction:
+        tx = self._tx
+        assert tx is not None, "no transaction is open"
+        if savepoint is not None:
+            region = tx.savepoint(release=False)  # regions never overlap: none to release
+            region.__enter__()
+            self._regions[savepoint] = region
+        return tx
+
+    async def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] = (),
+        savepoint: str | None = None,
+    ) -> Any:
+        return self._open(savepoint).execute(sql, params)
+
+    async def plain(self, savepoint: str | None) -> SinkTransaction:
+        return self._open(savepoint)
+
+    async def end_region(self, savepoint: str, error: BaseException | None) -> None:
+        region = self._regions.pop(savepoint, None)
+        if region is None:
+            return
+        if error is None:
+            region.__exit__(None, None, None)
+            return
+        try:
+            region.__exit__(type(error), error, error.__traceback__)
+        except BaseException as e:
+            if e is not error:  # the database's failure; the record's own is its caller's
+                raise
+
+    async def commit(self) -> None:
+        cm, self._cm, self._tx = self._cm, None, None
+        self._regions.clear()
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    async def rollback(self, error: BaseException) -> None:
+        cm, self._cm, self._tx = self._cm, None, None
+        self._regions.clear()
+        if cm is not None:
+            with contextlib.suppress(BaseException):
+                cm.__exit__(type(error), error, error.__traceback__)
 
 
 _ENDS_A_TRANSACTION = ("COMMIT", "END", "BEGIN", "ROLLBACK", "ABORT", "START")
@@ -293,6 +449,16 @@ class Sink(abc.ABC):
     # The App's own statements (its tables, seed rows), run by setup() after the runtime's.
     schema: tuple[str, ...] = ()
     _legacy_inbox = False  # an inbox table from before groups, with rows (see setup)
+    # Records handled side by side (see runtime._shared_db): how many connections they may
+    # use at once, each with its own transaction between two group commits, and how a commit
+    # that holds no positions share-locks a partition's offsets row (so a claim waits for it).
+    side_by_side_connections = 1
+    share_lock = ""
+
+    def side_by_side(self, group: str, incarnations: Mapping[str, str]) -> SideBySide:
+        """A connection for records side by side: here the sink's own, through its plain
+        transactions."""
+        return _Plain(self, group, incarnations)
 
     def _sql(self, template: str) -> str:
         return template.replace("?", self.placeholder)

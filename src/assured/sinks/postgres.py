@@ -10,18 +10,21 @@ with backoff for up to ``reconnect_timeout_s`` before :class:`SinkUnreachableErr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ConnStatus, TransactionStatus
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from assured.errors import ConfigError, ServiceError
+from assured.errors import ConfigError, ServiceError, UsageError
 from assured.sinks._base import (
+    SideBySide,
     Sink,
     SinkCommitUnknownError,
     SinkTransaction,
@@ -34,6 +37,8 @@ from assured.sinks._base import (
 )
 
 __all__ = ["PostgresSink"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("assured.sinks")
 
@@ -53,12 +58,60 @@ _TRANSIENT_REFUSALS = (
 )
 
 
-def connection_lost(conn: psycopg.Connection[Any], error: BaseException) -> bool:
+def connection_lost(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any] | None, error: BaseException
+) -> bool:
     """Whether ``error``, raised on ``conn``, means the connection is gone."""
-    if conn.closed:
+    if conn is None or conn.closed:
         return True
     state = getattr(error, "sqlstate", None) or ""
     return state.startswith(_LOST_PREFIXES) or state in _LOST_STATES
+
+
+def _lost_text(where: str, error: BaseException) -> str:
+    why = (
+        f"{type(error).__name__}: {str(error).strip()}"
+        if isinstance(error, psycopg.Error)
+        else "found closed"
+    )
+    return (
+        f"lost the connection to PostgreSQL at {where} during a transaction ({why}). The "
+        "transaction was rolled back: nothing of it was committed. The next transaction "
+        "reconnects."
+    )
+
+
+_SWALLOWED = (
+    "a statement failed inside the handler and the handler went on; PostgreSQL then refuses "
+    "every statement of the transaction, so the record's work was rolled back and the record "
+    "failed. Let the error propagate (it is retried, then dead-lettered), or check before "
+    "writing (INSERT ... ON CONFLICT DO NOTHING instead of catching a unique violation)."
+)
+
+
+def _not_open_text(where: str) -> str:
+    return (
+        f"the transaction on PostgreSQL at {where} was ended or aborted before the runtime's "
+        "COMMIT (a raw COMMIT/ROLLBACK, or an error swallowed); nothing more of it commits, "
+        "and the work is redone"
+    )
+
+
+def _commit_unknown_text(where: str, error: BaseException) -> str:
+    return (
+        f"lost the connection to PostgreSQL at {where} while committing "
+        f"({type(error).__name__}: {str(error).strip()}): the transaction may or may not have "
+        "committed. Re-read the stored offsets (Sink.stored_offsets) before redoing any of it: "
+        "what they cover committed, effects included; the rest did not."
+    )
+
+
+def _rolled_back_text(where: str, done: str | None) -> str:
+    return (
+        f"PostgreSQL at {where} rolled the transaction back at COMMIT ({done}): a statement "
+        "inside it had failed and the error was swallowed. Nothing of it committed; the work "
+        "is redone."
+    )
 
 
 class _DownError(Exception):
@@ -94,16 +147,7 @@ class _PostgresTransaction(SinkTransaction):
     def lose(self, error: BaseException) -> NoReturn:
         """The connection broke: drop it, and raise what every later call will raise too."""
         if self.lost is None:
-            why = (
-                f"{type(error).__name__}: {str(error).strip()}"
-                if isinstance(error, psycopg.Error)
-                else "found closed"
-            )
-            self.lost = (
-                f"lost the connection to PostgreSQL at {self.sink.where} during a transaction "
-                f"({why}). The transaction was rolled back: nothing of it was committed. The "
-                "next transaction reconnects."
-            )
+            self.lost = _lost_text(self.sink.where, error)
             self.sink._discard(self._conn)
         raise SinkUnavailableError(self.lost) from error
 
@@ -137,13 +181,7 @@ class _PostgresTransaction(SinkTransaction):
             # only, and make it the caller's failure, not a silent loss of the whole batch.
             self.execute(f"ROLLBACK TO SAVEPOINT {name}")
             self.execute(f"RELEASE SAVEPOINT {name}")
-            raise SwallowedStatementError(
-                "a statement failed inside the handler and the handler went on; PostgreSQL "
-                "then refuses every statement of the transaction, so the record's work was "
-                "rolled back and the record failed. Let the error propagate (it is retried, "
-                "then dead-lettered), or check before writing (INSERT ... ON CONFLICT DO "
-                "NOTHING instead of catching a unique violation)."
-            )
+            raise SwallowedStatementError(_SWALLOWED)
         if release:
             self.execute(f"RELEASE SAVEPOINT {name}")
 
@@ -152,10 +190,17 @@ class PostgresSink(Sink):
     """Effects in the PostgreSQL database at ``dsn`` (``postgresql://user@host:port/db``).
 
     ``reconnect_timeout_s``: how long a transaction keeps trying to (re)connect, with backoff,
-    before giving up with :class:`SinkUnreachableError`."""
+    before giving up with :class:`SinkUnreachableError`.
+
+    ``connections``: how many connections an async handler's records side by side
+    (``concurrency`` > 1) may use at once, each opened only when those before it are all busy,
+    each async, so its round trips never stop the App's event loop. Records of one key (or
+    partition, as ``ordering`` says) share a connection between two group commits. The App's
+    own work (claims, stored positions, the dead-letter relay) has one more."""
 
     placeholder = "%s"
     _ddl = ddl("id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "BYTEA")
+    share_lock = " FOR SHARE"
 
     def __init__(
         self,
@@ -163,10 +208,17 @@ class PostgresSink(Sink):
         reconnect_timeout_s: float = 30.0,
         connect_timeout_s: int = 5,
         schema: str | Iterable[str] = (),
+        connections: int = 8,
     ):
         self.schema = checked_schema(schema)
         if reconnect_timeout_s < 0:
             raise ConfigError(f"reconnect_timeout_s={reconnect_timeout_s!r}: seconds, 0 or more")
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise ConfigError(
+                f"connections={connections!r}: how many connections records side by side may "
+                "use at once, a whole number of 1 or more"
+            )
+        self.side_by_side_connections = connections
         self.dsn = dsn
         self.reconnect_timeout_s = reconnect_timeout_s
         self.connect_timeout_s = max(1, int(connect_timeout_s))
@@ -182,6 +234,29 @@ class PostgresSink(Sink):
         host = info.get("host") or info.get("hostaddr") or "localhost"
         return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
+    def side_by_side(self, group: str, incarnations: Mapping[str, str]) -> SideBySide:
+        """A connection of its own, async (psycopg's ``AsyncConnection``): its round trips
+        never stop the App's event loop."""
+        return _PostgresSideBySide(self, group, incarnations)
+
+    def _refused(self, error: psycopg.OperationalError) -> ServiceError | _DownError:
+        """A failed connect: the server's refusal for good (wrong user, password, database),
+        or a server that is away just now (retried)."""
+        text = str(error)
+        if "FATAL" in text and not any(t in text for t in _TRANSIENT_REFUSALS):
+            return ServiceError(
+                f"PostgreSQL at {self.where} refused the connection ({text.strip()}); check "
+                "the DSN (user, password, database)"
+            )
+        return _DownError(text.strip())
+
+    def _unreachable(self, error: BaseException) -> SinkUnreachableError:
+        return SinkUnreachableError(
+            f"cannot reach PostgreSQL at {self.where} ({error}); kept trying for "
+            f"{self.reconnect_timeout_s:g}s. Nothing was written. Check that the server runs "
+            "and is reachable, then start again (or raise reconnect_timeout_s)."
+        )
+
     def _connect_once(self) -> psycopg.Connection[Any]:
         if self._conn is not None and not self._conn.closed:
             return self._conn
@@ -191,13 +266,10 @@ class PostgresSink(Sink):
                 self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s
             )
         except psycopg.OperationalError as e:
-            text = str(e)
-            if "FATAL" in text and not any(t in text for t in _TRANSIENT_REFUSALS):
-                raise ServiceError(
-                    f"PostgreSQL at {self.where} refused the connection ({text.strip()}); check "
-                    "the DSN (user, password, database)"
-                ) from None
-            raise _DownError(text.strip()) from e
+            refusal = self._refused(e)
+            if isinstance(refusal, ServiceError):
+                raise refusal from None
+            raise refusal from e
         return self._conn
 
     def _begin(self) -> psycopg.Connection[Any]:
@@ -238,11 +310,7 @@ class PostgresSink(Sink):
         try:
             return retrying(attempt)
         except _DownError as e:
-            raise SinkUnreachableError(
-                f"cannot reach PostgreSQL at {self.where} ({e}); kept trying for "
-                f"{self.reconnect_timeout_s:g}s. Nothing was written. Check that the server runs "
-                "and is reachable, then start again (or raise reconnect_timeout_s)."
-            ) from None
+            raise self._unreachable(e) from None
 
     def _discard(self, conn: psycopg.Connection[Any] | None) -> None:
         if conn is not None:
@@ -279,29 +347,16 @@ class PostgresSink(Sink):
             # error swallowed outside any savepoint): what it held is not ours to commit.
             with contextlib.suppress(psycopg.Error):
                 conn.execute("ROLLBACK")
-            raise SinkUnavailableError(
-                f"the transaction on PostgreSQL at {self.where} was ended or aborted before "
-                "the runtime's COMMIT (a raw COMMIT/ROLLBACK, or an error swallowed); nothing "
-                "more of it commits, and the work is redone"
-            )
+            raise SinkUnavailableError(_not_open_text(self.where))
         try:
             done = conn.execute("COMMIT").statusmessage
         except psycopg.Error as e:
             if not connection_lost(conn, e):
                 raise  # the server refused the commit (a deferred constraint): rolled back
             self._discard(conn)
-            raise SinkCommitUnknownError(
-                f"lost the connection to PostgreSQL at {self.where} while committing "
-                f"({type(e).__name__}: {str(e).strip()}): the transaction may or may not have "
-                "committed. Re-read the stored offsets (Sink.stored_offsets) before redoing "
-                "any of it: what they cover committed, effects included; the rest did not."
-            ) from e
+            raise SinkCommitUnknownError(_commit_unknown_text(self.where, e)) from e
         if done != "COMMIT":  # the server had aborted it (an error swallowed): rolled back
-            raise SinkUnavailableError(
-                f"PostgreSQL at {self.where} rolled the transaction back at COMMIT ({done}): a "
-                "statement inside it had failed and the error was swallowed. Nothing of it "
-                "committed; the work is redone."
-            )
+            raise SinkUnavailableError(_rolled_back_text(self.where, done))
 
     def _setup_lock(self, tx: SinkTransaction) -> None:
         tx.execute("SELECT pg_advisory_xact_lock(hashtext('assured.sinks.setup'))")
@@ -316,3 +371,252 @@ class PostgresSink(Sink):
 
     def close(self) -> None:
         self._discard(self._conn)
+
+
+def _gone(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server has already closed ``conn`` (its backend ended while the transaction
+    sat open: a timeout, an administrator, a restart), read without waiting: a COMMIT sent on
+    it would fail with an outcome that looks unknown, though nothing of it can have landed."""
+    if conn.closed:
+        return True
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()
+    except psycopg.OperationalError:
+        return True
+    return pgconn.status != ConnStatus.OK
+
+
+class Result:
+    """What an awaited ``db.execute`` returns on PostgreSQL side by side: the statement's rows,
+    already read, behind the plain cursor's calls (``fetchone()``, ``fetchall()``,
+    ``fetchmany()``, iteration, ``rowcount``, ``description``, ``statusmessage``), so a
+    handler reads results the same way on SQLite and PostgreSQL."""
+
+    __slots__ = ("_at", "_rows", "description", "rowcount", "statusmessage")
+
+    def __init__(self, rows: list[Any], rowcount: int, description: Any, statusmessage: str | None):
+        self._rows = rows
+        self._at = 0
+        self.rowcount = rowcount
+        self.description = description
+        self.statusmessage = statusmessage
+
+    @classmethod
+    async def of(cls, cursor: psycopg.AsyncCursor[Any]) -> Result:
+        rows = await cursor.fetchall() if cursor.description is not None else []
+        return cls(rows, cursor.rowcount, cursor.description, cursor.statusmessage)
+
+    def fetchone(self) -> Any:
+        if self._at >= len(self._rows):
+            return None
+        self._at += 1
+        return self._rows[self._at - 1]
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        rows = self._rows[self._at : self._at + size]
+        self._at += len(rows)
+        return rows
+
+    def fetchall(self) -> list[Any]:
+        rows = self._rows[self._at :]
+        self._at = len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+class _PostgresSideBySide(SideBySide):
+    """A connection of its own for records side by side, async (``psycopg.AsyncConnection``),
+    with the sync transaction's rules: a lost connection is the sink's failure
+    (:class:`SinkUnavailableError`; at COMMIT, :class:`SinkCommitUnknownError`), a statement
+    swallowed in a record's part fails that record, and nothing commits that was ended or
+    aborted under it. A call cancelled half-way leaves the connection in an unknown state: it
+    counts as lost (its transaction never commits)."""
+
+    sink: PostgresSink
+
+    def __init__(self, sink: PostgresSink, group: str, incarnations: Mapping[str, str]):
+        super().__init__(sink, group, incarnations)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._open = False
+        self.lost: str | None = None
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._open
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.sink.dsn, autocommit=True, connect_timeout=self.sink.connect_timeout_s
+            )
+        except psycopg.OperationalError as e:
+            refusal = self.sink._refused(e)
+            if isinstance(refusal, ServiceError):
+                raise refusal from None
+            raise refusal from e
+
+    async def begin(self) -> None:
+        """BEGIN, on a connection made (or made again) if need be, retrying a server that is
+        away with backoff for up to the sink's ``reconnect_timeout_s``."""
+        deadline = time.monotonic() + self.sink.reconnect_timeout_s
+        pause = 0.05
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await self._connect()
+                await self._conn.execute("BEGIN")
+                break
+            except (_DownError, psycopg.Error) as e:
+                if isinstance(e, psycopg.Error) and not connection_lost(self._conn, e):
+                    raise
+                await self._discard()
+                if time.monotonic() + pause > deadline:
+                    raise self.sink._unreachable(e) from None
+                log.warning(
+                    "PostgreSQL at %s unavailable (%s); connecting again", self.sink.where, e
+                )
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
+        self._open = True
+        self.lost = None
+        self.generation += 1
+
+    def _lose(self, error: BaseException) -> NoReturn:
+        if self.lost is None:
+            self.lost = _lost_text(self.sink.where, error)
+        raise SinkUnavailableError(self.lost) from error
+
+    async def _run(self, call: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        if self.lost is not None:
+            raise SinkUnavailableError(self.lost)
+        conn = self._conn
+        assert conn is not None, "no transaction is open"
+        assert self._open, "no transaction is open"
+        try:
+            return await call(conn)
+        except psycopg.Error as e:
+            if connection_lost(conn, e):
+                self._lose(e)
+            raise
+        except asyncio.CancelledError:
+            self.lost = (
+                f"a call to PostgreSQL at {self.sink.where} was cancelled half-way: the "
+                "connection's state is unknown, so its transaction is rolled back"
+            )
+            raise
+
+    async def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] = (),
+        savepoint: str | None = None,
+    ) -> Result:
+        async def one(conn: psycopg.AsyncConnection[Any]) -> Result:
+            if savepoint is None:
+                return await Result.of(await conn.execute(sql, params))
+            async with conn.pipeline():  # one round trip for the two (its end waits for both)
+                await conn.execute(f"SAVEPOINT {savepoint}")
+                cursor = await conn.execute(sql, params)
+            return await Result.of(cursor)
+
+        return await self._run(one)
+
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        async def many(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.cursor() as cursor:
+                await cursor.executemany(sql, rows)  # pipelined: one round trip
+
+        if rows:
+            await self._run(many)
+
+    async def plain(self, savepoint: str | None) -> SinkTransaction:
+        raise UsageError(
+            "db.hold() gives a plain transaction only on SQLite; on PostgreSQL records side by "
+            "side use async connections: await db.execute(...) instead"
+        )
+
+    async def end_region(self, savepoint: str, error: BaseException | None) -> None:
+        if error is not None:
+            if self.lost is None and self._conn is not None and connection_lost(self._conn, error):
+                self.lost = _lost_text(self.sink.where, error)
+            if self.lost is not None:  # whatever the handler made of it, it is the sink's
+                if isinstance(error, SinkUnavailableError):
+                    return
+                raise SinkUnavailableError(self.lost) from error
+            await self._undo(savepoint)
+            return
+        if self.lost is not None:
+            raise SinkUnavailableError(self.lost)
+        conn = self._conn
+        assert conn is not None
+        status = conn.info.transaction_status
+        if status == TransactionStatus.IDLE:  # ended in here (a raw COMMIT or ROLLBACK)
+            self._lose(psycopg.OperationalError("the transaction was ended inside a handler"))
+        if status == TransactionStatus.INERROR:
+            await self._undo(savepoint)  # only this record's part (see the sync savepoint)
+            raise SwallowedStatementError(_SWALLOWED)
+
+    async def _undo(self, savepoint: str) -> None:
+        async def undo(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.pipeline():
+                await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
+
+        await self._run(undo)
+
+    async def commit(self) -> None:
+        conn = self._conn
+        try:
+            if self.lost is not None:
+                raise SinkUnavailableError(self.lost)
+            assert conn is not None, "no transaction is open"
+            assert self._open, "no transaction is open"
+            if _gone(conn):  # broken under it before COMMIT: rolled back for sure
+                self._lose(psycopg.OperationalError("the connection broke before COMMIT"))
+            if conn.info.transaction_status != TransactionStatus.INTRANS:
+                raise SinkUnavailableError(_not_open_text(self.sink.where))
+            try:
+                done = (await conn.execute("COMMIT")).statusmessage
+            except psycopg.Error as e:
+                if not connection_lost(conn, e):
+                    raise  # the server refused the commit (a deferred constraint): rolled back
+                raise SinkCommitUnknownError(_commit_unknown_text(self.sink.where, e)) from e
+            if done != "COMMIT":  # the server had aborted it (an error swallowed)
+                raise SinkUnavailableError(_rolled_back_text(self.sink.where, done))
+        except BaseException:
+            self._open = False
+            if self.lost is not None or conn is None or conn.closed:
+                await self._discard()
+            elif conn.info.transaction_status != TransactionStatus.IDLE:
+                await self._quietly_roll_back()
+            raise
+        self._open = False
+
+    async def rollback(self, error: BaseException) -> None:
+        if not self._open:
+            return
+        self._open = False
+        if self.lost is not None or self._conn is None or self._conn.closed:
+            await self._discard()  # the server rolls back what a lost connection held
+            return
+        await self._quietly_roll_back()
+
+    async def _quietly_roll_back(self) -> None:
+        assert self._conn is not None
+        try:
+            await self._conn.execute("ROLLBACK")
+        except BaseException:
+            await self._discard()
+
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        self._open = False
+        if conn is not None:
+            with contextlib.suppress(BaseException):
+                await conn.close()
+
+    async def close(self) -> None:
+        await self._discard()

@@ -314,7 +314,7 @@ class Runtime:
             self.loop.run(_settled(tasks))
         for window in self.windows.values():
             if window.db is not None and partitions is None:
-                window.db.rollback()  # what the records given up had begun
+                self.loop.run(window.db.rollback())  # what the records given up had begun
 
     def _handler(
         self,

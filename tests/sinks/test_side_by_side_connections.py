@@ -1,0 +1,191 @@
+"""PostgreSQL side by side on several async connections (issue 14): records of one key share a
+connection between two group commits, each connection commits on its own (under exactly-once
+with a mark per record, fenced), and the step's last commit holds the positions. What one
+connection committed stays when another's commit fails; the rest is handled again. On the
+embedded engine, into a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from assured import App, Message, PostgresSink, open_log
+from assured.errors import ConfigError, UsageError
+from assured.log import Log
+from assured.runtime._settings import Guarantee
+
+pytestmark = pytest.mark.postgres
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS charges (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+    "k BYTEA, v BYTEA, backend INT)",
+    "CREATE TABLE IF NOT EXISTS totals (id INT PRIMARY KEY, n INT NOT NULL)",
+    "INSERT INTO totals VALUES (1, 0) ON CONFLICT DO NOTHING",
+)
+INSERT = "INSERT INTO charges (k, v, backend) VALUES (%s, %s, pg_backend_pid())"
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    opened = open_log(f"embedded://{tmp_path}/log.db")
+    with opened.admin() as admin:
+        admin.create_topic("in", 2)
+    return opened
+
+
+def fill(log: Log, n: int, keys: int = 10) -> list[bytes]:
+    values = [f"m{i:04d}".encode() for i in range(n)]
+    with log.producer() as producer:
+        for i, v in enumerate(values):
+            producer.send("in", v, key=f"k{i % keys}".encode(), partition=i % 2)
+        producer.flush()
+    return values
+
+
+def rows(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def charges(dsn: str) -> list[tuple[bytes, bytes, int]]:
+    found = rows(dsn, "SELECT k, v, backend FROM charges ORDER BY id")
+    return [(bytes(k), bytes(v), int(b)) for k, v, b in found]
+
+
+def test_records_use_several_connections_and_each_effect_commits_once(
+    log: Log, pg_dsn: str
+) -> None:
+    """A record that holds its connection a while (two writes with a wait between) makes the
+    others take more connections, never over the sink's number; every effect once, and the
+    positions end after the last record, with no mark left below them."""
+    values = fill(log, 400)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    rng = random.Random(3)
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA, connections=4), concurrency=50)
+    async def charge(msg: Message, db: Any) -> None:
+        await asyncio.sleep(rng.random() * 0.005)
+        await db.execute(INSERT, (msg.key, msg.value))
+        await asyncio.sleep(0.002)  # still holding its connection
+        await db.execute("UPDATE charges SET v = v WHERE v = %s", (msg.value,))
+
+    assert app.run(until_idle=0.5).processed == 400
+    found = charges(pg_dsn)
+    assert sorted(v for _, v, _ in found) == values  # each once
+    assert 1 < len({b for _, _, b in found}) <= 4  # several connections, at most four
+    # records of one key ran on one connection per commit, and in offset order
+    for key in {k for k, _, _ in found}:
+        mine = [v for k, v, _ in found if k == key]
+        assert mine == sorted(mine)
+    assert rows(pg_dsn, "SELECT count(*) FROM assured_done") == [(0,)]
+    assert rows(pg_dsn, "SELECT sum(next_offset) FROM assured_offsets") == [(400,)]
+
+
+@pytest.mark.parametrize("guarantee", ["at-most-once", "at-least-once", "exactly-once"])
+def test_a_connection_lost_at_the_group_commit_loses_and_repeats_only_as_the_guarantee_allows(
+    log: Log, pg_dsn: str, guarantee: Guarantee
+) -> None:
+    """One record ends another connection's backend while its transaction is open (records
+    done in it, not yet committed), with a third connection's open too: that commit fails and
+    its records are handled again, while what another connection committed stays handled.
+    Exactly-once: every effect once; at-least-once: none lost; at-most-once: none twice."""
+    values = fill(log, 300)
+    app = App(log=log, group="g", guarantee=guarantee)
+    ended: list[int] = []
+
+    async def end_one_other(dsn: str) -> int:
+        """On a connection of the test's own (holding none of the App's): wait until two of
+        the App's connections hold open transactions, then end one's backend."""
+        open_ones = (
+            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+            "AND state = 'idle in transaction' AND datname = current_database() ORDER BY pid"
+        )
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as own:
+            for _ in range(3000):
+                found = await (await own.execute(open_ones)).fetchall()
+                if len(found) >= 2:
+                    await own.execute("SELECT pg_terminate_backend(%s)", (found[0][0],))
+                    return len(found)
+                await asyncio.sleep(0.001)
+        return 0
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=40, backoff_ms=1)
+    async def charge(msg: Message, db: Any) -> None:
+        await asyncio.sleep(0.003)
+        if msg.partition == 0 and msg.offset == 60 and not ended:
+            ended.append(await end_one_other(pg_dsn))
+        await db.execute(INSERT, (msg.key, msg.value))
+
+    app.run(until_idle=1)
+    assert ended
+    assert ended[0] >= 2  # the fault landed: other connections held work
+    seen = Counter(v for _, v, _ in charges(pg_dsn))
+    if guarantee == "exactly-once":
+        assert sorted(seen.elements()) == values
+    if guarantee == "at-least-once":
+        assert set(seen) == set(values)
+    if guarantee == "at-most-once":  # a commit of unknown outcome gives up all in flight
+        assert max(seen.values()) == 1
+
+
+def test_a_record_waiting_for_a_row_lock_another_connection_holds_goes_on(
+    log: Log, pg_dsn: str
+) -> None:
+    """Records of different keys update one row: a record on a second connection waits for
+    the first connection's row lock, which holds until that connection commits. The group
+    commit commits the connections already free first, so the waiting one goes on (no stall
+    until the records' time limit)."""
+    fill(log, 120, keys=40)
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=30_000)
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=20)
+    async def count(msg: Message, db: Any) -> None:
+        await asyncio.sleep(0.001)
+        await db.execute("UPDATE totals SET n = n + 1 WHERE id = 1")
+        await asyncio.sleep(0.01)  # holds the row lock a while, in its connection
+
+    finished = threading.Event()
+
+    def run() -> None:
+        app.run(until_idle=0.5)
+        finished.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert finished.wait(20), "the records waiting for the row lock stalled"
+    assert rows(pg_dsn, "SELECT n FROM totals WHERE id = 1") == [(120,)]
+
+
+def test_results_read_the_same_way_and_hold_is_refused_on_postgres(log: Log, pg_dsn: str) -> None:
+    """An awaited execute returns the rows already read (fetchone, fetchall, rowcount), as on
+    SQLite; db.hold(), which gives a plain transaction, is refused with what to do instead."""
+    fill(log, 10)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    read: list[Any] = []
+    refused: list[str] = []
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=4)
+    async def look(msg: Message, db: Any) -> None:
+        result = await db.execute("SELECT n, 'x' FROM totals WHERE id = 1")
+        updated = await db.execute("UPDATE totals SET n = n WHERE id = 1")
+        read.append((result.fetchone(), result.fetchone(), result.rowcount, updated.rowcount))
+        if not refused:
+            with pytest.raises(UsageError) as e:
+                await db.hold()
+            refused.append(str(e.value))
+
+    assert app.run(until_idle=0.5).processed == 10
+    assert read == [((0, "x"), None, 1, 1)] * 10
+    assert "await db.execute" in refused[0]
+
+
+@pytest.mark.parametrize("connections", [0, -1, 1.5, True])
+def test_a_wrong_number_of_connections_is_refused(pg_dsn: str, connections: Any) -> None:
+    with pytest.raises(ConfigError, match="connections"):
+        PostgresSink(pg_dsn, connections=connections)
