@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from assured import App, Message, PostgresSink, open_log
 from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
+from tests.sinks.conftest import read_all
 
 pytestmark = pytest.mark.postgres
 
@@ -189,3 +191,59 @@ def test_results_read_the_same_way_and_hold_is_refused_on_postgres(log: Log, pg_
 def test_a_wrong_number_of_connections_is_refused(pg_dsn: str, connections: Any) -> None:
     with pytest.raises(ConfigError, match="connections"):
         PostgresSink(pg_dsn, connections=connections)
+
+
+def test_a_stop_while_records_wait_for_each_others_row_locks_ends_promptly(
+    log: Log, pg_dsn: str
+) -> None:
+    """The drain of a stop waits for every record; a record waiting for a row lock that a
+    free connection's open transaction holds would wait for ever, and the drain with it. The
+    waiting step commits the free connections, so the drain ends at once, and a second App
+    finds every effect made exactly once."""
+    fill(log, 400, keys=40)
+    first = App(log=log, group="g", guarantee="exactly-once", drain_timeout_ms=20_000)
+
+    @first.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=8,
+                   ordering="unordered")  # fmt: skip
+    async def count(msg: Message, db: Any) -> None:
+        await db.execute("UPDATE totals SET n = n + 1 WHERE id = 1")
+        await asyncio.sleep(0.05)  # holds the row lock, in its connection
+
+    threading.Timer(0.5, first.stop).start()
+    began = time.monotonic()
+    first.run()
+    assert time.monotonic() - began < 8  # not the 20 s drain, nor for ever
+
+    second = App(log=log, group="g", guarantee="exactly-once")
+
+    @second.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=8)
+    async def count_again(msg: Message, db: Any) -> None:
+        await db.execute("UPDATE totals SET n = n + 1 WHERE id = 1")
+
+    second.run(until_idle=0.5)
+    assert rows(pg_dsn, "SELECT n FROM totals WHERE id = 1") == [(400,)]
+
+
+def test_a_record_stuck_in_a_statement_past_its_limit_fails_alone(log: Log, pg_dsn: str) -> None:
+    """A statement that never ends (a lock held elsewhere, a slow query): past
+    transaction_timeout_ms the record is cancelled, psycopg cancels the statement on the
+    server, and only the record's part rolls back; it fails with a TimeoutError, is retried,
+    then dead-lettered, while the records beside it on the same connection commit."""
+    fill(log, 20)
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=4, retries=1,
+                 backoff_ms=1)  # fmt: skip
+    async def charge(msg: Message, db: Any) -> None:
+        await db.execute(INSERT, (msg.key, msg.value))
+        if msg.value == b"m0005":
+            await db.execute("SELECT pg_sleep(3600)")
+
+    began = time.monotonic()
+    assert app.run(until_idle=1).processed == 20
+    assert time.monotonic() - began < 30
+    assert sorted(v for _, v, _ in charges(pg_dsn)) == [
+        f"m{i:04d}".encode() for i in range(20) if i != 5
+    ]
+    letters = [r.value for r in read_all(log, "in.dlq")]
+    assert letters == [b"m0005"]

@@ -174,6 +174,11 @@ async def _awaited(result: Awaitable[T]) -> T:
     return await result
 
 
+# With a database side by side, how often a step that waits looks at the window's connections
+# (see SharedTransaction.unblock).
+_LOOK_S = 0.05
+
+
 def lane_of(record: Record, ordering: Ordering) -> tuple[Any, ...] | None:
     """The lane ``record`` runs in: records of one lane never overlap and run in offset order
     (None: a lane of its own)."""
@@ -258,6 +263,7 @@ class Window:
         self.deadline: float | None = None  # a drain (complete) gives up what runs past it
         self.past_drain: Callable[[], bool] = lambda: False  # a stop's drain is over
         self.held: list[_Entry] = []
+        self._committing: list[_Entry] = []  # taken out of held by a group commit under way
         self.skips: dict[TopicPartition, set[int]] = {}
 
     # -- the protocol's side -----------------------------------------------------------------
@@ -327,7 +333,7 @@ class Window:
     async def _commit(self) -> None:
         """The group commit of the records handled since the last one; then they are done."""
         assert self.db is not None
-        committed: list[_Entry] = []
+        committed = self._committing = []
 
         def collect() -> tuple[list[Held], dict[TopicPartition, int]]:
             committed.extend(e for e in self.held if not e.gone)
@@ -343,31 +349,34 @@ class Window:
         async def give_up() -> None:
             await asyncio.gather(*self._overdue(), return_exceptions=True)
 
-        def landed(records: list[Record]) -> None:
-            """One connection's commit landed (the step's last one may still fail): its
-            records are handled, whatever comes of the others."""
-            ids = {id(r) for r in records}
-            for entry in (*self.held, *committed):
-                if id(entry.record) in ids:
-                    self._landed(entry)
-            self.held = [e for e in self.held if not e.done]
+        try:
+            await self.db.commit(collect, self.past_drain, give_up, self._on_landed)
+            for entry in committed:
+                self._landed(entry)
+        finally:
+            self._committing = []
 
-        await self.db.commit(collect, self.past_drain, give_up, landed)
-        for entry in committed:
-            self._landed(entry)
+    def _on_landed(self, records: list[Record]) -> None:
+        """One connection's commit landed (the step's last one may still fail, and others
+        before it): its records are handled, whatever comes of the others."""
+        ids = {id(r) for r in records}
+        for entry in (*self.held, *self._committing):
+            if id(entry.record) in ids:
+                self._landed(entry)
+        self.held = [e for e in self.held if not e.done]
 
     def _landed(self, entry: _Entry) -> None:
         """``entry``'s group commit landed: it is handled."""
         if entry.done or entry.gone:
             return
-        if entry.letters and not self.db.marks:  # type: ignore[union-attr]
+        entry.done = True  # first: whatever sending its dead letter does, it is not redone
+        letters, entry.letters = entry.letters, []
+        if letters and not self.db.marks:  # type: ignore[union-attr]
             # At-most-once: a dead letter goes out once its record's commit landed (one sent
             # before a commit that failed would be sent again by the redo).
             assert self.dead_letters is not None
-            for topic, record, headers in entry.letters:
+            for topic, record, headers in letters:
                 self.dead_letters(topic, record, headers)
-        entry.letters = []
-        entry.done = True
 
     async def _step(self, records: Sequence[Record], complete: bool) -> None:
         if self.changed is None:
@@ -390,25 +399,40 @@ class Window:
                 not complete and self.finished > seen and self.count - self.ready() < self.room
             ):
                 return
-            self.changed.clear()
-            timeout: float | None = 0.01
-            if complete:
-                timeout = None if self.deadline is None else self.deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(self.changed.wait(), timeout)
-            except TimeoutError:
-                if complete:  # the drain's deadline passed
-                    if self.stopped:
-                        raise _worst(self.stopped) from None
-                    log.warning(
-                        "%d record(s) of handler %s still running at the end of the drain "
-                        "(drain_timeout_ms): given up, not committed; the next owner handles "
-                        "them again (under at-most-once they are lost)",
-                        self.unfinished, self.spec.name,
-                    )  # fmt: skip
-                    return
-                if not self.stopped and self.count - self.ready() < self.room:
-                    return
+            if await self._wait(complete):
+                continue
+            if complete:  # the drain's deadline passed
+                if self.stopped:
+                    raise _worst(self.stopped)
+                log.warning(
+                    "%d record(s) of handler %s still running at the end of the drain "
+                    "(drain_timeout_ms): given up, not committed; the next owner handles "
+                    "them again (under at-most-once they are lost)",
+                    self.unfinished, self.spec.name,
+                )  # fmt: skip
+                return
+            if not self.stopped and self.count - self.ready() < self.room:
+                return
+
+    async def _wait(self, complete: bool) -> bool:
+        """Wait until a record finishes, 10 ms at most (``complete``: until the drain's
+        deadline, if any); False when that time ran out. With a database side by side the
+        wait is cut into looks at its connections (see SharedTransaction.unblock)."""
+        assert self.changed is not None
+        self.changed.clear()
+        timeout: float | None = 0.01
+        if complete:
+            timeout = None if self.deadline is None else self.deadline - time.monotonic()
+        looked = False
+        if self.db is not None:
+            await self.db.unblock(self._on_landed)
+            if timeout is None or timeout > _LOOK_S:
+                timeout, looked = _LOOK_S, True
+        try:
+            await asyncio.wait_for(self.changed.wait(), timeout)
+        except TimeoutError:
+            return looked
+        return True
 
     def handled_above(self) -> dict[TopicPartition, tuple[int, list[int]]]:
         """Partitions whose first record in the window is not handled yet (their committed

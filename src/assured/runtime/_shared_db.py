@@ -55,6 +55,9 @@ __all__ = ["Held", "RecordDb", "SharedTransaction", "WindowClosed"]
 # A record handled into the shared transaction, and its dead letters (topic, record, headers).
 Held = tuple[Record, list[tuple[str, Record, list[Header]]]]
 
+# A record that holds its connection this long may be waiting for another's row lock.
+_BLOCKED_S = 0.05
+
 _MARK = (
     "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
     "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -105,6 +108,7 @@ class SharedTransaction:
         self._gate = False  # open while records may take the database (in a step)
         self._idle: asyncio.Future[None] | None = None  # a commit waiting for lanes to free
         self._names = itertools.count(1)
+        self._failed: list[BaseException] = []  # commits between two group commits that failed
         self.closed = False  # given up: no record may open a transaction any more
         self.lettered = False  # a commit held dead letters (the relay has work)
         # A record held past region_limit_s (waiting for a call that does not come back) is
@@ -225,9 +229,11 @@ class SharedTransaction:
             errors = await self._regions_ended(overdue, give_up, landed)
             held, positions = collect()  # now: a record that ended meanwhile is in it too
             if errors:
-                raise _worst(errors)
+                raise _worst(errors)  # what the others hold rolls back too: all redone
             used = [lane for lane in self.lanes if lane.conn.in_transaction]
-            if self.marks and held and not used:  # dead letters, marks: a transaction
+            if self.marks and (held or positions) and not used:
+                # Dead letters and marks, or positions moved by records whose connections
+                # committed already (their marks alone are not where the next owner starts).
                 first = self.lanes[0] if self.lanes else self._new_lane()
                 await first.conn.begin()
                 used = [first]
@@ -251,9 +257,49 @@ class SharedTransaction:
             await self._roll_back_all(e)
             raise
         finally:
+            self._failed = []
             self._bound.clear()
             for lane in self.lanes:
                 lane.members = []
+
+    async def unblock(self, landed: Callable[[list[Record]], None]) -> None:
+        """During a step, while records run: a record that has held its connection a while
+        may be waiting for a row lock that another connection's open transaction holds, and
+        that transaction ends only at a commit. So the connections already free commit now
+        (roll back, once one such commit failed: the step's commit then fails, and everything
+        of it is handled again). A record held past ``region_limit_s`` is cancelled."""
+        now = time.monotonic()
+        stuck = False
+        for lane in self.lanes:
+            holder = lane.holder
+            if not isinstance(holder, asyncio.Task) or now - lane.held_since < _BLOCKED_S:
+                continue
+            stuck = True
+            if now - lane.held_since > self.region_limit_s and self.overran is not holder:
+                self.overran = holder  # it fails with a TimeoutError (see Window)
+                holder.cancel()
+        free = [ln for ln in self.lanes if ln.holder is None and ln.conn.in_transaction]
+        if not (stuck and free):
+            return
+        for lane in free:
+            lane.holder = self  # taken for its commit: no record gets it meanwhile
+        try:
+            self._failed += await self._settle(free, landed)
+        finally:
+            for lane in free:
+                self.give_back(lane)
+
+    async def _settle(
+        self, lanes: list[_Lane], landed: Callable[[list[Record]], None]
+    ) -> list[BaseException]:
+        """Commit free ``lanes`` before the step's commit (see :meth:`unblock`), or roll them
+        back once a commit of this step failed; returns the errors."""
+        if not self._failed:
+            return await self._commit_lanes(lanes, landed)
+        for lane in lanes:
+            lane.members = []
+            await lane.conn.rollback(asyncio.CancelledError())
+        return []
 
     async def _regions_ended(
         self,
@@ -264,15 +310,14 @@ class SharedTransaction:
         """Wait until no record holds a connection; meanwhile commit the connections already
         free (a record still running may wait for one of their row locks). Returns the errors
         of those commits."""
-        errors: list[BaseException] = []
         loop = asyncio.get_running_loop()
         while True:
             busy = [lane for lane in self.lanes if lane.holder is not None]
             if not busy:
-                return errors
+                return self._failed
             free = [ln for ln in self.lanes if ln.holder is None and ln.conn.in_transaction]
-            if free and not errors:
-                errors += await self._commit_lanes(free, landed)
+            if free:
+                self._failed += await self._settle(free, landed)
                 continue
             self._idle = loop.create_future()
             await asyncio.wait([self._idle], timeout=0.05)

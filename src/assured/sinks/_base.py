@@ -535,7 +535,7 @@ class Sink(abc.ABC):
         )
         out: Claim = {}
         with self.transaction(group, incarnations) as tx:
-            for tp in partitions:
+            for tp in sorted(partitions):  # the order commits lock them in: no lock cycle
                 incarnation = incarnations.get(tp.topic)
                 old = tx.execute(before, (group, tp.topic, tp.partition)).fetchone()
                 if old and incarnation and old[0] and old[0] != incarnation:

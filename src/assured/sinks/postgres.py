@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from typing import Any, NoReturn, TypeVar
 
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ConnStatus, TransactionStatus
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -502,10 +503,15 @@ class _PostgresSideBySide(SideBySide):
                 self._lose(e)
             raise
         except asyncio.CancelledError:
-            self.lost = (
-                f"a call to PostgreSQL at {self.sink.where} was cancelled half-way: the "
-                "connection's state is unknown, so its transaction is rolled back"
-            )
+            # psycopg cancels the statement on the server and waits for it to end, leaving
+            # the transaction aborted (the record's savepoint undoes it); when it could not,
+            # it closed the connection.
+            if conn.closed or conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+                self.lost = (
+                    f"a call to PostgreSQL at {self.sink.where} was cancelled half-way and "
+                    "could not be stopped cleanly: the connection is dropped, its transaction "
+                    "rolled back"
+                )
             raise
 
     async def execute(
