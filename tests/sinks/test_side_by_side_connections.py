@@ -247,3 +247,102 @@ def test_a_record_stuck_in_a_statement_past_its_limit_fails_alone(log: Log, pg_d
     ]
     letters = [r.value for r in read_all(log, "in.dlq")]
     assert letters == [b"m0005"]
+
+
+def test_records_stuck_behind_an_outside_lock_together_each_fail_and_retry(
+    log: Log, pg_dsn: str
+) -> None:
+    """Two records wait together on a row lock held outside the App past
+    transaction_timeout_ms: both are cancelled in the same look, both fail with a TimeoutError
+    and are retried (a record was left neither handled nor failed before, and the App never
+    went idle); once the lock is released every effect is made exactly once."""
+    fill(log, 20, keys=20)
+    with PostgresSink(pg_dsn, schema=SCHEMA):
+        pass
+    holder = psycopg.connect(pg_dsn)
+    holder.execute("SELECT n FROM totals WHERE id = 1 FOR UPDATE")  # held until released
+    threading.Timer(3.5, holder.commit).start()
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=8, retries=20,
+                 backoff_ms=100)  # fmt: skip
+    async def count(msg: Message, db: Any) -> None:
+        await db.execute(INSERT, (msg.key, msg.value))
+        if msg.value in (b"m0005", b"m0006"):
+            await db.execute("UPDATE totals SET n = n + 1 WHERE id = 1")
+
+    finished = threading.Event()
+
+    def run() -> None:
+        app.run(until_idle=1)
+        finished.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        assert finished.wait(40), "a record stuck behind the lock was never retried"
+    finally:
+        holder.close()
+    assert sorted(v for _, v, _ in charges(pg_dsn)) == [f"m{i:04d}".encode() for i in range(20)]
+    assert rows(pg_dsn, "SELECT n FROM totals WHERE id = 1") == [(2,)]
+
+
+def test_commits_that_wait_for_each_others_locks_fall_back_to_one_connection(
+    log: Log, pg_dsn: str
+) -> None:
+    """A deferred foreign key is checked at COMMIT: a connection whose records inserted child
+    rows waits for the parent row that another connection of the window holds locked, and
+    that one commits only after it. The waiting commit gives up after a few seconds (rolled
+    back, handled again) and the window goes on with one connection: no hang, every effect
+    once."""
+    schema = (
+        *SCHEMA,
+        "CREATE TABLE IF NOT EXISTS accounts (id INT PRIMARY KEY)",
+        "INSERT INTO accounts VALUES (1) ON CONFLICT DO NOTHING",
+        "CREATE TABLE IF NOT EXISTS transfers (v BYTEA PRIMARY KEY, account INT REFERENCES "
+        "accounts (id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    values = fill(log, 40, keys=4)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=schema), concurrency=8)
+    async def move(msg: Message, db: Any) -> None:
+        if msg.key in (b"k0", b"k2"):  # locks the parent row, and keeps its connection
+            await db.execute("SELECT id FROM accounts WHERE id = 1 FOR UPDATE")
+            await asyncio.sleep(0.1)
+        await db.execute("INSERT INTO transfers VALUES (%s, 1)", (msg.value,))
+
+    finished = threading.Event()
+
+    def run() -> None:
+        app.run(until_idle=1)
+        finished.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert finished.wait(60), "commits waiting for each other's locks hung"
+    found = sorted(bytes(v) for (v,) in rows(pg_dsn, "SELECT v FROM transfers"))
+    assert found == values
+
+
+def test_every_record_held_past_its_limit_in_one_look_is_cancelled_as_overrun(
+    tmp_path: Path,
+) -> None:
+    """Records found past transaction_timeout_ms in the same look are each cancelled as
+    overrun (each then fails with a TimeoutError and is retried); when only the last one was
+    remembered, the others counted as given up and were left neither handled nor failed."""
+    from assured import SqliteSink
+    from assured.runtime._shared_db import SharedTransaction, _Lane
+
+    async def scenario() -> set[asyncio.Task[Any]]:
+        sink = SqliteSink(tmp_path / "x.db")
+        shared = SharedTransaction(sink, "g", {}, marks=True, epochs=dict, region_limit_s=1)
+        stuck = [asyncio.create_task(asyncio.sleep(3600)) for _ in range(3)]
+        for task in stuck:
+            lane = _Lane(sink.side_by_side("g", {}))
+            lane.holder, lane.held_since = task, time.monotonic() - 5
+            shared.lanes.append(lane)
+        await shared.unblock(lambda _records: None)
+        await asyncio.gather(*stuck, return_exceptions=True)
+        assert all(t.cancelled() for t in stuck)
+        return shared.overran ^ set(stuck)
+
+    assert asyncio.run(scenario()) == set()

@@ -351,8 +351,7 @@ class Window:
 
         try:
             await self.db.commit(collect, self.past_drain, give_up, self._on_landed)
-            for entry in committed:
-                self._landed(entry)
+            self._landed(committed)
         finally:
             self._committing = []
 
@@ -360,17 +359,18 @@ class Window:
         """One connection's commit landed (the step's last one may still fail, and others
         before it): its records are handled, whatever comes of the others."""
         ids = {id(r) for r in records}
-        for entry in (*self.held, *self._committing):
-            if id(entry.record) in ids:
-                self._landed(entry)
+        self._landed([e for e in (*self.held, *self._committing) if id(e.record) in ids])
         self.held = [e for e in self.held if not e.done]
 
-    def _landed(self, entry: _Entry) -> None:
-        """``entry``'s group commit landed: it is handled."""
-        if entry.done or entry.gone:
-            return
-        entry.done = True  # first: whatever sending its dead letter does, it is not redone
-        letters, entry.letters = entry.letters, []
+    def _landed(self, entries: list[_Entry]) -> None:
+        """The group commit of ``entries`` landed: they are handled. All are marked so
+        before any dead letter is sent: whatever sending one does, none is handled again."""
+        landed = [e for e in entries if not (e.done or e.gone)]
+        for entry in landed:
+            entry.done = True
+        letters = [letter for e in landed for letter in e.letters]
+        for entry in landed:
+            entry.letters = []
         if letters and not self.db.marks:  # type: ignore[union-attr]
             # At-most-once: a dead letter goes out once its record's commit landed (one sent
             # before a commit that failed would be sent again by the redo).
@@ -609,13 +609,13 @@ class Window:
         try:
             await self.spec.fn(msg, db)
         except asyncio.CancelledError as e:
-            if self.db.overran is not task:
+            if task not in self.db.overran:
                 await db.end(e)
                 raise
             # Held the database past its limit: cancelled by the group commit, which waits
             # for it. The record's failure (retried, then dead-lettered), not the App's.
             task.uncancel()
-            self.db.overran = None
+            self.db.overran.discard(task)
             late = TimeoutError(
                 f"the handler held the database for over {self.db.region_limit_s:g} s "
                 "(transaction_timeout_ms) while every other record waited for it; its work was "
@@ -626,7 +626,7 @@ class Window:
         except BaseException as e:
             await db.end(e)
             raise
-        if entry.gone or (task.cancelling() and self.db.overran is not task):
+        if entry.gone or (task.cancelling() and task not in self.db.overran):
             await db.end(asyncio.CancelledError())  # given up, and it swallowed the cancellation
             raise _GivenUp
         await db.end(None)

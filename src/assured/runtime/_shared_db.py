@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -46,9 +47,17 @@ from assured.errors import UsageError
 from assured.log import Header, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
 from assured.sinks import Sink, SinkCommitUnknownError, SinkFencedError, SinkTransaction
-from assured.sinks._base import MessageLike, SideBySide, fenced, refuse_transaction_control
+from assured.sinks._base import (
+    CommitWaitError,
+    MessageLike,
+    SideBySide,
+    fenced,
+    refuse_transaction_control,
+)
 
 T = TypeVar("T")
+
+log = logging.getLogger("assured.runtime")
 
 __all__ = ["Held", "RecordDb", "SharedTransaction", "WindowClosed"]
 
@@ -114,7 +123,7 @@ class SharedTransaction:
         # A record held past region_limit_s (waiting for a call that does not come back) is
         # cancelled at the next group commit, and fails.
         self.region_limit_s = region_limit_s
-        self.overran: asyncio.Task[Any] | None = None
+        self.overran: set[asyncio.Task[Any]] = set()
 
     # Whether records above the stored positions are marked done (the audit's planted
     # ``side-by-side-without-marks`` turns it off, to show what the marks prevent).
@@ -160,7 +169,7 @@ class SharedTransaction:
         bound = self._bound.get(affinity) if affinity is not None else None
         if bound is not None:
             return bound if bound.holder is None else None
-        for lane in self.lanes:
+        for lane in self.lanes[: self.most]:
             if lane.holder is None:
                 return lane
         if len(self.lanes) < self.most:
@@ -174,7 +183,7 @@ class SharedTransaction:
 
     def give_back(self, lane: _Lane) -> None:
         lane.holder = None
-        if self._gate:
+        if self._gate and lane in self.lanes[: self.most]:
             self._serve(lane)
         elif self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
@@ -193,7 +202,10 @@ class SharedTransaction:
         """A step begins: records may take the database again."""
         self.closed = False
         self._gate = True
-        for lane in self.lanes:
+        for lane in self.lanes[self.most :]:  # no longer used (see _commit_marked)
+            self._any.extend(lane.waiting)
+            lane.waiting.clear()
+        for lane in self.lanes[: self.most]:
             if lane.holder is None:
                 self._serve(lane)
         while self._any and len(self.lanes) < self.most:
@@ -275,8 +287,8 @@ class SharedTransaction:
             if not isinstance(holder, asyncio.Task) or now - lane.held_since < _BLOCKED_S:
                 continue
             stuck = True
-            if now - lane.held_since > self.region_limit_s and self.overran is not holder:
-                self.overran = holder  # it fails with a TimeoutError (see Window)
+            if now - lane.held_since > self.region_limit_s and holder not in self.overran:
+                self.overran.add(holder)  # it fails with a TimeoutError (see Window)
                 holder.cancel()
         free = [ln for ln in self.lanes if ln.holder is None and ln.conn.in_transaction]
         if not (stuck and free):
@@ -327,8 +339,8 @@ class SharedTransaction:
             for lane in busy:
                 holder = lane.holder
                 late = now - lane.held_since > self.region_limit_s
-                if isinstance(holder, asyncio.Task) and late and self.overran is not holder:
-                    self.overran = holder  # it fails with a TimeoutError (see Window)
+                if isinstance(holder, asyncio.Task) and late and holder not in self.overran:
+                    self.overran.add(holder)  # it fails with a TimeoutError (see Window)
                     holder.cancel()
 
     async def _commit_lanes(
@@ -367,7 +379,16 @@ class SharedTransaction:
             if self.marked:
                 rows = [(self.group, r.topic, r.partition, r.offset) for r in lane.members]
                 await lane.conn.execute_many(sql(_MARK), rows)
-        await lane.conn.commit()
+        try:
+            await lane.conn.commit(bounded=True)  # another lane may hold what it waits for
+        except CommitWaitError:
+            if self.most > 1:
+                log.warning(
+                    "records of handler side by side waited for each other's locks at a "
+                    "commit (a deferred constraint?): they go on one connection from now on"
+                )
+                self.most = 1
+            raise
 
     async def _write(
         self,
@@ -417,6 +438,7 @@ class SharedTransaction:
     async def rollback(self, error: BaseException | None = None) -> None:
         """Roll the open transactions back (a failed step, a given-up window); never raises."""
         await self._roll_back_all(error or asyncio.CancelledError())
+        self._failed = []  # that step is over: the next one starts clean
         self._bound.clear()
         for lane in self.lanes:
             lane.members = []

@@ -84,6 +84,12 @@ class SinkCommitUnknownError(SinkUnavailableError):
     committed, effects included; the rest was not."""
 
 
+class CommitWaitError(SinkUnavailableError):
+    """A connection's commit, made beside others of the same window, waited too long for a
+    lock (a deferred constraint checking a row another connection of the window holds): it
+    was rolled back. The window goes on with one connection."""
+
+
 class SwallowedStatementError(Exception):
     """A statement failed inside a handler's savepoint and the handler carried on (PostgreSQL
     had aborted the transaction). The savepoint was rolled back; the record failed, as if the
@@ -301,8 +307,11 @@ class SideBySide(abc.ABC):
         """The open transaction for calls without ``await`` (``savepoint`` taken first)."""
 
     @abc.abstractmethod
-    async def commit(self) -> None:
-        """Commit; raises as :meth:`Sink.transaction` does when the commit fails."""
+    async def commit(self, bounded: bool = False) -> None:
+        """Commit; raises as :meth:`Sink.transaction` does when the commit fails.
+        ``bounded``: a lock the commit waits for (a deferred constraint's) is waited for a
+        few seconds at most, then :class:`CommitWaitError` (it may be held by another
+        connection of the same window, which commits only after this one)."""
 
     @abc.abstractmethod
     async def rollback(self, error: BaseException) -> None:
@@ -377,7 +386,7 @@ class _Plain(SideBySide):
             if e is not error:  # the database's failure; the record's own is its caller's
                 raise
 
-    async def commit(self) -> None:
+    async def commit(self, bounded: bool = False) -> None:
         cm, self._cm, self._tx = self._cm, None, None
         self._regions.clear()
         if cm is not None:

@@ -25,6 +25,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from assured.errors import ConfigError, ServiceError, UsageError
 from assured.sinks._base import (
+    CommitWaitError,
     SideBySide,
     Sink,
     SinkCommitUnknownError,
@@ -113,6 +114,10 @@ def _rolled_back_text(where: str, done: str | None) -> str:
         "inside it had failed and the error was swallowed. Nothing of it committed; the work "
         "is redone."
     )
+
+
+# How long a commit beside others of the same window waits for a lock (see CommitWaitError).
+_COMMIT_WAIT_MS = 5000
 
 
 class _DownError(Exception):
@@ -573,7 +578,7 @@ class _PostgresSideBySide(SideBySide):
 
         await self._run(undo)
 
-    async def commit(self) -> None:
+    async def commit(self, bounded: bool = False) -> None:
         conn = self._conn
         try:
             if self.lost is not None:
@@ -585,8 +590,20 @@ class _PostgresSideBySide(SideBySide):
             if conn.info.transaction_status != TransactionStatus.INTRANS:
                 raise SinkUnavailableError(_not_open_text(self.sink.where))
             try:
-                done = (await conn.execute("COMMIT")).statusmessage
+                if bounded:
+                    async with conn.pipeline():
+                        await conn.execute(f"SET LOCAL lock_timeout = {_COMMIT_WAIT_MS}")
+                        cursor = await conn.execute("COMMIT")
+                else:
+                    cursor = await conn.execute("COMMIT")
+                done = cursor.statusmessage
             except psycopg.Error as e:
+                if bounded and getattr(e, "sqlstate", None) == "55P03":  # lock_not_available
+                    raise CommitWaitError(
+                        f"a commit on PostgreSQL at {self.sink.where} waited over "
+                        f"{_COMMIT_WAIT_MS} ms for a lock (a deferred constraint's check?) "
+                        "and was rolled back; its records are handled again"
+                    ) from e
                 if not connection_lost(conn, e):
                     raise  # the server refused the commit (a deferred constraint): rolled back
                 raise SinkCommitUnknownError(_commit_unknown_text(self.sink.where, e)) from e
