@@ -71,6 +71,9 @@ def _into_database(app: App, spec: dict[str, Any], meter: Meter, wait: float) ->
     else:
         sink = PostgresSink(spec["db"], schema=schema)
         insert = "INSERT INTO io_effects (k, began) VALUES (%s, %s)"
+    slow = spec.get("db_wait_ms", 0.0) / 1000
+    if slow:  # the server takes a while over each (a remote host, a slower statement)
+        insert = "INSERT INTO io_effects (k, began) SELECT %s, %s FROM pg_sleep(%s)"
     sink.setup()
 
     @app.handler(spec["input"], sink=sink, concurrency=spec["concurrency"])
@@ -79,7 +82,7 @@ def _into_database(app: App, spec: dict[str, Any], meter: Meter, wait: float) ->
             meter.tick(1)  # the clock starts at the first call
         began = time.time_ns()
         await asyncio.sleep(wait)
-        await db.execute(insert, (msg.key, began))
+        await db.execute(insert, (msg.key, began, slow) if slow else (msg.key, began))
 
     stats = app.run(max_messages=spec["records"])
     meter.seen = stats.processed

@@ -67,6 +67,7 @@ class IoBenchConfig:
     faststream_python: str | None = None  # Kafka only: a Python that has faststream[confluent]
     sinks: list[str] = field(default_factory=lambda: ["topic"])  # topic, sqlite, postgres
     postgres_dsn: str | None = None  # for the postgres sink
+    db_wait_ms: float = 0.0  # postgres: each INSERT also waits this long on the server
 
     @property
     def backend(self) -> str:
@@ -125,6 +126,7 @@ def _into_database(
         "max_poll_records": max(config.max_poll_records, concurrency),
         "sink": sink,
         "db": db,
+        "db_wait_ms": config.db_wait_ms,
     }
     cmd = [sys.executable, "-m", "assured.bench._io_workers", "io-assured", json.dumps(spec)]
     reading = dict(spec, timeout_s=config.worker_timeout_s)
@@ -151,7 +153,10 @@ def _into_database(
             shutil.rmtree(folder, ignore_errors=True)
     if latency.get("effects") != records:
         raise RuntimeError(f"{name}: {latency.get('effects')} rows for {records} records")
-    return _row(config, "assured", guarantee, sink, concurrency, records, result, latency)
+    row = _row(config, "assured", guarantee, sink, concurrency, records, result, latency)
+    if sink == "postgres":
+        row["db_wait_ms"] = config.db_wait_ms
+    return row
 
 
 def _row(

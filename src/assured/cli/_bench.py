@@ -219,6 +219,13 @@ def bench(
         help="io with --sinks postgres: the server to use (default: a throwaway one is "
         "started, fsync on).",
     ),
+    db_wait_ms: float = typer.Option(
+        0.0,
+        "--db-wait-ms",
+        min=0.0,
+        help="io with --sinks postgres: each effect's INSERT also waits this long on the "
+        "server (pg_sleep), as a database on another host or a slower query would.",
+    ),
     systems: str = typer.Option(
         "bare,assured,assured-fixed,quixstreams,bare-pipelined",
         "--systems",
@@ -240,7 +247,7 @@ def bench(
     if suite == "io":
         _io(
             log, json_out, records or 100_000, Path(results_dir), concurrency, handler_ms,
-            faststream_python, sinks, postgres_dsn,
+            faststream_python, sinks, postgres_dsn, db_wait_ms,
         )  # fmt: skip
         return
     if suite == "runtime":
@@ -305,6 +312,7 @@ def _io(
     faststream_python: str | None,
     sinks: str = "topic",
     postgres_dsn: str | None = None,
+    db_wait_ms: float = 0.0,
 ) -> None:
     from assured.bench.io_suite import IoBenchConfig, markdown, run_io_suite
     from assured.errors import AssuredError
@@ -322,7 +330,7 @@ def _io(
         ):
             _io(
                 log, json_out, records, out, concurrency, handler_ms, faststream_python,
-                sinks, server.dsn,
+                sinks, server.dsn, db_wait_ms,
             )  # fmt: skip
         return
 
@@ -347,6 +355,7 @@ def _io(
         faststream_python=faststream_python,
         sinks=chosen,
         postgres_dsn=postgres_dsn,
+        db_wait_ms=db_wait_ms,
     )
     progress = Console(stderr=True)
     try:
