@@ -132,3 +132,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # A test that needs a real service never counts as done by being skipped.
     if any(counts.get("skipped") for counts in _outcomes.values()):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def fill_keyed(log: Log, n: int, keys: int = 10) -> list[bytes]:
+    """``n`` records into topic ``in`` (two partitions, alternating), keys ``k0`` ... cycling
+    over ``keys``; their values, ``m0000`` on."""
+    values = [f"m{i:04d}".encode() for i in range(n)]
+    with log.producer() as producer:
+        for i, v in enumerate(values):
+            producer.send("in", v, key=f"k{i % keys}".encode(), partition=i % 2)
+        producer.flush()
+    return values

@@ -17,6 +17,7 @@ from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
 from assured.errors import ConfigError, FatalError, RetriableError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
+from tests.conftest import fill_keyed as fill
 
 GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
 
@@ -28,15 +29,6 @@ def log(tmp_path: Path) -> Log:
         admin.create_topic("in", 2)
         admin.create_topic("out", 1)
     return opened
-
-
-def fill(log: Log, n: int, keys: int = 10) -> list[bytes]:
-    values = [f"m{i:04d}".encode() for i in range(n)]
-    with log.producer() as producer:
-        for i, v in enumerate(values):
-            producer.send("in", v, key=f"k{i % keys}".encode(), partition=i % 2)
-        producer.flush()
-    return values
 
 
 def read(log: Log, topic: str = "out") -> list[tuple[bytes | None, bytes | None]]:

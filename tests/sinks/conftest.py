@@ -12,6 +12,7 @@ from typing import NamedTuple
 import psycopg
 import pytest
 
+from assured import open_log
 from assured.log import Consumer, Log, Record, TopicPartition
 from assured.sinks import PostgresSink, Sink, SqliteSink
 
@@ -35,6 +36,15 @@ def pg_dsn(postgres_dsn: str) -> Iterator[str]:
     yield f"{postgres_dsn}?options=-csearch_path%3D{schema}"
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    """An embedded log with topic ``in``, two partitions."""
+    opened = open_log(f"embedded://{tmp_path}/log.db")
+    with opened.admin() as admin:
+        admin.create_topic("in", 2)
+    return opened
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

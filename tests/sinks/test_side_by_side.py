@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from assured import App, Message, PostgresSink, SqliteSink, open_log
+from assured import App, Message, PostgresSink, SqliteSink
 from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._handling import HandlerFailedError
@@ -65,14 +65,6 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
         lambda: PostgresSink(dsn, schema=SCHEMAS["postgres"]),
         "INSERT INTO charges (k, v) VALUES (%s, %s)",
     )
-
-
-@pytest.fixture
-def log(tmp_path: Path) -> Log:
-    opened = open_log(f"embedded://{tmp_path}/log.db")
-    with opened.admin() as admin:
-        admin.create_topic("in", 2)
-    return opened
 
 
 def fill(log: Log, n: int, keys: int = 10) -> list[str]:

@@ -17,10 +17,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from assured import App, Message, PostgresSink, open_log
+from assured import App, Message, PostgresSink
 from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
+from tests.conftest import fill_keyed as fill
 from tests.sinks.conftest import read_all
 
 pytestmark = pytest.mark.postgres
@@ -34,21 +35,17 @@ SCHEMA = (
 INSERT = "INSERT INTO charges (k, v, backend) VALUES (%s, %s, pg_backend_pid())"
 
 
-@pytest.fixture
-def log(tmp_path: Path) -> Log:
-    opened = open_log(f"embedded://{tmp_path}/log.db")
-    with opened.admin() as admin:
-        admin.create_topic("in", 2)
-    return opened
+def ends_within(app: App, seconds: float, until_idle: float) -> bool:
+    """Run ``app`` on a thread until idle; whether it ended within ``seconds`` (a hung App is
+    left behind on its daemon thread, and the test fails)."""
+    finished = threading.Event()
 
+    def run() -> None:
+        app.run(until_idle=until_idle)
+        finished.set()
 
-def fill(log: Log, n: int, keys: int = 10) -> list[bytes]:
-    values = [f"m{i:04d}".encode() for i in range(n)]
-    with log.producer() as producer:
-        for i, v in enumerate(values):
-            producer.send("in", v, key=f"k{i % keys}".encode(), partition=i % 2)
-        producer.flush()
-    return values
+    threading.Thread(target=run, daemon=True).start()
+    return finished.wait(seconds)
 
 
 def rows(dsn: str, sql: str) -> list[tuple[Any, ...]]:
@@ -153,14 +150,7 @@ def test_a_record_waiting_for_a_row_lock_another_connection_holds_goes_on(
         await db.execute("UPDATE totals SET n = n + 1 WHERE id = 1")
         await asyncio.sleep(0.01)  # holds the row lock a while, in its connection
 
-    finished = threading.Event()
-
-    def run() -> None:
-        app.run(until_idle=0.5)
-        finished.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert finished.wait(20), "the records waiting for the row lock stalled"
+    assert ends_within(app, 20, until_idle=0.5), "the records waiting for the row lock stalled"
     assert rows(pg_dsn, "SELECT n FROM totals WHERE id = 1") == [(120,)]
 
 
@@ -249,6 +239,7 @@ def test_a_record_stuck_in_a_statement_past_its_limit_fails_alone(log: Log, pg_d
     assert letters == [b"m0005"]
 
 
+@pytest.mark.slow  # the look that cancels them is covered in the default run below
 def test_records_stuck_behind_an_outside_lock_together_each_fail_and_retry(
     log: Log, pg_dsn: str
 ) -> None:
@@ -271,15 +262,8 @@ def test_records_stuck_behind_an_outside_lock_together_each_fail_and_retry(
         if msg.value in (b"m0005", b"m0006"):
             await db.execute("UPDATE totals SET n = n + 1 WHERE id = 1")
 
-    finished = threading.Event()
-
-    def run() -> None:
-        app.run(until_idle=1)
-        finished.set()
-
-    threading.Thread(target=run, daemon=True).start()
     try:
-        assert finished.wait(40), "a record stuck behind the lock was never retried"
+        assert ends_within(app, 40, until_idle=1), "a record stuck behind the lock was not retried"
     finally:
         holder.close()
     assert sorted(v for _, v, _ in charges(pg_dsn)) == [f"m{i:04d}".encode() for i in range(20)]
@@ -311,14 +295,7 @@ def test_commits_that_wait_for_each_others_locks_fall_back_to_one_connection(
             await asyncio.sleep(0.1)
         await db.execute("INSERT INTO transfers VALUES (%s, 1)", (msg.value,))
 
-    finished = threading.Event()
-
-    def run() -> None:
-        app.run(until_idle=1)
-        finished.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert finished.wait(60), "commits waiting for each other's locks hung"
+    assert ends_within(app, 60, until_idle=1), "commits waiting for each other's locks hung"
     found = sorted(bytes(v) for (v,) in rows(pg_dsn, "SELECT v FROM transfers"))
     assert found == values
 
