@@ -34,7 +34,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,38 @@ def _fill(log: Log, topic: str, records: int, keys: int) -> None:
         producer.flush()
 
 
+@contextlib.contextmanager
+def _latency_reader(module: str, role: str, spec: dict[str, Any]) -> Iterator[Callable[[], Any]]:
+    """A latency reader in a process of its own (``python -m module role spec``), started and
+    ready; gives a call that waits for its end and returns its result. Killed on the way out
+    if it still runs."""
+    reader = subprocess.Popen(
+        [sys.executable, "-m", module, role, json.dumps(spec)], stdout=subprocess.PIPE, text=True
+    )
+    assert reader.stdout is not None
+    lines = _Lines(reader.stdout)
+
+    def result() -> Any:
+        reader.wait(timeout=120)
+        lines.close()
+        return _last_json("\n".join(lines.lines))
+
+    try:
+        if not lines.wait_for("ready", 60):
+            raise RuntimeError(f"the latency reader ({role}) did not start")
+        yield result
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        lines.close()
+
+
 def _into_database(
     bench: _Bench, config: IoBenchConfig, sink: str, guarantee: str, concurrency: int
 ) -> dict[str, Any]:
-    """assured into a database (see the module's docstring): the worker's own reader takes
-    the latency; every record must have left exactly one row."""
+    """assured into a database (see the module's docstring): a reader of the database, in a
+    process of its own, takes the latency; every record must have left exactly one row."""
     name = f"assured-{sink}-{guarantee}-c{concurrency}"
     url = bench.url(name)
     log = open_log(url)
@@ -130,25 +157,11 @@ def _into_database(
     }
     cmd = [sys.executable, "-m", "assured.bench._io_workers", "io-assured", json.dumps(spec)]
     reading = dict(spec, timeout_s=config.worker_timeout_s)
-    reader = subprocess.Popen(
-        [sys.executable, "-m", "assured.bench._io_workers", "io-db-reader", json.dumps(reading)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert reader.stdout is not None
-    lines = _Lines(reader.stdout)
     try:
-        if not lines.wait_for("ready", 60):
-            raise RuntimeError("the io database reader did not start")
-        result = _run_worker(cmd, config.worker_timeout_s, name)
-        reader.wait(timeout=120)
-        lines.close()
-        latency = _last_json("\n".join(lines.lines))
+        with _latency_reader("assured.bench._io_workers", "io-db-reader", reading) as read:
+            result = _run_worker(cmd, config.worker_timeout_s, name)
+            latency = read()
     finally:
-        if reader.poll() is None:
-            reader.kill()
-            reader.wait()
-        lines.close()
         if sink == "sqlite":
             shutil.rmtree(folder, ignore_errors=True)
     if latency.get("effects") != records:
@@ -210,16 +223,7 @@ def _one(
             "expected": records,
             "timeout_s": config.worker_timeout_s,
         }
-        reader = subprocess.Popen(
-            [sys.executable, "-m", "assured.bench._workers", "read", json.dumps(reader_spec)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert reader.stdout is not None
-        lines = _Lines(reader.stdout)
-        try:
-            if not lines.wait_for("ready", 60):
-                raise RuntimeError("the io reader did not start")
+        with _latency_reader("assured.bench._workers", "read", reader_spec) as read:
             spec = {
                 "log": url,
                 "bootstrap": url[len("kafka://") :] if config.backend == "kafka" else None,
@@ -239,14 +243,7 @@ def _one(
                 role = "io-assured" if system == "assured" else "io-bare"
                 cmd = [sys.executable, "-m", "assured.bench._io_workers", role, json.dumps(spec)]
             result = _run_worker(cmd, config.worker_timeout_s, name)
-            reader.wait(timeout=120)
-            lines.close()
-            latency = _last_json("\n".join(lines.lines))
-        finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
-            lines.close()
+            latency = read()
     finally:
         log.close()
     if latency["samples"] < records:
