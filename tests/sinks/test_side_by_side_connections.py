@@ -323,3 +323,30 @@ def test_every_record_held_past_its_limit_in_one_look_is_cancelled_as_overrun(
         return shared.overran ^ set(stuck)
 
     assert asyncio.run(scenario()) == set()
+
+
+def test_records_waiting_for_a_connection_given_up_by_the_fallback_get_the_first(
+    tmp_path: Path,
+) -> None:
+    """When the window falls back to one connection, a record waiting for another one (bound
+    to it by its key) is handed the first instead of waiting for a step that never comes."""
+    from assured import SqliteSink
+    from assured.runtime._shared_db import SharedTransaction, _Lane
+
+    async def scenario() -> bool:
+        sink = SqliteSink(tmp_path / "x.db")
+        shared = SharedTransaction(sink, "g", {}, marks=True, epochs=dict)
+        shared.most = 2
+        first, second = (_Lane(sink.side_by_side("g", {})) for _ in range(2))
+        shared.lanes = [first, second]
+        second.holder = shared  # being committed
+        shared._bound[("in", 0, b"k")] = second
+        shared.reopen()
+        waiter = asyncio.create_task(shared.take(affinity=("in", 0, b"k")))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # waits for its own connection
+        shared._one_connection()  # that connection's commit waited too long
+        lane = await asyncio.wait_for(waiter, 1)
+        return lane is first
+
+    assert asyncio.run(scenario())

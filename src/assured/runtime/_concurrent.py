@@ -615,13 +615,15 @@ class Window:
             # Held the database past its limit: cancelled by the group commit, which waits
             # for it. The record's failure (retried, then dead-lettered), not the App's.
             task.uncancel()
-            self.db.overran.discard(task)
             late = TimeoutError(
                 f"the handler held the database for over {self.db.region_limit_s:g} s "
                 "(transaction_timeout_ms) while every other record waited for it; its work was "
                 "rolled back. Do the waiting (an API call) before the first database call."
             )
-            await db.end(late)
+            try:
+                await db.end(late)
+            finally:  # not before: a look meanwhile would cancel it again
+                self.db.overran.discard(task)
             raise late from None
         except BaseException as e:
             await db.end(e)

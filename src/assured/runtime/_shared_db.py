@@ -387,8 +387,20 @@ class SharedTransaction:
                     "records of handler side by side waited for each other's locks at a "
                     "commit (a deferred constraint?): they go on one connection from now on"
                 )
-                self.most = 1
+                self._one_connection()
             raise
+
+    def _one_connection(self) -> None:
+        """From now on the window uses its first connection only: records bound to another,
+        or waiting for one, go to it."""
+        self.most = 1
+        first = self.lanes[0]
+        self._bound = {k: lane for k, lane in self._bound.items() if lane is first}
+        for lane in self.lanes[1:]:
+            self._any.extend(lane.waiting)
+            lane.waiting.clear()
+        if self._gate and first.holder is None:
+            self._serve(first)
 
     async def _write(
         self,
@@ -594,6 +606,7 @@ class RecordDb:
         lane, self._lane = self._lane, None
         if lane is None:
             return
+        lane.held_since = time.monotonic()  # ending: not to be cancelled as overrun now
         region, self._region = self._region, None
         try:
             async with self._lock:  # a call still running (cancelled, or left) ends first

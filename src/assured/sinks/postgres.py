@@ -598,11 +598,12 @@ class _PostgresSideBySide(SideBySide):
                     cursor = await conn.execute("COMMIT")
                 done = cursor.statusmessage
             except psycopg.Error as e:
-                if bounded and getattr(e, "sqlstate", None) == "55P03":  # lock_not_available
+                # lock_not_available, or a deadlock the server found first
+                if bounded and getattr(e, "sqlstate", None) in ("55P03", "40P01"):
                     raise CommitWaitError(
-                        f"a commit on PostgreSQL at {self.sink.where} waited over "
-                        f"{_COMMIT_WAIT_MS} ms for a lock (a deferred constraint's check?) "
-                        "and was rolled back; its records are handled again"
+                        f"a commit on PostgreSQL at {self.sink.where} waited too long for a "
+                        f"lock, or in a deadlock ({type(e).__name__}: a deferred constraint's "
+                        "check?), and was rolled back; its records are handled again"
                     ) from e
                 if not connection_lost(conn, e):
                     raise  # the server refused the commit (a deferred constraint): rolled back
