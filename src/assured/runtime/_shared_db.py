@@ -287,9 +287,7 @@ class SharedTransaction:
             if not isinstance(holder, asyncio.Task) or now - lane.held_since < _BLOCKED_S:
                 continue
             stuck = True
-            if now - lane.held_since > self.region_limit_s and holder not in self.overran:
-                self.overran.add(holder)  # it fails with a TimeoutError (see Window)
-                holder.cancel()
+            self._cancel_if_overrun(lane, now)
         free = [ln for ln in self.lanes if ln.holder is None and ln.conn.in_transaction]
         if not (stuck and free):
             return
@@ -337,11 +335,16 @@ class SharedTransaction:
                 await give_up()
             now = time.monotonic()
             for lane in busy:
-                holder = lane.holder
-                late = now - lane.held_since > self.region_limit_s
-                if isinstance(holder, asyncio.Task) and late and holder not in self.overran:
-                    self.overran.add(holder)  # it fails with a TimeoutError (see Window)
-                    holder.cancel()
+                self._cancel_if_overrun(lane, now)
+
+    def _cancel_if_overrun(self, lane: _Lane, now: float) -> None:
+        """Cancel the record holding ``lane`` if it has held it past ``region_limit_s``: it
+        fails with a TimeoutError (see Window)."""
+        holder = lane.holder
+        late = now - lane.held_since > self.region_limit_s
+        if isinstance(holder, asyncio.Task) and late and holder not in self.overran:
+            self.overran.add(holder)
+            holder.cancel()
 
     async def _commit_lanes(
         self, lanes: list[_Lane], landed: Callable[[list[Record]], None]
