@@ -8,6 +8,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -218,3 +219,57 @@ def test_an_app_never_dead_letters_a_record_over_a_lost_connection(
         if "charges.dlq" in admin.list_topics():
             assert read_all(log, "charges.dlq") == [], "nothing dead-lettered"
     log.close()
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_statement_with_a_commit_tacked_on_is_refused_and_no_effect_repeats(
+    pg_dsn: str, tmp_path: Path, concurrency: int
+) -> None:
+    """``UPDATE ...; COMMIT`` without parameters would go by the simple query protocol, which
+    runs both: the COMMIT would end the batch's transaction under the records before it, and
+    their effects would commit without their positions, then again when the batch is redone.
+    Such SQL goes by the extended protocol, where the server refuses a second statement: the
+    record fails (the error says so), and every effect lands once."""
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("charges", 1)
+    with log.producer() as producer:
+        for i in range(8):
+            producer.send("charges", str(i).encode(), partition=0)
+        producer.flush()
+    effects_sink(pg_dsn).close()
+    refused: list[str] = []
+    app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=8)
+
+    def charge(msg: Message, db: SinkTransaction) -> None:
+        db.execute("INSERT INTO effects VALUES (%s)", (int(msg.value),))
+        if msg.offset == 5 and not refused:
+            try:
+                db.execute("UPDATE effects SET n = n; COMMIT")
+            except Exception as e:
+                refused.append(str(e))
+                raise
+
+    async def charge_async(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO effects VALUES (%s)", (int(msg.value),))
+        if msg.offset == 5 and not refused:
+            try:
+                await db.execute("UPDATE effects SET n = n; COMMIT")
+            except Exception as e:
+                refused.append(str(e))
+                raise
+
+    handler: Any = charge if concurrency == 1 else charge_async
+    app.handler("charges", sink=PostgresSink(pg_dsn), concurrency=concurrency, backoff_ms=1)(
+        handler
+    )
+    stats = app.run(until_idle=1.0)
+    sink = PostgresSink(pg_dsn)
+    try:
+        assert sorted(effects(sink)) == list(range(8)), "each effect exactly once"
+        assert stats.processed == 8
+        assert refused
+        assert "one statement per execute" in refused[0]
+    finally:
+        sink.close()
+        log.close()

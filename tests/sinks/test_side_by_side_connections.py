@@ -350,3 +350,93 @@ def test_records_waiting_for_a_connection_given_up_by_the_fallback_get_the_first
         return lane is first
 
     assert asyncio.run(scenario())
+
+
+NASTY = [
+    "x'); COMMIT; --",
+    "a\\'; COMMIT; --'",
+    "line\nbreak -- ; */ /*",
+    "cr\rCOMMIT;",
+    "$$; COMMIT; $$",
+    "100%% %s %(k)s",
+    'é ✓ "quoted"',
+]
+
+
+def test_a_first_statement_merged_with_its_savepoint_keeps_every_value_as_it_was(
+    log: Log, pg_dsn: str
+) -> None:
+    """A record's first statement goes with its savepoint in one message, its values merged
+    in as literals: values that look like SQL (quotes, semicolons, COMMIT, comment marks, line
+    breaks, dollar quotes, backslashes, placeholders) come back byte for byte, and what the
+    statement returns is read as from any other."""
+    fill(log, 6)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    returned: list[list[str]] = []
+    values = ", ".join(["(%s, %s)"] * len(NASTY))
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=4)
+    async def keep(msg: Message, db: Any) -> None:
+        params = [p for text in NASTY for p in (msg.key, text.encode())]
+        result = await db.execute(
+            f"INSERT INTO charges (k, v) VALUES {values} RETURNING convert_from(v, 'UTF8')",
+            params,
+        )
+        returned.append([v for (v,) in result.fetchall()])
+
+    assert app.run(until_idle=0.5).processed == 6
+    assert returned == [NASTY] * 6
+    stored = [bytes(v).decode() for (v,) in rows(pg_dsn, "SELECT v FROM charges")]
+    assert sorted(stored) == sorted(NASTY * 6)
+    assert rows(pg_dsn, "SELECT n FROM totals") == [(0,)]  # nothing else ran
+
+
+def test_a_first_call_with_a_second_statement_is_refused_and_nothing_of_it_commits(
+    log: Log, pg_dsn: str
+) -> None:
+    """``INSERT ...; COMMIT`` as a record's first call cannot go with the savepoint in one
+    message (it would end the window's transaction): it goes in a pipeline, where the server
+    refuses a second statement; the record fails, saying so, and its retry, which writes
+    alone, commits once."""
+    fill(log, 6)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    refused: list[str] = []
+    tried: set[int] = set()
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=4, backoff_ms=1)
+    async def smuggle(msg: Message, db: Any) -> None:
+        if msg.offset * 2 + msg.partition not in tried:
+            tried.add(msg.offset * 2 + msg.partition)
+            try:
+                await db.execute("UPDATE totals SET n = n + 1 WHERE id = 1; COMMIT")
+            except UsageError as e:
+                refused.append(str(e))
+                raise
+        await db.execute(INSERT, (msg.key, msg.value))
+
+    assert app.run(until_idle=0.5).processed == 6
+    assert len(refused) == 6
+    assert all("one statement per execute" in r for r in refused)
+    assert rows(pg_dsn, "SELECT n FROM totals") == [(0,)]
+    assert len(charges(pg_dsn)) == 6
+
+
+def test_the_savepoint_goes_with_a_single_statement_only(pg_dsn: str) -> None:
+    """The fast path is the one taken for a plain statement, with its values quoted for the
+    connection; a second statement, a value without a literal form or a binary placeholder
+    go the other way (None)."""
+
+    async def merged(sql: str, params: Any) -> str | None:
+        side: Any = PostgresSink(pg_dsn).side_by_side("g", {})
+        await side.begin()
+        try:
+            made: str | None = side._merged(side._conn, "assured_r1", sql, params)
+            return made
+        finally:
+            await side.close()
+
+    one = asyncio.run(merged("INSERT INTO t VALUES (%s, %s)", ("it's", 1)))
+    assert one == "SAVEPOINT assured_r1; INSERT INTO t VALUES ('it''s', 1)"
+    assert asyncio.run(merged("INSERT INTO t VALUES (%s); COMMIT", (1,))) is None
+    assert asyncio.run(merged("INSERT INTO t VALUES (%s)", (object(),))) is None
+    assert asyncio.run(merged("INSERT INTO t VALUES (%b)", (b"x",))) is None
