@@ -39,6 +39,8 @@ REFUSED = [
     "SELECT 'never closed",
     "",
     " ; ",
+    "DELETE FROM t\x00 WHERE id = %s",  # libpq would send it up to the NUL only
+    "SELECT 1\x1b",
 ]
 
 

@@ -485,7 +485,19 @@ def test_a_db_call_cancelled_before_it_ran_is_not_a_missing_await(log: Log, db: 
     assert sorted(v for _, v in db.charges()) == [b"v0", b"v1", b"v2", b"v3"]
 
 
-@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK", " begin", "END"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "COMMIT",
+        "ROLLBACK",
+        " begin",
+        "END",
+        "/* a /* nested */ comment */ COMMIT",
+        "-- a line comment ended by a CR\rCOMMIT",
+        "ROLLBACK\n  AND CHAIN",
+        "PREPARE TRANSACTION 'x'",
+    ],
+)
 def test_a_handler_may_not_end_its_transaction(log: Log, db: Db, statement: str) -> None:
     _one_partition(log, 3)
     app = App(log=log, group="g", guarantee="exactly-once")

@@ -436,7 +436,52 @@ def test_the_savepoint_goes_with_a_single_statement_only(pg_dsn: str) -> None:
             await side.close()
 
     one = asyncio.run(merged("INSERT INTO t VALUES (%s, %s)", ("it's", 1)))
-    assert one == "SAVEPOINT assured_r1; INSERT INTO t VALUES ('it''s', 1)"
+    assert one == "SAVEPOINT assured_r1; INSERT INTO t VALUES ('it''s', '1'::int2)"
     assert asyncio.run(merged("INSERT INTO t VALUES (%s); COMMIT", (1,))) is None
     assert asyncio.run(merged("INSERT INTO t VALUES (%s)", (object(),))) is None
     assert asyncio.run(merged("INSERT INTO t VALUES (%b)", (b"x",))) is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        ("SELECT %s * %s", (300, 300)),  # int2 parameters overflow; bare 300s would not
+        ("SELECT %s * %s", (70_000, 70_000)),
+        ("SELECT (%s)::numeric", (0.1 + 0.2,)),  # a float8, not the numeric 0.30000000000000004
+        ("SELECT (%s)::text, (%s)::text", (1e-07, -0.0)),
+        ("SELECT round(%s, 2)", (2.5,)),  # no round(float8, int): refused both ways
+        ("SELECT %s, %s, %s", (float("inf"), float("nan"), -(2**63))),
+        ("SELECT pg_typeof(%s)::text, pg_typeof(%s)::text", (2**63, True)),
+        ("SELECT %s || %s, %s", ("it's", "\\", b"\x00\xff")),
+    ],
+)
+def test_a_merged_statement_means_what_it_means_with_parameters(
+    pg_dsn: str, sql: str, params: Any
+) -> None:
+    """A value merged in as a literal is typed as psycopg types the parameter (int2, int4,
+    int8, numeric by size; float8), so a statement returns, writes or refuses the same on the
+    merged path as with parameters sent apart."""
+
+    async def both() -> tuple[Any, Any]:
+        side: Any = PostgresSink(pg_dsn).side_by_side("g", {})
+        await side.begin()
+        try:
+            merged = side._merged(side._conn, "assured_r1", sql, params)
+            assert merged is not None
+            outcomes = []
+            for statement, values in ((merged, None), (sql, params)):
+                await side._conn.execute("SAVEPOINT s")
+                try:
+                    cursor = await side._conn.execute(statement, values, prepare=False)
+                    if values is None:
+                        cursor.nextset()
+                    outcomes.append(await cursor.fetchall())
+                except psycopg.Error as e:
+                    outcomes.append(type(e).__name__)
+                await side._conn.execute("ROLLBACK TO SAVEPOINT s")
+            return outcomes[0], outcomes[1]
+        finally:
+            await side.close()
+
+    merged, apart = asyncio.run(both())
+    assert repr(merged) == repr(apart)  # NaN is not equal to itself

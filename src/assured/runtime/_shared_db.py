@@ -67,11 +67,6 @@ Held = tuple[Record, list[tuple[str, Record, list[Header]]]]
 # A record that holds its connection this long may be waiting for another's row lock.
 _BLOCKED_S = 0.05
 
-_MARK = (
-    "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
-    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
-)
-
 
 class WindowClosed(BaseException):
     """The window was given up while a record waited for the database: its work counts for
@@ -380,8 +375,7 @@ class SharedTransaction:
                 if (await lane.conn.execute(fence, row)).fetchone() is None:
                     raise fenced(tp, self.group)
             if self.marked:
-                rows = [(self.group, r.topic, r.partition, r.offset) for r in lane.members]
-                await lane.conn.execute_many(sql(_MARK), rows)
+                await lane.conn.mark_done([(r.topic, r.partition, r.offset) for r in lane.members])
         try:
             await lane.conn.commit(bounded=True)  # another lane may hold what it waits for
         except CommitWaitError:
@@ -424,8 +418,8 @@ class SharedTransaction:
                 await conn.dead_letter(dead, topic, headers)
                 self.lettered = True
             if self.marked and record.offset >= positions.get(tp, 0):
-                marks.append((self.group, tp.topic, tp.partition, record.offset))
-        await conn.execute_many(sql(_MARK), marks)
+                marks.append((tp.topic, tp.partition, record.offset))
+        await conn.mark_done(marks)
         store = sql(
             "UPDATE assured_offsets SET next_offset = COALESCE(?, next_offset) "
             "WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?"

@@ -44,6 +44,7 @@ from assured.errors import (
 )
 from assured.log import Header, Record, TopicPartition
 from assured.log._models import encode_headers
+from assured.sinks._one_statement import after_comment
 
 __all__ = [
     "Claim",
@@ -297,6 +298,12 @@ class SideBySide(abc.ABC):
         for row in rows:
             await self.execute(sql, row)
 
+    async def mark_done(self, records: Sequence[tuple[str, int, int]]) -> None:
+        """Mark ``records`` (topic, partition, offset) done for the group in the open
+        transaction (``assured_done``; one already marked stays)."""
+        rows = [(self.group, topic, partition, offset) for topic, partition, offset in records]
+        await self.execute_many(self.sink._sql(MARK_DONE), rows)
+
     @abc.abstractmethod
     async def end_region(self, savepoint: str, error: BaseException | None) -> None:
         """A record's part ends: kept (``error`` None; raises if a statement in it failed and
@@ -400,20 +407,42 @@ class _Plain(SideBySide):
                 cm.__exit__(type(error), error, error.__traceback__)
 
 
-_ENDS_A_TRANSACTION = ("COMMIT", "END", "BEGIN", "ROLLBACK", "ABORT", "START")
+_ENDS_A_TRANSACTION = (
+    "COMMIT",
+    "END",
+    "BEGIN",
+    "ROLLBACK",
+    "ABORT",
+    "START",
+    "PREPARE TRANSACTION",
+)
+_UNDOES_ITS_OWN = ("ROLLBACK TO", "ROLLBACK WORK TO", "ROLLBACK TRANSACTION TO")
 
 
 def refuse_transaction_control(sql: str) -> None:
     """A handler's statement must not begin or end the transaction it runs in: the runtime
     commits effects with their positions, or not at all. ``ROLLBACK TO`` a savepoint of the
-    handler's own is fine."""
-    head = sql.lstrip()[:20].upper()
-    if head.startswith(_ENDS_A_TRANSACTION) and not head.startswith("ROLLBACK TO"):
+    handler's own is fine. Comments before the statement are no way around it."""
+    head = " ".join(_after_comments(sql)[:60].split()).upper()
+    if head.startswith(_ENDS_A_TRANSACTION) and not head.startswith(_UNDOES_ITS_OWN):
         raise UsageError(
             f"{sql.strip()[:40]!r}: a handler's statement may not begin or end the transaction "
             "it runs in (effects commit with their positions, or not at all); raise to undo a "
             "record's work, or use SAVEPOINT / ROLLBACK TO inside it"
         )
+
+
+def _after_comments(sql: str) -> str:
+    """``sql`` from its first word on: the blanks and comments before it skipped."""
+    i = 0
+    while True:
+        while i < len(sql) and sql[i].isspace():
+            i += 1
+        if not sql.startswith(("--", "/*"), i):
+            return sql[i:]
+        i = after_comment(sql, i)
+        if i < 0:
+            return ""  # never closed: the server refuses it
 
 
 def checked_schema(schema: str | Iterable[str]) -> tuple[str, ...]:
@@ -675,6 +704,12 @@ def ddl(id_column: str, blob: str) -> tuple[str, ...]:
         "partition INTEGER NOT NULL, record_offset BIGINT NOT NULL, "
         "PRIMARY KEY (group_id, topic, partition, record_offset))",
     )
+
+
+MARK_DONE = (
+    "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
+    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
 
 
 def fenced(tp: TopicPartition, group: str) -> SinkFencedError:

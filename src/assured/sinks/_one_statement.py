@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["one_statement"]
+__all__ = ["after_comment", "one_statement"]
 
 # Characters that may stand right before a quote that opens a plain string literal. After a
 # letter, digit or ``&`` a quote opens a prefixed one (E'..', U&'..', B'..', X'..', a typed
 # literal such as date '...' is fine but rare): refused, some of those read backslashes.
+_BLANK = frozenset(" \t\n\r\f\v")
 _WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_&")
 
 
@@ -31,8 +32,10 @@ def one_statement(sql: str) -> bool:
     i, n = 0, len(sql)
     ended = False  # a ';' was seen: only blanks and comments may follow
     seen = False  # anything but blanks and comments
+    if any(ord(c) < 32 and c not in _BLANK for c in sql):
+        return False  # a NUL would end the string libpq sends; other controls are no SQL
     while i < n:
-        if sql[i] in " \t\n\r\f\v":
+        if sql[i] in _BLANK:
             i += 1
             continue
         if sql.startswith(("--", "/*"), i):
@@ -68,16 +71,29 @@ def _token(sql: str, i: int) -> int:
 def _comment(sql: str, i: int) -> int:
     """The index after the comment at ``i``, or -1 if it holds a ``%`` (a value merged into a
     comment could end it) or is never closed."""
-    if sql.startswith("/*", i):
-        return _block_comment(sql, i)
-    end = _line_end(sql, i)
-    return -1 if "%" in sql[i:end] else end
+    end = after_comment(sql, i)
+    return -1 if end < 0 or "%" in sql[i:end] else end
 
 
-def _line_end(sql: str, i: int) -> int:
-    """Where the line comment at ``i`` ends: PostgreSQL ends it at a CR as at an LF."""
-    ends = [at for at in (sql.find("\n", i), sql.find("\r", i)) if at >= 0]
-    return min(ends) if ends else len(sql)
+def after_comment(sql: str, i: int) -> int:
+    """The index after the comment that starts at ``i`` (``--`` to an LF or a CR, as
+    PostgreSQL ends it, or ``/* */``, nested), or -1 for a block comment never closed."""
+    if not sql.startswith("/*", i):
+        ends = [at for at in (sql.find("\n", i), sql.find("\r", i)) if at >= 0]
+        return min(ends) if ends else len(sql)
+    depth = 0
+    while i < len(sql):
+        if sql.startswith("/*", i):
+            depth += 1
+            i += 2
+        elif sql.startswith("*/", i):
+            depth -= 1
+            i += 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return -1
 
 
 def _quoted(sql: str, start: int, quote: str) -> int:
@@ -95,26 +111,6 @@ def _quoted(sql: str, start: int, quote: str) -> int:
             i = end + 2
             continue
         return end + 1
-
-
-def _block_comment(sql: str, start: int) -> int:
-    """The index after the block comment opened at ``start`` (they nest), or -1: never
-    closed, or holding a ``%``."""
-    depth, i = 0, start
-    while i < len(sql):
-        if sql.startswith("/*", i):
-            depth += 1
-            i += 2
-        elif sql.startswith("*/", i):
-            depth -= 1
-            i += 2
-            if depth == 0:
-                return i
-        elif sql[i] == "%":
-            return -1
-        else:
-            i += 1
-    return -1
 
 
 def _placeholder(sql: str, i: int) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import numbers
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -119,6 +120,59 @@ def _rolled_back_text(where: str, done: str | None) -> str:
 
 # How long a commit beside others of the same window waits for a lock (see CommitWaitError).
 _COMMIT_WAIT_MS = 5000
+
+
+_MARK_ALL = (
+    "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
+    "SELECT %s, t, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS m (t, p, o) "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+# A value merged into a statement as a literal must mean what the same value sent as a
+# parameter means: psycopg types an int parameter int2, int4, int8 or numeric by its size, and
+# a float float8, where a bare number in SQL would be typed by the server (0.1 a numeric, 300
+# an integer: `%s * %s` would then not overflow, nor would a float be rounded as float8).
+_INT_KINDS = ((2**15, "int2"), (2**31, "int4"), (2**63, "int8"))
+_MERGED_MAX = 8192  # a longer text or bytes value goes as a parameter (no hex, no copy)
+
+
+class _TypedInt(psycopg.adapt.Dumper):
+    """An int as a literal cast to the type psycopg would send it as."""
+
+    oid = 0  # the cast is in the literal itself
+
+    def dump(self, obj: int) -> bytes:
+        return b"%d" % obj
+
+    def quote(self, obj: int) -> bytes:
+        kind = next((name for top, name in _INT_KINDS if -top <= obj < top), "numeric")
+        return b"'%d'::%s" % (obj, kind.encode())
+
+
+class _TypedFloat(psycopg.adapt.Dumper):
+    """A float as a float8 literal, as psycopg sends it."""
+
+    oid = 0
+
+    def dump(self, obj: float) -> bytes:
+        return repr(obj).encode()
+
+    def quote(self, obj: float) -> bytes:
+        text = "NaN" if obj != obj else repr(obj).replace("inf", "Infinity")  # noqa: PLR0124
+        return b"'%s'::float8" % text.encode()
+
+
+def _literal_kinds(params: Sequence[Any] | Mapping[str, Any]) -> bool:
+    """Whether every value can be merged in as a literal that means what the parameter would
+    (see _TypedInt): no other kind of number (a Decimal, numpy's), no long text or bytes."""
+    values = params.values() if isinstance(params, Mapping) else params
+    for value in values:
+        if isinstance(value, numbers.Number) and not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, (str, bytes, bytearray)) and len(value) > _MERGED_MAX:
+            return False
+    return True
 
 
 def _second_statement(error: psycopg.Error, sql: str) -> None:
@@ -529,8 +583,9 @@ class _PostgresSideBySide(SideBySide):
             raise
         except asyncio.CancelledError:
             # psycopg cancels the statement on the server and waits for it to end, leaving
-            # the transaction aborted (the record's savepoint undoes it); when it could not,
-            # it closed the connection.
+            # the transaction aborted: the record's savepoint undoes it (cancelled before its
+            # savepoint was taken, the undo fails, and the window's transaction rolls back:
+            # nothing of it commits); when it could not, it closed the connection.
             if conn.closed or conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
                 self.lost = (
                     f"a call to PostgreSQL at {self.sink.where} was cancelled half-way and "
@@ -579,22 +634,27 @@ class _PostgresSideBySide(SideBySide):
         binding, quoting for this connection), when ``sql`` is surely one statement (see
         :func:`one_statement`) and every parameter has a literal form; else None: the two go
         in a pipeline, where the server itself refuses a second statement."""
-        if not one_statement(sql):
+        if not one_statement(sql) or not _literal_kinds(params):
             return None
         if self._literals is None or self._literals.connection is not conn:
             self._literals = psycopg.AsyncClientCursor(conn)
-        try:
-            return self._literals.mogrify(f"SAVEPOINT {savepoint}; {sql}", params)
+            self._literals.adapters.register_dumper(int, _TypedInt)
+            self._literals.adapters.register_dumper(float, _TypedFloat)
+        try:  # the statement alone: psycopg keeps its parse, which a savepoint name defeats
+            return f"SAVEPOINT {savepoint}; " + self._literals.mogrify(sql, params)
         except (psycopg.Error, TypeError, ValueError, LookupError):
             return None  # the pipeline's server-side binding says what is wrong, or copes
 
-    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        async def many(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with conn.cursor() as cursor:
-                await cursor.executemany(sql, rows)  # pipelined: one round trip
+    async def mark_done(self, records: Sequence[tuple[str, int, int]]) -> None:
+        """One statement over arrays: executemany's pipeline cost more CPU than the rows."""
+        if not records:
+            return
+        topics, partitions, offsets = (list(column) for column in zip(*records, strict=True))
 
-        if rows:
-            await self._run(many)
+        async def mark(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(_MARK_ALL, (self.group, topics, partitions, offsets))
+
+        await self._run(mark)
 
     async def plain(self, savepoint: str | None) -> SinkTransaction:
         raise UsageError(
