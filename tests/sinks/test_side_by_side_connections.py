@@ -11,8 +11,11 @@ import random
 import threading
 import time
 from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -440,6 +443,8 @@ def test_the_savepoint_goes_with_a_single_statement_only(pg_dsn: str) -> None:
     assert asyncio.run(merged("INSERT INTO t VALUES (%s); COMMIT", (1,))) is None
     assert asyncio.run(merged("INSERT INTO t VALUES (%s)", (object(),))) is None
     assert asyncio.run(merged("INSERT INTO t VALUES (%b)", (b"x",))) is None
+    for value in ([1, 2, 70_000], Decimal("0.1"), {"a": 1}, "x" * 9000):  # a list loses its type
+        assert asyncio.run(merged("SELECT %s", (value,))) is None
 
 
 @pytest.mark.parametrize(
@@ -453,6 +458,16 @@ def test_the_savepoint_goes_with_a_single_statement_only(pg_dsn: str) -> None:
         ("SELECT %s, %s, %s", (float("inf"), float("nan"), -(2**63))),
         ("SELECT pg_typeof(%s)::text, pg_typeof(%s)::text", (2**63, True)),
         ("SELECT %s || %s, %s", ("it's", "\\", b"\x00\xff")),
+        (
+            "SELECT pg_typeof(%s)::text, %s, %s, %s, %s",
+            (
+                datetime(2026, 12, 1, 6, 0, tzinfo=UTC),
+                date(2026, 12, 1),
+                timedelta(seconds=1.5),
+                UUID(int=7),
+                None,
+            ),
+        ),
     ],
 )
 def test_a_merged_statement_means_what_it_means_with_parameters(

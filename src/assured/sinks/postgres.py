@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
-import numbers
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -163,12 +164,23 @@ class _TypedFloat(psycopg.adapt.Dumper):
         return b"'%s'::float8" % text.encode()
 
 
+# The kinds of value merged in as literals: numbers typed as above, and those psycopg writes
+# with a cast of their own ('...'::bytea, '...'::timestamptz, '...'::uuid). Anything else (a
+# list, whose array literal would lose its element type; a Decimal; a numpy number, a Json, a
+# subclass with a dumper of its own) goes as a parameter. By exact type: a dumper is looked up
+# by exact type first.
+_MERGEABLE = frozenset(
+    {str, bytes, bytearray, bool, int, float, type(None), uuid.UUID}
+    | {datetime.date, datetime.datetime, datetime.time, datetime.timedelta}
+)
+
+
 def _literal_kinds(params: Sequence[Any] | Mapping[str, Any]) -> bool:
     """Whether every value can be merged in as a literal that means what the parameter would
-    (see _TypedInt): no other kind of number (a Decimal, numpy's), no long text or bytes."""
+    (see _TypedInt and _MERGEABLE), and none is a long text or bytes value."""
     values = params.values() if isinstance(params, Mapping) else params
     for value in values:
-        if isinstance(value, numbers.Number) and not isinstance(value, (int, float)):
+        if type(value) not in _MERGEABLE:
             return False
         if isinstance(value, (str, bytes, bytearray)) and len(value) > _MERGED_MAX:
             return False
