@@ -439,7 +439,7 @@ def test_the_savepoint_goes_with_a_single_statement_only(pg_dsn: str) -> None:
             await side.close()
 
     one = asyncio.run(merged("INSERT INTO t VALUES (%s, %s)", ("it's", 1)))
-    assert one == "SAVEPOINT assured_r1; INSERT INTO t VALUES ('it''s', '1'::int2)"
+    assert one == "SAVEPOINT assured_r1; INSERT INTO t VALUES ('it''s', ('1'::int2))"
     assert asyncio.run(merged("INSERT INTO t VALUES (%s); COMMIT", (1,))) is None
     assert asyncio.run(merged("INSERT INTO t VALUES (%s)", (object(),))) is None
     assert asyncio.run(merged("INSERT INTO t VALUES (%b)", (b"x",))) is None
@@ -455,6 +455,7 @@ def test_the_savepoint_goes_with_a_single_statement_only(pg_dsn: str) -> None:
         ("SELECT (%s)::numeric", (0.1 + 0.2,)),  # a float8, not the numeric 0.30000000000000004
         ("SELECT (%s)::text, (%s)::text", (1e-07, -0.0)),
         ("SELECT round(%s, 2)", (2.5,)),  # no round(float8, int): refused both ways
+        ("SELECT g FROM generate_series(1, 9) g OFFSET %s ROWS FETCH FIRST %s ROWS ONLY", (2, 3)),
         ("SELECT %s, %s, %s", (float("inf"), float("nan"), -(2**63))),
         ("SELECT pg_typeof(%s)::text, pg_typeof(%s)::text", (2**63, True)),
         ("SELECT %s || %s, %s", ("it's", "\\", b"\x00\xff")),

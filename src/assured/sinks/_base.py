@@ -407,32 +407,28 @@ class _Plain(SideBySide):
                 cm.__exit__(type(error), error, error.__traceback__)
 
 
-_ENDS_A_TRANSACTION = (
-    "COMMIT",
-    "END",
-    "BEGIN",
-    "ROLLBACK",
-    "ABORT",
-    "START",
-    "PREPARE TRANSACTION",
-)
-_UNDOES_ITS_OWN = ("ROLLBACK TO", "ROLLBACK WORK TO", "ROLLBACK TRANSACTION TO")
+_ENDS_A_TRANSACTION = {"COMMIT", "END", "BEGIN", "ROLLBACK", "ABORT", "START"}
 
 
 def refuse_transaction_control(sql: str) -> None:
     """A handler's statement must not begin or end the transaction it runs in: the runtime
     commits effects with their positions, or not at all. ``ROLLBACK TO`` a savepoint of the
-    handler's own is fine. Comments before the statement are no way around it."""
-    head = " ".join(_after_comments(sql)[:60].split()).upper()
-    if head.startswith(_ENDS_A_TRANSACTION) and not head.startswith(_UNDOES_ITS_OWN):
-        raise UsageError(
-            f"{sql.strip()[:40]!r}: a handler's statement may not begin or end the transaction "
-            "it runs in (effects commit with their positions, or not at all); raise to undo a "
-            "record's work, or use SAVEPOINT / ROLLBACK TO inside it"
-        )
+    handler's own is fine. Comments before the statement are no way around it (read as
+    PostgreSQL nests them and as SQLite does not)."""
+    for nested in (True, False):
+        words = re.findall(r"\w+", _after_comments(sql, nested)[:80].upper())[:3]
+        first = words[0] if words else ""
+        ends = first in _ENDS_A_TRANSACTION or words[:2] == ["PREPARE", "TRANSACTION"]
+        undoes_its_own = first == "ROLLBACK" and "TO" in words[1:3]
+        if ends and not undoes_its_own:
+            raise UsageError(
+                f"{sql.strip()[:40]!r}: a handler's statement may not begin or end the "
+                "transaction it runs in (effects commit with their positions, or not at all); "
+                "raise to undo a record's work, or use SAVEPOINT / ROLLBACK TO inside it"
+            )
 
 
-def _after_comments(sql: str) -> str:
+def _after_comments(sql: str, nested: bool) -> str:
     """``sql`` from its first word on: the blanks and comments before it skipped."""
     i = 0
     while True:
@@ -440,7 +436,7 @@ def _after_comments(sql: str) -> str:
             i += 1
         if not sql.startswith(("--", "/*"), i):
             return sql[i:]
-        i = after_comment(sql, i)
+        i = after_comment(sql, i, nested)
         if i < 0:
             return ""  # never closed: the server refuses it
 

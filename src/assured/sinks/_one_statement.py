@@ -75,12 +75,16 @@ def _comment(sql: str, i: int) -> int:
     return -1 if end < 0 or "%" in sql[i:end] else end
 
 
-def after_comment(sql: str, i: int) -> int:
+def after_comment(sql: str, i: int, nested: bool = True) -> int:
     """The index after the comment that starts at ``i`` (``--`` to an LF or a CR, as
-    PostgreSQL ends it, or ``/* */``, nested), or -1 for a block comment never closed."""
+    PostgreSQL ends it, or ``/* */``, nested as PostgreSQL nests them unless ``nested`` is
+    False, as in SQLite), or -1 for a block comment never closed."""
     if not sql.startswith("/*", i):
         ends = [at for at in (sql.find("\n", i), sql.find("\r", i)) if at >= 0]
         return min(ends) if ends else len(sql)
+    if not nested:
+        end = sql.find("*/", i + 2)
+        return -1 if end < 0 else end + 2
     depth = 0
     while i < len(sql):
         if sql.startswith("/*", i):

@@ -148,7 +148,7 @@ class _TypedInt(psycopg.adapt.Dumper):
 
     def quote(self, obj: int) -> bytes:
         kind = next((name for top, name in _INT_KINDS if -top <= obj < top), "numeric")
-        return b"'%d'::%s" % (obj, kind.encode())
+        return b"('%d'::%s)" % (obj, kind.encode())  # in parentheses: FETCH FIRST takes it
 
 
 class _TypedFloat(psycopg.adapt.Dumper):
@@ -161,7 +161,7 @@ class _TypedFloat(psycopg.adapt.Dumper):
 
     def quote(self, obj: float) -> bytes:
         text = "NaN" if obj != obj else repr(obj).replace("inf", "Infinity")  # noqa: PLR0124
-        return b"'%s'::float8" % text.encode()
+        return b"('%s'::float8)" % text.encode()
 
 
 # The kinds of value merged in as literals: numbers typed as above, and those psycopg writes
