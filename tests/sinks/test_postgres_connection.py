@@ -15,6 +15,7 @@ import pytest
 
 from assured import App, Message, TopicPartition, open_log
 from assured.errors import RetriableError, ServiceError
+from assured.log import Log
 from assured.sinks import (
     PostgresSink,
     SinkCommitUnknownError,
@@ -35,6 +36,19 @@ def effects_sink(dsn: str) -> PostgresSink:
     with sink.transaction() as tx:
         tx.execute("CREATE TABLE effects (n integer)")
     return sink
+
+
+def eight_charges(tmp_path: Path, dsn: str) -> Log:
+    """An embedded log whose topic ``charges`` holds 0..7, and the effects table made."""
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("charges", 1)
+    with log.producer() as producer:
+        for i in range(8):
+            producer.send("charges", str(i).encode(), partition=0)
+        producer.flush()
+    effects_sink(dsn).close()
+    return log
 
 
 def effects(sink: PostgresSink) -> list[int]:
@@ -185,14 +199,7 @@ def test_a_wrong_database_is_refused_at_once(postgres: PostgresServer) -> None:
 def test_an_app_never_dead_letters_a_record_over_a_lost_connection(
     postgres: PostgresServer, pg_dsn: str, tmp_path: Path
 ) -> None:
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("charges", 1)
-    with log.producer() as producer:
-        for i in range(8):
-            producer.send("charges", str(i).encode(), partition=0)
-        producer.flush()
-    effects_sink(pg_dsn).close()
+    log = eight_charges(tmp_path, pg_dsn)
     restarted: list[bool] = []
 
     def app() -> App:
@@ -230,14 +237,7 @@ def test_a_statement_with_a_commit_tacked_on_is_refused_and_no_effect_repeats(
     their effects would commit without their positions, then again when the batch is redone.
     Such SQL goes by the extended protocol, where the server refuses a second statement: the
     record fails (the error says so), and every effect lands once."""
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("charges", 1)
-    with log.producer() as producer:
-        for i in range(8):
-            producer.send("charges", str(i).encode(), partition=0)
-        producer.flush()
-    effects_sink(pg_dsn).close()
+    log = eight_charges(tmp_path, pg_dsn)
     refused: list[str] = []
     app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=8)
 
