@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from assured import App, Message, TopicPartition, open_log
-from assured.errors import RetriableError, ServiceError
+from assured.errors import RetriableError, ServiceError, UsageError
 from assured.log import Log
 from assured.sinks import (
     PostgresSink,
@@ -273,3 +273,18 @@ def test_a_statement_with_a_commit_tacked_on_is_refused_and_no_effect_repeats(
     finally:
         sink.close()
         log.close()
+
+
+def test_a_schema_item_with_two_statements_is_refused_and_nothing_is_made(pg_dsn: str) -> None:
+    """A schema= item is one statement, as any execute: two in one string are refused by the
+    server, said plainly, and setup's transaction leaves nothing behind."""
+    sink = PostgresSink(pg_dsn, schema="CREATE TABLE a (x int); CREATE TABLE b (y int)")
+    with pytest.raises(UsageError, match="per schema= item"):
+        sink.setup()
+    sink.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        made = conn.execute(
+            "SELECT count(*) FROM pg_tables "
+            "WHERE schemaname = current_schema() AND tablename IN ('a', 'b')"
+        )
+        assert made.fetchone() == (0,)

@@ -195,9 +195,9 @@ def _second_statement(error: psycopg.Error, sql: str) -> None:
     pipeline), where the server refuses a second statement; that refusal is said plainly."""
     if isinstance(error, psycopg.errors.SyntaxError) and "multiple commands" in str(error):
         raise UsageError(
-            f"{sql.strip()[:60]!r}: one statement per execute, as the server refused a second "
-            "one (a COMMIT or ROLLBACK in it would end the transaction that commits effects "
-            "with their positions); make a call for each statement"
+            f"{sql.strip()[:60]!r}: one statement per execute (and per schema= item), as the "
+            "server refused a second one (a COMMIT or ROLLBACK in it would end the transaction "
+            "that commits effects with their positions); make a call, or an item, for each"
         ) from error
 
 
