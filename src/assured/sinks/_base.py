@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -415,17 +416,26 @@ def refuse_transaction_control(sql: str) -> None:
     commits effects with their positions, or not at all. ``ROLLBACK TO`` a savepoint of the
     handler's own is fine. Comments before the statement are no way around it (read as
     PostgreSQL nests them and as SQLite does not)."""
+    if _controls_the_transaction(sql):
+        raise UsageError(
+            f"{sql.strip()[:40]!r}: a handler's statement may not begin or end the "
+            "transaction it runs in (effects commit with their positions, or not at all); "
+            "raise to undo a record's work, or use SAVEPOINT / ROLLBACK TO inside it"
+        )
+
+
+@functools.lru_cache(maxsize=512)
+def _controls_the_transaction(sql: str) -> bool:
+    """Whether ``sql`` begins or ends a transaction (see refuse_transaction_control): read
+    once per distinct statement, as every db call asks."""
     for nested in (True, False):
         words = re.findall(r"\w+", _after_comments(sql, nested)[:80].upper())[:3]
         first = words[0] if words else ""
         ends = first in _ENDS_A_TRANSACTION or words[:2] == ["PREPARE", "TRANSACTION"]
         undoes_its_own = first == "ROLLBACK" and "TO" in words[1:3]
         if ends and not undoes_its_own:
-            raise UsageError(
-                f"{sql.strip()[:40]!r}: a handler's statement may not begin or end the "
-                "transaction it runs in (effects commit with their positions, or not at all); "
-                "raise to undo a record's work, or use SAVEPOINT / ROLLBACK TO inside it"
-            )
+            return True
+    return False
 
 
 def _after_comments(sql: str, nested: bool) -> str:

@@ -17,10 +17,10 @@ import functools
 
 __all__ = ["after_comment", "one_statement"]
 
-# Characters that may stand right before a quote that opens a plain string literal. After a
-# letter, digit or ``&`` a quote opens a prefixed one (E'..', U&'..', B'..', X'..', a typed
-# literal such as date '...' is fine but rare): refused, some of those read backslashes.
 _BLANK = frozenset(" \t\n\r\f\v")
+# Characters that may not stand right before a quote that opens a plain string literal: after
+# a letter, digit or ``&`` a quote opens a prefixed one (E'..', U&'..', B'..', X'..'; a typed
+# literal such as date '...' is fine but rare), refused, as some of those read backslashes.
 _WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_&")
 
 
