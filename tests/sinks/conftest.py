@@ -38,6 +38,18 @@ def pg_dsn(postgres_dsn: str) -> Iterator[str]:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def charges_log(tmp_path: Path, count: int) -> Log:
+    """An embedded log whose one-partition topic ``charges`` holds the values 0..count-1."""
+    opened = open_log(f"embedded://{tmp_path}/log.db")
+    with opened.admin() as admin:
+        admin.create_topic("charges", 1)
+    with opened.producer() as producer:
+        for i in range(count):
+            producer.send("charges", str(i).encode(), partition=0)
+        producer.flush()
+    return opened
+
+
 @pytest.fixture
 def log(tmp_path: Path) -> Log:
     """An embedded log with topic ``in``, two partitions."""

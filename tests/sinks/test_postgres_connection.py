@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from assured import App, Message, TopicPartition, open_log
+from assured import App, Message, TopicPartition
 from assured.errors import RetriableError, ServiceError, UsageError
 from assured.log import Log
 from assured.sinks import (
@@ -25,7 +25,7 @@ from assured.sinks import (
 )
 from assured.testing._net import free_ports
 from assured.testing.postgres import PostgresServer
-from tests.sinks.conftest import read_all
+from tests.sinks.conftest import charges_log, read_all
 
 pytestmark = pytest.mark.postgres
 
@@ -40,13 +40,7 @@ def effects_sink(dsn: str) -> PostgresSink:
 
 def eight_charges(tmp_path: Path, dsn: str) -> Log:
     """An embedded log whose topic ``charges`` holds 0..7, and the effects table made."""
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("charges", 1)
-    with log.producer() as producer:
-        for i in range(8):
-            producer.send("charges", str(i).encode(), partition=0)
-        producer.flush()
+    log = charges_log(tmp_path, 8)
     effects_sink(dsn).close()
     return log
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from assured import App, Message, TopicPartition, open_log
+from assured import App, Message, TopicPartition
 from assured.sinks import SinkLostError, SinkTransaction, SinkUnreachableError, SqliteSink
+from tests.sinks.conftest import charges_log
 
 
 def make(path: Path) -> SqliteSink:
@@ -55,13 +56,7 @@ def test_a_replaced_file_stops_the_next_commit(tmp_path: Path) -> None:
 
 
 def test_an_app_stops_when_its_sink_file_is_deleted(tmp_path: Path) -> None:
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("charges", 1)
-    with log.producer() as producer:
-        for i in range(10):
-            producer.send("charges", str(i).encode(), partition=0)
-        producer.flush()
+    log = charges_log(tmp_path, 10)
     path = tmp_path / "effects.db"
     make(path).close()
     app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=2)
