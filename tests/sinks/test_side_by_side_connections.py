@@ -24,6 +24,8 @@ from assured import App, Message, PostgresSink
 from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
+from assured.sinks import SinkUnavailableError
+from assured.sinks._pg_wire import wire_statement
 from tests.conftest import fill_keyed as fill
 from tests.sinks.conftest import read_all
 
@@ -469,6 +471,19 @@ def test_the_savepoint_goes_with_a_single_statement_only(pg_dsn: str) -> None:
                 None,
             ),
         ),
+        # what the rows, counts and status of writes read as (the table w: see below)
+        ("INSERT INTO w (id, v) VALUES (%s, %s), (%s, %s) RETURNING id, v, j", (1, "a", 2, "b")),
+        ("INSERT INTO w (id, v) VALUES (%s, %s)", (3, "c")),
+        ("INSERT INTO w (id, v) VALUES (%s, %s)", (9, "dup")),  # a unique violation
+        ("UPDATE w SET v = %s WHERE id >= %s", ("x", 0)),
+        ("UPDATE w SET v = %s WHERE id > %s", ("x", 100)),  # no row
+        ("DELETE FROM w WHERE id = %s RETURNING *", (9,)),
+        ("SELECT id, v, j, a, n FROM w WHERE id = %s", (9,)),  # json, array, numeric loaded
+        ("SELECT * FROM w WHERE id = %s", (-1,)),  # no row, columns described
+        ("WITH moved AS (UPDATE w SET id = id + %s RETURNING id) SELECT * FROM moved", (1,)),
+        ("VALUES (%s, %s)", ("v", 2)),
+        ("TABLE w", ()),
+        ("SELECT 1/%s", (0,)),  # division by zero: its error class both ways
     ],
 )
 def test_a_merged_statement_means_what_it_means_with_parameters(
@@ -476,28 +491,145 @@ def test_a_merged_statement_means_what_it_means_with_parameters(
 ) -> None:
     """A value merged in as a literal is typed as psycopg types the parameter (int2, int4,
     int8, numeric by size; float8), so a statement returns, writes or refuses the same on the
-    merged path as with parameters sent apart."""
+    merged path as with parameters sent apart. The merged path's message goes straight on
+    libpq (_pg_wire): its rows, rowcount, status and columns read as psycopg's cursor's, and
+    a failed statement raises psycopg's own error class."""
 
     async def both() -> tuple[Any, Any]:
         side: Any = PostgresSink(pg_dsn).side_by_side("g", {})
         await side.begin()
         try:
-            merged = side._merged(side._conn, "assured_r1", sql, params)
-            assert merged is not None
-            outcomes = []
-            for statement, values in ((merged, None), (sql, params)):
+            await side._conn.execute(
+                "CREATE TEMP TABLE w (id INT PRIMARY KEY, v TEXT, j JSONB DEFAULT '{\"k\": [1]}', "
+                "a INT[] DEFAULT '{1,2}', n NUMERIC DEFAULT 0.5) ON COMMIT DROP"
+            )
+            await side._conn.execute("INSERT INTO w (id, v) VALUES (9, 'nine')")
+            outcomes: list[Any] = []
+            for merged in (True, False):
                 await side._conn.execute("SAVEPOINT s")
                 try:
-                    cursor = await side._conn.execute(statement, values, prepare=False)
-                    if values is None:
-                        cursor.nextset()
-                    outcomes.append(await cursor.fetchall())
+                    if merged:
+                        got = await side.execute(sql, params, savepoint="assured_r1")
+                        rows = got.fetchall()
+                    else:
+                        got = await side._conn.execute(sql, params, prepare=False)
+                        rows = await got.fetchall() if got.description is not None else []
+                    columns = [(c.name, c.type_code) for c in got.description or []]
+                    outcomes.append((rows, got.rowcount, got.statusmessage, columns))
                 except psycopg.Error as e:
-                    outcomes.append(type(e).__name__)
+                    outcomes.append((type(e).__name__, e.sqlstate))
                 await side._conn.execute("ROLLBACK TO SAVEPOINT s")
+            assert side._wire is not None  # the merged statement went straight on libpq
             return outcomes[0], outcomes[1]
         finally:
             await side.close()
 
     merged, apart = asyncio.run(both())
+    if len(merged) == 4 and len(apart) == 4:
+        # The one difference: a bare value's column, unnamed as a parameter ("?column?"),
+        # is named by its literal's cast when merged (int8, date, ...).
+        named = [
+            (m if a[0] == "?column?" else a[0], a[1])
+            for (m, _), a in zip(merged[3], apart[3], strict=True)
+        ]
+        apart = (*apart[:3], named)
     assert repr(merged) == repr(apart)  # NaN is not equal to itself
+
+
+@pytest.mark.parametrize(
+    ("sql", "wired"),
+    [
+        ("INSERT INTO t VALUES (1)", True),
+        ("/* a */ -- b\n select 1", True),
+        ("WITH x AS (SELECT 1) SELECT * FROM x", True),
+        ("values (1)", True),
+        ("COPY t FROM STDIN", False),  # would wait for data
+        ("SET x = 1", False),
+        ("SELECTED", False),
+        ("", False),
+    ],
+)
+def test_only_plain_statements_go_straight_on_libpq(sql: str, wired: bool) -> None:
+    assert wire_statement(sql) is wired
+
+
+def _terminate(dsn: str, pid: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_call_cancelled_on_the_wire_stops_its_statement_and_nothing_of_it_commits(
+    pg_dsn: str,
+) -> None:
+    """A record's first statement cancelled while on the wire (a record past its limit, a
+    window given up): the statement is cancelled on the server (no lock held meanwhile), the
+    connection is dropped at the commit, and what the transaction held never commits, the
+    parts of records already kept included."""
+
+    async def run() -> tuple[float, str, list[Any]]:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS wired (id INT)")
+            conn.execute("TRUNCATE wired")
+        side: Any = PostgresSink(pg_dsn).side_by_side("g", {})
+        await side.begin()
+        await side.execute("INSERT INTO wired VALUES (%s)", (1,), savepoint="assured_r1")
+        await side.end_region("assured_r1", None)  # kept: a record done
+        pid = (await side.execute("SELECT pg_backend_pid()")).fetchone()[0]
+        call = asyncio.ensure_future(
+            side.execute("SELECT pg_sleep(%s)", (60,), savepoint="assured_r2")
+        )
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for _ in range(100):  # the server stopped the statement
+                state = conn.execute(
+                    "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone()
+                if state is None or state[0] != "active":
+                    break
+                time.sleep(0.05)
+        stopped = time.monotonic() - began
+        with pytest.raises(SinkUnavailableError) as e:
+            await side.commit()
+        await side.close()
+        return stopped, str(e.value), rows(pg_dsn, "SELECT id FROM wired")
+
+    stopped, error, found = asyncio.run(run())
+    assert stopped < 5  # not the 60 s of the sleep
+    assert "cancelled half-way" in error
+    assert found == []
+
+
+def test_a_connection_that_ends_between_calls_on_the_wire_is_lost_not_spun_on(
+    pg_dsn: str,
+) -> None:
+    """The server ends the backend while the connection sits between two calls, the hot
+    path's reader still on its socket: the reader leaves it (the event loop does not spin on
+    a closed socket), and the next call is the sink's failure, as on any lost connection."""
+
+    async def run() -> tuple[bool, str]:
+        side: Any = PostgresSink(pg_dsn).side_by_side("g", {})
+        await side.begin()
+        await side.execute("SELECT %s", (1,), savepoint="assured_r1")
+        pid = (await side.execute("SELECT pg_backend_pid()")).fetchone()[0]
+        await side.execute("SELECT %s", (2,), savepoint="assured_r2")  # the reader is on
+        await asyncio.to_thread(_terminate, pg_dsn, pid)
+        loop = asyncio.get_running_loop()
+        turns = 0
+        began = loop.time()
+        while loop.time() - began < 0.5:  # a reader left on a closed socket would fire each turn
+            await asyncio.sleep(0)
+            turns += 1
+        detached = side._wire._loop is None
+        with pytest.raises(SinkUnavailableError) as e:
+            await side.execute("SELECT %s", (3,), savepoint="assured_r3")
+        await side.rollback(e.value)
+        await side.close()
+        return detached, str(e.value)
+
+    detached, error = asyncio.run(run())
+    assert detached
+    assert "lost the connection" in error

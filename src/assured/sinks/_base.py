@@ -429,7 +429,7 @@ def _controls_the_transaction(sql: str) -> bool:
     """Whether ``sql`` begins or ends a transaction (see refuse_transaction_control): read
     once per distinct statement, as every db call asks."""
     for nested in (True, False):
-        words = re.findall(r"\w+", _after_comments(sql, nested)[:80].upper())[:3]
+        words = re.findall(r"\w+", after_comments(sql, nested)[:80].upper())[:3]
         first = words[0] if words else ""
         ends = first in _ENDS_A_TRANSACTION or words[:2] == ["PREPARE", "TRANSACTION"]
         undoes_its_own = first == "ROLLBACK" and "TO" in words[1:3]
@@ -438,7 +438,7 @@ def _controls_the_transaction(sql: str) -> bool:
     return False
 
 
-def _after_comments(sql: str, nested: bool) -> str:
+def after_comments(sql: str, nested: bool) -> str:
     """``sql`` from its first word on: the blanks and comments before it skipped."""
     i = 0
     while True:

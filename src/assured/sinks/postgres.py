@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import psycopg
 from psycopg import pq
@@ -40,6 +40,7 @@ from assured.sinks._base import (
     refuse_transaction_control,
 )
 from assured.sinks._one_statement import one_statement
+from assured.sinks._pg_wire import Wire, checked, loaded_rows, wire_statement
 
 __all__ = ["PostgresSink"]
 
@@ -484,19 +485,52 @@ class Result:
     ``fetchmany()``, iteration, ``rowcount``, ``description``, ``statusmessage``), so a
     handler reads results the same way on SQLite and PostgreSQL."""
 
-    __slots__ = ("_at", "_rows", "description", "rowcount", "statusmessage")
+    __slots__ = ("_at", "_described", "_description", "_rows", "rowcount", "statusmessage")
 
-    def __init__(self, rows: list[Any], rowcount: int, description: Any, statusmessage: str | None):
+    def __init__(
+        self,
+        rows: list[Any],
+        rowcount: int,
+        description: Any,
+        statusmessage: str | None,
+        described: tuple[pq.abc.PGresult, psycopg.AsyncConnection[Any]] | None = None,
+    ):
         self._rows = rows
         self._at = 0
         self.rowcount = rowcount
-        self.description = description
+        self._description = description
+        self._described = described  # the description, made when asked for
         self.statusmessage = statusmessage
 
     @classmethod
     async def of(cls, cursor: psycopg.AsyncCursor[Any]) -> Result:
         rows = await cursor.fetchall() if cursor.description is not None else []
         return cls(rows, cursor.rowcount, cursor.description, cursor.statusmessage)
+
+    @classmethod
+    def of_result(
+        cls, result: pq.abc.PGresult, conn: psycopg.AsyncConnection[Any], rows: list[Any]
+    ) -> Result:
+        """From a result read straight off libpq (see ``_pg_wire``), as psycopg's cursor
+        would have given it: ``rowcount`` the rows returned or affected (-1 when neither)."""
+        status = result.command_status
+        if result.status == pq.ExecStatus.TUPLES_OK:
+            count = result.ntuples
+        else:
+            tuples = result.command_tuples
+            count = tuples if tuples is not None else -1
+        return cls(rows, count, None, status.decode() if status else None, (result, conn))
+
+    @property
+    def description(self) -> Any:
+        if self._described is not None:
+            result, conn = self._described
+            self._described = None
+            if result.nfields or result.status == pq.ExecStatus.TUPLES_OK:
+                fields = _Fields(result, conn)
+                columns = range(result.nfields)
+                self._description = [psycopg.Column(cast(Any, fields), i) for i in columns]
+        return self._description
 
     def fetchone(self) -> Any:
         if self._at >= len(self._rows):
@@ -518,6 +552,19 @@ class Result:
         return iter(self.fetchall())
 
 
+class _Fields:
+    """What psycopg's ``Column`` reads of a cursor (its result, encoding and types): the
+    columns of a result read straight off libpq, described as psycopg describes them (a test
+    compares the two)."""
+
+    __slots__ = ("_encoding", "adapters", "pgresult")
+
+    def __init__(self, result: pq.abc.PGresult, conn: psycopg.AsyncConnection[Any]):
+        self.pgresult = result
+        self._encoding = conn.info.encoding
+        self.adapters = conn.adapters
+
+
 class _PostgresSideBySide(SideBySide):
     """A connection of its own for records side by side, async (``psycopg.AsyncConnection``),
     with the sync transaction's rules: a lost connection is the sink's failure
@@ -532,6 +579,7 @@ class _PostgresSideBySide(SideBySide):
         super().__init__(sink, group, incarnations)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._literals: psycopg.AsyncClientCursor[Any] | None = None  # merges parameters in
+        self._wire: Wire | None = None  # the hot path's reader on the connection's socket
         self._open = False
         self.lost: str | None = None
 
@@ -555,6 +603,7 @@ class _PostgresSideBySide(SideBySide):
         away with backoff for up to the sink's ``reconnect_timeout_s``."""
         deadline = time.monotonic() + self.sink.reconnect_timeout_s
         pause = 0.05
+        self._unwire()
         while True:
             try:
                 if self._conn is None or self._conn.closed:
@@ -581,24 +630,46 @@ class _PostgresSideBySide(SideBySide):
             self.lost = _lost_text(self.sink.where, error)
         raise SinkUnavailableError(self.lost) from error
 
-    async def _run(self, call: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+    def _unwire(self) -> None:
+        """psycopg is to use the connection: the hot path's reader leaves its socket."""
+        if self._wire is not None:
+            self._wire.detach()
+
+    def _broken(self) -> bool:
+        return self._wire is not None and self._wire.broken
+
+    async def _run(
+        self, call: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], wired: bool = False
+    ) -> T:
         if self.lost is not None:
             raise SinkUnavailableError(self.lost)
         conn = self._conn
         assert conn is not None, "no transaction is open"
         assert self._open, "no transaction is open"
+        if not wired:
+            self._unwire()
         try:
             return await call(conn)
         except psycopg.Error as e:
-            if connection_lost(conn, e):
+            if connection_lost(conn, e) or self._broken():
                 self._lose(e)
             raise
         except asyncio.CancelledError:
             # psycopg cancels the statement on the server and waits for it to end, leaving
             # the transaction aborted: the record's savepoint undoes it (cancelled before its
             # savepoint was taken, the undo fails, and the window's transaction rolls back:
-            # nothing of it commits); when it could not, it closed the connection.
-            if conn.closed or conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            # nothing of it commits); when it could not, it closed the connection. A call on
+            # the wire (see _pg_wire) is left half-way: its statement is cancelled on the
+            # server (so it holds no lock meanwhile), and the connection is dropped at the
+            # step's commit, whose transaction then never commits.
+            if self._broken():
+                with contextlib.suppress(Exception):
+                    await conn.cancel_safe(timeout=5)
+            if (
+                conn.closed
+                or conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
+                or self._broken()
+            ):
                 self.lost = (
                     f"a call to PostgreSQL at {self.sink.where} was cancelled half-way and "
                     "could not be stopped cleanly: the connection is dropped, its transaction "
@@ -612,6 +683,15 @@ class _PostgresSideBySide(SideBySide):
         params: Sequence[Any] | Mapping[str, Any] = (),
         savepoint: str | None = None,
     ) -> Result:
+        if savepoint is not None and self._conn is not None and wire_statement(sql):
+            merged = self._merged(self._conn, savepoint, sql, params)
+            if merged is not None:  # the hot path: one message, read straight off libpq
+                try:
+                    return await self._run(lambda conn: self._wired(conn, merged), wired=True)
+                except psycopg.Error as e:
+                    _second_statement(e, sql)
+                    raise
+
         async def one(conn: psycopg.AsyncConnection[Any]) -> Result:
             if savepoint is None and (params or one_statement(sql)):
                 return await Result.of(await conn.execute(sql, params))
@@ -635,6 +715,18 @@ class _PostgresSideBySide(SideBySide):
             _second_statement(e, sql)
             raise
 
+    async def _wired(self, conn: psycopg.AsyncConnection[Any], query: str) -> Result:
+        """``query`` (a savepoint and a statement, see _merged) sent straight on libpq."""
+        wire = self._wire
+        if wire is None or wire.conn is not conn:
+            self._unwire()
+            wire = self._wire = Wire(conn)
+        encoding = conn.info.encoding
+        async with conn.lock:  # psycopg's own turn on the connection
+            results = await wire.run(query.encode(encoding))
+        result = checked(results, encoding)
+        return Result.of_result(result, conn, loaded_rows(result, wire.transformer))
+
     def _merged(
         self,
         conn: psycopg.AsyncConnection[Any],
@@ -645,7 +737,9 @@ class _PostgresSideBySide(SideBySide):
         """``SAVEPOINT s; <sql>`` with the parameters merged in (psycopg's client-side
         binding, quoting for this connection), when ``sql`` is surely one statement (see
         :func:`one_statement`) and every parameter has a literal form; else None: the two go
-        in a pipeline, where the server itself refuses a second statement."""
+        in a pipeline, where the server itself refuses a second statement. One difference
+        shows: a column that is a bare value, unnamed as a parameter (``?column?``), is
+        named by its literal's cast (``int8``, ``date``) in ``description``."""
         if not one_statement(sql) or not _literal_kinds(params):
             return None
         if self._literals is None or self._literals.connection is not conn:
@@ -710,6 +804,7 @@ class _PostgresSideBySide(SideBySide):
                 raise SinkUnavailableError(self.lost)
             assert conn is not None, "no transaction is open"
             assert self._open, "no transaction is open"
+            self._unwire()
             if _gone(conn):  # broken under it before COMMIT: rolled back for sure
                 self._lose(psycopg.OperationalError("the connection broke before COMMIT"))
             if conn.info.transaction_status != TransactionStatus.INTRANS:
@@ -755,6 +850,7 @@ class _PostgresSideBySide(SideBySide):
 
     async def _quietly_roll_back(self) -> None:
         assert self._conn is not None
+        self._unwire()
         try:
             await self._conn.execute("ROLLBACK")
         except BaseException:
@@ -763,6 +859,8 @@ class _PostgresSideBySide(SideBySide):
     async def _discard(self) -> None:
         conn, self._conn = self._conn, None
         self._open = False
+        self._unwire()
+        self._wire = None
         if conn is not None:
             with contextlib.suppress(BaseException):
                 await conn.close()
