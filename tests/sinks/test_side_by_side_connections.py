@@ -633,3 +633,46 @@ def test_a_connection_that_ends_between_calls_on_the_wire_is_lost_not_spun_on(
     detached, error = asyncio.run(run())
     assert detached
     assert "lost the connection" in error
+
+
+def test_rows_on_the_wire_are_read_in_the_client_encoding_of_the_moment(pg_dsn: str) -> None:
+    """A handler may SET client_encoding on its connection: rows read straight off libpq are
+    decoded in the encoding of the moment, as psycopg's cursor decodes them."""
+
+    async def run() -> list[Any]:
+        side: Any = PostgresSink(pg_dsn).side_by_side("g", {})
+        await side.begin()
+        try:
+            got = [(await side.execute("SELECT %s", ("é",), savepoint="assured_r1")).fetchall()]
+            await side.execute("SET client_encoding TO 'LATIN1'")
+            got.append((await side.execute("SELECT %s", ("é",), savepoint="assured_r2")).fetchall())
+            await side.execute("RESET client_encoding")
+            got.append((await side.execute("SELECT %s", ("é",), savepoint="assured_r3")).fetchall())
+            return got
+        finally:
+            await side.close()
+
+    assert asyncio.run(run()) == [[("é",)]] * 3
+
+
+def test_a_call_on_the_wire_whose_reader_is_taken_off_still_ends(pg_dsn: str) -> None:
+    """A call on the wire whose reader is taken off the socket under it (a detach from a task
+    a handler left running) still gets its results: it reads the socket itself after a while,
+    rather than wait for ever (holding the connection's lock, and the commit behind it)."""
+
+    async def run() -> list[Any]:
+        side: Any = PostgresSink(pg_dsn).side_by_side("g", {})
+        await side.begin()
+        try:
+            call = asyncio.ensure_future(
+                side.execute("SELECT pg_sleep(%s), %s", (0.3, "done"), savepoint="assured_r1")
+            )
+            await asyncio.sleep(0.1)
+            side._unwire()  # as another task's psycopg call would, while this one waits
+            result = await asyncio.wait_for(call, 5)
+            await side.commit()  # the connection is in order after it
+            return result.fetchall()
+        finally:
+            await side.close()
+
+    assert asyncio.run(run()) == [("", "done")]

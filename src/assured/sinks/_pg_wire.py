@@ -18,6 +18,7 @@ and its owner drops the connection (its transaction never commits).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from typing import Any
 
@@ -33,6 +34,9 @@ __all__ = ["Wire", "checked", "loaded_rows", "wire_statement"]
 _ERROR = pq.ExecStatus.FATAL_ERROR
 _TUPLES = pq.ExecStatus.TUPLES_OK
 _DONE = frozenset({pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK})
+_COPY = frozenset({pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH})
+# How long a call waits before it reads the socket itself (see Wire._look).
+_LOOK_S = 0.1
 
 # Statements whose results this path reads: one command, rows or none. COPY (which would wait
 # for data) and the rest go through psycopg.
@@ -52,7 +56,7 @@ class Wire:
     own: a record holds its connection for its whole part). Between calls a reader stays on
     the socket; :meth:`detach` takes it off before psycopg uses the connection."""
 
-    __slots__ = ("_fd", "_loop", "_results", "_waiting", "broken", "conn", "transformer")
+    __slots__ = ("_fd", "_loop", "_results", "_waiting", "broken", "conn")
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]):
         self.conn = conn
@@ -61,7 +65,6 @@ class Wire:
         self._waiting: asyncio.Future[list[pq.abc.PGresult]] | None = None
         self._results: list[pq.abc.PGresult] = []
         self.broken = False  # a call ended half-way: the connection's state is unknown
-        self.transformer = _Transformer.from_context(conn)  # loads rows as psycopg would
 
     def detach(self) -> None:
         """Take the reader off the socket (psycopg adds and removes its own)."""
@@ -83,12 +86,29 @@ class Wire:
                     if waiting is not None and not waiting.done():
                         waiting.set_result(results)
                     return
+                if result.status in _COPY:  # libpq would hand it out for ever
+                    raise psycopg.InterfaceError("COPY is not read on this path")
                 self._results.append(result)
-        except BaseException as e:  # the connection broke: the waiting call raises it
+        except Exception as e:  # the connection broke: the waiting call raises it
             self.detach()
             failed, self._waiting = self._waiting, None
             if failed is not None and not failed.done():
                 failed.set_exception(e)
+
+    def _look(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A call still waiting after a while: read what came (the reader may have been taken
+        off the socket under it, by psycopg or a detach from a task left running), put the
+        reader back, and look again later. So a call never waits for ever on a lost wakeup."""
+        if self._waiting is None:
+            return
+        self._loop = None  # whatever the event loop holds for the socket, ours goes back on
+        with contextlib.suppress(Exception):
+            loop.remove_reader(self._fd)
+        loop.add_reader(self._fd, self._readable)
+        self._loop = loop
+        self._readable()
+        if self._waiting is not None:
+            loop.call_later(_LOOK_S, self._look, loop)
 
     async def run(self, query: bytes) -> list[pq.abc.PGresult]:
         """Send ``query`` (simple protocol) and return its results once all have come; a
@@ -107,7 +127,11 @@ class Wire:
             waiting: asyncio.Future[list[pq.abc.PGresult]] = loop.create_future()
             self._waiting = waiting
             self._readable()  # anything already read in
-            return await waiting
+            look = loop.call_later(_LOOK_S, self._look, loop)
+            try:
+                return await waiting
+            finally:
+                look.cancel()
         except BaseException:
             self._waiting = None
             self._results = []
@@ -142,10 +166,13 @@ def checked(results: list[pq.abc.PGresult], encoding: str) -> pq.abc.PGresult:
     return results[-1]
 
 
-def loaded_rows(result: pq.abc.PGresult, transformer: Transformer) -> list[Any]:
-    """The rows of a result, loaded by the connection's adapters, as tuples."""
+def loaded_rows(result: pq.abc.PGresult, conn: psycopg.AsyncConnection[Any]) -> list[Any]:
+    """The rows of a result, loaded by the connection's adapters, as tuples. A transformer
+    for each result, as psycopg makes one for each query: its text loaders keep the client
+    encoding of the time they were made (a handler may SET client_encoding)."""
     if result.status != _TUPLES or not result.ntuples:
         return []
+    transformer: Transformer = _Transformer.from_context(conn)
     transformer.set_pgresult(result)
     rows: list[Any] = transformer.load_rows(0, result.ntuples, tuple)
     return rows

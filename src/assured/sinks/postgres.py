@@ -659,23 +659,31 @@ class _PostgresSideBySide(SideBySide):
             # the transaction aborted: the record's savepoint undoes it (cancelled before its
             # savepoint was taken, the undo fails, and the window's transaction rolls back:
             # nothing of it commits); when it could not, it closed the connection. A call on
-            # the wire (see _pg_wire) is left half-way: its statement is cancelled on the
-            # server (so it holds no lock meanwhile), and the connection is dropped at the
-            # step's commit, whose transaction then never commits.
-            if self._broken():
-                with contextlib.suppress(Exception):
-                    await conn.cancel_safe(timeout=5)
+            # the wire (see _pg_wire) is left half-way: the connection is lost (dropped at the
+            # step's commit, whose transaction then never commits), and its statement is
+            # cancelled on the server, so that it holds no lock meanwhile.
             if (
                 conn.closed
                 or conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
                 or self._broken()
             ):
-                self.lost = (
-                    f"a call to PostgreSQL at {self.sink.where} was cancelled half-way and "
-                    "could not be stopped cleanly: the connection is dropped, its transaction "
-                    "rolled back"
-                )
+                self._cut_short()
+            if self._broken():
+                with contextlib.suppress(Exception):
+                    await conn.cancel_safe(timeout=5)
             raise
+        except BaseException:
+            if self._broken():  # a call on the wire cut short otherwise
+                self._cut_short()
+            raise
+
+    def _cut_short(self) -> None:
+        if self.lost is None:
+            self.lost = (
+                f"a call to PostgreSQL at {self.sink.where} was cancelled half-way and "
+                "could not be stopped cleanly: the connection is dropped, its transaction "
+                "rolled back"
+            )
 
     async def execute(
         self,
@@ -725,7 +733,7 @@ class _PostgresSideBySide(SideBySide):
         async with conn.lock:  # psycopg's own turn on the connection
             results = await wire.run(query.encode(encoding))
         result = checked(results, encoding)
-        return Result.of_result(result, conn, loaded_rows(result, wire.transformer))
+        return Result.of_result(result, conn, loaded_rows(result, conn))
 
     def _merged(
         self,
