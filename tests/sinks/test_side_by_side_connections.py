@@ -671,7 +671,8 @@ def test_a_call_on_the_wire_whose_reader_is_taken_off_still_ends(pg_dsn: str) ->
             side._unwire()  # as another task's psycopg call would, while this one waits
             result = await asyncio.wait_for(call, 5)
             await side.commit()  # the connection is in order after it
-            return result.fetchall()
+            rows: list[Any] = result.fetchall()
+            return rows
         finally:
             await side.close()
 
