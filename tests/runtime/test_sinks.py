@@ -3,8 +3,10 @@ effects idempotent."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from assured import App, Message, TopicPartition, open_log
@@ -70,3 +72,77 @@ def test_inbox_makes_at_least_once_effects_idempotent(tmp_path: Path) -> None:
     with sink, sink.transaction() as tx:
         rows = tx.execute("SELECT id FROM charged ORDER BY id").fetchall()
     assert [r[0] for r in rows] == [f"c{i}" for i in range(5)], "each charged once"
+
+
+def test_a_connection_side_by_side_is_fenced_per_partition_and_marks_only_while_its_own(
+    sink: Sink,
+) -> None:
+    """Under exactly-once each connection of records side by side checks, before its commit,
+    that every partition of its records is still this owner's (the epoch of its claim) and
+    marks its records done: a partition claimed again since is named, and its commit is not
+    made (the marks roll back with it)."""
+    a, b = TopicPartition("charges", 0), TopicPartition("charges", 1)
+    group = "g-fence"
+
+    async def run(epochs: dict[TopicPartition, int]) -> list[TopicPartition | None]:
+        side = sink.side_by_side(group, {})
+        found: list[TopicPartition | None] = []
+        try:
+            await side.begin()
+            found.append(await side.fence_and_mark([(a, epochs[a])], [("charges", 0, 5)]))
+            await side.commit()
+            await side.begin()
+            both = [(b, epochs[b]), (a, epochs[a])]
+            found.append(await side.fence_and_mark(both, [("charges", 0, 6), ("charges", 1, 7)]))
+            await side.rollback(RuntimeError("fenced"))
+        finally:
+            await side.close()
+        return found
+
+    with sink:
+        first = sink.claim(group, [a, b])
+        sink.claim(group, [b])  # b goes to a newer owner: the first one's epoch for it is stale
+        found = asyncio.run(run({tp: epoch for tp, (_, epoch) in first.items()}))
+        with sink.transaction() as tx:
+            marks = tx.execute(
+                "SELECT topic, partition, record_offset FROM assured_done WHERE group_id = "
+                f"{sink.placeholder} ORDER BY record_offset",
+                (group,),
+            ).fetchall()
+    assert found == [None, b]
+    assert [tuple(m) for m in marks] == [("charges", 0, 5)]
+
+
+@pytest.mark.postgres
+def test_the_fence_of_a_connection_side_by_side_holds_off_a_claim_until_its_commit(
+    postgres_dsn: str,
+) -> None:
+    """On PostgreSQL the fence share-locks the partitions' offsets rows: a claim by another
+    owner waits for the commit (and then sees its marks), so no claim slips in between the
+    check and the commit."""
+    sink = PostgresSink(postgres_dsn)
+    tp = TopicPartition("charges", 3)
+    group = "g-fence-lock"
+
+    async def run(epoch: int) -> str:
+        side = sink.side_by_side(group, {})
+        try:
+            await side.begin()
+            assert await side.fence_and_mark([(tp, epoch)], [("charges", 3, 1)]) is None
+            with psycopg.connect(postgres_dsn, autocommit=True) as other:
+                other.execute("SET lock_timeout = '300ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    other.execute(
+                        "UPDATE assured_offsets SET epoch = epoch + 1 WHERE group_id = %s "
+                        "AND topic = %s AND partition = %s",
+                        (group, tp.topic, tp.partition),
+                    )
+            await side.commit()
+            return "committed"
+        finally:
+            await side.close()
+
+    with sink:
+        claim = sink.claim(group, [tp])
+        assert asyncio.run(run(claim[tp][1])) == "committed"
+        assert sink.claim(group, [tp])[tp][1] == claim[tp][1] + 1

@@ -364,18 +364,14 @@ class SharedTransaction:
         """Under exactly-once, each partition's epoch is checked and its offsets row
         share-locked (a claim waits for this commit, then sees the marks), then the marks."""
         if self.marks:
-            sql = self.sink._sql
             epochs = self.epochs()
-            fence = sql(
-                "SELECT 1 FROM assured_offsets WHERE group_id = ? AND topic = ? "  # noqa: S608
-                f"AND partition = ? AND epoch = ?{self.sink.share_lock}"  # a class constant
+            theirs = {TopicPartition(r.topic, r.partition) for r in lane.members}
+            marks = [(r.topic, r.partition, r.offset) for r in lane.members] if self.marked else []
+            claimed = await lane.conn.fence_and_mark(
+                [(tp, epochs.get(tp, -1)) for tp in sorted(theirs)], marks
             )
-            for tp in sorted({TopicPartition(r.topic, r.partition) for r in lane.members}):
-                row = (self.group, tp.topic, tp.partition, epochs.get(tp, -1))
-                if (await lane.conn.execute(fence, row)).fetchone() is None:
-                    raise fenced(tp, self.group)
-            if self.marked:
-                await lane.conn.mark_done([(r.topic, r.partition, r.offset) for r in lane.members])
+            if claimed is not None:
+                raise fenced(claimed, self.group)
         try:
             await lane.conn.commit(bounded=True)  # another lane may hold what it waits for
         except CommitWaitError:

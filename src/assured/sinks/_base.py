@@ -305,6 +305,24 @@ class SideBySide(abc.ABC):
         rows = [(self.group, topic, partition, offset) for topic, partition, offset in records]
         await self.execute_many(self.sink._sql(MARK_DONE), rows)
 
+    async def fence_and_mark(
+        self, epochs: Sequence[tuple[TopicPartition, int]], marks: Sequence[tuple[str, int, int]]
+    ) -> TopicPartition | None:
+        """In the open transaction, before its commit: check that each partition's epoch is
+        still the one in ``epochs`` (its offsets row share-locked, so a claim waits for this
+        commit and then sees the marks), and mark ``marks`` done. Returns the first partition
+        claimed by another, or None."""
+        fence = self.sink._sql(
+            "SELECT 1 FROM assured_offsets WHERE group_id = ? AND topic = ? "  # noqa: S608
+            f"AND partition = ? AND epoch = ?{self.sink.share_lock}"  # a class constant
+        )
+        for tp, epoch in sorted(epochs):
+            row = (self.group, tp.topic, tp.partition, epoch)
+            if (await self.execute(fence, row)).fetchone() is None:
+                return tp
+        await self.mark_done(marks)
+        return None
+
     @abc.abstractmethod
     async def end_region(self, savepoint: str, error: BaseException | None) -> None:
         """A record's part ends: kept (``error`` None; raises if a statement in it failed and

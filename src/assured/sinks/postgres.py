@@ -26,6 +26,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from assured.errors import ConfigError, ServiceError, UsageError
+from assured.log import TopicPartition
 from assured.sinks._base import (
     CommitWaitError,
     SideBySide,
@@ -128,6 +129,21 @@ _MARK_ALL = (
     "INSERT INTO assured_done (group_id, topic, partition, record_offset) "
     "SELECT %s, t, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS m (t, p, o) "
     "ON CONFLICT DO NOTHING"
+)
+
+
+# The fences of a connection's commit under exactly-once and its marks, in one statement: each
+# partition's offsets row, if its epoch is still the one given, share-locked in order (a claim
+# waits for the commit, then sees the marks); the partitions found come back.
+_FENCE_AND_MARK = (
+    "WITH held AS (SELECT o.topic, o.partition FROM assured_offsets o "
+    "JOIN unnest(%s::text[], %s::int[], %s::bigint[]) AS w (t, p, e) "
+    "ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = %s "
+    "ORDER BY o.topic, o.partition FOR SHARE OF o), "
+    "marked AS (INSERT INTO assured_done (group_id, topic, partition, record_offset) "
+    "SELECT %s, t, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS m (t, p, o) "
+    "ON CONFLICT DO NOTHING) "
+    "SELECT topic, partition FROM held"
 )
 
 
@@ -770,6 +786,29 @@ class _PostgresSideBySide(SideBySide):
 
         await self._run(mark)
 
+    async def fence_and_mark(
+        self, epochs: Sequence[tuple[TopicPartition, int]], marks: Sequence[tuple[str, int, int]]
+    ) -> TopicPartition | None:
+        """The fences and the marks in one statement (one round trip for a connection's
+        commit, however many partitions its records came from)."""
+        wanted = sorted(epochs)
+        fences = (
+            [tp.topic for tp, _ in wanted],
+            [tp.partition for tp, _ in wanted],
+            [epoch for _, epoch in wanted],
+        )
+        done = (list(column) for column in zip(*marks, strict=True)) if marks else ([], [], [])
+
+        async def check(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, int]]:
+            cursor = await conn.execute(_FENCE_AND_MARK, (*fences, self.group, self.group, *done))
+            return [(topic, partition) for topic, partition in await cursor.fetchall()]
+
+        held = set(await self._run(check))
+        for tp, _ in wanted:
+            if (tp.topic, tp.partition) not in held:
+                return tp
+        return None
+
     async def plain(self, savepoint: str | None) -> SinkTransaction:
         raise UsageError(
             "db.hold() gives a plain transaction only on SQLite; on PostgreSQL records side by "
@@ -818,10 +857,11 @@ class _PostgresSideBySide(SideBySide):
             if conn.info.transaction_status != TransactionStatus.INTRANS:
                 raise SinkUnavailableError(_not_open_text(self.sink.where))
             try:
-                if bounded:
-                    async with conn.pipeline():
-                        await conn.execute(f"SET LOCAL lock_timeout = {_COMMIT_WAIT_MS}")
-                        cursor = await conn.execute("COMMIT")
+                if bounded:  # our own two statements, in one message
+                    cursor = await conn.execute(
+                        f"SET LOCAL lock_timeout = {_COMMIT_WAIT_MS}; COMMIT", prepare=False
+                    )
+                    cursor.nextset()
                 else:
                     cursor = await conn.execute("COMMIT")
                 done = cursor.statusmessage
