@@ -32,12 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from assured import sinks
 from assured.errors import FatalError
 from assured.log import Consumer, Log, Producer, open_log
 from assured.log._protocol import Admin
 from assured.runtime import App, Message, Output
 from assured.runtime.crashpoints import freeze_at
-from assured.sinks import PostgresSink, Sink, SinkTransaction, SqliteSink
+from assured.sinks import Sink, SinkTransaction, SqliteSink
 
 __all__ = ["EFFECTS_DDL", "OVERSIZE", "as_a_processor", "main"]
 
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
         register(to_topic, output=args.output)
 
     else:
-        sink: Sink = SqliteSink(args.db) if args.sink == "sqlite" else PostgresSink(args.db)
+        sink: Sink = SqliteSink(args.db) if args.sink == "sqlite" else sinks.PostgresSink(args.db)
         mark = "?" if args.sink == "sqlite" else "%s"
         columns = "INSERT INTO audit_effects (msg_id, account, slot) VALUES"
         insert = f"{columns} ({mark}, {mark}, {mark})"  # only the placeholder style varies
