@@ -339,3 +339,68 @@ def test_a_dead_letter_the_log_cannot_take_does_not_block_the_others(
         ).fetchall()
         assert rows == [(len(big), 0), (len(b"bad-small"), 1)]
         assert sorted(v for (v,) in conn.execute("SELECT v FROM fx")) == [b"ok1", b"ok2"]
+
+
+ENDINGS = {
+    "commit": lambda conn: conn.commit(),
+    "execute-commit": lambda conn: conn.execute("COMMIT"),
+    "script": lambda conn: conn.executescript("COMMIT; BEGIN"),
+    "rollback": lambda conn: conn.rollback(),
+}
+
+
+@pytest.mark.parametrize("swallowed", [False, True], ids=["raised", "swallowed"])
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_handler_that_ends_the_sqlite_transaction_itself_is_refused_and_stops_the_app(
+    log: Log, tmp_path: Path, ending: str, swallowed: bool, concurrency: int
+) -> None:
+    """Under exactly-once the effects commit with their positions. A handler (or a library it
+    hands ``db.connection`` to, as pandas' to_sql commits) that commits or rolls back the
+    sink's transaction would have committed the batch's effects without their positions, and
+    its redo would have made them again: SQLite refuses the statement, nothing of the
+    transaction commits, and the App stops with what to do, even if the handler swallowed
+    the error."""
+    from assured.sinks import HandlerEndedTransactionError, SqliteSink
+
+    fill(log, [b"%d" % i for i in range(8)])
+    db = tmp_path / "fx.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE fx (v BLOB)")
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    tried: list[bytes] = []
+
+    def end(msg: Message, conn: sqlite3.Connection) -> None:
+        if msg.value == b"5" and not tried:  # once: without the guard, once was a duplicate
+            tried.append(msg.value)
+            try:
+                ENDINGS[ending](conn)
+            except sqlite3.DatabaseError:
+                if not swallowed:
+                    raise
+
+    if concurrency == 1:
+
+        @app.handler("in", sink=SqliteSink(db))
+        def effect(msg: Message, tx: Any) -> None:
+            tx.execute("INSERT INTO fx VALUES (?)", (msg.value,))
+            end(msg, tx.connection)
+
+    else:
+
+        @app.handler("in", sink=SqliteSink(db), concurrency=concurrency)
+        async def effect_side_by_side(msg: Message, db: Any) -> None:
+            await db.execute("INSERT INTO fx VALUES (?)", (msg.value,))
+            end(msg, (await db.hold()).connection)
+
+    with pytest.raises(HandlerEndedTransactionError, match=r"do not commit or roll back"):
+        app.run(until_idle=0.5)
+    with sqlite3.connect(db) as conn:
+        made = [r[0] for r in conn.execute("SELECT v FROM fx")]
+        stored = conn.execute(
+            "SELECT coalesce(sum(next_offset), 0) FROM assured_offsets"
+        ).fetchone()
+    assert len(made) == len(set(made)), "no effect twice"
+    assert len(made) == stored[0], "every effect committed with its position, none without"
+    assert b"5" not in made

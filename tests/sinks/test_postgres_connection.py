@@ -17,6 +17,7 @@ from assured import App, Message, TopicPartition
 from assured.errors import RetriableError, ServiceError, UsageError
 from assured.log import Log
 from assured.sinks import (
+    HandlerEndedTransactionError,
     PostgresSink,
     SinkCommitUnknownError,
     SinkTransaction,
@@ -282,3 +283,54 @@ def test_a_schema_item_with_two_statements_is_refused_and_nothing_is_made(pg_dsn
             "WHERE schemaname = current_schema() AND tablename IN ('a', 'b')"
         )
         assert made.fetchone() == (0,)
+
+
+RAW_ENDINGS: dict[str, Any] = {
+    "commit": lambda conn: conn.commit(),
+    "rollback": lambda conn: conn.rollback(),
+    "autocommit": lambda conn: setattr(conn, "autocommit", True),
+    "execute-commit": lambda conn: conn.execute("COMMIT"),
+    "cursor-commit": lambda conn: conn.cursor().execute("/* c */ COMMIT"),
+    "transaction": lambda conn: conn.transaction().__enter__(),
+}
+
+
+@pytest.mark.parametrize("swallowed", [False, True], ids=["raised", "swallowed"])
+@pytest.mark.parametrize("ending", sorted(RAW_ENDINGS))
+def test_a_handler_that_ends_the_transaction_through_the_connection_stops_the_app(
+    pg_dsn: str, tmp_path: Path, ending: str, swallowed: bool
+) -> None:
+    """``db.connection`` is psycopg's connection inside the runtime's transaction, for code
+    that wants one; what would end that transaction (commit(), rollback(), autocommit, a
+    COMMIT however it is sent) would commit the batch's effects without their positions, and
+    the redo would make them again. It is refused, nothing of the transaction commits, and
+    the App stops with what to do, even when the handler swallows the error."""
+    log = eight_charges(tmp_path, pg_dsn)
+    app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=8)
+    tried: list[str] = []
+
+    @app.handler("charges", sink=PostgresSink(pg_dsn))
+    def charge(msg: Message, db: SinkTransaction) -> None:
+        db.execute("INSERT INTO effects VALUES (%s)", (int(msg.value),))
+        conn = db.connection
+        assert conn.execute("SELECT count(*) FROM effects").fetchone()[0] >= 1  # in the txn
+        if msg.offset == 5 and not tried:  # once: without the guard, once was a duplicate
+            tried.append(ending)
+            try:
+                RAW_ENDINGS[ending](conn)
+            except Exception:
+                if not swallowed:
+                    raise
+
+    with pytest.raises(HandlerEndedTransactionError, match="do not commit or roll back"):
+        app.run(until_idle=1.0)
+    sink = PostgresSink(pg_dsn)
+    try:
+        made = effects(sink)
+        stored = sum(sink.stored_offsets("g").values())
+    finally:
+        sink.close()
+        log.close()
+    assert tried == [ending]
+    assert made == list(range(stored)), "every effect once, each with its position"
+    assert 5 not in made

@@ -351,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
                                ("x" * 65_536, account, slot))  # fmt: skip
                 except Exception:
                     if db.connection.in_transaction:
-                        db.connection.execute("ROLLBACK")  # as at a cache spill
+                        # as at a cache spill (a handler's own ROLLBACK would be refused)
+                        assert isinstance(sink, SqliteSink)
+                        with sink._own():
+                            db.connection.execute("ROLLBACK")
                     raise
             act(
                 msg,

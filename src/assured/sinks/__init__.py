@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from assured.sinks._base import (
+    HandlerEndedTransactionError,
     MessageLike,
     Sink,
     SinkCommitUnknownError,
@@ -31,6 +32,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DeadLetterRelay",
+    "HandlerEndedTransactionError",
     "MessageLike",
     "PostgresSink",
     "Sink",

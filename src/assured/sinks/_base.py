@@ -98,6 +98,24 @@ class SwallowedStatementError(Exception):
     handler had raised: retried, then dead-lettered."""
 
 
+class HandlerEndedTransactionError(UsageError):
+    """A handler tried to end the sink's transaction itself through the raw connection
+    (``db.connection.commit()``, a library that commits, ``execute("COMMIT")``): the runtime
+    commits effects with their positions, or not at all. The database refused it, nothing of
+    the transaction committed, and the App stops: every record would do the same."""
+
+    fatal = True
+
+
+def ended_by_handler(statement: str) -> HandlerEndedTransactionError:
+    return HandlerEndedTransactionError(
+        f"a handler ran {statement} on the sink's connection (db.connection, or a library "
+        "given it): the runtime commits each record's effects with its position, or not at "
+        "all, so the statement was refused and nothing of the transaction committed. Return "
+        "from the handler to keep its work, raise to undo it; do not commit or roll back"
+    )
+
+
 class SinkUnreachableError(ServiceError):
     """The database could not be used within the sink's deadline (no connection, or its write
     lock held by another process all along). Nothing was written; this instance should stop."""

@@ -38,6 +38,7 @@ from assured.sinks._base import (
     SwallowedStatementError,
     checked_schema,
     ddl,
+    ended_by_handler,
     refuse_transaction_control,
 )
 from assured.sinks._one_statement import one_statement
@@ -236,20 +237,41 @@ class _PostgresTransaction(SinkTransaction):
         self._conn = conn
         self.lost: str | None = None  # why, once the connection broke
         self._savepoints = 0
+        self.refused: str | None = None  # what a handler tried that would end the transaction
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
+        return self._run(self._conn.execute, sql, params)
+
+    def _run(
+        self,
+        run: Callable[..., T],
+        sql: Any,
+        params: Any,
+        raw: bool = False,
+        **options: Any,
+    ) -> T:
+        """``run(sql, params)`` (a connection's or a cursor's execute) by the transaction's
+        rules: nothing that begins or ends it, and SQL that is not surely one statement by the
+        extended protocol (see _second_statement). ``raw``: through ``db.connection``, where
+        such a try stops the App (a library that commits would do it for every record)."""
         if self.lost is not None:
             raise SinkUnavailableError(self.lost)
-        refuse_transaction_control(sql)
+        text = sql if isinstance(sql, str) else _text_of(sql, self._conn)
         try:
-            if params or one_statement(sql):
-                return self._conn.execute(sql, params)
+            refuse_transaction_control(text)
+        except UsageError:
+            if raw:
+                self.refused = self.refused or text.strip()[:40]
+            raise
+        try:
+            if params or one_statement(text):
+                return run(sql, params or None, **options)
             with self._conn.pipeline():  # the extended protocol: see _second_statement
-                return self._conn.execute(sql, params)  # read at the pipeline's end
+                return run(sql, params or None, **options)  # read at the pipeline's end
         except psycopg.Error as e:
             if connection_lost(self._conn, e):
                 self.lose(e)
-            _second_statement(e, sql)
+            _second_statement(e, text)
             raise
 
     def lose(self, error: BaseException) -> NoReturn:
@@ -260,8 +282,10 @@ class _PostgresTransaction(SinkTransaction):
         raise SinkUnavailableError(self.lost) from error
 
     @property
-    def connection(self) -> psycopg.Connection[Any]:
-        return self._conn
+    def connection(self) -> Any:
+        """psycopg's connection inside the transaction, without what would end it (see
+        :class:`_HeldConnection`)."""
+        return _HeldConnection(self)
 
     @contextlib.contextmanager
     def savepoint(self, release: bool = True) -> Iterator[None]:
@@ -279,7 +303,13 @@ class _PostgresTransaction(SinkTransaction):
                 raise SinkUnavailableError(self.lost) from e
             self.execute(f"ROLLBACK TO SAVEPOINT {name}")
             self.execute(f"RELEASE SAVEPOINT {name}")
+            if self.refused is not None:
+                raise ended_by_handler(self.refused) from e
             raise
+        if self.refused is not None:  # refused, and the handler swallowed the error
+            self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self.execute(f"RELEASE SAVEPOINT {name}")
+            raise ended_by_handler(self.refused)
         status = self._conn.info.transaction_status
         if status == TransactionStatus.IDLE:  # ended in here (a raw COMMIT or ROLLBACK)
             self.lose(psycopg.OperationalError("the transaction was ended inside a handler"))
@@ -292,6 +322,93 @@ class _PostgresTransaction(SinkTransaction):
             raise SwallowedStatementError(_SWALLOWED)
         if release:
             self.execute(f"RELEASE SAVEPOINT {name}")
+
+
+def _text_of(sql: Any, conn: psycopg.Connection[Any]) -> str:
+    """The text of a query given as psycopg's ``sql.Composable`` or as bytes."""
+    if isinstance(sql, bytes | bytearray):
+        return bytes(sql).decode(conn.info.encoding, "replace")
+    as_string = getattr(sql, "as_string", None)
+    return str(as_string(conn)) if as_string is not None else str(sql)
+
+
+# What ``db.connection`` refuses on PostgreSQL: calls that would end the transaction the
+# runtime commits effects and positions in (or change how it commits).
+_ENDS = frozenset(
+    {"commit", "rollback", "transaction", "set_autocommit", "close", "cancel", "cancel_safe"}
+    | {"tpc_begin", "tpc_prepare", "tpc_commit", "tpc_rollback", "set_isolation_level"}
+)
+_SETTINGS = frozenset({"autocommit", "isolation_level", "read_only", "deferrable"})
+
+
+class _HeldConnection:
+    """What ``db.connection`` gives a handler on PostgreSQL: psycopg's connection, inside the
+    runtime's transaction. What would end that transaction is refused (``commit()``,
+    ``rollback()``, ``transaction()``, ``autocommit``, ``close()``), and ``execute`` and its
+    cursors' ``execute`` go by the transaction's rules (no BEGIN, COMMIT or ROLLBACK; one
+    statement), so a library handed it cannot commit effects without their positions. The
+    rest is psycopg's own (``pgconn`` too: what goes that way is the caller's to answer for)."""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: _PostgresTransaction):
+        object.__setattr__(self, "_tx", tx)
+
+    def _refuse(self, what: str) -> NoReturn:
+        self._tx.refused = self._tx.refused or what
+        raise ended_by_handler(what)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _ENDS:
+            self._refuse(f"connection.{name}()")
+        return getattr(self._tx._conn, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SETTINGS:
+            self._refuse(f"connection.{name} = {value!r}")
+        setattr(self._tx._conn, name, value)
+
+    def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+        return self._tx._run(self._tx._conn.execute, query, params, raw=True, **options)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> _HeldCursor:
+        return _HeldCursor(self._tx, self._tx._conn.cursor(*args, **kwargs))
+
+
+class _HeldCursor:
+    """A cursor of :class:`_HeldConnection`: its ``execute`` and ``executemany`` by the
+    transaction's rules; the rest psycopg's own."""
+
+    __slots__ = ("_cursor", "_tx")
+
+    def __init__(self, tx: _PostgresTransaction, cursor: psycopg.Cursor[Any]):
+        self._tx = tx
+        self._cursor = cursor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor)
+
+    def __enter__(self) -> _HeldCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cursor.close()
+
+    def execute(self, query: Any, params: Any = None, **options: Any) -> _HeldCursor:
+        self._tx._run(self._cursor.execute, query, params, raw=True, **options)
+        return self
+
+    def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
+        text = query if isinstance(query, str) else _text_of(query, self._tx._conn)
+        try:
+            refuse_transaction_control(text)
+        except UsageError:
+            self._tx.refused = self._tx.refused or text.strip()[:40]
+            raise
+        self._cursor.executemany(query, params_seq, **options)  # extended protocol: one each
 
 
 class PostgresSink(Sink):

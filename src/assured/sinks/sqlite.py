@@ -31,6 +31,7 @@ from assured.sinks._base import (
     SinkUnreachableError,
     checked_schema,
     ddl,
+    ended_by_handler,
     refuse_transaction_control,
 )
 
@@ -38,8 +39,19 @@ __all__ = ["SqliteSink"]
 
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (extended codes share the low byte)
 
+# The runtime's own transaction statements, worded apart from what a handler would write:
+# SQLite asks the authorizer (see SqliteSink._authorize) only when it prepares a statement,
+# and Python's sqlite3 keeps prepared statements by their text, so a handler's "COMMIT" must
+# never be the runtime's own, already prepared while it was allowed.
+_BEGIN_IMMEDIATE = "BEGIN IMMEDIATE -- assured"
+_BEGIN = "BEGIN -- assured"
+_COMMIT = "COMMIT -- assured"
+_ROLLBACK = "ROLLBACK -- assured"
+
 
 class _SqliteTransaction(SinkTransaction):
+    sink: SqliteSink
+
     def __init__(
         self,
         sink: SqliteSink,
@@ -50,6 +62,7 @@ class _SqliteTransaction(SinkTransaction):
         super().__init__(sink, group, incarnations)
         self._conn = conn
         self.ended = False  # SQLite ended the transaction by itself: nothing of it commits
+        self.refused: str | None = None  # a BEGIN/COMMIT/ROLLBACK a handler tried (refused)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         """``sql`` inside the transaction. SQLite ends a transaction by itself on some errors
@@ -72,8 +85,8 @@ class _SqliteTransaction(SinkTransaction):
     def _end(self, cause: BaseException | None) -> NoReturn:
         if not self.ended:
             self.ended = True
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("BEGIN")  # a transaction for strays, rolled back at the end
+            with contextlib.suppress(sqlite3.Error), self.sink._own():
+                self._conn.execute(_BEGIN)  # a transaction for strays, rolled back at the end
         raise _rolled_back(cause) from cause
 
     @property
@@ -86,11 +99,17 @@ class _SqliteTransaction(SinkTransaction):
         self.execute(f"SAVEPOINT {name}")
         try:
             yield
-        except BaseException:
+        except BaseException as e:
             if self._conn.in_transaction:  # else the database undid it all: let the error say so
                 self.execute(f"ROLLBACK TO {name}")
                 self.execute(f"RELEASE {name}")
+            if self.refused is not None:
+                raise ended_by_handler(self.refused) from e
             raise
+        if self.refused is not None:  # refused, and the handler swallowed the error
+            self.execute(f"ROLLBACK TO {name}")
+            self.execute(f"RELEASE {name}")
+            raise ended_by_handler(self.refused)
         if release:
             self.execute(f"RELEASE {name}")
 
@@ -117,6 +136,7 @@ class SqliteSink(Sink):
         self._durability = durability
         self.lock_timeout_s = lock_timeout_s
         self._conn: sqlite3.Connection | None = None
+        self._inside: _SqliteTransaction | None = None  # the transaction handlers run in
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._lost: str | None = None
 
@@ -133,6 +153,7 @@ class SqliteSink(Sink):
             try:
                 self._locked(conn, "PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={self._durability.upper()}")
+                conn.set_authorizer(self._authorize)
             except BaseException:
                 conn.close()
                 raise
@@ -188,31 +209,55 @@ class SqliteSink(Sink):
         self, group: str | None = None, incarnations: Mapping[str, str] | None = None
     ) -> Iterator[SinkTransaction]:
         conn = self._connect()
-        self._locked(conn, "BEGIN IMMEDIATE")
+        self._locked(conn, _BEGIN_IMMEDIATE)
         tx = _SqliteTransaction(self, conn, group, incarnations)
+        self._inside = tx
         try:
             yield tx
         except BaseException:
+            self._inside = None
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                conn.execute(_ROLLBACK)
             raise
+        self._inside = None
+        if tx.refused is not None:  # refused, and the error swallowed outside any savepoint
+            conn.execute(_ROLLBACK)
+            raise ended_by_handler(tx.refused)
         moved = self._moved()
         if moved is not None:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                conn.execute(_ROLLBACK)
             self._lose(moved)
         if tx.ended or not conn.in_transaction:  # ended by the database, error swallowed
             if conn.in_transaction:
-                conn.execute("ROLLBACK")  # what strays wrote after the end
+                conn.execute(_ROLLBACK)  # what strays wrote after the end
             raise _rolled_back(None)
         try:
-            conn.execute("COMMIT")
+            conn.execute(_COMMIT)
         except sqlite3.Error as e:
             # A COMMIT that fails did not commit (in WAL mode a full disk often shows here,
             # as the pages are written): the database's failure, and the batch is redone.
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                conn.execute(_ROLLBACK)
             raise _rolled_back(e) from e
+
+    def _authorize(self, action: int, what: str | None, *_: str | None) -> int:
+        """SQLite asks before it prepares each statement: inside a transaction that handlers
+        run in, a BEGIN, COMMIT or ROLLBACK (not a savepoint's) is refused, from whatever
+        path it comes (``db.connection.commit()``, ``executescript``, a library)."""
+        if action == sqlite3.SQLITE_TRANSACTION and self._inside is not None:
+            self._inside.refused = self._inside.refused or (what or "a transaction statement")
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    @contextlib.contextmanager
+    def _own(self) -> Iterator[None]:
+        """The runtime's own transaction statement inside the transaction (allowed)."""
+        inside, self._inside = self._inside, None
+        try:
+            yield
+        finally:
+            self._inside = inside
 
     def _lose(self, how: str) -> NoReturn:
         self._lost = (
