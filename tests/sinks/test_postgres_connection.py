@@ -291,7 +291,9 @@ RAW_ENDINGS: dict[str, Any] = {
     "autocommit": lambda conn: setattr(conn, "autocommit", True),
     "execute-commit": lambda conn: conn.execute("COMMIT"),
     "cursor-commit": lambda conn: conn.cursor().execute("/* c */ COMMIT"),
-    "transaction": lambda conn: conn.transaction().__enter__(),
+    "cursor-connection": lambda conn: conn.cursor().connection.commit(),
+    "exit": lambda conn: conn.__exit__(None, None, None),
+    "client-cursors": lambda conn: setattr(conn, "cursor_factory", psycopg.ClientCursor),
 }
 
 
@@ -334,3 +336,26 @@ def test_a_handler_that_ends_the_transaction_through_the_connection_stops_the_ap
     assert tried == [ending]
     assert made == list(range(stored)), "every effect once, each with its position"
     assert 5 not in made
+
+
+def test_what_the_guarded_connection_still_does(pg_dsn: str) -> None:
+    """The guard refuses only what would end the transaction: a nested transaction() is a
+    savepoint inside it, psycopg's helpers take the connection as theirs (isinstance), and
+    what is written commits with the rest."""
+    from psycopg.types import TypeInfo
+
+    sink = effects_sink(pg_dsn)
+    try:
+        with sink.transaction() as tx:
+            conn = tx.connection
+            assert isinstance(conn, psycopg.Connection)
+            assert TypeInfo.fetch(conn, "int4") is not None
+            with conn.transaction():
+                conn.execute("INSERT INTO effects VALUES (%s)", (41,))
+            with contextlib.suppress(RuntimeError), conn.transaction():
+                conn.execute("INSERT INTO effects VALUES (%s)", (42,))
+                raise RuntimeError("undone: the savepoint rolls back")
+            assert conn.cursor().execute("SELECT 1").fetchone() == (1,)
+        assert effects(sink) == [41]
+    finally:
+        sink.close()

@@ -71,7 +71,7 @@ def test_nothing_runs_after_sqlite_ended_the_transaction(tmp_path: Path) -> None
     with sink, pytest.raises(SinkUnavailableError, match="rolled"), sink.transaction() as tx:  # noqa: PT012
         tx.execute("INSERT INTO t VALUES ('a')")
         with sink._own():  # a handler's ROLLBACK is refused: this is SQLite's own
-            tx.connection.execute("ROLLBACK")  # as SQLite does on SQLITE_FULL
+            tx.connection.rollback()  # as SQLite does on SQLITE_FULL
         tx.execute("INSERT INTO t VALUES ('b')")  # would commit alone
     with sqlite3.connect(tmp_path / "sink.db") as db:
         assert list(db.execute("SELECT v FROM t")) == []

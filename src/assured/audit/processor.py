@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
                         # as at a cache spill (a handler's own ROLLBACK would be refused)
                         assert isinstance(sink, SqliteSink)
                         with sink._own():
-                            db.connection.execute("ROLLBACK")
+                            db.connection.rollback()
                     raise
             act(
                 msg,

@@ -335,10 +335,16 @@ def _text_of(sql: Any, conn: psycopg.Connection[Any]) -> str:
 # What ``db.connection`` refuses on PostgreSQL: calls that would end the transaction the
 # runtime commits effects and positions in (or change how it commits).
 _ENDS = frozenset(
-    {"commit", "rollback", "transaction", "set_autocommit", "close", "cancel", "cancel_safe"}
+    {"commit", "rollback", "set_autocommit", "close", "cancel", "cancel_safe", "__exit__"}
     | {"tpc_begin", "tpc_prepare", "tpc_commit", "tpc_rollback", "set_isolation_level"}
 )
-_SETTINGS = frozenset({"autocommit", "isolation_level", "read_only", "deferrable"})
+# Settings that would change how the transaction commits, or how the runtime's own statements
+# on the connection run (a client-side cursor factory sends parameters merged, by the simple
+# protocol, which runs every statement of a string; a row factory changes what they read).
+_SETTINGS = frozenset(
+    {"autocommit", "isolation_level", "read_only", "deferrable"}
+    | {"cursor_factory", "server_cursor_factory", "row_factory"}
+)
 
 
 class _HeldConnection:
@@ -347,12 +353,19 @@ class _HeldConnection:
     ``rollback()``, ``transaction()``, ``autocommit``, ``close()``), and ``execute`` and its
     cursors' ``execute`` go by the transaction's rules (no BEGIN, COMMIT or ROLLBACK; one
     statement), so a library handed it cannot commit effects without their positions. The
-    rest is psycopg's own (``pgconn`` too: what goes that way is the caller's to answer for)."""
+    rest is psycopg's own: ``transaction()`` (a savepoint inside this transaction), and
+    ``pgconn`` and cursors made on it by hand (``psycopg.ClientCursor(conn)``), which are the
+    caller's to answer for. It passes for a ``psycopg.Connection`` (``isinstance``), so that
+    psycopg's helpers (``TypeInfo.fetch``, an extension's ``register_...``) take it."""
 
     __slots__ = ("_tx",)
 
     def __init__(self, tx: _PostgresTransaction):
         object.__setattr__(self, "_tx", tx)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(conn, psycopg.Connection) holds
+        return type(self._tx._conn)
 
     def _refuse(self, what: str) -> NoReturn:
         self._tx.refused = self._tx.refused or what
@@ -387,6 +400,10 @@ class _HeldCursor:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cursor, name)
+
+    @property
+    def connection(self) -> _HeldConnection:
+        return _HeldConnection(self._tx)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._cursor)

@@ -39,14 +39,13 @@ __all__ = ["SqliteSink"]
 
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (extended codes share the low byte)
 
-# The runtime's own transaction statements, worded apart from what a handler would write:
 # SQLite asks the authorizer (see SqliteSink._authorize) only when it prepares a statement,
-# and Python's sqlite3 keeps prepared statements by their text, so a handler's "COMMIT" must
-# never be the runtime's own, already prepared while it was allowed.
+# and Python's sqlite3 keeps prepared statements by their text: a handler's "COMMIT" must never
+# find one the runtime prepared while it was allowed. So the runtime commits and rolls back by
+# conn.commit() and conn.rollback(), which prepare theirs each time; its BEGINs, worded apart,
+# fail inside a transaction whoever runs them.
 _BEGIN_IMMEDIATE = "BEGIN IMMEDIATE -- assured"
 _BEGIN = "BEGIN -- assured"
-_COMMIT = "COMMIT -- assured"
-_ROLLBACK = "ROLLBACK -- assured"
 
 
 class _SqliteTransaction(SinkTransaction):
@@ -217,28 +216,28 @@ class SqliteSink(Sink):
         except BaseException:
             self._inside = None
             if conn.in_transaction:
-                conn.execute(_ROLLBACK)
+                conn.rollback()
             raise
         self._inside = None
         if tx.refused is not None:  # refused, and the error swallowed outside any savepoint
-            conn.execute(_ROLLBACK)
+            conn.rollback()
             raise ended_by_handler(tx.refused)
         moved = self._moved()
         if moved is not None:
             if conn.in_transaction:
-                conn.execute(_ROLLBACK)
+                conn.rollback()
             self._lose(moved)
         if tx.ended or not conn.in_transaction:  # ended by the database, error swallowed
             if conn.in_transaction:
-                conn.execute(_ROLLBACK)  # what strays wrote after the end
+                conn.rollback()  # what strays wrote after the end
             raise _rolled_back(None)
         try:
-            conn.execute(_COMMIT)
+            conn.commit()
         except sqlite3.Error as e:
             # A COMMIT that fails did not commit (in WAL mode a full disk often shows here,
             # as the pages are written): the database's failure, and the batch is redone.
             if conn.in_transaction:
-                conn.execute(_ROLLBACK)
+                conn.rollback()
             raise _rolled_back(e) from e
 
     def _authorize(self, action: int, what: str | None, *_: str | None) -> int:
