@@ -356,6 +356,10 @@ def test_what_the_guarded_connection_still_does(pg_dsn: str) -> None:
                 conn.execute("INSERT INTO effects VALUES (%s)", (42,))
                 raise RuntimeError("undone: the savepoint rolls back")
             assert conn.cursor().execute("SELECT 1").fetchone() == (1,)
+            # placeholders read as psycopg reads them: db.execute's parameters default to ()
+            # ('%%' is a '%'), the connection's to None (no placeholders at all)
+            assert tx.execute("SELECT '100%%'").fetchone() == ("100%",)
+            assert conn.execute("SELECT '100%'").fetchone() == ("100%",)
         assert effects(sink) == [41]
     finally:
         sink.close()

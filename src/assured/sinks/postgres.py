@@ -265,9 +265,9 @@ class _PostgresTransaction(SinkTransaction):
             raise
         try:
             if params or one_statement(text):
-                return run(sql, params or None, **options)
+                return run(sql, params, **options)
             with self._conn.pipeline():  # the extended protocol: see _second_statement
-                return run(sql, params or None, **options)  # read at the pipeline's end
+                return run(sql, params, **options)  # read at the pipeline's end
         except psycopg.Error as e:
             if connection_lost(self._conn, e):
                 self.lose(e)
