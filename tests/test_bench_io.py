@@ -92,6 +92,7 @@ def test_targets_are_judged_from_rows_of_one_run() -> None:
     assert not any("postgres" in t for t in verdicts)
 
 
+@pytest.mark.slow  # 11 s; the io CLI into topics and its rows into databases run by default
 def test_cli_runs_the_io_suite_into_databases(tmp_path: Path, postgres_dsn: str) -> None:
     """The handler writes a row instead of an output; a reader of the database takes the
     latency; every record must leave exactly one row (the run fails otherwise)."""

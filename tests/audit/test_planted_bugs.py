@@ -89,6 +89,7 @@ FIXES: dict[str, dict[str, Any]] = {
         "sink": "sqlite",
         "faults": ("sigkill",),
         "kills": 6,
+        "messages": 2000,  # time for the kills to land (600 once ended before any did)
         "concurrency": 20,
         "handler_latency_ms": 5.0,
         "shows": ("duplicate",),
@@ -140,7 +141,15 @@ def test_a_fix_undone_fails_the_audit(
         assert f.count(anomaly) > 0, (anomaly, f.as_json())
 
 
-@pytest.mark.parametrize("plant", sorted(FIXES))
+# The real protocol's twins of the two longest plants run with the slow tests: the same paths
+# pass in make test's own audits (a write stall; at-least-once side by side under SIGKILL).
+_LONG_TWINS = {"commit-past-failed-write", "remember-unfinished"}
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [pytest.param(p, marks=pytest.mark.slow) if p in _LONG_TWINS else p for p in sorted(FIXES)],
+)
 def test_the_real_protocol_passes_where_the_fix_undone_fails(tmp_path: Path, plant: str) -> None:
     case = FIXES[plant]
     f = _audit(tmp_path, case)
