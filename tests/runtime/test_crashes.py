@@ -149,7 +149,7 @@ def test_sigstopped_zombies_are_fenced(tmp_path: Path) -> None:
 
 
 @pytest.mark.kafka
-@pytest.mark.parametrize(  # the other two under crashes: in make test on the embedded engine
+@pytest.mark.parametrize(  # the other two under crashes: by make test's embedded audits
     "guarantee",
     [pytest.param(g, marks=pytest.mark.slow) for g in ("at-most-once", "at-least-once")]
     + ["exactly-once"],
