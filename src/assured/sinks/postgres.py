@@ -350,7 +350,7 @@ _SETTINGS = frozenset(
 class _HeldConnection:
     """What ``db.connection`` gives a handler on PostgreSQL: psycopg's connection, inside the
     runtime's transaction. What would end that transaction is refused (``commit()``,
-    ``rollback()``, ``transaction()``, ``autocommit``, ``close()``), and ``execute`` and its
+    ``rollback()``, ``autocommit``, ``close()``, a cursor factory), and ``execute`` and its
     cursors' ``execute`` go by the transaction's rules (no BEGIN, COMMIT or ROLLBACK; one
     statement), so a library handed it cannot commit effects without their positions. The
     rest is psycopg's own: ``transaction()`` (a savepoint inside this transaction), and
