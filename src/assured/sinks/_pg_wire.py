@@ -18,7 +18,6 @@ and its owner drops the connection (its transaction never commits).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from typing import Any
 
@@ -72,6 +71,17 @@ class Wire:
             self._loop.remove_reader(self._fd)
             self._loop = None
 
+    def _attach(self, loop: asyncio.AbstractEventLoop, again: bool = False) -> None:
+        """Put the reader on the socket; ``again``: whatever the event loop holds for it
+        (a reader taken off, or another's put on, under a waiting call), ours goes back."""
+        if again:
+            self._loop = loop  # so that detach takes off whatever is there, on the same socket
+        self.detach()
+        if not again:
+            self._fd = self.conn.pgconn.socket
+        loop.add_reader(self._fd, self._readable)
+        self._loop = loop
+
     def _readable(self) -> None:
         pgconn = self.conn.pgconn
         try:
@@ -101,11 +111,7 @@ class Wire:
         reader back, and look again later. So a call never waits for ever on a lost wakeup."""
         if self._waiting is None:
             return
-        self._loop = None  # whatever the event loop holds for the socket, ours goes back on
-        with contextlib.suppress(Exception):
-            loop.remove_reader(self._fd)
-        loop.add_reader(self._fd, self._readable)
-        self._loop = loop
+        self._attach(loop, again=True)
         self._readable()
         if self._waiting is not None:
             loop.call_later(_LOOK_S, self._look, loop)
@@ -120,10 +126,7 @@ class Wire:
             while pgconn.flush():  # the message did not fit in the socket's buffer
                 await _writable(loop, pgconn.socket)
             if self._loop is not loop:
-                self.detach()
-                self._fd = pgconn.socket
-                loop.add_reader(self._fd, self._readable)
-                self._loop = loop
+                self._attach(loop)
             waiting: asyncio.Future[list[pq.abc.PGresult]] = loop.create_future()
             self._waiting = waiting
             self._readable()  # anything already read in

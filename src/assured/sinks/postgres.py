@@ -256,13 +256,7 @@ class _PostgresTransaction(SinkTransaction):
         such a try stops the App (a library that commits would do it for every record)."""
         if self.lost is not None:
             raise SinkUnavailableError(self.lost)
-        text = sql if isinstance(sql, str) else _text_of(sql, self._conn)
-        try:
-            refuse_transaction_control(text)
-        except UsageError:
-            if raw:
-                self.refused = self.refused or text.strip()[:40]
-            raise
+        text = self._allowed(sql, raw)
         try:
             if params or one_statement(text):
                 return run(sql, params, **options)
@@ -273,6 +267,19 @@ class _PostgresTransaction(SinkTransaction):
                 self.lose(e)
             _second_statement(e, text)
             raise
+
+    def _allowed(self, sql: Any, raw: bool) -> str:
+        """The text of ``sql``, once it is not a statement that begins or ends the
+        transaction; such a try through ``db.connection`` (``raw``) is remembered: it stops
+        the App (see savepoint)."""
+        text = sql if isinstance(sql, str) else _text_of(sql, self._conn)
+        try:
+            refuse_transaction_control(text)
+        except UsageError:
+            if raw:
+                self.refused = self.refused or text.strip()[:40]
+            raise
+        return text
 
     def lose(self, error: BaseException) -> NoReturn:
         """The connection broke: drop it, and raise what every later call will raise too."""
@@ -419,12 +426,7 @@ class _HeldCursor:
         return self
 
     def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
-        text = query if isinstance(query, str) else _text_of(query, self._tx._conn)
-        try:
-            refuse_transaction_control(text)
-        except UsageError:
-            self._tx.refused = self._tx.refused or text.strip()[:40]
-            raise
+        self._tx._allowed(query, raw=True)
         self._cursor.executemany(query, params_seq, **options)  # extended protocol: one each
 
 
