@@ -3,6 +3,7 @@ handler or the sink does next must not run outside it, where each statement comm
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -101,3 +102,181 @@ def test_a_handler_that_swallows_the_end_and_writes_on_the_raw_connection_commit
         tx.connection.execute("INSERT INTO t VALUES ('after')")  # the raw connection
     with sqlite3.connect(tmp_path / "sink.db") as db:
         assert list(db.execute("SELECT v FROM t")) == []
+
+
+def _or_rollback(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT OR ROLLBACK INTO u VALUES (1)")  # u holds 1: SQLite rolls back
+
+
+def _trigger(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO guarded VALUES (1)")  # its trigger: RAISE(ROLLBACK, ...)
+
+
+# The handler's raw write after SQLite ended the transaction, each by another path.
+AFTER = {
+    "execute": lambda conn: conn.execute("INSERT INTO t VALUES ('after')"),
+    # The same text as the handler's own earlier statement: Python's sqlite3 reuses the
+    # statement it prepared inside the transaction, and SQLite's authorizer is not asked again.
+    "cached": lambda conn: conn.execute("INSERT INTO t VALUES (?)", ("after",)),
+    "executemany": lambda conn: conn.executemany("INSERT INTO t VALUES (?)", [("after",)]),
+    "script": lambda conn: conn.executescript("INSERT INTO t VALUES ('after');"),
+    "cursor": lambda conn: conn.cursor().execute("INSERT INTO t VALUES ('after')"),
+    "cursor-factory": lambda conn: conn.cursor(factory=_OwnCursor).execute(
+        "INSERT INTO t VALUES ('after')"
+    ),
+    "cte": lambda conn: conn.execute("WITH a(v) AS (SELECT 'after') INSERT INTO t SELECT v FROM a"),
+}
+
+
+class _OwnCursor(sqlite3.Cursor):
+    """A library's own cursor class."""
+
+
+def _fixture(path: Path) -> SqliteSink:
+    sink = SqliteSink(str(path))
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE t (v TEXT)")
+        tx.execute("CREATE TABLE u (k INTEGER PRIMARY KEY)")
+        tx.execute("INSERT INTO u VALUES (1)")
+        tx.execute("CREATE TABLE guarded (k INTEGER)")
+        tx.execute(
+            "CREATE TRIGGER no_guarded BEFORE INSERT ON guarded "
+            "BEGIN SELECT RAISE(ROLLBACK, 'refused by a trigger'); END"
+        )
+    return sink
+
+
+@pytest.mark.parametrize("after", sorted(AFTER))
+@pytest.mark.parametrize("end", [_or_rollback, _trigger], ids=["or-rollback", "trigger"])
+def test_a_raw_write_after_sqlite_ended_the_transaction_itself_commits_nothing(
+    tmp_path: Path, end: Any, after: str
+) -> None:
+    """A handler's own raw statement makes SQLite end the transaction (``INSERT OR
+    ROLLBACK`` on a conflict, ``RAISE(ROLLBACK)`` in a trigger); the handler catches the
+    error and writes on through ``db.connection``, with no ``db.execute`` between. Old code:
+    that write ran with no transaction open and committed at once, while the batch was
+    redone: its effect twice under exactly-once. Now no statement runs on the connection
+    after such an end, by any path, and nothing of the transaction commits."""
+    sink = _fixture(tmp_path / "sink.db")
+    with sink, pytest.raises(SinkUnavailableError, match="rolled"), sink.transaction() as tx:  # noqa: PT012
+        conn = tx.connection
+        conn.execute("INSERT INTO t VALUES (?)", ("before",))
+        with pytest.raises(sqlite3.IntegrityError):
+            end(conn)
+        try:
+            AFTER[after](conn)
+        except SinkUnavailableError:
+            pass  # swallowed, as a careless handler would
+        else:
+            pytest.fail("the raw write ran after the transaction's end")
+    with sqlite3.connect(tmp_path / "sink.db") as db:
+        assert list(db.execute("SELECT v FROM t")) == []
+
+
+def test_a_blob_written_after_sqlite_ended_the_transaction_commits_nothing(tmp_path: Path) -> None:
+    sink = _fixture(tmp_path / "sink.db")
+    with sink, sink.transaction() as tx:
+        tx.execute("INSERT INTO t VALUES ('.....')")
+    with sink, pytest.raises(SinkUnavailableError, match="rolled"), sink.transaction() as tx:  # noqa: PT012
+        conn = tx.connection
+        with pytest.raises(sqlite3.IntegrityError):
+            _or_rollback(conn)
+        with contextlib.suppress(SinkUnavailableError), conn.blobopen("t", "v", 1) as blob:
+            blob.write(b"after")
+    with sqlite3.connect(tmp_path / "sink.db") as db:
+        assert list(db.execute("SELECT v FROM t")) == [(".....",)]
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_app_whose_handler_writes_on_after_a_trigger_rolled_back_keeps_exactly_once(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """The whole runtime, exactly-once: at one record a trigger rolls the transaction back;
+    the handler catches it and records the refusal on the raw connection. Old code: that row
+    committed alone, then the batch was redone and wrote it again. Now every effect is there
+    once, each with its position."""
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+    with log.producer() as producer:
+        for i in range(8):
+            producer.send("in", b"%d" % i)
+        producer.flush()
+    sink = _fixture(tmp_path / "sink.db")
+    tried: list[bytes] = []
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    def effect(msg: Message, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.value == b"5" and not tried:  # once: the redo goes through
+            tried.append(msg.value)
+            try:
+                _trigger(conn)
+            except sqlite3.IntegrityError:
+                with contextlib.suppress(SinkUnavailableError):
+                    conn.execute("INSERT INTO t VALUES ('refused')")
+
+    if concurrency == 1:
+
+        @app.handler("in", sink=sink)
+        def handle(msg: Message, db: Any) -> None:
+            effect(msg, db.connection)
+
+    else:
+
+        @app.handler("in", sink=sink, concurrency=concurrency)
+        async def handle_side_by_side(msg: Message, db: Any) -> None:
+            effect(msg, (await db.hold()).connection)
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    with sqlite3.connect(tmp_path / "sink.db") as db:
+        made = sorted(r[0] for r in db.execute("SELECT v FROM t"))
+    assert made == [str(i) for i in range(8)], "each effect once, and no stray write"
+    with log.admin() as admin:
+        assert admin.committed_offsets("g", ["in"]).get(TopicPartition("in", 0)) == 8
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_handler_that_closes_the_sqlite_connection_stops_the_app_and_commits_nothing(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """Old code: ``db.connection.close()`` rolled the transaction back and failed the record
+    (retried, then dead-lettered) with a closed connection under the rest of the batch. It is
+    refused now, and the App stops: a library that closes it would do so for every record."""
+    from assured.sinks import HandlerEndedTransactionError
+
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+    with log.producer() as producer:
+        for i in range(4):
+            producer.send("in", b"%d" % i)
+        producer.flush()
+    sink = _fixture(tmp_path / "sink.db")
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    def effect(msg: Message, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.value == b"2":
+            with contextlib.suppress(sqlite3.Error, HandlerEndedTransactionError):
+                conn.close()
+
+    if concurrency == 1:
+
+        @app.handler("in", sink=sink)
+        def handle(msg: Message, db: Any) -> None:
+            effect(msg, db.connection)
+
+    else:
+
+        @app.handler("in", sink=sink, concurrency=concurrency)
+        async def handle_side_by_side(msg: Message, db: Any) -> None:
+            effect(msg, (await db.hold()).connection)
+
+    with pytest.raises(HandlerEndedTransactionError, match=r"connection.close\(\)"):
+        app.run(until_idle=0.5)
+    with sqlite3.connect(tmp_path / "sink.db") as db:
+        made = sorted(r[0] for r in db.execute("SELECT v FROM t"))
+        stored = db.execute("SELECT coalesce(sum(next_offset), 0) FROM assured_offsets")
+        assert len(made) == stored.fetchone()[0]
+    assert "2" not in made

@@ -48,6 +48,86 @@ _BEGIN_IMMEDIATE = "BEGIN IMMEDIATE -- assured"
 _BEGIN = "BEGIN -- assured"
 
 
+class _Connection(sqlite3.Connection):
+    """The sink's connection (what ``db.connection`` gives a handler). SQLite ends a
+    transaction by itself on some errors (``INSERT OR ROLLBACK``, ``RAISE(ROLLBACK)`` in a
+    trigger, a full disk); a statement after that would run on its own and commit at once,
+    without the positions. So while handlers run in a transaction, no statement runs after
+    such an end from any path here (``execute``, ``executemany``, ``executescript``, a cursor
+    of any factory, ``blobopen``): the sink sees the end first (see
+    :meth:`_SqliteTransaction._end`). The authorizer (see :meth:`SqliteSink._authorize`)
+    cannot: SQLite asks it only when it prepares a statement, and Python's sqlite3 reuses the
+    statements it prepared. ``close()`` is refused while handlers run."""
+
+    sink: SqliteSink | None = None
+
+    def _check(self) -> None:
+        tx = self.sink._inside if self.sink is not None else None
+        if tx is not None and (tx.ended or not self.in_transaction):
+            tx._end(None)
+
+    def cursor(self, factory: Any = None) -> Any:
+        return super().cursor(_checked(factory or sqlite3.Cursor))
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        self._check()
+        return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        self._check()
+        return super().executemany(sql, parameters)
+
+    def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
+        self._check()
+        return super().executescript(sql_script)
+
+    def blobopen(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().blobopen(*args, **kwargs)
+
+    def close(self) -> None:
+        tx = self.sink._inside if self.sink is not None else None
+        if tx is not None:  # rolls back what the handlers' records wrote, as a failure would
+            tx.refused = tx.refused or "connection.close()"
+            raise ended_by_handler("connection.close()")
+        super().close()
+
+
+class _CheckedCursor:
+    """Mixed into a cursor class of the sink's connection: see :class:`_Connection`."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        _check_of(self)
+        return super().execute(sql, parameters)  # type: ignore[misc]
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        _check_of(self)
+        return super().executemany(sql, parameters)  # type: ignore[misc]
+
+    def executescript(self, sql_script: str, /) -> Any:
+        _check_of(self)
+        return super().executescript(sql_script)  # type: ignore[misc]
+
+
+def _check_of(cursor: Any) -> None:
+    conn = cursor.connection
+    if isinstance(conn, _Connection):
+        conn._check()
+
+
+_CHECKED: dict[type, type] = {}
+
+
+def _checked(factory: type) -> type:
+    """``factory`` (a cursor class, the caller's own perhaps), checked (see _CheckedCursor)."""
+    if issubclass(factory, _CheckedCursor):
+        return factory
+    checked = _CHECKED.get(factory)
+    if checked is None:
+        checked = _CHECKED[factory] = type(factory.__name__, (_CheckedCursor, factory), {})
+    return checked
+
+
 class _SqliteTransaction(SinkTransaction):
     sink: SqliteSink
 
@@ -147,8 +227,12 @@ class SqliteSink(Sink):
                 raise ConfigError(f"folder {self.path.parent} for the SQLite sink does not exist")
             # Each wait inside SQLite is short; _locked() retries it up to lock_timeout_s.
             conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=min(1.0, self.lock_timeout_s)
+                self.path,
+                isolation_level=None,
+                timeout=min(1.0, self.lock_timeout_s),
+                factory=_Connection,
             )
+            conn.sink = self
             try:
                 self._locked(conn, "PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={self._durability.upper()}")
@@ -274,7 +358,8 @@ class SqliteSink(Sink):
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
+            with self._own():
+                self._conn.close()
             self._conn = None
 
 
