@@ -280,3 +280,34 @@ def test_a_handler_that_closes_the_sqlite_connection_stops_the_app_and_commits_n
         stored = db.execute("SELECT coalesce(sum(next_offset), 0) FROM assured_offsets")
         assert len(made) == stored.fetchone()[0]
     assert "2" not in made
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_record_whose_statement_rolls_back_every_time_stops_the_app_saying_why(
+    tmp_path: Path, guarantee: Guarantee
+) -> None:
+    """A trigger's RAISE(ROLLBACK) ends the whole batch's transaction at the same record on
+    every redo. Old code: the App redid it until the deadline, then stopped saying the disk
+    might be full. Now it names the statement's kind and the fix; nothing was committed."""
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+    with log.producer() as producer:
+        for i in range(4):
+            producer.send("in", b"%d" % i)
+        producer.flush()
+    sink = _fixture(tmp_path / "sink.db")
+    app = App(log=log, group="g", guarantee=guarantee, retry_deadline_ms=1000)
+
+    @app.handler("in", sink=sink)
+    def handle(msg: Message, db: Any) -> None:
+        db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.value == b"2":
+            _trigger(db)
+
+    with pytest.raises(Exception, match=r"RAISE\(ROLLBACK\).*RAISE\(ABORT\)") as raised:
+        app.run(until_idle=5)
+    assert "refused by a trigger" in str(raised.value)
+    assert "disk" not in str(raised.value)
+    with sqlite3.connect(tmp_path / "sink.db") as db:
+        assert list(db.execute("SELECT v FROM t")) == []

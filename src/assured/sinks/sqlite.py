@@ -141,6 +141,7 @@ class _SqliteTransaction(SinkTransaction):
         super().__init__(sink, group, incarnations)
         self._conn = conn
         self.ended = False  # SQLite ended the transaction by itself: nothing of it commits
+        self.cause: BaseException | None = None  # the error it ended on, when seen
         self.refused: str | None = None  # a BEGIN/COMMIT/ROLLBACK a handler tried (refused)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
@@ -166,7 +167,8 @@ class _SqliteTransaction(SinkTransaction):
             self.ended = True
             with contextlib.suppress(sqlite3.Error), self.sink._own():
                 self._conn.execute(_BEGIN)  # a transaction for strays, rolled back at the end
-        raise _rolled_back(cause) from cause
+        self.cause = self.cause or cause
+        raise _rolled_back(self.cause) from cause
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -314,7 +316,7 @@ class SqliteSink(Sink):
         if tx.ended or not conn.in_transaction:  # ended by the database, error swallowed
             if conn.in_transaction:
                 conn.rollback()  # what strays wrote after the end
-            raise _rolled_back(None)
+            raise _rolled_back(tx.cause)
         try:
             conn.commit()
         except sqlite3.Error as e:
@@ -365,6 +367,15 @@ class SqliteSink(Sink):
 
 def _rolled_back(cause: BaseException | None) -> SinkUnavailableError:
     said = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    if isinstance(cause, sqlite3.IntegrityError):  # SQLITE_CONSTRAINT: a statement's doing
+        return SinkUnavailableError(
+            f"a statement's conflict made SQLite roll back the whole transaction{said}: "
+            "INSERT OR ROLLBACK (or ON CONFLICT ROLLBACK), or RAISE(ROLLBACK) in a trigger, "
+            "ends the transaction of every record in the batch, not the statement. Nothing of "
+            "it was committed, and the batch is redone, where the same record will do the "
+            "same. Use OR ABORT or RAISE(ABORT), which undo the statement alone: the record "
+            "then fails by itself (retried, then dead-lettered)."
+        )
     return SinkUnavailableError(
         f"SQLite rolled the transaction back by itself{said}: nothing of it was committed, and "
         "nothing more runs in it. The disk may be full or failing; the work is redone once "
