@@ -289,6 +289,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             with savepoint():
                 if (result := fn(decode(record), target)) is not None:
                     settle(result)  # an awaitable is awaited, never dropped
+                    del result  # a cursor it returned is closed before the savepoint's end
         elif out is not None:
             try:
                 if (result := fn(decode(record), out)) is not None:
@@ -345,6 +346,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
                 with savepoint():
                     if (result := fn(decode(record), target)) is not None:
                         settle(result)  # an awaitable is awaited, never dropped
+                        del result  # a cursor it returned is closed before the savepoint's end
             except Exception as error:
                 failed(record, error)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import traceback
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from assured.errors import ConfigError
+from assured.errors import ConfigError, UsageError
 from assured.sinks._base import (
     Sink,
     SinkLostError,
@@ -62,11 +63,32 @@ class _Connection(sqlite3.Connection):
     sink: SqliteSink | None = None
 
     def _check(self) -> None:
-        tx = self.sink._inside if self.sink is not None else None
-        if tx is not None and (tx.ended or not self.in_transaction):
-            tx._end(None)
+        sink = self.sink
+        if sink is None or sink._mine:
+            return
+        tx = sink._inside
+        if tx is not None:
+            if tx.ended or not self.in_transaction:
+                tx._end(None)
+        elif not self.in_transaction:
+            raise UsageError(
+                f"a statement on the connection of the SQLite sink {sink.path} outside the "
+                "runtime's transaction (by a task or thread a handler left running, or a "
+                "connection kept after its record): it would commit on its own, without the "
+                "positions. It did not run; do every database call before the handler returns"
+            )
 
     def cursor(self, factory: Any = None) -> Any:
+        if factory is not None and not isinstance(factory, type):
+            cursor = super().cursor(factory)
+            if not isinstance(cursor, _CheckedCursor):
+                cursor.close()
+                raise UsageError(
+                    "a cursor factory that is not a class (a function) on the SQLite sink's "
+                    "connection: its cursors could write after the transaction ended. Give "
+                    "cursor() a subclass of sqlite3.Cursor instead"
+                )
+            return cursor
         return super().cursor(_checked(factory or sqlite3.Cursor))
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
@@ -75,7 +97,7 @@ class _Connection(sqlite3.Connection):
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         self._check()
-        return super().executemany(sql, parameters)
+        return super().executemany(sql, _each_checked(self, parameters))
 
     def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
         self._check()
@@ -86,11 +108,19 @@ class _Connection(sqlite3.Connection):
         return super().blobopen(*args, **kwargs)
 
     def close(self) -> None:
-        tx = self.sink._inside if self.sink is not None else None
-        if tx is not None:  # rolls back what the handlers' records wrote, as a failure would
-            tx.refused = tx.refused or "connection.close()"
-            raise ended_by_handler("connection.close()")
+        self._refused("connection.close()")
         super().close()
+
+    def set_authorizer(self, authorizer: Any) -> None:
+        self._refused("connection.set_authorizer()")  # the sink's own refuses COMMIT
+        super().set_authorizer(authorizer)
+
+    def _refused(self, what: str) -> None:
+        """``what`` is not for handlers: it stops the App (see HandlerEndedTransactionError)."""
+        tx = self.sink._inside if self.sink is not None and not self.sink._mine else None
+        if tx is not None:
+            tx.refused = tx.refused or what
+            raise ended_by_handler(what)
 
 
 class _CheckedCursor:
@@ -102,6 +132,9 @@ class _CheckedCursor:
 
     def executemany(self, sql: str, parameters: Any, /) -> Any:
         _check_of(self)
+        conn = self.connection  # type: ignore[attr-defined]
+        if isinstance(conn, _Connection):
+            parameters = _each_checked(conn, parameters)
         return super().executemany(sql, parameters)  # type: ignore[misc]
 
     def executescript(self, sql_script: str, /) -> Any:
@@ -115,6 +148,14 @@ def _check_of(cursor: Any) -> None:
         conn._check()
 
 
+def _each_checked(conn: _Connection, parameters: Any) -> Iterator[Any]:
+    """``parameters``, checked before each row: the code that makes a row may end the
+    transaction (a statement of its own that SQLite answers with a rollback)."""
+    for row in parameters:
+        conn._check()
+        yield row
+
+
 _CHECKED: dict[type, type] = {}
 
 
@@ -126,6 +167,28 @@ def _checked(factory: type) -> type:
     if checked is None:
         checked = _CHECKED[factory] = type(factory.__name__, (_CheckedCursor, factory), {})
     return checked
+
+
+class CursorLeftOpenError(UsageError):
+    """A cursor of a handler's write statement (``INSERT ... RETURNING``) was left unread
+    after the handler returned (kept, or returned): SQLite cannot end the record's savepoint
+    or commit the transaction while it is open. Nothing of the transaction committed, and the
+    App stops: every record would do the same."""
+
+    fatal = True
+
+
+_LEFT_OPEN = (
+    "a cursor of a handler's statement on the SQLite sink is still open (an INSERT, UPDATE or "
+    "DELETE ... RETURNING not read to its end, kept or returned by the handler): SQLite cannot "
+    "end the record's part or commit the transaction while it is. Nothing of the transaction "
+    "committed. Read such a cursor to its end (fetchall()) or close() it before the handler "
+    "returns"
+)
+
+
+def _in_progress(e: sqlite3.Error) -> bool:
+    return "statements in progress" in str(e)
 
 
 class _SqliteTransaction(SinkTransaction):
@@ -176,23 +239,54 @@ class _SqliteTransaction(SinkTransaction):
 
     @contextlib.contextmanager
     def savepoint(self, release: bool = True) -> Iterator[None]:
+        """A handler's part: rolled back to if it raises. In it, the connection's
+        ``row_factory`` and ``text_factory`` are the handlers' (as they last set them); out of
+        it, sqlite3's defaults, so that the runtime's own statements read what they expect."""
         name = f"sp_{uuid.uuid4().hex[:8]}"
-        self.execute(f"SAVEPOINT {name}")
+        self._step(f"SAVEPOINT {name}")
+        conn, sink = self._conn, self.sink
+        conn.row_factory, conn.text_factory = sink._factories
         try:
             yield
         except BaseException as e:
+            sink._factories = (conn.row_factory, conn.text_factory)
+            conn.row_factory, conn.text_factory = None, str
             if self._conn.in_transaction:  # else the database undid it all: let the error say so
                 self.execute(f"ROLLBACK TO {name}")
-                self.execute(f"RELEASE {name}")
+                try:
+                    self._step(f"RELEASE {name}")
+                except CursorLeftOpenError:
+                    # Perhaps a cursor left unread in a frame of the error's traceback: the
+                    # frames' locals go, and with them the cursor (the rest of each is kept).
+                    traceback.clear_frames(e.__traceback__)
+                    self._step(f"RELEASE {name}")
+            else:
+                self.cause = self.cause or e  # SQLite ended it on the handler's own statement
             if self.refused is not None:
                 raise ended_by_handler(self.refused) from e
             raise
+        sink._factories = (conn.row_factory, conn.text_factory)
+        conn.row_factory, conn.text_factory = None, str
         if self.refused is not None:  # refused, and the handler swallowed the error
             self.execute(f"ROLLBACK TO {name}")
             self.execute(f"RELEASE {name}")
             raise ended_by_handler(self.refused)
         if release:
-            self.execute(f"RELEASE {name}")
+            try:
+                self._step(f"RELEASE {name}")
+            except CursorLeftOpenError:
+                self.execute(f"ROLLBACK TO {name}")  # nothing of the record stays
+                raise
+
+    def _step(self, sql: str) -> None:
+        """The runtime's own SAVEPOINT or RELEASE, which SQLite refuses while a write
+        statement is still in progress (a cursor of a handler not read to its end)."""
+        try:
+            self.execute(sql)
+        except sqlite3.OperationalError as e:
+            if self._conn.in_transaction and _in_progress(e):
+                raise CursorLeftOpenError(_LEFT_OPEN) from e
+            raise
 
 
 class SqliteSink(Sink):
@@ -218,6 +312,9 @@ class SqliteSink(Sink):
         self.lock_timeout_s = lock_timeout_s
         self._conn: sqlite3.Connection | None = None
         self._inside: _SqliteTransaction | None = None  # the transaction handlers run in
+        self._mine = False  # the runtime's own statement (see _own)
+        # The row_factory and text_factory handlers last set on the connection (see savepoint)
+        self._factories: tuple[Any, Any] = (None, str)
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._lost: str | None = None
 
@@ -236,9 +333,10 @@ class SqliteSink(Sink):
             )
             conn.sink = self
             try:
-                self._locked(conn, "PRAGMA journal_mode=WAL")
-                conn.execute(f"PRAGMA synchronous={self._durability.upper()}")
-                conn.set_authorizer(self._authorize)
+                with self._own():
+                    self._locked(conn, "PRAGMA journal_mode=WAL")
+                    conn.execute(f"PRAGMA synchronous={self._durability.upper()}")
+                    conn.set_authorizer(self._authorize)
             except BaseException:
                 conn.close()
                 raise
@@ -294,7 +392,8 @@ class SqliteSink(Sink):
         self, group: str | None = None, incarnations: Mapping[str, str] | None = None
     ) -> Iterator[SinkTransaction]:
         conn = self._connect()
-        self._locked(conn, _BEGIN_IMMEDIATE)
+        with self._own():
+            self._locked(conn, _BEGIN_IMMEDIATE)
         tx = _SqliteTransaction(self, conn, group, incarnations)
         self._inside = tx
         try:
@@ -324,6 +423,8 @@ class SqliteSink(Sink):
             # as the pages are written): the database's failure, and the batch is redone.
             if conn.in_transaction:
                 conn.rollback()
+            if _in_progress(e):  # a handler's, not the database's
+                raise CursorLeftOpenError(_LEFT_OPEN) from e
             raise _rolled_back(e) from e
 
     def _authorize(self, action: int, what: str | None, *_: str | None) -> int:
@@ -337,12 +438,13 @@ class SqliteSink(Sink):
 
     @contextlib.contextmanager
     def _own(self) -> Iterator[None]:
-        """The runtime's own transaction statement inside the transaction (allowed)."""
-        inside, self._inside = self._inside, None
+        """The runtime's own statements: a transaction statement inside the transaction, a
+        statement outside one (allowed)."""
+        inside, mine, self._inside, self._mine = self._inside, self._mine, None, True
         try:
             yield
         finally:
-            self._inside = inside
+            self._inside, self._mine = inside, mine
 
     def _lose(self, how: str) -> NoReturn:
         self._lost = (
@@ -363,6 +465,7 @@ class SqliteSink(Sink):
             with self._own():
                 self._conn.close()
             self._conn = None
+            self._factories = (None, str)
 
 
 def _rolled_back(cause: BaseException | None) -> SinkUnavailableError:

@@ -1,0 +1,271 @@
+"""What a handler does with the SQLite sink's raw connection (``db.connection``) must never
+commit an effect without its position, nor change what the runtime's own statements read.
+Each test here failed on the code before the connection checked its statements (a hostile
+read's findings); tests/sinks/test_sqlite_rolled_back.py holds SQLite's own rollbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assured import App, Message, SqliteSink, TopicPartition, open_log
+from assured.errors import UsageError
+from assured.log import Log
+from assured.sinks import HandlerEndedTransactionError
+from assured.sinks.sqlite import CursorLeftOpenError
+
+
+def _log(tmp_path: Path, n: int) -> Log:
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+        admin.create_topic("in.dlq", 1)
+    with log.producer() as producer:
+        for i in range(n):
+            producer.send("in", b"%d" % i, key=b"k%d" % i)
+        producer.flush()
+    return log
+
+
+def _sink(tmp_path: Path) -> SqliteSink:
+    sink = SqliteSink(str(tmp_path / "sink.db"))
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE t (v TEXT)")
+        tx.execute("CREATE TABLE u (k INTEGER PRIMARY KEY)")
+        tx.execute("INSERT INTO u VALUES (1)")
+    return sink
+
+
+def _state(tmp_path: Path) -> tuple[Counter[str], list[int], int | None]:
+    with contextlib.closing(sqlite3.connect(tmp_path / "sink.db")) as db:
+        effects = Counter(r[0] for r in db.execute("SELECT v FROM t"))
+        letters = [r[0] for r in db.execute("SELECT source_offset FROM assured_dead_letters")]
+        stored = db.execute("SELECT max(next_offset) FROM assured_offsets").fetchone()[0]
+    return effects, sorted(letters), stored
+
+
+def test_a_returned_returning_cursor_keeps_nothing_of_a_failed_attempt(tmp_path: Path) -> None:
+    """Old code: a handler that returned its ``INSERT ... RETURNING`` cursor (a one-line
+    lambda) kept the statement in progress; SQLite refused the record's RELEASE, the record
+    failed without being rolled back to its savepoint (when a commit then landed, the rows of
+    every attempt committed beside its dead letter), and here every record was dead-lettered
+    and no commit landed until the App stopped. The cursor is dropped before the savepoint
+    ends now."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    app.handler("in", sink=sink)(
+        lambda msg, db: db.execute("INSERT INTO t VALUES (?) RETURNING v", (msg.value.decode(),))
+    )
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "1": 1, "2": 1, "3": 1}), [], 4)
+
+
+def test_a_failed_handlers_unread_returning_cursor_fails_that_record_alone(tmp_path: Path) -> None:
+    """The cursor is left unread in the failed handler's frame, which the error's traceback
+    holds. Old code: RELEASE failed, then every later SAVEPOINT, and records that never
+    raised were dead-lettered too. Now only the record that raised is."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=sink, retries=1, backoff_ms=1)
+    def handle(msg: Message, db: Any) -> None:
+        cursor = db.execute("INSERT INTO t VALUES (?) RETURNING v", (msg.value.decode(),))
+        if msg.value == b"2":
+            raise ValueError(f"declined, {cursor} unread")
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "1": 1, "3": 1}), [2], 4)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_returning_cursor_kept_past_the_handler_stops_the_app_saying_why(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """Old code: every commit failed on the statement in progress, and after the deadline
+    the App stopped saying the disk might be full."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once", retry_deadline_ms=2000)
+    kept: list[Any] = []
+
+    def effect(msg: Message, conn: Any) -> None:
+        kept.append(conn.execute("INSERT INTO t VALUES (?) RETURNING v", (msg.value.decode(),)))
+
+    if concurrency == 1:
+        app.handler("in", sink=sink)(effect)
+    else:
+
+        @app.handler("in", sink=sink, concurrency=concurrency)
+        async def side_by_side(msg: Message, db: Any) -> None:
+            effect(msg, await db.hold())
+
+    with pytest.raises(CursorLeftOpenError, match=r"RETURNING.*fetchall\(\)"):
+        app.run(until_idle=0.5)
+    assert _state(tmp_path) == (Counter(), [], None)
+
+
+def test_the_handlers_text_factory_does_not_change_what_the_runtime_reads(
+    tmp_path: Path,
+) -> None:
+    """Old code: a handler's ``text_factory = bytes`` (to read legacy TEXT) stayed on the
+    connection, so the runtime read its records marked done as bytes, matched none of them
+    after a redo, and handled them again: effects twice. The handlers' settings apply in
+    their own parts now, and are kept for them from one record to the next."""
+    log, sink = _log(tmp_path, 8), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    tried: list[int] = []
+    seen: list[Any] = []
+
+    @app.handler("in", sink=sink, concurrency=4, ordering="key")
+    async def handle(msg: Message, db: Any) -> None:
+        value = msg.value.decode()
+        if value in ("0", "7"):
+            await asyncio.sleep(1.0 if value == "0" else 0.5)  # those after it commit first
+        tx = await db.hold()
+        conn = tx.connection
+        if value == "1":
+            conn.text_factory = bytes
+        seen.append(type(conn.execute("SELECT 'x'").fetchone()[0]))
+        conn.execute("INSERT INTO t VALUES (?)", (value,))
+        if value == "7" and not tried:  # SQLite ends the transaction once: a redo
+            tried.append(1)
+            with contextlib.suppress(sqlite3.IntegrityError):
+                conn.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
+            tx.execute("SELECT 1")  # raises: the sink saw the end
+
+    assert app.run(until_idle=1.0).stopped_by == "idle"
+    effects, letters, stored = _state(tmp_path)
+    assert effects == Counter({str(i): 1 for i in range(8)})
+    assert (letters, stored) == ([], 8)
+    assert bytes in seen  # the handlers' own setting held for them
+
+
+def test_the_handlers_row_factory_does_not_break_dead_letters(tmp_path: Path) -> None:
+    """Old code: a handler's dict ``row_factory`` (the sqlite3 docs' recipe) stayed on the
+    connection, and the next dead letter stopped the App with a KeyError."""
+    log, sink = _log(tmp_path, 6), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    def as_dict(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+        return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
+
+    @app.handler("in", sink=sink, retries=1, backoff_ms=1)
+    def handle(msg: Message, db: Any) -> None:
+        conn = db.connection
+        conn.row_factory = as_dict
+        assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+        conn.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.value == b"3":
+            raise ValueError("declined")
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "1": 1, "2": 1, "4": 1, "5": 1}), [3], 6)
+
+
+def test_a_handler_that_replaces_the_authorizer_stops_the_app(tmp_path: Path) -> None:
+    """Old code: ``set_authorizer(None)`` took the sink's refusal of COMMIT away; the
+    handler's ``commit()`` then committed effects without positions (each twice after the
+    redo)."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=sink)
+    def handle(msg: Message, db: Any) -> None:
+        conn = db.connection
+        conn.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        with contextlib.suppress(HandlerEndedTransactionError):
+            conn.set_authorizer(None)
+        conn.commit()
+
+    with pytest.raises(HandlerEndedTransactionError, match=r"set_authorizer"):
+        app.run(until_idle=0.5)
+    assert _state(tmp_path) == (Counter(), [], None)
+
+
+def test_rows_made_after_the_end_in_executemanys_own_generator_commit_nothing(
+    tmp_path: Path,
+) -> None:
+    """The code that makes executemany's rows ends the transaction (a swallowed INSERT OR
+    ROLLBACK). Old code: checked once before it began, the rows after it committed alone."""
+    sink = _sink(tmp_path)
+
+    def rows(conn: sqlite3.Connection) -> Any:
+        yield ("a",)
+        with contextlib.suppress(sqlite3.IntegrityError):
+            conn.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
+        yield ("b",)
+
+    with sink, pytest.raises(Exception, match="rolled"), sink.transaction() as tx:  # noqa: PT012
+        conn = tx.connection
+        conn.executemany("INSERT INTO t VALUES (?)", rows(conn))
+    assert _state(tmp_path)[0] == Counter()
+
+
+def test_a_write_from_a_task_left_running_after_its_handler_does_not_run(tmp_path: Path) -> None:
+    """Old code: a task a handler left running wrote on the connection from ``db.hold()``
+    after the group commit, with no transaction open: the rows committed alone."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    late: list[BaseException | None] = []
+
+    async def later(conn: sqlite3.Connection, value: str) -> None:
+        await asyncio.sleep(0.3)
+        try:
+            conn.execute("INSERT INTO t VALUES (?)", (value + "-late",))
+            late.append(None)
+        except UsageError as e:
+            late.append(e)
+
+    tasks: list[asyncio.Task[None]] = []
+
+    @app.handler("in", sink=sink, concurrency=4)
+    async def handle(msg: Message, db: Any) -> None:
+        conn = (await db.hold()).connection
+        conn.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        tasks.append(asyncio.create_task(later(conn, msg.value.decode())))
+
+    assert app.run(until_idle=1.0).stopped_by == "idle"
+    assert len(late) == 4
+    assert all(isinstance(e, UsageError) and "outside" in str(e) for e in late)
+    assert _state(tmp_path) == (Counter({"0": 1, "1": 1, "2": 1, "3": 1}), [], 4)
+
+
+def test_a_cursor_factory_that_is_not_a_class_is_refused_clearly(tmp_path: Path) -> None:
+    sink = _sink(tmp_path)
+    with sink, sink.transaction() as tx:
+
+        def made(conn: sqlite3.Connection) -> sqlite3.Cursor:
+            return sqlite3.Cursor(conn)
+
+        with pytest.raises(UsageError, match=r"subclass of sqlite3\.Cursor"):
+            tx.connection.cursor(factory=made)
+
+        class Own(sqlite3.Cursor):
+            pass
+
+        assert isinstance(tx.connection.cursor(factory=Own), Own)
+
+
+def test_the_raw_paths_rollback_is_named_when_the_app_stops(tmp_path: Path) -> None:
+    """Old code: an INSERT OR ROLLBACK through the raw connection, its error re-raised,
+    stopped the App saying the disk might be full."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once", retry_deadline_ms=1000)
+
+    @app.handler("in", sink=sink)
+    def handle(msg: Message, db: Any) -> None:
+        db.connection.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.value == b"2":
+            db.connection.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
+
+    with pytest.raises(Exception, match=r"UNIQUE constraint.*OR ROLLBACK") as raised:
+        app.run(until_idle=5)
+    assert "disk" not in str(raised.value)
+    with log.admin() as admin:
+        assert admin.committed_offsets("g", ["in"]).get(TopicPartition("in", 0)) is None
+    assert _state(tmp_path) == (Counter(), [], None)
