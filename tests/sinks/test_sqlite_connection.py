@@ -84,16 +84,23 @@ def test_a_failed_handlers_unread_returning_cursor_fails_that_record_alone(tmp_p
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
-def test_a_returning_cursor_kept_past_the_handler_stops_the_app_saying_why(
+def test_a_returning_cursor_kept_past_the_handler_is_closed_with_its_part(
     tmp_path: Path, concurrency: int
 ) -> None:
     """Old code: every commit failed on the statement in progress, and after the deadline
-    the App stopped saying the disk might be full."""
+    the App stopped saying the disk might be full. The cursors made in a handler's part are
+    closed when it ends now: the records commit, and a kept cursor cannot write later."""
     log, sink = _log(tmp_path, 4), _sink(tmp_path)
-    app = App(log=log, group="g", guarantee="exactly-once", retry_deadline_ms=2000)
+    app = App(log=log, group="g", guarantee="exactly-once")
     kept: list[Any] = []
+    later: list[str] = []
 
     def effect(msg: Message, conn: Any) -> None:
+        if kept:  # the cursor an earlier record kept
+            try:
+                kept[-1].execute("INSERT INTO t VALUES ('later')")
+            except sqlite3.ProgrammingError as e:
+                later.append(str(e))
         kept.append(conn.execute("INSERT INTO t VALUES (?) RETURNING v", (msg.value.decode(),)))
 
     if concurrency == 1:
@@ -104,7 +111,27 @@ def test_a_returning_cursor_kept_past_the_handler_stops_the_app_saying_why(
         async def side_by_side(msg: Message, db: Any) -> None:
             effect(msg, await db.hold())
 
-    with pytest.raises(CursorLeftOpenError, match=r"RETURNING.*fetchall\(\)"):
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "1": 1, "2": 1, "3": 1}), [], 4)
+    assert len(later) == 3
+    assert all("closed cursor" in e for e in later)
+
+
+def test_a_returning_cursor_made_by_hand_and_kept_stops_the_app_saying_why(
+    tmp_path: Path,
+) -> None:
+    """A cursor made with ``sqlite3.Cursor(conn)`` is beyond the sink's reach: one left
+    unread stops the App with what to do, and nothing of the transaction commits."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once", retry_deadline_ms=2000)
+    kept: list[Any] = []
+
+    @app.handler("in", sink=sink)
+    def handle(msg: Message, db: Any) -> None:
+        cursor = sqlite3.Cursor(db.connection)
+        kept.append(cursor.execute("INSERT INTO t VALUES (?) RETURNING v", (msg.value.decode(),)))
+
+    with pytest.raises(CursorLeftOpenError, match=r"sqlite3\.Cursor\(conn\).*fetchall\(\)"):
         app.run(until_idle=0.5)
     assert _state(tmp_path) == (Counter(), [], None)
 
@@ -269,3 +296,120 @@ def test_the_raw_paths_rollback_is_named_when_the_app_stops(tmp_path: Path) -> N
     with log.admin() as admin:
         assert admin.committed_offsets("g", ["in"]).get(TopicPartition("in", 0)) is None
     assert _state(tmp_path) == (Counter(), [], None)
+
+
+def test_a_cursor_left_in_a_chained_errors_frames_fails_only_its_record(tmp_path: Path) -> None:
+    """A helper leaves its RETURNING cursor unread and raises; the handler wraps the error
+    (``raise ... from e``), so the helper's frame hangs off ``__cause__``. Freeing the
+    error's own frames did not reach it and the App stopped; the part's cursors are closed
+    now, whatever holds them."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    def charge(db: Any, value: str) -> None:
+        cursor = db.execute("INSERT INTO t VALUES (?) RETURNING v", (value,))
+        if value == "2":
+            raise ValueError(f"declined with {cursor} unread")
+
+    @app.handler("in", sink=sink, retries=1, backoff_ms=1)
+    def handle(msg: Message, db: Any) -> None:
+        try:
+            charge(db, msg.value.decode())
+        except ValueError as e:
+            raise RuntimeError("wrapped") from e
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "1": 1, "3": 1}), [2], 4)
+
+
+def test_a_record_cut_short_with_a_cursor_unread_fails_alone(tmp_path: Path) -> None:
+    """Side by side, a record holds the database past ``transaction_timeout_ms`` with its
+    RETURNING cursor unread: it is cancelled and fails alone (its error has no traceback to
+    free). Old code after the first fix: the App stopped."""
+    log, sink = _log(tmp_path, 3), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+
+    @app.handler("in", sink=sink, concurrency=2, retries=0)
+    async def handle(msg: Message, db: Any) -> None:
+        tx = await db.hold()
+        cursor = tx.execute("INSERT INTO t VALUES (?) RETURNING v", (msg.value.decode(),))
+        if msg.value == b"1":
+            await asyncio.sleep(5)  # cancelled here, the cursor unread in the frame
+        assert cursor is not None
+
+    assert app.run(until_idle=1.0).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "2": 1}), [1], 3)
+
+
+def test_a_task_a_failed_record_left_running_writes_nothing_into_anothers_part(
+    tmp_path: Path,
+) -> None:
+    """Record 1 writes, starts a task that keeps its connection, and fails (dead-lettered).
+    The task writes while record 0 holds the shared transaction. Old code: that write
+    committed with record 0, the effect of a record counted as failed."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    refused: list[BaseException] = []
+
+    async def later(conn: sqlite3.Connection, value: str) -> None:
+        await asyncio.sleep(0.05)  # record 0 holds the transaction now
+        try:
+            conn.execute("INSERT INTO t VALUES (?)", (value + "-stray",))
+        except UsageError as e:
+            refused.append(e)
+
+    strays: list[asyncio.Task[None]] = []
+
+    @app.handler("in", sink=sink, concurrency=4, retries=0)
+    async def handle(msg: Message, db: Any) -> None:
+        value = msg.value.decode()
+        if value != "1":
+            await asyncio.sleep(0.01)
+        conn = (await db.hold()).connection
+        conn.execute("INSERT INTO t VALUES (?)", (value,))
+        if value == "0":
+            await asyncio.sleep(0.2)
+        if value == "1":
+            strays.append(asyncio.create_task(later(conn, value)))
+            raise ValueError("declined")
+
+    assert app.run(until_idle=1.0).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "2": 1, "3": 1}), [1], 4)
+    assert len(refused) == 1
+    assert "another record's part" in str(refused[0])
+
+
+def test_a_handlers_own_savepoint_keeps_its_row_and_text_factories(tmp_path: Path) -> None:
+    log, sink = _log(tmp_path, 2), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    seen: list[tuple[str, Any]] = []
+
+    @app.handler("in", sink=sink)
+    def handle(msg: Message, db: Any) -> None:
+        conn = db.connection
+        if msg.value == b"0":  # set once, on the first record
+            conn.row_factory, conn.text_factory = sqlite3.Row, bytes
+        with db.savepoint():  # an optional part of the handler's own
+            seen.append(("inside", conn.execute("SELECT 'x' AS a").fetchone()["a"]))
+        seen.append(("after", conn.execute("SELECT 'x' AS a").fetchone()["a"]))
+        conn.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert seen == [("inside", b"x"), ("after", b"x")] * 2
+    assert _state(tmp_path) == (Counter({"0": 1, "1": 1}), [], 2)
+
+
+def test_a_transaction_used_after_its_block_is_refused_and_the_sink_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Old code: it said SQLite had rolled back what had committed, and left a transaction
+    open under the sink, so that every later one failed."""
+    sink = _sink(tmp_path)
+    with sink:
+        with sink.transaction() as tx:
+            tx.execute("INSERT INTO t VALUES ('a')")
+        with pytest.raises(UsageError, match="used after its block"):
+            tx.execute("INSERT INTO t VALUES ('late')")
+        with sink.transaction() as again:
+            again.execute("INSERT INTO t VALUES ('b')")
+    assert _state(tmp_path)[0] == Counter({"a": 1, "b": 1})

@@ -281,7 +281,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     outputs: it runs for every record, the retry machinery only after a failure."""
     fn, decode = spec.fn, spec.decode
     settle = settle or _no_awaitable
-    savepoint = target.savepoint if isinstance(target, SinkTransaction) else None
+    savepoint = target.part if isinstance(target, SinkTransaction) else None
     out = target if isinstance(target, Output) else None
 
     def call(record: Record) -> None:

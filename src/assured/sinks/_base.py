@@ -27,6 +27,7 @@ Errors, beside the log's own::
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import functools
 import logging
@@ -174,6 +175,16 @@ class SinkTransaction(abc.ABC):
         """Undo only what happens inside, if it raises (the runtime wraps each handler call).
         ``release=False``: when it does not raise, leave the savepoint to the commit (one
         statement fewer; for savepoints taken one after another, never nested)."""
+
+    def part(self, release: bool = True) -> contextlib.AbstractContextManager[None]:
+        """A handler's part: the savepoint the runtime wraps each attempt in (a sink may keep
+        more than a savepoint's rules in it; see the SQLite sink's)."""
+        return self.savepoint(release)
+
+    def _owned_by(self, task: asyncio.Task[Any] | None) -> None:
+        """The handler's part just opened by :meth:`savepoint` is ``task``'s, a record's
+        side by side (a sink whose raw connection handlers may keep can refuse other tasks
+        in it)."""
 
     def first_delivery(self, message: MessageLike | str) -> bool:
         """Record ``message`` in the inbox of this transaction's group; False if it was there
@@ -401,9 +412,10 @@ class _Plain(SideBySide):
         tx = self._tx
         assert tx is not None, "no transaction is open"
         if savepoint is not None:
-            region = tx.savepoint(release=False)  # regions never overlap: none to release
+            region = tx.part(release=False)  # regions never overlap: none to release
             region.__enter__()
             self._regions[savepoint] = region
+            tx._owned_by(asyncio.current_task())  # the record's: no other task writes in it
         return tx
 
     async def execute(

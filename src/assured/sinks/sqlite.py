@@ -12,11 +12,12 @@ Two things can go wrong that a server database would not let happen:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
-import traceback
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,13 +71,13 @@ class _Connection(sqlite3.Connection):
         if tx is not None:
             if tx.ended or not self.in_transaction:
                 tx._end(None)
+            if not tx._in_part:  # between handlers' parts: only the runtime's statements
+                if tx._had_parts and not sink._via:
+                    raise UsageError(_stray(sink, "between handlers' parts"))
+            elif tx._task is not None and _current_task() is not tx._task:
+                raise UsageError(_stray(sink, "inside another record's part"))
         elif not self.in_transaction:
-            raise UsageError(
-                f"a statement on the connection of the SQLite sink {sink.path} outside the "
-                "runtime's transaction (by a task or thread a handler left running, or a "
-                "connection kept after its record): it would commit on its own, without the "
-                "positions. It did not run; do every database call before the handler returns"
-            )
+            raise UsageError(_stray(sink, "outside the runtime's transaction"))
 
     def cursor(self, factory: Any = None) -> Any:
         if factory is not None and not isinstance(factory, type):
@@ -88,20 +89,28 @@ class _Connection(sqlite3.Connection):
                     "connection: its cursors could write after the transaction ended. Give "
                     "cursor() a subclass of sqlite3.Cursor instead"
                 )
-            return cursor
-        return super().cursor(_checked(factory or sqlite3.Cursor))
+        else:
+            cursor = super().cursor(_checked(factory or sqlite3.Cursor))
+        tx = self.sink._inside if self.sink is not None else None
+        if tx is not None and tx._made is not None:  # closed when the handler's part ends
+            tx._made.append(weakref.ref(cursor))
+        return cursor
 
+    # sqlite3's own make their cursor without cursor(): these go through it (see cursor).
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         self._check()
-        return super().execute(sql, parameters)
+        cursor: sqlite3.Cursor = self.cursor().execute(sql, parameters)
+        return cursor
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         self._check()
-        return super().executemany(sql, _each_checked(self, parameters))
+        cursor: sqlite3.Cursor = self.cursor().executemany(sql, parameters)
+        return cursor
 
     def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
         self._check()
-        return super().executescript(sql_script)
+        cursor: sqlite3.Cursor = self.cursor().executescript(sql_script)
+        return cursor
 
     def blobopen(self, *args: Any, **kwargs: Any) -> Any:
         self._check()
@@ -142,6 +151,22 @@ class _CheckedCursor:
         return super().executescript(sql_script)  # type: ignore[misc]
 
 
+def _stray(sink: SqliteSink, where: str) -> str:
+    return (
+        f"a statement on the connection of the SQLite sink {sink.path} {where} (from a task "
+        "a handler left running, or a connection or transaction kept after its record): it "
+        "would commit with other records' work, or on its own, without its position. It did "
+        "not run; do every database call before the handler returns"
+    )
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop running here
+        return None
+
+
 def _check_of(cursor: Any) -> None:
     conn = cursor.connection
     if isinstance(conn, _Connection):
@@ -170,20 +195,22 @@ def _checked(factory: type) -> type:
 
 
 class CursorLeftOpenError(UsageError):
-    """A cursor of a handler's write statement (``INSERT ... RETURNING``) was left unread
-    after the handler returned (kept, or returned): SQLite cannot end the record's savepoint
-    or commit the transaction while it is open. Nothing of the transaction committed, and the
-    App stops: every record would do the same."""
+    """A cursor the sink could not close, made by hand (``sqlite3.Cursor(conn)``), was left
+    with a write statement unread (``INSERT ... RETURNING``) when its handler ended: SQLite
+    cannot end the record's savepoint or commit the transaction while it is open. Nothing of
+    the transaction committed, and the App stops: every record would do the same. (Cursors
+    made by the connection are closed when the handler's part ends.)"""
 
     fatal = True
 
 
 _LEFT_OPEN = (
     "a cursor of a handler's statement on the SQLite sink is still open (an INSERT, UPDATE or "
-    "DELETE ... RETURNING not read to its end, kept or returned by the handler): SQLite cannot "
-    "end the record's part or commit the transaction while it is. Nothing of the transaction "
+    "DELETE ... RETURNING not read to its end, on a cursor made by hand with "
+    "sqlite3.Cursor(conn), which the sink cannot close for it): SQLite cannot end the "
+    "record's part or commit the transaction while it is. Nothing of the transaction "
     "committed. Read such a cursor to its end (fetchall()) or close() it before the handler "
-    "returns"
+    "returns, or make it with conn.cursor()"
 )
 
 
@@ -205,6 +232,10 @@ class _SqliteTransaction(SinkTransaction):
         self._conn = conn
         self.ended = False  # SQLite ended the transaction by itself: nothing of it commits
         self.cause: BaseException | None = None  # the error it ended on, when seen
+        self._in_part = False  # a handler's part is open (see part)
+        self._had_parts = False  # one was: handlers run in this transaction
+        self._made: list[weakref.ref[sqlite3.Cursor]] | None = None  # cursors made in it
+        self._task: asyncio.Task[Any] | None = None  # the record's task owning it, side by side
         self.refused: str | None = None  # a BEGIN/COMMIT/ROLLBACK a handler tried (refused)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
@@ -215,17 +246,25 @@ class _SqliteTransaction(SinkTransaction):
         the end is followed at once by a new transaction that is only ever rolled back, so
         that a handler that swallows the error and goes on through ``connection`` writes
         nothing that commits."""
+        sink = self.sink
+        if sink._inside is not self and not sink._mine:
+            raise UsageError(_stray(sink, "through a transaction used after its block"))
         if self.ended or not self._conn.in_transaction:
             self._end(None)
         refuse_transaction_control(sql)
+        sink._via = True  # through the transaction (see _Connection._check)
         try:
             return self._conn.execute(sql, params)
         except sqlite3.Error as e:
             if not self._conn.in_transaction:
                 self._end(e)
             raise
+        finally:
+            sink._via = False
 
     def _end(self, cause: BaseException | None) -> NoReturn:
+        if self.sink._inside is not self and not self.sink._mine:  # used after its block
+            raise UsageError(_stray(self.sink, "through a transaction used after its block"))
         if not self.ended:
             self.ended = True
             with contextlib.suppress(sqlite3.Error), self.sink._own():
@@ -239,34 +278,19 @@ class _SqliteTransaction(SinkTransaction):
 
     @contextlib.contextmanager
     def savepoint(self, release: bool = True) -> Iterator[None]:
-        """A handler's part: rolled back to if it raises. In it, the connection's
-        ``row_factory`` and ``text_factory`` are the handlers' (as they last set them); out of
-        it, sqlite3's defaults, so that the runtime's own statements read what they expect."""
         name = f"sp_{uuid.uuid4().hex[:8]}"
         self._step(f"SAVEPOINT {name}")
-        conn, sink = self._conn, self.sink
-        conn.row_factory, conn.text_factory = sink._factories
         try:
             yield
         except BaseException as e:
-            sink._factories = (conn.row_factory, conn.text_factory)
-            conn.row_factory, conn.text_factory = None, str
             if self._conn.in_transaction:  # else the database undid it all: let the error say so
                 self.execute(f"ROLLBACK TO {name}")
-                try:
-                    self._step(f"RELEASE {name}")
-                except CursorLeftOpenError:
-                    # Perhaps a cursor left unread in a frame of the error's traceback: the
-                    # frames' locals go, and with them the cursor (the rest of each is kept).
-                    traceback.clear_frames(e.__traceback__)
-                    self._step(f"RELEASE {name}")
+                self._step(f"RELEASE {name}")
             else:
                 self.cause = self.cause or e  # SQLite ended it on the handler's own statement
             if self.refused is not None:
                 raise ended_by_handler(self.refused) from e
             raise
-        sink._factories = (conn.row_factory, conn.text_factory)
-        conn.row_factory, conn.text_factory = None, str
         if self.refused is not None:  # refused, and the handler swallowed the error
             self.execute(f"ROLLBACK TO {name}")
             self.execute(f"RELEASE {name}")
@@ -277,6 +301,42 @@ class _SqliteTransaction(SinkTransaction):
             except CursorLeftOpenError:
                 self.execute(f"ROLLBACK TO {name}")  # nothing of the record stays
                 raise
+
+    @contextlib.contextmanager
+    def part(self, release: bool = True) -> Iterator[None]:
+        """A handler's part (a savepoint). In it, the connection's ``row_factory`` and
+        ``text_factory`` are the handlers' (as they last set them), out of it sqlite3's
+        defaults, so that the runtime's own statements read what they expect. The cursors
+        made in it are closed at its end, before its savepoint ends: one left unread would
+        hold SQLite's RELEASE and COMMIT back, and one kept could write after it. Once a
+        transaction had a part, statements between parts come only through the transaction
+        (the runtime's), not the raw connection (see _Connection._check)."""
+        with self.savepoint(release):
+            conn, sink = self._conn, self.sink
+            conn.row_factory, conn.text_factory = sink._factories
+            self._made = []
+            self._in_part = self._had_parts = True
+            try:
+                yield
+            finally:
+                self._end_part()
+
+    def _end_part(self) -> None:
+        """A handler's part ends: its cursors closed, its factories kept for the next."""
+        conn, sink = self._conn, self.sink
+        made, self._made, self._task, self._in_part = self._made or [], None, None, False
+        for ref in made:
+            cursor = ref()
+            if cursor is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    cursor.close()
+        sink._factories = (conn.row_factory, conn.text_factory)
+        conn.row_factory, conn.text_factory = None, str
+
+    def _owned_by(self, task: asyncio.Task[Any] | None) -> None:
+        """Side by side: the handler's part now open is ``task``'s (a record's); statements
+        from any other task are refused until it ends (see _Connection._check)."""
+        self._task = task
 
     def _step(self, sql: str) -> None:
         """The runtime's own SAVEPOINT or RELEASE, which SQLite refuses while a write
@@ -313,6 +373,7 @@ class SqliteSink(Sink):
         self._conn: sqlite3.Connection | None = None
         self._inside: _SqliteTransaction | None = None  # the transaction handlers run in
         self._mine = False  # the runtime's own statement (see _own)
+        self._via = False  # a statement through the transaction, not the raw connection
         # The row_factory and text_factory handlers last set on the connection (see savepoint)
         self._factories: tuple[Any, Any] = (None, str)
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
