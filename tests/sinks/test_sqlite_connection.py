@@ -413,3 +413,24 @@ def test_a_transaction_used_after_its_block_is_refused_and_the_sink_goes_on(
         with sink.transaction() as again:
             again.execute("INSERT INTO t VALUES ('b')")
     assert _state(tmp_path)[0] == Counter({"a": 1, "b": 1})
+
+
+def test_tasks_a_record_starts_and_awaits_write_in_its_own_part(tmp_path: Path) -> None:
+    """The other side of the check above: code of the record's own, in tasks it starts and
+    awaits (gather), writes on the raw connection as the record itself does."""
+    log, sink = _log(tmp_path, 4), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    async def write(conn: sqlite3.Connection, value: str) -> None:
+        await asyncio.sleep(0)
+        conn.execute("INSERT INTO t VALUES (?)", (value,))
+
+    @app.handler("in", sink=sink, concurrency=4)
+    async def handle(msg: Message, db: Any) -> None:
+        conn = (await db.hold()).connection
+        value = msg.value.decode()
+        await asyncio.gather(write(conn, value), write(conn, value + "+"))
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    expected = Counter({f"{i}{suffix}": 1 for i in range(4) for suffix in ("", "+")})
+    assert _state(tmp_path) == (expected, [], 4)

@@ -53,6 +53,7 @@ from assured.runtime._handling import (
 )
 from assured.runtime._shared_db import Held, RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
+from assured.sinks._base import record_part
 
 __all__ = [
     "EventLoop",
@@ -606,6 +607,7 @@ class Window:
         task = asyncio.current_task()
         assert task is not None
         db = RecordDb(self.db, task, entry.record, lane_of(entry.record, self.spec.ordering))
+        record_part.set(db)  # this attempt's, in its task and the tasks its handler starts
         try:
             await self.spec.fn(msg, db)
         except asyncio.CancelledError as e:

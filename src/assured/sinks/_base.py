@@ -27,8 +27,8 @@ Errors, beside the log's own::
 from __future__ import annotations
 
 import abc
-import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import re
@@ -147,6 +147,14 @@ class MessageLike(Protocol):
 _RECORD_ID = re.compile(r"(?P<topic>[A-Za-z0-9._-]+)\[(?P<partition>\d+)\]@(?P<offset>\d+)")
 
 
+# Side by side, the attempt of a record whose handler runs in this context (set by the
+# runtime in the record's task; the tasks its handler starts inherit it): a task one record
+# left running is told apart from the code of the record whose part is open.
+record_part: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "assured_record_part", default=None
+)
+
+
 class SinkTransaction(abc.ABC):
     """One database transaction, handed to a handler. ``execute`` speaks the database's own SQL
     and parameter style (``?`` for SQLite, ``%s`` for PostgreSQL).
@@ -181,10 +189,10 @@ class SinkTransaction(abc.ABC):
         more than a savepoint's rules in it; see the SQLite sink's)."""
         return self.savepoint(release)
 
-    def _owned_by(self, task: asyncio.Task[Any] | None) -> None:
-        """The handler's part just opened by :meth:`savepoint` is ``task``'s, a record's
-        side by side (a sink whose raw connection handlers may keep can refuse other tasks
-        in it)."""
+    def _owned_by(self, record: object) -> None:
+        """The handler's part just opened by :meth:`part` is ``record``'s, side by side (see
+        :data:`record_part`): a sink whose raw connection handlers may keep can refuse
+        statements from code of another record in it."""
 
     def first_delivery(self, message: MessageLike | str) -> bool:
         """Record ``message`` in the inbox of this transaction's group; False if it was there
@@ -415,7 +423,7 @@ class _Plain(SideBySide):
             region = tx.part(release=False)  # regions never overlap: none to release
             region.__enter__()
             self._regions[savepoint] = region
-            tx._owned_by(asyncio.current_task())  # the record's: no other task writes in it
+            tx._owned_by(record_part.get(None))  # no other record's code writes in it
         return tx
 
     async def execute(

@@ -12,7 +12,6 @@ Two things can go wrong that a server database would not let happen:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
@@ -34,6 +33,7 @@ from assured.sinks._base import (
     checked_schema,
     ddl,
     ended_by_handler,
+    record_part,
     refuse_transaction_control,
 )
 
@@ -74,7 +74,7 @@ class _Connection(sqlite3.Connection):
             if not tx._in_part:  # between handlers' parts: only the runtime's statements
                 if tx._had_parts and not sink._via:
                     raise UsageError(_stray(sink, "between handlers' parts"))
-            elif tx._task is not None and _current_task() is not tx._task:
+            elif tx._owner is not None and not sink._via and record_part.get() is not tx._owner:
                 raise UsageError(_stray(sink, "inside another record's part"))
         elif not self.in_transaction:
             raise UsageError(_stray(sink, "outside the runtime's transaction"))
@@ -160,13 +160,6 @@ def _stray(sink: SqliteSink, where: str) -> str:
     )
 
 
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no event loop running here
-        return None
-
-
 def _check_of(cursor: Any) -> None:
     conn = cursor.connection
     if isinstance(conn, _Connection):
@@ -235,7 +228,7 @@ class _SqliteTransaction(SinkTransaction):
         self._in_part = False  # a handler's part is open (see part)
         self._had_parts = False  # one was: handlers run in this transaction
         self._made: list[weakref.ref[sqlite3.Cursor]] | None = None  # cursors made in it
-        self._task: asyncio.Task[Any] | None = None  # the record's task owning it, side by side
+        self._owner: object = None  # side by side, the record whose part it is (record_part)
         self.refused: str | None = None  # a BEGIN/COMMIT/ROLLBACK a handler tried (refused)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
@@ -324,7 +317,7 @@ class _SqliteTransaction(SinkTransaction):
     def _end_part(self) -> None:
         """A handler's part ends: its cursors closed, its factories kept for the next."""
         conn, sink = self._conn, self.sink
-        made, self._made, self._task, self._in_part = self._made or [], None, None, False
+        made, self._made, self._owner, self._in_part = self._made or [], None, None, False
         for ref in made:
             cursor = ref()
             if cursor is not None:
@@ -333,10 +326,11 @@ class _SqliteTransaction(SinkTransaction):
         sink._factories = (conn.row_factory, conn.text_factory)
         conn.row_factory, conn.text_factory = None, str
 
-    def _owned_by(self, task: asyncio.Task[Any] | None) -> None:
-        """Side by side: the handler's part now open is ``task``'s (a record's); statements
-        from any other task are refused until it ends (see _Connection._check)."""
-        self._task = task
+    def _owned_by(self, record: object) -> None:
+        """Side by side: the handler's part now open is ``record``'s; statements on the raw
+        connection from code of any other record are refused until it ends (see
+        _Connection._check)."""
+        self._owner = record
 
     def _step(self, sql: str) -> None:
         """The runtime's own SAVEPOINT or RELEASE, which SQLite refuses while a write
