@@ -55,7 +55,7 @@ class Wire:
     own: a record holds its connection for its whole part). Between calls a reader stays on
     the socket; :meth:`detach` takes it off before psycopg uses the connection."""
 
-    __slots__ = ("_fd", "_loop", "_results", "_waiting", "broken", "conn")
+    __slots__ = ("_fd", "_looking", "_loop", "_results", "_waiting", "broken", "conn")
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]):
         self.conn = conn
@@ -63,6 +63,7 @@ class Wire:
         self._fd = -1
         self._waiting: asyncio.Future[list[pq.abc.PGresult]] | None = None
         self._results: list[pq.abc.PGresult] = []
+        self._looking: asyncio.AbstractEventLoop | None = None  # where the look's timer runs
         self.broken = False  # a call ended half-way: the connection's state is unknown
 
     def detach(self) -> None:
@@ -106,15 +107,19 @@ class Wire:
                 failed.set_exception(e)
 
     def _look(self, loop: asyncio.AbstractEventLoop) -> None:
-        """A call still waiting after a while: read what came (the reader may have been taken
-        off the socket under it, by psycopg or a detach from a task left running), put the
-        reader back, and look again later. So a call never waits for ever on a lost wakeup."""
+        """Every ``_LOOK_S`` while calls come: a call waiting then (the reader may have been
+        taken off the socket under it, by psycopg or a detach from a task left running) has
+        what came read and the reader put back. So a call never waits for ever on a lost
+        wakeup. One timer a connection, not one a call: it stops at a look that finds no
+        call waiting, and the next call starts it again."""
+        if self._looking is not loop:  # a timer of an event loop used before
+            return
         if self._waiting is None:
+            self._looking = None
             return
         self._attach(loop, again=True)
         self._readable()
-        if self._waiting is not None:
-            loop.call_later(_LOOK_S, self._look, loop)
+        loop.call_later(_LOOK_S, self._look, loop)
 
     async def run(self, query: bytes) -> list[pq.abc.PGresult]:
         """Send ``query`` (simple protocol) and return its results once all have come; a
@@ -130,11 +135,10 @@ class Wire:
             waiting: asyncio.Future[list[pq.abc.PGresult]] = loop.create_future()
             self._waiting = waiting
             self._readable()  # anything already read in
-            look = loop.call_later(_LOOK_S, self._look, loop)
-            try:
-                return await waiting
-            finally:
-                look.cancel()
+            if self._looking is not loop:
+                self._looking = loop
+                loop.call_later(_LOOK_S, self._look, loop)
+            return await waiting
         except BaseException:
             self._waiting = None
             self._results = []

@@ -152,7 +152,7 @@ _FENCE_AND_MARK = (
 # parameter means: psycopg types an int parameter int2, int4, int8 or numeric by its size, and
 # a float float8, where a bare number in SQL would be typed by the server (0.1 a numeric, 300
 # an integer: `%s * %s` would then not overflow, nor would a float be rounded as float8).
-_INT_KINDS = ((2**15, "int2"), (2**31, "int4"), (2**63, "int8"))
+_INT2, _INT4, _INT8 = 2**15, 2**31, 2**63
 _MERGED_MAX = 8192  # a longer text or bytes value goes as a parameter (no hex, no copy)
 
 
@@ -164,9 +164,12 @@ class _TypedInt(psycopg.adapt.Dumper):
     def dump(self, obj: int) -> bytes:
         return b"%d" % obj
 
-    def quote(self, obj: int) -> bytes:
-        kind = next((name for top, name in _INT_KINDS if -top <= obj < top), "numeric")
-        return b"('%d'::%s)" % (obj, kind.encode())  # in parentheses: FETCH FIRST takes it
+    def quote(self, obj: int) -> bytes:  # on every record's hot path: no loop, no lookup
+        if -_INT4 <= obj < _INT4:
+            kind = b"int2" if -_INT2 <= obj < _INT2 else b"int4"
+        else:
+            kind = b"int8" if -_INT8 <= obj < _INT8 else b"numeric"
+        return b"('%d'::%s)" % (obj, kind)  # in parentheses: FETCH FIRST takes it
 
 
 class _TypedFloat(psycopg.adapt.Dumper):
