@@ -434,3 +434,112 @@ def test_tasks_a_record_starts_and_awaits_write_in_its_own_part(tmp_path: Path) 
     assert app.run(until_idle=0.5).stopped_by == "idle"
     expected = Counter({f"{i}{suffix}": 1 for i in range(4) for suffix in ("", "+")})
     assert _state(tmp_path) == (expected, [], 4)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_failed_records_task_writes_nothing_through_the_transaction_either(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """A failed record's task keeps its ``db`` (at concurrency 1 the transaction itself;
+    side by side ``execute`` of the one ``db.hold()`` gave) and writes later, through it and
+    through the raw connection. Old code: its writes through the transaction passed, between
+    parts and in the next record's part, and committed with the batch."""
+    log, sink = _log(tmp_path, 3), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    tried: list[str] = []
+
+    async def later(execute: Any, conn: sqlite3.Connection) -> None:
+        for _ in range(3):  # between parts and in the later records' parts
+            await asyncio.sleep(0.005)
+            for how, run in (("db", execute), ("raw", conn.execute)):
+                try:
+                    run("INSERT INTO t VALUES (?)", (f"stray-{how}",))
+                    tried.append(f"{how}: ran")
+                except UsageError:
+                    tried.append(f"{how}: refused")
+
+    strays: list[asyncio.Task[None]] = []
+
+    async def effect(msg: Message, execute: Any, conn: sqlite3.Connection) -> None:
+        if msg.value == b"0":
+            strays.append(asyncio.create_task(later(execute, conn)))
+            raise ValueError("declined")
+        await asyncio.sleep(0.01)
+        execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    if concurrency == 1:
+
+        @app.handler("in", sink=sink, retries=0)
+        async def handle(msg: Message, db: Any) -> None:
+            await effect(msg, db.execute, db.connection)
+
+    else:
+
+        @app.handler("in", sink=sink, retries=0, concurrency=concurrency)
+        async def side_by_side(msg: Message, db: Any) -> None:
+            tx = await db.hold()
+            await effect(msg, tx.execute, tx.connection)
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"1": 1, "2": 1}), [0], 3)
+    assert tried, "the stray ran"
+    assert all(t.endswith("refused") for t in tried), tried
+
+
+def test_a_worker_task_that_runs_every_records_db_calls_refuses_none(tmp_path: Path) -> None:
+    """A worker bound to the loop, started by the first record, awaits every record's
+    ``db.execute``. Old code: the part it opened counted as the first record's, and the next
+    records' own raw writes were refused and dead-lettered."""
+    log, sink = _log(tmp_path, 3), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    queue: list[asyncio.Queue[tuple[Any, asyncio.Future[Any]]]] = []
+
+    async def worker(calls: asyncio.Queue[tuple[Any, asyncio.Future[Any]]]) -> None:
+        while True:
+            call, done = await calls.get()
+            try:
+                done.set_result(await call)
+            except Exception as e:  # handed to the record that asked
+                done.set_exception(e)
+
+    workers: list[asyncio.Task[None]] = []
+
+    @app.handler("in", sink=sink, retries=0, concurrency=4)
+    async def handle(msg: Message, db: Any) -> None:
+        if not queue:
+            queue.append(asyncio.Queue())
+            workers.append(asyncio.create_task(worker(queue[0])))
+        done = asyncio.get_running_loop().create_future()
+        await queue[0].put((db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),)), done))
+        await done
+        (await db.hold()).connection.execute(
+            "INSERT INTO t VALUES (?)", (msg.value.decode() + "-raw",)
+        )
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    expected = Counter({f"{i}{suffix}": 1 for i in range(3) for suffix in ("", "-raw")})
+    assert _state(tmp_path) == (expected, [], 3)
+
+
+def test_a_blob_left_open_by_a_failed_handler_fails_that_record_alone(tmp_path: Path) -> None:
+    """Old code: the blob, held by the error's frames, kept SQLite from releasing the part,
+    and the App stopped blaming a cursor. Blobs opened in a part are closed at its end."""
+    log, sink = _log(tmp_path, 3), _sink(tmp_path)
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE b (id INTEGER PRIMARY KEY, data BLOB)")
+        tx.execute("INSERT INTO b VALUES (1, zeroblob(4))")
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=sink, retries=0)
+    def handle(msg: Message, db: Any) -> None:
+        blob = db.connection.blobopen("b", "data", 1)
+        blob.write(msg.value.ljust(4, b"."))
+        db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.value == b"1":
+            raise ValueError(f"declined, {blob} open")
+        blob.close()
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert _state(tmp_path) == (Counter({"0": 1, "2": 1}), [1], 3)
+    with contextlib.closing(sqlite3.connect(tmp_path / "sink.db")) as db:
+        assert db.execute("SELECT data FROM b").fetchone()[0] == b"2..."

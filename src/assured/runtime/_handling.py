@@ -30,7 +30,7 @@ from assured.runtime._message import (
 )
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
-from assured.sinks._base import dead_letter_headers
+from assured.sinks._base import dead_letter_headers, record_part
 
 __all__ = [
     "ORDERINGS",
@@ -281,15 +281,21 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     outputs: it runs for every record, the retry machinery only after a failure."""
     fn, decode = spec.fn, spec.decode
     settle = settle or _no_awaitable
-    savepoint = target.part if isinstance(target, SinkTransaction) else None
+    savepoint = target._part if isinstance(target, SinkTransaction) else None
+    owned = target._owned_by if isinstance(target, SinkTransaction) else _no_owner
     out = target if isinstance(target, Output) else None
 
     def call(record: Record) -> None:
         if savepoint is not None:
             with savepoint():
-                if (result := fn(decode(record), target)) is not None:
-                    settle(result)  # an awaitable is awaited, never dropped
-                    del result  # a cursor it returned is closed before the savepoint's end
+                attempt = record_part.set(own := object())  # see SinkTransaction._owned_by
+                owned(own)
+                try:
+                    if (result := fn(decode(record), target)) is not None:
+                        settle(result)  # an awaitable is awaited, never dropped
+                        del result  # a cursor it returned is closed before the part's end
+                finally:
+                    record_part.reset(attempt)
         elif out is not None:
             try:
                 if (result := fn(decode(record), out)) is not None:
@@ -344,9 +350,14 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
         def handle(record: Record) -> None:
             try:
                 with savepoint():
-                    if (result := fn(decode(record), target)) is not None:
-                        settle(result)  # an awaitable is awaited, never dropped
-                        del result  # a cursor it returned is closed before the savepoint's end
+                    attempt = record_part.set(own := object())  # see SinkTransaction._owned_by
+                    owned(own)
+                    try:
+                        if (result := fn(decode(record), target)) is not None:
+                            settle(result)  # an awaitable is awaited, never dropped
+                            del result  # a cursor it returned is closed before the part's end
+                    finally:
+                        record_part.reset(attempt)
             except Exception as error:
                 failed(record, error)
 
@@ -402,6 +413,10 @@ def partial_send_failure(
         return
     labels = (guarantee, record.topic)
     dead_letter(spec, record, error, 1, dead_letters, metrics, labels)
+
+
+def _no_owner(_attempt: object) -> None:
+    pass
 
 
 def _no_awaitable(result: Any) -> None:

@@ -538,7 +538,10 @@ class RecordDb:
                 if not conn.in_transaction:
                     await conn.begin()
                 self._region, self._generation = self._shared.savepoint_name(), conn.generation
-                return await call(conn, self._region)
+                try:
+                    return await call(conn, self._region)
+                finally:
+                    conn.owned_by(self)  # whichever task made the call: the part is this one's
             if conn.generation != self._generation or not conn.in_transaction:
                 raise WindowClosed  # the transaction it was in was rolled back under it
             return await call(conn, None)

@@ -184,15 +184,20 @@ class SinkTransaction(abc.ABC):
         ``release=False``: when it does not raise, leave the savepoint to the commit (one
         statement fewer; for savepoints taken one after another, never nested)."""
 
-    def part(self, release: bool = True) -> contextlib.AbstractContextManager[None]:
+    def _part(self, release: bool = True) -> contextlib.AbstractContextManager[None]:
         """A handler's part: the savepoint the runtime wraps each attempt in (a sink may keep
-        more than a savepoint's rules in it; see the SQLite sink's)."""
+        more than a savepoint's rules in it; see the SQLite sink's). The runtime's alone."""
         return self.savepoint(release)
 
     def _owned_by(self, record: object) -> None:
-        """The handler's part just opened by :meth:`part` is ``record``'s, side by side (see
-        :data:`record_part`): a sink whose raw connection handlers may keep can refuse
-        statements from code of another record in it."""
+        """The handler's part now open is the attempt ``record``'s (the value of
+        :data:`record_part` in its code): a sink whose raw connection handlers may keep can
+        refuse statements from code of another attempt in it."""
+
+    def _trusted(self) -> contextlib.AbstractContextManager[None]:
+        """Statements in this block are the runtime's own, or a record's through its guarded
+        ``db`` side by side: not refused as another record's (see :meth:`_owned_by`)."""
+        return contextlib.nullcontext()
 
     def first_delivery(self, message: MessageLike | str) -> bool:
         """Record ``message`` in the inbox of this transaction's group; False if it was there
@@ -332,6 +337,10 @@ class SideBySide(abc.ABC):
         """``sql`` in the open transaction; with ``savepoint``, that savepoint is taken first
         (in the same round trip, where the database allows)."""
 
+    def owned_by(self, record: object) -> None:
+        """The record's part just opened on this connection is ``record``'s (its RecordDb,
+        also the value of :data:`record_part` in its handler's code)."""
+
     async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         for row in rows:
             await self.execute(sql, row)
@@ -420,11 +429,14 @@ class _Plain(SideBySide):
         tx = self._tx
         assert tx is not None, "no transaction is open"
         if savepoint is not None:
-            region = tx.part(release=False)  # regions never overlap: none to release
+            region = tx._part(release=False)  # regions never overlap: none to release
             region.__enter__()
             self._regions[savepoint] = region
-            tx._owned_by(record_part.get(None))  # no other record's code writes in it
         return tx
+
+    def owned_by(self, record: object) -> None:
+        if self._tx is not None:
+            self._tx._owned_by(record)
 
     async def execute(
         self,
@@ -432,7 +444,9 @@ class _Plain(SideBySide):
         params: Sequence[Any] | Mapping[str, Any] = (),
         savepoint: str | None = None,
     ) -> Any:
-        return self._open(savepoint).execute(sql, params)
+        tx = self._open(savepoint)
+        with tx._trusted():  # the runtime's, or a record's through its RecordDb
+            return tx.execute(sql, params)
 
     async def plain(self, savepoint: str | None) -> SinkTransaction:
         return self._open(savepoint)

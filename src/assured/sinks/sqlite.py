@@ -68,16 +68,22 @@ class _Connection(sqlite3.Connection):
         if sink is None or sink._mine:
             return
         tx = sink._inside
-        if tx is not None:
-            if tx.ended or not self.in_transaction:
-                tx._end(None)
-            if not tx._in_part:  # between handlers' parts: only the runtime's statements
-                if tx._had_parts and not sink._via:
-                    raise UsageError(_stray(sink, "between handlers' parts"))
-            elif tx._owner is not None and not sink._via and record_part.get() is not tx._owner:
-                raise UsageError(_stray(sink, "inside another record's part"))
-        elif not self.in_transaction:
-            raise UsageError(_stray(sink, "outside the runtime's transaction"))
+        if tx is None:
+            if not self.in_transaction:
+                raise UsageError(_stray(sink, "outside the runtime's transaction"))
+            return
+        if tx.ended or not self.in_transaction:
+            tx._end(None)
+        if sink._via:  # the runtime's own, or a record's through its db side by side
+            return
+        # Whose code this is: an attempt's of a handler (its value, inherited by the tasks it
+        # starts), or the runtime's (None).
+        attempt = record_part.get()
+        if not tx._in_part:
+            if tx._had_parts and attempt is not None:
+                raise UsageError(_stray(sink, "between handlers' parts"))
+        elif tx._owner is not None and attempt is not tx._owner:
+            raise UsageError(_stray(sink, "inside another record's part"))
 
     def cursor(self, factory: Any = None) -> Any:
         if factory is not None and not isinstance(factory, type):
@@ -114,7 +120,11 @@ class _Connection(sqlite3.Connection):
 
     def blobopen(self, *args: Any, **kwargs: Any) -> Any:
         self._check()
-        return super().blobopen(*args, **kwargs)
+        blob = super().blobopen(*args, **kwargs)
+        tx = self.sink._inside if self.sink is not None else None
+        if tx is not None and tx._made is not None:  # closed when the handler's part ends
+            tx._made.append(weakref.ref(blob))
+        return blob
 
     def close(self) -> None:
         self._refused("connection.close()")
@@ -227,7 +237,7 @@ class _SqliteTransaction(SinkTransaction):
         self.cause: BaseException | None = None  # the error it ended on, when seen
         self._in_part = False  # a handler's part is open (see part)
         self._had_parts = False  # one was: handlers run in this transaction
-        self._made: list[weakref.ref[sqlite3.Cursor]] | None = None  # cursors made in it
+        self._made: list[weakref.ref[Any]] | None = None  # cursors and blobs made in it
         self._owner: object = None  # side by side, the record whose part it is (record_part)
         self.refused: str | None = None  # a BEGIN/COMMIT/ROLLBACK a handler tried (refused)
 
@@ -245,15 +255,21 @@ class _SqliteTransaction(SinkTransaction):
         if self.ended or not self._conn.in_transaction:
             self._end(None)
         refuse_transaction_control(sql)
-        sink._via = True  # through the transaction (see _Connection._check)
-        try:
+        try:  # checked as the raw connection's are (see _Connection._check)
             return self._conn.execute(sql, params)
         except sqlite3.Error as e:
             if not self._conn.in_transaction:
                 self._end(e)
             raise
+
+    @contextlib.contextmanager
+    def _trusted(self) -> Iterator[None]:
+        sink = self.sink
+        was, sink._via = sink._via, True
+        try:
+            yield
         finally:
-            sink._via = False
+            sink._via = was
 
     def _end(self, cause: BaseException | None) -> NoReturn:
         if self.sink._inside is not self and not self.sink._mine:  # used after its block
@@ -277,7 +293,7 @@ class _SqliteTransaction(SinkTransaction):
             yield
         except BaseException as e:
             if self._conn.in_transaction:  # else the database undid it all: let the error say so
-                self.execute(f"ROLLBACK TO {name}")
+                self._step(f"ROLLBACK TO {name}")
                 self._step(f"RELEASE {name}")
             else:
                 self.cause = self.cause or e  # SQLite ended it on the handler's own statement
@@ -285,18 +301,18 @@ class _SqliteTransaction(SinkTransaction):
                 raise ended_by_handler(self.refused) from e
             raise
         if self.refused is not None:  # refused, and the handler swallowed the error
-            self.execute(f"ROLLBACK TO {name}")
-            self.execute(f"RELEASE {name}")
+            self._step(f"ROLLBACK TO {name}")
+            self._step(f"RELEASE {name}")
             raise ended_by_handler(self.refused)
         if release:
             try:
                 self._step(f"RELEASE {name}")
             except CursorLeftOpenError:
-                self.execute(f"ROLLBACK TO {name}")  # nothing of the record stays
+                self._step(f"ROLLBACK TO {name}")  # nothing of the record stays
                 raise
 
     @contextlib.contextmanager
-    def part(self, release: bool = True) -> Iterator[None]:
+    def _part(self, release: bool = True) -> Iterator[None]:
         """A handler's part (a savepoint). In it, the connection's ``row_factory`` and
         ``text_factory`` are the handlers' (as they last set them), out of it sqlite3's
         defaults, so that the runtime's own statements read what they expect. The cursors
@@ -307,7 +323,7 @@ class _SqliteTransaction(SinkTransaction):
         with self.savepoint(release):
             conn, sink = self._conn, self.sink
             conn.row_factory, conn.text_factory = sink._factories
-            self._made = []
+            self._made, self._owner = [], None
             self._in_part = self._had_parts = True
             try:
                 yield
@@ -327,16 +343,16 @@ class _SqliteTransaction(SinkTransaction):
         conn.row_factory, conn.text_factory = None, str
 
     def _owned_by(self, record: object) -> None:
-        """Side by side: the handler's part now open is ``record``'s; statements on the raw
-        connection from code of any other record are refused until it ends (see
-        _Connection._check)."""
+        """The handler's part now open is the attempt ``record``'s: statements from code of
+        any other attempt are refused in it until it ends (see _Connection._check)."""
         self._owner = record
 
     def _step(self, sql: str) -> None:
-        """The runtime's own SAVEPOINT or RELEASE, which SQLite refuses while a write
-        statement is still in progress (a cursor of a handler not read to its end)."""
+        """The runtime's own SAVEPOINT, ROLLBACK TO or RELEASE; SQLite refuses the first and
+        the last while a write statement is still in progress (a cursor made by hand)."""
         try:
-            self.execute(sql)
+            with self._trusted():
+                self.execute(sql)
         except sqlite3.OperationalError as e:
             if self._conn.in_transaction and _in_progress(e):
                 raise CursorLeftOpenError(_LEFT_OPEN) from e
