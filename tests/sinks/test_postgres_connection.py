@@ -363,3 +363,44 @@ def test_what_the_guarded_connection_still_does(pg_dsn: str) -> None:
         assert effects(sink) == [41]
     finally:
         sink.close()
+
+
+def test_a_failed_records_task_writes_nothing_into_a_later_records_part(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """An async handler at concurrency 1 (each record's part a savepoint of the batch's
+    transaction): record 0 starts a task that keeps its ``db`` and fails (dead-lettered).
+    The task writes during the next records' parts and between them, through ``db`` and
+    through ``db.connection``. Old code: those writes committed with the batch, the effects
+    of a record counted as failed."""
+    import asyncio
+
+    log = eight_charges(tmp_path, pg_dsn)
+    sink = PostgresSink(pg_dsn, reconnect_timeout_s=30)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    tried: list[str] = []
+
+    async def later(db: Any) -> None:
+        for _ in range(4):
+            await asyncio.sleep(0.004)
+            for how, run in (("db", db.execute), ("raw", db.connection.execute)):
+                try:
+                    run("INSERT INTO effects VALUES (-1)")
+                    tried.append(f"{how}: ran")
+                except UsageError:
+                    tried.append(f"{how}: refused")
+
+    strays: list[asyncio.Task[None]] = []
+
+    @app.handler("charges", sink=sink, retries=0)
+    async def charge(msg: Message, db: Any) -> None:
+        if msg.value == b"0":
+            strays.append(asyncio.create_task(later(db)))
+            raise ValueError("declined")
+        await asyncio.sleep(0.01)
+        db.execute("INSERT INTO effects VALUES (%s)", (int(msg.value),))
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert effects(sink) == [1, 2, 3, 4, 5, 6, 7]
+    assert tried, "the stray ran"
+    assert all(t.endswith("refused") for t in tried), tried

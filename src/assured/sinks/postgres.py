@@ -39,6 +39,7 @@ from assured.sinks._base import (
     checked_schema,
     ddl,
     ended_by_handler,
+    record_part,
     refuse_transaction_control,
 )
 from assured.sinks._one_statement import one_statement
@@ -241,6 +242,9 @@ class _PostgresTransaction(SinkTransaction):
         self.lost: str | None = None  # why, once the connection broke
         self._savepoints = 0
         self.refused: str | None = None  # what a handler tried that would end the transaction
+        self._in_part = False  # a handler's part is open (see _part)
+        self._had_parts = False  # one was: handlers run in this transaction
+        self._owner: object = None  # the attempt whose part it is (see record_part)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         return self._run(self._conn.execute, sql, params)
@@ -259,6 +263,7 @@ class _PostgresTransaction(SinkTransaction):
         such a try stops the App (a library that commits would do it for every record)."""
         if self.lost is not None:
             raise SinkUnavailableError(self.lost)
+        self._own_attempt()
         text = self._allowed(sql, raw)
         try:
             if params or one_statement(text):
@@ -270,6 +275,32 @@ class _PostgresTransaction(SinkTransaction):
                 self.lose(e)
             _second_statement(e, text)
             raise
+
+    def _own_attempt(self) -> None:
+        """A handler's code writes only in its own attempt's part: not between parts, nor in
+        another record's (a task a failed record left running would commit its work with the
+        batch). Whose code it is: the value of :data:`record_part` (None: the runtime's)."""
+        attempt = record_part.get()
+        if attempt is None:
+            return
+        if not self._in_part:
+            if self._had_parts:
+                raise UsageError(_stray_text(self.sink.where, "between handlers' parts"))
+        elif self._owner is not None and attempt is not self._owner:
+            raise UsageError(_stray_text(self.sink.where, "inside another record's part"))
+
+    @contextlib.contextmanager
+    def _part(self, release: bool = True) -> Iterator[None]:
+        with self.savepoint(release):
+            self._in_part = self._had_parts = True
+            self._owner = None
+            try:
+                yield
+            finally:
+                self._in_part, self._owner = False, None
+
+    def _owned_by(self, record: object) -> None:
+        self._owner = record
 
     def _allowed(self, sql: Any, raw: bool) -> str:
         """The text of ``sql``, once it is not a statement that begins or ends the
@@ -332,6 +363,14 @@ class _PostgresTransaction(SinkTransaction):
             raise SwallowedStatementError(_SWALLOWED)
         if release:
             self.execute(f"RELEASE SAVEPOINT {name}")
+
+
+def _stray_text(where: str, part: str) -> str:
+    return (
+        f"a statement on PostgreSQL at {where} {part}, from a handler's code (a task a "
+        "record left running, or a db kept after its record): it would commit with other "
+        "records' work. It did not run; do every database call before the handler returns"
+    )
 
 
 def _text_of(sql: Any, conn: psycopg.Connection[Any]) -> str:
@@ -429,6 +468,7 @@ class _HeldCursor:
         return self
 
     def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
+        self._tx._own_attempt()
         self._tx._allowed(query, raw=True)
         self._cursor.executemany(query, params_seq, **options)  # extended protocol: one each
 
