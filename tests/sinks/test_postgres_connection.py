@@ -400,7 +400,10 @@ def test_a_failed_records_task_writes_nothing_into_a_later_records_part(
         await asyncio.sleep(0.01)
         db.execute("INSERT INTO effects VALUES (%s)", (int(msg.value),))
 
-    assert app.run(until_idle=0.5).stopped_by == "idle"
-    assert effects(sink) == [1, 2, 3, 4, 5, 6, 7]
+    try:
+        assert app.run(until_idle=0.5).stopped_by == "idle"
+        assert effects(sink) == [1, 2, 3, 4, 5, 6, 7]
+    finally:
+        sink.close()
     assert tried, "the stray ran"
     assert all(t.endswith("refused") for t in tried), tried
