@@ -38,14 +38,14 @@ def pg_dsn(postgres_dsn: str) -> Iterator[str]:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-def charges_log(tmp_path: Path, count: int) -> Log:
-    """An embedded log whose one-partition topic ``charges`` holds the values 0..count-1."""
+def charges_log(tmp_path: Path, count: int, topic: str = "charges") -> Log:
+    """An embedded log whose one-partition ``topic`` holds the values 0..count-1."""
     opened = open_log(f"embedded://{tmp_path}/log.db")
     with opened.admin() as admin:
-        admin.create_topic("charges", 1)
+        admin.create_topic(topic, 1)
     with opened.producer() as producer:
         for i in range(count):
-            producer.send("charges", str(i).encode(), partition=0)
+            producer.send(topic, str(i).encode(), partition=0)
         producer.flush()
     return opened
 

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from assured import App, Message, SqliteSink, TopicPartition, open_log
+from assured.log import Log
 from assured.runtime._settings import Guarantee
 from assured.sinks import SinkUnavailableError
+from tests.sinks.conftest import charges_log
 
 
 def rows(path: Path) -> tuple[list[str], list[int], list[tuple[str, int, int]]]:
@@ -195,13 +197,7 @@ def test_an_app_whose_handler_writes_on_after_a_trigger_rolled_back_keeps_exactl
     the handler catches it and records the refusal on the raw connection. Old code: that row
     committed alone, then the batch was redone and wrote it again. Now every effect is there
     once, each with its position."""
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("in", 1)
-    with log.producer() as producer:
-        for i in range(8):
-            producer.send("in", b"%d" % i)
-        producer.flush()
+    log = _filled(tmp_path, 8)
     sink = _fixture(tmp_path / "sink.db")
     tried: list[bytes] = []
     app = App(log=log, group="g", guarantee="exactly-once")
@@ -216,17 +212,7 @@ def test_an_app_whose_handler_writes_on_after_a_trigger_rolled_back_keeps_exactl
                 with contextlib.suppress(SinkUnavailableError):
                     conn.execute("INSERT INTO t VALUES ('refused')")
 
-    if concurrency == 1:
-
-        @app.handler("in", sink=sink)
-        def handle(msg: Message, db: Any) -> None:
-            effect(msg, db.connection)
-
-    else:
-
-        @app.handler("in", sink=sink, concurrency=concurrency)
-        async def handle_side_by_side(msg: Message, db: Any) -> None:
-            effect(msg, (await db.hold()).connection)
+    _on_raw_connection(app, sink, concurrency, effect)
 
     assert app.run(until_idle=0.5).stopped_by == "idle"
     with sqlite3.connect(tmp_path / "sink.db") as db:
@@ -245,13 +231,7 @@ def test_a_handler_that_closes_the_sqlite_connection_stops_the_app_and_commits_n
     refused now, and the App stops: a library that closes it would do so for every record."""
     from assured.sinks import HandlerEndedTransactionError
 
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("in", 1)
-    with log.producer() as producer:
-        for i in range(4):
-            producer.send("in", b"%d" % i)
-        producer.flush()
+    log = _filled(tmp_path, 4)
     sink = _fixture(tmp_path / "sink.db")
     app = App(log=log, group="g", guarantee="exactly-once")
 
@@ -261,17 +241,7 @@ def test_a_handler_that_closes_the_sqlite_connection_stops_the_app_and_commits_n
             with contextlib.suppress(sqlite3.Error, HandlerEndedTransactionError):
                 conn.close()
 
-    if concurrency == 1:
-
-        @app.handler("in", sink=sink)
-        def handle(msg: Message, db: Any) -> None:
-            effect(msg, db.connection)
-
-    else:
-
-        @app.handler("in", sink=sink, concurrency=concurrency)
-        async def handle_side_by_side(msg: Message, db: Any) -> None:
-            effect(msg, (await db.hold()).connection)
+    _on_raw_connection(app, sink, concurrency, effect)
 
     with pytest.raises(HandlerEndedTransactionError, match=r"connection.close\(\)"):
         app.run(until_idle=0.5)
@@ -289,13 +259,7 @@ def test_a_record_whose_statement_rolls_back_every_time_stops_the_app_saying_why
     """A trigger's RAISE(ROLLBACK) ends the whole batch's transaction at the same record on
     every redo. Old code: the App redid it until the deadline, then stopped saying the disk
     might be full. Now it names the statement's kind and the fix; nothing was committed."""
-    log = open_log(f"embedded://{tmp_path}/log.db")
-    with log.admin() as admin:
-        admin.create_topic("in", 1)
-    with log.producer() as producer:
-        for i in range(4):
-            producer.send("in", b"%d" % i)
-        producer.flush()
+    log = _filled(tmp_path, 4)
     sink = _fixture(tmp_path / "sink.db")
     app = App(log=log, group="g", guarantee=guarantee, retry_deadline_ms=1000)
 
@@ -311,3 +275,24 @@ def test_a_record_whose_statement_rolls_back_every_time_stops_the_app_saying_why
     assert "disk" not in str(raised.value)
     with sqlite3.connect(tmp_path / "sink.db") as db:
         assert list(db.execute("SELECT v FROM t")) == []
+
+
+def _filled(tmp_path: Path, n: int) -> Log:
+    """An embedded log whose one-partition topic ``in`` holds b"0" .. b"n-1"."""
+    return charges_log(tmp_path, n, topic="in")
+
+
+def _on_raw_connection(app: App, sink: SqliteSink, concurrency: int, effect: Any) -> None:
+    """``effect(msg, conn)`` as the handler of ``in``, on the sink's raw connection: a sync
+    handler at concurrency 1, an async one side by side (``db.hold()``) above it."""
+    if concurrency == 1:
+
+        @app.handler("in", sink=sink)
+        def handle(msg: Message, db: Any) -> None:
+            effect(msg, db.connection)
+
+    else:
+
+        @app.handler("in", sink=sink, concurrency=concurrency)
+        async def handle_side_by_side(msg: Message, db: Any) -> None:
+            effect(msg, (await db.hold()).connection)

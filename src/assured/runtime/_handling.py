@@ -285,17 +285,23 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     owned = target._owned_by if isinstance(target, SinkTransaction) else _no_owner
     out = target if isinstance(target, Output) else None
 
+    def in_part(record: Record) -> None:
+        """An attempt in its part of the sink's transaction, its code marked as this
+        attempt's (see SinkTransaction._owned_by)."""
+        assert savepoint is not None
+        with savepoint():
+            attempt = record_part.set(own := object())
+            owned(own)
+            try:
+                if (result := fn(decode(record), target)) is not None:
+                    settle(result)  # an awaitable is awaited, never dropped
+                    del result  # a cursor it returned is closed before the part's end
+            finally:
+                record_part.reset(attempt)
+
     def call(record: Record) -> None:
         if savepoint is not None:
-            with savepoint():
-                attempt = record_part.set(own := object())  # see SinkTransaction._owned_by
-                owned(own)
-                try:
-                    if (result := fn(decode(record), target)) is not None:
-                        settle(result)  # an awaitable is awaited, never dropped
-                        del result  # a cursor it returned is closed before the part's end
-                finally:
-                    record_part.reset(attempt)
+            in_part(record)
         elif out is not None:
             try:
                 if (result := fn(decode(record), out)) is not None:
@@ -349,15 +355,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
 
         def handle(record: Record) -> None:
             try:
-                with savepoint():
-                    attempt = record_part.set(own := object())  # see SinkTransaction._owned_by
-                    owned(own)
-                    try:
-                        if (result := fn(decode(record), target)) is not None:
-                            settle(result)  # an awaitable is awaited, never dropped
-                            del result  # a cursor it returned is closed before the part's end
-                    finally:
-                        record_part.reset(attempt)
+                in_part(record)
             except Exception as error:
                 failed(record, error)
 
