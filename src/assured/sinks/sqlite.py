@@ -51,15 +51,22 @@ _BEGIN = "BEGIN -- assured"
 
 
 class _Connection(sqlite3.Connection):
-    """The sink's connection (what ``db.connection`` gives a handler). SQLite ends a
-    transaction by itself on some errors (``INSERT OR ROLLBACK``, ``RAISE(ROLLBACK)`` in a
-    trigger, a full disk); a statement after that would run on its own and commit at once,
-    without the positions. So while handlers run in a transaction, no statement runs after
-    such an end from any path here (``execute``, ``executemany``, ``executescript``, a cursor
-    of any factory, ``blobopen``): the sink sees the end first (see
-    :meth:`_SqliteTransaction._end`). The authorizer (see :meth:`SqliteSink._authorize`)
-    cannot: SQLite asks it only when it prepares a statement, and Python's sqlite3 reuses the
-    statements it prepared. ``close()`` is refused while handlers run."""
+    """The sink's connection (what ``db.connection`` gives a handler), checked before every
+    statement from any path here (``execute``, ``executemany`` row by row, ``executescript``,
+    a cursor of any class, ``blobopen``; see :meth:`_check`):
+
+    - SQLite ends a transaction by itself on some errors (``INSERT OR ROLLBACK``,
+      ``RAISE(ROLLBACK)`` in a trigger, a full disk); a statement after that would run on its
+      own and commit at once, without the positions. None runs: the sink sees the end first
+      (see :meth:`_SqliteTransaction._end`).
+    - A handler's code writes only in its own attempt's part (see
+      :meth:`_SqliteTransaction._part`), not outside the runtime's transaction, between
+      parts, or in another record's part (a task a failed record left running).
+
+    The authorizer (see :meth:`SqliteSink._authorize`) could not do this: SQLite asks it only
+    when it prepares a statement, and Python's sqlite3 reuses the statements it prepared.
+    ``close()`` and ``set_authorizer()`` are refused while handlers run. A cursor built by
+    hand (``sqlite3.Cursor(conn)``) is beyond reach."""
 
     sink: SqliteSink | None = None
 
