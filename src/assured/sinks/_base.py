@@ -147,9 +147,10 @@ class MessageLike(Protocol):
 _RECORD_ID = re.compile(r"(?P<topic>[A-Za-z0-9._-]+)\[(?P<partition>\d+)\]@(?P<offset>\d+)")
 
 
-# Side by side, the attempt of a record whose handler runs in this context (set by the
-# runtime in the record's task; the tasks its handler starts inherit it): a task one record
-# left running is told apart from the code of the record whose part is open.
+# The attempt of a record whose handler code runs in this context, None in the runtime's own
+# (set by the runtime for each attempt: side by side its RecordDb, in the record's task; at
+# concurrency 1 a fresh token; the tasks a handler starts inherit it): a task one record left
+# running is told apart from the code of the record whose part is open.
 record_part: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "assured_record_part", default=None
 )
