@@ -543,3 +543,28 @@ def test_a_blob_left_open_by_a_failed_handler_fails_that_record_alone(tmp_path: 
     assert _state(tmp_path) == (Counter({"0": 1, "2": 1}), [1], 3)
     with contextlib.closing(sqlite3.connect(tmp_path / "sink.db")) as db:
         assert db.execute("SELECT data FROM b").fetchone()[0] == b"2..."
+
+
+def test_db_dead_letter_reads_its_id_whatever_row_factory_the_handler_set(
+    tmp_path: Path,
+) -> None:
+    """Old code: inside the handler's part, with the sqlite3 docs' dict ``row_factory``, the
+    dead letter was written and then reading its id failed (KeyError 0)."""
+    log, sink = _log(tmp_path, 2), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    ids: list[int] = []
+
+    def as_dict(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+        return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
+
+    @app.handler("in", sink=sink)
+    def handle(msg: Message, db: Any) -> None:
+        db.connection.row_factory = as_dict
+        ids.append(db.dead_letter(msg, topic="in.parked", error=ValueError("parked")))
+        assert db.connection.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert len(ids) == 2
+    assert all(isinstance(i, int) for i in ids)
+    with contextlib.closing(sqlite3.connect(tmp_path / "sink.db")) as db:
+        assert db.execute("SELECT count(*) FROM assured_dead_letters").fetchone()[0] == 2

@@ -237,9 +237,15 @@ class SinkTransaction(abc.ABC):
         published. The relay adds ``assured.dead-letter.group`` and ``assured.dead-letter.id``.
         """
         insert, params = _dead_letter_statement(self, record, topic, error, attempts, headers)
-        row = self.execute(insert, params).fetchone()
+        with self._plain_rows():
+            row = self.execute(insert, params).fetchone()
         self.dead_letters.append(int(row[0]))
         return int(row[0])
+
+    def _plain_rows(self) -> contextlib.AbstractContextManager[None]:
+        """Rows as the driver gives them by default, whatever factory a handler set on the
+        connection (the runtime's own reads, inside a handler's part)."""
+        return contextlib.nullcontext()
 
 
 def _inbox_statements(

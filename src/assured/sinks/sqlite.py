@@ -270,6 +270,16 @@ class _SqliteTransaction(SinkTransaction):
             raise
 
     @contextlib.contextmanager
+    def _plain_rows(self) -> Iterator[None]:
+        conn = self._conn
+        factories = conn.row_factory, conn.text_factory
+        conn.row_factory, conn.text_factory = None, str
+        try:
+            yield
+        finally:
+            conn.row_factory, conn.text_factory = factories
+
+    @contextlib.contextmanager
     def _trusted(self) -> Iterator[None]:
         sink = self.sink
         was, sink._via = sink._via, True
