@@ -34,7 +34,7 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from assured.errors import (
@@ -170,6 +170,9 @@ class SinkTransaction(abc.ABC):
         self.group = group or ""
         self.incarnations: Mapping[str, str] = incarnations or {}
         self.dead_letters: list[int] = []  # ids written by dead_letter(), for the relay
+        self._in_part = False  # a handler's part is open (see _part)
+        self._had_parts = False  # one was: handlers run in this transaction
+        self._owner: object = None  # the attempt whose part it is (see _owned_by)
 
     @abc.abstractmethod
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any: ...
@@ -185,15 +188,45 @@ class SinkTransaction(abc.ABC):
         ``release=False``: when it does not raise, leave the savepoint to the commit (one
         statement fewer; for savepoints taken one after another, never nested)."""
 
-    def _part(self, release: bool = True) -> contextlib.AbstractContextManager[None]:
-        """A handler's part: the savepoint the runtime wraps each attempt in (a sink may keep
-        more than a savepoint's rules in it; see the SQLite sink's). The runtime's alone."""
-        return self.savepoint(release)
+    @contextlib.contextmanager
+    def _part(self, release: bool = True) -> Iterator[None]:
+        """A handler's part: the savepoint the runtime wraps each attempt in (the runtime's
+        alone). A sink keeps more in it through :meth:`_part_began` and :meth:`_part_ended`,
+        and refuses statements by :meth:`_outside_own_part`."""
+        with self.savepoint(release):
+            self._in_part = self._had_parts = True
+            self._owner = None
+            self._part_began()
+            try:
+                yield
+            finally:
+                self._in_part, self._owner = False, None
+                self._part_ended()
+
+    def _part_began(self) -> None:
+        """A handler's part opened (its savepoint taken)."""
+
+    def _part_ended(self) -> None:
+        """A handler's part is ending (before its savepoint is released or rolled back to)."""
 
     def _owned_by(self, record: object) -> None:
         """The handler's part now open is the attempt ``record``'s (the value of
-        :data:`record_part` in its code): a sink whose raw connection handlers may keep can
-        refuse statements from code of another attempt in it."""
+        :data:`record_part` in its code): statements from code of another attempt are
+        refused in it (see :meth:`_outside_own_part`)."""
+        self._owner = record
+
+    def _outside_own_part(self) -> str | None:
+        """Where a statement from the code running now would land, if that is not its own
+        attempt's part: a handler's code writes only there, not between parts nor in another
+        record's part (a task a failed record left running would commit its work with the
+        batch). None when it may run. Whose code it is: :data:`record_part` (None: the
+        runtime's)."""
+        attempt = record_part.get()
+        if not self._in_part:
+            return "between handlers' parts" if self._had_parts and attempt is not None else None
+        if self._owner is not None and attempt is not self._owner:
+            return "inside another record's part"
+        return None
 
     def _trusted(self) -> contextlib.AbstractContextManager[None]:
         """Statements in this block are the runtime's own, or a record's through its guarded

@@ -39,7 +39,6 @@ from assured.sinks._base import (
     checked_schema,
     ddl,
     ended_by_handler,
-    record_part,
     refuse_transaction_control,
 )
 from assured.sinks._one_statement import one_statement
@@ -242,9 +241,6 @@ class _PostgresTransaction(SinkTransaction):
         self.lost: str | None = None  # why, once the connection broke
         self._savepoints = 0
         self.refused: str | None = None  # what a handler tried that would end the transaction
-        self._in_part = False  # a handler's part is open (see _part)
-        self._had_parts = False  # one was: handlers run in this transaction
-        self._owner: object = None  # the attempt whose part it is (see record_part)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         return self._run(self._conn.execute, sql, params)
@@ -277,30 +273,11 @@ class _PostgresTransaction(SinkTransaction):
             raise
 
     def _own_attempt(self) -> None:
-        """A handler's code writes only in its own attempt's part: not between parts, nor in
-        another record's (a task a failed record left running would commit its work with the
-        batch). Whose code it is: the value of :data:`record_part` (None: the runtime's)."""
-        attempt = record_part.get()
-        if attempt is None:
-            return
-        if not self._in_part:
-            if self._had_parts:
-                raise UsageError(_stray_text(self.sink.where, "between handlers' parts"))
-        elif self._owner is not None and attempt is not self._owner:
-            raise UsageError(_stray_text(self.sink.where, "inside another record's part"))
-
-    @contextlib.contextmanager
-    def _part(self, release: bool = True) -> Iterator[None]:
-        with self.savepoint(release):
-            self._in_part = self._had_parts = True
-            self._owner = None
-            try:
-                yield
-            finally:
-                self._in_part, self._owner = False, None
-
-    def _owned_by(self, record: object) -> None:
-        self._owner = record
+        """Refused: a handler's statement outside its own attempt's part (see
+        SinkTransaction._outside_own_part)."""
+        where = self._outside_own_part()
+        if where is not None:
+            raise UsageError(_stray_text(self.sink.where, where))
 
     def _allowed(self, sql: Any, raw: bool) -> str:
         """The text of ``sql``, once it is not a statement that begins or ends the

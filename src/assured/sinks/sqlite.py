@@ -19,7 +19,7 @@ import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -33,11 +33,12 @@ from assured.sinks._base import (
     checked_schema,
     ddl,
     ended_by_handler,
-    record_part,
     refuse_transaction_control,
 )
 
 __all__ = ["SqliteSink"]
+
+T = TypeVar("T")
 
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (extended codes share the low byte)
 
@@ -83,14 +84,9 @@ class _Connection(sqlite3.Connection):
             tx._end(None)
         if sink._via:  # the runtime's own, or a record's through its db side by side
             return
-        # Whose code this is: an attempt's of a handler (its value, inherited by the tasks it
-        # starts), or the runtime's (None).
-        attempt = record_part.get()
-        if not tx._in_part:
-            if tx._had_parts and attempt is not None:
-                raise UsageError(_stray(sink, "between handlers' parts"))
-        elif tx._owner is not None and attempt is not tx._owner:
-            raise UsageError(_stray(sink, "inside another record's part"))
+        where = tx._outside_own_part()
+        if where is not None:
+            raise UsageError(_stray(sink, where))
 
     def cursor(self, factory: Any = None) -> Any:
         if factory is not None and not isinstance(factory, type):
@@ -104,34 +100,32 @@ class _Connection(sqlite3.Connection):
                 )
         else:
             cursor = super().cursor(_checked(factory or sqlite3.Cursor))
-        tx = self.sink._inside if self.sink is not None else None
-        if tx is not None and tx._made is not None:  # closed when the handler's part ends
-            tx._made.append(weakref.ref(cursor))
-        return cursor
+        return self._tracked(cursor)
 
-    # sqlite3's own make their cursor without cursor(): these go through it (see cursor).
+    # sqlite3's own make their cursor without cursor(): these go through it (see cursor), and
+    # the checked cursor's method checks first.
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        self._check()
         cursor: sqlite3.Cursor = self.cursor().execute(sql, parameters)
         return cursor
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
-        self._check()
         cursor: sqlite3.Cursor = self.cursor().executemany(sql, parameters)
         return cursor
 
     def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
-        self._check()
         cursor: sqlite3.Cursor = self.cursor().executescript(sql_script)
         return cursor
 
     def blobopen(self, *args: Any, **kwargs: Any) -> Any:
         self._check()
-        blob = super().blobopen(*args, **kwargs)
+        return self._tracked(super().blobopen(*args, **kwargs))
+
+    def _tracked(self, made: T) -> T:
+        """``made`` (a cursor or a blob), closed when the handler's part it is made in ends."""
         tx = self.sink._inside if self.sink is not None else None
-        if tx is not None and tx._made is not None:  # closed when the handler's part ends
-            tx._made.append(weakref.ref(blob))
-        return blob
+        if tx is not None and tx._made is not None:
+            tx._made.append(weakref.ref(made))
+        return made
 
     def close(self) -> None:
         self._refused("connection.close()")
@@ -242,10 +236,7 @@ class _SqliteTransaction(SinkTransaction):
         self._conn = conn
         self.ended = False  # SQLite ended the transaction by itself: nothing of it commits
         self.cause: BaseException | None = None  # the error it ended on, when seen
-        self._in_part = False  # a handler's part is open (see part)
-        self._had_parts = False  # one was: handlers run in this transaction
-        self._made: list[weakref.ref[Any]] | None = None  # cursors and blobs made in it
-        self._owner: object = None  # side by side, the record whose part it is (record_part)
+        self._made: list[weakref.ref[Any]] | None = None  # cursors and blobs of the part open
         self.refused: str | None = None  # a BEGIN/COMMIT/ROLLBACK a handler tried (refused)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
@@ -289,8 +280,6 @@ class _SqliteTransaction(SinkTransaction):
             sink._via = was
 
     def _end(self, cause: BaseException | None) -> NoReturn:
-        if self.sink._inside is not self and not self.sink._mine:  # used after its block
-            raise UsageError(_stray(self.sink, "through a transaction used after its block"))
         if not self.ended:
             self.ended = True
             with contextlib.suppress(sqlite3.Error), self.sink._own():
@@ -328,41 +317,26 @@ class _SqliteTransaction(SinkTransaction):
                 self._step(f"ROLLBACK TO {name}")  # nothing of the record stays
                 raise
 
-    @contextlib.contextmanager
-    def _part(self, release: bool = True) -> Iterator[None]:
-        """A handler's part (a savepoint). In it, the connection's ``row_factory`` and
-        ``text_factory`` are the handlers' (as they last set them), out of it sqlite3's
-        defaults, so that the runtime's own statements read what they expect. The cursors
-        made in it are closed at its end, before its savepoint ends: one left unread would
-        hold SQLite's RELEASE and COMMIT back, and one kept could write after it. Once a
-        transaction had a part, statements between parts come only through the transaction
-        (the runtime's), not the raw connection (see _Connection._check)."""
-        with self.savepoint(release):
-            conn, sink = self._conn, self.sink
-            conn.row_factory, conn.text_factory = sink._factories
-            self._made, self._owner = [], None
-            self._in_part = self._had_parts = True
-            try:
-                yield
-            finally:
-                self._end_part()
+    def _part_began(self) -> None:
+        """In a handler's part, the connection's ``row_factory`` and ``text_factory`` are the
+        handlers' (as they last set them), out of it sqlite3's defaults, so that the runtime's
+        own statements read what they expect. The cursors and blobs made in it are closed at
+        its end, before its savepoint ends: one left unread would hold SQLite's RELEASE and
+        COMMIT back, and one kept could write after it."""
+        conn = self._conn
+        conn.row_factory, conn.text_factory = self.sink._factories
+        self._made = []
 
-    def _end_part(self) -> None:
-        """A handler's part ends: its cursors closed, its factories kept for the next."""
+    def _part_ended(self) -> None:
         conn, sink = self._conn, self.sink
-        made, self._made, self._owner, self._in_part = self._made or [], None, None, False
+        made, self._made = self._made or [], None
         for ref in made:
-            cursor = ref()
-            if cursor is not None:
+            cursor_or_blob = ref()
+            if cursor_or_blob is not None:
                 with contextlib.suppress(sqlite3.Error):
-                    cursor.close()
+                    cursor_or_blob.close()
         sink._factories = (conn.row_factory, conn.text_factory)
         conn.row_factory, conn.text_factory = None, str
-
-    def _owned_by(self, record: object) -> None:
-        """The handler's part now open is the attempt ``record``'s: statements from code of
-        any other attempt are refused in it until it ends (see _Connection._check)."""
-        self._owner = record
 
     def _step(self, sql: str) -> None:
         """The runtime's own SAVEPOINT, ROLLBACK TO or RELEASE; SQLite refuses the first and
@@ -401,7 +375,7 @@ class SqliteSink(Sink):
         self._inside: _SqliteTransaction | None = None  # the transaction handlers run in
         self._mine = False  # the runtime's own statement (see _own)
         self._via = False  # a statement through the transaction, not the raw connection
-        # The row_factory and text_factory handlers last set on the connection (see savepoint)
+        # The row_factory and text_factory handlers last set on the connection (see _part_began)
         self._factories: tuple[Any, Any] = (None, str)
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._lost: str | None = None
