@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import faulthandler
 import json
 import logging
@@ -28,7 +29,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ EFFECTS_DDL = {
     "msg_id text NOT NULL, account text NOT NULL, slot integer NOT NULL)",
 }
 OVERSIZE = 2 * 1024 * 1024  # over Kafka's and the engine's default limit of 1,000,000 bytes
+STRAY_S = 0.02  # how long the work a failed attempt left running waits before it acts
+# Side by side, the db a record's awaited calls go through (the stray fate uses it again).
+_awaited_db: contextvars.ContextVar[Any] = contextvars.ContextVar("audit_db", default=None)
 
 
 class PoisonError(ValueError):
@@ -204,6 +208,17 @@ class _Statements:
         self.made.append((sql, params))
 
 
+def _stray_write(db: Any, insert: str, row: tuple[Any, ...]) -> Callable[[], Any]:
+    """The stray fate's write, taken while the attempt runs: on PostgreSQL side by side through
+    the record's awaited ``db``; otherwise, by the message's id, through ``db`` or through its
+    raw connection (``db.connection``), both kept past the attempt's end."""
+    if isinstance(db, _Statements):
+        target = _awaited_db.get()
+        return lambda: target.execute(insert, row)
+    through = db.connection if zlib.crc32(str(row[0]).encode()) % 2 == 0 else db
+    return lambda: through.execute(insert, row)
+
+
 def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler per sink kind
     args = _parse(argv)
     as_a_processor(args.slot)
@@ -237,8 +252,52 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
             and zlib.crc32(mid.encode()) % 2 == 1
         )
 
-    def act(msg: Message, mid: str, effect: Callable[[], None], refuse: Callable[[], None]) -> None:
-        """The message's fate, acted out around its one ``effect``."""
+    def leave_running(mid: str, again: Callable[[], Awaitable[None] | None]) -> None:
+        """The stray fate: work the failing attempt leaves running, that makes the effect
+        ``again`` a moment later. A task where an event loop runs (it inherits the attempt's
+        context, as a task a handler starts does), else a thread. Refused is right; made is
+        what the checker then sees (a second effect, committed with other work)."""
+
+        async def later() -> None:
+            await asyncio.sleep(STRAY_S)
+            try:
+                made = again()
+                if made is not None:
+                    await made
+            except Exception as e:
+                history.write(stray=mid, outcome="refused", error=f"{type(e).__name__}: {e}")
+            else:
+                history.write(stray=mid, outcome="made")
+
+        def in_thread() -> None:
+            time.sleep(STRAY_S)
+            try:
+                again()
+            except Exception as e:
+                history.write(stray=mid, outcome="refused", error=f"{type(e).__name__}: {e}")
+            else:
+                history.write(stray=mid, outcome="made")
+
+        history.write(fault="handler-errors", kind="stray", id=mid)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            threading.Thread(target=in_thread, daemon=True).start()
+        else:
+            strays.add(task := loop.create_task(later()))
+            task.add_done_callback(strays.discard)
+
+    strays: set[asyncio.Task[None]] = set()
+
+    def act(
+        msg: Message,
+        mid: str,
+        effect: Callable[[], None],
+        refuse: Callable[[], None],
+        stray: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        """The message's fate, acted out around its one ``effect``; ``stray`` makes the effect
+        from work a failed attempt left running (it defaults to ``effect``)."""
         if delay:
             time.sleep(delay)
         fate = (msg.header("fate") or b"ok").decode()
@@ -269,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
             failed_here.add(mid)
             history.write(fault="handler-errors", kind=fate, id=mid)
             raise PlannedFailure(f"{mid}: fails its first attempt in each process (planned)")
+        if fate == "stray" and mid not in failed_here:
+            failed_here.add(mid)
+            leave_running(mid, stray or effect)
+            raise PlannedFailure(f"{mid}: fails its first attempt, leaving work running (planned)")
         if fate == "permanent":
             history.write(fault="handler-errors", kind=fate, id=mid)
             raise PlannedFailure(f"{mid}: fails every attempt (planned)")
@@ -287,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
             return
 
         async def waiting(msg: Message, target: Any) -> None:
+            if side_by_side:
+                _awaited_db.set(target)  # this record's task's own (see the stray fate)
             if args.handler_latency_ms:
                 await asyncio.sleep(waits(msg))
             if not side_by_side:
@@ -356,11 +421,15 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
                         with sink._own():
                             db.connection.rollback()
                     raise
+            stray = None
+            if (msg.header("fate") or b"") == b"stray":
+                stray = _stray_write(db, insert, (mid, account, slot))
             act(
                 msg,
                 mid,
                 lambda: db.execute(insert, (mid, account, slot)),
                 lambda: db.execute(insert, (None, account, slot)),  # NOT NULL refuses it
+                stray,
             )
 
         register(to_db, sink=sink)

@@ -95,7 +95,7 @@ TIMED = (
     "slow-handler",
 )
 MARKED = {"zombie": "zombie", "slow-handler": "slow"}  # timed faults a message carries: its fate
-HANDLER_ERRORS = ("transient", "permanent", "oversize", "fatal")
+HANDLER_ERRORS = ("transient", "permanent", "oversize", "fatal", "stray")
 WEAK_POINTS = {
     ("at-most-once", "topic"): ["after-commit-before-handle"],
     ("at-most-once", "db"): ["after-commit-before-handle"],

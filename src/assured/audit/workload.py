@@ -7,6 +7,9 @@ Fates whose outcome is an effect (a record on the output topic, or a row in the 
 - ``ok``: handled once, no trouble;
 - ``transient``: the first attempt in each process sends its output, then raises; the retry
   succeeds (a failed attempt must leave nothing behind);
+- ``stray``: as ``transient``, and the failed attempt leaves work running (a task, or a thread
+  for a plain ``def``) that makes the effect again a moment later, through the same ``out`` or
+  ``db``: it must be refused, not committed with the retry or with another record's work;
 - ``fatal``: once in the whole run, the handler sends its output, then raises an error the
   runtime must not retry (a fatal one): the App stops and is restarted;
 - ``slow``: once in the whole run, the handler outlasts the transaction timeout and
@@ -37,7 +40,7 @@ from assured.log import DeliveryReport, Log, Producer, TopicPartition
 __all__ = ["EFFECT_FATES", "REFUSED_FATES", "Workload", "make_ids", "produce"]
 
 ACCOUNTS = 50
-EFFECT_FATES = ("ok", "transient", "fatal", "slow", "zombie", "diskfull")
+EFFECT_FATES = ("ok", "transient", "stray", "fatal", "slow", "zombie", "diskfull")
 REFUSED_FATES = ("poison", "permanent", "oversize")
 
 
