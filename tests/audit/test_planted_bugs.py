@@ -94,6 +94,13 @@ FIXES: dict[str, dict[str, Any]] = {
         "handler_latency_ms": 5.0,
         "shows": ("duplicate",),
     },
+    # issue 14: a send from work a failed attempt left running taken as the retry's own
+    "stray-sends-kept": {
+        "guarantee": "exactly-once",
+        "faults": ("handler-errors",),
+        "kills": 0,
+        "shows": ("duplicate",),
+    },
     # issue 14: at-least-once side by side, unfinished records named handled in the metadata
     "remember-unfinished": {
         "guarantee": "at-least-once",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from assured import App, Message, Output, TopicPartition, open_log
-from assured.errors import ConfigError
+from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
 
@@ -112,6 +112,118 @@ def test_outputs_of_a_failed_attempt_are_not_kept(log: Log, guarantee: Guarantee
         f"receipt-m{i}".encode() for i in range(10)
     )
     assert committed(log) == 10
+
+
+STRAYS = [
+    pytest.param(1, False, id="plain-def-thread"),
+    pytest.param(1, True, id="async-task"),
+    pytest.param(8, True, id="side-by-side-task"),
+]
+
+
+@pytest.mark.parametrize("guarantee", ["at-most-once", *GUARANTEES])
+@pytest.mark.parametrize(("concurrency", "is_async"), STRAYS)
+def test_a_send_from_work_a_failed_attempt_left_running_is_refused(
+    log: Log, guarantee: Guarantee, concurrency: int, is_async: bool
+) -> None:
+    """Record m0's first attempt leaves work running (a thread from a plain def, a task from an
+    async def) that sends through the same ``out`` while the retry and the next records run,
+    and between their attempts. Old code: those sends joined whichever attempt's outputs were
+    pending and went out with them: 12 receipts for 10 inputs, under every guarantee."""
+    fill(log, [f"m{i}".encode() for i in range(10)])
+    app = App(log=log, group="g", guarantee=guarantee)
+    tried: list[str] = []
+    first = True
+
+    def stray(out: Output) -> None:
+        try:
+            out.send(b"stray")
+            tried.append("sent")
+        except UsageError as e:
+            tried.append(type(e).__name__ if "out.send" in str(e) else repr(e))
+
+    async def later(out: Output) -> None:
+        for _ in range(6):
+            await asyncio.sleep(0.003)
+            stray(out)
+
+    def in_thread(out: Output) -> None:
+        for _ in range(6):
+            time.sleep(0.003)
+            stray(out)
+
+    def attempt(msg: Message, out: Output) -> None:
+        nonlocal first
+        out.send(b"receipt-" + msg.value)
+        if msg.value == b"m0" and first:
+            first = False
+            if is_async:
+                strays.append(asyncio.create_task(later(out)))
+            else:
+                threading.Thread(target=in_thread, args=(out,)).start()
+            raise TimeoutError("the gateway timed out after charging")
+
+    strays: list[asyncio.Task[None]] = []
+    options: dict[str, Any] = {"retries": 2, "backoff_ms": 5, "concurrency": concurrency}
+    if is_async:
+
+        @app.handler("in", output="out", **options)
+        async def charge(msg: Message, out: Output) -> None:
+            await asyncio.sleep(0.004)
+            attempt(msg, out)
+
+    else:
+
+        @app.handler("in", output="out", **options)
+        def charge_plainly(msg: Message, out: Output) -> None:
+            time.sleep(0.004)
+            attempt(msg, out)
+
+    app.run(until_idle=0.5)
+    deadline = time.monotonic() + 5
+    while len(tried) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tried == ["StraySendError"] * 6, tried
+    assert sorted(v or b"" for v in read(log, "out")) == sorted(
+        f"receipt-m{i}".encode() for i in range(10)
+    )
+
+
+def test_sends_from_the_attempts_own_threads_and_tasks_go_out(log: Log) -> None:
+    """What the refusal tells a handler to do works: a thread in the attempt's context
+    (``asyncio.to_thread``), a task it awaits. A plain thread without the context is refused,
+    and the record fails (retried, then dead-lettered): its output never goes out alone."""
+    fill(log, [b"to-thread", b"task", b"plain-thread"])
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", output="out", retries=1, backoff_ms=1)
+    async def charge(msg: Message, out: Output) -> None:
+        if msg.value == b"to-thread":
+            await asyncio.to_thread(out.send, msg.value)
+        elif msg.value == b"task":
+
+            async def send_soon() -> None:
+                await asyncio.sleep(0)
+                out.send(msg.value)
+
+            await asyncio.create_task(send_soon())
+        else:
+            failed: list[BaseException] = []
+
+            def send() -> None:
+                try:
+                    out.send(msg.value)
+                except UsageError as e:
+                    failed.append(e)
+
+            thread = threading.Thread(target=send)
+            thread.start()
+            thread.join()
+            raise failed[0]
+
+    app.run(until_idle=0.5)
+    assert read(log, "out") == [b"to-thread", b"task"]
+    assert [r for r in read(log, "in.dlq")] == [b"plain-thread"]
 
 
 def test_an_error_leaving_run_aborts_the_transaction_and_commits_nothing(log: Log) -> None:

@@ -29,6 +29,9 @@ one rule the runtime keeps, in as few lines as it takes:
   by side, but a group commit stores only each partition's contiguous prefix and no marks for
   the records committed above it: a crash has them handled, and their effects made, again
   (shown by ``--sink sqlite --concurrency`` with ``sigkill``);
+- ``stray-sends-kept`` (issue 14): exactly-once, but ``out.send`` takes a send from any code
+  as the running attempt's: a thread or task a failed attempt left running sends into the
+  retry's or another record's outputs, which commit (shown by ``handler-errors``' stray fate);
 - ``remember-unfinished`` (issue 14): at-least-once with records side by side, but the commit's
   offset metadata names every record above the committed position, finished or not: a new
   owner skips the ones that were still running when the process died (shown by
@@ -54,6 +57,7 @@ from assured.runtime.protocols.at_most_once import AtMostOnce
 from assured.runtime.protocols.exactly_once import ExactlyOnce
 from assured.runtime.protocols.exactly_once_sink import ExactlyOnceSink
 from assured.sinks import SinkFencedError
+from assured.sinks._base import record_part
 
 __all__ = ["PLANTS", "planted"]
 
@@ -150,24 +154,44 @@ class _SendsAtOnce(Output):
             self.sent += 1
 
 
+def _outputs_of(protocol: CommitProtocol, kind: type[Output]) -> None:
+    """The protocol's handlers get outputs of ``kind`` (one per producer and topic)."""
+    outputs: dict[tuple[int, str], Output] = {}
+    rt = protocol.rt
+
+    def output(spec: HandlerSpec, producer: Producer) -> Output:
+        key = (id(producer), spec.topic)
+        if key not in outputs:
+            transaction = lambda: rt.transaction  # noqa: E731
+            outputs[key] = kind(
+                producer, spec.output, spec.key_codec, spec.value_codec, transaction
+            )
+        return outputs[key]
+
+    rt._output = output  # type: ignore[method-assign]
+
+
 class KeepsFailedAttempts(ExactlyOnce):
     def start(self) -> None:
         super().start()
-        outputs: dict[tuple[int, str], Output] = {}
+        _outputs_of(self, _SendsAtOnce)  # the bug: Output of v1
 
-        def output(spec: HandlerSpec, producer: Producer) -> Output:
-            key = (id(producer), spec.topic)
-            if key not in outputs:
-                outputs[key] = _SendsAtOnce(
-                    producer,
-                    spec.output,
-                    spec.key_codec,
-                    spec.value_codec,
-                    lambda: self.rt.transaction,
-                )
-            return outputs[key]
 
-        self.rt._output = output  # type: ignore[method-assign]  # the bug: Output of v1
+class _AnyoneSends(Output):
+    """An Output that takes a send from any code as the running attempt's own."""
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        was, self._attempt = self._attempt, record_part.get()  # the bug: no question asked
+        try:
+            super().send(*args, **kwargs)
+        finally:
+            self._attempt = was
+
+
+class SendsFromStrays(ExactlyOnce):
+    def start(self) -> None:
+        super().start()
+        _outputs_of(self, _AnyoneSends)
 
 
 class _HighestCompleted(Window):
@@ -247,6 +271,7 @@ PLANTS: dict[str, Callable[[Runtime], CommitProtocol]] = {
     "commit-highest-completed": CommitsHighestCompleted,
     "side-by-side-without-marks": CommitsWithoutMarks,
     "remember-unfinished": RemembersUnfinished,
+    "stray-sends-kept": SendsFromStrays,
 }
 
 

@@ -588,16 +588,23 @@ class Window:
             if self.db is not None:
                 await self._into_db(entry, msg)
                 return
-            args: tuple[Any, ...] = (msg,) if out is None else (msg, out)
-            if spec.is_async:
-                result = await spec.fn(*args)
-            else:
-                context = contextvars.copy_context()  # logging and tracing context, as a call
-                assert self.threads is not None
-                call = entry.call = self.threads.submit(context.run, spec.fn, *args)
-                result = await asyncio.wrap_future(call)
-            if inspect.isawaitable(result):  # an async handler behind a plain wrapper
-                await result
+            if out is None:
+                await self._call(entry, (msg,))
+                return
+            with out._attempting():  # its code may send, and only while it runs
+                await self._call(entry, (msg, out))
+
+    async def _call(self, entry: _Entry, args: tuple[Any, ...]) -> None:
+        spec = self.spec
+        if spec.is_async:
+            result = await spec.fn(*args)
+        else:
+            context = contextvars.copy_context()  # logging and tracing context, as a call
+            assert self.threads is not None
+            call = entry.call = self.threads.submit(context.run, spec.fn, *args)
+            result = await asyncio.wrap_future(call)
+        if inspect.isawaitable(result):  # an async handler behind a plain wrapper
+            await result
 
     async def _into_db(self, entry: _Entry, msg: Any) -> None:
         """One call of an async handler with a sink: its part of the shared transaction is

@@ -9,14 +9,15 @@ never repeats an output.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from assured.errors import AssuredError, ConfigError
+from assured.errors import AssuredError, ConfigError, UsageError
 from assured.log import Header, Producer, Record
 from assured.runtime._message import (
     BYTES,
@@ -40,6 +41,7 @@ __all__ = [
     "Ordering",
     "Output",
     "SendFailedError",
+    "StraySendError",
     "check_handler",
     "partial_send_failure",
     "record_handler",
@@ -79,7 +81,12 @@ def owed_to_record(error: BaseException) -> bool:
 class Output:
     """Where a handler sends records. Under exactly-once it writes into the open transaction;
     otherwise through the idempotent producer. ``send`` encodes with the handler's codecs and
-    keeps the record until the handler returns: an attempt that raises sends nothing."""
+    keeps the record until the handler returns: an attempt that raises sends nothing.
+
+    Only the attempt running now may send: code of another attempt (a task or thread a failed
+    one left running) or no attempt is refused with :class:`StraySendError`, since its output
+    would go out with whichever attempt's outputs it joined. The runtime marks each attempt's
+    code (:data:`~assured.sinks._base.record_part`, inherited by the tasks it starts)."""
 
     def __init__(
         self,
@@ -97,6 +104,7 @@ class Output:
         self._transaction = transaction
         self._released_into = released_into or transaction
         self._pending: list[_Pending] = []
+        self._attempt: object = _NO_ATTEMPT  # the mark of the attempt that may send now
         self.sent = 0
         # When set, every output is stamped, under this header, with the label of the
         # transaction it goes into (side by side, known only when it is released into one).
@@ -117,6 +125,8 @@ class Output:
         topic: str | None = None,
         partition: int | None = None,
     ) -> None:
+        if record_part.get() is not self._attempt:
+            raise StraySendError(self._attempt is _NO_ATTEMPT)
         target = topic or self._topic
         if target is None:
             raise ConfigError("this handler has no output topic; pass topic=... to send()")
@@ -126,6 +136,17 @@ class Output:
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
         self._pending.append((target, value, key, headers, partition))
+
+    @contextlib.contextmanager
+    def _attempting(self) -> Iterator[None]:
+        """An attempt runs in this block: its code (and the tasks it starts) may send."""
+        mark = record_part.set(own := object())
+        self._attempt = own
+        try:
+            yield
+        finally:
+            self._attempt = _NO_ATTEMPT
+            record_part.reset(mark)
 
     def _discard(self) -> None:
         self._pending.clear()
@@ -153,6 +174,23 @@ class Output:
             self.sent += len(pending)
         finally:
             pending.clear()
+
+
+_NO_ATTEMPT = object()  # no attempt runs: nothing may send
+
+
+class StraySendError(UsageError):
+    """``out.send`` from code that is not the running attempt's: refused, not sent."""
+
+    def __init__(self, between: bool):
+        when = "between attempts" if between else "while another attempt runs"
+        super().__init__(
+            f"out.send was called {when}, from code outside the handler's attempt (a task or "
+            "thread a failed or finished attempt left running?): refused, as its output would "
+            "go out with another attempt's. Send from the handler itself, from tasks it awaits "
+            "before it returns, or from a thread that runs in its context "
+            "(contextvars.copy_context().run, asyncio.to_thread)"
+        )
 
 
 # Where a dead letter goes: (dead-letter topic, the record, headers with the error).
@@ -304,8 +342,9 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             in_part(record)
         elif out is not None:
             try:
-                if (result := fn(decode(record), out)) is not None:
-                    settle(result)  # an awaitable is awaited, never dropped
+                with out._attempting():
+                    if (result := fn(decode(record), out)) is not None:
+                        settle(result)  # an awaitable is awaited, never dropped
             except BaseException:
                 out._discard()
                 raise
@@ -364,8 +403,14 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
 
         def handle(record: Record) -> None:
             try:
-                if (result := fn(decode(record), out)) is not None:
-                    settle(result)  # an awaitable is awaited, never dropped
+                mark = record_part.set(own := object())  # out._attempting(), inlined
+                out._attempt = own
+                try:
+                    if (result := fn(decode(record), out)) is not None:
+                        settle(result)  # an awaitable is awaited, never dropped
+                finally:
+                    out._attempt = _NO_ATTEMPT
+                    record_part.reset(mark)
                 if pending:
                     release(record)
             except SendFailedError as error:
