@@ -407,3 +407,47 @@ def test_a_failed_records_task_writes_nothing_into_a_later_records_part(
         sink.close()
     assert tried, "the stray ran"
     assert all(t.endswith("refused") for t in tried), tried
+
+
+def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg_dsn: str) -> None:
+    """A plain ``def`` handler: record 0 starts a thread that keeps its ``db`` and fails
+    (dead-lettered). The thread has none of the attempt's context: it writes, through ``db``
+    and through ``db.connection``, during the next records' parts, between them and after the
+    batch's transaction ended. Old code: its writes between parts committed with the batch,
+    and those after the commit committed on their own (the connection is in autocommit)."""
+    log = eight_charges(tmp_path, pg_dsn)
+    sink = PostgresSink(pg_dsn, reconnect_timeout_s=30)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    tried: list[str] = []
+
+    def later(db: Any) -> None:
+        for _ in range(30):
+            time.sleep(0.002)
+            for how, run in (("db", db.execute), ("raw", db.connection.execute)):
+                try:
+                    run("INSERT INTO effects VALUES (-1)")
+                    tried.append(f"{how}: ran")
+                except UsageError as e:
+                    tried.append(
+                        f"{how}: refused" if "thread" in str(e) or "after" in str(e) else repr(e)
+                    )
+
+    strays: list[threading.Thread] = []
+
+    @app.handler("charges", sink=sink, retries=0)
+    def charge(msg: Message, db: Any) -> None:
+        if msg.value == b"0":
+            strays.append(thread := threading.Thread(target=later, args=(db,)))
+            thread.start()
+            raise ValueError("declined")
+        time.sleep(0.005)
+        db.execute("INSERT INTO effects VALUES (%s)", (int(msg.value),))
+
+    try:
+        assert app.run(until_idle=0.5).stopped_by == "idle"
+        strays[0].join(10)
+        assert effects(sink) == [1, 2, 3, 4, 5, 6, 7]
+    finally:
+        sink.close()
+    assert len(tried) == 60, tried
+    assert all(t.endswith("refused") for t in tried), tried

@@ -32,6 +32,7 @@ import contextvars
 import functools
 import logging
 import re
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -173,6 +174,7 @@ class SinkTransaction(abc.ABC):
         self._in_part = False  # a handler's part is open (see _part)
         self._had_parts = False  # one was: handlers run in this transaction
         self._owner: object = None  # the attempt whose part it is (see _owned_by)
+        self._thread = threading.get_ident()  # the runtime's, which opened it
 
     @abc.abstractmethod
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any: ...
@@ -222,6 +224,10 @@ class SinkTransaction(abc.ABC):
         batch). None when it may run. Whose code it is: :data:`record_part` (None: the
         runtime's)."""
         attempt = record_part.get()
+        if attempt is None and self._had_parts and threading.get_ident() != self._thread:
+            # Unmarked code is the runtime's only on its own thread: elsewhere it is a thread
+            # a handler started without its context, perhaps one a failed attempt left running.
+            return "from a thread without the handler's context (contextvars.copy_context())"
         if not self._in_part:
             return "between handlers' parts" if self._had_parts and attempt is not None else None
         if self._owner is not None and attempt is not self._owner:

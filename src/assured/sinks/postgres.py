@@ -241,6 +241,7 @@ class _PostgresTransaction(SinkTransaction):
         self.lost: str | None = None  # why, once the connection broke
         self._savepoints = 0
         self.refused: str | None = None  # what a handler tried that would end the transaction
+        self.ended = False  # its block is over: committed or rolled back
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         return self._run(self._conn.execute, sql, params)
@@ -275,7 +276,8 @@ class _PostgresTransaction(SinkTransaction):
     def _own_attempt(self) -> None:
         """Refused: a handler's statement outside its own attempt's part (see
         SinkTransaction._outside_own_part)."""
-        where = self._outside_own_part()
+        where = "through a transaction used after its block" if self.ended else None
+        where = where or self._outside_own_part()
         if where is not None:
             raise UsageError(_stray_text(self.sink.where, where))
 
@@ -592,6 +594,7 @@ class PostgresSink(Sink):
         try:
             yield tx
         except BaseException as e:
+            tx.ended = True
             if tx.lost is None and connection_lost(conn, e):
                 tx.lose(e)
             if tx.lost is None:
@@ -602,6 +605,7 @@ class PostgresSink(Sink):
             elif not isinstance(e, SinkUnavailableError):
                 raise SinkUnavailableError(tx.lost) from e
             raise
+        tx.ended = True
         if tx.lost is None and conn.closed:  # broken under the raw connection, before COMMIT
             tx.lose(psycopg.OperationalError("the connection broke before COMMIT"))
         if tx.lost is not None:  # a handler caught the error and carried on: never commit
