@@ -21,11 +21,12 @@ from assured.errors import ConfigError
 from assured.log import open_log
 from assured.runtime import AppSettings
 
-# Every kind of secret librdkafka and libpq take, each with its own value.
+# Every kind of secret librdkafka and libpq take, each with its own value. Each ends in a tail
+# that is not hex, so that a random topic name (t-<hex>) in the output never holds it.
 SECRET_CONFIG = {
-    "sasl.password": "pw-sasl-1a2b",
-    "ssl.key.password": "pw-sslkey-3c4d",
-    "ssl.keystore.password": "pw-keystore-5e6f",
+    "sasl.password": "pw-sasl-1w2x",
+    "ssl.key.password": "pw-sslkey-3y4z",
+    "ssl.keystore.password": "pw-keystore-5u6v",
     "ssl.key.pem": "-----BEGIN PRIVATE KEY-----pem-7g8h",
     "ssl.certificate.pem": "cert-pem-9i0j",
     "sasl.oauthbearer.client.secret": "oauth-secret-k1l2",
