@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -191,39 +192,37 @@ def test_a_send_from_work_a_failed_attempt_left_running_is_refused(
 
 def test_sends_from_the_attempts_own_threads_and_tasks_go_out(log: Log) -> None:
     """What the refusal tells a handler to do works: a thread in the attempt's context
-    (``asyncio.to_thread``), a task it awaits. A plain thread without the context is refused,
-    and the record fails (retried, then dead-lettered): its output never goes out alone."""
-    fill(log, [b"to-thread", b"task", b"plain-thread"])
+    (``asyncio.to_thread``), a task it awaits. A plain thread (or a pool's: submit does not
+    copy the context) is refused, and the App stops saying so: that handler would fail every
+    record alike, and its records must not all be dead-lettered for it."""
+    fill(log, [b"to-thread", b"task"])
     app = App(log=log, group="g", guarantee="exactly-once")
+    plain = False
 
     @app.handler("in", output="out", retries=1, backoff_ms=1)
     async def charge(msg: Message, out: Output) -> None:
-        if msg.value == b"to-thread":
+        if plain:
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(out.send, [msg.value, msg.value]))
+        elif msg.value == b"to-thread":
             await asyncio.to_thread(out.send, msg.value)
-        elif msg.value == b"task":
+        else:
 
             async def send_soon() -> None:
                 await asyncio.sleep(0)
                 out.send(msg.value)
 
             await asyncio.create_task(send_soon())
-        else:
-            failed: list[BaseException] = []
-
-            def send() -> None:
-                try:
-                    out.send(msg.value)
-                except UsageError as e:
-                    failed.append(e)
-
-            thread = threading.Thread(target=send)
-            thread.start()
-            thread.join()
-            raise failed[0]
 
     app.run(until_idle=0.5)
     assert read(log, "out") == [b"to-thread", b"task"]
-    assert [r for r in read(log, "in.dlq")] == [b"plain-thread"]
+    fill(log, [b"pool"])
+    plain = True
+    with pytest.raises(UsageError, match="without the handler's context"):
+        app.run(until_idle=0.5)
+    assert read(log, "out") == [b"to-thread", b"task"]
+    assert read(log, "in.dlq") == []
+    assert committed(log) == 2
 
 
 def test_an_error_leaving_run_aborts_the_transaction_and_commits_nothing(log: Log) -> None:
@@ -516,3 +515,81 @@ def test_a_handler_that_ends_the_sqlite_transaction_itself_is_refused_and_stops_
     assert len(made) == len(set(made)), "no effect twice"
     assert len(made) == stored[0], "every effect committed with its position, none without"
     assert b"5" not in made
+
+
+class _SlowCodec:
+    """An encoder that takes a moment (a large value, a schema check)."""
+
+    def encode(self, value: str) -> bytes:
+        time.sleep(0.03)
+        return value.encode()
+
+    def decode(self, data: bytes) -> str:
+        return data.decode()
+
+
+def test_a_send_checked_before_its_attempt_ended_never_joins_the_retrys_outputs(
+    tmp_path: Path,
+) -> None:
+    """A thread in the failing attempt's context passes the check, then encodes while the
+    attempt fails and the retry runs. Old code (the check, then the encoding, then the list):
+    its output was appended to the retry's and committed with it."""
+    import contextvars
+
+    from assured.testing import AppTest
+
+    app = App(group="g", guarantee="exactly-once")
+    tries: dict[str, int] = {}
+
+    @app.handler("in", output="out", value_codec=_SlowCodec(), retries=3, backoff_ms=100)
+    def charge(msg: Message, out: Output) -> None:
+        tries[msg.value] = tries.get(msg.value, 0) + 1
+        if tries[msg.value] == 1:
+            context = contextvars.copy_context()
+            threading.Thread(target=context.run, args=(out.send, "stray-" + msg.value)).start()
+            time.sleep(0.01)  # the thread is past the check, encoding
+            raise TimeoutError("the gateway timed out")
+        out.send("retry-" + msg.value)
+
+    with AppTest(app, folder=tmp_path) as test:
+        test.send("in", "a")
+        test.run_until_idle()
+        time.sleep(0.1)  # the stray thread is done
+        assert test.outputs("out") == ["retry-a"]
+
+
+def test_an_app_run_from_a_handler_is_not_that_handlers_attempt(tmp_path: Path) -> None:
+    """A handler that runs another App (a replay, a backfill): the inner App's own statements
+    into its sink are its runtime's. Old code: they carried the outer attempt's mark and were
+    refused as a handler's between parts."""
+    import sqlite3
+
+    from assured.sinks import SqliteSink
+    from assured.testing import AppTest
+
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "outer").mkdir()
+    with sqlite3.connect(tmp_path / "effects.db") as conn:
+        conn.execute("CREATE TABLE effects (v TEXT)")
+    inner = App(group="inner", guarantee="exactly-once")
+
+    @inner.handler("x", sink=SqliteSink(tmp_path / "effects.db"))
+    def store(msg: Message, db: Any) -> None:
+        db.execute("INSERT INTO effects VALUES (?)", (msg.value.decode(),))
+
+    outer = App(group="outer", guarantee="exactly-once")
+    stored: list[Any] = []
+
+    @outer.handler("in", output="out", retries=0, dead_letter=False)
+    def replay(msg: Message, out: Output) -> None:
+        with AppTest(inner, folder=tmp_path / "inner") as test:
+            test.send("x", msg.value)
+            test.run_until_idle()
+            stored.extend(test.query("SELECT v FROM effects"))
+        out.send(b"replayed-" + msg.value)
+
+    with AppTest(outer, folder=tmp_path / "outer") as test:
+        test.send("in", b"v1")
+        test.run_until_idle()
+        assert test.outputs("out") == [b"replayed-v1"]
+    assert stored == [("v1",)]

@@ -411,19 +411,29 @@ def test_a_failed_records_task_writes_nothing_into_a_later_records_part(
 
 def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg_dsn: str) -> None:
     """A plain ``def`` handler: record 0 starts a thread that keeps its ``db`` and fails
-    (dead-lettered). The thread has none of the attempt's context: it writes, through ``db``
-    and through ``db.connection``, during the next records' parts, between them and after the
-    batch's transaction ended. Old code: its writes between parts committed with the batch,
-    and those after the commit committed on their own (the connection is in autocommit)."""
+    (dead-lettered). The thread has none of the attempt's context: it writes, through ``db``,
+    through ``db.connection`` and by COPY on a cursor of it, during the next records' parts,
+    between them and after the batch's transaction ended. Old code: its writes between parts
+    committed with the batch, and those after the commit committed on their own (the
+    connection is in autocommit); COPY got past the attempt's rule wherever it ran."""
     log = eight_charges(tmp_path, pg_dsn)
     sink = PostgresSink(pg_dsn, reconnect_timeout_s=30)
     app = App(log=log, group="g", guarantee="exactly-once")
     tried: list[str] = []
 
+    def copy(sql: str, db: Any) -> None:  # COPY, which passes through to psycopg's cursor
+        with db.connection.cursor().copy("COPY effects (n) FROM STDIN") as rows:
+            rows.write_row((-2,))
+
     def later(db: Any) -> None:
         for _ in range(30):
             time.sleep(0.002)
-            for how, run in (("db", db.execute), ("raw", db.connection.execute)):
+            ways = (
+                ("db", db.execute),
+                ("raw", db.connection.execute),
+                ("copy", lambda sql: copy(sql, db)),
+            )
+            for how, run in ways:
                 try:
                     run("INSERT INTO effects VALUES (-1)")
                     tried.append(f"{how}: ran")
@@ -449,5 +459,5 @@ def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg
         assert effects(sink) == [1, 2, 3, 4, 5, 6, 7]
     finally:
         sink.close()
-    assert len(tried) == 60, tried
+    assert len(tried) == 90, tried
     assert all(t.endswith("refused") for t in tried), tried

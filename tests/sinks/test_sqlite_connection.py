@@ -376,7 +376,7 @@ def test_a_task_a_failed_record_left_running_writes_nothing_into_anothers_part(
     assert app.run(until_idle=1.0).stopped_by == "idle"
     assert _state(tmp_path) == (Counter({"0": 1, "2": 1, "3": 1}), [1], 4)
     assert len(refused) == 1
-    assert "another record's part" in str(refused[0])
+    assert "after its attempt ended" in str(refused[0])
 
 
 def test_a_handlers_own_savepoint_keeps_its_row_and_text_factories(tmp_path: Path) -> None:
@@ -568,3 +568,56 @@ def test_db_dead_letter_reads_its_id_whatever_row_factory_the_handler_set(
     assert all(isinstance(i, int) for i in ids)
     with contextlib.closing(sqlite3.connect(tmp_path / "sink.db")) as db:
         assert db.execute("SELECT count(*) FROM assured_dead_letters").fetchone()[0] == 2
+
+
+def test_a_task_left_running_writes_nothing_into_a_transaction_before_its_first_part(
+    tmp_path: Path,
+) -> None:
+    """At-least-once, one record a batch, and a second handler that awaits: the task record
+    r1's failed attempt left running wakes in the next batch's transaction before any part of
+    it opened, and writes through the raw connection it kept. Old code: allowed there (no part
+    yet), and committed: a second effect for r1, past the inbox meant to prevent it."""
+    from assured.testing import AppTest
+
+    (tmp_path / "t").mkdir()
+    with sqlite3.connect(tmp_path / "fx.db") as conn:
+        conn.execute("CREATE TABLE effects (id TEXT)")
+    sink = SqliteSink(tmp_path / "fx.db")
+    app = App(group="g", guarantee="at-least-once", max_poll_records=1)
+    failed: set[str] = set()
+    tried: list[str] = []
+
+    @app.handler("a", sink=sink, retries=3, dead_letter=False)
+    async def effect(msg: Message, db: Any) -> None:
+        mid = msg.value.decode()
+        if not db.first_delivery(msg):
+            return
+        db.execute("INSERT INTO effects VALUES (?)", (mid,))
+        if mid not in failed:
+            failed.add(mid)
+            raw = db.connection
+
+            async def later() -> None:
+                await asyncio.sleep(0.3)
+                try:
+                    raw.execute("INSERT INTO effects VALUES (?)", ("stray-" + mid,))
+                    tried.append("made")
+                except UsageError as e:
+                    tried.append(str(e))
+
+            strays.append(asyncio.create_task(later()))
+            raise ValueError("declined")
+
+    strays: list[asyncio.Task[None]] = []
+
+    @app.handler("b")
+    async def wait(msg: Message) -> None:
+        await asyncio.sleep(0.5)
+
+    with AppTest(app, folder=tmp_path / "t") as test:
+        test.send("a", b"r1")
+        test.send("b", b"x")
+        test.run_until_idle()
+        assert test.query("SELECT id FROM effects") == [("r1",)]
+    assert len(tried) == 1, tried
+    assert "after its attempt ended" in tried[0]

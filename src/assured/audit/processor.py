@@ -50,7 +50,9 @@ EFFECTS_DDL = {
     "msg_id text NOT NULL, account text NOT NULL, slot integer NOT NULL)",
 }
 OVERSIZE = 2 * 1024 * 1024  # over Kafka's and the engine's default limit of 1,000,000 bytes
-STRAY_S = 0.02  # how long the work a failed attempt left running waits before it acts
+# How long the work a failed attempt left running waits before it acts: from within the
+# retry to several batches later (by the message's id).
+STRAY_S = 0.02
 # Side by side, the db a record's awaited calls go through (the stray fate uses it again).
 _awaited_db: contextvars.ContextVar[Any] = contextvars.ContextVar("audit_db", default=None)
 
@@ -258,8 +260,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
         context, as a task a handler starts does), else a thread. Refused is right; made is
         what the checker then sees (a second effect, committed with other work)."""
 
+        wait = STRAY_S * (1 + zlib.crc32(mid.encode()) % 25)
+
         async def later() -> None:
-            await asyncio.sleep(STRAY_S)
+            await asyncio.sleep(wait)
             try:
                 made = again()
                 if made is not None:
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
                 history.write(stray=mid, outcome="made")
 
         def in_thread() -> None:
-            time.sleep(STRAY_S)
+            time.sleep(wait)
             try:
                 again()
             except Exception as e:

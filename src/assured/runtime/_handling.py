@@ -10,6 +10,7 @@ never repeats an output.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -31,7 +32,7 @@ from assured.runtime._message import (
 )
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
-from assured.sinks._base import dead_letter_headers, record_part
+from assured.sinks._base import Attempt, dead_letter_headers, record_part
 
 __all__ = [
     "ORDERINGS",
@@ -125,8 +126,11 @@ class Output:
         topic: str | None = None,
         partition: int | None = None,
     ) -> None:
-        if record_part.get() is not self._attempt:
-            raise StraySendError(self._attempt is _NO_ATTEMPT)
+        # Both read before the check: an attempt that ends meanwhile leaves this send in its
+        # own list, released or dropped already, never in the next attempt's (see _begin).
+        pending, attempt = self._pending, self._attempt
+        if (mark := record_part.get()) is not attempt:
+            raise StraySendError(attempt is _NO_ATTEMPT, mark is None)
         target = topic or self._topic
         if target is None:
             raise ConfigError("this handler has no output topic; pass topic=... to send()")
@@ -135,25 +139,38 @@ class Output:
             value = self._value_codec.encode(value)
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
-        self._pending.append((target, value, key, headers, partition))
+        pending.append((target, value, key, headers, partition))
+
+    def _begin(self) -> contextvars.Token[Attempt | None]:
+        """An attempt begins: its code, and the tasks it starts, may send (until :meth:`_end`).
+        Its outputs go in a list of its own, set before the attempt's mark."""
+        own = Attempt()
+        self._pending = []
+        self._attempt = own
+        return record_part.set(own)
+
+    def _end(self, mark: contextvars.Token[Attempt | None]) -> None:
+        attempt = self._attempt
+        if isinstance(attempt, Attempt):
+            attempt.over = True
+        self._attempt = _NO_ATTEMPT
+        record_part.reset(mark)
 
     @contextlib.contextmanager
     def _attempting(self) -> Iterator[None]:
-        """An attempt runs in this block: its code (and the tasks it starts) may send."""
-        mark = record_part.set(own := object())
-        self._attempt = own
+        """An attempt runs in this block (see :meth:`_begin`)."""
+        mark = self._begin()
         try:
             yield
         finally:
-            self._attempt = _NO_ATTEMPT
-            record_part.reset(mark)
+            self._end(mark)
 
     def _discard(self) -> None:
         self._pending.clear()
 
     def _release(self, record: Record) -> None:
         """Hand the attempt's outputs to the producer (after the handler returned)."""
-        pending = self._pending  # cleared in place: the handler closure holds this list
+        pending = self._pending
         send = self._producer.send
         stamp = self.label_header
         label = self._released_into() if stamp else None
@@ -180,15 +197,25 @@ _NO_ATTEMPT = object()  # no attempt runs: nothing may send
 
 
 class StraySendError(UsageError):
-    """``out.send`` from code that is not the running attempt's: refused, not sent."""
+    """``out.send`` from code that is not the running attempt's: refused, not sent. Fatal when
+    it reaches the runtime through a handler: the handler sends from a thread of its own that
+    lacks its context, which would fail every record alike."""
 
-    def __init__(self, between: bool):
-        when = "between attempts" if between else "while another attempt runs"
+    fatal = True
+
+    def __init__(self, between: bool, unmarked: bool):
+        when = "between attempts" if between else "while an attempt runs"
+        if unmarked:
+            whose = (
+                "from a thread without the handler's context (a plain thread, "
+                "ThreadPoolExecutor.submit and loop.run_in_executor do not copy it)"
+            )
+        else:
+            whose = "from code of another attempt (a task or thread one left running)"
         super().__init__(
-            f"out.send was called {when}, from code outside the handler's attempt (a task or "
-            "thread a failed or finished attempt left running?): refused, as its output would "
-            "go out with another attempt's. Send from the handler itself, from tasks it awaits "
-            "before it returns, or from a thread that runs in its context "
+            f"out.send was called {when} {whose}: refused, as its output could go out with "
+            "another attempt's. Send from the handler itself, from tasks it awaits before it "
+            "returns, or from threads it waits for that run in its context "
             "(contextvars.copy_context().run, asyncio.to_thread)"
         )
 
@@ -328,13 +355,14 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
         attempt's (see SinkTransaction._owned_by)."""
         assert savepoint is not None
         with savepoint():
-            attempt = record_part.set(own := object())
+            attempt = record_part.set(own := Attempt())
             owned(own)
             try:
                 if (result := fn(decode(record), target)) is not None:
                     settle(result)  # an awaitable is awaited, never dropped
                     del result  # a cursor it returned is closed before the part's end
             finally:
+                own.over = True
                 record_part.reset(attempt)
 
     def call(record: Record) -> None:
@@ -399,19 +427,16 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
                 failed(record, error)
 
     elif out is not None:
-        pending = out._pending
 
         def handle(record: Record) -> None:
             try:
-                mark = record_part.set(own := object())  # out._attempting(), inlined
-                out._attempt = own
+                mark = out._begin()
                 try:
                     if (result := fn(decode(record), out)) is not None:
                         settle(result)  # an awaitable is awaited, never dropped
                 finally:
-                    out._attempt = _NO_ATTEMPT
-                    record_part.reset(mark)
-                if pending:
+                    out._end(mark)
+                if out._pending:
                     release(record)
             except SendFailedError as error:
                 partial_failure(record, error)

@@ -48,6 +48,7 @@ from assured.log import Header, Record, TopicPartition
 from assured.runtime.crashpoints import crash_point
 from assured.sinks import Sink, SinkCommitUnknownError, SinkFencedError, SinkTransaction
 from assured.sinks._base import (
+    Attempt,
     CommitWaitError,
     MessageLike,
     SideBySide,
@@ -474,7 +475,7 @@ class NotAwaitedError(UsageError):
     fatal = True
 
 
-class RecordDb:
+class RecordDb(Attempt):
     """The ``db`` of an async handler side by side: the record's part of a shared database
     transaction. Every call is awaited; the first one waits for a connection (see the module's
     docstring). Speaks the database's own SQL, as :class:`~assured.sinks.SinkTransaction`.
@@ -483,7 +484,7 @@ class RecordDb:
     record without its effects."""
 
     __slots__ = (
-        "_affinity", "_calls", "_ended", "_generation", "_lane", "_lock", "_member", "_owner",
+        "_affinity", "_calls", "_generation", "_lane", "_lock", "_member", "_owner",
         "_region", "_shared",
     )  # fmt: skip
 
@@ -501,7 +502,7 @@ class RecordDb:
         self._lane: _Lane | None = None
         self._region: str | None = None  # its savepoint, once taken
         self._generation = 0  # of the transaction its savepoint is in
-        self._ended = False
+        self.over = False  # the handler returned: whatever still runs under it is refused
         self._calls: list[Coroutine[Any, Any, Any]] = []
         self._lock = asyncio.Lock()  # calls side by side (gather) take turns
 
@@ -510,7 +511,7 @@ class RecordDb:
         return self._shared.group
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
-        if self._ended:
+        if self.over:
             coro.close()
             raise UsageError(
                 "db was used after the handler returned (a task it left running?): its part "
@@ -526,11 +527,11 @@ class RecordDb:
         async with self._lock:
             if self._lane is None:
                 lane = await self._shared.take(self._owner, self._affinity)
-                if self._ended:  # a call left running took the database after the return
+                if self.over:  # a call left running took the database after the return
                     self._shared.give_back(lane)
                     raise UsageError("db was used after the handler returned")
                 self._lane = lane
-            if self._ended:
+            if self.over:
                 raise UsageError("db was used after the handler returned")
             conn = self._lane.conn
             self._shared._still_open()
@@ -583,7 +584,7 @@ class RecordDb:
         what the database raised while doing so (the database's failure, not the record's),
         or :class:`NotAwaitedError` for a call never awaited or not finished (its work is
         undone), or :class:`WindowClosed` when its transaction was rolled back meanwhile."""
-        self._ended = True
+        self.over = True
         open_calls = [c for c in self._calls if inspect.getcoroutinestate(c) != CORO_CLOSED]
         self._calls = []
         for call in open_calls:
@@ -634,7 +635,7 @@ class _Guarded:
         self._owner = owner
 
     def __getattr__(self, name: str) -> Any:
-        if self._owner._ended:
+        if self._owner.over:
             raise UsageError(
                 "the transaction from db.hold() was used after the handler returned: its part "
                 "of the transaction is over"

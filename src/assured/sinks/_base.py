@@ -152,7 +152,18 @@ _RECORD_ID = re.compile(r"(?P<topic>[A-Za-z0-9._-]+)\[(?P<partition>\d+)\]@(?P<o
 # (set by the runtime for each attempt: side by side its RecordDb, in the record's task; at
 # concurrency 1 a fresh token; the tasks a handler starts inherit it): a task one record left
 # running is told apart from the code of the record whose part is open.
-record_part: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+class Attempt:
+    """The mark of one attempt's code: the value of :data:`record_part` while it runs, which
+    the tasks it starts inherit. ``over`` once the attempt ended: whatever still runs under
+    it (a task or thread left running) may write and send nothing any more."""
+
+    __slots__ = ("over",)
+
+    def __init__(self) -> None:
+        self.over = False
+
+
+record_part: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "assured_record_part", default=None
 )
 
@@ -175,6 +186,9 @@ class SinkTransaction(abc.ABC):
         self._had_parts = False  # one was: handlers run in this transaction
         self._owner: object = None  # the attempt whose part it is (see _owned_by)
         self._thread = threading.get_ident()  # the runtime's, which opened it
+        # Held by a statement from its check to its end, and by a part's end: a thread's
+        # statement checked inside its part cannot run after the part is over.
+        self._turn = threading.RLock()
 
     @abc.abstractmethod
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any: ...
@@ -202,7 +216,8 @@ class SinkTransaction(abc.ABC):
             try:
                 yield
             finally:
-                self._in_part, self._owner = False, None
+                with self._turn:
+                    self._in_part, self._owner = False, None
                 self._part_ended()
 
     def _part_began(self) -> None:
@@ -211,7 +226,7 @@ class SinkTransaction(abc.ABC):
     def _part_ended(self) -> None:
         """A handler's part is ending (before its savepoint is released or rolled back to)."""
 
-    def _owned_by(self, record: object) -> None:
+    def _owned_by(self, record: Attempt) -> None:
         """The handler's part now open is the attempt ``record``'s (the value of
         :data:`record_part` in its code): statements from code of another attempt are
         refused in it (see :meth:`_outside_own_part`)."""
@@ -224,6 +239,8 @@ class SinkTransaction(abc.ABC):
         batch). None when it may run. Whose code it is: :data:`record_part` (None: the
         runtime's)."""
         attempt = record_part.get()
+        if attempt is not None and attempt.over:
+            return "after its attempt ended"
         if attempt is None and self._had_parts and threading.get_ident() != self._thread:
             # Unmarked code is the runtime's only on its own thread: elsewhere it is a thread
             # a handler started without its context, perhaps one a failed attempt left running.
@@ -383,7 +400,7 @@ class SideBySide(abc.ABC):
         """``sql`` in the open transaction; with ``savepoint``, that savepoint is taken first
         (in the same round trip, where the database allows)."""
 
-    def owned_by(self, record: object) -> None:
+    def owned_by(self, record: Attempt) -> None:
         """The record's part just opened on this connection is ``record``'s (its RecordDb,
         also the value of :data:`record_part` in its handler's code)."""
 
@@ -480,7 +497,7 @@ class _Plain(SideBySide):
             self._regions[savepoint] = region
         return tx
 
-    def owned_by(self, record: object) -> None:
+    def owned_by(self, record: Attempt) -> None:
         if self._tx is not None:
             self._tx._owned_by(record)
 

@@ -260,18 +260,19 @@ class _PostgresTransaction(SinkTransaction):
         such a try stops the App (a library that commits would do it for every record)."""
         if self.lost is not None:
             raise SinkUnavailableError(self.lost)
-        self._own_attempt()
-        text = self._allowed(sql, raw)
-        try:
-            if params or one_statement(text):
-                return run(sql, params, **options)
-            with self._conn.pipeline():  # the extended protocol: see _second_statement
-                return run(sql, params, **options)  # read at the pipeline's end
-        except psycopg.Error as e:
-            if connection_lost(self._conn, e):
-                self.lose(e)
-            _second_statement(e, text)
-            raise
+        with self._turn:  # checked and run before the part can end (see SinkTransaction)
+            self._own_attempt()
+            text = self._allowed(sql, raw)
+            try:
+                if params or one_statement(text):
+                    return run(sql, params, **options)
+                with self._conn.pipeline():  # the extended protocol: see _second_statement
+                    return run(sql, params, **options)  # read at the pipeline's end
+            except psycopg.Error as e:
+                if connection_lost(self._conn, e):
+                    self.lose(e)
+                _second_statement(e, text)
+                raise
 
     def _own_attempt(self) -> None:
         """Refused: a handler's statement outside its own attempt's part (see
@@ -402,6 +403,7 @@ class _HeldConnection:
     def __getattr__(self, name: str) -> Any:
         if name in _ENDS:
             self._refuse(f"connection.{name}()")
+        self._tx._own_attempt()  # its copy(), transaction(), pgconn: by the attempt's rule
         return getattr(self._tx._conn, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -413,6 +415,7 @@ class _HeldConnection:
         return self._tx._run(self._tx._conn.execute, query, params, raw=True, **options)
 
     def cursor(self, *args: Any, **kwargs: Any) -> _HeldCursor:
+        self._tx._own_attempt()
         return _HeldCursor(self._tx, self._tx._conn.cursor(*args, **kwargs))
 
 
@@ -427,6 +430,7 @@ class _HeldCursor:
         self._cursor = cursor
 
     def __getattr__(self, name: str) -> Any:
+        self._tx._own_attempt()  # its copy() and stream(): by the attempt's rule
         return getattr(self._cursor, name)
 
     @property
@@ -447,9 +451,10 @@ class _HeldCursor:
         return self
 
     def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
-        self._tx._own_attempt()
-        self._tx._allowed(query, raw=True)
-        self._cursor.executemany(query, params_seq, **options)  # extended protocol: one each
+        with self._tx._turn:
+            self._tx._own_attempt()
+            self._tx._allowed(query, raw=True)
+            self._cursor.executemany(query, params_seq, **options)  # extended protocol
 
 
 class PostgresSink(Sink):
