@@ -5,6 +5,7 @@ embedded engine and broke elsewhere (the same cases run on Kafka in tests/kafka/
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 import time
@@ -517,6 +518,14 @@ def test_a_handler_that_ends_the_sqlite_transaction_itself_is_refused_and_stops_
     assert b"5" not in made
 
 
+def _send_or_say(out: Output, value: str, refused: list[str]) -> None:
+    """A thread's send: refused ones are named in ``refused``."""
+    try:
+        out.send(value)
+    except UsageError as e:
+        refused.append(type(e).__name__)
+
+
 class _SlowCodec:
     """An encoder that takes a moment (a large value, a schema check)."""
 
@@ -540,14 +549,17 @@ def test_a_send_checked_before_its_attempt_ended_never_joins_the_retrys_outputs(
 
     app = App(group="g", guarantee="exactly-once")
     tries: dict[str, int] = {}
+    refused: list[str] = []
+    send = functools.partial(_send_or_say, refused=refused)
 
     @app.handler("in", output="out", value_codec=_SlowCodec(), retries=3, backoff_ms=100)
     def charge(msg: Message, out: Output) -> None:
         tries[msg.value] = tries.get(msg.value, 0) + 1
         if tries[msg.value] == 1:
             context = contextvars.copy_context()
-            threading.Thread(target=context.run, args=(out.send, "stray-" + msg.value)).start()
-            time.sleep(0.01)  # the thread is past the check, encoding
+            stray = threading.Thread(target=context.run, args=(send, out, "stray-" + msg.value))
+            stray.start()
+            time.sleep(0.01)  # the thread is encoding
             raise TimeoutError("the gateway timed out")
         out.send("retry-" + msg.value)
 
@@ -556,6 +568,7 @@ def test_a_send_checked_before_its_attempt_ended_never_joins_the_retrys_outputs(
         test.run_until_idle()
         time.sleep(0.1)  # the stray thread is done
         assert test.outputs("out") == ["retry-a"]
+    assert refused == ["StraySendError"]
 
 
 def test_an_app_run_from_a_handler_is_not_that_handlers_attempt(tmp_path: Path) -> None:
@@ -593,3 +606,54 @@ def test_an_app_run_from_a_handler_is_not_that_handlers_attempt(tmp_path: Path) 
         test.run_until_idle()
         assert test.outputs("out") == [b"replayed-v1"]
     assert stored == [("v1",)]
+
+
+def test_a_late_send_of_a_dead_lettered_records_own_thread_is_never_released(
+    tmp_path: Path,
+) -> None:
+    """Side by side under exactly-once: record b's last attempt starts a thread in its own
+    context whose send passes the check, then encodes past the attempt's failure; b is
+    dead-lettered while a slower record ahead of it holds the partition's prefix. Old code:
+    the send landed in b's list after it was discarded, and went into the transaction with
+    b's dead letter when the prefix moved."""
+    import contextvars
+
+    from assured.testing import AppTest
+
+    gate = threading.Event()
+
+    class GatedCodec:
+        def encode(self, value: str) -> bytes:
+            if value.startswith("late"):
+                gate.wait(5)
+            return value.encode()
+
+        def decode(self, data: bytes) -> str:
+            return data.decode()
+
+    app = App(group="g", guarantee="exactly-once")
+    refused: list[str] = []
+    send = functools.partial(_send_or_say, refused=refused)
+
+    @app.handler(
+        "in", output="out", value_codec=GatedCodec(), retries=0, concurrency=2,
+        ordering="unordered",
+    )  # fmt: skip
+    async def charge(msg: Message, out: Output) -> None:
+        if msg.value == "slow":
+            await asyncio.sleep(0.6)  # holds the partition's prefix
+            out.send("ok-slow")
+            return
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(send, out, "late-" + msg.value)).start()
+        await asyncio.sleep(0.05)  # the thread is encoding
+        threading.Timer(0.2, gate.set).start()  # it ends after the attempt failed
+        raise TimeoutError("the gateway timed out")
+
+    with AppTest(app, folder=tmp_path, partitions=1) as test:
+        test.send("in", "slow")
+        test.send("in", "b")
+        test.run_until_idle(idle=1.0)
+        assert test.outputs("out") == ["ok-slow"]
+        assert [r.value for r in test.dead_letters("in")] == [b"b"]
+    assert refused == ["StraySendError"]

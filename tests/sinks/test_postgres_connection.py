@@ -412,7 +412,8 @@ def test_a_failed_records_task_writes_nothing_into_a_later_records_part(
 def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg_dsn: str) -> None:
     """A plain ``def`` handler: record 0 starts a thread that keeps its ``db`` and fails
     (dead-lettered). The thread has none of the attempt's context: it writes, through ``db``,
-    through ``db.connection`` and by COPY on a cursor of it, during the next records' parts,
+    through ``db.connection``, by COPY on a cursor of it, and through a cursor ``db.execute``
+    returned and its ``connection``, during the next records' parts,
     between them and after the batch's transaction ended. Old code: its writes between parts
     committed with the batch, and those after the commit committed on their own (the
     connection is in autocommit); COPY got past the attempt's rule wherever it ran."""
@@ -425,13 +426,15 @@ def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg
         with db.connection.cursor().copy("COPY effects (n) FROM STDIN") as rows:
             rows.write_row((-2,))
 
-    def later(db: Any) -> None:
+    def later(db: Any, cursor: Any) -> None:
         for _ in range(30):
             time.sleep(0.002)
             ways = (
                 ("db", db.execute),
                 ("raw", db.connection.execute),
                 ("copy", lambda sql: copy(sql, db)),
+                ("cursor", cursor.execute),  # one it got from db.execute, kept
+                ("cursor's connection", cursor.connection.execute),
             )
             for how, run in ways:
                 try:
@@ -447,7 +450,8 @@ def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg
     @app.handler("charges", sink=sink, retries=0)
     def charge(msg: Message, db: Any) -> None:
         if msg.value == b"0":
-            strays.append(thread := threading.Thread(target=later, args=(db,)))
+            cursor = db.execute("SELECT 1")
+            strays.append(thread := threading.Thread(target=later, args=(db, cursor)))
             thread.start()
             raise ValueError("declined")
         time.sleep(0.005)
@@ -459,5 +463,5 @@ def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg
         assert effects(sink) == [1, 2, 3, 4, 5, 6, 7]
     finally:
         sink.close()
-    assert len(tried) == 90, tried
+    assert len(tried) == 150, tried
     assert all(t.endswith("refused") for t in tried), tried

@@ -17,7 +17,7 @@ import pytest
 from assured import App, Message, SqliteSink, TopicPartition, open_log
 from assured.errors import UsageError
 from assured.log import Log
-from assured.sinks import HandlerEndedTransactionError
+from assured.sinks import HandlerEndedTransactionError, StrayStatementError
 from assured.sinks.sqlite import CursorLeftOpenError
 
 
@@ -621,3 +621,92 @@ def test_a_task_left_running_writes_nothing_into_a_transaction_before_its_first_
         assert test.query("SELECT id FROM effects") == [("r1",)]
     assert len(tried) == 1, tried
     assert "after its attempt ended" in tried[0]
+
+
+def test_a_savepoint_of_a_task_left_running_never_undoes_another_records_work(
+    tmp_path: Path,
+) -> None:
+    """Record a fails, leaving a task that takes ``db.savepoint()`` inside record b's part,
+    awaits while b writes, then fails inside it. Old code: the savepoint's own statements
+    are the runtime's (trusted), so it was taken, and its ROLLBACK TO undid b's row, while
+    b's position committed: b's effect lost under exactly-once."""
+    from assured.testing import AppTest
+
+    (tmp_path / "t").mkdir()
+    with sqlite3.connect(tmp_path / "fx.db") as conn:
+        conn.execute("CREATE TABLE fx (v TEXT)")
+    app = App(group="g", guarantee="exactly-once")
+    seen: list[str] = []
+
+    async def left_running(db: Any) -> None:
+        await asyncio.sleep(0.02)  # inside record b's part now
+        try:
+            with db.savepoint():
+                await asyncio.sleep(0.1)  # b writes meanwhile
+                db.execute("INSERT INTO fx VALUES ('stray')")
+        except UsageError as e:
+            seen.append(type(e).__name__)
+
+    strays: list[asyncio.Task[None]] = []
+
+    @app.handler("in", sink=SqliteSink(tmp_path / "fx.db"), retries=0)
+    async def effect(msg: Message, db: Any) -> None:
+        value = msg.value.decode()
+        if value == "a":
+            strays.append(asyncio.create_task(left_running(db)))
+            raise TimeoutError("a failed")
+        await asyncio.sleep(0.05)
+        db.execute("INSERT INTO fx VALUES (?)", (value,))
+        await asyncio.sleep(0.2)  # an API call after the write
+
+    with AppTest(app, folder=tmp_path / "t") as test:
+        test.send("in", b"a")
+        test.send("in", b"b")
+        test.run_until_idle()
+        assert test.query("SELECT v FROM fx") == [("b",)]
+        assert [r.value for r in test.dead_letters("in")] == [b"a"]
+    assert seen == ["StrayStatementError"]
+
+
+def test_a_handler_whose_statements_come_from_a_worker_it_started_once_stops_the_app(
+    tmp_path: Path,
+) -> None:
+    """A worker task started by the first record's attempt carries that attempt's mark for
+    good: every later record's statements through it are refused. Old code: each was the
+    record's own failure, retried and dead-lettered, and the topic drained into its dead
+    letters; now the App stops, saying why, and nothing is dead-lettered."""
+    from assured.testing import AppTest
+
+    (tmp_path / "t").mkdir()
+    with sqlite3.connect(tmp_path / "fx.db") as conn:
+        conn.execute("CREATE TABLE fx (v TEXT)")
+    app = App(group="g", guarantee="exactly-once")
+    queue: asyncio.Queue[tuple[Any, str, asyncio.Future[None]]] | None = None
+    workers: list[asyncio.Task[None]] = []
+
+    async def serve() -> None:
+        assert queue is not None
+        while True:
+            db, value, done = await queue.get()
+            try:
+                db.execute("INSERT INTO fx VALUES (?)", (value,))
+                done.set_result(None)
+            except Exception as e:
+                done.set_exception(e)
+
+    @app.handler("in", sink=SqliteSink(tmp_path / "fx.db"), retries=1, backoff_ms=5)
+    async def effect(msg: Message, db: Any) -> None:
+        nonlocal queue
+        if queue is None:
+            queue = asyncio.Queue()
+            workers.append(asyncio.create_task(serve()))
+        done = asyncio.get_running_loop().create_future()
+        await queue.put((db, msg.value.decode(), done))
+        await done
+
+    with AppTest(app, folder=tmp_path / "t") as test:
+        for value in (b"1", b"2", b"3"):
+            test.send("in", value)
+        with pytest.raises(StrayStatementError, match="after its attempt ended"):
+            test.run_until_idle()
+        assert test.dead_letters("in") == []

@@ -57,7 +57,6 @@ from assured.runtime.protocols.at_most_once import AtMostOnce
 from assured.runtime.protocols.exactly_once import ExactlyOnce
 from assured.runtime.protocols.exactly_once_sink import ExactlyOnceSink
 from assured.sinks import SinkFencedError
-from assured.sinks._base import record_part
 
 __all__ = ["PLANTS", "planted"]
 
@@ -180,12 +179,8 @@ class KeepsFailedAttempts(ExactlyOnce):
 class _AnyoneSends(Output):
     """An Output that takes a send from any code as the running attempt's own."""
 
-    def send(self, *args: Any, **kwargs: Any) -> None:
-        was, self._attempt = self._attempt, record_part.get()  # the bug: no question asked
-        try:
-            super().send(*args, **kwargs)
-        finally:
-            self._attempt = was
+    def _keep(self, output: Any) -> None:
+        self._pending.append(output)  # the bug: no question asked
 
 
 class SendsFromStrays(ExactlyOnce):

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class Output:
         self._released_into = released_into or transaction
         self._pending: list[_Pending] = []
         self._attempt: object = _NO_ATTEMPT  # the mark of the attempt that may send now
+        self._turn = threading.Lock()  # see _keep
         self.sent = 0
         # When set, every output is stamped, under this header, with the label of the
         # transaction it goes into (side by side, known only when it is released into one).
@@ -126,11 +128,6 @@ class Output:
         topic: str | None = None,
         partition: int | None = None,
     ) -> None:
-        # Both read before the check: an attempt that ends meanwhile leaves this send in its
-        # own list, released or dropped already, never in the next attempt's (see _begin).
-        pending, attempt = self._pending, self._attempt
-        if (mark := record_part.get()) is not attempt:
-            raise StraySendError(attempt is _NO_ATTEMPT, mark is None)
         target = topic or self._topic
         if target is None:
             raise ConfigError("this handler has no output topic; pass topic=... to send()")
@@ -139,21 +136,31 @@ class Output:
             value = self._value_codec.encode(value)
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
-        pending.append((target, value, key, headers, partition))
+        self._keep((target, value, key, headers, partition))
+
+    def _keep(self, output: _Pending) -> None:
+        """Keep ``output`` for the attempt running now, if it is the caller's. Checked and kept
+        in one turn, which an attempt's end takes too: once an attempt has ended, its list
+        holds only what was sent before, and nothing sent later lands in the next one's."""
+        with self._turn:
+            if (mark := record_part.get()) is not self._attempt:
+                raise StraySendError(self._attempt is _NO_ATTEMPT, mark is None)
+            self._pending.append(output)
 
     def _begin(self) -> contextvars.Token[Attempt | None]:
-        """An attempt begins: its code, and the tasks it starts, may send (until :meth:`_end`).
-        Its outputs go in a list of its own, set before the attempt's mark."""
+        """An attempt begins: its code, and the tasks it starts, may send (until :meth:`_end`),
+        into a list of its own."""
         own = Attempt()
-        self._pending = []
-        self._attempt = own
+        with self._turn:
+            self._pending = []
+            self._attempt = own
         return record_part.set(own)
 
     def _end(self, mark: contextvars.Token[Attempt | None]) -> None:
-        attempt = self._attempt
-        if isinstance(attempt, Attempt):
-            attempt.over = True
-        self._attempt = _NO_ATTEMPT
+        with self._turn:
+            attempt, self._attempt = self._attempt, _NO_ATTEMPT
+            if isinstance(attempt, Attempt):
+                attempt.over = True
         record_part.reset(mark)
 
     @contextlib.contextmanager

@@ -52,6 +52,7 @@ from assured.sinks._base import (
     CommitWaitError,
     MessageLike,
     SideBySide,
+    StrayStatementError,
     fenced,
     refuse_transaction_control,
 )
@@ -513,7 +514,7 @@ class RecordDb(Attempt):
     def _call(self, coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
         if self.over:
             coro.close()
-            raise UsageError(
+            raise StrayStatementError(
                 "db was used after the handler returned (a task it left running?): its part "
                 "of the transaction is over; do every database call before returning"
             )
@@ -529,10 +530,10 @@ class RecordDb(Attempt):
                 lane = await self._shared.take(self._owner, self._affinity)
                 if self.over:  # a call left running took the database after the return
                     self._shared.give_back(lane)
-                    raise UsageError("db was used after the handler returned")
+                    raise StrayStatementError("db was used after the handler returned")
                 self._lane = lane
             if self.over:
-                raise UsageError("db was used after the handler returned")
+                raise StrayStatementError("db was used after the handler returned")
             conn = self._lane.conn
             self._shared._still_open()
             if self._region is None:
@@ -636,7 +637,7 @@ class _Guarded:
 
     def __getattr__(self, name: str) -> Any:
         if self._owner.over:
-            raise UsageError(
+            raise StrayStatementError(
                 "the transaction from db.hold() was used after the handler returned: its part "
                 "of the transaction is over"
             )

@@ -12,6 +12,7 @@ from assured.sinks._base import (
     SinkTransaction,
     SinkUnavailableError,
     SinkUnreachableError,
+    StrayStatementError,
 )
 from assured.sinks._relay import DeadLetterRelay, relay_dead_letters
 from assured.sinks.sqlite import SqliteSink
@@ -43,5 +44,6 @@ __all__ = [
     "SinkUnavailableError",
     "SinkUnreachableError",
     "SqliteSink",
+    "StrayStatementError",
     "relay_dead_letters",
 ]

@@ -100,6 +100,16 @@ class SwallowedStatementError(Exception):
     handler had raised: retried, then dead-lettered."""
 
 
+class StrayStatementError(UsageError):
+    """A statement from code that is not the running attempt's (a task or thread a record left
+    running, a transaction or connection kept past its record, a thread without the handler's
+    context) was refused: it did not run. Fatal when it reaches the runtime through a handler:
+    a handler whose own statements come from such code (a worker task started once and reused,
+    a pool thread) would fail every record alike, and none should be dead-lettered for it."""
+
+    fatal = True
+
+
 class HandlerEndedTransactionError(UsageError):
     """A handler tried to end the sink's transaction itself through the raw connection
     (``db.connection.commit()``, a library that commits, ``execute("COMMIT")``): the runtime
@@ -204,12 +214,16 @@ class SinkTransaction(abc.ABC):
         ``release=False``: when it does not raise, leave the savepoint to the commit (one
         statement fewer; for savepoints taken one after another, never nested)."""
 
+    def _savepoint(self, release: bool) -> contextlib.AbstractContextManager[None]:
+        """The runtime's own savepoint (a handler's :meth:`savepoint` may be checked more)."""
+        return self.savepoint(release)
+
     @contextlib.contextmanager
     def _part(self, release: bool = True) -> Iterator[None]:
         """A handler's part: the savepoint the runtime wraps each attempt in (the runtime's
         alone). A sink keeps more in it through :meth:`_part_began` and :meth:`_part_ended`,
         and refuses statements by :meth:`_outside_own_part`."""
-        with self.savepoint(release):
+        with self._savepoint(release):
             self._in_part = self._had_parts = True
             self._owner = None
             self._part_began()

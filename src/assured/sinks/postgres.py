@@ -35,6 +35,7 @@ from assured.sinks._base import (
     SinkTransaction,
     SinkUnavailableError,
     SinkUnreachableError,
+    StrayStatementError,
     SwallowedStatementError,
     checked_schema,
     ddl,
@@ -244,7 +245,9 @@ class _PostgresTransaction(SinkTransaction):
         self.ended = False  # its block is over: committed or rolled back
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
-        return self._run(self._conn.execute, sql, params)
+        # The cursor handed back keeps the transaction's rules: code that kept it (a task
+        # left running) cannot run statements on it after its attempt.
+        return _HeldCursor(self, self._run(self._conn.execute, sql, params))
 
     def _run(
         self,
@@ -280,7 +283,7 @@ class _PostgresTransaction(SinkTransaction):
         where = "through a transaction used after its block" if self.ended else None
         where = where or self._outside_own_part()
         if where is not None:
-            raise UsageError(_stray_text(self.sink.where, where))
+            raise StrayStatementError(_stray_text(self.sink.where, where))
 
     def _allowed(self, sql: Any, raw: bool) -> str:
         """The text of ``sql``, once it is not a statement that begins or ends the
@@ -412,11 +415,17 @@ class _HeldConnection:
         setattr(self._tx._conn, name, value)
 
     def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
-        return self._tx._run(self._tx._conn.execute, query, params, raw=True, **options)
+        return _HeldCursor(
+            self._tx, self._tx._run(self._tx._conn.execute, query, params, raw=True, **options)
+        )
 
     def cursor(self, *args: Any, **kwargs: Any) -> _HeldCursor:
         self._tx._own_attempt()
         return _HeldCursor(self._tx, self._tx._conn.cursor(*args, **kwargs))
+
+
+# What a psycopg cursor runs statements with, besides execute and executemany.
+_RUNS_STATEMENTS = frozenset({"copy", "stream"})
 
 
 class _HeldCursor:
@@ -430,7 +439,8 @@ class _HeldCursor:
         self._cursor = cursor
 
     def __getattr__(self, name: str) -> Any:
-        self._tx._own_attempt()  # its copy() and stream(): by the attempt's rule
+        if name in _RUNS_STATEMENTS:  # by the attempt's rule; its rows read at any time
+            self._tx._own_attempt()
         return getattr(self._cursor, name)
 
     @property

@@ -30,6 +30,7 @@ from assured.sinks._base import (
     SinkTransaction,
     SinkUnavailableError,
     SinkUnreachableError,
+    StrayStatementError,
     checked_schema,
     ddl,
     ended_by_handler,
@@ -78,7 +79,7 @@ class _Connection(sqlite3.Connection):
         tx = sink._inside
         if tx is None:
             if not self.in_transaction:
-                raise UsageError(_stray(sink, "outside the runtime's transaction"))
+                raise StrayStatementError(_stray(sink, "outside the runtime's transaction"))
             return
         if tx.ended or not self.in_transaction:
             tx._end(None)
@@ -86,7 +87,7 @@ class _Connection(sqlite3.Connection):
             return
         where = tx._outside_own_part()
         if where is not None:
-            raise UsageError(_stray(sink, where))
+            raise StrayStatementError(_stray(sink, where))
 
     def cursor(self, factory: Any = None) -> Any:
         if factory is not None and not isinstance(factory, type):
@@ -249,7 +250,7 @@ class _SqliteTransaction(SinkTransaction):
         nothing that commits."""
         sink = self.sink
         if sink._inside is not self and not sink._mine:
-            raise UsageError(_stray(sink, "through a transaction used after its block"))
+            raise StrayStatementError(_stray(sink, "through a transaction used after its block"))
         if self.ended or not self._conn.in_transaction:
             self._end(None)
         refuse_transaction_control(sql)
@@ -291,13 +292,30 @@ class _SqliteTransaction(SinkTransaction):
     def connection(self) -> sqlite3.Connection:
         return self._conn
 
+    def savepoint(self, release: bool = True) -> contextlib.AbstractContextManager[None]:
+        """A handler's savepoint: its statements are the runtime's own (trusted), so it is
+        taken, rolled back to or released only by code in its own attempt's part. Code
+        whose attempt is over meanwhile (a task left running) leaves it alone at the end:
+        it went with that part, or it sits under another record's, whose work a ROLLBACK TO
+        would undo."""
+        return self._savepoint(release, handler=True)
+
+    def _refuse_outside_own_part(self) -> bool:
+        where = self._outside_own_part()
+        if where is not None:
+            raise StrayStatementError(_stray(self.sink, where))
+        return True
+
     @contextlib.contextmanager
-    def savepoint(self, release: bool = True) -> Iterator[None]:
+    def _savepoint(self, release: bool, handler: bool = False) -> Iterator[None]:
+        handler = handler and self._refuse_outside_own_part()
         name = f"sp_{uuid.uuid4().hex[:8]}"
         self._step(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException as e:
+            if handler and self._outside_own_part() is not None:
+                raise  # its attempt is over: see savepoint
             if self._conn.in_transaction:  # else the database undid it all: let the error say so
                 self._step(f"ROLLBACK TO {name}")
                 self._step(f"RELEASE {name}")
@@ -306,6 +324,8 @@ class _SqliteTransaction(SinkTransaction):
             if self.refused is not None:
                 raise ended_by_handler(self.refused) from e
             raise
+        if handler:
+            self._refuse_outside_own_part()
         if self.refused is not None:  # refused, and the handler swallowed the error
             self._step(f"ROLLBACK TO {name}")
             self._step(f"RELEASE {name}")
