@@ -360,6 +360,10 @@ def test_what_the_guarded_connection_still_does(pg_dsn: str) -> None:
             # ('%%' is a '%'), the connection's to None (no placeholders at all)
             assert tx.execute("SELECT '100%%'").fetchone() == ("100%",)
             assert conn.execute("SELECT '100%'").fetchone() == ("100%",)
+            # the cursors handed back keep the rules, and pass for psycopg's, iterator too
+            assert isinstance(tx.execute("SELECT 1"), psycopg.Cursor)
+            assert next(tx.execute("SELECT 7")) == (7,)
+            assert [row for row in conn.execute("SELECT 8")] == [(8,)]
         assert effects(sink) == [41]
     finally:
         sink.close()

@@ -710,3 +710,50 @@ def test_a_handler_whose_statements_come_from_a_worker_it_started_once_stops_the
         with pytest.raises(StrayStatementError, match="after its attempt ended"):
             test.run_until_idle()
         assert test.dead_letters("in") == []
+
+
+def test_a_savepoint_block_a_handler_leaves_unfinished_commits_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    """Side by side: record a's child task writes a-1 in ``tx.savepoint()``, and the handler
+    returns before the block's second write (refused: its attempt is over). Old code: the
+    block's exit was skipped for a stray, and a-1 committed without a-2 (half a block); now
+    the part's end undoes the block still open."""
+    from assured.testing import AppTest
+
+    (tmp_path / "t").mkdir()
+    sink = SqliteSink(tmp_path / "s.db", schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    app = App(group="g", guarantee="exactly-once")
+    errors: list[str] = []
+
+    @app.handler("in", sink=sink, concurrency=4)
+    async def effect(msg: Message, db: Any) -> None:
+        value = msg.value.decode()
+        if value == "a":
+            tx = await db.hold()
+            written = asyncio.Event()
+
+            async def child() -> None:
+                try:
+                    with tx.savepoint():
+                        tx.execute("INSERT INTO t VALUES ('a-1')")
+                        written.set()
+                        await asyncio.sleep(0.01)
+                        tx.execute("INSERT INTO t VALUES ('a-2')")
+                except UsageError as e:
+                    errors.append(type(e).__name__)
+
+            children.append(asyncio.create_task(child()))
+            await written.wait()
+            return
+        await asyncio.sleep(0.02)
+        await db.execute("INSERT INTO t VALUES (?)", (value,))
+
+    children: list[asyncio.Task[None]] = []
+    with AppTest(app, folder=tmp_path / "t") as test:
+        test.send("in", b"a")
+        test.send("in", b"b")
+        test.run_until_idle(idle=0.2)
+        assert test.query("SELECT v FROM t ORDER BY v") == [("b",)]
+        assert test.dead_letters("in") == []
+    assert errors == ["StrayStatementError"]

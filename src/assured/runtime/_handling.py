@@ -128,6 +128,8 @@ class Output:
         topic: str | None = None,
         partition: int | None = None,
     ) -> None:
+        if not self._attempts(mark := record_part.get()):  # at once: said before encoding
+            raise StraySendError(self._attempt is _NO_ATTEMPT, mark is None)
         target = topic or self._topic
         if target is None:
             raise ConfigError("this handler has no output topic; pass topic=... to send()")
@@ -143,9 +145,13 @@ class Output:
         in one turn, which an attempt's end takes too: once an attempt has ended, its list
         holds only what was sent before, and nothing sent later lands in the next one's."""
         with self._turn:
-            if (mark := record_part.get()) is not self._attempt:
+            if not self._attempts(mark := record_part.get()):
                 raise StraySendError(self._attempt is _NO_ATTEMPT, mark is None)
             self._pending.append(output)
+
+    def _attempts(self, mark: object) -> bool:
+        """Is ``mark`` (the caller's) the running attempt's?"""
+        return mark is self._attempt
 
     def _begin(self) -> contextvars.Token[Attempt | None]:
         """An attempt begins: its code, and the tasks it starts, may send (until :meth:`_end`),

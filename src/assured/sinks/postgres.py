@@ -447,8 +447,15 @@ class _HeldCursor:
     def connection(self) -> _HeldConnection:
         return _HeldConnection(self._tx)
 
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._cursor)
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(cursor, psycopg.Cursor) holds, as it did
+        return type(self._cursor)
+
+    def __iter__(self) -> _HeldCursor:  # its own iterator, as psycopg's cursor is
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._cursor)
 
     def __enter__(self) -> _HeldCursor:
         return self

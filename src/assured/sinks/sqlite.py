@@ -238,6 +238,7 @@ class _SqliteTransaction(SinkTransaction):
         self.ended = False  # SQLite ended the transaction by itself: nothing of it commits
         self.cause: BaseException | None = None  # the error it ended on, when seen
         self._made: list[weakref.ref[Any]] | None = None  # cursors and blobs of the part open
+        self._held: list[str] = []  # handlers' savepoints open in the part, outermost first
         self.refused: str | None = None  # a BEGIN/COMMIT/ROLLBACK a handler tried (refused)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
@@ -311,11 +312,15 @@ class _SqliteTransaction(SinkTransaction):
         handler = handler and self._refuse_outside_own_part()
         name = f"sp_{uuid.uuid4().hex[:8]}"
         self._step(f"SAVEPOINT {name}")
+        if handler:
+            self._held.append(name)  # undone at the part's end if still open then
         try:
             yield
         except BaseException as e:
-            if handler and self._outside_own_part() is not None:
+            if handler and (self._outside_own_part() is not None or name not in self._held):
                 raise  # its attempt is over: see savepoint
+            if handler:
+                del self._held[self._held.index(name) :]
             if self._conn.in_transaction:  # else the database undid it all: let the error say so
                 self._step(f"ROLLBACK TO {name}")
                 self._step(f"RELEASE {name}")
@@ -326,6 +331,9 @@ class _SqliteTransaction(SinkTransaction):
             raise
         if handler:
             self._refuse_outside_own_part()
+            if name not in self._held:
+                return  # undone already, with its part
+            del self._held[self._held.index(name) :]
         if self.refused is not None:  # refused, and the handler swallowed the error
             self._step(f"ROLLBACK TO {name}")
             self._step(f"RELEASE {name}")
@@ -346,6 +354,7 @@ class _SqliteTransaction(SinkTransaction):
         conn = self._conn
         conn.row_factory, conn.text_factory = self.sink._factories
         self._made = []
+        self._held = []
 
     def _part_ended(self) -> None:
         conn, sink = self._conn, self.sink
@@ -357,6 +366,12 @@ class _SqliteTransaction(SinkTransaction):
                     cursor_or_blob.close()
         sink._factories = (conn.row_factory, conn.text_factory)
         conn.row_factory, conn.text_factory = None, str
+        held, self._held = self._held, []
+        if held and conn.in_transaction:
+            # A handler's savepoint block still open as its attempt ends (in a task it did not
+            # await): what it did so far is undone, never committed half-way.
+            self._step(f"ROLLBACK TO {held[0]}")
+            self._step(f"RELEASE {held[0]}")
 
     def _step(self, sql: str) -> None:
         """The runtime's own SAVEPOINT, ROLLBACK TO or RELEASE; SQLite refuses the first and
