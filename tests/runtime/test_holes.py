@@ -568,7 +568,7 @@ def test_a_send_checked_before_its_attempt_ended_never_joins_the_retrys_outputs(
         test.run_until_idle()
         time.sleep(0.1)  # the stray thread is done
         assert test.outputs("out") == ["retry-a"]
-    assert refused == ["StraySendError"]
+    assert refused == []  # checked in time: kept in the failed attempt's list, never released
 
 
 def test_an_app_run_from_a_handler_is_not_that_handlers_attempt(tmp_path: Path) -> None:
@@ -656,4 +656,4 @@ def test_a_late_send_of_a_dead_lettered_records_own_thread_is_never_released(
         test.run_until_idle(idle=1.0)
         assert test.outputs("out") == ["ok-slow"]
         assert [r.value for r in test.dead_letters("in")] == [b"b"]
-    assert refused == ["StraySendError"]
+    assert refused == []  # checked in time: kept in the failed attempt's list, never released

@@ -179,8 +179,7 @@ class KeepsFailedAttempts(ExactlyOnce):
 class _AnyoneSends(Output):
     """An Output that takes a send from any code as the running attempt's own."""
 
-    def _attempts(self, mark: object) -> bool:
-        return True  # the bug: no question asked
+    _refuses_strays = False  # the bug
 
 
 class SendsFromStrays(ExactlyOnce):

@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -107,7 +106,6 @@ class Output:
         self._released_into = released_into or transaction
         self._pending: list[_Pending] = []
         self._attempt: object = _NO_ATTEMPT  # the mark of the attempt that may send now
-        self._turn = threading.Lock()  # see _keep
         self.sent = 0
         # When set, every output is stamped, under this header, with the label of the
         # transaction it goes into (side by side, known only when it is released into one).
@@ -128,7 +126,8 @@ class Output:
         topic: str | None = None,
         partition: int | None = None,
     ) -> None:
-        if not self._attempts(mark := record_part.get()):  # at once: said before encoding
+        pending = self._pending  # read before the check (see _end)
+        if (mark := record_part.get()) is not self._attempt and self._refuses_strays:
             raise StraySendError(self._attempt is _NO_ATTEMPT, mark is None)
         target = topic or self._topic
         if target is None:
@@ -138,35 +137,26 @@ class Output:
             value = self._value_codec.encode(value)
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
-        self._keep((target, value, key, headers, partition))
+        pending.append((target, value, key, headers, partition))
 
-    def _keep(self, output: _Pending) -> None:
-        """Keep ``output`` for the attempt running now, if it is the caller's. Checked and kept
-        in one turn, which an attempt's end takes too: once an attempt has ended, its list
-        holds only what was sent before, and nothing sent later lands in the next one's."""
-        with self._turn:
-            if not self._attempts(mark := record_part.get()):
-                raise StraySendError(self._attempt is _NO_ATTEMPT, mark is None)
-            self._pending.append(output)
-
-    def _attempts(self, mark: object) -> bool:
-        """Is ``mark`` (the caller's) the running attempt's?"""
-        return mark is self._attempt
+    # Whether a send from code not the running attempt's is refused (the audit's planted
+    # stray-sends-kept turns it off, to show what the refusal prevents).
+    _refuses_strays = True
 
     def _begin(self) -> contextvars.Token[Attempt | None]:
-        """An attempt begins: its code, and the tasks it starts, may send (until :meth:`_end`),
-        into a list of its own."""
-        own = Attempt()
-        with self._turn:
-            self._pending = []
-            self._attempt = own
+        """An attempt begins: its code, and the tasks it starts, may send (until :meth:`_end`)."""
+        self._attempt = own = Attempt()
         return record_part.set(own)
 
     def _end(self, mark: contextvars.Token[Attempt | None]) -> None:
-        with self._turn:
-            attempt, self._attempt = self._attempt, _NO_ATTEMPT
-            if isinstance(attempt, Attempt):
-                attempt.over = True
+        """The attempt is over: no send is taken from now on. Its outputs move to a list of
+        their own, so a send of its code that passed the check before this and appends after
+        (a thread of it, still encoding) lands in the list left behind, which nothing ever
+        releases: never in what this attempt releases later, nor in the next one's."""
+        attempt, self._attempt = self._attempt, _NO_ATTEMPT
+        if isinstance(attempt, Attempt):
+            attempt.over = True
+        self._pending = self._pending[:]
         record_part.reset(mark)
 
     @contextlib.contextmanager
@@ -440,16 +430,21 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
                 failed(record, error)
 
     elif out is not None:
+        set_part, reset_part = record_part.set, record_part.reset
 
         def handle(record: Record) -> None:
             try:
-                mark = out._begin()
+                out._attempt = own = Attempt()  # out._begin() and _end(), inlined: hot path
+                mark = set_part(own)
                 try:
                     if (result := fn(decode(record), out)) is not None:
                         settle(result)  # an awaitable is awaited, never dropped
                 finally:
-                    out._end(mark)
-                if out._pending:
+                    out._attempt = _NO_ATTEMPT
+                    own.over = True
+                    out._pending = pending = out._pending[:]
+                    reset_part(mark)
+                if pending:
                     release(record)
             except SendFailedError as error:
                 partial_failure(record, error)
