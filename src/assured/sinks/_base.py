@@ -158,10 +158,6 @@ class MessageLike(Protocol):
 _RECORD_ID = re.compile(r"(?P<topic>[A-Za-z0-9._-]+)\[(?P<partition>\d+)\]@(?P<offset>\d+)")
 
 
-# The attempt of a record whose handler code runs in this context, None in the runtime's own
-# (set by the runtime for each attempt: side by side its RecordDb, in the record's task; at
-# concurrency 1 a fresh token; the tasks a handler starts inherit it): a task one record left
-# running is told apart from the code of the record whose part is open.
 class Attempt:
     """The mark of one attempt's code: the value of :data:`record_part` while it runs, which
     the tasks it starts inherit. ``over`` once the attempt ended: whatever still runs under
@@ -173,6 +169,10 @@ class Attempt:
         self.over = False
 
 
+# The attempt of a record whose handler code runs in this context, None in the runtime's own
+# (set by the runtime for each attempt: side by side its RecordDb, in the record's task; at
+# concurrency 1 a fresh Attempt; the tasks a handler starts inherit it): a task one record left
+# running is told apart from the code of the record whose part is open.
 record_part: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "assured_record_part", default=None
 )
@@ -264,6 +264,17 @@ class SinkTransaction(abc.ABC):
         if self._owner is not None and attempt is not self._owner:
             return "inside another record's part"
         return None
+
+    def _refuse_outside_own_part(self) -> None:
+        """Raise :class:`StrayStatementError`, saying where, for a statement from code outside
+        its own attempt's part (see :meth:`_outside_own_part`)."""
+        where = self._outside_own_part()
+        if where is not None:
+            raise StrayStatementError(self._stray_message(where))
+
+    def _stray_message(self, where: str) -> str:
+        """What a refused stray statement says (a sink names itself and what to do)."""
+        return f"a statement {where} did not run; do every database call before returning"
 
     def _trusted(self) -> contextlib.AbstractContextManager[None]:
         """Statements in this block are the runtime's own, or a record's through its guarded

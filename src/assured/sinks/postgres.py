@@ -279,11 +279,15 @@ class _PostgresTransaction(SinkTransaction):
 
     def _own_attempt(self) -> None:
         """Refused: a handler's statement outside its own attempt's part (see
-        SinkTransaction._outside_own_part)."""
-        where = "through a transaction used after its block" if self.ended else None
-        where = where or self._outside_own_part()
-        if where is not None:
-            raise StrayStatementError(_stray_text(self.sink.where, where))
+        SinkTransaction._outside_own_part), or through the transaction after its block."""
+        if self.ended:
+            raise StrayStatementError(
+                self._stray_message("through a transaction used after its block")
+            )
+        self._refuse_outside_own_part()
+
+    def _stray_message(self, where: str) -> str:
+        return _stray_text(self.sink.where, where)
 
     def _allowed(self, sql: Any, raw: bool) -> str:
         """The text of ``sql``, once it is not a statement that begins or ends the

@@ -85,9 +85,7 @@ class _Connection(sqlite3.Connection):
             tx._end(None)
         if sink._via:  # the runtime's own, or a record's through its db side by side
             return
-        where = tx._outside_own_part()
-        if where is not None:
-            raise StrayStatementError(_stray(sink, where))
+        tx._refuse_outside_own_part()
 
     def cursor(self, factory: Any = None) -> Any:
         if factory is not None and not isinstance(factory, type):
@@ -301,15 +299,15 @@ class _SqliteTransaction(SinkTransaction):
         would undo."""
         return self._savepoint(release, handler=True)
 
-    def _refuse_outside_own_part(self) -> bool:
-        where = self._outside_own_part()
-        if where is not None:
-            raise StrayStatementError(_stray(self.sink, where))
-        return True
+    def _stray_message(self, where: str) -> str:
+        return _stray(self.sink, where)
 
     @contextlib.contextmanager
-    def _savepoint(self, release: bool, handler: bool = False) -> Iterator[None]:
-        handler = handler and self._refuse_outside_own_part()
+    def _savepoint(  # noqa: PLR0912 -- the runtime's and a handler's, one set of statements
+        self, release: bool, handler: bool = False
+    ) -> Iterator[None]:
+        if handler:
+            self._refuse_outside_own_part()
         name = f"sp_{uuid.uuid4().hex[:8]}"
         self._step(f"SAVEPOINT {name}")
         if handler:
