@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
 from assured.errors import ConfigError, FatalError, RetriableError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
+from assured.runtime._shared_db import NotAwaitedError
 from tests.conftest import fill_keyed as fill
 
 GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
@@ -84,25 +86,44 @@ def test_an_async_handler_is_awaited_under_every_guarantee(log: Log, guarantee: 
     assert committed(log) == {0: 20, 1: 20}
 
 
-def test_an_async_handler_into_a_database_commits_its_effects_once(
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_an_async_handler_into_a_database_awaits_its_db_at_concurrency_1(
+    log: Log, tmp_path: Path, guarantee: Guarantee
+) -> None:
+    """One way to write an async def into a sink, whatever its concurrency: its db calls are
+    awaited (they had been plain calls at concurrency 1, and ``await db.execute`` failed)."""
+    fill(log, 30)
+    sink = SqliteSink(str(tmp_path / "effects.db"))
+    app = App(log=log, group="g", guarantee=guarantee)
+
+    @app.handler("in", sink=sink)
+    async def charge(msg: Message, db: Any) -> None:
+        await asyncio.sleep(0.001)
+        await db.execute("CREATE TABLE IF NOT EXISTS charges (v TEXT)")
+        if await db.first_delivery(msg):
+            await db.execute("INSERT INTO charges VALUES (?)", (msg.value.decode(),))
+
+    assert app.run(until_idle=0.5).processed == 30
+    with sqlite3.connect(tmp_path / "effects.db") as db:
+        rows = [r[0] for r in db.execute("SELECT v FROM charges")]
+    assert sorted(rows) == [f"m{i:04d}" for i in range(30)]
+    assert committed(log) == {0: 15, 1: 15}
+
+
+def test_an_async_handler_at_concurrency_1_that_forgets_await_stops_the_app(
     log: Log, tmp_path: Path
 ) -> None:
-    fill(log, 30)
+    fill(log, 4)
     sink = SqliteSink(str(tmp_path / "effects.db"))
     app = App(log=log, group="g", guarantee="exactly-once")
 
     @app.handler("in", sink=sink)
     async def charge(msg: Message, db: Any) -> None:
-        await asyncio.sleep(0.001)
-        db.execute("CREATE TABLE IF NOT EXISTS charges (v TEXT)")
-        db.execute("INSERT INTO charges VALUES (?)", (msg.value.decode(),))
+        db.execute("CREATE TABLE IF NOT EXISTS charges (v TEXT)")  # never runs: not awaited
 
-    assert app.run(until_idle=0.5).processed == 30
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "effects.db") as db:
-        rows = [r[0] for r in db.execute("SELECT v FROM charges")]
-    assert sorted(rows) == [f"m{i:04d}" for i in range(30)]
+    with pytest.raises(NotAwaitedError, match=r"await db\.execute"):
+        app.run(until_idle=0.5)
+    assert committed(log) == {}
 
 
 @pytest.mark.parametrize("guarantee", GUARANTEES)

@@ -194,8 +194,9 @@ def test_side_by_side_with_a_sink_is_refused_where_it_cannot_work(log: Log, tmp_
     async def fine(msg: Message, db: Any) -> None: ...
 
     app.handler("in", sink=sink, concurrency=4)(fine)
-    with pytest.raises(ConfigError, match="either all side by side"):
-        app.handler("other", sink=sink)(fine)
+    with pytest.raises(ConfigError, match="into sinks must all be of one kind"):
+        app.handler("other", sink=sink)(plain)
+    app.handler("other", sink=sink)(fine)  # an async def awaits its db at concurrency 1 too
 
 
 def test_db_connection_is_refused_side_by_side(log: Log, tmp_path: Path) -> None:
@@ -372,13 +373,13 @@ def test_a_record_holding_the_database_past_its_limit_fails_and_the_others_go_on
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("concurrency", [1, 4])
+@pytest.mark.parametrize(("awaited", "concurrency"), [(False, 1), (True, 1), (True, 4)])
 def test_postgres_a_statement_error_swallowed_by_the_handler_fails_only_its_record(
-    log: Log, pg_dsn: str, concurrency: int
+    log: Log, pg_dsn: str, awaited: bool, concurrency: int
 ) -> None:
     """Catching a unique violation and going on leaves PostgreSQL's transaction aborted; its
     COMMIT would roll back every record of the batch. The record that swallowed it fails
-    (retried, then dead-lettered); the others' effects commit."""
+    (retried, then dead-lettered); the others' effects commit. A plain def or an async def."""
     import psycopg
 
     _one_partition(log, 6)
@@ -388,16 +389,16 @@ def test_postgres_a_statement_error_swallowed_by_the_handler_fails_only_its_reco
     app = App(log=log, group="g", guarantee="at-least-once")
 
     async def remember(msg: Message, tx: Any) -> None:
-        try:
-            if concurrency > 1:
-                await tx.execute("INSERT INTO seen VALUES (%s)", (msg.key,))
-            else:
-                tx.execute("INSERT INTO seen VALUES (%s)", (msg.key,))
-        except psycopg.errors.UniqueViolation:
-            pass  # "already seen": but the transaction is now aborted
+        with contextlib.suppress(psycopg.errors.UniqueViolation):  # "already seen"...
+            await tx.execute("INSERT INTO seen VALUES (%s)", (msg.key,))  # ...but now aborted
+
+    def remember_plainly(msg: Message, tx: Any) -> None:
+        with contextlib.suppress(psycopg.errors.UniqueViolation):
+            tx.execute("INSERT INTO seen VALUES (%s)", (msg.key,))
 
     sink = PostgresSink(pg_dsn, schema=schema)
-    app.handler("in", sink=sink, concurrency=concurrency, retries=1, backoff_ms=1)(remember)
+    handler = remember if awaited else remember_plainly
+    app.handler("in", sink=sink, concurrency=concurrency, retries=1, backoff_ms=1)(handler)
     assert app.run(until_idle=0.5).processed == 6
     with PostgresSink(pg_dsn) as check, check.transaction() as tx:
         keys = sorted(bytes(r[0]) for r in tx.execute("SELECT k FROM seen").fetchall())

@@ -348,17 +348,18 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
     def register(handler: Callable[[Message, Any], None], **where: Any) -> None:
         """``handler`` as it is, or (``--handler-latency-ms``) behind an await: a gateway, an
         HTTP API."""
-        side_by_side = args.concurrency > 1 and "sink" in where
-        if not (args.handler_latency_ms or side_by_side):
+        is_async = args.concurrency > 1 or bool(args.handler_latency_ms)
+        if not is_async:
             app.handler(args.input, **where, **options)(handler)
             return
+        awaited_db = "sink" in where  # an async def's db calls are awaited
 
         async def waiting(msg: Message, target: Any) -> None:
-            if side_by_side:
+            if awaited_db:
                 _awaited_db.set(target)  # this record's task's own (see the stray fate)
             if args.handler_latency_ms:
                 await asyncio.sleep(waits(msg))
-            if not side_by_side:
+            if not awaited_db:
                 handler(msg, target)
             elif args.sink == "sqlite":  # the database taken (awaited), then used as it is
                 handler(msg, await target.hold())

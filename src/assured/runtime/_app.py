@@ -156,8 +156,10 @@ class App:
         prefix, so each guarantee keeps its meaning; under exactly-once a record's outputs
         wait in memory until every record below it is handled.
 
-        With ``sink=`` and ``concurrency`` > 1 the handler is an ``async def`` and awaits its
-        database calls (``await db.execute(...)``): records share one transaction per step,
+        With ``sink=``, an ``async def`` awaits its database calls (``await db.execute(...)``),
+        at any concurrency, and with ``concurrency`` > 1 the handler must be one; a plain
+        ``def`` calls the batch's transaction plainly. One App's handlers into sinks are all of
+        one kind or all of the other. Awaited, records share one transaction per step,
         each in a savepoint, and take turns on the database from their first call to their
         return, so do the waiting (an API call) before the first database call. Under
         exactly-once each record handled above its partition's stored position is marked done
@@ -179,17 +181,6 @@ class App:
             )
         if ordering not in ORDERINGS:
             raise ConfigError(f"ordering={ordering!r}: one of {', '.join(ORDERINGS)}")
-        side_by_side = {
-            t: spec.concurrency > 1 for t, spec in self._specs.items() if spec.sink is not None
-        }
-        if sink is not None and side_by_side and (concurrency > 1) not in side_by_side.values():
-            raise ConfigError(
-                f"concurrency={concurrency} with sink=, while the handlers of "
-                f"{', '.join(sorted(side_by_side))} use the sink with concurrency "
-                f"{'1' if concurrency > 1 else '> 1'}: the handlers of one sink run either all "
-                "side by side (each window commits its own database transactions) or all one "
-                "at a time (in one transaction per batch)"
-            )
         codecs = codec(key_codec), codec(value_codec)
 
         def register(fn: F) -> F:
@@ -203,6 +194,8 @@ class App:
                 )
             if topic in self._specs:
                 raise ConfigError(f"topic {topic!r} already has a handler")
+            if sink is not None:
+                _one_way_into_sinks(self._specs, topic, concurrency > 1 or is_async(fn))
             self._specs[topic] = HandlerSpec(
                 topic=topic,
                 fn=fn,
@@ -469,6 +462,24 @@ class App:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _one_way_into_sinks(specs: Mapping[str, HandlerSpec], topic: str, awaited: bool) -> None:
+    """An App's handlers into sinks either all await their ``db`` (async defs, or concurrency
+    > 1: each window commits its own database transactions) or all call it plainly (one
+    transaction per batch, around the protocol's step)."""
+    others = {t: spec.windowed for t, spec in specs.items() if spec.sink is not None}
+    if not others or awaited in others.values():
+        return
+    kinds = {
+        True: "an async def or has concurrency > 1 (db calls awaited, committed by its window)",
+        False: "a plain def with concurrency=1 (db calls in each batch's one transaction)",
+    }
+    raise ConfigError(
+        f"the handler for {topic!r} is {kinds[awaited]}, but the handlers of "
+        f"{', '.join(sorted(others))} into a sink are {kinds[not awaited]}: one App's handlers "
+        "into sinks must all be of one kind. Make them alike, or run them in two Apps."
+    )
 
 
 def _settings(given: Mapping[str, Any]) -> AppSettings:

@@ -252,6 +252,13 @@ class HandlerSpec:
     is_async: bool = False  # fn is an ``async def``
 
     @property
+    def windowed(self) -> bool:
+        """Whether its records go through a :class:`~assured.runtime._concurrent.Window`:
+        side by side (``concurrency`` > 1), or an ``async def`` into a sink, whose ``db`` calls
+        are awaited at any concurrency (one way to write a handler, whatever its setting)."""
+        return self.concurrency > 1 or (self.is_async and self.sink is not None)
+
+    @property
     def name(self) -> str:
         return getattr(self.fn, "__qualname__", repr(self.fn))
 

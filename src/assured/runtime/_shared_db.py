@@ -470,19 +470,20 @@ def _worst(errors: Sequence[BaseException]) -> BaseException:
 
 
 class NotAwaitedError(UsageError):
-    """A handler side by side called ``db.execute`` (or another ``db`` call) without ``await``:
-    the statement never ran. Fatal: every record of the handler would lose its effects."""
+    """An async def handler into a sink called ``db.execute`` (or another ``db`` call) without
+    ``await``: the statement never ran. Fatal: every record of the handler would lose its
+    effects."""
 
     fatal = True
 
 
 class RecordDb(Attempt):
-    """The ``db`` of an async handler side by side: the record's part of a shared database
-    transaction. Every call is awaited; the first one waits for a connection (see the module's
-    docstring). Speaks the database's own SQL, as :class:`~assured.sinks.SinkTransaction`.
-    A call left without ``await``, or still running when the handler returns, never counts:
-    the record then fails and the App stops (:class:`NotAwaitedError`), rather than commit a
-    record without its effects."""
+    """The ``db`` of an async handler into a sink (at any concurrency): the record's part of a
+    shared database transaction. Every call is awaited; the first one waits for a connection
+    (see the module's docstring). Speaks the database's own SQL, as
+    :class:`~assured.sinks.SinkTransaction`. A call left without ``await``, or still running
+    when the handler returns, never counts: the record then fails and the App stops
+    (:class:`NotAwaitedError`), rather than commit a record without its effects."""
 
     __slots__ = (
         "_affinity", "_calls", "_generation", "_lane", "_lock", "_member", "_owner",
@@ -594,8 +595,8 @@ class RecordDb(Attempt):
         if error is None and open_calls:
             error = NotAwaitedError(
                 f"{len(open_calls)} db call(s) of the handler were never awaited, or had not "
-                "finished when it returned, so they count for nothing; side by side every "
-                "database call is awaited before the handler returns: "
+                "finished when it returned, so they count for nothing; an async def handler "
+                "awaits every database call before it returns: "
                 "'await db.execute(...)'. Nothing of this record was committed."
             )
             with contextlib.suppress(NotAwaitedError):

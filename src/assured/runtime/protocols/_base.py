@@ -177,7 +177,7 @@ class Runtime:
     def sink_side_by_side(self) -> bool:
         """Whether records reach the sink side by side: each window then commits its own
         database transactions, and a protocol opens none around the handling."""
-        return any(s.sink is not None and s.concurrency > 1 for s in self.specs.values())
+        return any(s.sink is not None and s.windowed for s in self.specs.values())
 
     def handle(
         self,
@@ -207,7 +207,7 @@ class Runtime:
             for topic, run in groupby(records, _topic_of):
                 spec = self.specs[topic]
                 batch = list(run)
-                if spec.concurrency > 1:
+                if spec.windowed:
                     self._step(spec, batch, producer, dlq, transactional, complete)
                     stepped.add(topic)
                     continue

@@ -56,7 +56,7 @@ class AtLeastOnce(CommitProtocol):
         # Records side by side: the handled-above metadata last committed per partition.
         self.noted: dict[TopicPartition, str] = {}
         self.remember = self.rt.settings.remember_handled and any(
-            spec.concurrency > 1 for spec in self.rt.specs.values()
+            spec.windowed for spec in self.rt.specs.values()
         )
 
     def process(self, records: list[Record]) -> None:
@@ -210,9 +210,7 @@ class AtLeastOnce(CommitProtocol):
             self.rt.skips.pop(tp, None)
             self.noted.pop(tp, None)
         side_by_side = [
-            tp
-            for tp in partitions
-            if (spec := self.rt.specs.get(tp.topic)) and spec.concurrency > 1
+            tp for tp in partitions if (spec := self.rt.specs.get(tp.topic)) and spec.windowed
         ]
         if not side_by_side:
             return
