@@ -30,9 +30,11 @@ BIG = b"x" * 5000
 
 
 @contextlib.contextmanager
-def paused(cluster: KafkaCluster, resume_after: float | None = None) -> Iterator[None]:
-    """Every broker of ``cluster`` stopped (SIGSTOP) for the block, or until ``resume_after``
-    seconds have passed; always resumed (SIGCONT) on the way out."""
+def paused(cluster: KafkaCluster, resume_after: float | None = 60) -> Iterator[None]:
+    """Every broker of ``cluster`` stopped (SIGSTOP) for the block, and seen stopped before it
+    begins; resumed (SIGCONT) on the way out, or after ``resume_after`` seconds, a safety valve
+    only: a test's calls that must fail while the broker is stopped would pass if a busy
+    machine ran them after the broker came back."""
     procs = [p for p in (n.process() for n in cluster.members) if p is not None]
     assert procs, "no broker process to pause"
     lock = threading.Lock()
@@ -49,6 +51,10 @@ def paused(cluster: KafkaCluster, resume_after: float | None = None) -> Iterator
 
     for p in procs:
         p.suspend()
+    deadline = time.monotonic() + 5
+    while any(p.status() != psutil.STATUS_STOPPED for p in procs):
+        assert time.monotonic() < deadline, "a broker did not stop on SIGSTOP"
+        time.sleep(0.01)
     timer = threading.Timer(resume_after, resume) if resume_after is not None else None
     if timer is not None:
         timer.start()
@@ -135,7 +141,7 @@ def test_flush_raises_when_records_are_still_queued_at_its_timeout(
     producer = log.producer()  # the default message timeout: minutes
     producer.send(topic, b"first", partition=0)
     assert producer.flush(30) == 0
-    with paused(kafka_broker, resume_after=4):
+    with paused(kafka_broker):
         producer.send(topic, b"late", partition=0)
         started = time.monotonic()
         with pytest.raises(DeliveryError) as raised:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -477,6 +479,51 @@ def test_a_failed_records_task_writes_nothing_through_the_transaction_either(
     assert _state(tmp_path) == (Counter({"1": 1, "2": 1}), [0], 3)
     assert tried, "the stray ran"
     assert all(t.endswith("refused") for t in tried), tried
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_thread_a_failed_record_left_handing_writes_to_the_loop_writes_nothing(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """Record 0 keeps the raw connection and leaves a plain thread that hands a write back to
+    the App's loop (``call_soon_threadsafe``): it runs on the App's own thread, in the
+    thread's context, no attempt's. The write waits on the loop (``call_soon`` again, still
+    in no attempt's context) for the window's transaction to be open between two records'
+    parts. Old code: taken there for the runtime's own statement, it committed with the
+    batch, a second effect."""
+    log, sink = _log(tmp_path, 6), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+    tried: list[str] = []
+
+    def hunt(loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, left: int) -> None:
+        tx = sink._inside
+        if (tx is None or tx._in_part or not tx._had_parts) and left:
+            loop.call_soon(hunt, loop, conn, left - 1)
+            return
+        try:
+            conn.execute("INSERT INTO t VALUES ('stray')")
+            tried.append("ran")
+        except UsageError:
+            tried.append("refused")
+
+    def hand_over(loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection) -> None:
+        time.sleep(0.01)
+        loop.call_soon_threadsafe(hunt, loop, conn, 200_000)
+
+    @app.handler("in", sink=sink, retries=0, concurrency=concurrency)
+    async def handle(msg: Message, db: Any) -> None:
+        if msg.value == b"0":
+            conn = (await db.hold()).connection
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=hand_over, args=(loop, conn), daemon=True).start()
+            raise ValueError("declined")
+        await asyncio.sleep(0.02)
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    assert tried, "the stray ran"
+    assert _state(tmp_path) == (Counter({f"{i}": 1 for i in range(1, 6)}), [0], 6), tried
+    assert tried == ["refused"]
 
 
 def test_a_worker_task_that_runs_every_records_db_calls_refuses_none(tmp_path: Path) -> None:

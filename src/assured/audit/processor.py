@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import faulthandler
+import inspect
 import json
 import logging
 import os
@@ -256,27 +258,40 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
 
     def leave_running(mid: str, again: Callable[[], Awaitable[None] | None]) -> None:
         """The stray fate: work the failing attempt leaves running, that makes the effect
-        ``again`` a moment later. A task where an event loop runs (it inherits the attempt's
-        context, as a task a handler starts does), else a thread. Refused is right; made is
-        what the checker then sees (a second effect, committed with other work)."""
+        ``again`` a moment later. Where an event loop runs, a task (it inherits the attempt's
+        context, as a task a handler starts does) or, for one message in three, a plain thread
+        that hands ``again`` back to the loop (``call_soon_threadsafe``: it runs in the
+        thread's context, no attempt's); else a thread. Refused is right; made is what the
+        checker then sees (a second effect, committed with other work)."""
 
-        wait = STRAY_S * (1 + zlib.crc32(mid.encode()) % 25)
-
-        async def later() -> None:
-            await asyncio.sleep(wait)
-            try:
-                made = again()
-                if made is not None:
-                    await made
-            except Exception as e:
-                history.write(stray=mid, outcome="refused", error=f"{type(e).__name__}: {e}")
-            else:
-                history.write(stray=mid, outcome="made")
+        crc = zlib.crc32(mid.encode())
+        wait = STRAY_S * (1 + crc % 25)
 
         def in_thread() -> None:
             time.sleep(wait)
             try:
                 again()
+            except Exception as e:
+                history.write(stray=mid, outcome="refused", error=f"{type(e).__name__}: {e}")
+            else:
+                history.write(stray=mid, outcome="made")
+
+        def back_to(loop: asyncio.AbstractEventLoop) -> None:
+            time.sleep(wait)
+
+            def callback() -> None:
+                strays.add(task := loop.create_task(later(0)))
+                task.add_done_callback(strays.discard)
+
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(callback)
+
+        async def later(pause: float = wait) -> None:
+            await asyncio.sleep(pause)
+            try:
+                made = again()
+                if inspect.isawaitable(made):  # a database's cursor is not
+                    await made
             except Exception as e:
                 history.write(stray=mid, outcome="refused", error=f"{type(e).__name__}: {e}")
             else:
@@ -288,8 +303,11 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 -- one handler
         except RuntimeError:
             threading.Thread(target=in_thread, daemon=True).start()
         else:
-            strays.add(task := loop.create_task(later()))
-            task.add_done_callback(strays.discard)
+            if crc % 3 == 2:
+                threading.Thread(target=back_to, args=(loop,), daemon=True).start()
+            else:
+                strays.add(task := loop.create_task(later()))
+                task.add_done_callback(strays.discard)
 
     strays: set[asyncio.Task[None]] = set()
 

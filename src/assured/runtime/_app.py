@@ -34,7 +34,7 @@ from assured.runtime.protocols.at_most_once import AtMostOnce
 from assured.runtime.protocols.exactly_once import ExactlyOnce
 from assured.runtime.protocols.exactly_once_sink import ExactlyOnceSink
 from assured.sinks import Sink
-from assured.sinks._base import record_part
+from assured.sinks._base import RUNTIME, record_part
 
 __all__ = ["App", "RunStats"]
 
@@ -243,9 +243,9 @@ class App:
         if any(spec.is_async or spec.concurrency > 1 for spec in self._specs.values()):
             outside_event_loops()
         self._running = True
-        # Run from a handler's code (an App inside another's handler, or asyncio.to_thread
-        # from one), its runtime is no attempt of that handler's: its own statements are its.
-        outer = record_part.set(None)
+        # The App's own code, marked: run from a handler's code (an App inside another's
+        # handler, or asyncio.to_thread from one), its runtime is no attempt of that handler's.
+        outer = record_part.set(RUNTIME)
         try:
             return self._run(max_messages, until_idle, progress_every)
         finally:

@@ -32,7 +32,7 @@ from assured.runtime._message import (
 )
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
-from assured.sinks._base import Attempt, dead_letter_headers, record_part
+from assured.sinks._base import RUNTIME, Attempt, dead_letter_headers, record_part
 
 __all__ = [
     "ORDERINGS",
@@ -128,7 +128,7 @@ class Output:
     ) -> None:
         pending = self._pending  # read before the check (see _end)
         if (mark := record_part.get()) is not self._attempt and self._refuses_strays:
-            raise StraySendError(self._attempt is _NO_ATTEMPT, mark is None)
+            raise StraySendError(self._attempt is _NO_ATTEMPT, mark is None or mark is RUNTIME)
         target = topic or self._topic
         if target is None:
             raise ConfigError("this handler has no output topic; pass topic=... to send()")

@@ -169,12 +169,23 @@ class Attempt:
         self.over = False
 
 
-# The attempt of a record whose handler code runs in this context, None in the runtime's own
-# (set by the runtime for each attempt: side by side its RecordDb, in the record's task; at
-# concurrency 1 a fresh Attempt; the tasks a handler starts inherit it): a task one record left
-# running is told apart from the code of the record whose part is open.
+# The App's own code: App.run sets it, and the runtime's tasks and callbacks inherit it.
+RUNTIME = Attempt()
+
+# Whose code runs in this context: the attempt of a record whose handler code it is (set by the
+# runtime for each attempt: side by side its RecordDb, in the record's task; at concurrency 1 a
+# fresh Attempt; the tasks a handler starts inherit it), RUNTIME in the App's own, None in code
+# of no App: outside App.run, or a thread or callback started without the context of the code
+# that started it. A task one record left running is told apart from the code of the record
+# whose part is open, and a plain thread from the runtime.
 record_part: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "assured_record_part", default=None
+)
+
+
+_WITHOUT_CONTEXT = (
+    "from code without the handler's context (a thread it started, or a callback such a thread "
+    "handed to the App's loop; contextvars.copy_context().run or asyncio.to_thread keep it)"
 )
 
 
@@ -196,6 +207,8 @@ class SinkTransaction(abc.ABC):
         self._had_parts = False  # one was: handlers run in this transaction
         self._owner: object = None  # the attempt whose part it is (see _owned_by)
         self._thread = threading.get_ident()  # the runtime's, which opened it
+        # Opened by an App's code: code of no App's (record_part None) is a stray here.
+        self._in_app = record_part.get() is not None
         # Held by a statement from its check to its end, and by a part's end: a thread's
         # statement checked inside its part cannot run after the part is over.
         self._turn = threading.RLock()
@@ -250,15 +263,21 @@ class SinkTransaction(abc.ABC):
         """Where a statement from the code running now would land, if that is not its own
         attempt's part: a handler's code writes only there, not between parts nor in another
         record's part (a task a failed record left running would commit its work with the
-        batch). None when it may run. Whose code it is: :data:`record_part` (None: the
-        runtime's)."""
+        batch). None when it may run. Whose code it is: :data:`record_part`."""
         attempt = record_part.get()
-        if attempt is not None and attempt.over:
+        if attempt is RUNTIME or (attempt is None and not self._in_app):
+            # The App's code, or (in a transaction no App opened) its opener's: on its own
+            # thread only. Elsewhere, once handlers ran, a thread a handler started.
+            if self._had_parts and threading.get_ident() != self._thread:
+                return _WITHOUT_CONTEXT
+            attempt = None
+        elif attempt is None:
+            # In an App's transaction, code of no App: a thread a handler started without its
+            # context, or a callback such a thread handed to the App's loop, perhaps left
+            # running by a failed attempt. Never the runtime's own, which is marked.
+            return _WITHOUT_CONTEXT
+        elif attempt.over:
             return "after its attempt ended"
-        if attempt is None and self._had_parts and threading.get_ident() != self._thread:
-            # Unmarked code is the runtime's only on its own thread: elsewhere it is a thread
-            # a handler started without its context, perhaps one a failed attempt left running.
-            return "from a thread without the handler's context (contextvars.copy_context())"
         if not self._in_part:
             return "between handlers' parts" if self._had_parts and attempt is not None else None
         if self._owner is not None and attempt is not self._owner:

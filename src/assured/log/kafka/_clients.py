@@ -581,8 +581,10 @@ class KafkaProducer(Producer):
                     raise self._failure(err, what) from None
                 self._resume = what
                 left = deadline - time.monotonic()
-                if left > 0.01:
-                    time.sleep(min(pause, left))
+                if left > 0.06:  # the call again, with 50 ms at least: never a 0 ms one, which
+                    # librdkafka may give up before its first step and leave that step's result
+                    # for the next call to find
+                    time.sleep(min(pause, left - 0.05))
                     pause = min(pause * 2, 1.0)
                     continue
                 raise RetriableError(
