@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sqlite3
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -311,8 +312,10 @@ class _SqliteTransaction(SinkTransaction):
         # The same names from one record to the next, so that sqlite3 reuses the statements
         # it prepared (a new name each time made each a new statement, pushed the handlers'
         # out of its cache and cost the authorizer a call): savepoints are taken and ended
-        # innermost first, and ROLLBACK TO and RELEASE name the innermost of a name.
-        name = f"assured_h{len(self._held)}" if handler else "assured_part"
+        # innermost first, and ROLLBACK TO and RELEASE name the innermost of a name. Named
+        # after the sink's own random tag, so a handler's SQL cannot name the runtime's.
+        tag = self.sink._tag
+        name = f"assured_{tag}_h{len(self._held)}" if handler else f"assured_{tag}"
         self._step(f"SAVEPOINT {name}")
         if handler:
             self._held.append(name)  # undone at the part's end if still open then
@@ -416,6 +419,7 @@ class SqliteSink(Sink):
         self._factories: tuple[Any, Any] = (None, str)
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._lost: str | None = None
+        self._tag = secrets.token_hex(4)  # in the names of the runtime's savepoints
 
     def _connect(self) -> sqlite3.Connection:
         if self._lost is not None:
