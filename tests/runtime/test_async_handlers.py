@@ -126,6 +126,49 @@ def test_an_async_handler_at_concurrency_1_that_forgets_await_stops_the_app(
     assert committed(log) == {}
 
 
+@pytest.mark.parametrize(
+    "use",
+    [
+        "db.execute(sql).fetchone()",
+        "for row in db.execute(sql)",
+        "db.savepoint()",
+        "db.connection",
+        "db.dead_letter",
+    ],
+)
+def test_an_async_handler_that_uses_its_db_as_the_plain_transaction_stops_the_app(
+    log: Log, tmp_path: Path, use: str
+) -> None:
+    """Written for the plain transaction (which an async def got at concurrency 1 before):
+    each such use is a programming error that would fail every record. It stops the App,
+    saying to await, instead of each record being retried and dead-lettered, its position
+    committed past without its effects."""
+    fill(log, 4)
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE t (v TEXT)")
+    app = App(log=log, group="g", guarantee="exactly-once")
+    sql = "SELECT count(*) FROM t"
+
+    @app.handler("in", sink=sink)
+    async def charge(msg: Message, db: Any) -> None:
+        if use == "db.execute(sql).fetchone()":
+            db.execute(sql).fetchone()
+        elif use == "for row in db.execute(sql)":
+            for _ in db.execute(sql):
+                pass
+        elif use == "db.savepoint()":
+            with db.savepoint():
+                pass
+        elif use == "db.connection":
+            db.connection.execute(sql)
+        else:
+            db.dead_letter(msg, topic="in.parked")
+
+    with pytest.raises(NotAwaitedError, match=r"await db\.execute"):
+        app.run(until_idle=0.5)
+    assert committed(log) == {}
+    assert read(log, "in.dlq") == []
+
+
 @pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_records_run_side_by_side_and_one_key_never_overlaps_itself(
     log: Log, guarantee: Guarantee

@@ -468,3 +468,32 @@ def test_a_thread_a_failed_record_left_running_writes_nothing(tmp_path: Path, pg
         sink.close()
     assert len(tried) == 150, tried
     assert all(t.endswith("refused") for t in tried), tried
+
+
+def test_a_transaction_a_handler_opens_for_itself_may_be_used_from_its_threads(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A handler without a sink opens a transaction of its own and writes through it from a
+    pool's threads (no context of its attempt). That transaction is not the runtime's: its
+    threads are not strays. (Refused, and the App stopped, while code of no App's was
+    refused in any transaction an App's code had opened.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = eight_charges(tmp_path, pg_dsn)
+    own = PostgresSink(pg_dsn, reconnect_timeout_s=30)
+    app = App(log=log, group="g", guarantee="at-least-once")
+
+    @app.handler("charges")
+    def charge(msg: Message) -> None:
+        with own.transaction() as tx, ThreadPoolExecutor(2) as pool:
+            done = pool.map(
+                lambda n: tx.execute("INSERT INTO effects VALUES (%s)", (n,)),
+                [int(msg.value), 100 + int(msg.value)],
+            )
+            list(done)
+
+    try:
+        assert app.run(until_idle=0.5).stopped_by == "idle"
+        assert effects(own) == [*range(8), *range(100, 108)]
+    finally:
+        own.close()

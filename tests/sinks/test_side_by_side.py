@@ -213,7 +213,8 @@ def test_db_connection_is_refused_side_by_side(log: Log, tmp_path: Path) -> None
 
     app.run(until_idle=0.3)
     assert seen
-    assert "not offered" in seen[0]
+    assert seen[0].startswith("db.connection (the connection is shared"), seen[0]
+    assert "await db.hold()" in seen[0]
 
 
 def test_a_stop_gives_up_a_record_stuck_inside_its_database_work(log: Log, db: Db) -> None:

@@ -526,6 +526,60 @@ def test_a_thread_a_failed_record_left_handing_writes_to_the_loop_writes_nothing
     assert tried == ["refused"]
 
 
+@pytest.mark.parametrize("undo", ["RELEASE x", "ROLLBACK TO x"])
+def test_a_savepoint_left_open_by_one_record_ended_by_another_undoes_nothing_of_the_first(
+    tmp_path: Path, undo: str
+) -> None:
+    """Side by side, record 1's part is kept with its handler's savepoint left open in it;
+    record 2 takes ``SAVEPOINT x`` by hand, opens ``db.savepoint()``, ends x by hand (which
+    ends the block's savepoint too) and fails. Savepoint names that repeat from one record to
+    the next (tried for speed) made the runtime's ROLLBACK TO find record 1's savepoint of
+    the same name, and undo its row while record 1 counted as handled. The names differ:
+    it finds none, and says so."""
+    from assured.sinks._base import RUNTIME, Attempt, _Plain, record_part
+
+    sink = SqliteSink(tmp_path / "s.db", schema=["CREATE TABLE t (v TEXT)"])
+    sink.setup()
+    seen: list[str] = []
+
+    async def two_records() -> None:
+        record_part.set(RUNTIME)
+        lane = _Plain(sink, "g", {})
+        await lane.begin()
+        first = Attempt()
+        mark = record_part.set(first)
+        tx = await lane.plain("r1")
+        lane.owned_by(first)
+        with tx.savepoint(release=False):
+            tx.execute("INSERT INTO t VALUES ('a')")
+        first.over = True
+        record_part.reset(mark)
+        await lane.end_region("r1", None)
+        second = Attempt()
+        mark = record_part.set(second)
+        tx = await lane.plain("r2")
+        lane.owned_by(second)
+        error: BaseException | None = None
+        try:
+            tx.execute("SAVEPOINT x")
+            with tx.savepoint():
+                tx.execute("INSERT INTO t VALUES ('b')")
+                tx.execute(undo)
+                raise ValueError("record 2 fails")
+        except Exception as e:
+            error = e
+            seen.append(str(e))
+        second.over = True
+        record_part.reset(mark)
+        await lane.end_region("r2", error)
+        await lane.commit()
+
+    asyncio.run(two_records())
+    assert any("no such savepoint" in e for e in seen), seen
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:
+        assert db.execute("SELECT v FROM t").fetchall() == [("a",)]
+
+
 def test_a_worker_task_that_runs_every_records_db_calls_refuses_none(tmp_path: Path) -> None:
     """A worker bound to the loop, started by the first record, awaits every record's
     ``db.execute``. Old code: the part it opened counted as the first record's, and the next

@@ -1,7 +1,9 @@
 """Async handlers, and records handled side by side in a window.
 
-An ``async def`` handler with ``concurrency=1`` is awaited to its end, one record at a time, on
-an event loop the App owns: every protocol sees it exactly as it sees a plain ``def``.
+An ``async def`` handler with ``concurrency=1`` and no sink is awaited to its end, one record
+at a time, on an event loop the App owns: every protocol sees it exactly as it sees a plain
+``def``. Into a sink it runs in a window of one (below), so that its ``db`` is awaited at any
+concurrency.
 
 With ``concurrency=N`` each polled record joins the handler's :class:`Window`, and runs in a
 *lane*: one per partition (``ordering="partition"``), per partition and key (``"key"``) or per
@@ -53,7 +55,7 @@ from assured.runtime._handling import (
 )
 from assured.runtime._shared_db import Held, RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
-from assured.sinks._base import record_part
+from assured.sinks._base import Attempt, record_part
 
 __all__ = [
     "EventLoop",
@@ -589,7 +591,12 @@ class Window:
                 await self._into_db(entry, msg)
                 return
             if out is None:
-                await self._call(entry, (msg,))
+                mark = record_part.set(own := Attempt())  # handler code, never the runtime's
+                try:
+                    await self._call(entry, (msg,))
+                finally:
+                    own.over = True
+                    record_part.reset(mark)
                 return
             with out._attempting():  # its code may send, and only while it runs
                 await self._call(entry, (msg, out))

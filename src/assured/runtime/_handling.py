@@ -388,8 +388,13 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
                 raise
             release(record)
         elif target is None:
-            if (result := fn(decode(record))) is not None:
-                settle(result)  # an awaitable is awaited, never dropped
+            mark = record_part.set(own := Attempt())  # handler code, never the runtime's
+            try:
+                if (result := fn(decode(record))) is not None:
+                    settle(result)  # an awaitable is awaited, never dropped
+            finally:
+                own.over = True
+                record_part.reset(mark)
         elif (result := fn(decode(record), target)) is not None:
             settle(result)  # an awaitable is awaited, never dropped
 
@@ -460,11 +465,17 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
                 failed(record, error)
 
     elif target is None:
+        set_mark, reset_mark = record_part.set, record_part.reset
 
         def handle(record: Record) -> None:
             try:
-                if (result := fn(decode(record))) is not None:
-                    settle(result)  # an awaitable is awaited, never dropped
+                mark = set_mark(own := Attempt())  # handler code, never the runtime's
+                try:
+                    if (result := fn(decode(record))) is not None:
+                        settle(result)  # an awaitable is awaited, never dropped
+                finally:
+                    own.over = True
+                    reset_mark(mark)
             except Exception as error:
                 failed(record, error)
 

@@ -110,7 +110,8 @@ class AppSettings(BaseSettings):
     )
     remember_handled: bool = Field(
         default=True,
-        description="At-least-once with concurrency > 1: each commit also keeps, in its offset "
+        description="At-least-once with records in a window (concurrency > 1, or an async def "
+        "into a sink): each commit also keeps, in its offset "
         "metadata, the records handled above each partition's committed position, so that the "
         "next owner skips them instead of handling them again.",
     )

@@ -1,7 +1,7 @@
 """A database sink for records handled side by side: transactions shared by the records of
 a step, a savepoint per record, and a group commit at the end of the step.
 
-An ``async def`` handler with ``concurrency`` > 1 and ``sink=`` gets a :class:`RecordDb` as its
+An ``async def`` handler with ``sink=`` (at any concurrency) gets a :class:`RecordDb` as its
 ``db``: its calls are awaited (``await db.execute(...)``). A record's first call waits for a
 *connection* of the window, takes it, and opens a savepoint in that connection's transaction
 (in the same round trip as the call, where the database allows); the connection stays the
@@ -33,6 +33,7 @@ never waits for one.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import inspect
 import itertools
@@ -477,6 +478,57 @@ class NotAwaitedError(UsageError):
     fatal = True
 
 
+class UnawaitedUseError(NotAwaitedError, AttributeError):
+    """An async def handler used its ``db`` as the plain transaction: a result of ``db.execute``
+    read without ``await`` (``.fetchone()``, a loop over it), or a call ``db`` does not offer
+    (``db.savepoint()``, ``db.dead_letter()``, ``db.connection``). Fatal, so that a handler
+    written for the plain transaction stops the App rather than have every record
+    dead-lettered. An AttributeError too, for ``hasattr``."""
+
+
+def _unawaited(what: str) -> UnawaitedUseError:
+    return UnawaitedUseError(
+        f"{what}: an async def handler's db is awaited at any concurrency: "
+        "'rows = await db.execute(...)' (its result is read once awaited: rows.fetchone()), "
+        "'await db.first_delivery(msg)'; on SQLite 'tx = await db.hold()' gives the plain "
+        "transaction (savepoint(), connection, dead_letter()) for code that cannot await. "
+        "A plain def handler gets the plain transaction."
+    )
+
+
+class _Call(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """What a ``db`` call returns: a coroutine (awaited, gathered or made a task: its result);
+    used as the result itself, the fatal error that says to await it (never a record's
+    failure, retried and dead-lettered)."""
+
+    __slots__ = ("_coro", "_what")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], what: str):
+        self._coro = coro
+        self._what = what
+
+    def __await__(self) -> Any:
+        return self._coro.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __getattr__(self, name: str) -> Any:
+        raise _unawaited(f"{self._what}(...).{name} without await")
+
+    def __iter__(self) -> Any:
+        raise _unawaited(f"a loop over {self._what}(...) without await")
+
+    def __bool__(self) -> bool:
+        raise _unawaited(f"the truth of {self._what}(...) without await")
+
+
 class RecordDb(Attempt):
     """The ``db`` of an async handler into a sink (at any concurrency): the record's part of a
     shared database transaction. Every call is awaited; the first one waits for a connection
@@ -564,22 +616,23 @@ class RecordDb(Attempt):
     ) -> Coroutine[Any, Any, Any]:
         """``sql`` in the record's part of the transaction; awaited, returns the cursor."""
         refuse_transaction_control(sql)
-        return self._call(self._run(lambda conn, savepoint: conn.execute(sql, params, savepoint)))
+        call = self._call(self._run(lambda conn, savepoint: conn.execute(sql, params, savepoint)))
+        return _Call(call, "db.execute")
 
     def first_delivery(self, message: MessageLike | str) -> Coroutine[Any, Any, bool]:
         """As :meth:`SinkTransaction.first_delivery`, awaited: False if ``message`` was
         delivered to this group before (its effects committed)."""
-        return self._call(
+        call = self._call(
             self._run(lambda conn, savepoint: conn.first_delivery(message, savepoint))
         )
+        return _Call(call, "db.first_delivery")
 
     @property
     def connection(self) -> Any:
-        raise UsageError(
-            "db.connection is not offered to handlers side by side: the connection is shared, "
-            "and only awaited db calls take turns on it (on SQLite, await db.hold() gives the "
-            "transaction for code that cannot await)"
-        )
+        raise _unawaited("db.connection (the connection is shared; awaited calls take turns)")
+
+    def __getattr__(self, name: str) -> Any:
+        raise _unawaited(f"db.{name}")
 
     async def end(self, error: BaseException | None) -> None:
         """The handler returned (``error`` None: keep its work) or raised (undo it). Raises

@@ -207,8 +207,9 @@ class SinkTransaction(abc.ABC):
         self._had_parts = False  # one was: handlers run in this transaction
         self._owner: object = None  # the attempt whose part it is (see _owned_by)
         self._thread = threading.get_ident()  # the runtime's, which opened it
-        # Opened by an App's code: code of no App's (record_part None) is a stray here.
-        self._in_app = record_part.get() is not None
+        # Opened by an App's runtime, for its handlers: code of no App's (record_part None) is
+        # a stray here. A transaction a handler opens for itself is its own business.
+        self._in_app = record_part.get() is RUNTIME
         # Held by a statement from its check to its end, and by a part's end: a thread's
         # statement checked inside its part cannot run after the part is over.
         self._turn = threading.RLock()
@@ -529,6 +530,7 @@ class _Plain(SideBySide):
     async def begin(self) -> None:
         cm = self.sink.transaction(group=self.group, incarnations=self.incarnations)
         self._tx = cm.__enter__()
+        self._tx._in_app = True  # the window's, though begun in a record's task
         self._cm = cm
         self.generation += 1
 
