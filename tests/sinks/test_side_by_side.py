@@ -213,7 +213,7 @@ def test_db_connection_is_refused_side_by_side(log: Log, tmp_path: Path) -> None
 
     app.run(until_idle=0.3)
     assert seen
-    assert seen[0].startswith("db.connection (the connection is shared"), seen[0]
+    assert seen[0].startswith("db.connection: an async def handler's db is awaited"), seen[0]
     assert "await db.hold()" in seen[0]
 
 

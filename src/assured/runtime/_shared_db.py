@@ -627,11 +627,9 @@ class RecordDb(Attempt):
         )
         return _Call(call, "db.first_delivery")
 
-    @property
-    def connection(self) -> Any:
-        raise _unawaited("db.connection (the connection is shared; awaited calls take turns)")
-
     def __getattr__(self, name: str) -> Any:
+        """``db.connection`` (the connection is shared: awaited calls take turns on it), and
+        the plain transaction's other calls: refused, saying what to do instead."""
         raise _unawaited(f"db.{name}")
 
     async def end(self, error: BaseException | None) -> None:
