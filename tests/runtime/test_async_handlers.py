@@ -126,6 +126,31 @@ def test_an_async_handler_at_concurrency_1_that_forgets_await_stops_the_app(
     assert committed(log) == {}
 
 
+def test_at_most_once_an_async_def_into_a_sink_commits_no_further_ahead_than_a_poll(
+    log: Log, tmp_path: Path
+) -> None:
+    """At concurrency 1 an async def into a sink runs in a window of one. At-most-once commits
+    what it polls before handling it, so a window that polled ahead up to its room (1,000
+    records) lost that many at a crash, where the plain path loses a poll's worth."""
+    with log.producer() as producer:
+        for i in range(120):
+            producer.send("in", b"%d" % i, partition=0)
+        producer.flush()
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE t (v TEXT)")
+    app = App(log=log, group="g", guarantee="at-most-once", max_poll_records=5)
+    ahead: list[int] = []
+
+    @app.handler("in", sink=sink)
+    async def charge(msg: Message, db: Any) -> None:
+        ahead.append(committed(log).get(0, 0) - msg.offset)
+        await asyncio.sleep(0.005)  # a call that waits: meanwhile the App polls on
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    assert app.run(until_idle=0.5).processed == 120
+    assert len(ahead) == 120
+    assert max(ahead) <= 10, max(ahead)
+
+
 @pytest.mark.parametrize(
     "use",
     [

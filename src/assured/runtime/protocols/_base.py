@@ -242,7 +242,13 @@ class Runtime:
         window = self.windows.get(spec.topic)
         if window is None:
             threads = None if spec.is_async else self.loop.pool(spec)
-            room = max(1000, 4 * spec.concurrency, 2 * self.settings.max_poll_records)
+            # One record at a time (an async def into a sink) polls no further ahead than the
+            # plain path would: at-most-once commits what it polls before handling it.
+            room = (
+                max(1000, 4 * spec.concurrency, 2 * self.settings.max_poll_records)
+                if spec.concurrency > 1
+                else 4
+            )
             window = self.windows[spec.topic] = self.window_class(
                 spec, self.metrics, self.settings.guarantee, threads, room
             )
