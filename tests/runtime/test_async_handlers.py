@@ -159,6 +159,7 @@ def test_at_most_once_an_async_def_into_a_sink_commits_no_further_ahead_than_a_p
         "db.savepoint()",
         "db.connection",
         "db.dead_letter",
+        "if db.first_delivery(msg)",
     ],
 )
 def test_an_async_handler_that_uses_its_db_as_the_plain_transaction_stops_the_app(
@@ -185,8 +186,10 @@ def test_an_async_handler_that_uses_its_db_as_the_plain_transaction_stops_the_ap
                 pass
         elif use == "db.connection":
             db.connection.execute(sql)
-        else:
+        elif use == "db.dead_letter":
             db.dead_letter(msg, topic="in.parked")
+        elif db.first_delivery(msg):  # always true: a coroutine, never run
+            await db.execute("INSERT INTO t VALUES ('effect')")
 
     with pytest.raises(NotAwaitedError, match=r"await db\.execute"):
         app.run(until_idle=0.5)

@@ -497,3 +497,43 @@ def test_a_transaction_a_handler_opens_for_itself_may_be_used_from_its_threads(
         assert effects(own) == [*range(8), *range(100, 108)]
     finally:
         own.close()
+
+
+def test_a_worker_a_handler_started_once_may_use_the_handlers_own_transaction_later(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A handler without out or db (its code marked as its attempt's) starts a worker task
+    once, which writes through the handler's own sink for every record, after the first
+    record's attempt ended. That transaction is the worker's own: nothing is refused."""
+    import asyncio
+
+    log = eight_charges(tmp_path, pg_dsn)
+    own = PostgresSink(pg_dsn, reconnect_timeout_s=30)
+    app = App(log=log, group="g", guarantee="at-least-once")
+    queue: list[asyncio.Queue[tuple[int, asyncio.Future[None]]]] = []
+    workers: list[asyncio.Task[None]] = []
+
+    async def worker(items: asyncio.Queue[tuple[int, asyncio.Future[None]]]) -> None:
+        while True:
+            n, done = await items.get()
+            try:
+                with own.transaction() as tx:
+                    tx.execute("INSERT INTO effects VALUES (%s)", (n,))
+                done.set_result(None)
+            except Exception as e:
+                done.set_exception(e)
+
+    @app.handler("charges", concurrency=2)
+    async def charge(msg: Message) -> None:
+        if not queue:
+            queue.append(asyncio.Queue())
+            workers.append(asyncio.create_task(worker(queue[0])))
+        done = asyncio.get_running_loop().create_future()
+        await queue[0].put((int(msg.value), done))
+        await done
+
+    try:
+        assert app.run(until_idle=0.5).stopped_by == "idle"
+        assert effects(own) == list(range(8))
+    finally:
+        own.close()

@@ -580,6 +580,30 @@ def test_a_savepoint_left_open_by_one_record_ended_by_another_undoes_nothing_of_
         assert db.execute("SELECT v FROM t").fetchall() == [("a",)]
 
 
+def test_a_failed_record_that_kept_hundreds_of_savepoints_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """A handler keeps one savepoint per item (``release=False``, one after another, as the
+    docstring allows), 300 of them, then fails. Savepoint names that a record's part shared
+    with a handler's 256th block (tried for speed) rolled back to that block only: the rows
+    before it committed with the batch, the failed attempt's effects kept."""
+    log, sink = _log(tmp_path, 2), _sink(tmp_path)
+    app = App(log=log, group="g", guarantee="exactly-once")
+
+    @app.handler("in", sink=sink, retries=0)
+    def effect(msg: Message, db: Any) -> None:
+        for i in range(300):
+            with db.savepoint(release=False):
+                db.execute("INSERT INTO t VALUES (?)", (f"{msg.value.decode()}-{i}",))
+        if msg.value == b"0":
+            raise ValueError("declined after 300 items")
+
+    assert app.run(until_idle=0.5).stopped_by == "idle"
+    effects, letters, stored = _state(tmp_path)
+    assert sorted(effects) == sorted(f"1-{i}" for i in range(300))
+    assert (letters, stored) == ([0], 2)
+
+
 def test_a_worker_task_that_runs_every_records_db_calls_refuses_none(tmp_path: Path) -> None:
     """A worker bound to the loop, started by the first record, awaits every record's
     ``db.execute``. Old code: the part it opened counted as the first record's, and the next

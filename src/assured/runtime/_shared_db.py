@@ -33,7 +33,6 @@ never waits for one.
 from __future__ import annotations
 
 import asyncio
-import collections.abc
 import contextlib
 import inspect
 import itertools
@@ -496,39 +495,6 @@ def _unawaited(what: str) -> UnawaitedUseError:
     )
 
 
-class _Call(collections.abc.Coroutine):  # type: ignore[type-arg]
-    """What a ``db`` call returns: a coroutine (awaited, gathered or made a task: its result);
-    used as the result itself, the fatal error that says to await it (never a record's
-    failure, retried and dead-lettered)."""
-
-    __slots__ = ("_coro", "_what")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], what: str):
-        self._coro = coro
-        self._what = what
-
-    def __await__(self) -> Any:
-        return self._coro.__await__()
-
-    def send(self, value: Any) -> Any:
-        return self._coro.send(value)
-
-    def throw(self, *args: Any) -> Any:
-        return self._coro.throw(*args)
-
-    def close(self) -> None:
-        self._coro.close()
-
-    def __getattr__(self, name: str) -> Any:
-        raise _unawaited(f"{self._what}(...).{name} without await")
-
-    def __iter__(self) -> Any:
-        raise _unawaited(f"a loop over {self._what}(...) without await")
-
-    def __bool__(self) -> bool:
-        raise _unawaited(f"the truth of {self._what}(...) without await")
-
-
 class RecordDb(Attempt):
     """The ``db`` of an async handler into a sink (at any concurrency): the record's part of a
     shared database transaction. Every call is awaited; the first one waits for a connection
@@ -616,16 +582,18 @@ class RecordDb(Attempt):
     ) -> Coroutine[Any, Any, Any]:
         """``sql`` in the record's part of the transaction; awaited, returns the cursor."""
         refuse_transaction_control(sql)
-        call = self._call(self._run(lambda conn, savepoint: conn.execute(sql, params, savepoint)))
-        return _Call(call, "db.execute")
+        return self._call(self._run(lambda conn, savepoint: conn.execute(sql, params, savepoint)))
 
     def first_delivery(self, message: MessageLike | str) -> Coroutine[Any, Any, bool]:
         """As :meth:`SinkTransaction.first_delivery`, awaited: False if ``message`` was
         delivered to this group before (its effects committed)."""
-        call = self._call(
+        return self._call(
             self._run(lambda conn, savepoint: conn.first_delivery(message, savepoint))
         )
-        return _Call(call, "db.first_delivery")
+
+    @property
+    def incarnations(self) -> Mapping[str, str]:
+        return self._shared.incarnations
 
     def __getattr__(self, name: str) -> Any:
         """``db.connection`` (the connection is shared: awaited calls take turns on it), and
@@ -640,9 +608,18 @@ class RecordDb(Attempt):
         self.over = True
         open_calls = [c for c in self._calls if inspect.getcoroutinestate(c) != CORO_CLOSED]
         self._calls = []
+        unstarted = False
         for call in open_calls:
             if inspect.getcoroutinestate(call) == CORO_CREATED:
+                unstarted = True
                 call.close()  # never to run: said below, not in a RuntimeWarning
+        if unstarted and isinstance(error, (AttributeError, TypeError)):
+            # A call's coroutine taken for its result ('db.execute(...).fetchone()', a loop
+            # over it): code written for the plain transaction fails every record alike.
+            fatal = _unawaited(f"a db call used without await ({type(error).__name__}: {error})")
+            with contextlib.suppress(BaseException):
+                await self.end(error)
+            raise fatal from error
         if error is None and open_calls:
             error = NotAwaitedError(
                 f"{len(open_calls)} db call(s) of the handler were never awaited, or had not "

@@ -260,11 +260,13 @@ class SinkTransaction(abc.ABC):
         refused in it (see :meth:`_outside_own_part`)."""
         self._owner = record
 
-    def _outside_own_part(self) -> str | None:
+    def _outside_own_part(self) -> str | None:  # noqa: PLR0911 -- one answer per case
         """Where a statement from the code running now would land, if that is not its own
         attempt's part: a handler's code writes only there, not between parts nor in another
         record's part (a task a failed record left running would commit its work with the
         batch). None when it may run. Whose code it is: :data:`record_part`."""
+        if not (self._in_app or self._had_parts):
+            return None  # a transaction a handler opened for itself: its own business
         attempt = record_part.get()
         if attempt is RUNTIME or (attempt is None and not self._in_app):
             # The App's code, or (in a transaction no App opened) its opener's: on its own

@@ -310,7 +310,7 @@ class _SqliteTransaction(SinkTransaction):
     ) -> Iterator[None]:
         if handler:
             self._refuse_outside_own_part()
-        name = self.sink._savepoint_name()
+        name = self.sink._savepoint_name(handler)
         self._step(f"SAVEPOINT {name}")
         if handler:
             self._held.append(name)  # undone at the part's end if still open then
@@ -415,7 +415,8 @@ class SqliteSink(Sink):
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._lost: str | None = None
         self._tag = secrets.token_hex(4)  # in the names of the runtime's savepoints
-        self._names = itertools.count()
+        self._names = itertools.count()  # handlers' savepoints
+        self._parts = itertools.count()  # records' parts
 
     def _connect(self) -> sqlite3.Connection:
         if self._lost is not None:
@@ -527,21 +528,26 @@ class SqliteSink(Sink):
                 raise CursorLeftOpenError(_LEFT_OPEN) from e
             raise _rolled_back(e) from e
 
-    # How many savepoint names the runtime cycles through, and the statements sqlite3 keeps
-    # prepared per connection (its default, 128, would not hold them all).
-    _NAMES = 256
-    _CACHED_STATEMENTS = 1024
+    # How many names the savepoints of records' parts cycle through, and the statements
+    # sqlite3 keeps prepared per connection (its default, 128, would not hold them).
+    _NAMES = 4096
+    _CACHED_STATEMENTS = 5120
 
-    def _savepoint_name(self) -> str:
-        """A name for the runtime's next savepoint (a record's part, a handler's block). Names
-        come back after ``_NAMES`` savepoints, so that sqlite3 reuses the statements it
-        prepared: a new name each time made each SAVEPOINT a new statement, prepared anew,
-        an authorizer call each (into SQLite at concurrency 200 that was about a third of
-        the throughput). Two savepoints open at once, even left open by a handler's own SQL
-        across records, have different names unless ``_NAMES`` apart, so a ROLLBACK TO that
-        finds the wrong one (or none) fails loudly instead. After the sink's random tag: a
-        handler's SQL cannot name them."""
-        return f"assured_{self._tag}_{next(self._names) % self._NAMES}"
+    def _savepoint_name(self, handler: bool) -> str:
+        """A name for the runtime's next savepoint, after the sink's random tag (a handler's
+        SQL cannot name it). A record's part: names come back after ``_NAMES`` parts, so that
+        sqlite3 reuses the statements it prepared (a new name each time made each SAVEPOINT a
+        new statement, prepared anew and an authorizer call each: into SQLite at concurrency
+        200, about a third of the throughput). Parts end innermost first, so ROLLBACK TO finds
+        its own part, the newest of its name; and one a handler's own SQL undid (a SAVEPOINT
+        it left open in an earlier record, released in this one) is missed loudly ("no such
+        savepoint") unless ``_NAMES`` parts are open in one transaction (a window holds at most
+        max(1000, 4 x concurrency, 2 x max_poll_records)). A handler's ``savepoint()``: a name
+        of its own, never again (a handler may keep any number of them open in its part, and
+        one sharing a name with its part's would undo too little)."""
+        if handler:
+            return f"assured_{self._tag}_h{next(self._names)}"
+        return f"assured_{self._tag}_{next(self._parts) % self._NAMES}"
 
     def _authorize(self, action: int, what: str | None, *_: str | None) -> int:
         """SQLite asks before it prepares each statement: inside a transaction that handlers
