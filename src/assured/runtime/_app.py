@@ -194,9 +194,7 @@ class App:
                 )
             if topic in self._specs:
                 raise ConfigError(f"topic {topic!r} already has a handler")
-            if sink is not None:
-                _one_way_into_sinks(self._specs, topic, concurrency > 1 or is_async(fn))
-            self._specs[topic] = HandlerSpec(
+            spec = HandlerSpec(
                 topic=topic,
                 fn=fn,
                 output=output,
@@ -210,6 +208,9 @@ class App:
                 ordering=ordering,
                 is_async=is_async(fn),
             )
+            if sink is not None:
+                _one_way_into_sinks(self._specs, spec)
+            self._specs[topic] = spec
             return fn
 
         return register
@@ -464,10 +465,11 @@ class App:
                 signal.signal(sig, handler)
 
 
-def _one_way_into_sinks(specs: Mapping[str, HandlerSpec], topic: str, awaited: bool) -> None:
-    """An App's handlers into sinks either all await their ``db`` (async defs, or concurrency
-    > 1: each window commits its own database transactions) or all call it plainly (one
-    transaction per batch, around the protocol's step)."""
+def _one_way_into_sinks(specs: Mapping[str, HandlerSpec], new: HandlerSpec) -> None:
+    """An App's handlers into sinks either all await their ``db`` (windowed: async defs, or
+    concurrency > 1; each window commits its own database transactions) or all call it
+    plainly (one transaction per batch, around the protocol's step)."""
+    topic, awaited = new.topic, new.windowed
     others = {t: spec.windowed for t, spec in specs.items() if spec.sink is not None}
     if not others or awaited in others.values():
         return

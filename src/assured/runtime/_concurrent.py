@@ -51,11 +51,12 @@ from assured.runtime._handling import (
     Undecodable,
     dead_letter,
     owed_to_record,
+    own_attempt,
     partial_send_failure,
 )
 from assured.runtime._shared_db import Held, RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
-from assured.sinks._base import Attempt, record_part
+from assured.sinks._base import record_part
 
 __all__ = [
     "EventLoop",
@@ -591,12 +592,8 @@ class Window:
                 await self._into_db(entry, msg)
                 return
             if out is None:
-                mark = record_part.set(own := Attempt())  # handler code, never the runtime's
-                try:
+                with own_attempt():  # handler code, never the runtime's
                     await self._call(entry, (msg,))
-                finally:
-                    own.over = True
-                    record_part.reset(mark)
                 return
             with out._attempting():  # its code may send, and only while it runs
                 await self._call(entry, (msg, out))

@@ -44,6 +44,7 @@ __all__ = [
     "SendFailedError",
     "StraySendError",
     "check_handler",
+    "own_attempt",
     "partial_send_failure",
     "record_handler",
 ]
@@ -223,6 +224,18 @@ class StraySendError(UsageError):
         )
 
 
+@contextlib.contextmanager
+def own_attempt() -> Iterator[Attempt]:
+    """The code in this block (and the tasks it starts) is one attempt's, never the
+    runtime's, until the block ends (see :data:`~assured.sinks._base.record_part`)."""
+    mark = record_part.set(own := Attempt())
+    try:
+        yield own
+    finally:
+        own.over = True
+        record_part.reset(mark)
+
+
 # Where a dead letter goes: (dead-letter topic, the record, headers with the error).
 DeadLetterSink = Callable[[str, Record, list[Header]], None]
 
@@ -388,13 +401,9 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
                 raise
             release(record)
         elif target is None:
-            mark = record_part.set(own := Attempt())  # handler code, never the runtime's
-            try:
+            with own_attempt():
                 if (result := fn(decode(record))) is not None:
                     settle(result)  # an awaitable is awaited, never dropped
-            finally:
-                own.over = True
-                record_part.reset(mark)
         elif (result := fn(decode(record), target)) is not None:
             settle(result)  # an awaitable is awaited, never dropped
 
@@ -469,7 +478,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
 
         def handle(record: Record) -> None:
             try:
-                mark = set_mark(own := Attempt())  # handler code, never the runtime's
+                mark = set_mark(own := Attempt())  # own_attempt(), inlined: hot path
                 try:
                     if (result := fn(decode(record))) is not None:
                         settle(result)  # an awaitable is awaited, never dropped
