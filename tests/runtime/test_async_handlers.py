@@ -17,6 +17,7 @@ import pytest
 from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
 from assured.errors import ConfigError, FatalError, RetriableError, UsageError
 from assured.log import Log
+from assured.runtime._handling import AwaitableIntoSinkError
 from assured.runtime._settings import Guarantee
 from assured.runtime._shared_db import NotAwaitedError
 from tests.conftest import fill_keyed as fill
@@ -363,6 +364,41 @@ def test_a_coroutine_returned_by_a_plain_wrapper_is_awaited_not_dropped(
 
     assert app.run(until_idle=0.5).processed == 10
     assert sorted(v or b"" for _, v in read(log)) == values
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_an_async_def_behind_a_plain_wrapper_into_a_sink_stops_the_app(
+    log: Log, tmp_path: Path, guarantee: Guarantee
+) -> None:
+    """A plain wrapper around an ``async def`` into a sink at concurrency 1 gets the plain
+    transaction, whose calls cannot be awaited: its statement ran, then ``await`` on the
+    cursor failed, and every record was retried and dead-lettered. Now the App stops before
+    anything of the record commits, saying what to change."""
+    fill(log, 6)
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE charges (v TEXT)")
+
+    def traced(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return fn(*args)
+
+        return call
+
+    app = App(log=log, group="g", guarantee=guarantee)
+
+    @app.handler("in", sink=sink, retries=1, backoff_ms=1)
+    @traced
+    async def charge(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO charges VALUES (?)", (msg.value.decode(),))
+
+    with pytest.raises(AwaitableIntoSinkError, match="markcoroutinefunction") as raised:
+        app.run(until_idle=0.5)
+    assert raised.value.fatal
+    with sqlite3.connect(tmp_path / "effects.db") as db:
+        assert db.execute("SELECT count(*) FROM charges").fetchone() == (0,)
+    assert read(log, "in.dlq") == []
+    if guarantee != "at-most-once":
+        assert committed(log) == {}
 
 
 def test_what_a_handler_binds_to_the_loop_holds_across_runs(log: Log) -> None:

@@ -36,6 +36,7 @@ from assured.sinks._base import RUNTIME, Attempt, dead_letter_headers, record_pa
 
 __all__ = [
     "ORDERINGS",
+    "AwaitableIntoSinkError",
     "DeadLetterSink",
     "HandlerFailedError",
     "HandlerSpec",
@@ -382,7 +383,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             owned(own)
             try:
                 if (result := fn(decode(record), target)) is not None:
-                    settle(result)  # an awaitable is awaited, never dropped
+                    if inspect.isawaitable(result):
+                        raise _awaitable_into_sink(spec, result)
                     del result  # a cursor it returned is closed before the part's end
             finally:
                 own.over = True
@@ -516,6 +518,27 @@ def partial_send_failure(
         return
     labels = (guarantee, record.topic)
     dead_letter(spec, record, error, 1, dead_letters, metrics, labels)
+
+
+class AwaitableIntoSinkError(UsageError):
+    """A plain ``def`` handler into a sink returned an awaitable (an ``async def`` behind a
+    plain wrapper): its ``db`` is the plain transaction, whose calls are not awaitable, so
+    every record would fail and be dead-lettered. Fatal: nothing of the record commits."""
+
+    fatal = True
+
+
+def _awaitable_into_sink(spec: HandlerSpec, result: Any) -> AwaitableIntoSinkError:
+    if inspect.iscoroutine(result):
+        result.close()  # never to run: said here, not in a RuntimeWarning
+    name = getattr(spec.fn, "__qualname__", spec.fn)
+    return AwaitableIntoSinkError(
+        f"handler {name!r} for topic {spec.topic!r} returned {type(result).__name__} (an async "
+        "def behind a plain wrapper, such as a decorator?): with sink= a plain def gets the "
+        "plain transaction, whose calls cannot be awaited. Make the wrapper itself async def "
+        "(return await fn(...)), or mark it with inspect.markcoroutinefunction (Python "
+        "3.12+), so that its db is awaited. Nothing of this record was committed."
+    )
 
 
 def _no_owner(_attempt: object) -> None:
