@@ -33,6 +33,10 @@ def test_the_cached_hash_agrees_with_the_python_one(key: bytes) -> None:
     assert murmur2(key) == murmur2_python(key)  # from the cache the second time
 
 
+def test_a_key_in_a_mutable_buffer_is_hashed_not_remembered() -> None:
+    assert murmur2(bytearray(b"21")) == murmur2(memoryview(b"21")) == -973932308
+
+
 def test_the_cache_is_bounded() -> None:
     """Keys that never repeat (ids) must not grow the process without end."""
     from assured.log import partitioner
