@@ -40,6 +40,8 @@ def test_a_key_in_a_mutable_buffer_is_hashed_not_remembered() -> None:
     assert murmur2(mutable) == -973932308
     mutable[0:2] = b"ab"
     assert murmur2(mutable) == murmur2(b"ab")
+    view: Any = memoryview(mutable)  # unhashable with ValueError, not TypeError
+    assert murmur2(view) == murmur2(b"ab")
 
 
 def test_the_cache_is_bounded() -> None:

@@ -78,7 +78,7 @@ def murmur2(data: bytes, _get: Callable[[bytes], int | None] = _SEEN.get) -> int
     tests hold the two to each other and to Java's vectors."""
     try:
         h = _get(data)
-    except TypeError:  # a bytearray (untyped code): hashed, not remembered
+    except (TypeError, ValueError):  # a mutable buffer (untyped code): hashed, not remembered
         return murmur2_python(bytes(data))
     if h is not None:
         return h
