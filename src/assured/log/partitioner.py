@@ -38,8 +38,34 @@ def _words(n: int) -> Callable[[bytes], tuple[int, ...]]:
 _WORDS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
 
 
+# Hashes of keys seen lately: emptied when full (cheaper than an LRU's bookkeeping on every
+# miss, which cost more than the hash when keys do not repeat).
+_SEEN: dict[bytes, int] = {}
+_SEEN_MOST = 1 << 14
+
+
+def _unseen(_data: bytes) -> None:
+    return None
+
+
 def murmur2_python(data: bytes) -> int:
-    """Kafka's murmur2 (``Utils.murmur2``), returned as Java's signed 32-bit int."""
+    """Kafka's murmur2 (``Utils.murmur2``), returned as Java's signed 32-bit int, computed
+    afresh: nothing is looked up or remembered."""
+    return murmur2(data, _unseen, False)
+
+
+def murmur2(
+    data: bytes, _get: Callable[[bytes], int | None] = _SEEN.get, _keep: bool = True
+) -> int:
+    """Kafka's murmur2 (``Utils.murmur2``), returned as Java's signed 32-bit int; the hashes
+    of up to 16,384 recent keys are remembered. The lookup is in here rather than in a
+    wrapper around the hash (a call cost a third of the hash on keys that never repeat)."""
+    try:
+        h = _get(data)
+    except (TypeError, ValueError):  # a mutable buffer (untyped code): hashed, not remembered
+        return murmur2(bytes(data), _unseen, False)
+    if h is not None:
+        return h
     length = len(data)
     h = _SEED ^ length
     m = _M
@@ -62,51 +88,11 @@ def murmur2_python(data: bytes) -> int:
     h ^= h >> 13
     h = (h * m) & mask
     h ^= h >> 15
-    return h - (1 << 32) if h & 0x80000000 else h
-
-
-# Hashes of keys seen lately: emptied when full (cheaper than an LRU's bookkeeping on every
-# miss, which cost more than the hash when keys do not repeat).
-_SEEN: dict[bytes, int] = {}
-_SEEN_MOST = 1 << 14
-
-
-def murmur2(data: bytes, _get: Callable[[bytes], int | None] = _SEEN.get) -> int:
-    """Kafka's murmur2 (``Utils.murmur2``), returned as Java's signed 32-bit int; the hashes
-    of up to 16,384 recent keys are remembered. :func:`murmur2_python`'s steps, written out
-    here rather than called (a call cost a third of the hash on keys that never repeat); the
-    tests hold the two to each other and to Java's vectors."""
-    try:
-        h = _get(data)
-    except (TypeError, ValueError):  # a mutable buffer (untyped code): hashed, not remembered
-        return murmur2_python(bytes(data))
-    if h is not None:
-        return h
-    length = len(data)
-    h = _SEED ^ length
-    m = _M
-    mask = _MASK
-    whole = length & ~3
-    if whole:
-        for word in _words(whole >> 2)(data):
-            k = (word * m) & mask
-            k ^= k >> 24
-            h = ((h * m) ^ (k * m)) & mask
-    tail = length & 3
-    if tail == 3:
-        h ^= data[whole + 2] << 16
-    if tail >= 2:
-        h ^= data[whole + 1] << 8
-    if tail >= 1:
-        h ^= data[whole]
-        h = (h * m) & mask
-    h ^= h >> 13
-    h = (h * m) & mask
-    h ^= h >> 15
     h = h - (1 << 32) if h & 0x80000000 else h
-    if len(_SEEN) >= _SEEN_MOST:
-        _SEEN.clear()
-    _SEEN[data] = h
+    if _keep:
+        if len(_SEEN) >= _SEEN_MOST:
+            _SEEN.clear()
+        _SEEN[data] = h
     return h
 
 
