@@ -351,7 +351,7 @@ def test_records_waiting_for_a_connection_given_up_by_the_fallback_get_the_first
         await asyncio.sleep(0.01)
         assert not waiter.done()  # waits for its own connection
         shared._one_connection()  # that connection's commit waited too long
-        lane = await asyncio.wait_for(waiter, 1)
+        lane, _ = await asyncio.wait_for(waiter, 1)
         return lane is first
 
     assert asyncio.run(scenario())

@@ -68,6 +68,11 @@ Held = tuple[Record, list[tuple[str, Record, list[Header]]]]
 
 # A record that holds its connection this long may be waiting for another's row lock.
 _BLOCKED_S = 0.05
+# At most this many records' first statements go in one message (see SharedTransaction.first).
+_BATCH = 64
+# Batches are made while fewer than this share of records call the database again after their
+# first statement (each such call undoes the batch's statements after its own; see first).
+_AGAIN = 0.25
 
 
 class WindowClosed(BaseException):
@@ -75,10 +80,28 @@ class WindowClosed(BaseException):
     nothing. A BaseException, so a handler's ``except Exception`` does not swallow it."""
 
 
+class _Waiter(asyncio.Future["_Lane"]):
+    """A record waiting for a connection, with its first statement (``sql, params``) when a
+    batch may run it before the record's turn (see :meth:`SharedTransaction.first`)."""
+
+    __slots__ = ("first", "generation", "ran", "savepoint")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, first: tuple[str, Any] | None):
+        super().__init__(loop=loop)
+        self.first = first
+        self.savepoint: str | None = None  # its savepoint, once in a batch
+        self.ran: Any = None  # its first statement's result, run by a batch: it stands
+        self.generation = 0  # of the transaction it ran in
+
+    def unrun(self) -> None:
+        self.savepoint = None
+        self.ran = None
+
+
 class _Lane:
     """One connection of the window and what its open transaction holds."""
 
-    __slots__ = ("conn", "held_since", "holder", "members", "waiting")
+    __slots__ = ("conn", "held_since", "holder", "members", "ready", "waiting")
 
     def __init__(self, conn: SideBySide):
         self.conn = conn
@@ -86,7 +109,10 @@ class _Lane:
         self.holder: Any = None
         self.held_since = 0.0
         self.members: list[Record] = []  # records whose part the open transaction keeps
-        self.waiting: deque[asyncio.Future[_Lane]] = deque()  # records bound to this one
+        self.waiting: deque[_Waiter] = deque()  # records bound to this one
+        # Records whose first statements a batch ran on it, in the message's order: each gets
+        # the connection in turn, before anyone else, even while the gate is shut.
+        self.ready: deque[_Waiter] = deque()
 
 
 class SharedTransaction:
@@ -109,7 +135,7 @@ class SharedTransaction:
         self.epochs = epochs
         self.most = max(1, sink.side_by_side_connections)
         self.lanes: list[_Lane] = []
-        self._any: deque[asyncio.Future[_Lane]] = deque()  # records waiting for any lane
+        self._any: deque[_Waiter] = deque()  # records waiting for any lane
         self._bound: dict[Any, _Lane] = {}  # a record lane -> its connection, until the commit
         self._gate = False  # open while records may take the database (in a step)
         self._idle: asyncio.Future[None] | None = None  # a commit waiting for lanes to free
@@ -121,6 +147,9 @@ class SharedTransaction:
         # cancelled at the next group commit, and fails.
         self.region_limit_s = region_limit_s
         self.overran: set[asyncio.Task[Any]] = set()
+        # How often a record calls the database again after its first statement (decaying
+        # from 1: no batch before the handler is seen to make one call only).
+        self.again = 1.0
 
     # Whether records above the stored positions are marked done (the audit's planted
     # ``side-by-side-without-marks`` turns it off, to show what the marks prevent).
@@ -128,35 +157,71 @@ class SharedTransaction:
 
     # -- taking and giving back a connection ------------------------------------------------
 
-    async def take(self, owner: asyncio.Task[Any] | None = None, affinity: Any = None) -> _Lane:
+    async def take(
+        self,
+        owner: asyncio.Task[Any] | None = None,
+        affinity: Any = None,
+        first: tuple[str, Any] | None = None,
+    ) -> tuple[_Lane, _Waiter | None]:
         """Wait for a connection and take it: the one ``affinity`` (the record's lane) used
         since the last commit, else any free one (a new one while under the sink's number).
         The gate is shut from a group commit to the next step: no record opens a transaction
-        that would stay open while the App's thread is elsewhere."""
+        that would stay open while the App's thread is elsewhere. ``first``: the record's
+        first statement, which a batch may run while it waits; returned with the connection
+        then is its waiter, whose ``ran`` is the statement's result (its part is open: the
+        caller takes it, or hands it to :meth:`unused`)."""
         self._still_open()
         lane = self._pick(affinity) if self._gate else None
+        ran = None
         if lane is None:
-            waiter: asyncio.Future[_Lane] = asyncio.get_running_loop().create_future()
+            waiter = _Waiter(asyncio.get_running_loop(), first)
             bound = self._bound.get(affinity) if affinity is not None else None
             (bound.waiting if bound is not None else self._any).append(waiter)
             try:
                 lane = await waiter
             except BaseException:
                 if waiter.done() and not waiter.cancelled():
-                    self.give_back(waiter.result())  # handed over as it was being cancelled
+                    self.unused(waiter.result(), waiter)  # handed over as it was cancelled
                 else:
-                    waiter.cancel()  # skipped when its turn comes
+                    waiter.cancel()  # skipped when its turn comes (its statement undone)
                 raise
+            if waiter.ran is not None:
+                ran = waiter
             try:
                 self._still_open()
             except WindowClosed:
-                self.give_back(lane)
+                self.unused(lane, ran)
                 raise
         lane.holder = owner or asyncio.current_task()
         lane.held_since = time.monotonic()
         if affinity is not None:
             self._bound[affinity] = lane
-        return lane
+        return lane, ran
+
+    def unused(self, lane: _Lane, waiter: _Waiter | None) -> None:
+        """Give ``lane`` back unused by a record handed it: a first statement a batch ran for
+        it is undone (and with it those after it, which go again)."""
+        if waiter is not None and waiter.ran is not None:
+            self._undo_from(lane, waiter)
+        self.give_back(lane)
+
+    def _undo_from(self, lane: _Lane, waiter: _Waiter) -> None:
+        """``waiter``'s statement, run by a batch, and those after it will not stand: the
+        connection undoes them before its next use; the records after it wait again."""
+        conn = lane.conn
+        if conn.in_transaction and conn.generation == waiter.generation:
+            assert waiter.savepoint is not None
+            conn.undo_later(waiter.savepoint)
+        waiter.unrun()
+        self._requeue(lane)
+
+    def _requeue(self, lane: _Lane) -> None:
+        """The records whose statements a batch ran on ``lane`` wait for it again, first,
+        their statements undone (or about to be)."""
+        while lane.ready:
+            waiter = lane.ready.pop()
+            waiter.unrun()
+            lane.waiting.appendleft(waiter)
 
     def _still_open(self) -> None:
         if self.closed:
@@ -180,13 +245,24 @@ class SharedTransaction:
 
     def give_back(self, lane: _Lane) -> None:
         lane.holder = None
-        if self._gate and lane in self.lanes[: self.most]:
-            self._serve(lane)
-        elif self._idle is not None and not self._idle.done():
+        self._serve(lane)
+        if lane.holder is None and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
     def _serve(self, lane: _Lane) -> None:
-        """Hand a free ``lane`` to the first record waiting for it (bound to it, or for any)."""
+        """Hand a free ``lane`` to the next record whose statement a batch ran on it (gate
+        shut or not: its statement is in the transaction), else, while the gate is open, to
+        the first record waiting for it (bound to it, or for any)."""
+        while lane.ready:
+            waiter = lane.ready.popleft()
+            if waiter.done():  # given up meanwhile: its statement must not stand
+                self._undo_from(lane, waiter)
+                break
+            lane.holder = waiter  # reserved until the record resumes
+            waiter.set_result(lane)
+            return
+        if not (self._gate and lane in self.lanes[: self.most]):
+            return
         for queue in (lane.waiting, self._any):
             while queue:
                 waiter = queue.popleft()
@@ -194,6 +270,78 @@ class SharedTransaction:
                     lane.holder = waiter  # reserved until the record resumes
                     waiter.set_result(lane)
                     return
+
+    # -- a batch of first statements --------------------------------------------------------
+
+    async def first(self, lane: _Lane, savepoint: str, sql: str, params: Any) -> Any:
+        """A record's first statement (``savepoint`` taken first) on ``lane``, which it holds.
+        Where the connection allows, the first statements of the records waiting for it go in
+        the same message (one message costs the server a whole statement's worth of CPU).
+        Each of them gets its result only on its turn, as if its statement had run then: the
+        records ahead of it have all ended, and none made a call after it ran. So a record
+        that calls again, or fails, first has the statements after its own undone (they go
+        again); one of them given up meanwhile has its own and those after it undone."""
+        conn = lane.conn
+        head = conn.first_text(savepoint, sql, params) if conn.batches else None
+        batch = self._followers(lane) if head is not None else []
+        if head is None or not batch:
+            return await conn.execute(sql, params, savepoint)
+        pieces = [(savepoint, head)] + [(w.savepoint or "", text) for w, text in batch]
+        stood: list[Any] = []
+        try:
+            result, stood = await conn.execute_firsts(pieces)
+        finally:
+            generation = conn.generation
+            waiters = [w for w, _ in batch]
+            for waiter, ran in zip(waiters, stood, strict=False):
+                waiter.ran, waiter.generation = ran, generation
+                lane.ready.append(waiter)
+            for waiter in reversed(waiters[len(stood) :]):
+                waiter.unrun()  # not run, or undone: it waits again, first
+                lane.waiting.appendleft(waiter)
+        return result
+
+    def _followers(self, lane: _Lane) -> list[tuple[_Waiter, str]]:
+        """Records waiting for ``lane`` (bound to it, then for any) whose first statements
+        can go in its next message, in order, each with its savepoint and its piece of the
+        message."""
+        if not self._gate or self.again >= _AGAIN or lane not in self.lanes[: self.most]:
+            return []
+        batch: list[tuple[_Waiter, str]] = []
+        conn = lane.conn
+        for queue in (lane.waiting, self._any):
+            while queue and len(batch) < _BATCH:
+                waiter = queue[0]
+                if waiter.done():
+                    queue.popleft()
+                    continue
+                if waiter.first is None:
+                    return batch
+                savepoint = self.savepoint_name()
+                text = conn.first_text(savepoint, *waiter.first)
+                if text is None:
+                    return batch
+                queue.popleft()
+                waiter.savepoint = savepoint
+                batch.append((waiter, text))
+        return batch
+
+    def undo_after(self, lane: _Lane) -> None:
+        """The statements a batch ran after the part of the record holding ``lane`` are
+        undone before the connection's next use; those records wait again."""
+        if lane.ready:
+            self._undo_from(lane, lane.ready[0])
+
+    def called_again(self, lane: _Lane | None) -> None:
+        """The record holding ``lane`` makes another call after its first statement: the
+        statements a batch ran after its own are undone first (those records go again)."""
+        self.again += (1.0 - self.again) * 0.05
+        if lane is not None:
+            self.undo_after(lane)
+
+    def ended_after_one(self) -> None:
+        """A record ended having made one call."""
+        self.again -= self.again * 0.05
 
     def reopen(self) -> None:
         """A step begins: records may take the database again."""
@@ -438,6 +586,8 @@ class SharedTransaction:
 
     async def _roll_back_all(self, error: BaseException) -> None:
         self._gate = False
+        for lane in self.lanes:
+            self._requeue(lane)  # what a batch ran for them is rolled back too
         await asyncio.gather(
             *(lane.conn.rollback(error) for lane in self.lanes), return_exceptions=True
         )
@@ -504,8 +654,8 @@ class RecordDb(Attempt):
     (:class:`NotAwaitedError`), rather than commit a record without its effects."""
 
     __slots__ = (
-        "_affinity", "_calls", "_generation", "_lane", "_lock", "_member", "_owner",
-        "_region", "_shared",
+        "_affinity", "_calls", "_calls_made", "_generation", "_lane", "_lock", "_member",
+        "_owner", "_region", "_shared",
     )  # fmt: skip
 
     def __init__(
@@ -524,6 +674,7 @@ class RecordDb(Attempt):
         self._generation = 0  # of the transaction its savepoint is in
         self.over = False  # the handler returned: whatever still runs under it is refused
         self._calls: list[Coroutine[Any, Any, Any]] = []
+        self._calls_made = 0  # on the database, in this attempt
         self._lock = asyncio.Lock()  # calls side by side (gather) take turns
 
     @property
@@ -540,15 +691,23 @@ class RecordDb(Attempt):
         self._calls.append(coro)
         return coro
 
-    async def _run(self, call: Callable[[SideBySide, str | None], Awaitable[T]]) -> T:
+    async def _run(
+        self,
+        call: Callable[[SideBySide, str | None], Awaitable[T]],
+        first: tuple[str, Any] | None = None,
+    ) -> T:
         """``call(connection, savepoint)`` on the record's connection: ``savepoint`` is the
         one to take first (the record's first call; the transaction is begun if none is
-        open), else None."""
+        open), else None. ``first``: the call is ``execute(*first)``, which may go in one
+        message with other records' first statements (see :meth:`SharedTransaction.first`)."""
         async with self._lock:
+            ran = None
             if self._lane is None:
-                lane = await self._shared.take(self._owner, self._affinity)
+                if self._region is not None:
+                    first = None  # its first statement ran (its lane was taken back since)
+                lane, ran = await self._shared.take(self._owner, self._affinity, first)
                 if self.over:  # a call left running took the database after the return
-                    self._shared.give_back(lane)
+                    self._shared.unused(lane, ran)
                     raise StrayStatementError("db was used after the handler returned")
                 self._lane = lane
             if self.over:
@@ -556,15 +715,27 @@ class RecordDb(Attempt):
             conn = self._lane.conn
             self._shared._still_open()
             if self._region is None:
+                if ran is not None:  # a batch ran its first statement: the result stands
+                    if ran.generation != conn.generation or not conn.in_transaction:
+                        raise WindowClosed  # rolled back since, with the transaction
+                    self._region, self._generation = ran.savepoint, ran.generation
+                    conn.owned_by(self)
+                    self._calls_made = 1
+                    return ran.ran  # type: ignore[no-any-return]
                 if not conn.in_transaction:
                     await conn.begin()
                 self._region, self._generation = self._shared.savepoint_name(), conn.generation
+                self._calls_made = 1
                 try:
+                    if first is not None:
+                        return await self._shared.first(self._lane, self._region, *first)  # type: ignore[no-any-return]
                     return await call(conn, self._region)
                 finally:
                     conn.owned_by(self)  # whichever task made the call: the part is this one's
             if conn.generation != self._generation or not conn.in_transaction:
                 raise WindowClosed  # the transaction it was in was rolled back under it
+            self._calls_made += 1
+            self._shared.called_again(self._lane)  # what a batch ran after it is undone first
             return await call(conn, None)
 
     def hold(self) -> Coroutine[Any, Any, Any]:
@@ -582,7 +753,11 @@ class RecordDb(Attempt):
     ) -> Coroutine[Any, Any, Any]:
         """``sql`` in the record's part of the transaction; awaited, returns the cursor."""
         refuse_transaction_control(sql)
-        return self._call(self._run(lambda conn, savepoint: conn.execute(sql, params, savepoint)))
+        return self._call(
+            self._run(
+                lambda conn, savepoint: conn.execute(sql, params, savepoint), first=(sql, params)
+            )
+        )
 
     def first_delivery(self, message: MessageLike | str) -> Coroutine[Any, Any, bool]:
         """As :meth:`SinkTransaction.first_delivery`, awaited: False if ``message`` was
@@ -642,6 +817,7 @@ class RecordDb(Attempt):
                 if region is None:
                     return
                 if error is not None:
+                    self._shared.undo_after(lane)  # in any case, before its own part
                     if same:
                         with _unless_same(error):
                             await conn.end_region(region, error)
@@ -649,6 +825,8 @@ class RecordDb(Attempt):
                 if not same:
                     raise WindowClosed  # rolled back under it: its window is gone
                 await conn.end_region(region, None)
+                if self._calls_made == 1:
+                    self._shared.ended_after_one()
                 if self._member is not None:
                     lane.members.append(self._member)
         finally:

@@ -447,6 +447,21 @@ class SideBySide(abc.ABC):
         """``sql`` in the open transaction; with ``savepoint``, that savepoint is taken first
         (in the same round trip, where the database allows)."""
 
+    # Whether records' first statements can go in one message (see ``runtime._shared_db``):
+    # then the connection has first_text, execute_firsts and undo_later.
+    batches = False
+
+    def first_text(
+        self, savepoint: str, sql: str, params: Sequence[Any] | Mapping[str, Any]
+    ) -> str | None:
+        return None
+
+    async def execute_firsts(self, pieces: Sequence[tuple[str, str]]) -> tuple[Any, list[Any]]:
+        raise NotImplementedError
+
+    def undo_later(self, savepoint: str) -> None:
+        raise NotImplementedError
+
     def owned_by(self, record: Attempt) -> None:
         """The record's part just opened on this connection is ``record``'s (its RecordDb,
         also the value of :data:`record_part` in its handler's code)."""

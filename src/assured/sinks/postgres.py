@@ -667,6 +667,10 @@ class PostgresSink(Sink):
         self._discard(self._conn)
 
 
+async def _nothing(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A call that only lets :meth:`_PostgresSideBySide._run` do what it does first."""
+
+
 def _gone(conn: psycopg.AsyncConnection[Any]) -> bool:
     """Whether the server has already closed ``conn`` (its backend ended while the transaction
     sat open: a timeout, an administrator, a restart), read without waiting: a COMMIT sent on
@@ -784,6 +788,12 @@ class _PostgresSideBySide(SideBySide):
         self._wire: Wire | None = None  # the hot path's reader on the connection's socket
         self._open = False
         self.lost: str | None = None
+        # A savepoint whose statements, and all after them, are to be undone before the
+        # connection's next use (records whose first statements a batch ran for them, and who
+        # will not have them: see ``runtime._shared_db``).
+        self._undo_first: str | None = None
+
+    batches = True
 
     @property
     def in_transaction(self) -> bool:
@@ -825,6 +835,7 @@ class _PostgresSideBySide(SideBySide):
                 pause = min(2.0, pause * 2)
         self._open = True
         self.lost = None
+        self._undo_first = None
         self.generation += 1
 
     def _lose(self, error: BaseException) -> NoReturn:
@@ -848,6 +859,8 @@ class _PostgresSideBySide(SideBySide):
         conn = self._conn
         assert conn is not None, "no transaction is open"
         assert self._open, "no transaction is open"
+        if self._undo_first is not None:
+            await self._take_back()
         if not wired:
             self._unwire()
         try:
@@ -878,6 +891,22 @@ class _PostgresSideBySide(SideBySide):
             if self._broken():  # a call on the wire cut short otherwise
                 self._cut_short()
             raise
+
+    def undo_later(self, savepoint: str) -> None:
+        """Undo ``savepoint`` and every statement after it before the next call or COMMIT."""
+        if self._undo_first is None:
+            self._undo_first = savepoint
+
+    async def _take_back(self) -> None:
+        """The undo :meth:`undo_later` asked for, if any; a failed one loses the connection,
+        so that its transaction never commits statements that were to be undone."""
+        savepoint, self._undo_first = self._undo_first, None
+        if savepoint is None:
+            return
+        try:
+            await self._undo(savepoint)
+        except psycopg.Error as e:
+            self._lose(e)
 
     def _cut_short(self) -> None:
         if self.lost is None:
@@ -927,15 +956,84 @@ class _PostgresSideBySide(SideBySide):
 
     async def _wired(self, conn: psycopg.AsyncConnection[Any], query: str) -> Result:
         """``query`` (a savepoint and a statement, see _merged) sent straight on libpq."""
+        results = await self._send(conn, query)
+        result = checked(results, conn.info.encoding)
+        return Result.of_result(result, conn, loaded_rows(result, conn))
+
+    async def _send(self, conn: psycopg.AsyncConnection[Any], query: str) -> list[Any]:
         wire = self._wire
         if wire is None or wire.conn is not conn:
             self._unwire()
             wire = self._wire = Wire(conn)
-        encoding = conn.info.encoding
         async with conn.lock:  # psycopg's own turn on the connection
-            results = await wire.run(query.encode(encoding))
-        result = checked(results, encoding)
-        return Result.of_result(result, conn, loaded_rows(result, conn))
+            return await wire.run(query.encode(conn.info.encoding))
+
+    def first_text(
+        self, savepoint: str, sql: str, params: Sequence[Any] | Mapping[str, Any]
+    ) -> str | None:
+        """A record's savepoint and first statement as one piece of a batch's message (see
+        :meth:`execute_firsts`), or None when it cannot go in one."""
+        conn = self._conn
+        if conn is None or not self._open or not wire_statement(sql):
+            return None
+        return self._merged(conn, savepoint, sql, params)
+
+    async def execute_firsts(
+        self, pieces: Sequence[tuple[str, str]]
+    ) -> tuple[Result, list[Result]]:
+        """Records' savepoints and first statements (``(savepoint, first_text)``, in order) in
+        one message: the first record's result (its error raised, as :meth:`execute` raises
+        it: then none of the others ran), and the results of the others that ran, in order.
+        When one of them failed, it and those after it are undone at once (they go again
+        later, on their own turn, and the error is met by its own record); so the results
+        returned are of statements that stand."""
+        texts = [text for _, text in pieces]
+        count = len(texts)
+
+        async def send(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
+            # Each piece on lines of its own: a comment closing one statement ends there.
+            results = await self._send(conn, "\n;\n".join(texts))
+            checked(results[:2], conn.info.encoding)  # the first record's error: its own
+            if len(results) > 2 * count or (
+                len(results) < 2 * count
+                and not any(r.status == pq.ExecStatus.FATAL_ERROR for r in results)
+            ):  # which statement ran is not known: nothing of the transaction may commit
+                self._lose(
+                    psycopg.InterfaceError(
+                        f"{len(results)} results from PostgreSQL for {count} savepoints and "
+                        "statements in one message"
+                    )
+                )
+            return results
+
+        try:
+            results = await self._run(send, wired=True)
+        except psycopg.Error as e:
+            _second_statement(e, texts[0])
+            raise
+        conn = self._conn
+        assert conn is not None
+        stood: list[Result] = []
+        try:
+            encoding = conn.info.encoding
+            head = Result.of_result(results[1], conn, loaded_rows(results[1], conn))
+            for i in range(1, count):
+                pair = results[2 * i : 2 * i + 2]
+                if len(pair) < 2 or any(r.status == pq.ExecStatus.FATAL_ERROR for r in pair):
+                    if pair:  # its savepoint, or more, ran: undone before anything else
+                        self.undo_later(pieces[i][0])
+                        await self._run(_nothing)
+                    break
+                checked(pair, encoding)
+                stood.append(Result.of_result(pair[1], conn, loaded_rows(pair[1], conn)))
+        except SinkUnavailableError:
+            raise
+        except asyncio.CancelledError:  # while undoing: which of them stand is not known
+            self._cut_short()
+            raise
+        except Exception as e:  # a result not read: which of them stand is not known
+            self._lose(e)
+        return head, stood
 
     def _merged(
         self,
@@ -1037,6 +1135,7 @@ class _PostgresSideBySide(SideBySide):
                 raise SinkUnavailableError(self.lost)
             assert conn is not None, "no transaction is open"
             assert self._open, "no transaction is open"
+            await self._take_back()  # statements of records that never had them, if any
             self._unwire()
             if _gone(conn):  # broken under it before COMMIT: rolled back for sure
                 self._lose(psycopg.OperationalError("the connection broke before COMMIT"))
@@ -1074,6 +1173,7 @@ class _PostgresSideBySide(SideBySide):
         self._open = False
 
     async def rollback(self, error: BaseException) -> None:
+        self._undo_first = None
         if not self._open:
             return
         self._open = False
@@ -1093,6 +1193,7 @@ class _PostgresSideBySide(SideBySide):
     async def _discard(self) -> None:
         conn, self._conn = self._conn, None
         self._open = False
+        self._undo_first = None
         self._unwire()
         self._wire = None
         if conn is not None:

@@ -1,0 +1,318 @@
+"""Records' first statements in one message on PostgreSQL (issue 14): records waiting for a
+connection have their savepoints and first statements sent together by the record whose turn
+it is. Each gets its result only on its own turn, so every record must see, and leave, what it
+would have had its statement run then: a record ahead that calls again or fails, a statement
+of the batch that fails, a record given up before its turn, a group commit or a rollback
+while some wait: nothing of a record commits without it, and nothing runs twice. Against a
+real PostgreSQL, one connection, records played step by step."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from assured import App, Message, PostgresSink
+from assured.log import Log
+from assured.runtime._shared_db import RecordDb, SharedTransaction, _Waiter
+from assured.sinks import _pg_wire
+from tests.conftest import fill_keyed as fill
+
+pytestmark = pytest.mark.postgres
+
+TABLE = "CREATE TABLE steps (id BIGINT GENERATED ALWAYS AS IDENTITY, who TEXT UNIQUE)"
+INSERT = "INSERT INTO steps (who) VALUES (%s)"
+
+
+def committed(dsn: str) -> list[str]:
+    """Who committed a row, in the order the rows were made."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [who for (who,) in conn.execute("SELECT who FROM steps ORDER BY id")]
+
+
+class Messages:
+    """Counts the messages sent straight on libpq (the hot path's), by wrapping Wire.run."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.sent: list[int] = []  # statements in each
+        run = _pg_wire.Wire.run
+
+        async def counted(wire: _pg_wire.Wire, query: bytes) -> Any:
+            self.sent.append(query.count(b"SAVEPOINT"))
+            return await run(wire, query)
+
+        monkeypatch.setattr(_pg_wire.Wire, "run", counted)
+
+
+class Play:
+    """A window of one connection and records played on it: each inserts its name, may wait
+    for a go, then may insert again, raise, or be cancelled."""
+
+    def __init__(self, dsn: str):
+        self.sink = PostgresSink(dsn, connections=1)
+        self.shared = SharedTransaction(self.sink, "g", {}, marks=False, epochs=dict)
+        self.shared.again = 0.0  # as after records seen to make one call each
+        self.shared.reopen()
+        self.go: dict[str, asyncio.Event] = {}
+        self.got: dict[str, Any] = {}  # what each record's first call returned or raised
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def record(
+        self, name: str, hold: bool = False, again: bool = False, fail: bool = False
+    ) -> None:
+        self.go[name] = asyncio.Event()
+        if not hold:
+            self.go[name].set()
+
+        async def run() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            db = RecordDb(self.shared, task)
+            try:
+                try:
+                    result = await db.execute(INSERT + " RETURNING who", (name,))
+                    self.got[name] = result.fetchone()[0]
+                except psycopg.Error as e:
+                    self.got[name] = e
+                    raise
+                await self.go[name].wait()
+                if again:
+                    await db.execute(INSERT, (name + "+",))
+                if fail:
+                    raise RuntimeError(name)
+            except BaseException as e:
+                await db.end(e)
+                raise
+            await db.end(None)
+
+        self.tasks[name] = asyncio.create_task(run())
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+
+    async def commit(self) -> None:
+        await self.shared.commit(lambda: ([], {}))
+
+    async def finish(self) -> dict[str, BaseException | None]:
+        done = await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.commit()
+        await self.shared.close()
+        return {n: r for n, r in zip(self.tasks, done, strict=True) if r is not None}
+
+
+def play(dsn: str, scenario: Callable[[Play], Awaitable[None]], *setup: str) -> Play:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for sql in (TABLE, *setup):
+            conn.execute(sql)
+
+    async def main() -> Play:
+        p = Play(dsn)
+        await asyncio.wait_for(scenario(p), 20)
+        return p
+
+    return asyncio.run(main())
+
+
+async def a_batch_behind(p: Play, b: dict[str, bool] | None = None) -> None:
+    """A holds the connection; B (``b``: its behaviour) and C..F wait for it; A ends, and B
+    sends its statement with C..F's. Returns with B holding the connection."""
+    p.record("A", hold=True)
+    await p.settle()
+    p.record("B", hold=True, **(b or {}))
+    for name in "CDEF":
+        p.record(name)
+    await p.settle()
+    p.go["A"].set()
+    await p.settle()
+
+
+def test_waiting_records_first_statements_go_in_one_message_and_keep_their_order(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages = Messages(monkeypatch)
+
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p)
+        assert p.got["B"] == "B"
+        assert "C" not in p.got  # C's result only on its turn
+        p.go["B"].set()
+        assert await p.finish() == {}
+
+    p = play(pg_dsn, scenario)
+    assert messages.sent == [1, 5]  # A alone; B with C, D, E and F
+    assert p.got == {n: n for n in "ABCDEF"}
+    assert committed(pg_dsn) == list("ABCDEF")
+
+
+def test_a_record_that_calls_again_has_the_batch_after_it_undone_and_sent_again(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages = Messages(monkeypatch)
+
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p, {"again": True})
+        p.go["B"].set()
+        assert await p.finish() == {}
+
+    p = play(pg_dsn, scenario)
+    # B's second row comes right after its first: C..F's first run was undone, then redone
+    assert committed(pg_dsn) == ["A", "B", "B+", "C", "D", "E", "F"]
+    assert p.got == {n: n for n in "ABCDEF"}
+    assert messages.sent[:2] == [1, 5]
+    assert messages.sent[-1] == 4  # C with D, E and F again
+
+
+def test_a_record_that_fails_takes_nothing_of_the_others_with_it(pg_dsn: str) -> None:
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p, {"fail": True})
+        p.go["B"].set()
+        failed = await p.finish()
+        assert list(failed) == ["B"]
+        assert isinstance(failed["B"], RuntimeError)
+
+    play(pg_dsn, scenario)
+    assert committed(pg_dsn) == ["A", "C", "D", "E", "F"]
+
+
+def test_a_statement_that_fails_in_a_batch_fails_its_own_record_alone(pg_dsn: str) -> None:
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p)
+        p.go["B"].set()
+        failed = await p.finish()
+        assert list(failed) == ["D"]
+        assert isinstance(failed["D"], psycopg.errors.UniqueViolation)
+
+    p = play(pg_dsn, scenario, "INSERT INTO steps (who) VALUES ('D')")  # D's will conflict
+    assert isinstance(p.got["D"], psycopg.errors.UniqueViolation)
+    assert all(p.got[n] == n for n in "ABCEF")
+    assert committed(pg_dsn) == ["D", "A", "B", "C", "E", "F"]  # D: the row there before
+
+
+def test_a_record_given_up_before_its_turn_leaves_nothing_and_those_after_it_go_again(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages = Messages(monkeypatch)
+
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p)
+        p.tasks["D"].cancel()  # its statement ran in B's message; it never gets its turn
+        await p.settle()
+        p.go["B"].set()
+        failed = await p.finish()
+        assert list(failed) == ["D"]
+        assert isinstance(failed["D"], asyncio.CancelledError)
+
+    p = play(pg_dsn, scenario)
+    assert committed(pg_dsn) == ["A", "B", "C", "E", "F"]
+    assert messages.sent == [1, 5, 2]  # E and F again, after D's statement was undone
+    assert "D" not in p.got
+
+
+def test_the_last_record_of_a_batch_given_up_leaves_nothing_at_the_commit(pg_dsn: str) -> None:
+    """No record uses the connection after F's statement is to be undone: the commit does it."""
+
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p)
+        p.tasks["F"].cancel()
+        await p.settle()
+        p.go["B"].set()
+        failed = await p.finish()
+        assert list(failed) == ["F"]
+
+    play(pg_dsn, scenario)
+    assert committed(pg_dsn) == list("ABCDE")
+
+
+def test_a_record_handed_its_turn_as_it_is_cancelled_leaves_nothing(pg_dsn: str) -> None:
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p)
+        p.go["B"].set()
+        for _ in range(50):  # C's turn: handed the connection, not yet resumed
+            await asyncio.sleep(0)
+            if isinstance(p.shared.lanes[0].holder, _Waiter):
+                p.tasks["C"].cancel()
+                break
+        assert "C" not in p.got
+        failed = await p.finish()
+        assert list(failed) == ["C"]
+
+    play(pg_dsn, scenario)
+    assert committed(pg_dsn) == ["A", "B", "D", "E", "F"]
+
+
+def test_a_group_commit_begun_while_records_wait_with_statements_run_takes_them_all(
+    pg_dsn: str,
+) -> None:
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p)
+        commit = asyncio.create_task(p.commit())  # the gate shuts; C..F's statements ran
+        await p.settle()
+        assert not commit.done()  # waits for B, and for C..F to have their turns
+        p.go["B"].set()
+        await asyncio.wait_for(commit, 5)
+        assert committed(p.sink.dsn) == list("ABCDEF")
+        assert await p.finish() == {}
+
+    play(pg_dsn, scenario)
+
+
+def test_a_rollback_while_records_wait_with_statements_run_has_them_run_again(
+    pg_dsn: str,
+) -> None:
+    async def scenario(p: Play) -> None:
+        await a_batch_behind(p)
+        await p.shared.rollback()  # a failed step: A's, B's and C..F's statements are gone
+        p.go["B"].set()
+        await p.settle()
+        p.shared.reopen()  # the next step: C..F run again, in a new transaction
+        failed = await p.finish()
+        assert list(failed) == ["B"]  # its part was rolled back under it
+
+    play(pg_dsn, scenario)
+    assert committed(pg_dsn) == ["C", "D", "E", "F"]
+
+
+def test_records_side_by_side_in_batches_commit_each_effect_once(
+    log: Log, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An App into PostgreSQL on two connections, 600 records 100 at a time: most make one
+    insert; some insert again after a wait, some fail for good after their insert, some
+    conflict with a row already there (dead-lettered): every record that succeeded has its
+    rows once, none of the others has any, and batches did form."""
+    messages = Messages(monkeypatch)
+    values = fill(log, 600)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE fx (id BIGSERIAL, v BYTEA UNIQUE, k BYTEA)")
+        conn.execute("INSERT INTO fx (v) VALUES (%s)", (b"m0250",))
+    app = App(log=log, group="g", guarantee="exactly-once")
+    rng = random.Random(5)
+
+    @app.handler(
+        "in", sink=PostgresSink(pg_dsn, connections=2), concurrency=100, retries=1, backoff_ms=1
+    )
+    async def handle(msg: Message, db: Any) -> None:
+        await asyncio.sleep(rng.random() * 0.01)
+        n = int(msg.value[1:])
+        await db.execute("INSERT INTO fx (v, k) VALUES (%s, %s)", (msg.value, msg.key))
+        if n % 37 == 0:
+            await asyncio.sleep(0.002)
+            await db.execute("INSERT INTO fx (v, k) VALUES (%s, %s)", (msg.value + b"+", msg.key))
+        if n % 41 == 0:
+            raise RuntimeError("fails for good")
+
+    assert app.run(until_idle=0.5).processed == 600
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        found = [bytes(v) for (v,) in conn.execute("SELECT v FROM fx ORDER BY id")]
+    failed = {v for v in values if int(v[1:]) % 41 == 0} | {b"m0250"}
+    want = [v for v in values if v not in failed] + [
+        v + b"+" for v in values if int(v[1:]) % 37 == 0 and v not in failed
+    ]
+    assert Counter(found) == Counter([*want, b"m0250"])
+    assert len(messages.sent) < 400  # batches formed
+    assert max(messages.sent) > 2
