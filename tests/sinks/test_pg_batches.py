@@ -9,6 +9,7 @@ real PostgreSQL, one connection, records played step by step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from assured.log import Log
 from assured.runtime._shared_db import RecordDb, SharedTransaction, _Waiter
 from assured.sinks import _pg_wire
 from tests.conftest import fill_keyed as fill
+from tests.sinks.conftest import read_all
 
 pytestmark = pytest.mark.postgres
 
@@ -92,12 +94,19 @@ class Play:
 
         self.tasks[name] = asyncio.create_task(run())
 
-    async def settle(self) -> None:
-        for _ in range(20):
+    async def settle(self, times: int = 20) -> None:
+        for _ in range(times):
             await asyncio.sleep(0.01)
 
     async def commit(self) -> None:
         await self.shared.commit(lambda: ([], {}))
+
+    async def close(self) -> None:
+        """Whatever happened, no transaction is left open (it would hold the test's schema)."""
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.shared.close()
 
     async def finish(self) -> dict[str, BaseException | None]:
         done = await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -113,7 +122,10 @@ def play(dsn: str, scenario: Callable[[Play], Awaitable[None]], *setup: str) -> 
 
     async def main() -> Play:
         p = Play(dsn)
-        await asyncio.wait_for(scenario(p), 20)
+        try:
+            await asyncio.wait_for(scenario(p), 20)
+        finally:
+            await p.close()
         return p
 
     return asyncio.run(main())
@@ -316,3 +328,121 @@ def test_records_side_by_side_in_batches_commit_each_effect_once(
     assert Counter(found) == Counter([*want, b"m0250"])
     assert len(messages.sent) < 400  # batches formed
     assert max(messages.sent) > 2
+
+
+def test_records_waiting_again_on_a_connection_no_longer_used_get_another(pg_dsn: str) -> None:
+    """B's batch ran on the second connection when the window fell back to one (a commit
+    waited for a lock): B calls again, and C and D, whose statements it undid, wait for the
+    first connection, not for one nobody serves any more."""
+
+    async def scenario(p: Play) -> None:
+        p.record("A", hold=True)
+        await p.settle()
+        p.record("X", hold=True)
+        await p.settle()
+        p.record("B", hold=True, again=True)
+        for name in "CD":
+            p.record(name)
+        await p.settle()
+        p.go["X"].set()  # B gets the second connection, and sends C's and D's with its own
+        await p.settle()
+        assert len(p.shared.lanes[1].ready) == 2
+        p.go["A"].set()
+        await p.settle()
+        p.shared._one_connection()
+        p.go["B"].set()
+        assert await asyncio.wait_for(p.finish(), 5) == {}
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(TABLE)
+
+    async def main() -> None:
+        p = Play(pg_dsn)
+        p.sink = PostgresSink(pg_dsn, connections=2)
+        p.shared = SharedTransaction(p.sink, "g", {}, marks=False, epochs=dict)
+        p.shared.again = 0.0
+        p.shared.reopen()
+        try:
+            await scenario(p)
+        finally:
+            await p.close()
+
+    asyncio.run(main())
+    assert sorted(committed(pg_dsn)) == sorted(["A", "X", "B", "B+", "C", "D"])
+
+
+@pytest.mark.parametrize("who", ["B", "E"])
+def test_a_record_cancelled_at_any_point_while_statements_are_undone_leaves_none_of_them(
+    pg_dsn: str, who: str
+) -> None:
+    """B fails (its part and the batch after it are undone), or E goes first after D, given up
+    before its turn, must have its statement undone: the record is cancelled at each point of
+    the way in turn. Whatever lands, neither B's row nor D's ever commits, and no row twice."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(TABLE)
+
+    async def once(k: int) -> list[str]:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE steps")
+        p = Play(pg_dsn)
+        p.record("A", hold=True)
+        await p.settle(2)
+        p.record("B", hold=True, fail=who == "B")
+        for name in "CDEF":
+            p.record(name)
+        await p.settle(2)
+        p.go["A"].set()
+        await p.settle(2)
+        if who == "E":
+            p.tasks["D"].cancel()
+            await p.settle(2)
+        p.go["B"].set()
+        for _ in range(k):
+            await asyncio.sleep(0)
+        p.tasks[who].cancel()
+        try:
+            await asyncio.wait_for(asyncio.gather(*p.tasks.values(), return_exceptions=True), 10)
+            with contextlib.suppress(Exception):
+                await p.commit()
+        finally:
+            await p.close()
+        return committed(pg_dsn)
+
+    for k in range(30):
+        found = asyncio.run(once(k))
+        assert "B" not in found or who != "B", k
+        assert "D" not in found or who != "E", k
+        assert len(found) == len(set(found)), k
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_a_statement_that_does_not_parse_fails_its_own_record_not_the_one_that_sent_it(
+    log: Log, pg_dsn: str, calls: int
+) -> None:
+    """PostgreSQL refuses a message whole when one statement in it does not parse, its
+    savepoint too: that is the sink's failure (the step is redone), and from then on that SQL
+    goes alone, then in a pipeline, so its own record meets the error and is dead-lettered,
+    and every other record's row commits once. With two calls a record no batch is made: the
+    record's own message of its savepoint and statement is refused (before, the App stopped
+    on the aborted transaction)."""
+    values = fill(log, 300)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE fx (id BIGSERIAL, v BYTEA UNIQUE)")
+    app = App(log=log, group="g", guarantee="exactly-once")
+    rng = random.Random(7)
+
+    @app.handler(
+        "in", sink=PostgresSink(pg_dsn, connections=1), concurrency=100, retries=1, backoff_ms=1
+    )
+    async def handle(msg: Message, db: Any) -> None:
+        await asyncio.sleep(rng.random() * 0.01)
+        bad = " RETURNING v v v" if msg.value == b"m0150" else ""
+        await db.execute("INSERT INTO fx (v) VALUES (%s)" + bad, (msg.value,))
+        if calls == 2:
+            await db.execute("SELECT 1")
+
+    assert app.run(until_idle=0.5).processed >= 300  # those in flight at a refusal: again
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        found = [bytes(v) for (v,) in conn.execute("SELECT v FROM fx")]
+    assert Counter(found) == Counter(v for v in values if v != b"m0150")
+    assert [r.value for r in read_all(log, "in.dlq")] == [b"m0150"]

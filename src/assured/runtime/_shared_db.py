@@ -49,6 +49,7 @@ from assured.runtime.crashpoints import crash_point
 from assured.sinks import Sink, SinkCommitUnknownError, SinkFencedError, SinkTransaction
 from assured.sinks._base import (
     Attempt,
+    BatchRefusedError,
     CommitWaitError,
     MessageLike,
     SideBySide,
@@ -150,6 +151,9 @@ class SharedTransaction:
         # How often a record calls the database again after its first statement (decaying
         # from 1: no batch before the handler is seen to make one call only).
         self.again = 1.0
+        # SQL that was in a message of several records' the database refused whole (one did
+        # not parse): it goes on its own until it has run so once.
+        self._alone: set[str] = set()
 
     # Whether records above the stored positions are marked done (the audit's planted
     # ``side-by-side-without-marks`` turns it off, to show what the marks prevent).
@@ -216,12 +220,25 @@ class SharedTransaction:
         self._requeue(lane)
 
     def _requeue(self, lane: _Lane) -> None:
-        """The records whose statements a batch ran on ``lane`` wait for it again, first,
-        their statements undone (or about to be)."""
-        while lane.ready:
-            waiter = lane.ready.pop()
+        """The records whose statements a batch ran on ``lane`` wait again, first, their
+        statements undone (or about to be)."""
+        waiters = list(lane.ready)
+        lane.ready.clear()
+        self._wait_again(lane, waiters)
+
+    def _wait_again(self, lane: _Lane, waiters: list[_Waiter]) -> None:
+        """``waiters`` (taken from the queues for a batch on ``lane``) wait again, first, in
+        their order: for ``lane``, or, if the window no longer uses it (see
+        :meth:`_one_connection`), for any connection (a free one is handed to them)."""
+        used = lane in self.lanes[: self.most]
+        queue = lane.waiting if used else self._any
+        for waiter in reversed(waiters):
             waiter.unrun()
-            lane.waiting.appendleft(waiter)
+            queue.appendleft(waiter)
+        if not used and waiters:
+            for other in self.lanes[: self.most]:
+                if other.holder is None:
+                    self._serve(other)
 
     def _still_open(self) -> None:
         if self.closed:
@@ -282,23 +299,30 @@ class SharedTransaction:
         that calls again, or fails, first has the statements after its own undone (they go
         again); one of them given up meanwhile has its own and those after it undone."""
         conn = lane.conn
-        head = conn.first_text(savepoint, sql, params) if conn.batches else None
+        batches = conn.batches and sql not in self._alone
+        head = conn.first_text(savepoint, sql, params) if batches else None
         batch = self._followers(lane) if head is not None else []
         if head is None or not batch:
-            return await conn.execute(sql, params, savepoint)
+            result = await conn.execute(sql, params, savepoint)
+            self._alone.discard(sql)  # not the one at fault
+            return result
         pieces = [(savepoint, head)] + [(w.savepoint or "", text) for w, text in batch]
         stood: list[Any] = []
         try:
             result, stood = await conn.execute_firsts(pieces)
+        except BatchRefusedError:
+            if len(self._alone) > 1000:
+                self._alone.clear()
+            self._alone.add(sql)
+            self._alone.update(w.first[0] for w, _ in batch if w.first is not None)
+            raise
         finally:
             generation = conn.generation
             waiters = [w for w, _ in batch]
             for waiter, ran in zip(waiters, stood, strict=False):
                 waiter.ran, waiter.generation = ran, generation
                 lane.ready.append(waiter)
-            for waiter in reversed(waiters[len(stood) :]):
-                waiter.unrun()  # not run, or undone: it waits again, first
-                lane.waiting.appendleft(waiter)
+            self._wait_again(lane, waiters[len(stood) :])  # not run, or undone
         return result
 
     def _followers(self, lane: _Lane) -> list[tuple[_Waiter, str]]:
@@ -315,7 +339,7 @@ class SharedTransaction:
                 if waiter.done():
                     queue.popleft()
                     continue
-                if waiter.first is None:
+                if waiter.first is None or waiter.first[0] in self._alone:
                     return batch
                 savepoint = self.savepoint_name()
                 text = conn.first_text(savepoint, *waiter.first)
@@ -817,7 +841,9 @@ class RecordDb(Attempt):
                 if region is None:
                     return
                 if error is not None:
-                    self._shared.undo_after(lane)  # in any case, before its own part
+                    # What a batch ran after its part goes with it (if not, the
+                    # transaction itself is over): those records go again.
+                    self._shared._requeue(lane)
                     if same:
                         with _unless_same(error):
                             await conn.end_region(region, error)

@@ -81,6 +81,13 @@ class SinkUnavailableError(RetriableError):
     never retry the handler on it nor dead-letter its record."""
 
 
+class BatchRefusedError(SinkUnavailableError):
+    """The database refused a message of several records' first statements whole (one of
+    them does not parse): the transaction is aborted, as the sink's failure, and those
+    statements go on their own from then on, so that the record whose statement it is meets
+    its own error."""
+
+
 class SinkCommitUnknownError(SinkUnavailableError):
     """The connection broke while the database was committing: the transaction may have
     committed or not, and nobody can tell from here. Before redoing anything, re-read the

@@ -28,7 +28,7 @@ from psycopg.adapt import Transformer as _Transformer
 
 from assured.sinks._base import after_comments
 
-__all__ = ["Wire", "checked", "loaded_rows", "wire_statement"]
+__all__ = ["Wire", "batch_statement", "checked", "loaded_rows", "wire_statement"]
 
 _ERROR = pq.ExecStatus.FATAL_ERROR
 _TUPLES = pq.ExecStatus.TUPLES_OK
@@ -42,12 +42,28 @@ _LOOK_S = 0.1
 _PLAIN = frozenset({"INSERT", "UPDATE", "DELETE", "SELECT", "WITH", "MERGE", "VALUES", "TABLE"})
 
 
+# Statements that may go in one message with other records' (see runtime._shared_db): those
+# that change rows. A SELECT is more often a call of a function whose effects a savepoint does
+# not undo (a session advisory lock, a call to another server), and a batch's statement may
+# run again.
+_BATCHED = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+
+
+def _first_word(sql: str) -> str:
+    text = after_comments(sql, nested=True)
+    return text[:7].split(None, 1)[0].upper().rstrip("(;") if text.strip() else ""
+
+
 @functools.lru_cache(maxsize=512)
 def wire_statement(sql: str) -> bool:
     """Whether ``sql`` (already known to be one statement) is a kind this path reads."""
-    text = after_comments(sql, nested=True)
-    word = text[:7].split(None, 1)[0].upper() if text.strip() else ""
-    return word.rstrip("(;") in _PLAIN
+    return _first_word(sql) in _PLAIN
+
+
+@functools.lru_cache(maxsize=512)
+def batch_statement(sql: str) -> bool:
+    """Whether ``sql`` (already known to be one statement) may go in a batch's message."""
+    return _first_word(sql) in _BATCHED
 
 
 class Wire:

@@ -28,6 +28,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from assured.errors import ConfigError, ServiceError, UsageError
 from assured.log import TopicPartition
 from assured.sinks._base import (
+    BatchRefusedError,
     CommitWaitError,
     SideBySide,
     Sink,
@@ -43,7 +44,7 @@ from assured.sinks._base import (
     refuse_transaction_control,
 )
 from assured.sinks._one_statement import one_statement
-from assured.sinks._pg_wire import Wire, checked, loaded_rows, wire_statement
+from assured.sinks._pg_wire import Wire, batch_statement, checked, loaded_rows, wire_statement
 
 __all__ = ["PostgresSink"]
 
@@ -511,6 +512,9 @@ class PostgresSink(Sink):
                 "use at once, a whole number of 1 or more"
             )
         self.side_by_side_connections = connections
+        # SQL whose savepoint-and-statement message PostgreSQL refused whole (it does not
+        # parse): sent in a pipeline from then on, where its savepoint stands before it fails.
+        self.refused_whole: set[str] = set()
         self.dsn = dsn
         self.reconnect_timeout_s = reconnect_timeout_s
         self.connect_timeout_s = max(1, int(connect_timeout_s))
@@ -907,6 +911,9 @@ class _PostgresSideBySide(SideBySide):
             await self._undo(savepoint)
         except psycopg.Error as e:
             self._lose(e)
+        except BaseException:  # cancelled: whether the undo landed is not known
+            self._cut_short()
+            raise
 
     def _cut_short(self) -> None:
         if self.lost is None:
@@ -926,7 +933,7 @@ class _PostgresSideBySide(SideBySide):
             merged = self._merged(self._conn, savepoint, sql, params)
             if merged is not None:  # the hot path: one message, read straight off libpq
                 try:
-                    return await self._run(lambda conn: self._wired(conn, merged), wired=True)
+                    return await self._run(lambda conn: self._wired(conn, merged, sql), wired=True)
                 except psycopg.Error as e:
                     _second_statement(e, sql)
                     raise
@@ -954,9 +961,11 @@ class _PostgresSideBySide(SideBySide):
             _second_statement(e, sql)
             raise
 
-    async def _wired(self, conn: psycopg.AsyncConnection[Any], query: str) -> Result:
-        """``query`` (a savepoint and a statement, see _merged) sent straight on libpq."""
+    async def _wired(self, conn: psycopg.AsyncConnection[Any], query: str, sql: str) -> Result:
+        """``query`` (a savepoint and ``sql``, see _merged) sent straight on libpq."""
         results = await self._send(conn, query)
+        if results and results[0].status == pq.ExecStatus.FATAL_ERROR:
+            self._refused_whole([sql], results[0], conn)
         result = checked(results, conn.info.encoding)
         return Result.of_result(result, conn, loaded_rows(result, conn))
 
@@ -968,13 +977,32 @@ class _PostgresSideBySide(SideBySide):
         async with conn.lock:  # psycopg's own turn on the connection
             return await wire.run(query.encode(conn.info.encoding))
 
+    def _refused_whole(
+        self, sqls: list[str], result: Any, conn: psycopg.AsyncConnection[Any]
+    ) -> NoReturn:
+        """The first savepoint of a message failed, so none of it ran (a statement in it does
+        not parse: PostgreSQL parses a message whole first), and the transaction is aborted
+        with no savepoint of the record's to go back to: the sink's failure (the records in
+        flight are redone). ``sqls``, known to be at fault, go in a pipeline from then on;
+        with none known (a batch), :class:`BatchRefusedError` says to send them alone."""
+        error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        if len(self.sink.refused_whole) > 1000:
+            self.sink.refused_whole.clear()
+        self.sink.refused_whole.update(sqls)
+        self.lost = (
+            f"PostgreSQL at {self.sink.where} refused a message of records' statements whole "
+            f"({type(error).__name__}: {error}); the transaction is rolled back and its "
+            "records redone, the statement at fault in a message of its own"
+        )
+        raise (BatchRefusedError if not sqls else SinkUnavailableError)(self.lost) from error
+
     def first_text(
         self, savepoint: str, sql: str, params: Sequence[Any] | Mapping[str, Any]
     ) -> str | None:
         """A record's savepoint and first statement as one piece of a batch's message (see
         :meth:`execute_firsts`), or None when it cannot go in one."""
         conn = self._conn
-        if conn is None or not self._open or not wire_statement(sql):
+        if conn is None or not self._open or not batch_statement(sql):
             return None
         return self._merged(conn, savepoint, sql, params)
 
@@ -993,6 +1021,8 @@ class _PostgresSideBySide(SideBySide):
         async def send(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
             # Each piece on lines of its own: a comment closing one statement ends there.
             results = await self._send(conn, "\n;\n".join(texts))
+            if results and results[0].status == pq.ExecStatus.FATAL_ERROR:
+                self._refused_whole([], results[0], conn)  # whose statement: not known
             checked(results[:2], conn.info.encoding)  # the first record's error: its own
             if len(results) > 2 * count or (
                 len(results) < 2 * count
@@ -1048,7 +1078,7 @@ class _PostgresSideBySide(SideBySide):
         in a pipeline, where the server itself refuses a second statement. One difference
         shows: a column that is a bare value, unnamed as a parameter (``?column?``), is
         named by its literal's cast (``int8``, ``date``) in ``description``."""
-        if not one_statement(sql) or not _literal_kinds(params):
+        if not one_statement(sql) or not _literal_kinds(params) or sql in self.sink.refused_whole:
             return None
         if self._literals is None or self._literals.connection is not conn:
             self._literals = psycopg.AsyncClientCursor(conn)
