@@ -21,7 +21,7 @@ import pytest
 from assured import App, Message, PostgresSink
 from assured.log import Log
 from assured.runtime._shared_db import RecordDb, SharedTransaction, _Waiter
-from assured.sinks import _pg_wire
+from assured.sinks import SinkUnavailableError, _pg_wire
 from tests.conftest import fill_keyed as fill
 from tests.sinks.conftest import read_all
 
@@ -446,3 +446,65 @@ def test_a_statement_that_does_not_parse_fails_its_own_record_not_the_one_that_s
         found = [bytes(v) for (v,) in conn.execute("SELECT v FROM fx")]
     assert Counter(found) == Counter(v for v in values if v != b"m0150")
     assert [r.value for r in read_all(log, "in.dlq")] == [b"m0150"]
+
+
+def test_a_record_given_up_while_a_call_it_left_running_ends_commits_nothing(
+    pg_dsn: str,
+) -> None:
+    """R fails while a call it started beside another (gather) still runs, and is given up (a
+    drain's deadline, the region limit) while its end waits for that call: its part is left
+    neither kept nor undone, so the connection's transaction never commits; W, which took
+    the connection meanwhile, fails as the sink's failure and is redone with the step."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(TABLE)
+
+    async def main() -> tuple[BaseException | None, list[str], BaseException | None]:
+        p = Play(pg_dsn)
+
+        async def record() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            db = RecordDb(p.shared, task)
+            try:
+                await db.execute(INSERT, ("R",))
+
+                async def api() -> None:
+                    await asyncio.sleep(0.05)
+                    raise RuntimeError("the API failed")
+
+                slow = "INSERT INTO steps (who) SELECT 'R-slow' FROM pg_sleep(0.5)"
+                await asyncio.gather(db.execute(slow), api())
+            except BaseException as e:
+                await db.end(e)
+                raise
+            await db.end(None)
+
+        r = asyncio.create_task(record())
+        await asyncio.sleep(0.2)  # R failed; its end waits for the slow call
+        r.cancel()
+        await asyncio.gather(r, return_exceptions=True)
+        w_error: BaseException | None = None
+        try:
+            task = asyncio.current_task()
+            assert task is not None
+            w = RecordDb(p.shared, task)
+            try:
+                await w.execute(INSERT, ("W",))
+            except Exception as e:
+                await w.end(e)
+                raise
+            await w.end(None)
+        except Exception as e:
+            w_error = e
+        commit_error: BaseException | None = None
+        try:
+            await asyncio.wait_for(p.commit(), 10)
+        except Exception as e:
+            commit_error = e
+        finally:
+            await p.close()
+        return w_error, committed(pg_dsn), commit_error
+
+    w_error, found, commit_error = asyncio.run(main())
+    assert found == []
+    assert isinstance(w_error or commit_error, SinkUnavailableError)

@@ -835,28 +835,38 @@ class RecordDb(Attempt):
         lane.held_since = time.monotonic()  # ending: not to be cancelled as overrun now
         region, self._region = self._region, None
         try:
-            async with self._lock:  # a call still running (cancelled, or left) ends first
-                conn = lane.conn
-                same = conn.in_transaction and conn.generation == self._generation
-                if region is None:
-                    return
-                if error is not None:
-                    # What a batch ran after its part goes with it (if not, the
-                    # transaction itself is over): those records go again.
-                    self._shared._requeue(lane)
-                    if same:
-                        with _unless_same(error):
-                            await conn.end_region(region, error)
-                    return
-                if not same:
-                    raise WindowClosed  # rolled back under it: its window is gone
-                await conn.end_region(region, None)
-                if self._calls_made == 1:
-                    self._shared.ended_after_one()
-                if self._member is not None:
-                    lane.members.append(self._member)
+            await self._close(lane, region, error)
+        except asyncio.CancelledError:
+            # Given up while its part ended (waiting for a call it left running, or in the
+            # undo): that part may stand, and a call of it may still be on the connection,
+            # whose transaction then must never commit.
+            lane.conn.abandon()
+            raise
         finally:
             self._shared.give_back(lane)
+
+    async def _close(self, lane: _Lane, region: str | None, error: BaseException | None) -> None:
+        """The record's part on ``lane`` ends: kept, or undone (see :meth:`end`)."""
+        async with self._lock:  # a call still running (cancelled, or left) ends first
+            conn = lane.conn
+            same = conn.in_transaction and conn.generation == self._generation
+            if region is None:
+                return
+            if error is not None:
+                # What a batch ran after its part goes with it (if not, the transaction
+                # itself is over): those records go again.
+                self._shared._requeue(lane)
+                if same:
+                    with _unless_same(error):
+                        await conn.end_region(region, error)
+                return
+            if not same:
+                raise WindowClosed  # rolled back under it: its window is gone
+            await conn.end_region(region, None)
+            if self._calls_made == 1:
+                self._shared.ended_after_one()
+            if self._member is not None:
+                lane.members.append(self._member)
 
 
 class _Guarded:

@@ -469,6 +469,10 @@ class SideBySide(abc.ABC):
     def undo_later(self, savepoint: str) -> None:
         raise NotImplementedError
 
+    def abandon(self) -> None:
+        """A record's part was left neither kept nor undone (its end was cancelled): the open
+        transaction must never commit."""
+
     def owned_by(self, record: Attempt) -> None:
         """The record's part just opened on this connection is ``record``'s (its RecordDb,
         also the value of :data:`record_part` in its handler's code)."""

@@ -915,6 +915,9 @@ class _PostgresSideBySide(SideBySide):
             self._cut_short()
             raise
 
+    def abandon(self) -> None:
+        self._cut_short()
+
     def _cut_short(self) -> None:
         if self.lost is None:
             self.lost = (
@@ -986,15 +989,20 @@ class _PostgresSideBySide(SideBySide):
         flight are redone). ``sqls``, known to be at fault, go in a pipeline from then on;
         with none known (a batch), :class:`BatchRefusedError` says to send them alone."""
         error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-        if len(self.sink.refused_whole) > 1000:
-            self.sink.refused_whole.clear()
-        self.sink.refused_whole.update(sqls)
+        unparsed = (error.sqlstate or "").startswith("42")  # syntax error, or access rule
+        if unparsed:
+            if len(self.sink.refused_whole) > 1000:
+                self.sink.refused_whole.clear()
+            self.sink.refused_whole.update(sqls)
         self.lost = (
             f"PostgreSQL at {self.sink.where} refused a message of records' statements whole "
             f"({type(error).__name__}: {error}); the transaction is rolled back and its "
-            "records redone, the statement at fault in a message of its own"
+            "records redone"
+            + (", the statement at fault in a message of its own" if unparsed else "")
         )
-        raise (BatchRefusedError if not sqls else SinkUnavailableError)(self.lost) from error
+        if unparsed and not sqls:
+            raise BatchRefusedError(self.lost) from error
+        raise SinkUnavailableError(self.lost) from error
 
     def first_text(
         self, savepoint: str, sql: str, params: Sequence[Any] | Mapping[str, Any]
