@@ -299,10 +299,11 @@ class SharedTransaction:
         that calls again, or fails, first has the statements after its own undone (they go
         again); one of them given up meanwhile has its own and those after it undone."""
         conn = lane.conn
-        batches = conn.batches and sql not in self._alone
-        head = conn.first_text(savepoint, sql, params) if batches else None
-        batch = self._followers(lane) if head is not None else []
-        if head is None or not batch:
+        batch = self._followers(lane) if conn.batches and sql not in self._alone else []
+        # Its own merged text only with others to go with it (else execute merges it).
+        head = conn.first_text(savepoint, sql, params) if batch else None
+        if head is None:
+            self._wait_again(lane, [waiter for waiter, _ in batch])
             result = await conn.execute(sql, params, savepoint)
             self._alone.discard(sql)  # not the one at fault
             return result
