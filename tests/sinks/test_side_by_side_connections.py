@@ -677,3 +677,40 @@ def test_a_call_on_the_wire_whose_reader_is_taken_off_still_ends(pg_dsn: str) ->
             await side.close()
 
     assert asyncio.run(run()) == [("", "done")]
+
+
+def test_a_record_past_its_limit_while_a_call_it_left_running_holds_it_fails_alone(
+    log: Log, pg_dsn: str
+) -> None:
+    """A handler fails while a statement it started beside its failing call (gather) never
+    ends: the record's end waits for that statement, past transaction_timeout_ms, and is
+    cancelled. Its part is neither kept nor undone, so its connection's transaction never
+    commits (the records on it go again); the record fails with a TimeoutError, is retried,
+    then dead-lettered, and the App goes on: every other record's row commits once."""
+    fill(log, 20)
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=4, retries=1,
+                 backoff_ms=1)  # fmt: skip
+    async def charge(msg: Message, db: Any) -> None:
+        await db.execute(INSERT, (msg.key, msg.value))
+        if msg.value == b"m0005":
+
+            async def api() -> None:
+                await asyncio.sleep(0.01)
+                raise RuntimeError("the API failed")
+
+            await asyncio.gather(db.execute("SELECT pg_sleep(3600)"), api())
+
+    try:
+        assert ends_within(app, 60, until_idle=1)
+    finally:  # a statement left sleeping would hold the test's schema
+        rows(
+            pg_dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query LIKE '%pg_sleep(3600)%' AND pid <> pg_backend_pid()",
+        )
+    assert sorted(v for _, v, _ in charges(pg_dsn)) == [
+        f"m{i:04d}".encode() for i in range(20) if i != 5
+    ]
+    assert [r.value for r in read_all(log, "in.dlq")] == [b"m0005"]

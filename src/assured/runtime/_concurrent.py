@@ -620,6 +620,28 @@ class Window:
         db = RecordDb(self.db, task, entry.record, lane_of(entry.record, self.spec.ordering))
         record_part.set(db)  # this attempt's, in its task and the tasks its handler starts
         try:
+            await self._in_db(entry, msg, db, task)
+        except asyncio.CancelledError:
+            if task not in self.db.overran:
+                raise
+            # The limit's cancel came while its part ended (waiting for a call the handler
+            # left running): the part was abandoned with its connection's transaction.
+            task.uncancel()
+            self.db.overran.discard(task)
+            raise self._late("a call it left running held the database") from None
+
+    def _late(self, what: str) -> TimeoutError:
+        assert self.db is not None
+        return TimeoutError(
+            f"the handler held the database for over {self.db.region_limit_s:g} s "
+            f"(transaction_timeout_ms; {what}) while every other record waited for it; its "
+            "work was rolled back. Do the waiting (an API call) before the first database "
+            "call, and await every call before returning."
+        )
+
+    async def _in_db(self, entry: _Entry, msg: Any, db: RecordDb, task: asyncio.Task[Any]) -> None:
+        assert self.db is not None
+        try:
             await self.spec.fn(msg, db)
         except asyncio.CancelledError as e:
             if task not in self.db.overran:
@@ -628,11 +650,7 @@ class Window:
             # Held the database past its limit: cancelled by the group commit, which waits
             # for it. The record's failure (retried, then dead-lettered), not the App's.
             task.uncancel()
-            late = TimeoutError(
-                f"the handler held the database for over {self.db.region_limit_s:g} s "
-                "(transaction_timeout_ms) while every other record waited for it; its work was "
-                "rolled back. Do the waiting (an API call) before the first database call."
-            )
+            late = self._late("its handler was still running")
             try:
                 await db.end(late)
             finally:  # not before: a look meanwhile would cancel it again

@@ -680,7 +680,7 @@ class RecordDb(Attempt):
 
     __slots__ = (
         "_affinity", "_calls", "_calls_made", "_generation", "_lane", "_lock", "_member",
-        "_owner", "_region", "_shared",
+        "_owner", "_region", "_running", "_shared",
     )  # fmt: skip
 
     def __init__(
@@ -700,6 +700,7 @@ class RecordDb(Attempt):
         self.over = False  # the handler returned: whatever still runs under it is refused
         self._calls: list[Coroutine[Any, Any, Any]] = []
         self._calls_made = 0  # on the database, in this attempt
+        self._running: set[asyncio.Task[Any]] = set()  # tasks in a call of it
         self._lock = asyncio.Lock()  # calls side by side (gather) take turns
 
     @property
@@ -725,6 +726,19 @@ class RecordDb(Attempt):
         one to take first (the record's first call; the transaction is begun if none is
         open), else None. ``first``: the call is ``execute(*first)``, which may go in one
         message with other records' first statements (see :meth:`SharedTransaction.first`)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)  # a call left running when the handler ends is cancelled
+        try:
+            return await self._on_connection(call, first)
+        finally:
+            self._running.discard(task)
+
+    async def _on_connection(
+        self,
+        call: Callable[[SideBySide, str | None], Awaitable[T]],
+        first: tuple[str, Any] | None,
+    ) -> T:
         async with self._lock:
             ran = None
             if self._lane is None:
@@ -806,6 +820,10 @@ class RecordDb(Attempt):
         or :class:`NotAwaitedError` for a call never awaited or not finished (its work is
         undone), or :class:`WindowClosed` when its transaction was rolled back meanwhile."""
         self.over = True
+        me = asyncio.current_task()
+        for task in self._running:  # left running (gather beside a call that failed): over
+            if task is not me:
+                task.cancel()
         open_calls = [c for c in self._calls if inspect.getcoroutinestate(c) != CORO_CLOSED]
         self._calls = []
         unstarted = False
