@@ -219,11 +219,17 @@ def test_a_stop_while_records_wait_for_each_others_row_locks_ends_promptly(
     assert rows(pg_dsn, "SELECT n FROM totals WHERE id = 1") == [(400,)]
 
 
-def test_a_record_stuck_in_a_statement_past_its_limit_fails_alone(log: Log, pg_dsn: str) -> None:
+@pytest.mark.parametrize("left_running", [False, True])
+def test_a_record_stuck_in_a_statement_past_its_limit_fails_alone(
+    log: Log, pg_dsn: str, left_running: bool
+) -> None:
     """A statement that never ends (a lock held elsewhere, a slow query): past
     transaction_timeout_ms the record is cancelled, psycopg cancels the statement on the
     server, and only the record's part rolls back; it fails with a TimeoutError, is retried,
-    then dead-lettered, while the records beside it on the same connection commit."""
+    then dead-lettered, while the records beside it on the same connection commit.
+    ``left_running``: the statement runs beside a call that fails (gather), so the handler
+    ends while it runs; it is cancelled then, and the record fails alone the same way (before,
+    its end waited for it past the limit, and the App stopped after 32 s of steps redone)."""
     fill(log, 20)
     app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
 
@@ -231,11 +237,28 @@ def test_a_record_stuck_in_a_statement_past_its_limit_fails_alone(log: Log, pg_d
                  backoff_ms=1)  # fmt: skip
     async def charge(msg: Message, db: Any) -> None:
         await db.execute(INSERT, (msg.key, msg.value))
-        if msg.value == b"m0005":
-            await db.execute("SELECT pg_sleep(3600)")
+        if msg.value != b"m0005":
+            return
+        stuck = db.execute("SELECT pg_sleep(3600)")
+        if not left_running:
+            await stuck
+            return
+
+        async def api() -> None:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("the API failed")
+
+        await asyncio.gather(stuck, api())
 
     began = time.monotonic()
-    assert app.run(until_idle=1).processed == 20
+    try:
+        assert app.run(until_idle=1).processed == 20
+    finally:  # a statement left sleeping would hold the test's schema
+        rows(
+            pg_dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query LIKE '%pg_sleep(3600)%' AND pid <> pg_backend_pid()",
+        )
     assert time.monotonic() - began < 30
     assert sorted(v for _, v, _ in charges(pg_dsn)) == [
         f"m{i:04d}".encode() for i in range(20) if i != 5
@@ -677,40 +700,3 @@ def test_a_call_on_the_wire_whose_reader_is_taken_off_still_ends(pg_dsn: str) ->
             await side.close()
 
     assert asyncio.run(run()) == [("", "done")]
-
-
-def test_a_record_past_its_limit_while_a_call_it_left_running_holds_it_fails_alone(
-    log: Log, pg_dsn: str
-) -> None:
-    """A handler fails while a statement it started beside its failing call (gather) never
-    ends: the record's end waits for that statement, past transaction_timeout_ms, and is
-    cancelled. Its part is neither kept nor undone, so its connection's transaction never
-    commits (the records on it go again); the record fails with a TimeoutError, is retried,
-    then dead-lettered, and the App goes on: every other record's row commits once."""
-    fill(log, 20)
-    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
-
-    @app.handler("in", sink=PostgresSink(pg_dsn, schema=SCHEMA), concurrency=4, retries=1,
-                 backoff_ms=1)  # fmt: skip
-    async def charge(msg: Message, db: Any) -> None:
-        await db.execute(INSERT, (msg.key, msg.value))
-        if msg.value == b"m0005":
-
-            async def api() -> None:
-                await asyncio.sleep(0.01)
-                raise RuntimeError("the API failed")
-
-            await asyncio.gather(db.execute("SELECT pg_sleep(3600)"), api())
-
-    try:
-        assert ends_within(app, 60, until_idle=1)
-    finally:  # a statement left sleeping would hold the test's schema
-        rows(
-            pg_dsn,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE query LIKE '%pg_sleep(3600)%' AND pid <> pg_backend_pid()",
-        )
-    assert sorted(v for _, v, _ in charges(pg_dsn)) == [
-        f"m{i:04d}".encode() for i in range(20) if i != 5
-    ]
-    assert [r.value for r in read_all(log, "in.dlq")] == [b"m0005"]

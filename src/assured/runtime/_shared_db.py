@@ -742,8 +742,6 @@ class RecordDb(Attempt):
         async with self._lock:
             ran = None
             if self._lane is None:
-                if self._region is not None:
-                    first = None  # its first statement ran (its lane was taken back since)
                 lane, ran = await self._shared.take(self._owner, self._affinity, first)
                 if self.over:  # a call left running took the database after the return
                     self._shared.unused(lane, ran)

@@ -671,10 +671,6 @@ class PostgresSink(Sink):
         self._discard(self._conn)
 
 
-async def _nothing(conn: psycopg.AsyncConnection[Any]) -> None:
-    """A call that only lets :meth:`_PostgresSideBySide._run` do what it does first."""
-
-
 def _gone(conn: psycopg.AsyncConnection[Any]) -> bool:
     """Whether the server has already closed ``conn`` (its backend ended while the transaction
     sat open: a timeout, an administrator, a restart), read without waiting: a COMMIT sent on
@@ -1060,7 +1056,7 @@ class _PostgresSideBySide(SideBySide):
                 if len(pair) < 2 or any(r.status == pq.ExecStatus.FATAL_ERROR for r in pair):
                     if pair:  # its savepoint, or more, ran: undone before anything else
                         self.undo_later(pieces[i][0])
-                        await self._run(_nothing)
+                        await self._take_back()
                     break
                 checked(pair, encoding)
                 stood.append(Result.of_result(pair[1], conn, loaded_rows(pair[1], conn)))
