@@ -746,6 +746,48 @@ def test_a_stop_drains_within_drain_timeout_and_redoes_what_did_not_finish(
         assert len(values) == 20  # what was given up had committed nothing
 
 
+def test_a_stop_ends_a_drain_that_began_before_it(log: Log) -> None:
+    """A record whose output the log refused is redone in a transaction of its own, after
+    every record before it has finished (a step that waits for all of them). One of those
+    does not come back, and a stop is asked meanwhile: the stop's drain ends that step too
+    (it waited out the stuck call before), and the next run handles what did not finish."""
+    fill(log, 20)
+    refused: list[int] = []
+    stuck_again = threading.Event()
+    app = App(log=log, group="g", guarantee="exactly-once", drain_timeout_ms=500)
+
+    @app.handler("in", output="out", concurrency=4)
+    async def copy(msg: Message, out: Output) -> None:
+        if msg.value == b"m0005" and not refused:
+            refused.append(1)
+            out.send(b"x" * 1_100_000)  # refused by the log: this record is redone alone
+            return
+        if msg.value == b"m0002" and refused:
+            stuck_again.set()
+            await asyncio.sleep(30)  # a call that does not come back
+        out.send(msg.value)
+
+    def stop_when_stuck() -> None:
+        stuck_again.wait(30)
+        time.sleep(0.3)
+        app.stop()
+
+    threading.Thread(target=stop_when_stuck, daemon=True).start()
+    began = time.monotonic()
+    app.run(until_idle=30)
+    assert refused == [1]
+    assert time.monotonic() - began < 10  # not the stuck call's 30 s
+
+    again = App(log=log, group="g", guarantee="exactly-once")
+
+    @again.handler("in", output="out", concurrency=4)
+    async def copy_again(msg: Message, out: Output) -> None:
+        out.send(msg.value)
+
+    again.run(until_idle=0.5)
+    assert sorted(v or b"" for _, v in read(log)) == sorted(f"m{i:04d}".encode() for i in range(20))
+
+
 def test_outputs_side_by_side_carry_the_label_of_the_transaction_they_went_into(log: Log) -> None:
     """Under exactly-once side by side, a record's outputs go into whichever transaction
     commits its position; with ``out.label_header`` they are stamped with that transaction's

@@ -217,14 +217,18 @@ def test_db_connection_is_refused_side_by_side(log: Log, tmp_path: Path) -> None
     assert "await db.hold()" in seen[0]
 
 
-def test_a_stop_gives_up_a_record_stuck_inside_its_database_work(log: Log, db: Db) -> None:
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_stop_gives_up_a_record_stuck_inside_its_database_work(
+    log: Log, db: Db, concurrency: int
+) -> None:
     """Past drain_timeout_ms a record still in its part of the transaction is rolled back to
-    its savepoint; the others commit; the next run makes the stuck record's effect once."""
+    its savepoint; the others commit; the next run makes the stuck record's effect once. An
+    async def at concurrency 1 goes by the same rules."""
     values = fill(log, 40)
     stuck = threading.Event()
     app = App(log=log, group="g", guarantee="exactly-once", drain_timeout_ms=500)
 
-    @app.handler("in", sink=db.new(), concurrency=4)
+    @app.handler("in", sink=db.new(), concurrency=concurrency)
     async def charge(msg: Message, tx: Any) -> None:
         await tx.execute(db.insert, (msg.key, msg.value))
         if msg.partition == 1 and msg.offset == 7:
@@ -350,17 +354,19 @@ def test_a_db_call_never_awaited_stops_the_app_instead_of_losing_the_effect(
     assert db.count("SELECT count(*) FROM assured_offsets WHERE next_offset > 0") == 0
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_record_holding_the_database_past_its_limit_fails_and_the_others_go_on(
-    log: Log, db: Db
+    log: Log, db: Db, concurrency: int
 ) -> None:
     """A call that never comes back, after the record's first write: every other record waits
     for the database. Past transaction_timeout_ms it is cancelled: its work rolls back, it
-    fails with a TimeoutError and is retried; nothing else was held up for good."""
+    fails with a TimeoutError and is retried; nothing else was held up for good. An async def
+    at concurrency 1 goes by the same rules."""
     _one_partition(log, 20)
     app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
     hung: list[int] = []
 
-    @app.handler("in", sink=db.new(), concurrency=4, backoff_ms=1)
+    @app.handler("in", sink=db.new(), concurrency=concurrency, backoff_ms=1)
     async def charge(msg: Message, tx: Any) -> None:
         await tx.execute(db.insert, (msg.key, msg.value))
         if msg.offset == 5 and not hung:

@@ -266,6 +266,7 @@ class Window:
         self.db: SharedTransaction | None = None
         self.deadline: float | None = None  # a drain (complete) gives up what runs past it
         self.past_drain: Callable[[], bool] = lambda: False  # a stop's drain is over
+        self.stop_asked: Callable[[], bool] = lambda: False  # the App's stop() or a signal
         self.held: list[_Entry] = []
         self._committing: list[_Entry] = []  # taken out of held by a group commit under way
         self.skips: dict[TopicPartition, set[int]] = {}
@@ -403,7 +404,10 @@ class Window:
                 not complete and self.finished > seen and self.count - self.ready() < self.room
             ):
                 return
-            if await self._wait(complete):
+            waited = await self._wait(complete)
+            if not complete and self.stop_asked():
+                return  # a full window must not hide a stop: the App drains from here
+            if waited:
                 continue
             if complete:  # the drain's deadline passed
                 if self.stopped:
@@ -425,8 +429,13 @@ class Window:
         assert self.changed is not None
         self.changed.clear()
         timeout: float | None = 0.01
-        if complete:
-            timeout = None if self.deadline is None else self.deadline - time.monotonic()
+        # A step that waits for every record (complete) and began before any stop: a stop
+        # asked for meanwhile must still end it at its drain's end, so look for one.
+        unbounded = complete and self.deadline is None
+        if unbounded:
+            timeout = _LOOK_S
+        elif complete and self.deadline is not None:
+            timeout = self.deadline - time.monotonic()
         looked = False
         if self.db is not None:
             await self.db.unblock(self._on_landed)
@@ -435,6 +444,8 @@ class Window:
         try:
             await asyncio.wait_for(self.changed.wait(), timeout)
         except TimeoutError:
+            if unbounded:
+                return not self.past_drain()
             return looked
         return True
 

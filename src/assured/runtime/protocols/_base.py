@@ -165,6 +165,10 @@ class Runtime:
     stopping: threading.Event | None = None
     drain_until: float | None = None
 
+    def stop_asked(self) -> bool:
+        """Whether the App was asked to stop (its stop() or a signal)."""
+        return self.stopping is not None and self.stopping.is_set()
+
     def past_drain(self) -> bool:
         """Whether a stop was asked for ``drain_timeout_ms`` ago or more."""
         if self.drain_until is None:
@@ -262,7 +266,7 @@ class Runtime:
         window.producer, window.dead_letters = producer, dead_letters
         self.past_drain()  # a stop seen: its drain's end is known from now
         window.deadline = self.drain_until if complete else None
-        window.past_drain = self.past_drain
+        window.past_drain, window.stop_asked = self.past_drain, self.stop_asked
         window.transactional, window.transaction = transactional, lambda: self.transaction
         self.loop.run(window.step(batch, complete))
 
