@@ -43,12 +43,15 @@ from typing import Any, TypeVar
 from assured.errors import AssuredError, UsageError
 from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime._handling import (
+    CONFLICT_RETRIES,
     DeadLetterSink,
     HandlerSpec,
     Ordering,
     Output,
     SendFailedError,
     Undecodable,
+    conflict_pause,
+    conflicted,
     dead_letter,
     owed_to_record,
     own_attempt,
@@ -629,7 +632,9 @@ class Window:
         task = asyncio.current_task()
         assert task is not None
         db = RecordDb(self.db, task, entry.record, lane_of(entry.record, self.spec.ordering))
-        record_part.set(db)  # this attempt's, in its task and the tasks its handler starts
+        # This attempt's, in its task and the tasks its handler starts; taken back at its end,
+        # which also frees it with its task at once (the task's context held db, db the task).
+        mark = record_part.set(db)
         try:
             await self._in_db(entry, msg, db, task)
         except asyncio.CancelledError:
@@ -640,6 +645,8 @@ class Window:
             task.uncancel()
             self.db.overran.discard(task)
             raise self._late("a call it left running held the database") from None
+        finally:
+            record_part.reset(mark)
 
     def _late(self, what: str) -> TimeoutError:
         assert self.db is not None
@@ -680,7 +687,7 @@ class Window:
         waits to retry holds no slot), then its dead letter. Its outputs go to the producer
         when its handler returns; under exactly-once they wait in the window instead."""
         record, out = entry.record, entry.out
-        strikes = 0
+        strikes = conflicts = 0
         while True:
             try:
                 await self.attempt(entry)
@@ -701,8 +708,13 @@ class Window:
                 if error is None:
                     self._finish(entry)
                     return
-            strikes += 1
-            if not await self.again(entry, error, strikes):
+            if conflicted(error) and conflicts < CONFLICT_RETRIES:
+                conflicts += 1
+                going_on = await self.again_after_conflict(entry, conflicts)
+            else:
+                strikes += 1
+                going_on = await self.again(entry, error, strikes, strikes + conflicts)
+            if not going_on:
                 return
 
     def _letters(self, entry: _Entry) -> DeadLetterSink:
@@ -748,13 +760,24 @@ class Window:
             return e
         raise e  # the log's or the database's, or a signal's
 
-    async def again(self, entry: _Entry, error: Exception, strikes: int) -> bool:
-        """Whether to try the record again after its ``strikes``-th failure (after a backoff);
-        dead-letters it when its retries are spent."""
+    async def again_after_conflict(self, entry: _Entry, conflicts: int) -> bool:
+        """Whether to try the record again after its ``conflicts``-th conflict with another
+        transaction (see :func:`~assured.runtime._handling.conflicted`): records on other
+        connections held what it needed, or it theirs. Not its failure: its retries are kept,
+        and it goes again after a short pause."""
+        if self.stopped or entry.gone:
+            return False
+        self.metrics.retried.labels(*self.labels).inc()
+        await asyncio.sleep(conflict_pause(conflicts, self.spec.backoff_s))
+        return not self.stopped
+
+    async def again(self, entry: _Entry, error: Exception, strikes: int, attempts: int) -> bool:
+        """Whether to try the record again after its ``strikes``-th failure, its ``attempts``-th
+        attempt (after a backoff); dead-letters it when its retries are spent."""
         if self.stopped or entry.gone:
             return False  # the window is given up and will be handled again: no letter
         if strikes > self.spec.retries:
-            dead_letter(self.spec, entry.record, error, strikes, self._letters(entry),
+            dead_letter(self.spec, entry.record, error, attempts, self._letters(entry),
                         self.metrics, self.labels)  # fmt: skip
             self._finish(entry)
             return False
