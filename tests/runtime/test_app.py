@@ -106,6 +106,50 @@ def test_failing_handler_is_retried_then_dead_lettered_with_the_error(log: Log) 
         assert sum(lag.lag for lag in admin.lag("g", ["in"])) == 0, "the partition moved on"
 
 
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_conflict_with_another_transaction_keeps_the_records_retries(
+    log: Log, monkeypatch: pytest.MonkeyPatch, is_async: bool
+) -> None:
+    """A statement the database failed for a conflict with another transaction (a deadlock,
+    a serialization failure: SQLSTATE 40P01, 40001) is no fault of the record's: it is done
+    again without spending a retry, up to CONFLICT_RETRIES times; beyond them, conflicts
+    count as failures (retried, then dead-lettered) so that no record conflicts for ever.
+    (Real deadlocks between records: tests/sinks/test_side_by_side_connections.py.)"""
+    import psycopg
+
+    from assured.runtime import _concurrent, _handling
+
+    monkeypatch.setattr(_handling, "CONFLICT_RETRIES", 4)
+    monkeypatch.setattr(_concurrent, "CONFLICT_RETRIES", 4)
+    fill(log, [b"busy", b"stuck", b"plain"])
+    app = App(log=log, group="g", guarantee="at-least-once")
+    calls: dict[bytes, int] = {}
+
+    def work(msg: Message, out: Output) -> None:
+        calls[msg.value] = n = calls.get(msg.value, 0) + 1
+        if msg.value == b"busy" and n <= 4:  # four conflicts, then through
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        if msg.value == b"stuck":  # conflicts every time
+            raise psycopg.errors.SerializationFailure("could not serialize access")
+        out.send(msg.value)
+
+    async def work_async(msg: Message, out: Output) -> None:
+        work(msg, out)
+
+    app.handler("in", output="out", retries=1, backoff_ms=1, concurrency=2 if is_async else 1)(
+        work_async if is_async else work
+    )
+    app.run(until_idle=0.5)
+    assert calls == {b"busy": 5, b"stuck": 4 + 2, b"plain": 1}
+    assert sorted(v or b"" for v in read(log, "out")) == [b"busy", b"plain"]
+    with log.consumer() as consumer:
+        consumer.assign([TopicPartition("in.dlq", 0)])
+        (dead,) = consumer.poll(timeout=1)
+    assert dead.value == b"stuck"
+    assert dead.header("assured.error.type") == b"SerializationFailure"
+    assert dead.header("assured.attempts") == b"6"
+
+
 def test_without_a_dead_letter_topic_the_app_stops_and_commits_nothing_past_it(log: Log) -> None:
     fill(log, [b"poison"])
     app = App(log=log, group="g", guarantee="at-least-once")

@@ -700,3 +700,45 @@ def test_a_call_on_the_wire_whose_reader_is_taken_off_still_ends(pg_dsn: str) ->
             await side.close()
 
     assert asyncio.run(run()) == [("", "done")]
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_records_that_deadlock_each_other_are_done_again_not_dead_lettered(
+    log: Log, pg_dsn: str, guarantee: Guarantee
+) -> None:
+    """Transfers between two accounts, in either direction, by records on different
+    connections whose transactions hold their row locks until their group commits: they
+    deadlock each other, and PostgreSQL fails one statement of each deadlock. That is no
+    fault of the record's: it is done again (its retries kept) and succeeds. Before, each
+    deadlock spent a retry, and with retries=0 sent the record to its dead letters: a transfer
+    never made, its account left unbalanced."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    values = fill(log, 60, keys=60)
+    fast = pg_dsn.replace("options=", "options=-cdeadlock_timeout%3D50%20")  # found in 50 ms
+    schema = (
+        "CREATE TABLE IF NOT EXISTS accounts (id INT PRIMARY KEY, n INT NOT NULL)",
+        "INSERT INTO accounts VALUES (1, 0), (2, 0) ON CONFLICT DO NOTHING",
+        "CREATE TABLE IF NOT EXISTS transfers (v BYTEA PRIMARY KEY)",
+    )
+    deadlocks: list[bytes] = []
+    app = App(log=log, group="g", guarantee=guarantee)
+
+    @app.handler("in", sink=PostgresSink(fast, schema=schema), concurrency=8, retries=0,
+                 dead_letter="dlq", ordering="unordered")  # fmt: skip
+    async def transfer(msg: Message, db: Any) -> None:
+        src, dst = (1, 2) if int(msg.value[1:]) % 2 else (2, 1)
+        try:
+            await db.execute("UPDATE accounts SET n = n - 1 WHERE id = %s", (src,))
+            await asyncio.sleep(0.002)  # the gateway's answer, while holding the row
+            await db.execute("UPDATE accounts SET n = n + 1 WHERE id = %s", (dst,))
+        except psycopg.errors.DeadlockDetected:
+            deadlocks.append(msg.value)
+            raise
+        await db.execute("INSERT INTO transfers VALUES (%s)", (msg.value,))
+
+    assert ends_within(app, 120, until_idle=1)
+    assert deadlocks, "no deadlock happened: the test proves nothing"
+    assert read_all(log, "dlq") == []
+    assert sorted(bytes(v) for (v,) in rows(pg_dsn, "SELECT v FROM transfers")) == values
+    assert rows(pg_dsn, "SELECT id, n FROM accounts ORDER BY id") == [(1, 0), (2, 0)]

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,28 @@ class SendFailedError(AssuredError):
         self.record = record
         self.error = error
         self.partial = partial
+
+
+# SQLSTATEs of a statement the database failed because its transaction conflicted with
+# another one that was running: a deadlock, a serialization failure. Nothing is wrong with the
+# record: done again once the other has moved on, it succeeds (the database's own advice).
+_CONFLICTS = frozenset({"40001", "40P01"})
+# How many conflicts a record is done again for before they count as its failures
+# (retried ``retries`` times, then dead-lettered), so that no record conflicts for ever.
+CONFLICT_RETRIES = 30
+
+
+def conflicted(error: BaseException) -> bool:
+    """Did the database fail a handler's statement for a conflict with another transaction
+    (a deadlock, a serialization failure), not for anything in the record?"""
+    return getattr(error, "sqlstate", None) in _CONFLICTS
+
+
+def conflict_pause(conflicts: int, backoff_s: float) -> float:
+    """Seconds before a record is done again after its ``conflicts``-th conflict in a row:
+    short and growing, each a different fraction of it, so that the records in a deadlock do
+    not meet again in the same order."""
+    return random.uniform(0.5, 1.0) * min(1.0, max(backoff_s, 0.01) * 1.5 ** (conflicts - 1))
 
 
 def owed_to_record(error: BaseException) -> bool:
@@ -587,11 +610,20 @@ def _retry(
 ) -> None:
     """Attempts 2 .. retries + 1 of a record whose handler raised, backing off
     ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic.
-    A record whose codec refuses it goes there at once: its bytes will not change."""
-    attempts = 1
-    while attempts <= spec.retries:
+    A record whose codec refuses it goes there at once: its bytes will not change. A conflict
+    with another transaction (see :func:`conflicted`) is not the record's failure: it is done
+    again after a short pause, up to ``CONFLICT_RETRIES`` times."""
+    attempts, conflicts = 1, 0
+    while True:
+        if conflicted(error) and conflicts < CONFLICT_RETRIES:
+            conflicts += 1
+            pause = conflict_pause(conflicts, spec.backoff_s)
+        elif attempts - conflicts <= spec.retries:
+            pause = min(2.0, spec.backoff_s * 2 ** (attempts - conflicts - 1))
+        else:
+            break
         metrics.retried.labels(*labels).inc()
-        time.sleep(min(2.0, spec.backoff_s * 2 ** (attempts - 1)))
+        time.sleep(pause)
         attempts += 1
         try:
             call(record)
