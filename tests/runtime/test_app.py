@@ -237,3 +237,23 @@ def test_a_fenced_instance_stops(log: Log) -> None:
     assert failure
     assert isinstance(failure[0], ProducerFencedError)
     assert read(log, "out") == [], "nothing the zombie wrote became visible"
+
+
+def test_a_stop_asked_before_the_run_is_not_lost(log: Log) -> None:
+    """From a review: run() cleared the stop as it began, so a stop() asked while it started
+    (a signal, asyncio.to_thread(app.run) cancelled at once) was erased, and the App ran on
+    until a second one. A stop asked before the run now ends it at once; the next run goes."""
+    fill(log, [b"a", b"b", b"c"])
+    app = App(log=log, group="g", guarantee="at-least-once")
+    seen: list[bytes] = []
+
+    @app.handler("in")
+    def handle(msg: Message) -> None:
+        seen.append(msg.value)
+
+    app.stop()
+    stats = app.run(until_idle=30)
+    assert stats.stopped_by == "stop"
+    assert seen == []
+    assert app.run(until_idle=0.3).processed == 3  # the stop was taken back with its run
+    assert sorted(seen) == [b"a", b"b", b"c"]

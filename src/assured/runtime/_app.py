@@ -216,7 +216,9 @@ class App:
         return register
 
     def stop(self) -> None:
-        """Ask ``run()`` to finish its current batch, commit, leave the group and return."""
+        """Ask ``run()`` to finish its current batch, commit, leave the group and return. A
+        stop asked before ``run()`` (or while it starts) is kept: that run returns at once.
+        Each run ends with the stop taken back, so the App can run again."""
         self._stop.set()
 
     # -- running -------------------------------------------------------------------------------
@@ -252,12 +254,12 @@ class App:
         finally:
             record_part.reset(outer)
             self._running = False
+            self._stop.clear()  # here, not at the start: a stop asked meanwhile is not lost
 
     def _run(
         self, max_messages: int | None, until_idle: float | None, progress_every: float | None
     ) -> RunStats:
         s = self.settings
-        self._stop.clear()
         log_ = self._log or open_log(s.log, s.log_config or None)
         sink = self._sink()
         incarnations = self._prepare_topics(log_)
