@@ -746,6 +746,62 @@ def test_a_stop_drains_within_drain_timeout_and_redoes_what_did_not_finish(
         assert len(values) == 20  # what was given up had committed nothing
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+@pytest.mark.parametrize("stuck_in", ["an await", "retries"])
+def test_a_stop_ends_within_drain_timeout_one_record_at_a_time(
+    log: Log, guarantee: Guarantee, stuck_in: str
+) -> None:
+    """From a review: a handler at concurrency 1 (not side by side) stuck in an await, or a
+    record whose retries back off for minutes, held the stop until it was over (120 s, 199 s):
+    nothing looked at the stop there. Now the drain's end gives the record up: its batch
+    commits nothing, the run returns as from any stop, and the next run handles the rest."""
+    fill(log, 10)
+    stuck = threading.Event()
+    app = App(log=log, group="g", guarantee=guarantee, drain_timeout_ms=500)
+
+    if stuck_in == "an await":
+
+        @app.handler("in", output="out")
+        async def copy(msg: Message, out: Output) -> None:
+            if msg.value == b"m0003":
+                stuck.set()
+                await asyncio.sleep(60)  # a call that does not come back
+            out.send(msg.value)
+
+    else:
+
+        @app.handler("in", output="out", retries=100, backoff_ms=2000)
+        def copy_plainly(msg: Message, out: Output) -> None:
+            if msg.value == b"m0003":
+                stuck.set()
+                raise RuntimeError("the gateway is down")
+            out.send(msg.value)
+
+    def stop_when_stuck() -> None:
+        stuck.wait(30)
+        time.sleep(0.3)
+        app.stop()
+
+    threading.Thread(target=stop_when_stuck, daemon=True).start()
+    began = time.monotonic()
+    stats = app.run(until_idle=60)
+    assert time.monotonic() - began < 15  # not the 60 s await, nor 100 retries
+    assert stats.stopped_by == "stop"
+    assert b"m0003" not in {v for _, v in read(log)}
+
+    again = App(log=log, group="g", guarantee=guarantee)
+
+    @again.handler("in", output="out")
+    def copy_again(msg: Message, out: Output) -> None:
+        out.send(msg.value)
+
+    again.run(until_idle=0.5)
+    values = [v or b"" for _, v in read(log)]
+    assert set(values) == {f"m{i:04d}".encode() for i in range(10)}
+    if guarantee == "exactly-once":
+        assert len(values) == 10  # what was given up had committed nothing
+
+
 def test_a_stop_ends_a_drain_that_began_before_it(log: Log) -> None:
     """A record whose output the log refused is redone in a transaction of its own, after
     every record before it has finished (a step that waits for all of them). One of those

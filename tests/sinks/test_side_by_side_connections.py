@@ -742,3 +742,63 @@ def test_records_that_deadlock_each_other_are_done_again_not_dead_lettered(
     assert read_all(log, "dlq") == []
     assert sorted(bytes(v) for (v,) in rows(pg_dsn, "SELECT v FROM transfers")) == values
     assert rows(pg_dsn, "SELECT id, n FROM accounts ORDER BY id") == [(1, 0), (2, 0)]
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_plain_batch_that_deadlocks_with_another_transaction_gives_way_and_is_done_again(
+    log: Log, pg_dsn: str, guarantee: Guarantee
+) -> None:
+    """A plain def's batch holds its rows' locks in one transaction. Another transaction
+    (another process) takes row 2, then waits for row 1, which the batch's first record
+    holds; the batch's second record then waits for row 2: a deadlock, and PostgreSQL fails
+    the batch's statement. Done again in place, that record met the same deadlock (the batch
+    still held row 1): dead-lettered, the other transaction stuck until the batch ended. Now
+    the batch's transaction gives way (rolled back, done again once the other committed)."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    with log.producer() as producer:
+        for v in (b"1", b"2"):
+            producer.send("in", v, key=v, partition=0)
+        producer.flush()
+    fast = pg_dsn.replace(
+        "options=", "options=-cdeadlock_timeout%3D50%20"
+    )  # the App's side sees it
+    schema = (
+        "CREATE TABLE IF NOT EXISTS accounts (id INT PRIMARY KEY, n INT NOT NULL)",
+        "INSERT INTO accounts VALUES (1, 0), (2, 0) ON CONFLICT DO NOTHING",
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for statement in schema:
+            conn.execute(statement)
+    took_1, other_waits = threading.Event(), threading.Event()
+    deadlocks: list[bytes] = []
+    app = App(log=log, group="g", guarantee=guarantee)
+
+    @app.handler("in", sink=PostgresSink(fast), retries=0, dead_letter="dlq")
+    def credit(msg: Message, db: Any) -> None:
+        try:
+            db.execute("UPDATE accounts SET n = n + 1 WHERE id = %s", (int(msg.value),))
+        except psycopg.errors.DeadlockDetected:
+            deadlocks.append(msg.value)
+            raise
+        if msg.value == b"1" and not took_1.is_set():
+            took_1.set()
+            other_waits.wait(10)
+            time.sleep(0.2)  # the other transaction is now waiting for row 1
+
+    def other() -> None:
+        with psycopg.connect(pg_dsn) as conn:  # deadlock_timeout 1 s: the App's side sees it first
+            conn.execute("UPDATE accounts SET n = n + 10 WHERE id = 2")
+            took_1.wait(10)
+            other_waits.set()
+            conn.execute("UPDATE accounts SET n = n + 10 WHERE id = 1")  # waits for the batch
+            conn.commit()
+
+    outside = threading.Thread(target=other, daemon=True)
+    outside.start()
+    assert ends_within(app, 60, until_idle=1)
+    outside.join(10)
+    assert not outside.is_alive()
+    assert deadlocks == [b"2"], "the deadlock did not happen as planned: the test proves nothing"
+    assert read_all(log, "dlq") == []
+    assert rows(pg_dsn, "SELECT id, n FROM accounts ORDER BY id") == [(1, 11), (2, 11)]

@@ -24,7 +24,13 @@ from assured.errors import (
 )
 from assured.log import Admin, Consumer, Log, Record, TopicPartition, open_log
 from assured.runtime._concurrent import EventLoop, is_async, outside_event_loops
-from assured.runtime._handling import ORDERINGS, HandlerSpec, Ordering, check_handler
+from assured.runtime._handling import (
+    ORDERINGS,
+    DrainEnded,
+    HandlerSpec,
+    Ordering,
+    check_handler,
+)
 from assured.runtime._message import Codec, codec
 from assured.runtime._settings import AppSettings, Guarantee
 from assured.runtime.metrics import RuntimeMetrics
@@ -276,6 +282,7 @@ class App:
         )  # fmt: skip
         rt.incarnations = incarnations
         rt.stopping = self._stop
+        rt.loop.past_drain = rt.past_drain  # a handler's await, one record at a time
         protocol = self._protocol(rt, sink)
         stats = RunStats()
         watch = _Watch(s, log_, consumer, self.metrics, stats, progress_every)
@@ -315,7 +322,13 @@ class App:
                 consumer.close()
             with contextlib.suppress(Exception):
                 protocol.close()  # releases producers; commits nothing after abandon()
-            raise
+            if not isinstance(e, DrainEnded):
+                raise
+            stats.stopped_by = stats.stopped_by or "stop"
+            log.warning(
+                "%s; the next owner handles it and the rest of its batch again (under "
+                "at-most-once they are lost)", e, extra={"event": "drain_ended"},
+            )  # fmt: skip
         finally:
             watch.close()
             for window in rt.windows.values():

@@ -45,6 +45,7 @@ from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime._handling import (
     CONFLICT_RETRIES,
     DeadLetterSink,
+    DrainEnded,
     HandlerSpec,
     Ordering,
     Output,
@@ -115,9 +116,12 @@ class EventLoop:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pools: dict[str, ThreadPoolExecutor] = {}
+        self.past_drain: Callable[[], bool] = lambda: False  # a stop's drain is over
+        self._handling: asyncio.Task[Any] | None = None  # a handler's call (run_handler)
+        self._given_up: asyncio.Task[Any] | None = None  # ...that the drain's end cancelled
+        self._looking: asyncio.TimerHandle | None = None  # the look at the drain (_look)
 
-    def run(self, work: Awaitable[T]) -> T:
-        """Run ``work`` to its end (the App's thread waits)."""
+    def _ready(self, work: Awaitable[Any]) -> asyncio.AbstractEventLoop:
         if self._loop is None or self._loop.is_closed():
             try:
                 outside_event_loops()
@@ -126,14 +130,50 @@ class EventLoop:
                     work.close()  # never awaited: said here, not in a RuntimeWarning
                 raise
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(work)
+        return self._loop
+
+    def run(self, work: Awaitable[T]) -> T:
+        """Run ``work`` to its end (the App's thread waits)."""
+        return self._ready(work).run_until_complete(work)
+
+    def run_handler(self, work: Awaitable[T], msg: Any) -> T:
+        """Run a handler's ``work`` to its end, one record at a time; a stop's drain that ends
+        first cancels it and raises :class:`DrainEnded` (``msg``: the record's, for the log)."""
+        loop = self._ready(work)
+        task: asyncio.Task[T] = loop.create_task(
+            work if inspect.iscoroutine(work) else _awaited(work)
+        )
+        if self._looking is None or self._looking.cancelled():
+            self._looking = loop.call_later(_LOOK_S, self._look)  # then every _LOOK_S
+        self._handling = task
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if self._given_up is task:
+                where = "a record"
+                if hasattr(msg, "offset"):
+                    where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
+                raise DrainEnded(where) from None
+            raise
+        finally:
+            self._handling = self._given_up = None
+
+    def _look(self) -> None:
+        """Every ``_LOOK_S`` the loop runs: past a stop's drain, the handler's call running
+        (see run_handler) is cancelled. One timer for all records: none is made for each."""
+        task = self._handling
+        if task is not None and not task.done() and self.past_drain():
+            self._given_up = task
+            task.cancel()
+        if self._loop is not None and not self._loop.is_closed():
+            self._looking = self._loop.call_later(_LOOK_S, self._look)
 
     def settle(self, result: Any) -> None:
         """A handler returned ``result``: if it is awaitable (an ``async def`` behind a plain
         wrapper, a lambda returning a coroutine), await it to its end; never drop it."""
         if inspect.isawaitable(result):
             try:
-                self.run(_awaited(result))
+                self.run_handler(_awaited(result), None)
             except asyncio.CancelledError as e:  # the handler's own await: as in blocking()
                 raise RuntimeError(f"the handler's await was cancelled: {e!r}") from e
 
@@ -156,6 +196,8 @@ class EventLoop:
         the chance to finish, async generators and the default executor shut down."""
         self.end_run()
         loop, self._loop = self._loop, None
+        if self._looking is not None:
+            self._looking.cancel()
         if loop is None or loop.is_closed():
             return
         if asyncio._get_running_loop() is not None:
@@ -795,7 +837,7 @@ def blocking(fn: Callable[..., Awaitable[Any]], loop: EventLoop) -> Callable[...
 
     def call(*args: Any) -> Any:
         try:
-            return loop.run(fn(*args))
+            return loop.run_handler(fn(*args), args[0] if args else None)
         except asyncio.CancelledError as e:
             # The handler's own await was cancelled (a timeout it set, a task it awaited): the
             # record's failure, as side by side; not a signal to stop the App.

@@ -33,7 +33,13 @@ from assured.runtime._message import (
 )
 from assured.runtime.metrics import RuntimeMetrics
 from assured.sinks import Sink, SinkTransaction
-from assured.sinks._base import RUNTIME, Attempt, dead_letter_headers, record_part
+from assured.sinks._base import (
+    RUNTIME,
+    Attempt,
+    SinkUnavailableError,
+    dead_letter_headers,
+    record_part,
+)
 
 __all__ = [
     "ORDERINGS",
@@ -94,6 +100,39 @@ def conflict_pause(conflicts: int, backoff_s: float) -> float:
     short and growing, each a different fraction of it, so that the records in a deadlock do
     not meet again in the same order."""
     return random.uniform(0.5, 1.0) * min(1.0, max(backoff_s, 0.01) * 1.5 ** (conflicts - 1))
+
+
+class DrainEnded(BaseException):
+    """A stop's drain (``drain_timeout_ms``) ended while a record of a plain batch was still
+    in its handler's await, or waiting to be retried: it is given up there. Nothing of its
+    batch commits (the batch's transaction rolls back or aborts, no position past it is
+    committed), and the next owner handles it again; under at-most-once it is lost. Not an
+    ``Exception``: no handler's ``except Exception`` takes it for a failure. ``App.run``
+    returns on it as from any stop."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"{what}: still in its handler (or waiting to be retried) when the stop's drain "
+            "(drain_timeout_ms) ended; given up, and nothing of its batch committed"
+        )
+
+
+def _never() -> bool:
+    return False
+
+
+def batch_conflict(spec: HandlerSpec, record: Record, error: Exception) -> SinkUnavailableError:
+    """A conflict (see :func:`conflicted`) inside the one transaction of a batch: the batch's
+    own rows hold what the other transaction waits for, so only rolling all of it back lets
+    that one go on (done again in place, the record would meet it again, deadlock after
+    deadlock; under REPEATABLE READ or SERIALIZABLE its snapshot would not change). The sink's
+    failure, not the record's: the protocol rolls the transaction back and does the batch
+    again."""
+    return SinkUnavailableError(
+        f"a statement of handler {spec.name} on {_where(record)} conflicted with another "
+        f"transaction ({_one_line(error)}); the batch's database transaction is rolled back "
+        "and its records are handled again"
+    )
 
 
 def owed_to_record(error: BaseException) -> bool:
@@ -381,6 +420,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     guarantee: str,
     transactional: bool = False,
     settle: Callable[[Any], None] | None = None,
+    past_drain: Callable[[], bool] = _never,
 ) -> Callable[[Record], None]:
     """``handle(record)`` for ``spec``: decode, call, then hand the call's outputs over; when
     the handler raises, retry ``spec.retries`` times with exponential backoff, then
@@ -453,6 +493,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             return
         if not owed_to_record(error):
             raise error  # the log's or the database's: the protocol decides
+        if savepoint is not None and conflicted(error):
+            raise batch_conflict(spec, record, error) from error
         _retry(
             spec,
             record,
@@ -462,6 +504,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             metrics,
             (guarantee, record.topic),
             transactional,
+            in_batch=savepoint is not None,
+            past_drain=past_drain,
         )
 
     def partial_failure(record: Record, error: SendFailedError) -> None:
@@ -607,12 +651,15 @@ def _retry(
     metrics: RuntimeMetrics,
     labels: tuple[str, str],
     transactional: bool,
+    in_batch: bool = False,
+    past_drain: Callable[[], bool] = _never,
 ) -> None:
     """Attempts 2 .. retries + 1 of a record whose handler raised, backing off
     ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic.
     A record whose codec refuses it goes there at once: its bytes will not change. A conflict
     with another transaction (see :func:`conflicted`) is not the record's failure: it is done
-    again after a short pause, up to ``CONFLICT_RETRIES`` times."""
+    again after a short pause, up to ``CONFLICT_RETRIES`` times; ``in_batch`` (its part of a
+    batch's transaction), the batch is done again instead (see :func:`batch_conflict`)."""
     attempts, conflicts = 1, 0
     while True:
         if conflicted(error) and conflicts < CONFLICT_RETRIES:
@@ -623,7 +670,7 @@ def _retry(
         else:
             break
         metrics.retried.labels(*labels).inc()
-        time.sleep(pause)
+        _pause(pause, past_drain, record)
         attempts += 1
         try:
             call(record)
@@ -639,8 +686,22 @@ def _retry(
         except Exception as again:
             if not owed_to_record(again):
                 raise
+            if in_batch and conflicted(again):
+                raise batch_conflict(spec, record, again) from again
             error = again
     dead_letter(spec, record, error, attempts, dead_letters, metrics, labels)
+
+
+def _pause(seconds: float, past_drain: Callable[[], bool], record: Record) -> None:
+    """Sleep ``seconds`` before a retry, unless a stop's drain ends first: then the record is
+    given up (:class:`DrainEnded`)."""
+    end = time.monotonic() + seconds
+    while not past_drain():
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+    raise DrainEnded(_where(record))
 
 
 def dead_letter(

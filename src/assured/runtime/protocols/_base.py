@@ -345,7 +345,7 @@ class Runtime:
             spec = replace(spec, fn=blocking(spec.fn, self.loop), is_async=False)
         return record_handler(
             spec, target, dead_letters, self.metrics, self.settings.guarantee, transactional,
-            self.loop.settle,
+            self.loop.settle, self.past_drain,
         )  # fmt: skip
 
     def drop_outputs(self, producer: Producer) -> None:

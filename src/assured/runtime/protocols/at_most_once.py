@@ -101,7 +101,7 @@ class AtMostOnce(CommitProtocol):
             except LogError as e:
                 if not e.retriable:
                     raise
-                if not backoff.pause():
+                if self.rt.past_drain() or not backoff.pause():  # a stop waits no longer
                     log.error(
                         "%s[%d]@%d lost: its offset was committed before handling "
                         "(at-most-once) and the database stayed unavailable: %s",
