@@ -106,6 +106,7 @@ def test_cli_runs_the_io_suite_into_databases(tmp_path: Path, postgres_dsn: str)
     rows = json.loads(done.stdout)
     assert [(r["system"], r["sink"], r["guarantee"]) for r in rows] == [
         ("bare", "topic", "none"),
+        ("bare", "postgres", "none"),  # the same rows, each committed on its own
         *(("assured", s, g) for s in ("sqlite", "postgres")
           for g in ("at-most-once", "at-least-once", "exactly-once")),
     ]  # fmt: skip
@@ -114,6 +115,12 @@ def test_cli_runs_the_io_suite_into_databases(tmp_path: Path, postgres_dsn: str)
         assert r["p50_ms"] >= 5  # the handler's own wait, then the commit
         assert r["p99_ms"] >= r["p50_ms"]
         assert r["vs_bare"] > 0
+    bare_rows = rows[1]["records_per_s"]
+    for r in rows[2:]:  # beside the bare loop into the same database, where there is one
+        if r["sink"] == "postgres":
+            assert r["vs_bare_sink"] == round(r["records_per_s"] / bare_rows, 3)
+        else:
+            assert "vs_bare_sink" not in r
     bad = run("bench", "--suite", "io", "--log", f"embedded://{tmp_path}", "--sinks", "mongo",
               cwd=tmp_path)  # fmt: skip
     assert bad.returncode == 2

@@ -176,7 +176,10 @@ class _Reader:
 
 def run_io_bare(spec: dict[str, Any]) -> dict[str, Any]:
     """Poll without waiting, start a task per record while the semaphore allows (no order, no
-    guarantee), send its output when its wait is over; offsets are committed as polled."""
+    guarantee), send its output when its wait is over; offsets are committed as polled.
+
+    With ``sink`` postgres, the effect is a row instead, as assured's handler writes it (see
+    :class:`_BareRows`)."""
     meter = Meter(spec["records"])
     wait = spec["handler_ms"] / 1000
     poll, send, finish = _bare_clients(spec)
@@ -185,13 +188,17 @@ def run_io_bare(spec: dict[str, Any]) -> dict[str, Any]:
         gate = asyncio.Semaphore(spec["concurrency"])
         running: set[asyncio.Task[None]] = set()
         done = 0
+        db = await _BareRows.open(spec) if spec.get("sink", "topic") == "postgres" else None
 
         async def one(key: bytes | None) -> None:
             nonlocal done
             try:
-                began = _stamp()
+                began = time.time_ns()
                 await asyncio.sleep(wait)
-                send(began, key)
+                if db is not None:
+                    await db.write(key, began)
+                else:
+                    send(b"%020d" % began, key)
                 done += 1
             finally:
                 gate.release()
@@ -212,10 +219,42 @@ def run_io_bare(spec: dict[str, Any]) -> dict[str, Any]:
             polled += len(batch)
         await asyncio.gather(*running)
         meter.seen = done
+        if db is not None:
+            await db.close()
 
     asyncio.run(loop())
     finish()
     return meter.result()
+
+
+class _BareRows:
+    """The bare loop's rows in PostgreSQL, written the way such code commonly is: each
+    record's INSERT on its own, committed at once (autocommit), on the first free one of as
+    many connections as assured's sink opens by default (8). No batching, and nothing ties a
+    row to its record's position."""
+
+    def __init__(self, connections: list[Any]):
+        self.free: asyncio.Queue[Any] = asyncio.Queue()
+        for conn in connections:
+            self.free.put_nowait(conn)
+
+    @classmethod
+    async def open(cls, spec: dict[str, Any]) -> _BareRows:
+        import psycopg
+
+        connect = psycopg.AsyncConnection.connect
+        return cls([await connect(spec["db"], autocommit=True) for _ in range(8)])
+
+    async def write(self, key: bytes | None, began: int) -> None:
+        conn = await self.free.get()
+        try:
+            await conn.execute("INSERT INTO io_effects (k, began) VALUES (%s, %s)", (key, began))
+        finally:
+            self.free.put_nowait(conn)
+
+    async def close(self) -> None:
+        while not self.free.empty():
+            await self.free.get_nowait().close()
 
 
 def _bare_clients(

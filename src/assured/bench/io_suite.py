@@ -115,11 +115,17 @@ def _latency_reader(module: str, role: str, spec: dict[str, Any]) -> Iterator[Ca
 
 
 def _into_database(
-    bench: _Bench, config: IoBenchConfig, sink: str, guarantee: str, concurrency: int
+    bench: _Bench,
+    config: IoBenchConfig,
+    sink: str,
+    guarantee: str,
+    concurrency: int,
+    system: str = "assured",
 ) -> dict[str, Any]:
-    """assured into a database (see the module's docstring): a reader of the database, in a
+    """assured into a database (see the module's docstring), or the bare loop writing the
+    same rows (postgres: see ``_io_workers.run_io_bare``): a reader of the database, in a
     process of its own, takes the latency; every record must have left exactly one row."""
-    name = f"assured-{sink}-{guarantee}-c{concurrency}"
+    name = f"{system}-{sink}-{guarantee}-c{concurrency}"
     url = bench.url(name)
     log = open_log(url)
     try:
@@ -155,7 +161,10 @@ def _into_database(
         "db": db,
         "db_wait_ms": config.db_wait_ms,
     }
-    cmd = [sys.executable, "-m", "assured.bench._io_workers", "io-assured", json.dumps(spec)]
+    role = "io-assured" if system == "assured" else "io-bare"
+    if system == "bare":
+        spec["bootstrap"] = url[len("kafka://") :] if config.backend == "kafka" else None
+    cmd = [sys.executable, "-m", "assured.bench._io_workers", role, json.dumps(spec)]
     reading = dict(spec, timeout_s=config.worker_timeout_s)
     try:
         with _latency_reader("assured.bench._io_workers", "io-db-reader", reading) as read:
@@ -166,7 +175,7 @@ def _into_database(
             shutil.rmtree(folder, ignore_errors=True)
     if latency.get("effects") != records:
         raise RuntimeError(f"{name}: {latency.get('effects')} rows for {records} records")
-    row = _row(config, "assured", guarantee, sink, concurrency, records, result, latency)
+    row = _row(config, system, guarantee, sink, concurrency, records, result, latency)
     if sink == "postgres":
         row["db_wait_ms"] = config.db_wait_ms
     return row
@@ -290,19 +299,36 @@ def run_io_suite(
                 say(f"bare asyncio loop, concurrency {c}")
                 rows.append(_one(bench, config, "bare", "none", c))
                 say(f"  {rows[-1]['records_per_s']:,.0f} records/s")
+                if "postgres" in config.sinks:
+                    say(f"bare asyncio loop into postgres (autocommit), concurrency {c}")
+                    rows.append(_into_database(bench, config, "postgres", "none", c, "bare"))
+                    say(f"  {rows[-1]['records_per_s']:,.0f} records/s")
         if "assured" in config.systems:
             rows += _assured_rows(bench, config, say)
-        bare = {r["concurrency"]: r for r in rows if r["system"] == "bare"}
-        for r in rows:
-            peer = bare.get(r["concurrency"])
-            if r["system"] != "bare" and peer and peer["records_per_s"]:
-                r["vs_bare"] = round(r["records_per_s"] / peer["records_per_s"], 3)
+        _ratios(rows)
     finally:
         bench.cleanup(logs)
     facts = machine_facts()
     for r in rows:
         r.update(facts)
     return rows
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's rate over the bare loop's at its concurrency (``vs_bare``: the loop with no
+    database, which the targets name) and, into a database, over the bare loop writing the
+    same rows there (``vs_bare_sink``: what the guarantee costs beside doing the same work)."""
+    bare = {(r["concurrency"], r["sink"]): r for r in rows if r["system"] == "bare"}
+    bare = {k: r for k, r in bare.items() if r["records_per_s"]}
+    for r in rows:
+        if r["system"] == "bare" and r["sink"] == "topic":
+            continue
+        peer = bare.get((r["concurrency"], "topic"))
+        if peer:
+            r["vs_bare"] = round(r["records_per_s"] / peer["records_per_s"], 3)
+        same = bare.get((r["concurrency"], r["sink"]))
+        if r["system"] != "bare" and r["sink"] != "topic" and same:
+            r["vs_bare_sink"] = round(r["records_per_s"] / same["records_per_s"], 3)
 
 
 # (guarantee, sink, concurrency, records/s at least, x bare at least), measured side by side
@@ -358,15 +384,22 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         f"`{command}`",
         "",
         "| system | guarantee | sink | concurrency | records | records/s | ceiling/s | x bare | "
-        "p50 / p99 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "x bare into the same database | p50 / p99 ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['system']} | {r['guarantee']} | {r.get('sink', 'topic')} | {r['concurrency']} "
             f"| {r['records']:,} | {r['records_per_s']:,.0f} | {r['ceiling_per_s']:,.0f} | "
-            f"{r.get('vs_bare', '')} | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} |"
+            f"{r.get('vs_bare', '')} | {r.get('vs_bare_sink', '')} | "
+            f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} |"
         )
+    lines += [
+        "",
+        "x bare: over the bare loop with no database (the targets' measure). x bare into the "
+        "same database: over the bare loop writing the same rows, each committed on its own "
+        "(autocommit), no order, no guarantee.",
+    ]
     judged = judge(rows)
     if judged:
         lines += ["", "| target (one run, side by side) | measured | verdict |", "|---|---:|---|"]
