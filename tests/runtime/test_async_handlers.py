@@ -747,25 +747,34 @@ def test_a_stop_drains_within_drain_timeout_and_redoes_what_did_not_finish(
 
 
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
-@pytest.mark.parametrize("stuck_in", ["an await", "retries"])
+@pytest.mark.parametrize("stuck_in", ["an await", "an await that answers its cancel", "retries"])
 def test_a_stop_ends_within_drain_timeout_one_record_at_a_time(
     log: Log, guarantee: Guarantee, stuck_in: str
 ) -> None:
     """From a review: a handler at concurrency 1 (not side by side) stuck in an await, or a
     record whose retries back off for minutes, held the stop until it was over (120 s, 199 s):
     nothing looked at the stop there. Now the drain's end gives the record up: its batch
-    commits nothing, the run returns as from any stop, and the next run handles the rest."""
+    commits nothing, the run returns as from any stop, and the next run handles the rest. A
+    handler (a client) that answers the cancellation with an error of its own is given up
+    too, not dead-lettered (a second review: it was, and its position committed)."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
     fill(log, 10)
     stuck = threading.Event()
     app = App(log=log, group="g", guarantee=guarantee, drain_timeout_ms=500)
 
-    if stuck_in == "an await":
+    if stuck_in.startswith("an await"):
 
-        @app.handler("in", output="out")
+        @app.handler("in", output="out", retries=0, dead_letter="dlq")
         async def copy(msg: Message, out: Output) -> None:
             if msg.value == b"m0003":
                 stuck.set()
-                await asyncio.sleep(60)  # a call that does not come back
+                try:
+                    await asyncio.sleep(60)  # a call that does not come back
+                except asyncio.CancelledError:
+                    if stuck_in == "an await":
+                        raise
+                    raise ConnectionError("the request was aborted") from None
             out.send(msg.value)
 
     else:
@@ -788,6 +797,7 @@ def test_a_stop_ends_within_drain_timeout_one_record_at_a_time(
     assert time.monotonic() - began < 15  # not the 60 s await, nor 100 retries
     assert stats.stopped_by == "stop"
     assert b"m0003" not in {v for _, v in read(log)}
+    assert read(log, "dlq") == []
 
     again = App(log=log, group="g", guarantee=guarantee)
 

@@ -282,7 +282,7 @@ class App:
         )  # fmt: skip
         rt.incarnations = incarnations
         rt.stopping = self._stop
-        rt.loop.past_drain = rt.past_drain  # a handler's await, one record at a time
+        rt.loop.watch_drain(rt.past_drain)  # a handler's await, one record at a time
         protocol = self._protocol(rt, sink)
         stats = RunStats()
         watch = _Watch(s, log_, consumer, self.metrics, stats, progress_every)

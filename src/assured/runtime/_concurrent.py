@@ -117,6 +117,7 @@ class EventLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self.past_drain: Callable[[], bool] = lambda: False  # a stop's drain is over
+        self.drain_over = False  # ...and a handler's call was given up for it
         self._handling: asyncio.Task[Any] | None = None  # a handler's call (run_handler)
         self._given_up: asyncio.Task[Any] | None = None  # ...that the drain's end cancelled
         self._looking: asyncio.TimerHandle | None = None  # the look at the drain (_look)
@@ -140,6 +141,10 @@ class EventLoop:
         """Run a handler's ``work`` to its end, one record at a time; a stop's drain that ends
         first cancels it and raises :class:`DrainEnded` (``msg``: the record's, for the log)."""
         loop = self._ready(work)
+        if self.drain_over:  # the records after one given up go with it, not started
+            if inspect.iscoroutine(work):
+                work.close()
+            raise DrainEnded(_where_of(msg))
         task: asyncio.Task[T] = loop.create_task(
             work if inspect.iscoroutine(work) else _awaited(work)
         )
@@ -148,22 +153,25 @@ class EventLoop:
         self._handling = task
         try:
             return loop.run_until_complete(task)
-        except asyncio.CancelledError:
+        except BaseException:
+            # Given up, whatever the handler made of its cancellation (a client may raise an
+            # error of its own instead): not the record's failure, to be retried or lettered.
             if self._given_up is task:
-                where = "a record"
-                if hasattr(msg, "offset"):
-                    where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
-                raise DrainEnded(where) from None
+                raise DrainEnded(_where_of(msg)) from None
             raise
         finally:
             self._handling = self._given_up = None
+
+    def watch_drain(self, past_drain: Callable[[], bool]) -> None:
+        """A run begins: ``past_drain`` says when its stop's drain is over."""
+        self.past_drain, self.drain_over = past_drain, False
 
     def _look(self) -> None:
         """Every ``_LOOK_S`` the loop runs: past a stop's drain, the handler's call running
         (see run_handler) is cancelled. One timer for all records: none is made for each."""
         task = self._handling
         if task is not None and not task.done() and self.past_drain():
-            self._given_up = task
+            self._given_up, self.drain_over = task, True
             task.cancel()
         if self._loop is not None and not self._loop.is_closed():
             self._looking = self._loop.call_later(_LOOK_S, self._look)
@@ -830,6 +838,12 @@ class Window:
 
 class _GivenUp(Exception):  # noqa: N818 -- a signal between two methods, never seen outside
     """Raised instead of starting an attempt once the window is given up."""
+
+
+def _where_of(msg: Any) -> str:
+    if hasattr(msg, "offset"):
+        return f"{msg.topic}[{msg.partition}]@{msg.offset}"
+    return "a record"
 
 
 def blocking(fn: Callable[..., Awaitable[Any]], loop: EventLoop) -> Callable[..., Any]:
