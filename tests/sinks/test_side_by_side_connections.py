@@ -802,3 +802,88 @@ def test_a_plain_batch_that_deadlocks_with_another_transaction_gives_way_and_is_
     assert deadlocks == [b"2"], "the deadlock did not happen as planned: the test proves nothing"
     assert read_all(log, "dlq") == []
     assert rows(pg_dsn, "SELECT id, n FROM accounts ORDER BY id") == [(1, 11), (2, 11)]
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_record_that_always_conflicts_redoes_its_batch_a_bounded_number_of_times(
+    log: Log, pg_dsn: str, guarantee: Guarantee
+) -> None:
+    """From a review: a plain batch done again for each conflict had no bound but the retry
+    deadline: a record whose statement always fails with a serialization failure stopped the
+    App, or, with other partitions committing meanwhile, redid its batch for ever. Now after
+    BATCH_CONFLICT_REDOS its conflict is its failure: retried, then dead-lettered; every other
+    record's row commits once."""
+    from assured.runtime._handling import BATCH_CONFLICT_REDOS
+
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    with log.producer() as producer:
+        for v in (b"a", b"b", b"poison", b"c"):
+            producer.send("in", v, key=v, partition=0)
+        producer.flush()
+    calls: Counter[bytes] = Counter()
+    app = App(log=log, group="g", guarantee=guarantee)
+    schema = "CREATE TABLE IF NOT EXISTS t (v TEXT)"
+
+    @app.handler("in", sink=PostgresSink(pg_dsn, schema=schema), retries=1, dead_letter="dlq")
+    def write(msg: Message, db: Any) -> None:
+        calls[msg.value] += 1
+        db.execute("INSERT INTO t VALUES (%s)", (msg.value.decode(),))
+        if msg.value == b"poison":  # as a serialization failure that never goes away
+            db.execute("DO $$ BEGIN RAISE EXCEPTION 'no' USING ERRCODE = '40001'; END $$")
+
+    assert ends_within(app, 60, until_idle=1)
+    assert calls[b"poison"] == BATCH_CONFLICT_REDOS + 2  # then once more, its one retry
+    assert [r.value for r in read_all(log, "dlq")] == [b"poison"]
+    assert sorted(v for (v,) in rows(pg_dsn, "SELECT v FROM t")) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+@pytest.mark.parametrize("kind", ["plain def", "async def"])
+def test_a_serializable_transaction_that_loses_a_write_skew_is_done_again(
+    log: Log, pg_dsn: str, guarantee: Guarantee, kind: str
+) -> None:
+    """From a review: under SERIALIZABLE, PostgreSQL fails a transaction that lost a write
+    skew at a later statement (the runtime's own: its positions, its marks) or at COMMIT,
+    with a serialization failure. That stopped the App with the raw error. It is a conflict,
+    not a fault: the transaction rolled back, and its records are handled again, once."""
+    with log.producer() as producer:
+        for v in (b"a", b"b"):
+            producer.send("in", v, key=v, partition=0)
+        producer.flush()
+    serializable = pg_dsn + "%20-cdefault_transaction_isolation%3Dserializable"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id INT PRIMARY KEY, n INT)")
+        conn.execute("INSERT INTO acct VALUES (1, 0), (2, 0)")
+    went = threading.Event()
+
+    def skew() -> None:  # reads what the record read, writes what it did not, commits first
+        went.set()
+        with psycopg.connect(serializable) as other:
+            other.execute("SELECT sum(n) FROM acct").fetchone()
+            other.execute("UPDATE acct SET n = n + 10 WHERE id = 2")
+            other.commit()
+
+    app = App(log=log, group="g", guarantee=guarantee)
+    sink = PostgresSink(serializable)
+    if kind == "plain def":
+
+        @app.handler("in", sink=sink)
+        def credit(msg: Message, db: Any) -> None:
+            db.execute("SELECT sum(n) FROM acct").fetchone()
+            db.execute("UPDATE acct SET n = n + 1 WHERE id = 1")
+            if msg.value == b"b" and not went.is_set():
+                skew()
+
+    else:
+
+        @app.handler("in", sink=sink)
+        async def credit_async(msg: Message, db: Any) -> None:
+            await db.execute("SELECT sum(n) FROM acct")
+            await db.execute("UPDATE acct SET n = n + 1 WHERE id = 1")
+            if msg.value == b"b" and not went.is_set():
+                await asyncio.to_thread(skew)
+
+    assert ends_within(app, 60, until_idle=1)
+    assert went.is_set()
+    assert rows(pg_dsn, "SELECT id, n FROM acct ORDER BY id") == [(1, 2), (2, 10)]

@@ -85,14 +85,32 @@ class SendFailedError(AssuredError):
 # record: done again once the other has moved on, it succeeds (the database's own advice).
 _CONFLICTS = frozenset({"40001", "40P01"})
 # How many conflicts a record is done again for before they count as its failures
-# (retried ``retries`` times, then dead-lettered), so that no record conflicts for ever.
+# (retried ``retries`` times, then dead-lettered), so that no record conflicts for ever; and
+# how many times, for one record's conflicts, its batch's transaction is done again (each
+# time every record of the batch: fewer, and within the protocol's retry_deadline_ms).
 CONFLICT_RETRIES = 30
+BATCH_CONFLICT_REDOS = 10
 
 
 def conflicted(error: BaseException) -> bool:
     """Did the database fail a handler's statement for a conflict with another transaction
     (a deadlock, a serialization failure), not for anything in the record?"""
     return getattr(error, "sqlstate", None) in _CONFLICTS
+
+
+def batch_conflicts_left(conflicts: dict[tuple[str, int, int], int], record: Record) -> bool:
+    """Whether ``record``'s batch may be done again for one more conflict of its, counted in
+    ``conflicts`` (kept across batches): ``BATCH_CONFLICT_REDOS`` at most, and then the
+    conflict is the record's failure, so that a record that always conflicts is dead-lettered
+    instead of redoing its batch for ever."""
+    key = (record.topic, record.partition, record.offset)
+    seen = conflicts.get(key, 0)
+    if seen >= BATCH_CONFLICT_REDOS:
+        return False
+    if len(conflicts) >= 10_000:  # records long done: forget them
+        conflicts.clear()
+    conflicts[key] = seen + 1
+    return True
 
 
 def conflict_pause(conflicts: int, backoff_s: float) -> float:
@@ -421,6 +439,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     transactional: bool = False,
     settle: Callable[[Any], None] | None = None,
     past_drain: Callable[[], bool] = _never,
+    conflicts: dict[tuple[str, int, int], int] | None = None,
 ) -> Callable[[Record], None]:
     """``handle(record)`` for ``spec``: decode, call, then hand the call's outputs over; when
     the handler raises, retry ``spec.retries`` times with exponential backoff, then
@@ -436,6 +455,7 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
     outputs: it runs for every record, the retry machinery only after a failure."""
     fn, decode = spec.fn, spec.decode
     settle = settle or _no_awaitable
+    conflicts = {} if conflicts is None else conflicts
     savepoint = target._part if isinstance(target, SinkTransaction) else None
     owned = target._owned_by if isinstance(target, SinkTransaction) else _no_owner
     out = target if isinstance(target, Output) else None
@@ -493,7 +513,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             return
         if not owed_to_record(error):
             raise error  # the log's or the database's: the protocol decides
-        if savepoint is not None and conflicted(error):
+        in_batch = savepoint is not None
+        if in_batch and conflicted(error) and batch_conflicts_left(conflicts, record):
             raise batch_conflict(spec, record, error) from error
         _retry(
             spec,
@@ -504,8 +525,8 @@ def record_handler(  # noqa: PLR0915 -- one closure per case, so the hot path ha
             metrics,
             (guarantee, record.topic),
             transactional,
-            in_batch=savepoint is not None,
             past_drain=past_drain,
+            conflicts=conflicts if in_batch else None,
         )
 
     def partial_failure(record: Record, error: SendFailedError) -> None:
@@ -651,22 +672,23 @@ def _retry(
     metrics: RuntimeMetrics,
     labels: tuple[str, str],
     transactional: bool,
-    in_batch: bool = False,
     past_drain: Callable[[], bool] = _never,
+    conflicts: dict[tuple[str, int, int], int] | None = None,
 ) -> None:
     """Attempts 2 .. retries + 1 of a record whose handler raised, backing off
     ``backoff * 2^(n-2)`` seconds (at most 2 s) before attempt n; then the dead-letter topic.
     A record whose codec refuses it goes there at once: its bytes will not change. A conflict
     with another transaction (see :func:`conflicted`) is not the record's failure: it is done
-    again after a short pause, up to ``CONFLICT_RETRIES`` times; ``in_batch`` (its part of a
-    batch's transaction), the batch is done again instead (see :func:`batch_conflict`)."""
-    attempts, conflicts = 1, 0
+    again after a short pause, up to ``CONFLICT_RETRIES`` times. In a batch's transaction
+    (``conflicts``: the batch conflicts counted for each record) the batch is done again
+    instead (see :func:`batch_conflict`), up to ``BATCH_CONFLICT_REDOS`` times for it."""
+    attempts, in_place = 1, 0
     while True:
-        if conflicted(error) and conflicts < CONFLICT_RETRIES:
-            conflicts += 1
-            pause = conflict_pause(conflicts, spec.backoff_s)
-        elif attempts - conflicts <= spec.retries:
-            pause = min(2.0, spec.backoff_s * 2 ** (attempts - conflicts - 1))
+        if conflicts is None and conflicted(error) and in_place < CONFLICT_RETRIES:
+            in_place += 1
+            pause = conflict_pause(in_place, spec.backoff_s)
+        elif attempts - in_place <= spec.retries:
+            pause = min(2.0, spec.backoff_s * 2 ** (attempts - in_place - 1))
         else:
             break
         metrics.retried.labels(*labels).inc()
@@ -686,7 +708,8 @@ def _retry(
         except Exception as again:
             if not owed_to_record(again):
                 raise
-            if in_batch and conflicted(again):
+            batch = conflicts
+            if batch is not None and conflicted(again) and batch_conflicts_left(batch, record):
                 raise batch_conflict(spec, record, again) from again
             error = again
     dead_letter(spec, record, error, attempts, dead_letters, metrics, labels)

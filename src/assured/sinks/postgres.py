@@ -28,6 +28,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from assured.errors import ConfigError, ServiceError, UsageError
 from assured.log import TopicPartition
 from assured.sinks._base import (
+    RUNTIME,
     BatchRefusedError,
     CommitWaitError,
     SideBySide,
@@ -41,6 +42,7 @@ from assured.sinks._base import (
     checked_schema,
     ddl,
     ended_by_handler,
+    record_part,
     refuse_transaction_control,
 )
 from assured.sinks._one_statement import one_statement
@@ -66,6 +68,20 @@ _TRANSIENT_REFUSALS = (
     "too many clients",
     "connection slots are reserved",
 )
+
+
+# SQLSTATEs of a transaction the server rolled back for a conflict with another one (a
+# serialization failure, a deadlock): at COMMIT (SERIALIZABLE checks there), its records are
+# handled again, as after any rollback; nothing is wrong with them.
+_CONFLICTS = ("40001", "40P01")
+
+
+def _conflict_text(where: str, e: BaseException) -> str:
+    return (
+        f"a transaction on PostgreSQL at {where} conflicted with another one "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}) and was rolled "
+        "back; its records are handled again"
+    )
 
 
 def connection_lost(
@@ -276,6 +292,10 @@ class _PostgresTransaction(SinkTransaction):
                 if connection_lost(self._conn, e):
                     self.lose(e)
                 _second_statement(e, text)
+                if getattr(e, "sqlstate", None) in _CONFLICTS and record_part.get() is RUNTIME:
+                    # The runtime's own statement (positions, marks, dead letters: SERIALIZABLE
+                    # checks them too): the transaction's failure; a handler's is its record's.
+                    raise SinkUnavailableError(_conflict_text(self.sink.where, e)) from e
                 raise
 
     def _own_attempt(self) -> None:
@@ -649,6 +669,8 @@ class PostgresSink(Sink):
         try:
             done = conn.execute("COMMIT").statusmessage
         except psycopg.Error as e:
+            if getattr(e, "sqlstate", None) in _CONFLICTS:
+                raise SinkUnavailableError(_conflict_text(self.where, e)) from e
             if not connection_lost(conn, e):
                 raise  # the server refused the commit (a deferred constraint): rolled back
             self._discard(conn)
@@ -868,6 +890,10 @@ class _PostgresSideBySide(SideBySide):
         except psycopg.Error as e:
             if connection_lost(conn, e) or self._broken():
                 self._lose(e)
+            if getattr(e, "sqlstate", None) in _CONFLICTS and record_part.get() is RUNTIME:
+                # The runtime's own statement (see _PostgresTransaction._run): the
+                # transaction's failure, and its records are handled again.
+                raise SinkUnavailableError(_conflict_text(self.sink.where, e)) from e
             raise
         except asyncio.CancelledError:
             # psycopg cancels the statement on the server and waits for it to end, leaving
@@ -1162,6 +1188,23 @@ class _PostgresSideBySide(SideBySide):
 
         await self._run(undo)
 
+    def _commit_failed(
+        self, conn: psycopg.AsyncConnection[Any], e: psycopg.Error, bounded: bool
+    ) -> NoReturn:
+        """What a COMMIT that failed with ``e`` raises."""
+        state = getattr(e, "sqlstate", None)
+        if bounded and state in ("55P03", "40P01"):  # lock_not_available, or a deadlock
+            raise CommitWaitError(
+                f"a commit on PostgreSQL at {self.sink.where} waited too long for a "
+                f"lock, or in a deadlock ({type(e).__name__}: a deferred constraint's "
+                "check?), and was rolled back; its records are handled again"
+            ) from e
+        if state in _CONFLICTS:  # SERIALIZABLE checks at COMMIT too: rolled back
+            raise SinkUnavailableError(_conflict_text(self.sink.where, e)) from e
+        if not connection_lost(conn, e):
+            raise e  # the server refused the commit (a deferred constraint): rolled back
+        raise SinkCommitUnknownError(_commit_unknown_text(self.sink.where, e)) from e
+
     async def commit(self, bounded: bool = False) -> None:
         conn = self._conn
         try:
@@ -1185,16 +1228,7 @@ class _PostgresSideBySide(SideBySide):
                     cursor = await conn.execute("COMMIT")
                 done = cursor.statusmessage
             except psycopg.Error as e:
-                # lock_not_available, or a deadlock the server found first
-                if bounded and getattr(e, "sqlstate", None) in ("55P03", "40P01"):
-                    raise CommitWaitError(
-                        f"a commit on PostgreSQL at {self.sink.where} waited too long for a "
-                        f"lock, or in a deadlock ({type(e).__name__}: a deferred constraint's "
-                        "check?), and was rolled back; its records are handled again"
-                    ) from e
-                if not connection_lost(conn, e):
-                    raise  # the server refused the commit (a deferred constraint): rolled back
-                raise SinkCommitUnknownError(_commit_unknown_text(self.sink.where, e)) from e
+                self._commit_failed(conn, e, bounded)
             if done != "COMMIT":  # the server had aborted it (an error swallowed)
                 raise SinkUnavailableError(_rolled_back_text(self.sink.where, done))
         except BaseException:

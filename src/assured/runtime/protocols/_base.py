@@ -164,6 +164,9 @@ class Runtime:
     # by side still running then are given up (see past_drain).
     stopping: threading.Event | None = None
     drain_until: float | None = None
+    # Records whose batches were done again for a conflict with another transaction, and how
+    # many times: past CONFLICT_RETRIES the conflict is the record's failure.
+    conflicts: dict[tuple[str, int, int], int] = field(default_factory=dict)
 
     def stop_asked(self) -> bool:
         """Whether the App was asked to stop (its stop() or a signal)."""
@@ -345,7 +348,7 @@ class Runtime:
             spec = replace(spec, fn=blocking(spec.fn, self.loop), is_async=False)
         return record_handler(
             spec, target, dead_letters, self.metrics, self.settings.guarantee, transactional,
-            self.loop.settle, self.past_drain,
+            self.loop.settle, self.past_drain, self.conflicts,
         )  # fmt: skip
 
     def drop_outputs(self, producer: Producer) -> None:
