@@ -19,9 +19,12 @@ die. Faults are drawn from the seed, so the same seed gives the same plan:
   (transient, permanent, oversize and fatal failures of the handler), ``slow-handler`` (a
   handler outlasting the transaction timeout and ``max_poll_interval_ms``) and ``zombie`` (a
   handler SIGSTOPping its own process mid-transaction; the audit SIGCONTs it once its
-  partitions have moved), and ``disk-full`` (``--sink sqlite``: the sink's file may not grow
+  partitions have moved), ``disk-full`` (``--sink sqlite``: the sink's file may not grow
   while a handler writes, so SQLite rolls the batch's transaction back by itself; the next
-  handler call gives it room again). Slow and zombie messages sit where the plan's thresholds
+  handler call gives it room again) and ``db-conflicts`` (``--sink postgres``: one message in
+  fifty updates two shared rows in an order of its own before its effect, so records on
+  different connections or processes deadlock and PostgreSQL fails one statement of each; the
+  effect must still be made, once). Slow and zombie messages sit where the plan's thresholds
   fall.
 
 Where a fault needs shorter timeouts to bite, the audit sets them for its processors only (see
@@ -81,6 +84,7 @@ FAULTS = (
     "slow-handler",
     "stuck-coordinator",
     "disk-full",
+    "db-conflicts",
 )
 # Faults drawn on the schedule of thresholds (the kills budget is shared among them).
 TIMED = (
@@ -301,6 +305,10 @@ def _fates(cfg: AuditConfig, timed: list[tuple[float, str]]) -> dict[int, str]:
         rng = random.Random(cfg.seed + 3)
         for _ in range(cfg.marked or max(2, n // 300)):
             mark(rng.randrange(n), "diskfull")
+    if "db-conflicts" in cfg.faults:
+        rng = random.Random(cfg.seed + 4)
+        for _ in range(cfg.marked or max(4, n // 50)):
+            mark(rng.randrange(n), "conflict")
     return fates
 
 
@@ -325,8 +333,20 @@ def check_faults(names: Iterable[str]) -> tuple[str, ...]:
     return chosen
 
 
-def _check(cfg: AuditConfig) -> None:
-    check_faults(cfg.faults)
+# Faults a handler acts out in one kind of sink only: the sink, and what to say otherwise.
+_ONE_SINK = {
+    "disk-full": (
+        "sqlite",
+        "disk-full fills the disk of a SQLite sink (its file may not grow); give --sink sqlite",
+    ),
+    "db-conflicts": (
+        "postgres",
+        "db-conflicts makes records deadlock on PostgreSQL's row locks; give --sink postgres",
+    ),
+}
+
+
+def _check_app(cfg: AuditConfig) -> None:
     if cfg.app is not None:
         cfg.app.check()
         needs_handler = [f for f in cfg.faults if f not in APP_FAULTS]
@@ -335,6 +355,11 @@ def _check(cfg: AuditConfig) -> None:
                 f"--app: {', '.join(needs_handler)} needs the audit's own handler to act it out; "
                 f"an App's own code runs untouched under: {', '.join(APP_FAULTS)}"
             )
+
+
+def _check(cfg: AuditConfig) -> None:
+    check_faults(cfg.faults)
+    _check_app(cfg)
     if cfg.sink not in ("topic", "sqlite", "postgres"):
         raise ConfigError(f"sink {cfg.sink!r}: topic, sqlite or postgres")
     if cfg.sink == "postgres" and not cfg.postgres_dsn:
@@ -352,10 +377,9 @@ def _check(cfg: AuditConfig) -> None:
             "stuck-coordinator is a Kafka client's fault (a transactional producer whose "
             "coordinator stops answering); the embedded engine has no coordinator to wait for"
         )
-    if "disk-full" in cfg.faults and cfg.sink != "sqlite":
-        raise ConfigError(
-            "disk-full fills the disk of a SQLite sink (its file may not grow); give --sink sqlite"
-        )
+    for fault, (sink, why) in _ONE_SINK.items():
+        if fault in cfg.faults and cfg.sink != sink:
+            raise ConfigError(why)
     if "db-restart" in cfg.faults and (cfg.sink != "postgres" or cfg.postgres is None):
         raise ConfigError(
             "db-restart needs --sink postgres and the server to restart (--postgres-data DIR)"
@@ -488,7 +512,7 @@ def _check_run(
 def _count_fired(run: _Run, history: History) -> None:
     """Faults that fire inside handlers are counted from what the processors wrote down; stuck
     calls from the line a processor writes when its call first goes unanswered."""
-    for fault in ("handler-errors", "slow-handler", "disk-full"):
+    for fault in ("handler-errors", "slow-handler", "disk-full", "db-conflicts"):
         if fault in run.faults:
             run.faults[fault] = len(history.fired.get(fault, ()))
     if "stuck-coordinator" in run.faults:

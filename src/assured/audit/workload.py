@@ -40,7 +40,7 @@ from assured.log import DeliveryReport, Log, Producer, TopicPartition
 __all__ = ["EFFECT_FATES", "REFUSED_FATES", "Workload", "make_ids", "produce"]
 
 ACCOUNTS = 50
-EFFECT_FATES = ("ok", "transient", "stray", "fatal", "slow", "zombie", "diskfull")
+EFFECT_FATES = ("ok", "transient", "stray", "fatal", "slow", "zombie", "diskfull", "conflict")
 REFUSED_FATES = ("poison", "permanent", "oversize")
 
 

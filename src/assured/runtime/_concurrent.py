@@ -458,7 +458,7 @@ class Window:
             ):
                 return
             waited = await self._wait(complete)
-            if not complete and self.stop_asked():
+            if not complete and not self.stopped and self.stop_asked():
                 return  # a full window must not hide a stop: the App drains from here
             if waited:
                 continue

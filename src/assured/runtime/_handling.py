@@ -114,7 +114,7 @@ def batch_conflicts_left(conflicts: dict[tuple[str, int, int], int], record: Rec
 
 
 def conflict_pause(conflicts: int, backoff_s: float) -> float:
-    """Seconds before a record is done again after its ``conflicts``-th conflict in a row:
+    """Seconds before a record is done again after its ``conflicts``-th conflict:
     short and growing, each a different fraction of it, so that the records in a deadlock do
     not meet again in the same order."""
     return random.uniform(0.5, 1.0) * min(1.0, max(backoff_s, 0.01) * 1.5 ** (conflicts - 1))
