@@ -70,9 +70,10 @@ _TRANSIENT_REFUSALS = (
 )
 
 
-# SQLSTATEs of a transaction the server rolled back for a conflict with another one (a
-# serialization failure, a deadlock): at COMMIT (SERIALIZABLE checks there), its records are
-# handled again, as after any rollback; nothing is wrong with them.
+# SQLSTATEs of a transaction the server failed for a conflict with another one (a
+# serialization failure, a deadlock). At COMMIT (SERIALIZABLE checks there) or in the runtime's
+# own statements, the transaction rolls back and its records are handled again; nothing is
+# wrong with them. (A handler's own statement: see runtime._handling.conflicted.)
 _CONFLICTS = ("40001", "40P01")
 
 

@@ -165,7 +165,7 @@ class Runtime:
     stopping: threading.Event | None = None
     drain_until: float | None = None
     # Records whose batches were done again for a conflict with another transaction, and how
-    # many times: past CONFLICT_RETRIES the conflict is the record's failure.
+    # many times: past BATCH_CONFLICT_REDOS the conflict is the record's failure.
     conflicts: dict[tuple[str, int, int], int] = field(default_factory=dict)
 
     def stop_asked(self) -> bool:
