@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from assured import App
 from assured.errors import HarnessError
 from assured.log import Log
 from assured.testing.kafka import KafkaCluster
@@ -143,3 +145,15 @@ def fill_keyed(log: Log, n: int, keys: int = 10) -> list[bytes]:
             producer.send("in", v, key=f"k{i % keys}".encode(), partition=i % 2)
         producer.flush()
     return values
+
+
+def stop_when(app: App, event: threading.Event, after_s: float = 0.3) -> None:
+    """Stop ``app`` (as SIGTERM does) ``after_s`` seconds after ``event`` is set, from a thread
+    of its own (30 s at most for the event)."""
+
+    def stop() -> None:
+        event.wait(30)
+        time.sleep(after_s)
+        app.stop()
+
+    threading.Thread(target=stop, daemon=True).start()

@@ -21,6 +21,7 @@ from assured.runtime._handling import AwaitableIntoSinkError
 from assured.runtime._settings import Guarantee
 from assured.runtime._shared_db import NotAwaitedError
 from tests.conftest import fill_keyed as fill
+from tests.conftest import stop_when
 
 GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
 
@@ -721,12 +722,7 @@ def test_a_stop_drains_within_drain_timeout_and_redoes_what_did_not_finish(
             await asyncio.sleep(120)  # a call that does not come back
         out.send(msg.value)
 
-    def stop_when_stuck() -> None:
-        stuck.wait(30)
-        time.sleep(0.5)  # the others finish meanwhile
-        app.stop()
-
-    threading.Thread(target=stop_when_stuck, daemon=True).start()
+    stop_when(app, stuck, after_s=0.5)  # the others finish meanwhile
     began = time.monotonic()
     app.run(until_idle=30)
     assert time.monotonic() - began < 10  # not the handler's 120 s
@@ -786,12 +782,7 @@ def test_a_stop_ends_within_drain_timeout_one_record_at_a_time(
                 raise RuntimeError("the gateway is down")
             out.send(msg.value)
 
-    def stop_when_stuck() -> None:
-        stuck.wait(30)
-        time.sleep(0.3)
-        app.stop()
-
-    threading.Thread(target=stop_when_stuck, daemon=True).start()
+    stop_when(app, stuck)
     began = time.monotonic()
     stats = app.run(until_idle=60)
     assert time.monotonic() - began < 15  # not the 60 s await, nor 100 retries
@@ -833,12 +824,7 @@ def test_a_stop_ends_a_drain_that_began_before_it(log: Log) -> None:
             await asyncio.sleep(30)  # a call that does not come back
         out.send(msg.value)
 
-    def stop_when_stuck() -> None:
-        stuck_again.wait(30)
-        time.sleep(0.3)
-        app.stop()
-
-    threading.Thread(target=stop_when_stuck, daemon=True).start()
+    stop_when(app, stuck_again)
     began = time.monotonic()
     app.run(until_idle=30)
     assert refused == [1]

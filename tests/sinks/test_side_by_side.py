@@ -25,6 +25,7 @@ from assured.runtime._handling import HandlerFailedError
 from assured.runtime._settings import Guarantee
 from assured.runtime._shared_db import NotAwaitedError
 from assured.sinks import Sink, SinkUnavailableError
+from tests.conftest import stop_when
 from tests.sinks.conftest import read_all
 
 GUARANTEES: list[Guarantee] = ["at-most-once", "at-least-once", "exactly-once"]
@@ -235,12 +236,7 @@ def test_a_stop_gives_up_a_record_stuck_inside_its_database_work(
             stuck.set()
             await asyncio.sleep(120)  # holding the database: the others wait for it
 
-    def stop_when_stuck() -> None:
-        stuck.wait(30)
-        time.sleep(0.3)
-        app.stop()
-
-    threading.Thread(target=stop_when_stuck, daemon=True).start()
+    stop_when(app, stuck)
     began = time.monotonic()
     app.run(until_idle=30)
     assert time.monotonic() - began < 10

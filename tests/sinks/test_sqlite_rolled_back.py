@@ -15,6 +15,7 @@ from assured import App, Message, SqliteSink, TopicPartition, open_log
 from assured.log import Log
 from assured.runtime._settings import Guarantee
 from assured.sinks import SinkUnavailableError
+from tests.conftest import stop_when
 from tests.sinks.conftest import charges_log
 
 
@@ -328,12 +329,7 @@ def test_at_most_once_a_stop_does_not_wait_out_a_database_that_stays_away(tmp_pa
             failing.set()
             db.execute("INSERT OR ROLLBACK INTO u VALUES (1)")  # SQLite ends the transaction
 
-    def stop_when_failing() -> None:
-        failing.wait(30)
-        time.sleep(0.5)
-        app.stop()
-
-    threading.Thread(target=stop_when_failing, daemon=True).start()
+    stop_when(app, failing, after_s=0.5)
     began = time.monotonic()
     assert app.run(until_idle=60).stopped_by == "stop"
     assert time.monotonic() - began < 10
