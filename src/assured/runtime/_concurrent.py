@@ -52,7 +52,6 @@ from assured.runtime._handling import (
     SendFailedError,
     Undecodable,
     conflict_pause,
-    conflicted,
     dead_letter,
     owed_to_record,
     own_attempt,
@@ -60,7 +59,7 @@ from assured.runtime._handling import (
 )
 from assured.runtime._shared_db import Held, RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
-from assured.sinks._base import record_part
+from assured.sinks._base import conflicted, record_part
 
 __all__ = [
     "EventLoop",

@@ -37,6 +37,7 @@ from assured.sinks._base import (
     RUNTIME,
     Attempt,
     SinkUnavailableError,
+    conflicted,
     dead_letter_headers,
     record_part,
 )
@@ -80,22 +81,12 @@ class SendFailedError(AssuredError):
         self.partial = partial
 
 
-# SQLSTATEs of a statement the database failed because its transaction conflicted with
-# another one that was running: a deadlock, a serialization failure. Nothing is wrong with the
-# record: done again once the other has moved on, it succeeds (the database's own advice).
-_CONFLICTS = frozenset({"40001", "40P01"})
 # How many conflicts a record is done again for before they count as its failures
 # (retried ``retries`` times, then dead-lettered), so that no record conflicts for ever; and
 # how many times, for one record's conflicts, its batch's transaction is done again (each
 # time every record of the batch: fewer, and within the protocol's retry_deadline_ms).
 CONFLICT_RETRIES = 30
 BATCH_CONFLICT_REDOS = 10
-
-
-def conflicted(error: BaseException) -> bool:
-    """Did the database fail a handler's statement for a conflict with another transaction
-    (a deadlock, a serialization failure), not for anything in the record?"""
-    return getattr(error, "sqlstate", None) in _CONFLICTS
 
 
 def batch_conflicts_left(conflicts: dict[tuple[str, int, int], int], record: Record) -> bool:

@@ -687,6 +687,18 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode(errors="ignore").replace("\x00", "")
 
 
+# SQLSTATEs of a statement the database failed because its transaction conflicted with
+# another one that was running: a deadlock, a serialization failure. Nothing is wrong with the
+# records: done again once the other has moved on, they succeed (the database's own advice).
+_CONFLICTS = frozenset({"40001", "40P01"})
+
+
+def conflicted(error: BaseException) -> bool:
+    """Did the database fail a statement for a conflict with another transaction (a deadlock,
+    a serialization failure), not for anything in the records?"""
+    return getattr(error, "sqlstate", None) in _CONFLICTS
+
+
 def record_id(message: MessageLike) -> str:
     """``topic[partition]@offset``: what ``Message.id`` says."""
     return f"{message.topic}[{message.partition}]@{message.offset}"

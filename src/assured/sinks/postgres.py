@@ -40,6 +40,7 @@ from assured.sinks._base import (
     StrayStatementError,
     SwallowedStatementError,
     checked_schema,
+    conflicted,
     ddl,
     ended_by_handler,
     record_part,
@@ -70,13 +71,9 @@ _TRANSIENT_REFUSALS = (
 )
 
 
-# SQLSTATEs of a transaction the server failed for a conflict with another one (a
-# serialization failure, a deadlock). At COMMIT (SERIALIZABLE checks there) or in the runtime's
-# own statements, the transaction rolls back and its records are handled again; nothing is
-# wrong with them. (A handler's own statement: see runtime._handling.conflicted.)
-_CONFLICTS = ("40001", "40P01")
-
-
+# A conflict (see conflicted) at COMMIT (SERIALIZABLE checks there) or in the runtime's own
+# statements: the transaction rolls back and its records are handled again. (A handler's own
+# statement: its record's, see runtime._handling.)
 def _conflict_text(where: str, e: BaseException) -> str:
     return (
         f"a transaction on PostgreSQL at {where} conflicted with another one "
@@ -293,7 +290,7 @@ class _PostgresTransaction(SinkTransaction):
                 if connection_lost(self._conn, e):
                     self.lose(e)
                 _second_statement(e, text)
-                if getattr(e, "sqlstate", None) in _CONFLICTS and record_part.get() is RUNTIME:
+                if conflicted(e) and record_part.get() is RUNTIME:
                     # The runtime's own statement (positions, marks, dead letters: SERIALIZABLE
                     # checks them too): the transaction's failure; a handler's is its record's.
                     raise SinkUnavailableError(_conflict_text(self.sink.where, e)) from e
@@ -670,7 +667,7 @@ class PostgresSink(Sink):
         try:
             done = conn.execute("COMMIT").statusmessage
         except psycopg.Error as e:
-            if getattr(e, "sqlstate", None) in _CONFLICTS:
+            if conflicted(e):
                 raise SinkUnavailableError(_conflict_text(self.where, e)) from e
             if not connection_lost(conn, e):
                 raise  # the server refused the commit (a deferred constraint): rolled back
@@ -891,7 +888,7 @@ class _PostgresSideBySide(SideBySide):
         except psycopg.Error as e:
             if connection_lost(conn, e) or self._broken():
                 self._lose(e)
-            if getattr(e, "sqlstate", None) in _CONFLICTS and record_part.get() is RUNTIME:
+            if conflicted(e) and record_part.get() is RUNTIME:
                 # The runtime's own statement (see _PostgresTransaction._run): the
                 # transaction's failure, and its records are handled again.
                 raise SinkUnavailableError(_conflict_text(self.sink.where, e)) from e
@@ -1200,7 +1197,7 @@ class _PostgresSideBySide(SideBySide):
                 f"lock, or in a deadlock ({type(e).__name__}: a deferred constraint's "
                 "check?), and was rolled back; its records are handled again"
             ) from e
-        if state in _CONFLICTS:  # SERIALIZABLE checks at COMMIT too: rolled back
+        if conflicted(e):  # SERIALIZABLE checks at COMMIT too: rolled back
             raise SinkUnavailableError(_conflict_text(self.sink.where, e)) from e
         if not connection_lost(conn, e):
             raise e  # the server refused the commit (a deferred constraint): rolled back
