@@ -4,6 +4,7 @@ guarantee keeps its meaning, lanes keep their order, in-flight work stays within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import threading
@@ -868,3 +869,95 @@ def test_outputs_side_by_side_carry_the_label_of_the_transaction_they_went_into(
             labels += [dict(r.headers).get("txn") for r in batch]
     assert len(labels) == 40
     assert all(label is not None and told.get(label.decode()) == "committed" for label in labels)
+
+
+async def _swallowing(msg: Message) -> None:
+    """A call in a retry loop that swallows every cancellation (as a bare ``except:`` would;
+    a closed coroutine's GeneratorExit still ends it)."""
+    for _ in range(1000):
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:  # the careless code under test
+            continue
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_stop_ends_even_when_a_handler_swallows_every_cancellation(
+    log: Log, concurrency: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From a review: a handler that swallows asyncio.CancelledError for good (a bare
+    ``except:`` in a retry loop) held a stop for ever: every give-up waited for its task,
+    and so did closing the App. Now a record given up has a few seconds to end; then it is
+    left behind, its outputs dropped, and the run returns; the next handles what was left."""
+    fill(log, 20)
+    stuck = threading.Event()
+    app = App(log=log, group="g", guarantee="exactly-once", drain_timeout_ms=500)
+
+    @app.handler("in", output="out", concurrency=concurrency)
+    async def copy(msg: Message, out: Output) -> None:
+        if msg.partition == 0 and msg.offset == 5:
+            stuck.set()
+            await _swallowing(msg)
+        out.send(msg.value)
+
+    stop_when(app, stuck)
+    began = time.monotonic()
+    stats = app.run(until_idle=60)
+    assert time.monotonic() - began < 20  # the drain, then the give-up's 5 s
+    assert stats.stopped_by == "stop"
+    assert committed(log).get(0, 0) <= 5
+    assert "swallows asyncio.CancelledError" in caplog.text
+
+    again = App(log=log, group="g", guarantee="exactly-once")
+
+    @again.handler("in", output="out", concurrency=concurrency)
+    async def copy_again(msg: Message, out: Output) -> None:
+        out.send(msg.value)
+
+    again.run(until_idle=0.5)
+    values = [v or b"" for _, v in read(log)]
+    assert sorted(values) == sorted(f"m{i:04d}".encode() for i in range(20))  # each once
+
+
+def test_a_record_that_swallows_its_cancellation_with_its_db_part_open_commits_nothing(
+    log: Log, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, into a database: the record given up holds its part of the shared
+    transaction open (its first statement ran) and goes on for good. Left behind, its
+    connection's transaction is abandoned (it must never commit: SQLite's connection did
+    not know how, and committed it), and its later calls are refused."""
+    fill(log, 20)
+    stuck = threading.Event()
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    app = App(log=log, group="g", guarantee="exactly-once", drain_timeout_ms=500)
+
+    @app.handler("in", sink=sink, concurrency=4)
+    async def write(msg: Message, db: Any) -> None:
+        if msg.partition == 0 and msg.offset == 5:
+            await db.execute("INSERT INTO t VALUES (?)", ("early",))
+            stuck.set()
+            await _swallowing(msg)
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    stop_when(app, stuck)
+    began = time.monotonic()
+    with contextlib.suppress(RetriableError):  # the step's commit could not be made
+        app.run(until_idle=60)
+    assert time.monotonic() - began < 25  # the drain, then a give-up's 5 s (or two)
+    assert "swallows asyncio.CancelledError" in caplog.text
+
+    def rows() -> list[str]:
+        with sqlite3.connect(tmp_path / "effects.db") as conn:
+            return [v for (v,) in conn.execute("SELECT v FROM t")]
+
+    assert "early" not in rows()
+    assert "m0005" not in rows()
+
+    again = App(log=log, group="g", guarantee="exactly-once")
+
+    @again.handler("in", sink=sink, concurrency=4)
+    async def write_again(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    again.run(until_idle=0.5)
+    assert sorted(rows()) == sorted(f"m{i:04d}" for i in range(20))  # each once, no "early"

@@ -120,6 +120,8 @@ class EventLoop:
         self._handling: asyncio.Task[Any] | None = None  # a handler's call (run_handler)
         self._given_up: asyncio.Task[Any] | None = None  # ...that the drain's end cancelled
         self._looking: asyncio.TimerHandle | None = None  # the look at the drain (_look)
+        self._given_up_at = 0.0
+        self._msg: Any = None  # the record of the call running (for the log)
 
     def _ready(self, work: Awaitable[Any]) -> asyncio.AbstractEventLoop:
         if self._loop is None or self._loop.is_closed():
@@ -149,7 +151,7 @@ class EventLoop:
         )
         if self._looking is None or self._looking.cancelled():
             self._looking = loop.call_later(_LOOK_S, self._look)  # then every _LOOK_S
-        self._handling = task
+        self._handling, self._msg = task, msg
         try:
             return loop.run_until_complete(task)
         except BaseException:
@@ -170,7 +172,22 @@ class EventLoop:
         (see run_handler) is cancelled. One timer for all records: none is made for each."""
         task = self._handling
         if task is not None and not task.done() and self.past_drain():
-            self._given_up, self.drain_over = task, True
+            if self._given_up is not task:
+                self._given_up, self.drain_over = task, True
+                self._given_up_at = time.monotonic()
+            elif time.monotonic() - self._given_up_at >= GIVE_UP_S:
+                # It swallows its cancellation (see given_up): left behind, run_handler's
+                # wait for it ends here (run_until_complete raises) and its record is given
+                # up. Outside its attempt, whatever it sends later is refused.
+                log.error(
+                    "a record given up (%s) still running %.0f s after its cancellation: the "
+                    "handler swallows asyncio.CancelledError (a bare 'except:' around an "
+                    "await?); left behind, nothing of it commits. Let CancelledError through.",
+                    _where_of(self._msg), GIVE_UP_S,
+                )  # fmt: skip
+                self._handling = None
+                if self._loop is not None:
+                    self._loop.stop()
             task.cancel()
         if self._loop is not None and not self._loop.is_closed():
             self._looking = self._loop.call_later(_LOOK_S, self._look)
@@ -219,11 +236,31 @@ class EventLoop:
             for task in pending:
                 task.cancel()
             if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(_ended(pending))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             loop.close()
+
+
+async def _ended(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait for cancelled ``tasks`` to end (the App closing): ``GIVE_UP_S`` at most, their
+    cancellation repeated; one that swallows it for good is left to be closed with the loop."""
+    running = set(tasks)
+    began = time.monotonic()
+    while running and time.monotonic() - began < GIVE_UP_S:
+        done, running = await asyncio.wait(running, timeout=_RECANCEL_S)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: the App is closing
+        for task in running:
+            task.cancel()
+    if running:
+        log.error(
+            "%d task(s) a handler left running still ran %.0f s after their cancellation as "
+            "the App closed (they swallow asyncio.CancelledError): closed with the loop",
+            len(running), GIVE_UP_S,
+        )  # fmt: skip
 
 
 async def _awaited(result: Awaitable[T]) -> T:
@@ -233,6 +270,10 @@ async def _awaited(result: Awaitable[T]) -> T:
 # With a database side by side, how often a step that waits looks at the window's connections
 # (see SharedTransaction.unblock).
 _LOOK_S = 0.05
+# A record given up (cancelled) has this long to end, its cancellation repeated meanwhile;
+# then it is left behind (see given_up).
+GIVE_UP_S = 5.0
+_RECANCEL_S = 1.0
 
 
 def lane_of(record: Record, ordering: Ordering) -> tuple[Any, ...] | None:
@@ -257,11 +298,49 @@ def _worst(errors: list[BaseException]) -> BaseException:
     return errors[0]
 
 
+async def given_up(entries: Sequence[_Entry]) -> None:
+    """Wait for the tasks of ``entries`` (given up: cancelled) to end. A handler gets
+    ``GIVE_UP_S`` for it, its cancellation repeated every ``_RECANCEL_S``; one still running
+    then swallows it for good (a bare ``except:`` around a call, in a retry loop) and is left
+    behind, cut off, so that no rewind, revoke or stop waits for it for ever: it is gone (its
+    outputs go nowhere), its part of a shared transaction can never commit (the connection's
+    transaction is abandoned), and a database call it makes later is refused."""
+    running = {e.task: e for e in entries if e.task is not None and not e.task.done()}
+    began = time.monotonic()
+    recancel = began + _RECANCEL_S
+    while running:
+        now = time.monotonic()
+        if now - began >= GIVE_UP_S:
+            for entry in running.values():
+                if entry.db is not None:
+                    entry.db.cut_off()
+            where = ", ".join(_where_of(e.record) for e in list(running.values())[:5])
+            log.error(
+                "%d record(s) given up (%s%s) still running %.0f s after their cancellation: "
+                "the handler swallows asyncio.CancelledError (a bare 'except:' or 'except "
+                "BaseException:' around an await?). Left behind, cut off: nothing of them "
+                "commits, and each holds one of the handler's concurrency slots until it "
+                "ends. Let CancelledError through.",
+                len(running), where, ", ..." if len(running) > 5 else "", GIVE_UP_S,
+            )  # fmt: skip
+            return
+        if now >= recancel:
+            recancel = now + _RECANCEL_S
+            for task in running:
+                task.cancel()
+        wait = min(recancel, began + GIVE_UP_S) - now
+        done, _ = await asyncio.wait(set(running), timeout=max(wait, 0.001))
+        for task in done:
+            running.pop(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: its outcome counts for nothing
+
+
 class _Entry:
     """One record in the window: its outputs and dead letters (held until its position is
     committed, under exactly-once), and whether its handling is over."""
 
-    __slots__ = ("call", "done", "gone", "held", "letters", "out", "record", "sent", "task")
+    __slots__ = ("call", "db", "done", "gone", "held", "letters", "out", "record", "sent", "task")
 
     def __init__(self, record: Record, out: Output | None):
         self.record = record
@@ -273,6 +352,7 @@ class _Entry:
         self.sent = False  # a dead letter went straight to the producer (not yet flushed)
         self.task: asyncio.Future[None] | None = None
         self.call: concurrent.futures.Future[Any] | None = None  # a plain def's, in a thread
+        self.db: RecordDb | None = None  # its part of the shared transaction, while it runs
 
 
 class Window:
@@ -375,15 +455,15 @@ class Window:
         try:
             await self._step(records, complete)
             if complete and self.unfinished:  # past the drain's deadline: given up
-                await asyncio.gather(*self._overdue(), return_exceptions=True)
+                await given_up(self._overdue())
         except BaseException as e:
             await self.db.rollback(e)
             raise
         await self._commit()
 
-    def _overdue(self) -> list[asyncio.Future[None]]:
-        """Give up the records still running past a drain's deadline (the caller awaits the
-        returned tasks): nothing of them commits, and their database regions end."""
+    def _overdue(self) -> list[_Entry]:
+        """Give up the records still running past a drain's deadline (the caller awaits them:
+        :func:`given_up`): nothing of them commits, and their database regions end."""
         late = [e for q in self.entries.values() for e in q if not (e.done or e.held)]
         return self._give_up(late)
 
@@ -404,7 +484,7 @@ class Window:
             return [(e.record, e.letters) for e in committed], positions
 
         async def give_up() -> None:
-            await asyncio.gather(*self._overdue(), return_exceptions=True)
+            await given_up(self._overdue())
 
         try:
             await self.db.commit(collect, self.past_drain, give_up, self._on_landed)
@@ -533,9 +613,10 @@ class Window:
             self.unfinished -= 1
             self.finished += 1
 
-    def reset(self) -> list[asyncio.Future[None]]:
+    def reset(self) -> list[_Entry]:
         """Give up every record in the window (the protocol rewinds to :meth:`heads`): their
-        tasks are cancelled, their outputs dropped. Returns the tasks, to be awaited."""
+        tasks are cancelled, their outputs dropped. Returns those with tasks, for
+        :func:`given_up`."""
         entries = [e for q in self.entries.values() for e in q]
         if self.db is not None:  # committed to the database: never handled again
             self.db.closed = True
@@ -554,9 +635,9 @@ class Window:
         self.count = self.unfinished = 0
         return tasks
 
-    def forget(self, partitions: Sequence[TopicPartition]) -> list[asyncio.Future[None]]:
+    def forget(self, partitions: Sequence[TopicPartition]) -> list[_Entry]:
         """Give up the records of ``partitions`` (lost to another member)."""
-        tasks: list[asyncio.Future[None]] = []
+        tasks: list[_Entry] = []
         for tp in partitions:
             self.skips.pop(tp, None)
             q = self.entries.pop(tp, None)
@@ -569,7 +650,7 @@ class Window:
         self.tails = {lane: f for lane, f in self.tails.items() if tuple(lane[:2]) not in gone}
         return tasks
 
-    def _give_up(self, entries: list[_Entry]) -> list[asyncio.Future[None]]:
+    def _give_up(self, entries: list[_Entry]) -> list[_Entry]:
         """Mark ``entries`` gone and cancel their tasks; a plain ``def`` already running in a
         thread cannot be stopped, so its call is waited for (its record must not run again,
         from the rewind, beside it)."""
@@ -588,7 +669,7 @@ class Window:
                     "(a plain def cannot be stopped: give its blocking calls timeouts)",
                     len(calls), self.spec.name,
                 )  # fmt: skip
-        return [e.task for e in entries if e.task is not None]
+        return [e for e in entries if e.task is not None]
 
     # -- one record --------------------------------------------------------------------------
 
@@ -684,6 +765,7 @@ class Window:
         # This attempt's, in its task and the tasks its handler starts; taken back at its end,
         # which also frees it with its task at once (the task's context held db, db the task).
         mark = record_part.set(db)
+        entry.db = db
         try:
             await self._in_db(entry, msg, db, task)
         except asyncio.CancelledError:
@@ -696,6 +778,7 @@ class Window:
             raise self._late("a call it left running held the database") from None
         finally:
             record_part.reset(mark)
+            entry.db = None
 
     def _late(self, what: str) -> TimeoutError:
         assert self.db is not None

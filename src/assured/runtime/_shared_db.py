@@ -812,6 +812,23 @@ class RecordDb(Attempt):
         the plain transaction's other calls: refused, saying what to do instead."""
         raise _unawaited(f"db.{name}")
 
+    def cut_off(self) -> None:
+        """Its record was given up and its handler goes on regardless (it swallows its
+        cancellation): its part, if any, can never commit (the connection's transaction is
+        abandoned, and the connection goes back to the window), and every call it makes from
+        now on is refused; its end, when it comes, does nothing."""
+        self.over = True
+        for call in self._calls:
+            if inspect.getcoroutinestate(call) == CORO_CREATED:
+                call.close()
+        self._calls = []
+        lane, self._lane = self._lane, None
+        self._region = None
+        if lane is not None:
+            lane.conn.abandon()
+            if lane.holder is self._owner:
+                self._shared.give_back(lane)
+
     async def end(self, error: BaseException | None) -> None:
         """The handler returned (``error`` None: keep its work) or raised (undo it). Raises
         what the database raised while doing so (the database's failure, not the record's),

@@ -550,12 +550,18 @@ class _Plain(SideBySide):
         self._cm: contextlib.AbstractContextManager[SinkTransaction] | None = None
         self._tx: SinkTransaction | None = None
         self._regions: dict[str, contextlib.AbstractContextManager[None]] = {}
+        self._abandoned = False  # a record's part in it was left open: it must not commit
 
     @property
     def in_transaction(self) -> bool:
         return self._tx is not None
 
+    def abandon(self) -> None:
+        if self._tx is not None:
+            self._abandoned = True
+
     async def begin(self) -> None:
+        self._abandoned = False
         cm = self.sink.transaction(group=self.group, incarnations=self.incarnations)
         self._tx = cm.__enter__()
         self._tx._in_app = True  # the window's, though begun in a record's task
@@ -602,6 +608,14 @@ class _Plain(SideBySide):
                 raise
 
     async def commit(self, bounded: bool = False) -> None:
+        if self._abandoned:
+            error = SinkUnavailableError(
+                "a record's part of the shared transaction was left neither kept nor undone "
+                "(its handler was given up and went on): the transaction was rolled back, and "
+                "its records are handled again"
+            )
+            await self.rollback(error)
+            raise error
         cm, self._cm, self._tx = self._cm, None, None
         self._regions.clear()
         if cm is not None:
@@ -609,6 +623,7 @@ class _Plain(SideBySide):
 
     async def rollback(self, error: BaseException) -> None:
         cm, self._cm, self._tx = self._cm, None, None
+        self._abandoned = False
         self._regions.clear()
         if cm is not None:
             with contextlib.suppress(BaseException):

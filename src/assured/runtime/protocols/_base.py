@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import asyncio
 import logging
 import threading
 import time
@@ -14,7 +13,7 @@ from itertools import groupby
 from operator import itemgetter
 
 from assured.log import Consumer, Log, Producer, Record, TopicPartition
-from assured.runtime._concurrent import EventLoop, Window, blocking
+from assured.runtime._concurrent import EventLoop, Window, blocking, given_up
 from assured.runtime._handling import (
     DeadLetterSink,
     HandlerSpec,
@@ -324,7 +323,7 @@ class Runtime:
         for window in self.windows.values():
             tasks += window.reset() if partitions is None else window.forget(partitions)
         if tasks:
-            self.loop.run(_settled(tasks))
+            self.loop.run(given_up(tasks))
         for window in self.windows.values():
             if window.db is not None and partitions is None:
                 self.loop.run(window.db.rollback())  # what the records given up had begun
@@ -364,10 +363,6 @@ class Runtime:
             )
             self._outputs[key] = out
         return out
-
-
-async def _settled(tasks: list[asyncio.Future[None]]) -> None:
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class CommitProtocol(abc.ABC):
