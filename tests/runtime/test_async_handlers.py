@@ -961,3 +961,39 @@ def test_a_record_that_swallows_its_cancellation_with_its_db_part_open_commits_n
 
     again.run(until_idle=0.5)
     assert sorted(rows()) == sorted(f"m{i:04d}" for i in range(20))  # each once, no "early"
+
+
+def test_records_that_swallow_their_cancellation_give_back_their_concurrency_slots(
+    log: Log,
+) -> None:
+    """From a review: a record left behind kept its concurrency slot for good; after a rewind
+    that gave up as many such records as the concurrency allows, no record could start again:
+    the App polled and handled nothing until stopped. Its slot now goes to the records after
+    it, and the rewound records are handled (each output once)."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    _two_partitions(log, (b"A", b"a", 0), (b"R", b"r", 1), (b"B", b"b", 1), (b"C", b"c", 0))
+    app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=10,
+              commit_interval_ms=20)  # fmt: skip
+    seen: set[bytes] = set()
+
+    @app.handler("in", output="out", concurrency=2, ordering="unordered", retries=0,
+                 dead_letter="dlq")  # fmt: skip
+    async def handle(msg: Message, out: Output) -> None:
+        first = msg.value not in seen
+        seen.add(msg.value)
+        if first and msg.value in (b"A", b"B"):
+            await _swallowing(msg)  # given up by the rewind R causes, and goes on
+        # R's first output is refused by the log: the transaction aborts, the window rewinds
+        out.send(b"x" * 1_100_000 if first and msg.value == b"R" else msg.value)
+
+    stopper = threading.Timer(40, app.stop)  # the run should end long before
+    stopper.start()
+    began = time.monotonic()
+    try:
+        stats = app.run(until_idle=2.0)
+    finally:
+        stopper.cancel()
+    assert stats.stopped_by == "idle"
+    assert time.monotonic() - began < 30
+    assert sorted(v or b"" for _, v in read(log)) == [b"A", b"B", b"C", b"R"]

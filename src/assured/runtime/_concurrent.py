@@ -304,7 +304,8 @@ async def given_up(entries: Sequence[_Entry]) -> None:
     then swallows it for good (a bare ``except:`` around a call, in a retry loop) and is left
     behind, cut off, so that no rewind, revoke or stop waits for it for ever: it is gone (its
     outputs go nowhere), its part of a shared transaction can never commit (the connection's
-    transaction is abandoned), and a database call it makes later is refused."""
+    transaction is abandoned), a database call it makes later is refused, and its concurrency
+    slot goes to the records after it."""
     running = {e.task: e for e in entries if e.task is not None and not e.task.done()}
     began = time.monotonic()
     recancel = began + _RECANCEL_S
@@ -312,15 +313,18 @@ async def given_up(entries: Sequence[_Entry]) -> None:
         now = time.monotonic()
         if now - began >= GIVE_UP_S:
             for entry in running.values():
+                entry.task = None  # never waited for again
                 if entry.db is not None:
                     entry.db.cut_off()
+                slot, entry.slot = entry.slot, None
+                if slot is not None:  # its slot goes to the records after it
+                    slot.release()
             where = ", ".join(_where_of(e.record) for e in list(running.values())[:5])
             log.error(
                 "%d record(s) given up (%s%s) still running %.0f s after their cancellation: "
                 "the handler swallows asyncio.CancelledError (a bare 'except:' or 'except "
                 "BaseException:' around an await?). Left behind, cut off: nothing of them "
-                "commits, and each holds one of the handler's concurrency slots until it "
-                "ends. Let CancelledError through.",
+                "commits. Let CancelledError through.",
                 len(running), where, ", ..." if len(running) > 5 else "", GIVE_UP_S,
             )  # fmt: skip
             return
@@ -340,7 +344,9 @@ class _Entry:
     """One record in the window: its outputs and dead letters (held until its position is
     committed, under exactly-once), and whether its handling is over."""
 
-    __slots__ = ("call", "db", "done", "gone", "held", "letters", "out", "record", "sent", "task")
+    __slots__ = (
+        "call", "db", "done", "gone", "held", "letters", "out", "record", "sent", "slot", "task",
+    )  # fmt: skip
 
     def __init__(self, record: Record, out: Output | None):
         self.record = record
@@ -353,6 +359,7 @@ class _Entry:
         self.task: asyncio.Future[None] | None = None
         self.call: concurrent.futures.Future[Any] | None = None  # a plain def's, in a thread
         self.db: RecordDb | None = None  # its part of the shared transaction, while it runs
+        self.slot: asyncio.Semaphore | None = None  # the concurrency slot it holds, if any
 
 
 class Window:
@@ -727,8 +734,11 @@ class Window:
         """One call of the handler, within the concurrency bound."""
         spec = self.spec
         record, out = entry.record, entry.out
-        assert self.gate is not None
-        async with self.gate:
+        gate = self.gate
+        assert gate is not None
+        await gate.acquire()
+        entry.slot = gate  # given back here, or by given_up() if it leaves this behind
+        try:
             if self.stopped:
                 raise _GivenUp
             msg = spec.decode(record)
@@ -741,6 +751,10 @@ class Window:
                 return
             with out._attempting():  # its code may send, and only while it runs
                 await self._call(entry, (msg, out))
+        finally:
+            if entry.slot is gate:
+                entry.slot = None
+                gate.release()
 
     async def _call(self, entry: _Entry, args: tuple[Any, ...]) -> None:
         spec = self.spec

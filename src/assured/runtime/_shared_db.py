@@ -578,7 +578,6 @@ class SharedTransaction:
     ) -> None:
         """The last commit's part under exactly-once: dead letters, marks of the records at
         or above the new positions, and the positions, each only if the epoch is ours."""
-        sql = self.sink._sql
         epochs = self.epochs()
         touched: set[TopicPartition] = set(positions)
         marks = []
@@ -590,22 +589,11 @@ class SharedTransaction:
                 self.lettered = True
             if self.marked and record.offset >= positions.get(tp, 0):
                 marks.append((tp.topic, tp.partition, record.offset))
-        await conn.mark_done(marks)
-        store = sql(
-            "UPDATE assured_offsets SET next_offset = COALESCE(?, next_offset) "
-            "WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?"
+        claimed = await conn.store_positions(
+            marks, [(tp, positions.get(tp), epochs.get(tp, -1)) for tp in sorted(touched)]
         )
-        below = sql(
-            "DELETE FROM assured_done WHERE group_id = ? AND topic = ? AND partition = ? "
-            "AND record_offset < ?"
-        )
-        for tp in sorted(touched):
-            position = positions.get(tp)
-            row = (position, self.group, tp.topic, tp.partition, epochs.get(tp, -1))
-            if (await conn.execute(store, row)).rowcount != 1:
-                raise fenced(tp, self.group)
-            if position is not None:
-                await conn.execute(below, (self.group, tp.topic, tp.partition, position))
+        if claimed is not None:
+            raise fenced(claimed, self.group)
 
     # -- giving up --------------------------------------------------------------------------
 
@@ -761,6 +749,8 @@ class RecordDb(Attempt):
                     return ran.ran  # type: ignore[no-any-return]
                 if not conn.in_transaction:
                     await conn.begin()
+                    if self.over:  # cut off meanwhile: the connection is no longer its own
+                        raise StrayStatementError("db was used after its record was given up")
                 self._region, self._generation = self._shared.savepoint_name(), conn.generation
                 self._calls_made = 1
                 try:

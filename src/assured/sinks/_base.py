@@ -505,6 +505,32 @@ class SideBySide(abc.ABC):
         await self.mark_done(marks)
         return None
 
+    async def store_positions(
+        self,
+        marks: Sequence[tuple[str, int, int]],
+        positions: Sequence[tuple[TopicPartition, int | None, int]],
+    ) -> TopicPartition | None:
+        """In the open transaction, the step's last commit under exactly-once: mark ``marks``
+        done, then for each ``(partition, position, epoch)``, in order, if the partition's
+        epoch is still ``epoch``, store ``position`` (None: leave it) and drop the marks below
+        it. Returns the first partition claimed by another (the caller rolls back), or None."""
+        await self.mark_done(marks)
+        store = self.sink._sql(
+            "UPDATE assured_offsets SET next_offset = COALESCE(?, next_offset) "
+            "WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?"
+        )
+        below = self.sink._sql(
+            "DELETE FROM assured_done WHERE group_id = ? AND topic = ? AND partition = ? "
+            "AND record_offset < ?"
+        )
+        for tp, position, epoch in sorted(positions):
+            row = (position, self.group, tp.topic, tp.partition, epoch)
+            if (await self.execute(store, row)).rowcount != 1:
+                return tp
+            if position is not None:
+                await self.execute(below, (self.group, tp.topic, tp.partition, position))
+        return None
+
     @abc.abstractmethod
     async def end_region(self, savepoint: str, error: BaseException | None) -> None:
         """A record's part ends: kept (``error`` None; raises if a statement in it failed and

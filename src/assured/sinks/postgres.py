@@ -164,6 +164,29 @@ _FENCE_AND_MARK = (
 )
 
 
+# The step's last commit under exactly-once (see SideBySide.store_positions) in one statement:
+# each partition's offsets row, if its epoch is still the one given, locked in order and its
+# position stored (NULL: left as it is), the marks below a new position dropped and the
+# step's marks (all at or above it) added; the partitions stored come back. A partition not
+# among them makes the caller roll back, the deletes with the rest.
+_STORE_POSITIONS = (
+    "WITH w AS (SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[]) "
+    "AS w (t, p, n, e)), "
+    "mine AS (SELECT o.topic, o.partition, w.n FROM assured_offsets o "
+    "JOIN w ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = %s "
+    "ORDER BY o.topic, o.partition FOR UPDATE OF o), "
+    "stored AS (UPDATE assured_offsets o SET next_offset = COALESCE(mine.n, o.next_offset) "
+    "FROM mine WHERE o.group_id = %s AND o.topic = mine.topic AND o.partition = mine.partition "
+    "RETURNING o.topic, o.partition), "
+    "cleared AS (DELETE FROM assured_done d USING mine WHERE d.group_id = %s "
+    "AND d.topic = mine.topic AND d.partition = mine.partition AND d.record_offset < mine.n), "
+    "marked AS (INSERT INTO assured_done (group_id, topic, partition, record_offset) "
+    "SELECT %s, t, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS m (t, p, o) "
+    "ON CONFLICT DO NOTHING) "
+    "SELECT topic, partition FROM stored"
+)
+
+
 # A value merged into a statement as a literal must mean what the same value sent as a
 # parameter means: psycopg types an int parameter int2, int4, int8 or numeric by its size, and
 # a float float8, where a bare number in SQL would be typed by the server (0.1 a numeric, 300
@@ -808,6 +831,7 @@ class _PostgresSideBySide(SideBySide):
         self._wire: Wire | None = None  # the hot path's reader on the connection's socket
         self._open = False
         self.lost: str | None = None
+        self._cuts = 0  # abandon() calls: one during a begin() keeps the new transaction lost
         # A savepoint whose statements, and all after them, are to be undone before the
         # connection's next use (records whose first statements a batch ran for them, and who
         # will not have them: see ``runtime._shared_db``).
@@ -835,6 +859,7 @@ class _PostgresSideBySide(SideBySide):
         away with backoff for up to the sink's ``reconnect_timeout_s``."""
         deadline = time.monotonic() + self.sink.reconnect_timeout_s
         pause = 0.05
+        cut = self._cuts
         self._unwire()
         while True:
             try:
@@ -854,7 +879,8 @@ class _PostgresSideBySide(SideBySide):
                 await asyncio.sleep(pause)
                 pause = min(2.0, pause * 2)
         self._open = True
-        self.lost = None
+        if self._cuts == cut:  # else abandoned meanwhile: this transaction must not commit
+            self.lost = None
         self._undo_first = None
         self.generation += 1
 
@@ -939,6 +965,7 @@ class _PostgresSideBySide(SideBySide):
         self._cut_short()
 
     def _cut_short(self) -> None:
+        self._cuts += 1
         if self.lost is None:
             self.lost = (
                 f"a call to PostgreSQL at {self.sink.where} was cancelled half-way and "
@@ -1127,6 +1154,35 @@ class _PostgresSideBySide(SideBySide):
             await conn.execute(_MARK_ALL, (self.group, topics, partitions, offsets))
 
         await self._run(mark)
+
+    async def store_positions(
+        self,
+        marks: Sequence[tuple[str, int, int]],
+        positions: Sequence[tuple[TopicPartition, int | None, int]],
+    ) -> TopicPartition | None:
+        """All of it in one statement (one round trip, where a statement a partition took
+        up to nine on the App's busy thread)."""
+        wanted = sorted(positions)
+        columns = (
+            [tp.topic for tp, _, _ in wanted],
+            [tp.partition for tp, _, _ in wanted],
+            [position for _, position, _ in wanted],
+            [epoch for _, _, epoch in wanted],
+        )
+        done = (list(column) for column in zip(*marks, strict=True)) if marks else ([], [], [])
+        group = self.group
+
+        async def store(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, int]]:
+            cursor = await conn.execute(
+                _STORE_POSITIONS, (*columns, group, group, group, group, *done)
+            )
+            return [(topic, partition) for topic, partition in await cursor.fetchall()]
+
+        stored = set(await self._run(store))
+        for tp, _, _ in wanted:
+            if (tp.topic, tp.partition) not in stored:
+                return tp
+        return None
 
     async def fence_and_mark(
         self, epochs: Sequence[tuple[TopicPartition, int]], marks: Sequence[tuple[str, int, int]]
