@@ -146,3 +146,58 @@ def test_the_fence_of_a_connection_side_by_side_holds_off_a_claim_until_its_comm
         claim = sink.claim(group, [tp])
         assert asyncio.run(run(claim[tp][1])) == "committed"
         assert sink.claim(group, [tp])[tp][1] == claim[tp][1] + 1
+
+
+def test_the_last_commit_of_a_step_stores_positions_only_while_its_own(sink: Sink) -> None:
+    """The step's last commit under exactly-once (one statement on PostgreSQL): for each
+    partition still this owner's, the new position (or none: left as it is), the marks below
+    it dropped and the step's marks added; a partition claimed again since is named first (in
+    partition order), and the caller rolls it all back."""
+    a, b, c = (TopicPartition("charges", p) for p in (0, 1, 2))
+    group = "g-store"
+    p = sink.placeholder
+
+    async def run(epochs: dict[TopicPartition, int]) -> list[TopicPartition | None]:
+        side = sink.side_by_side(group, {})
+        found: list[TopicPartition | None] = []
+        try:
+            await side.begin()
+            await side.mark_done([("charges", 0, 3), ("charges", 0, 9), ("charges", 1, 2)])
+            await side.commit()
+            await side.begin()
+            found.append(
+                await side.store_positions(
+                    [("charges", 0, 12), ("charges", 1, 8)],
+                    [(a, 10, epochs[a]), (b, None, epochs[b])],
+                )
+            )
+            await side.commit()
+            await side.begin()
+            found.append(
+                await side.store_positions(
+                    [("charges", 0, 20)], [(c, 4, epochs[c] - 1), (a, 15, epochs[a])]
+                )
+            )
+            await side.rollback(RuntimeError("fenced"))
+        finally:
+            await side.close()
+        return found
+
+    with sink:
+        first = sink.claim(group, [a, b, c])
+        found = asyncio.run(run({tp: epoch for tp, (_, epoch) in first.items()}))
+        with sink.transaction() as tx:
+            marks = tx.execute(
+                f"SELECT partition, record_offset FROM assured_done WHERE group_id = {p} "
+                "ORDER BY partition, record_offset",
+                (group,),
+            ).fetchall()
+            stored = tx.execute(
+                f"SELECT partition, next_offset FROM assured_offsets WHERE group_id = {p} "
+                "ORDER BY partition",
+                (group,),
+            ).fetchall()
+    assert found == [None, c]
+    assert [tuple(m) for m in marks] == [(0, 12), (1, 2), (1, 8)]  # 3 and 9 were below 10
+    before = {tp.partition: position for tp, (position, _) in first.items()}
+    assert [tuple(s) for s in stored] == [(0, 10), (1, before[1]), (2, before[2])]
