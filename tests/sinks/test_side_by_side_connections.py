@@ -10,6 +10,7 @@ import asyncio
 import random
 import threading
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -20,11 +21,12 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from assured import App, Message, PostgresSink
+from assured import App, Message, PostgresSink, TopicPartition
 from assured.errors import ConfigError, UsageError
 from assured.log import Log
 from assured.runtime._settings import Guarantee
 from assured.sinks import SinkUnavailableError
+from assured.sinks import postgres as postgres_sink
 from assured.sinks._pg_wire import wire_statement
 from tests.conftest import fill_keyed as fill
 from tests.sinks.conftest import read_all
@@ -887,3 +889,113 @@ def test_a_serializable_transaction_that_loses_a_write_skew_is_done_again(
     assert ends_within(app, 60, until_idle=1)
     assert went.is_set()
     assert rows(pg_dsn, "SELECT id, n FROM acct ORDER BY id") == [(1, 2), (2, 10)]
+
+
+@pytest.mark.parametrize("commit", ["fence_and_mark", "store_positions"])
+def test_a_claim_and_a_commit_lock_partitions_in_one_order_whatever_the_collation(
+    postgres_dsn: str, commit: str
+) -> None:
+    """From a review: a commit side by side locked its partitions' offsets rows in the
+    database's collation order, a claim in Python's (by code point). Under en-US "audit" comes
+    before "Orders", and in Python after: a claim racing a commit on both deadlocked (one of
+    them failed after PostgreSQL's deadlock_timeout). Both now lock by code point."""
+    name = f"assured_icu_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
+            "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+    dsn = psycopg.conninfo.make_conninfo(postgres_dsn, dbname=name)
+    try:
+        orders, audit = TopicPartition("Orders", 0), TopicPartition("audit", 0)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT 'audit' < 'Orders'").fetchone() == (True,)
+        sink = PostgresSink(dsn)
+        sink.setup()
+        epochs = {tp: epoch for tp, (_, epoch) in sink.claim("g", [orders, audit]).items()}
+        blocker = psycopg.connect(dsn)  # holds "Orders": the claim queues on it first
+        blocker.execute("SELECT 1 FROM assured_offsets WHERE topic = 'Orders' FOR UPDATE")
+        claimed: list[BaseException | None] = []
+
+        def claim() -> None:
+            try:
+                with PostgresSink(dsn) as other:
+                    other.claim("g", [orders, audit])
+                claimed.append(None)
+            except BaseException as e:
+                claimed.append(e)
+
+        claimer = threading.Thread(target=claim)
+        claimer.start()
+        time.sleep(0.3)
+
+        async def run() -> TopicPartition | None:
+            side = sink.side_by_side("g", {})
+            await side.begin()
+            if commit == "fence_and_mark":
+                work = side.fence_and_mark([(orders, epochs[orders]), (audit, epochs[audit])], [])
+            else:
+                work = side.store_positions([], [(orders, 5, epochs[orders]), (audit, 7, 1)])
+            task = asyncio.ensure_future(work)
+            await asyncio.sleep(0.3)  # it waits for "Orders" (before: holding "audit")
+            blocker.commit()
+            try:
+                return await task
+            finally:
+                await side.rollback(RuntimeError("the test is over"))
+                await side.close()
+
+        try:
+            fenced = asyncio.run(run())
+        finally:
+            claimer.join(30)
+            blocker.close()
+            sink.close()
+        assert claimed == [None]
+        assert fenced == orders  # the claim went first: both partitions are no longer ours
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_record_cut_off_in_begin_does_not_end_its_begin_after_the_next_records(
+    pg_dsn: str,
+) -> None:
+    """From a review: a record cut off (see RecordDb.cut_off) while its begin() waited to
+    connect again gave the connection back; the next record began on it and ran a statement;
+    then the first begin() ended, and made the open transaction look new (the second record's
+    part looked rolled back, so its record would be handled again beside its committed
+    statement) and forgot an undo. Begins now take turns. The server's absence is simulated:
+    the first connect fails as one to a server that is away does."""
+    sink = PostgresSink(pg_dsn, schema="CREATE TABLE IF NOT EXISTS late (v TEXT)")
+    sink.setup()
+
+    async def run() -> tuple[int, int, str | None]:
+        side = sink.side_by_side("g", {})
+        connect, away = side._connect, [True]  # type: ignore[attr-defined]
+
+        async def flaky() -> Any:
+            if away.pop() if away else False:
+                raise postgres_sink._DownError("the server is away (simulated)")
+            return await connect()
+
+        side._connect = flaky  # type: ignore[attr-defined]
+        cut = asyncio.ensure_future(side.begin())  # waits to connect again
+        await asyncio.sleep(0.01)
+        side.abandon()  # its record is cut off
+        await side.begin()  # the next record's
+        mine = side.generation
+        await side.execute("INSERT INTO late VALUES ('B')", (), "assured_r1")
+        side.undo_later("assured_r1")  # a statement to be undone before the commit
+        await cut
+        undo = side._undo_first  # type: ignore[attr-defined]
+        now = side.generation
+        await side.commit()
+        await side.close()
+        return mine, now, undo
+
+    with sink:
+        mine, now, undo = asyncio.run(run())
+    assert now == mine
+    assert undo == "assured_r1"
+    assert rows(pg_dsn, "SELECT v FROM late") == []

@@ -151,12 +151,14 @@ _MARK_ALL = (
 
 # The fences of a connection's commit under exactly-once and its marks, in one statement: each
 # partition's offsets row, if its epoch is still the one given, share-locked in order (a claim
-# waits for the commit, then sees the marks); the partitions found come back.
+# waits for the commit, then sees the marks); the partitions found come back. The order is the
+# one claims lock in (Python's, by code point: COLLATE "C"), whatever the database's collation:
+# in another (en-US puts "audit" before "Orders") a claim and a commit could deadlock.
 _FENCE_AND_MARK = (
     "WITH held AS (SELECT o.topic, o.partition FROM assured_offsets o "
     "JOIN unnest(%s::text[], %s::int[], %s::bigint[]) AS w (t, p, e) "
     "ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = %s "
-    "ORDER BY o.topic, o.partition FOR SHARE OF o), "
+    "ORDER BY o.topic COLLATE \"C\", o.partition FOR SHARE OF o), "
     "marked AS (INSERT INTO assured_done (group_id, topic, partition, record_offset) "
     "SELECT %s, t, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS m (t, p, o) "
     "ON CONFLICT DO NOTHING) "
@@ -174,7 +176,7 @@ _STORE_POSITIONS = (
     "AS w (t, p, n, e)), "
     "mine AS (SELECT o.topic, o.partition, w.n FROM assured_offsets o "
     "JOIN w ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = %s "
-    "ORDER BY o.topic, o.partition FOR UPDATE OF o), "
+    "ORDER BY o.topic COLLATE \"C\", o.partition FOR UPDATE OF o), "
     "stored AS (UPDATE assured_offsets o SET next_offset = COALESCE(mine.n, o.next_offset) "
     "FROM mine WHERE o.group_id = %s AND o.topic = mine.topic AND o.partition = mine.partition "
     "RETURNING o.topic, o.partition), "
@@ -832,6 +834,7 @@ class _PostgresSideBySide(SideBySide):
         self._open = False
         self.lost: str | None = None
         self._cuts = 0  # abandon() calls: one during a begin() keeps the new transaction lost
+        self._beginning = asyncio.Lock()
         # A savepoint whose statements, and all after them, are to be undone before the
         # connection's next use (records whose first statements a batch ran for them, and who
         # will not have them: see ``runtime._shared_db``).
@@ -856,7 +859,14 @@ class _PostgresSideBySide(SideBySide):
 
     async def begin(self) -> None:
         """BEGIN, on a connection made (or made again) if need be, retrying a server that is
-        away with backoff for up to the sink's ``reconnect_timeout_s``."""
+        away with backoff for up to the sink's ``reconnect_timeout_s``. One at a time: a
+        record cut off while in here (see RecordDb.cut_off) may still be in it when the next
+        record begins on the connection, and must not end after it (its generation, its
+        undo forgotten)."""
+        async with self._beginning:
+            await self._begin()
+
+    async def _begin(self) -> None:
         deadline = time.monotonic() + self.sink.reconnect_timeout_s
         pause = 0.05
         cut = self._cuts
