@@ -158,7 +158,7 @@ _FENCE_AND_MARK = (
     "WITH held AS (SELECT o.topic, o.partition FROM assured_offsets o "
     "JOIN unnest(%s::text[], %s::int[], %s::bigint[]) AS w (t, p, e) "
     "ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = %s "
-    "ORDER BY o.topic COLLATE \"C\", o.partition FOR SHARE OF o), "
+    'ORDER BY o.topic COLLATE "C", o.partition FOR SHARE OF o), '
     "marked AS (INSERT INTO assured_done (group_id, topic, partition, record_offset) "
     "SELECT %s, t, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS m (t, p, o) "
     "ON CONFLICT DO NOTHING) "
@@ -176,7 +176,7 @@ _STORE_POSITIONS = (
     "AS w (t, p, n, e)), "
     "mine AS (SELECT o.topic, o.partition, w.n FROM assured_offsets o "
     "JOIN w ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = %s "
-    "ORDER BY o.topic COLLATE \"C\", o.partition FOR UPDATE OF o), "
+    'ORDER BY o.topic COLLATE "C", o.partition FOR UPDATE OF o), '
     "stored AS (UPDATE assured_offsets o SET next_offset = COALESCE(mine.n, o.next_offset) "
     "FROM mine WHERE o.group_id = %s AND o.topic = mine.topic AND o.partition = mine.partition "
     "RETURNING o.topic, o.partition), "
