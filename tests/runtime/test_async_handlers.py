@@ -997,3 +997,45 @@ def test_records_that_swallow_their_cancellation_give_back_their_concurrency_slo
     assert stats.stopped_by == "idle"
     assert time.monotonic() - began < 30
     assert sorted(v or b"" for _, v in read(log)) == [b"A", b"B", b"C", b"R"]
+
+
+def test_a_revoke_drains_within_drain_timeout_when_a_record_never_returns(log: Log) -> None:
+    """From a review: on a revoke, records side by side of the partitions that go finish and
+    commit first; one whose call never came back held the revoke, and with it the rebalance
+    and the whole group, until the member was stopped. The revoke's drain is now bounded as a
+    stop's is: the record is given up and handled again by its partition's owner, once."""
+    fill(log, 20)
+    stuck = threading.Event()
+    first = App(log=log, group="g", guarantee="exactly-once", drain_timeout_ms=500)
+
+    @first.handler("in", output="out", concurrency=4)
+    async def copy(msg: Message, out: Output) -> None:
+        if msg.partition == 0 and msg.offset == 3 and not stuck.is_set():
+            stuck.set()
+            await asyncio.sleep(600)  # a call that does not come back (this time)
+        out.send(msg.value)
+
+    runs = threading.Thread(target=first.run, kwargs={"until_idle": 60}, daemon=True)
+    runs.start()
+    assert stuck.wait(30)
+    second = App(log=log, group="g", guarantee="exactly-once")
+
+    @second.handler("in", output="out", concurrency=4)
+    async def copy_too(msg: Message, out: Output) -> None:
+        out.send(msg.value)
+
+    joins = threading.Thread(target=second.run, kwargs={"until_idle": 60}, daemon=True)
+    joins.start()
+    began = time.monotonic()
+    try:
+        # The stuck record is handled again once the rebalance is over, by whichever member
+        # has its partition then: before, the rebalance waited for it.
+        while len(read(log)) < 20 and time.monotonic() - began < 30:
+            time.sleep(0.2)
+        values = [v or b"" for _, v in read(log)]
+    finally:
+        first.stop()
+        second.stop()
+        runs.join(30)
+        joins.join(30)
+    assert sorted(values) == sorted(f"m{i:04d}".encode() for i in range(20))  # each once

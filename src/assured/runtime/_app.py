@@ -295,7 +295,7 @@ class App:
                 consumer.subscribe(
                     list(self._specs),
                     on_assign=watch.on_assign(protocol.on_assign),
-                    on_revoke=watch.on_revoke(protocol.on_revoke, lost=False),
+                    on_revoke=watch.on_revoke(rt.revoking(protocol.on_revoke), lost=False),
                     on_lost=watch.on_revoke(protocol.on_lost, lost=True),
                 )
                 log.info(

@@ -163,6 +163,8 @@ class Runtime:
     # by side still running then are given up (see past_drain).
     stopping: threading.Event | None = None
     drain_until: float | None = None
+    # A revoke's drain ends by then too (see revoking): its partitions go, whatever still runs.
+    revoke_until: float | None = None
     # Records whose batches were done again for a conflict with another transaction, and how
     # many times: past BATCH_CONFLICT_REDOS the conflict is the record's failure.
     conflicts: dict[tuple[str, int, int], int] = field(default_factory=dict)
@@ -170,6 +172,28 @@ class Runtime:
     def stop_asked(self) -> bool:
         """Whether the App was asked to stop (its stop() or a signal)."""
         return self.stopping is not None and self.stopping.is_set()
+
+    def revoking(
+        self, then: Callable[[list[TopicPartition]], None]
+    ) -> Callable[[list[TopicPartition]], None]:
+        """``then`` (a protocol's on_revoke), its drain bounded as a stop's is: records side by
+        side of the partitions that go have ``drain_timeout_ms`` to finish; one still running
+        then is given up (nothing of it commits; the next owner handles it again, or under
+        at-most-once it is lost), so a handler that never returns cannot hold the rebalance,
+        and with it the whole group, for ever."""
+
+        def revoke(partitions: list[TopicPartition]) -> None:
+            self.revoke_until = time.monotonic() + self.settings.drain_timeout_ms / 1000
+            try:
+                then(partitions)
+            finally:
+                self.revoke_until = None
+            # What the drain gave up is still in the windows, above what was committed: it
+            # goes with its partitions (were one to come back, its records run again from
+            # the committed position, not behind the calls given up).
+            self.give_up(partitions)
+
+        return revoke
 
     def past_drain(self) -> bool:
         """Whether a stop was asked for ``drain_timeout_ms`` ago or more."""
@@ -267,7 +291,8 @@ class Runtime:
                 )  # fmt: skip
         window.producer, window.dead_letters = producer, dead_letters
         self.past_drain()  # a stop seen: its drain's end is known from now
-        window.deadline = self.drain_until if complete else None
+        ends = [t for t in (self.drain_until, self.revoke_until) if t is not None]
+        window.deadline = min(ends) if complete and ends else None
         window.past_drain, window.stop_asked = self.past_drain, self.stop_asked
         window.transactional, window.transaction = transactional, lambda: self.transaction
         self.loop.run(window.step(batch, complete))
