@@ -113,6 +113,54 @@ def test_a_connection_side_by_side_is_fenced_per_partition_and_marks_only_while_
     assert [tuple(m) for m in marks] == [("charges", 0, 5)]
 
 
+def test_a_connections_commit_with_its_fences_and_marks_commits_only_while_all_its_own(
+    sink: Sink,
+) -> None:
+    """``commit_marked`` (on PostgreSQL the fences, the marks and COMMIT in one message):
+    while every partition is still this owner's, the effects and the marks commit; once one
+    of them was claimed by another, that one is named and nothing of the transaction commits,
+    and the connection goes on to the next transaction."""
+    a, b = TopicPartition("charges", 0), TopicPartition("charges", 1)
+    group = "g-commit-marked"
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE IF NOT EXISTS charged_marked (id TEXT)")
+
+    async def run(epochs: dict[TopicPartition, int]) -> list[TopicPartition | None]:
+        side = sink.side_by_side(group, {})
+        insert = f"INSERT INTO charged_marked VALUES ({sink.placeholder})"
+        found: list[TopicPartition | None] = []
+        try:
+            await side.begin()
+            await side.execute(insert, ("kept",))
+            found.append(await side.commit_marked([(a, epochs[a])], [("charges", 0, 5)]))
+            await side.begin()
+            await side.execute(insert, ("fenced",))
+            both = [(b, epochs[b]), (a, epochs[a])]
+            found.append(await side.commit_marked(both, [("charges", 0, 6), ("charges", 1, 7)]))
+            await side.rollback(RuntimeError("fenced"))
+            await side.begin()
+            await side.execute(insert, ("after",))
+            found.append(await side.commit_marked([(a, epochs[a])], []))
+        finally:
+            await side.close()
+        return found
+
+    with sink:
+        first = sink.claim(group, [a, b])
+        sink.claim(group, [b])  # b goes to a newer owner: the first one's epoch for it is stale
+        found = asyncio.run(run({tp: epoch for tp, (_, epoch) in first.items()}))
+        with sink.transaction() as tx:
+            marks = tx.execute(
+                "SELECT topic, partition, record_offset FROM assured_done WHERE group_id = "
+                f"{sink.placeholder} ORDER BY record_offset",
+                (group,),
+            ).fetchall()
+            charged = tx.execute("SELECT id FROM charged_marked ORDER BY id").fetchall()
+    assert found == [None, b, None]
+    assert [tuple(m) for m in marks] == [("charges", 0, 5)]
+    assert [c[0] for c in charged] == ["after", "kept"]
+
+
 @pytest.mark.postgres
 def test_the_fence_of_a_connection_side_by_side_holds_off_a_claim_until_its_commit(
     postgres_dsn: str,

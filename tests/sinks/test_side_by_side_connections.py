@@ -891,7 +891,7 @@ def test_a_serializable_transaction_that_loses_a_write_skew_is_done_again(
     assert rows(pg_dsn, "SELECT id, n FROM acct ORDER BY id") == [(1, 2), (2, 10)]
 
 
-@pytest.mark.parametrize("commit", ["fence_and_mark", "store_positions"])
+@pytest.mark.parametrize("commit", ["fence_and_mark", "commit_marked", "store_positions"])
 def test_a_claim_and_a_commit_lock_partitions_in_one_order_whatever_the_collation(
     postgres_dsn: str, commit: str
 ) -> None:
@@ -932,8 +932,10 @@ def test_a_claim_and_a_commit_lock_partitions_in_one_order_whatever_the_collatio
         async def run() -> TopicPartition | None:
             side = sink.side_by_side("g", {})
             await side.begin()
-            if commit == "fence_and_mark":
-                work = side.fence_and_mark([(orders, epochs[orders]), (audit, epochs[audit])], [])
+            if commit in ("fence_and_mark", "commit_marked"):
+                fences = [(orders, epochs[orders]), (audit, epochs[audit])]
+                call = side.fence_and_mark if commit == "fence_and_mark" else side.commit_marked
+                work = call(fences, [])
             else:
                 work = side.store_positions([], [(orders, 5, epochs[orders]), (audit, 7, 1)])
             task = asyncio.ensure_future(work)

@@ -36,7 +36,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -243,18 +243,30 @@ class EventLoop:
             loop.close()
 
 
-async def _ended(tasks: list[asyncio.Task[Any]]) -> None:
-    """Wait for cancelled ``tasks`` to end (the App closing): ``GIVE_UP_S`` at most, their
-    cancellation repeated; one that swallows it for good is left to be closed with the loop."""
-    running = set(tasks)
+async def _still_running(tasks: Iterable[asyncio.Future[Any]]) -> set[asyncio.Future[Any]]:
+    """Wait for cancelled ``tasks`` to end: ``GIVE_UP_S`` at most, their cancellation
+    repeated every ``_RECANCEL_S``. Returns those still running then: they swallow
+    ``asyncio.CancelledError`` for good. The outcomes of the others count for nothing (they
+    are retrieved, so that none is logged as never retrieved)."""
+    running = {task for task in tasks if not task.done()}
     began = time.monotonic()
-    while running and time.monotonic() - began < GIVE_UP_S:
-        done, running = await asyncio.wait(running, timeout=_RECANCEL_S)
+    while running:
+        left = began + GIVE_UP_S - time.monotonic()
+        if left <= 0:
+            break
+        done, running = await asyncio.wait(running, timeout=min(_RECANCEL_S, left))
         for task in done:
             if not task.cancelled():
-                task.exception()  # retrieved: the App is closing
+                task.exception()
         for task in running:
             task.cancel()
+    return running
+
+
+async def _ended(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait for cancelled ``tasks`` to end (the App closing); one that swallows its
+    cancellation for good is left to be closed with the loop."""
+    running = await _still_running(tasks)
     if running:
         log.error(
             "%d task(s) a handler left running still ran %.0f s after their cancellation as "
@@ -306,38 +318,26 @@ async def given_up(entries: Sequence[_Entry]) -> None:
     outputs go nowhere), its part of a shared transaction can never commit (the connection's
     transaction is abandoned), a database call it makes later is refused, and its concurrency
     slot goes to the records after it."""
-    running = {e.task: e for e in entries if e.task is not None and not e.task.done()}
-    began = time.monotonic()
-    recancel = began + _RECANCEL_S
-    while running:
-        now = time.monotonic()
-        if now - began >= GIVE_UP_S:
-            for entry in running.values():
-                entry.task = None  # never waited for again
-                if entry.db is not None:
-                    entry.db.cut_off()
-                slot, entry.slot = entry.slot, None
-                if slot is not None:  # its slot goes to the records after it
-                    slot.release()
-            where = ", ".join(_where_of(e.record) for e in list(running.values())[:5])
-            log.error(
-                "%d record(s) given up (%s%s) still running %.0f s after their cancellation: "
-                "the handler swallows asyncio.CancelledError (a bare 'except:' or 'except "
-                "BaseException:' around an await?). Left behind, cut off: nothing of them "
-                "commits. Let CancelledError through.",
-                len(running), where, ", ..." if len(running) > 5 else "", GIVE_UP_S,
-            )  # fmt: skip
-            return
-        if now >= recancel:
-            recancel = now + _RECANCEL_S
-            for task in running:
-                task.cancel()
-        wait = min(recancel, began + GIVE_UP_S) - now
-        done, _ = await asyncio.wait(set(running), timeout=max(wait, 0.001))
-        for task in done:
-            running.pop(task)
-            if not task.cancelled():
-                task.exception()  # retrieved: its outcome counts for nothing
+    tasks = {e.task: e for e in entries if e.task is not None}
+    left = await _still_running(tasks)
+    if not left:
+        return
+    stuck = [entry for task, entry in tasks.items() if task in left]
+    for entry in stuck:
+        entry.task = None  # never waited for again
+        if entry.db is not None:
+            entry.db.cut_off()
+        slot, entry.slot = entry.slot, None
+        if slot is not None:  # its slot goes to the records after it
+            slot.release()
+    where = ", ".join(_where_of(e.record) for e in stuck[:5])
+    log.error(
+        "%d record(s) given up (%s%s) still running %.0f s after their cancellation: "
+        "the handler swallows asyncio.CancelledError (a bare 'except:' or 'except "
+        "BaseException:' around an await?). Left behind, cut off: nothing of them "
+        "commits. Let CancelledError through.",
+        len(stuck), where, ", ..." if len(stuck) > 5 else "", GIVE_UP_S,
+    )  # fmt: skip
 
 
 class _Entry:

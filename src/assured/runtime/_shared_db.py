@@ -538,17 +538,18 @@ class SharedTransaction:
     async def _commit_marked(self, lane: _Lane) -> None:
         """Under exactly-once, each partition's epoch is checked and its offsets row
         share-locked (a claim waits for this commit, then sees the marks), then the marks."""
-        if self.marks:
+        try:
+            if not self.marks:
+                await lane.conn.commit(bounded=True)  # another lane may hold what it waits for
+                return
             epochs = self.epochs()
             theirs = {TopicPartition(r.topic, r.partition) for r in lane.members}
             marks = [(r.topic, r.partition, r.offset) for r in lane.members] if self.marked else []
-            claimed = await lane.conn.fence_and_mark(
+            claimed = await lane.conn.commit_marked(
                 [(tp, epochs.get(tp, -1)) for tp in sorted(theirs)], marks
             )
             if claimed is not None:
                 raise fenced(claimed, self.group)
-        try:
-            await lane.conn.commit(bounded=True)  # another lane may hold what it waits for
         except CommitWaitError:
             if self.most > 1:
                 log.warning(
@@ -808,16 +809,26 @@ class RecordDb(Attempt):
         abandoned, and the connection goes back to the window), and every call it makes from
         now on is refused; its end, when it comes, does nothing."""
         self.over = True
-        for call in self._calls:
-            if inspect.getcoroutinestate(call) == CORO_CREATED:
-                call.close()
-        self._calls = []
+        self._take_calls()
         lane, self._lane = self._lane, None
         self._region = None
         if lane is not None:
             lane.conn.abandon()
             if lane.holder is self._owner:
                 self._shared.give_back(lane)
+
+    def _take_calls(self) -> tuple[list[Coroutine[Any, Any, Any]], bool]:
+        """The handler's calls not yet over (none is its own any more), and whether any of
+        them never started: those are closed, never to run (the caller says so, rather than
+        a RuntimeWarning)."""
+        open_calls = [c for c in self._calls if inspect.getcoroutinestate(c) != CORO_CLOSED]
+        self._calls = []
+        unstarted = False
+        for call in open_calls:
+            if inspect.getcoroutinestate(call) == CORO_CREATED:
+                unstarted = True
+                call.close()
+        return open_calls, unstarted
 
     async def end(self, error: BaseException | None) -> None:
         """The handler returned (``error`` None: keep its work) or raised (undo it). Raises
@@ -829,13 +840,7 @@ class RecordDb(Attempt):
         for task in self._running:  # left running (gather beside a call that failed): over
             if task is not me:
                 task.cancel()
-        open_calls = [c for c in self._calls if inspect.getcoroutinestate(c) != CORO_CLOSED]
-        self._calls = []
-        unstarted = False
-        for call in open_calls:
-            if inspect.getcoroutinestate(call) == CORO_CREATED:
-                unstarted = True
-                call.close()  # never to run: said below, not in a RuntimeWarning
+        open_calls, unstarted = self._take_calls()
         if unstarted and isinstance(error, (AttributeError, TypeError)):
             # A call's coroutine taken for its result ('db.execute(...).fetchone()', a loop
             # over it): code written for the plain transaction fails every record alike.

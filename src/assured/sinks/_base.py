@@ -505,6 +505,17 @@ class SideBySide(abc.ABC):
         await self.mark_done(marks)
         return None
 
+    async def commit_marked(
+        self, epochs: Sequence[tuple[TopicPartition, int]], marks: Sequence[tuple[str, int, int]]
+    ) -> TopicPartition | None:
+        """:meth:`fence_and_mark`, then ``commit(bounded=True)``; or, when a partition was
+        claimed by another, that partition, and nothing committed (the caller rolls back)."""
+        claimed = await self.fence_and_mark(epochs, marks)
+        if claimed is not None:
+            return claimed
+        await self.commit(bounded=True)
+        return None
+
     async def store_positions(
         self,
         marks: Sequence[tuple[str, int, int]],

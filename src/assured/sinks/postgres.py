@@ -166,6 +166,26 @@ _FENCE_AND_MARK = (
 )
 
 
+# A connection's commit under exactly-once in one message (see commit_marked): the fences and
+# marks of _FENCE_AND_MARK, failing when a partition's epoch is no longer the one given (the
+# error's text says so; CASE over the count, so that nothing is folded before it is known),
+# then the bounded COMMIT. A failed statement skips the rest of the message: nothing commits.
+_FENCED = "assured_fenced"
+# Filled with literals libpq quoted, and ints.
+_FENCE_MARK_COMMIT = (
+    "WITH held AS (SELECT o.topic, o.partition FROM assured_offsets o "  # noqa: S608
+    "JOIN unnest({fences}) AS w (t, p, e) "
+    "ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = {group} "
+    'ORDER BY o.topic COLLATE "C", o.partition FOR SHARE OF o), '
+    "marked AS (INSERT INTO assured_done (group_id, topic, partition, record_offset) "
+    "SELECT {group}, t, p, o FROM unnest({marks}) AS m (t, p, o) "
+    "ON CONFLICT DO NOTHING) "
+    f"SELECT CASE WHEN count(*) = {{wanted}} THEN 0 ELSE ('{_FENCED} ' || count(*))::int END "
+    "FROM held;\n"
+    f"SET LOCAL lock_timeout = {{wait}};\nCOMMIT"
+)
+
+
 # The step's last commit under exactly-once (see SideBySide.store_positions) in one statement:
 # each partition's offsets row, if its epoch is still the one given, locked in order and its
 # position stored (NULL: left as it is), the marks below a new position dropped and the
@@ -839,6 +859,7 @@ class _PostgresSideBySide(SideBySide):
         # connection's next use (records whose first statements a batch ran for them, and who
         # will not have them: see ``runtime._shared_db``).
         self._undo_first: str | None = None
+        self._literal_texts: dict[str, str] = {}  # topics and the group, quoted (commit_marked)
 
     batches = True
 
@@ -1216,6 +1237,120 @@ class _PostgresSideBySide(SideBySide):
             if (tp.topic, tp.partition) not in held:
                 return tp
         return None
+
+    async def commit_marked(
+        self, epochs: Sequence[tuple[TopicPartition, int]], marks: Sequence[tuple[str, int, int]]
+    ) -> TopicPartition | None:
+        """The fences, the marks and the bounded COMMIT in one message, straight on libpq:
+        one round trip and no psycopg cursor for a connection's commit, on the App's busy
+        thread. A partition claimed by another fails the fences' statement, so the COMMIT
+        never runs; that partition is then looked up and returned, the transaction rolled
+        back. Raises as :meth:`commit` does; a connection lost once the message is sent
+        leaves the outcome unknown (:class:`SinkCommitUnknownError`)."""
+        conn = self._conn
+        wanted = sorted(epochs)
+        try:
+            if self.lost is not None:
+                raise SinkUnavailableError(self.lost)
+            assert conn is not None, "no transaction is open"
+            assert self._open, "no transaction is open"
+            await self._take_back()  # statements of records that never had them, if any
+            if _gone(conn):  # broken under it before COMMIT: rolled back for sure
+                self._lose(psycopg.OperationalError("the connection broke before COMMIT"))
+            if conn.info.transaction_status != TransactionStatus.INTRANS:
+                raise SinkUnavailableError(_not_open_text(self.sink.where))
+            query = _FENCE_MARK_COMMIT.format(
+                fences=self._arrays(conn, wanted), group=self._quoted(conn, self.group),
+                marks=self._marks(conn, marks), wanted=len(wanted), wait=_COMMIT_WAIT_MS,
+            )  # fmt: skip
+            try:
+                results = await self._send(conn, query)
+            except psycopg.Error as e:  # the message went out: COMMIT may have run
+                raise SinkCommitUnknownError(_commit_unknown_text(self.sink.where, e)) from e
+            if len(results) != 3 or results[0].status == pq.ExecStatus.FATAL_ERROR:
+                await self._fences_failed(conn, results)  # raises, unless fenced
+                self._open = False
+                return await self._claimed(wanted)
+            try:
+                checked(results[1:], conn.info.encoding)
+            except psycopg.Error as e:
+                self._commit_failed(conn, e, bounded=True)
+            done = results[2].command_status
+            if done != b"COMMIT":  # the server had aborted it (an error swallowed)
+                raise SinkUnavailableError(
+                    _rolled_back_text(self.sink.where, done.decode() if done else None)
+                )
+        except BaseException:
+            self._open = False
+            if self.lost is not None or conn is None or conn.closed or self._broken():
+                await self._discard()
+            elif conn.info.transaction_status != TransactionStatus.IDLE:
+                await self._quietly_roll_back()
+            raise
+        self._open = False
+        return None
+
+    async def _fences_failed(self, conn: psycopg.AsyncConnection[Any], results: list[Any]) -> None:
+        """The fences' statement of :meth:`commit_marked` failed (so the COMMIT never ran):
+        returns when a partition was claimed by another (the transaction rolled back), else
+        raises what happened, as :meth:`_run` would."""
+        try:
+            checked(results[:1], conn.info.encoding)
+        except psycopg.Error as e:
+            if _FENCED in str(e):
+                await self._quietly_roll_back()
+                return
+            if connection_lost(conn, e):
+                self._lose(e)
+            if conflicted(e):
+                raise SinkUnavailableError(_conflict_text(self.sink.where, e)) from e
+            raise
+        raise psycopg.InterfaceError(  # which of it ran is not known: nothing of it commits
+            f"{len(results)} results from PostgreSQL for a commit's 3 statements"
+        )
+
+    async def _claimed(self, wanted: Sequence[tuple[TopicPartition, int]]) -> TopicPartition:
+        """Of ``wanted`` (partitions and the epochs the fences expected), the first whose
+        epoch is no longer that one (or whose row is gone)."""
+        assert self._conn is not None
+        cursor = await self._conn.execute(
+            "SELECT topic, partition, epoch FROM assured_offsets WHERE group_id = %s",
+            (self.group,),
+        )
+        now = {(topic, partition): epoch for topic, partition, epoch in await cursor.fetchall()}
+        for tp, epoch in wanted:
+            if now.get((tp.topic, tp.partition)) != epoch:
+                return tp
+        return wanted[0][0]  # claimed and given back since: ours no more either way
+
+    def _quoted(self, conn: psycopg.AsyncConnection[Any], text: str) -> str:
+        """``text`` as a literal for ``conn`` (kept: a window's topics and group are few)."""
+        quoted = self._literal_texts.get(text)
+        if quoted is None:
+            encoding = conn.info.encoding
+            quoted = pq.Escaping(conn.pgconn).escape_literal(text.encode(encoding)).decode(encoding)
+            if len(self._literal_texts) > 1000:
+                self._literal_texts.clear()
+            self._literal_texts[text] = quoted
+        return quoted
+
+    def _arrays(
+        self, conn: psycopg.AsyncConnection[Any], rows: Sequence[tuple[TopicPartition, int]]
+    ) -> str:
+        """The fences' three arrays (topics, partitions, epochs) as literals."""
+        topics = ",".join(self._quoted(conn, tp.topic) for tp, _ in rows)
+        partitions = ",".join(str(int(tp.partition)) for tp, _ in rows)
+        epochs = ",".join(str(int(epoch)) for _, epoch in rows)
+        return f"ARRAY[{topics}]::text[], '{{{partitions}}}'::int[], '{{{epochs}}}'::bigint[]"
+
+    def _marks(
+        self, conn: psycopg.AsyncConnection[Any], marks: Sequence[tuple[str, int, int]]
+    ) -> str:
+        """The marks' three arrays (topics, partitions, offsets) as literals."""
+        topics = ",".join(self._quoted(conn, topic) for topic, _, _ in marks)
+        partitions = ",".join(str(int(partition)) for _, partition, _ in marks)
+        offsets = ",".join(str(int(offset)) for _, _, offset in marks)
+        return f"ARRAY[{topics}]::text[], '{{{partitions}}}'::int[], '{{{offsets}}}'::bigint[]"
 
     async def plain(self, savepoint: str | None) -> SinkTransaction:
         raise UsageError(
