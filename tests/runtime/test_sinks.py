@@ -4,6 +4,7 @@ effects idempotent."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -159,6 +160,82 @@ def test_a_connections_commit_with_its_fences_and_marks_commits_only_while_all_i
     assert found == [None, b, None]
     assert [tuple(m) for m in marks] == [("charges", 0, 5)]
     assert [c[0] for c in charged] == ["after", "kept"]
+
+
+@pytest.mark.postgres
+def test_a_connections_commit_names_the_partition_fenced_whatever_the_sessions_encoding(
+    postgres_dsn: str,
+) -> None:
+    """From a review: the partition named after a failed fence was looked up by reading the
+    offsets rows back, which a handler's ``SET client_encoding = 'SQL_ASCII'`` turned into
+    bytes: no row matched, and a partition still this owner's was named (the App would drop
+    it). The fence's statement now names the partition by its place among those given."""
+    sink = PostgresSink(postgres_dsn)
+    a, b = TopicPartition("pay", 0), TopicPartition("pay", 1)
+    group = f"g-encoding-{uuid.uuid4().hex[:8]}"
+    with sink:
+        epochs = {tp: epoch for tp, (_, epoch) in sink.claim(group, [a, b]).items()}
+    fences = [(a, epochs[a]), (b, epochs[b])]
+
+    async def run() -> TopicPartition | None:
+        side = sink.side_by_side(group, {})
+        try:
+            await side.begin()
+            await side.execute("SET client_encoding = 'SQL_ASCII'")  # a handler's statement
+            assert await side.commit_marked(fences, [("pay", 0, 1)]) is None  # the SET stays
+            with sink:
+                sink.claim(group, [b])  # b goes to a newer owner; a is still ours
+            await side.begin()
+            return await side.commit_marked(fences, [("pay", 0, 2)])
+        finally:
+            await side.rollback(RuntimeError("the test is over"))
+            await side.close()
+
+    assert asyncio.run(run()) == b
+
+
+@pytest.mark.postgres
+def test_a_connections_commit_cancelled_while_its_fence_waits_never_commits(
+    postgres_dsn: str,
+) -> None:
+    """From a review: cancelled while its fence waited for a claim's lock, the one-message
+    commit dropped its connection, but the server went on with the message once the lock was
+    free and committed what the App counted as rolled back. The statement is now cancelled
+    on the server too: the fence fails there, and COMMIT never runs."""
+    sink = PostgresSink(postgres_dsn)
+    tp = TopicPartition("pay", 2)
+    group = f"g-cancel-{uuid.uuid4().hex[:8]}"
+    with sink, sink.transaction() as tx:
+        tx.execute("CREATE TABLE IF NOT EXISTS charged_cancel (id TEXT)")
+    with sink:
+        epoch = sink.claim(group, [tp])[tp][1]
+
+    async def run() -> None:
+        claim = await psycopg.AsyncConnection.connect(postgres_dsn)  # a claim under way
+        await claim.execute(
+            "SELECT 1 FROM assured_offsets WHERE group_id = %s FOR UPDATE", (group,)
+        )
+        side = sink.side_by_side(group, {})
+        await side.begin()
+        await side.execute("INSERT INTO charged_cancel VALUES (%s)", (group,))
+        task = asyncio.ensure_future(side.commit_marked([(tp, epoch)], [("pay", 2, 7)]))
+        await asyncio.sleep(0.5)  # its fence waits for the claim's lock
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await side.close()
+        await claim.rollback()  # the claim fails: the lock is free
+        await claim.close()
+        await asyncio.sleep(1.0)  # a server still on the message would commit by now
+
+    asyncio.run(run())
+    with psycopg.connect(postgres_dsn) as conn:
+        charged = conn.execute("SELECT id FROM charged_cancel WHERE id = %s", (group,)).fetchall()
+        marks = conn.execute(
+            "SELECT record_offset FROM assured_done WHERE group_id = %s", (group,)
+        ).fetchall()
+    assert charged == []
+    assert marks == []
 
 
 @pytest.mark.postgres

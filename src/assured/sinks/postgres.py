@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -168,21 +169,24 @@ _FENCE_AND_MARK = (
 
 # A connection's commit under exactly-once in one message (see commit_marked): the fences and
 # marks of _FENCE_AND_MARK, failing when a partition's epoch is no longer the one given (the
-# error's text says so; CASE over the count, so that nothing is folded before it is known),
-# then the bounded COMMIT. A failed statement skips the rest of the message: nothing commits.
+# error's text names the first such partition by its place among those given; the CASE is
+# over aggregates, so nothing of it is folded before the rows are known), then the bounded
+# COMMIT. A failed statement skips the rest of the message: nothing commits.
 _FENCED = "assured_fenced"
+_FENCED_AT = re.compile(_FENCED + r" (\d+)")
 # Filled with literals libpq quoted, and ints.
 _FENCE_MARK_COMMIT = (
-    "WITH held AS (SELECT o.topic, o.partition FROM assured_offsets o "  # noqa: S608
-    "JOIN unnest({fences}) AS w (t, p, e) "
-    "ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = {group} "
+    "WITH w AS (SELECT * FROM unnest({fences}) WITH ORDINALITY AS w (t, p, e, i)), "  # noqa: S608
+    "held AS (SELECT o.topic, o.partition FROM assured_offsets o "
+    "JOIN w ON o.topic = w.t AND o.partition = w.p AND o.epoch = w.e WHERE o.group_id = {group} "
     'ORDER BY o.topic COLLATE "C", o.partition FOR SHARE OF o), '
     "marked AS (INSERT INTO assured_done (group_id, topic, partition, record_offset) "
     "SELECT {group}, t, p, o FROM unnest({marks}) AS m (t, p, o) "
     "ON CONFLICT DO NOTHING) "
-    f"SELECT CASE WHEN count(*) = {{wanted}} THEN 0 ELSE ('{_FENCED} ' || count(*))::int END "
-    "FROM held;\n"
-    f"SET LOCAL lock_timeout = {{wait}};\nCOMMIT"
+    "SELECT CASE WHEN count(h.topic) = count(*) THEN 0 ELSE "
+    f"('{_FENCED} ' || min(w.i) FILTER (WHERE h.topic IS NULL))::int END "
+    "FROM w LEFT JOIN held h ON h.topic = w.t AND h.partition = w.p;\n"
+    "SET LOCAL lock_timeout = {wait};\nCOMMIT"
 )
 
 
@@ -744,6 +748,9 @@ def _gone(conn: psycopg.AsyncConnection[Any]) -> bool:
         return True
     pgconn = conn.pgconn
     try:
+        # Twice: a server that ends the backend sends its reason first (which libpq keeps as
+        # a notice), then closes the socket, and one read may stop between the two.
+        pgconn.consume_input()
         pgconn.consume_input()
     except psycopg.OperationalError:
         return True
@@ -1267,10 +1274,20 @@ class _PostgresSideBySide(SideBySide):
                 results = await self._send(conn, query)
             except psycopg.Error as e:  # the message went out: COMMIT may have run
                 raise SinkCommitUnknownError(_commit_unknown_text(self.sink.where, e)) from e
+            except asyncio.CancelledError:
+                # The server goes on with the message: stopped on it (a fence waiting for a
+                # claim's lock then fails, and COMMIT never runs), the connection dropped.
+                # Whether a COMMIT already under way landed, only the database says.
+                self._cut_short()
+                with contextlib.suppress(Exception):
+                    await conn.cancel_safe(timeout=5)
+                raise
             if len(results) != 3 or results[0].status == pq.ExecStatus.FATAL_ERROR:
-                await self._fences_failed(conn, results)  # raises, unless fenced
+                at = await self._fences_failed(conn, results)  # raises, unless fenced
                 self._open = False
-                return await self._claimed(wanted)
+                if not 0 < at <= len(wanted):  # never names one of ours by mistake
+                    raise psycopg.InterfaceError(f"a fence failed at {at} of {len(wanted)}")
+                return wanted[at - 1][0]
             try:
                 checked(results[1:], conn.info.encoding)
             except psycopg.Error as e:
@@ -1290,16 +1307,17 @@ class _PostgresSideBySide(SideBySide):
         self._open = False
         return None
 
-    async def _fences_failed(self, conn: psycopg.AsyncConnection[Any], results: list[Any]) -> None:
+    async def _fences_failed(self, conn: psycopg.AsyncConnection[Any], results: list[Any]) -> int:
         """The fences' statement of :meth:`commit_marked` failed (so the COMMIT never ran):
-        returns when a partition was claimed by another (the transaction rolled back), else
-        raises what happened, as :meth:`_run` would."""
+        when a partition was claimed by another, its place (from 1) among those given, the
+        transaction rolled back; else raises what happened, as :meth:`_run` would."""
         try:
             checked(results[:1], conn.info.encoding)
         except psycopg.Error as e:
-            if _FENCED in str(e):
+            fenced_at = _FENCED_AT.search(str(e)) if e.sqlstate == "22P02" else None
+            if fenced_at is not None:
                 await self._quietly_roll_back()
-                return
+                return int(fenced_at.group(1))
             if connection_lost(conn, e):
                 self._lose(e)
             if conflicted(e):
@@ -1308,20 +1326,6 @@ class _PostgresSideBySide(SideBySide):
         raise psycopg.InterfaceError(  # which of it ran is not known: nothing of it commits
             f"{len(results)} results from PostgreSQL for a commit's 3 statements"
         )
-
-    async def _claimed(self, wanted: Sequence[tuple[TopicPartition, int]]) -> TopicPartition:
-        """Of ``wanted`` (partitions and the epochs the fences expected), the first whose
-        epoch is no longer that one (or whose row is gone)."""
-        assert self._conn is not None
-        cursor = await self._conn.execute(
-            "SELECT topic, partition, epoch FROM assured_offsets WHERE group_id = %s",
-            (self.group,),
-        )
-        now = {(topic, partition): epoch for topic, partition, epoch in await cursor.fetchall()}
-        for tp, epoch in wanted:
-            if now.get((tp.topic, tp.partition)) != epoch:
-                return tp
-        return wanted[0][0]  # claimed and given back since: ours no more either way
 
     def _quoted(self, conn: psycopg.AsyncConnection[Any], text: str) -> str:
         """``text`` as a literal for ``conn`` (kept: a window's topics and group are few)."""
