@@ -18,9 +18,10 @@ import pytest
 from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
 from assured.errors import ConfigError, FatalError, RetriableError, UsageError
 from assured.log import Log
+from assured.runtime import _shared_db
 from assured.runtime._handling import AwaitableIntoSinkError
 from assured.runtime._settings import Guarantee
-from assured.runtime._shared_db import NotAwaitedError
+from assured.runtime._shared_db import HeldPastLimitError, NotAwaitedError
 from tests.conftest import fill_keyed as fill
 from tests.conftest import stop_when
 
@@ -961,6 +962,62 @@ def test_a_record_that_swallows_its_cancellation_with_its_db_part_open_commits_n
 
     again.run(until_idle=0.5)
     assert sorted(rows()) == sorted(f"m{i:04d}" for i in range(20))  # each once, no "early"
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_record_holding_its_connection_past_its_limit_that_swallows_the_cancel_stops_the_app(
+    log: Log, tmp_path: Path, concurrency: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record that holds its database connection past transaction_timeout_ms is cancelled;
+    one that swallows that cancellation held the connection for good, and the window's group
+    commit waited for it: the App hung, polling nothing, with no error (found in a review,
+    carried over since). Now, still holding it a few seconds later, it stops the App with an
+    error that says why; nothing of that record is committed, and the next run handles the
+    rest (each record's row once)."""
+    monkeypatch.setattr(_shared_db, "_SWALLOWED_S", 1.0)
+    fill(log, 12)
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+    stuck = threading.Event()
+
+    @app.handler("in", sink=sink, concurrency=concurrency)
+    async def write(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.partition == 0 and msg.offset == 3 and not stuck.is_set():
+            stuck.set()
+            await _swallowing(msg)  # holds its connection, and swallows the limit's cancel
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run(until_idle=60)
+        except BaseException as e:
+            failed.append(e)
+
+    runner = threading.Thread(target=run, daemon=True)
+    began = time.monotonic()
+    runner.start()
+    runner.join(40)
+    assert not runner.is_alive(), "the App hung on a record that swallows its cancellation"
+    assert time.monotonic() - began < 30  # the limit, its grace, a give-up's 5 s
+    assert len(failed) == 1
+    assert isinstance(failed[0], HeldPastLimitError)
+    assert "swallows asyncio.CancelledError" in str(failed[0])
+
+    def rows() -> list[str]:
+        with sqlite3.connect(tmp_path / "effects.db") as conn:
+            return [v for (v,) in conn.execute("SELECT v FROM t")]
+
+    assert "m0003" not in rows()
+    again = App(log=log, group="g", guarantee="exactly-once")
+
+    @again.handler("in", sink=sink, concurrency=concurrency)
+    async def write_again(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    again.run(until_idle=0.5)
+    assert sorted(rows()) == sorted(f"m{i:04d}" for i in range(12))  # each once
 
 
 def test_records_that_swallow_their_cancellation_give_back_their_concurrency_slots(

@@ -69,6 +69,9 @@ Held = tuple[Record, list[tuple[str, Record, list[Header]]]]
 
 # A record that holds its connection this long may be waiting for another's row lock.
 _BLOCKED_S = 0.05
+# A record cancelled for holding its connection past its limit and still holding it this
+# much later swallows its cancellation (as runtime._concurrent.GIVE_UP_S).
+_SWALLOWED_S = 5.0
 # At most this many records' first statements go in one message (see SharedTransaction.first).
 _BATCH = 64
 # Batches are made while fewer than this share of records call the database again after their
@@ -509,12 +512,28 @@ class SharedTransaction:
 
     def _cancel_if_overrun(self, lane: _Lane, now: float) -> None:
         """Cancel the record holding ``lane`` if it has held it past ``region_limit_s``: it
-        fails with a TimeoutError (see Window)."""
+        fails with a TimeoutError (see Window). Still holding it ``_SWALLOWED_S`` after that,
+        it swallows its cancellation: nothing of the window can commit while it holds the
+        connection, so the App stops (:class:`HeldPastLimitError`) rather than hang."""
         holder = lane.holder
-        late = now - lane.held_since > self.region_limit_s
-        if isinstance(holder, asyncio.Task) and late and holder not in self.overran:
+        if not isinstance(holder, asyncio.Task):
+            return
+        held = now - lane.held_since
+        if held <= self.region_limit_s:
+            return
+        if holder not in self.overran:
             self.overran.add(holder)
             holder.cancel()
+        elif held > self.region_limit_s + _SWALLOWED_S:
+            raise HeldPastLimitError(
+                f"a record's handler held its database connection for over "
+                f"{self.region_limit_s:g} s (transaction_timeout_ms), was cancelled, and "
+                f"went on for {_SWALLOWED_S:g} s more: it swallows asyncio.CancelledError "
+                "(a bare 'except:' or 'except BaseException:' around an await?). Nothing of "
+                "the window can commit while it holds the connection, so the App stops; "
+                "nothing of that record was committed. Let CancelledError through, and give "
+                "the handler's own waits timeouts."
+            )
 
     async def _commit_lanes(
         self, lanes: list[_Lane], landed: Callable[[list[Record]], None]
@@ -631,6 +650,14 @@ def _worst(errors: Sequence[BaseException]) -> BaseException:
             if isinstance(e, kind):
                 return e
     return errors[0]
+
+
+class HeldPastLimitError(UsageError):
+    """A handler held its database connection past ``transaction_timeout_ms`` and swallowed
+    the cancellation that followed. Fatal: the window's group commit waits for that
+    connection, so nothing more could commit."""
+
+    fatal = True
 
 
 class NotAwaitedError(UsageError):
