@@ -971,9 +971,9 @@ def test_a_record_holding_its_connection_past_its_limit_that_swallows_the_cancel
     """A record that holds its database connection past transaction_timeout_ms is cancelled;
     one that swallows that cancellation held the connection for good, and the window's group
     commit waited for it: the App hung, polling nothing, with no error (found in a review,
-    carried over since). Now, still holding it a few seconds later, it stops the App with an
-    error that says why; nothing of that record is committed, and the next run handles the
-    rest (each record's row once)."""
+    carried over since). Now, still holding it a while later (15 s; 1 s here), it stops the
+    App with an error that says why; nothing of that record is committed, and the next run
+    handles the rest (each record's row once)."""
     monkeypatch.setattr(_shared_db, "_SWALLOWED_S", 1.0)
     fill(log, 12)
     sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")

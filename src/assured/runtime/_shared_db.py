@@ -70,8 +70,9 @@ Held = tuple[Record, list[tuple[str, Record, list[Header]]]]
 # A record that holds its connection this long may be waiting for another's row lock.
 _BLOCKED_S = 0.05
 # A record cancelled for holding its connection past its limit and still holding it this
-# much later swallows its cancellation (as runtime._concurrent.GIVE_UP_S).
-_SWALLOWED_S = 5.0
+# much later swallows its cancellation. Longer than a give-up's 5 s: a call cancelled on
+# PostgreSQL may take that long to have its statement cancelled on the server, then its answer.
+_SWALLOWED_S = 15.0
 # At most this many records' first statements go in one message (see SharedTransaction.first).
 _BATCH = 64
 # Batches are made while fewer than this share of records call the database again after their
