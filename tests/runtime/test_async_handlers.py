@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from assured import App, Message, Output, SqliteSink, TopicPartition, open_log
+from assured import App, Message, Output, PostgresSink, SqliteSink, TopicPartition, open_log
 from assured.errors import ConfigError, FatalError, RetriableError, UsageError
 from assured.log import Log
 from assured.runtime import _shared_db
@@ -1018,6 +1018,126 @@ def test_a_record_holding_its_connection_past_its_limit_that_swallows_the_cancel
 
     again.run(until_idle=0.5)
     assert sorted(rows()) == sorted(f"m{i:04d}" for i in range(12))  # each once
+
+
+def _run_on_a_thread(app: App, seconds: float) -> tuple[list[BaseException], float, bool]:
+    """Run ``app`` until idle on a thread: what it raised, how long it took, whether it was
+    still running after ``seconds`` (a hung App is left behind on its daemon thread)."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run(until_idle=1.0)
+        except BaseException as e:
+            failed.append(e)
+
+    runner = threading.Thread(target=run, daemon=True)
+    began = time.monotonic()
+    runner.start()
+    runner.join(seconds)
+    return failed, time.monotonic() - began, runner.is_alive()
+
+
+def test_the_grace_of_a_record_cancelled_at_its_limit_counts_from_its_cancel(
+    log: Log, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review: the grace before HeldPastLimitError counted from when the record took
+    its connection. A look that came late (a blocking call had held the event loop) then
+    cancelled the record and, one look later, stopped the App, though the record let its
+    cancellation through 0.2 s after it came. Now the grace counts from the cancel: the
+    record fails at its limit (a TimeoutError, dead-lettered here), and the App goes on."""
+    monkeypatch.setattr(_shared_db, "_SWALLOWED_S", 1.0)
+    fill(log, 6)
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+    slow: list[int] = []
+
+    @app.handler("in", sink=sink, concurrency=2, retries=0)
+    async def write(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.partition == 0 and msg.offset == 1 and not slow:
+            slow.append(1)
+            time.sleep(2.5)  # blocks the loop, as a slow SQLite call does: no look meanwhile
+            try:
+                await asyncio.sleep(5)  # cancelled here, at the first look
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.2)  # cleans up, then lets it through
+                raise
+
+    failed, _, alive = _run_on_a_thread(app, 40)
+    assert not alive
+    assert failed == []
+
+
+def test_a_retry_after_a_cancel_turned_into_the_handlers_own_error_is_cancelled_at_its_limit(
+    log: Log, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review: a record cancelled at its limit whose client turned the cancellation
+    into an error of its own stayed marked as cancelled for good. Its retry (the same task)
+    was then never cancelled at its own limit, and held its connection until the App stopped
+    with HeldPastLimitError, though it swallowed nothing. The mark is now the attempt's."""
+    monkeypatch.setattr(_shared_db, "_SWALLOWED_S", 1.0)
+    fill(log, 6)
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+    attempts: list[int] = []
+
+    class ClientError(Exception):
+        pass
+
+    @app.handler("in", sink=sink, concurrency=2, retries=3, backoff_ms=10)
+    async def write(msg: Message, db: Any) -> None:
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+        if msg.partition == 0 and msg.offset == 1:
+            attempts.append(1)
+            if len(attempts) == 1:
+                try:
+                    await asyncio.sleep(5)  # cancelled at the limit
+                except asyncio.CancelledError as e:
+                    raise ClientError("request cancelled") from e
+            elif len(attempts) == 2:
+                await asyncio.sleep(2.5)  # slow again: cancelled at the limit again
+
+    failed, _, alive = _run_on_a_thread(app, 40)
+    assert not alive
+    assert failed == []
+    assert len(attempts) == 3  # the third went through
+
+    with sqlite3.connect(tmp_path / "effects.db") as conn:
+        rows = sorted(v for (v,) in conn.execute("SELECT v FROM t"))
+    assert rows == [f"m{i:04d}" for i in range(6)]
+
+
+@pytest.mark.postgres
+def test_the_app_stops_soon_after_a_held_past_limit_record_stuck_in_a_statement(
+    log: Log, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review: after HeldPastLimitError the step's rollback sent ROLLBACK on the stuck
+    record's connection, which waited behind its statement (40 s here; a statement waiting for
+    a lock could wait for good) before the record could be given up. A connection whose
+    record still runs is now abandoned instead, and dropped once the record is cut off."""
+    monkeypatch.setattr(_shared_db, "_SWALLOWED_S", 1.0)
+    fill(log, 6)
+    table = f"held_{int(time.time() * 1000) % 10**9}"
+    sink = PostgresSink(postgres_dsn, schema=f"CREATE TABLE IF NOT EXISTS {table} (v TEXT)")
+    app = App(log=log, group=f"g-{table}", guarantee="exactly-once", transaction_timeout_ms=1000)
+    seen: list[int] = []
+
+    @app.handler("in", sink=sink, concurrency=2)
+    async def write(msg: Message, db: Any) -> None:
+        await db.execute(f"INSERT INTO {table} VALUES (%s)", (msg.value.decode(),))
+        if msg.partition == 0 and msg.offset == 1 and not seen:
+            seen.append(1)
+            for _ in range(100):  # careless code: swallows every cancellation
+                with contextlib.suppress(BaseException):
+                    await asyncio.sleep(1.5)
+                with contextlib.suppress(BaseException):
+                    await db.execute("SELECT pg_sleep(40)")
+
+    failed, took, alive = _run_on_a_thread(app, 60)
+    assert not alive
+    assert [type(e) for e in failed] == [HeldPastLimitError]
+    assert took < 25  # its limit, its grace, a give-up's 5 s; not the statement's 40 s
 
 
 def test_records_that_swallow_their_cancellation_give_back_their_concurrency_slots(

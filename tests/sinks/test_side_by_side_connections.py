@@ -350,7 +350,7 @@ def test_every_record_held_past_its_limit_in_one_look_is_cancelled_as_overrun(
         await shared.unblock(lambda _records: None)
         await asyncio.gather(*stuck, return_exceptions=True)
         assert all(t.cancelled() for t in stuck)
-        return shared.overran ^ set(stuck)
+        return set(shared.overran) ^ set(stuck)
 
     assert asyncio.run(scenario()) == set()
 

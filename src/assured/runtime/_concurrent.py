@@ -788,11 +788,15 @@ class Window:
             # The limit's cancel came while its part ended (waiting for a call the handler
             # left running): the part was abandoned with its connection's transaction.
             task.uncancel()
-            self.db.overran.discard(task)
+            self.db.overran.pop(task, None)
             raise self._late("a call it left running held the database") from None
         finally:
             record_part.reset(mark)
             entry.db = None
+            if self.db.overran.pop(task, None) is not None:
+                # The limit's cancel came back as the handler's own error, or was swallowed
+                # and the handler returned: it belonged to this attempt alone.
+                task.uncancel()
 
     def _late(self, what: str) -> TimeoutError:
         assert self.db is not None
@@ -818,7 +822,7 @@ class Window:
             try:
                 await db.end(late)
             finally:  # not before: a look meanwhile would cancel it again
-                self.db.overran.discard(task)
+                self.db.overran.pop(task, None)
             raise late from None
         except BaseException as e:
             await db.end(e)

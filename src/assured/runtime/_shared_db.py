@@ -151,7 +151,8 @@ class SharedTransaction:
         # A record held past region_limit_s (waiting for a call that does not come back) is
         # cancelled at the next group commit, and fails.
         self.region_limit_s = region_limit_s
-        self.overran: set[asyncio.Task[Any]] = set()
+        # Each such record's task, and when it was cancelled (its attempt takes it out).
+        self.overran: dict[asyncio.Task[Any], float] = {}
         # How often a record calls the database again after its first statement (decaying
         # from 1: no batch before the handler is seen to make one call only).
         self.again = 1.0
@@ -519,13 +520,13 @@ class SharedTransaction:
         holder = lane.holder
         if not isinstance(holder, asyncio.Task):
             return
-        held = now - lane.held_since
-        if held <= self.region_limit_s:
+        if now - lane.held_since <= self.region_limit_s:
             return
-        if holder not in self.overran:
-            self.overran.add(holder)
+        cancelled = self.overran.get(holder)
+        if cancelled is None:
+            self.overran[holder] = now
             holder.cancel()
-        elif held > self.region_limit_s + _SWALLOWED_S:
+        elif now - cancelled > _SWALLOWED_S:
             raise HeldPastLimitError(
                 f"a record's handler held its database connection for over "
                 f"{self.region_limit_s:g} s (transaction_timeout_ms), was cancelled, and "
@@ -622,8 +623,20 @@ class SharedTransaction:
         self._gate = False
         for lane in self.lanes:
             self._requeue(lane)  # what a batch ran for them is rolled back too
+        # A record still running may be in a call on its connection (a statement waiting
+        # for a lock, or one its handler never lets end): a ROLLBACK would wait behind it, so
+        # that connection is abandoned instead (its transaction never commits; it is dropped
+        # at its next rollback, once the record is given up).
+        busy = [
+            lane
+            for lane in self.lanes
+            if lane.conn.async_calls and isinstance(lane.holder, asyncio.Task)
+        ]
+        for lane in busy:
+            lane.conn.abandon()
         await asyncio.gather(
-            *(lane.conn.rollback(error) for lane in self.lanes), return_exceptions=True
+            *(lane.conn.rollback(error) for lane in self.lanes if lane not in busy),
+            return_exceptions=True,
         )
 
     async def rollback(self, error: BaseException | None = None) -> None:

@@ -457,6 +457,9 @@ class SideBySide(abc.ABC):
     # Whether records' first statements can go in one message (see ``runtime._shared_db``):
     # then the connection has first_text, execute_firsts and undo_later.
     batches = False
+    # Whether a call may be under way on the connection (awaiting the server) while the App's
+    # other records run; SQLite's calls run to their end on the App's thread.
+    async_calls = False
 
     def first_text(
         self, savepoint: str, sql: str, params: Sequence[Any] | Mapping[str, Any]

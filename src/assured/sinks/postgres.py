@@ -869,6 +869,7 @@ class _PostgresSideBySide(SideBySide):
         self._literal_texts: dict[str, str] = {}  # topics and the group, quoted (commit_marked)
 
     batches = True
+    async_calls = True
 
     @property
     def in_transaction(self) -> bool:
