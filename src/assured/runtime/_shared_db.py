@@ -630,7 +630,7 @@ class SharedTransaction:
         busy = [
             lane
             for lane in self.lanes
-            if lane.conn.async_calls and isinstance(lane.holder, asyncio.Task)
+            if isinstance(lane.holder, asyncio.Task) and lane.conn.call_under_way()
         ]
         for lane in busy:
             lane.conn.abandon()

@@ -457,9 +457,12 @@ class SideBySide(abc.ABC):
     # Whether records' first statements can go in one message (see ``runtime._shared_db``):
     # then the connection has first_text, execute_firsts and undo_later.
     batches = False
-    # Whether a call may be under way on the connection (awaiting the server) while the App's
-    # other records run; SQLite's calls run to their end on the App's thread.
-    async_calls = False
+
+    def call_under_way(self) -> bool:
+        """Whether a call is under way on the connection now (awaiting the server, while the
+        App's other records run): a ROLLBACK would wait behind it. SQLite's calls run to
+        their end on the App's thread, so never."""
+        return False
 
     def first_text(
         self, savepoint: str, sql: str, params: Sequence[Any] | Mapping[str, Any]

@@ -869,11 +869,14 @@ class _PostgresSideBySide(SideBySide):
         self._literal_texts: dict[str, str] = {}  # topics and the group, quoted (commit_marked)
 
     batches = True
-    async_calls = True
 
     @property
     def in_transaction(self) -> bool:
         return self._open
+
+    def call_under_way(self) -> bool:
+        conn = self._conn
+        return self._beginning.locked() or (conn is not None and conn.lock.locked())
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         try:
