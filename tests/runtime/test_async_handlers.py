@@ -1140,6 +1140,64 @@ def test_the_app_stops_soon_after_a_held_past_limit_record_stuck_in_a_statement(
     assert took < 25  # its limit, its grace, a give-up's 5 s; not the statement's 40 s
 
 
+def test_a_sqlite_sink_locked_by_another_process_does_not_stop_the_event_loop(
+    log: Log, tmp_path: Path
+) -> None:
+    """Records side by side into SQLite began their shared transaction inside SQLite's busy
+    handler, which sleeps: while another process held the write lock, the App's event loop
+    stood still (up to lock_timeout_s), every record with it. The wait is now on the loop:
+    a timer on it keeps its pace while the lock is held, and every record is written once
+    the lock is free."""
+    fill(log, 8)
+    path = tmp_path / "effects.db"
+    sink = SqliteSink(str(path), schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    sink.setup()
+    asked, held = threading.Event(), threading.Event()
+    gaps: list[float] = []
+
+    def hold() -> None:  # stands for another process
+        asked.wait(30)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(2.0)
+        holder.rollback()
+        holder.close()
+
+    async def ticking() -> None:
+        last = time.monotonic()
+        for _ in range(100):  # 1 s of 10 ms ticks, while the lock is held
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    app = App(log=log, group="g", guarantee="exactly-once")
+    ticker: list[asyncio.Task[None]] = []
+
+    @app.handler("in", sink=sink, concurrency=4)
+    async def write(msg: Message, db: Any) -> None:
+        asked.set()
+        while not held.is_set():  # no record's transaction is open when the lock is taken
+            await asyncio.sleep(0.01)
+        if not ticker:
+            ticker.append(asyncio.ensure_future(ticking()))
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    holding = threading.Thread(target=hold)
+    holding.start()
+    try:
+        app.run(until_idle=0.5)
+    finally:
+        asked.set()
+        holding.join()
+    assert len(gaps) == 100
+    assert max(gaps) < 0.3  # before: about a second for each of SQLite's waits
+    with sqlite3.connect(path) as conn:
+        rows = sorted(v for (v,) in conn.execute("SELECT v FROM t"))
+    assert rows == [f"m{i:04d}" for i in range(8)]
+
+
 def test_records_that_swallow_their_cancellation_give_back_their_concurrency_slots(
     log: Log,
 ) -> None:

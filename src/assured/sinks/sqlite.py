@@ -12,11 +12,13 @@ Two things can go wrong that a server database would not let happen:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
 import secrets
 import sqlite3
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,12 +28,14 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from assured.errors import ConfigError, UsageError
 from assured.sinks._base import (
+    SideBySide,
     Sink,
     SinkLostError,
     SinkTransaction,
     SinkUnavailableError,
     SinkUnreachableError,
     StrayStatementError,
+    _Plain,
     checked_schema,
     ddl,
     ended_by_handler,
@@ -406,6 +410,7 @@ class SqliteSink(Sink):
             raise ConfigError(f"lock_timeout_s={lock_timeout_s!r}: a number of seconds above 0")
         self._durability = durability
         self.lock_timeout_s = lock_timeout_s
+        self._at_once = False  # a lock held elsewhere raises _LockBusyError (see _SideBySide)
         self._conn: sqlite3.Connection | None = None
         self._inside: _SqliteTransaction | None = None  # the transaction handlers run in
         self._mine = False  # the runtime's own statement (see _own)
@@ -462,7 +467,19 @@ class SqliteSink(Sink):
         return None if now == self._identity else "replaced by another file"
 
     def _locked(self, conn: sqlite3.Connection, sql: str) -> None:
-        """Run ``sql``, which needs a lock, retrying while another process holds it."""
+        """Run ``sql``, which needs a lock, retrying while another process holds it (or, in
+        :meth:`_not_waiting`, raising :class:`_LockBusyError` at once)."""
+        if self._at_once:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute(sql)
+            except sqlite3.OperationalError as e:
+                if _busy(e):
+                    raise _LockBusyError from e
+                raise
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(min(1.0, self.lock_timeout_s) * 1000)}")
+            return
         try:
             conn.execute(sql)
             return
@@ -480,13 +497,28 @@ class SqliteSink(Sink):
         except sqlite3.OperationalError as e:
             if not _busy(e):
                 raise
-            raise SinkUnreachableError(
-                f"the SQLite sink {self.path} stayed locked for {self.lock_timeout_s:g}s: another "
-                "process holds its write lock (one stopped with SIGSTOP or hung, or a very long "
-                "transaction). Nothing was written. Find it with `fuser "
-                f"{self.path}` (or lsof), resume it (kill -CONT) or stop it, then start again; "
-                "or give the sink a longer lock_timeout_s."
-            ) from e
+            raise SinkUnreachableError(self._stayed_locked()) from e
+
+    def _stayed_locked(self) -> str:
+        return (
+            f"the SQLite sink {self.path} stayed locked for {self.lock_timeout_s:g}s: another "
+            "process holds its write lock (one stopped with SIGSTOP or hung, or a very long "
+            "transaction). Nothing was written. Find it with `fuser "
+            f"{self.path}` (or lsof), resume it (kill -CONT) or stop it, then start again; "
+            "or give the sink a longer lock_timeout_s."
+        )
+
+    @contextlib.contextmanager
+    def _not_waiting(self) -> Iterator[None]:
+        """Within it, a lock another process holds raises :class:`_LockBusyError` at once."""
+        self._at_once = True
+        try:
+            yield
+        finally:
+            self._at_once = False
+
+    def side_by_side(self, group: str, incarnations: Mapping[str, str]) -> SideBySide:
+        return _SideBySide(self, group, incarnations)
 
     @contextlib.contextmanager
     def transaction(
@@ -613,3 +645,30 @@ def _busy(e: BaseException) -> bool:
         isinstance(e, sqlite3.OperationalError)
         and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in _BUSY
     )
+
+
+class _LockBusyError(Exception):
+    """Another process holds the SQLite sink's write lock (see SqliteSink._not_waiting)."""
+
+
+class _SideBySide(_Plain):
+    """Records side by side on the SQLite sink's own connection. Its transaction begins without
+    waiting inside SQLite for another process's write lock (its busy handler sleeps, and would
+    stop the App's event loop, every record with it, for up to ``lock_timeout_s``): the wait
+    is on the event loop instead, so records go on with their other awaits meanwhile."""
+
+    sink: SqliteSink
+
+    async def begin(self) -> None:
+        began = time.monotonic()
+        pause = 0.005
+        while True:
+            try:
+                with self.sink._not_waiting():
+                    await super().begin()
+                return
+            except _LockBusyError:
+                if time.monotonic() + pause - began > self.sink.lock_timeout_s:
+                    raise SinkUnreachableError(self.sink._stayed_locked()) from None
+                await asyncio.sleep(pause)
+                pause = min(0.25, pause * 2)
