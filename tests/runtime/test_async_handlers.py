@@ -1198,6 +1198,53 @@ def test_a_sqlite_sink_locked_by_another_process_does_not_stop_the_event_loop(
     assert rows == [f"m{i:04d}" for i in range(8)]
 
 
+def test_waiting_for_a_sqlite_lock_another_process_holds_does_not_count_to_a_records_limit(
+    log: Log, tmp_path: Path
+) -> None:
+    """From a review: once the wait for another process's write lock moved onto the event
+    loop, it counted to the record's transaction_timeout_ms, and a record that waited past it
+    was cancelled, failed and dead-lettered, though nothing was wrong with it and the lock came
+    free well within the sink's lock_timeout_s. Waiting for the database is not the handler
+    holding it: every record is written, none dead-lettered."""
+    with log.admin() as admin:
+        admin.create_topic("in.dlq", 1)
+    fill(log, 8)
+    path = tmp_path / "effects.db"
+    sink = SqliteSink(str(path), lock_timeout_s=10, schema="CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    sink.setup()
+    asked, held = threading.Event(), threading.Event()
+
+    def hold() -> None:  # stands for another process, past the records' 1 s limit
+        asked.wait(30)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(3.0)
+        holder.rollback()
+        holder.close()
+
+    app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
+
+    @app.handler("in", sink=sink, concurrency=4, retries=0, dead_letter="in.dlq")
+    async def write(msg: Message, db: Any) -> None:
+        asked.set()
+        while not held.is_set():
+            await asyncio.sleep(0.01)
+        await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
+
+    holding = threading.Thread(target=hold)
+    holding.start()
+    try:
+        app.run(until_idle=1.0)
+    finally:
+        asked.set()
+        holding.join()
+    with sqlite3.connect(path) as conn:
+        rows = sorted(v for (v,) in conn.execute("SELECT v FROM t"))
+    assert rows == [f"m{i:04d}" for i in range(8)]
+    assert read(log, "in.dlq") == []
+
+
 def test_records_that_swallow_their_cancellation_give_back_their_concurrency_slots(
     log: Log,
 ) -> None:

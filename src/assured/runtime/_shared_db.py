@@ -37,6 +37,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -790,7 +791,14 @@ class RecordDb(Attempt):
                     self._calls_made = 1
                     return ran.ran  # type: ignore[no-any-return]
                 if not conn.in_transaction:
-                    await conn.begin()
+                    # Waiting for the database (a lock another process holds, a reconnect)
+                    # is not the handler holding it: that time never counts to its limit.
+                    lane = self._lane
+                    lane.held_since = math.inf
+                    try:
+                        await conn.begin()
+                    finally:
+                        lane.held_since = time.monotonic()
                     if self.over:  # cut off meanwhile: the connection is no longer its own
                         raise StrayStatementError("db was used after its record was given up")
                 self._region, self._generation = self._shared.savepoint_name(), conn.generation

@@ -604,9 +604,9 @@ class _Plain(SideBySide):
             self._abandoned = True
 
     async def begin(self) -> None:
-        self._abandoned = False
         cm = self.sink.transaction(group=self.group, incarnations=self.incarnations)
         self._tx = cm.__enter__()
+        self._abandoned = False  # only once begun: a failed begin leaves an abandon standing
         self._tx._in_app = True  # the window's, though begun in a record's task
         self._cm = cm
         self.generation += 1

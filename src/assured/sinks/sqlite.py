@@ -663,6 +663,10 @@ class _SideBySide(_Plain):
         began = time.monotonic()
         pause = 0.005
         while True:
+            if self.in_transaction:
+                # Begun meanwhile by another record (this one was given up while it waited,
+                # and the connection passed on): that transaction is not this one's to begin.
+                return
             try:
                 with self.sink._not_waiting():
                     await super().begin()
