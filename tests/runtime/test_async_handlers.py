@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -964,6 +965,26 @@ def test_a_record_that_swallows_its_cancellation_with_its_db_part_open_commits_n
     assert sorted(rows()) == sorted(f"m{i:04d}" for i in range(20))  # each once, no "early"
 
 
+def _run_on_a_thread(
+    app: App, seconds: float, until_idle: float = 1.0
+) -> tuple[list[BaseException], float, bool]:
+    """Run ``app`` until idle on a thread: what it raised, how long it took, whether it was
+    still running after ``seconds`` (a hung App is left behind on its daemon thread)."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run(until_idle=until_idle)
+        except BaseException as e:
+            failed.append(e)
+
+    runner = threading.Thread(target=run, daemon=True)
+    began = time.monotonic()
+    runner.start()
+    runner.join(seconds)
+    return failed, time.monotonic() - began, runner.is_alive()
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_record_holding_its_connection_past_its_limit_that_swallows_the_cancel_stops_the_app(
     log: Log, tmp_path: Path, concurrency: int, monkeypatch: pytest.MonkeyPatch
@@ -987,20 +1008,9 @@ def test_a_record_holding_its_connection_past_its_limit_that_swallows_the_cancel
             stuck.set()
             await _swallowing(msg)  # holds its connection, and swallows the limit's cancel
 
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            app.run(until_idle=60)
-        except BaseException as e:
-            failed.append(e)
-
-    runner = threading.Thread(target=run, daemon=True)
-    began = time.monotonic()
-    runner.start()
-    runner.join(40)
-    assert not runner.is_alive(), "the App hung on a record that swallows its cancellation"
-    assert time.monotonic() - began < 30  # the limit, its grace, a give-up's 5 s
+    failed, took, alive = _run_on_a_thread(app, 40, until_idle=60)
+    assert not alive, "the App hung on a record that swallows its cancellation"
+    assert took < 30  # the limit, its grace, a give-up's 5 s
     assert len(failed) == 1
     assert isinstance(failed[0], HeldPastLimitError)
     assert "swallows asyncio.CancelledError" in str(failed[0])
@@ -1018,24 +1028,6 @@ def test_a_record_holding_its_connection_past_its_limit_that_swallows_the_cancel
 
     again.run(until_idle=0.5)
     assert sorted(rows()) == sorted(f"m{i:04d}" for i in range(12))  # each once
-
-
-def _run_on_a_thread(app: App, seconds: float) -> tuple[list[BaseException], float, bool]:
-    """Run ``app`` until idle on a thread: what it raised, how long it took, whether it was
-    still running after ``seconds`` (a hung App is left behind on its daemon thread)."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            app.run(until_idle=1.0)
-        except BaseException as e:
-            failed.append(e)
-
-    runner = threading.Thread(target=run, daemon=True)
-    began = time.monotonic()
-    runner.start()
-    runner.join(seconds)
-    return failed, time.monotonic() - began, runner.is_alive()
 
 
 def test_the_grace_of_a_record_cancelled_at_its_limit_counts_from_its_cancel(
@@ -1140,6 +1132,31 @@ def test_the_app_stops_soon_after_a_held_past_limit_record_stuck_in_a_statement(
     assert took < 25  # its limit, its grace, a give-up's 5 s; not the statement's 40 s
 
 
+@contextlib.contextmanager
+def _lock_held(
+    path: Path, asked: threading.Event, held: threading.Event, seconds: float
+) -> Iterator[None]:
+    """Another connection (standing for another process) takes the SQLite write lock at
+    ``path`` once ``asked``, says so with ``held``, and keeps it ``seconds``."""
+
+    def hold() -> None:
+        asked.wait(30)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(seconds)
+        holder.rollback()
+        holder.close()
+
+    holding = threading.Thread(target=hold)
+    holding.start()
+    try:
+        yield
+    finally:
+        asked.set()
+        holding.join()
+
+
 def test_a_sqlite_sink_locked_by_another_process_does_not_stop_the_event_loop(
     log: Log, tmp_path: Path
 ) -> None:
@@ -1154,15 +1171,6 @@ def test_a_sqlite_sink_locked_by_another_process_does_not_stop_the_event_loop(
     sink.setup()
     asked, held = threading.Event(), threading.Event()
     gaps: list[float] = []
-
-    def hold() -> None:  # stands for another process
-        asked.wait(30)
-        holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        held.set()
-        time.sleep(2.0)
-        holder.rollback()
-        holder.close()
 
     async def ticking() -> None:
         last = time.monotonic()
@@ -1184,13 +1192,8 @@ def test_a_sqlite_sink_locked_by_another_process_does_not_stop_the_event_loop(
             ticker.append(asyncio.ensure_future(ticking()))
         await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
 
-    holding = threading.Thread(target=hold)
-    holding.start()
-    try:
+    with _lock_held(path, asked, held, 2.0):
         app.run(until_idle=0.5)
-    finally:
-        asked.set()
-        holding.join()
     assert len(gaps) == 100
     assert max(gaps) < 0.3  # before: about a second for each of SQLite's waits
     with sqlite3.connect(path) as conn:
@@ -1214,15 +1217,6 @@ def test_waiting_for_a_sqlite_lock_another_process_holds_does_not_count_to_a_rec
     sink.setup()
     asked, held = threading.Event(), threading.Event()
 
-    def hold() -> None:  # stands for another process, past the records' 1 s limit
-        asked.wait(30)
-        holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        held.set()
-        time.sleep(3.0)
-        holder.rollback()
-        holder.close()
-
     app = App(log=log, group="g", guarantee="exactly-once", transaction_timeout_ms=1000)
 
     @app.handler("in", sink=sink, concurrency=4, retries=0, dead_letter="in.dlq")
@@ -1232,13 +1226,8 @@ def test_waiting_for_a_sqlite_lock_another_process_holds_does_not_count_to_a_rec
             await asyncio.sleep(0.01)
         await db.execute("INSERT INTO t VALUES (?)", (msg.value.decode(),))
 
-    holding = threading.Thread(target=hold)
-    holding.start()
-    try:
+    with _lock_held(path, asked, held, 3.0):  # past the records' 1 s limit
         app.run(until_idle=1.0)
-    finally:
-        asked.set()
-        holding.join()
     with sqlite3.connect(path) as conn:
         rows = sorted(v for (v,) in conn.execute("SELECT v FROM t"))
     assert rows == [f"m{i:04d}" for i in range(8)]

@@ -75,6 +75,17 @@ def test_inbox_makes_at_least_once_effects_idempotent(tmp_path: Path) -> None:
     assert [r[0] for r in rows] == [f"c{i}" for i in range(5)], "each charged once"
 
 
+def _marks(sink: Sink, group: str) -> list[tuple[str, int, int]]:
+    """The records marked done for ``group``: (topic, partition, offset), by offset."""
+    with sink.transaction() as tx:
+        rows = tx.execute(
+            "SELECT topic, partition, record_offset FROM assured_done WHERE group_id = "
+            f"{sink.placeholder} ORDER BY record_offset",
+            (group,),
+        ).fetchall()
+    return [tuple(row) for row in rows]
+
+
 def test_a_connection_side_by_side_is_fenced_per_partition_and_marks_only_while_its_own(
     sink: Sink,
 ) -> None:
@@ -104,14 +115,9 @@ def test_a_connection_side_by_side_is_fenced_per_partition_and_marks_only_while_
         first = sink.claim(group, [a, b])
         sink.claim(group, [b])  # b goes to a newer owner: the first one's epoch for it is stale
         found = asyncio.run(run({tp: epoch for tp, (_, epoch) in first.items()}))
-        with sink.transaction() as tx:
-            marks = tx.execute(
-                "SELECT topic, partition, record_offset FROM assured_done WHERE group_id = "
-                f"{sink.placeholder} ORDER BY record_offset",
-                (group,),
-            ).fetchall()
+        marks = _marks(sink, group)
     assert found == [None, b]
-    assert [tuple(m) for m in marks] == [("charges", 0, 5)]
+    assert marks == [("charges", 0, 5)]
 
 
 def test_a_connections_commit_with_its_fences_and_marks_commits_only_while_all_its_own(
@@ -150,15 +156,11 @@ def test_a_connections_commit_with_its_fences_and_marks_commits_only_while_all_i
         first = sink.claim(group, [a, b])
         sink.claim(group, [b])  # b goes to a newer owner: the first one's epoch for it is stale
         found = asyncio.run(run({tp: epoch for tp, (_, epoch) in first.items()}))
+        marks = _marks(sink, group)
         with sink.transaction() as tx:
-            marks = tx.execute(
-                "SELECT topic, partition, record_offset FROM assured_done WHERE group_id = "
-                f"{sink.placeholder} ORDER BY record_offset",
-                (group,),
-            ).fetchall()
             charged = tx.execute("SELECT id FROM charged_marked ORDER BY id").fetchall()
     assert found == [None, b, None]
-    assert [tuple(m) for m in marks] == [("charges", 0, 5)]
+    assert marks == [("charges", 0, 5)]
     assert [c[0] for c in charged] == ["after", "kept"]
 
 

@@ -1254,22 +1254,14 @@ class _PostgresSideBySide(SideBySide):
     ) -> TopicPartition | None:
         """The fences, the marks and the bounded COMMIT in one message, straight on libpq:
         one round trip and no psycopg cursor for a connection's commit, on the App's busy
-        thread. A partition claimed by another fails the fences' statement, so the COMMIT
-        never runs; that partition is then looked up and returned, the transaction rolled
-        back. Raises as :meth:`commit` does; a connection lost once the message is sent
-        leaves the outcome unknown (:class:`SinkCommitUnknownError`)."""
+        thread. A partition claimed by another fails the fences' statement, which names it,
+        so the COMMIT never runs; that partition is returned, the transaction rolled back.
+        Raises as :meth:`commit` does; a connection lost once the message is sent leaves the
+        outcome unknown (:class:`SinkCommitUnknownError`)."""
         conn = self._conn
         wanted = sorted(epochs)
         try:
-            if self.lost is not None:
-                raise SinkUnavailableError(self.lost)
-            assert conn is not None, "no transaction is open"
-            assert self._open, "no transaction is open"
-            await self._take_back()  # statements of records that never had them, if any
-            if _gone(conn):  # broken under it before COMMIT: rolled back for sure
-                self._lose(psycopg.OperationalError("the connection broke before COMMIT"))
-            if conn.info.transaction_status != TransactionStatus.INTRANS:
-                raise SinkUnavailableError(_not_open_text(self.sink.where))
+            conn = await self._committable()
             query = _FENCE_MARK_COMMIT.format(
                 fences=self._arrays(conn, wanted), group=self._quoted(conn, self.group),
                 marks=self._marks(conn, marks), wanted=len(wanted), wait=_COMMIT_WAIT_MS,
@@ -1302,11 +1294,7 @@ class _PostgresSideBySide(SideBySide):
                     _rolled_back_text(self.sink.where, done.decode() if done else None)
                 )
         except BaseException:
-            self._open = False
-            if self.lost is not None or conn is None or conn.closed or self._broken():
-                await self._discard()
-            elif conn.info.transaction_status != TransactionStatus.IDLE:
-                await self._quietly_roll_back()
+            await self._commit_over(conn)
             raise
         self._open = False
         return None
@@ -1412,19 +1400,36 @@ class _PostgresSideBySide(SideBySide):
             raise e  # the server refused the commit (a deferred constraint): rolled back
         raise SinkCommitUnknownError(_commit_unknown_text(self.sink.where, e)) from e
 
+    async def _committable(self) -> psycopg.AsyncConnection[Any]:
+        """The connection, its open transaction ready for COMMIT: pending undos done; raises
+        when it was lost, broke, or the transaction was ended or aborted under it (rolled
+        back for sure)."""
+        if self.lost is not None:
+            raise SinkUnavailableError(self.lost)
+        conn = self._conn
+        assert conn is not None, "no transaction is open"
+        assert self._open, "no transaction is open"
+        await self._take_back()  # statements of records that never had them, if any
+        if _gone(conn):  # broken under it before COMMIT: rolled back for sure
+            self._lose(psycopg.OperationalError("the connection broke before COMMIT"))
+        if conn.info.transaction_status != TransactionStatus.INTRANS:
+            raise SinkUnavailableError(_not_open_text(self.sink.where))
+        return conn
+
+    async def _commit_over(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """A commit failed (or was cancelled): the transaction is over; a connection in an
+        unknown state is dropped, one still in a transaction rolled back."""
+        self._open = False
+        if self.lost is not None or conn is None or conn.closed or self._broken():
+            await self._discard()
+        elif conn.info.transaction_status != TransactionStatus.IDLE:
+            await self._quietly_roll_back()
+
     async def commit(self, bounded: bool = False) -> None:
         conn = self._conn
         try:
-            if self.lost is not None:
-                raise SinkUnavailableError(self.lost)
-            assert conn is not None, "no transaction is open"
-            assert self._open, "no transaction is open"
-            await self._take_back()  # statements of records that never had them, if any
+            conn = await self._committable()
             self._unwire()
-            if _gone(conn):  # broken under it before COMMIT: rolled back for sure
-                self._lose(psycopg.OperationalError("the connection broke before COMMIT"))
-            if conn.info.transaction_status != TransactionStatus.INTRANS:
-                raise SinkUnavailableError(_not_open_text(self.sink.where))
             try:
                 if bounded:  # our own two statements, in one message
                     cursor = await conn.execute(
@@ -1439,11 +1444,7 @@ class _PostgresSideBySide(SideBySide):
             if done != "COMMIT":  # the server had aborted it (an error swallowed)
                 raise SinkUnavailableError(_rolled_back_text(self.sink.where, done))
         except BaseException:
-            self._open = False
-            if self.lost is not None or conn is None or conn.closed:
-                await self._discard()
-            elif conn.info.transaction_status != TransactionStatus.IDLE:
-                await self._quietly_roll_back()
+            await self._commit_over(conn)
             raise
         self._open = False
 
