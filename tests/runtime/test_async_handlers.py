@@ -1310,3 +1310,110 @@ def test_a_revoke_drains_within_drain_timeout_when_a_record_never_returns(log: L
         runs.join(30)
         joins.join(30)
     assert sorted(values) == sorted(f"m{i:04d}".encode() for i in range(20))  # each once
+
+
+def _window_of(log: Log, concurrency: int, fn: Any) -> Any:
+    """A window of ``fn`` (ordering by key), as the App makes one, driven by hand."""
+    from assured.runtime._concurrent import Window
+    from assured.runtime.metrics import RuntimeMetrics
+
+    app = App(log=log, group="g")
+    app.handler("in", concurrency=concurrency)(fn)
+    return Window(app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 100)
+
+
+def _records(*keys: bytes) -> list[Any]:
+    from assured.log import Record
+
+    return [Record("in", 0, offset, 0, key, b"v") for offset, key in enumerate(keys)]
+
+
+def test_records_given_up_before_their_first_step_give_back_their_slots(log: Log) -> None:
+    """A record is started (its task made) only with a concurrency slot. Given up before its
+    task's first step, its code never runs, so nothing in it can give the slot back: the
+    window does. Without that, a rewind at that moment shrank the concurrency for good (at
+    concurrency 2, both slots: nothing ever ran again)."""
+    ran: list[int] = []
+
+    async def handle(msg: Message) -> None:
+        ran.append(msg.offset)
+
+    async def scenario() -> None:
+        from assured.runtime._concurrent import given_up
+
+        window = _window_of(log, 2, handle)
+        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
+        for record in _records(b"a", b"b", b"c", b"d"):
+            window._dispatch(record)  # a and b start (their tasks made), c and d wait
+        assert window.slots.free == 0
+        await given_up(window.reset())  # before a or b took a step
+        assert ran == []
+        assert window.slots.free == 2
+        await window.step(_records(b"e", b"f", b"g"), complete=True)
+        assert sorted(ran) == [0, 1, 2]  # the records after the rewind all ran
+
+    asyncio.run(scenario())
+
+
+def test_a_lane_goes_on_past_records_given_up_without_a_rewind(log: Log) -> None:
+    """Records given up at a drain's end stay in the window until the protocol is done with
+    it; one of a lane that was still waiting for its turn never runs. A record of that lane
+    polled afterwards must not wait for it for good: it runs once the lane's running record
+    ends."""
+    ran: list[int] = []
+    gate = asyncio.Event()
+
+    async def handle(msg: Message) -> None:
+        if msg.offset == 0:
+            await gate.wait()
+        ran.append(msg.offset)
+
+    async def scenario() -> None:
+        window = _window_of(log, 4, handle)
+        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
+        first = _records(b"k", b"k", b"k")  # one lane: 1 and 2 wait for 0
+        for record in first:
+            window._dispatch(record)
+        await asyncio.sleep(0.01)  # 0 runs, and waits
+        window._give_up([e for q in window.entries.values() for e in q if e.record.offset])
+        later = _records(b"k", b"k", b"k", b"k")[3:]  # offset 3, same lane
+        window._dispatch(later[0])
+        gate.set()
+        for _ in range(200):
+            if len(ran) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert ran == [0, 3]  # never 1 or 2 (given up); 3 after 0, in the lane's order
+        assert window.slots.free == 4
+
+    asyncio.run(scenario())
+
+
+def test_a_lane_given_up_while_waiting_for_a_slot_passes_its_turn_on(log: Log) -> None:
+    """As above, where the records given up wait for a concurrency slot rather than for their
+    lane: the slot passes over them to the next record of their lane polled afterwards."""
+    ran: list[int] = []
+    gate = asyncio.Event()
+
+    async def handle(msg: Message) -> None:
+        if msg.offset == 0:
+            await gate.wait()
+        ran.append(msg.offset)
+
+    async def scenario() -> None:
+        window = _window_of(log, 1, handle)
+        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
+        for record in _records(b"a", b"b", b"b"):  # 1 waits for the slot, 2 for 1
+            window._dispatch(record)
+        await asyncio.sleep(0.01)
+        window._give_up([e for q in window.entries.values() for e in q if e.record.offset])
+        window._dispatch(_records(b"a", b"b", b"b", b"b")[3])  # lane b again
+        gate.set()
+        for _ in range(200):
+            if len(ran) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert ran == [0, 3]
+        assert window.slots.free == 1
+
+    asyncio.run(scenario())

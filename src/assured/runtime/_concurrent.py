@@ -345,7 +345,8 @@ class _Entry:
     committed, under exactly-once), and whether its handling is over."""
 
     __slots__ = (
-        "call", "db", "done", "gone", "held", "letters", "out", "record", "sent", "slot", "task",
+        "began", "call", "db", "done", "gone", "held", "lane", "letters", "next", "out",
+        "record", "sent", "slot", "task",
     )  # fmt: skip
 
     def __init__(self, record: Record, out: Output | None):
@@ -356,10 +357,74 @@ class _Entry:
         self.held = False  # handled into the shared database transaction, not yet committed
         self.gone = False  # given up: whatever its task still does counts for nothing
         self.sent = False  # a dead letter went straight to the producer (not yet flushed)
-        self.task: asyncio.Future[None] | None = None
+        self.task: asyncio.Future[None] | None = None  # made once it may start (see _Slots)
+        self.began = False  # its task's first step ran (one cancelled before never runs)
         self.call: concurrent.futures.Future[Any] | None = None  # a plain def's, in a thread
         self.db: RecordDb | None = None  # its part of the shared transaction, while it runs
-        self.slot: asyncio.Semaphore | None = None  # the concurrency slot it holds, if any
+        self.slot: _Slots | None = None  # the concurrency slot it holds, if any
+        self.lane: Any = None  # its lane (None: unordered)
+        self.next: _Entry | None = None  # the lane's next record, waiting for this one to end
+
+
+class _Slots:
+    """A handler's concurrency bound: at most ``n`` attempts at once. A record is started (its
+    task made) only with a slot, and only once the record before it in its lane has ended; a
+    retry waits for a slot again. A slot freed goes to whoever has waited longest. A record
+    waiting for its turn is no more than an entry in a queue: no task, and starting it takes
+    one turn of the event loop (a task per record waiting on an ``asyncio.Semaphore`` took
+    two, and memory for each)."""
+
+    def __init__(
+        self, n: int, start: Callable[[_Entry], None], pass_over: Callable[[_Entry], None]
+    ):
+        self.free = n
+        self._start = start
+        self._pass_over = pass_over  # a record given up while it waited: its lane goes on
+        self._queue: deque[_Entry | asyncio.Future[None]] = deque()  # records, retries
+
+    def offer(self, entry: _Entry) -> None:
+        """``entry`` may start: now if a slot is free, else when one is."""
+        if self.free:
+            self.free -= 1
+            entry.slot = self
+            self._start(entry)
+        else:
+            self._queue.append(entry)
+
+    async def take(self) -> None:
+        """Wait for a slot (a retry's attempt)."""
+        if self.free:
+            self.free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed one as it was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """A slot is given back: to the longest waiter, if any."""
+        while self._queue:
+            waiter = self._queue.popleft()
+            if isinstance(waiter, _Entry):
+                if waiter.gone:
+                    self._pass_over(waiter)  # may queue the next of its lane
+                    continue
+                waiter.slot = self
+                self._start(waiter)
+                return
+            if not waiter.done():  # not a retry cancelled while it waited
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+    def forget_gone(self) -> None:
+        """Drop the records given up from the queue (never to start; their lanes are gone
+        with them)."""
+        self._queue = deque(w for w in self._queue if not (isinstance(w, _Entry) and w.gone))
 
 
 class Window:
@@ -390,10 +455,11 @@ class Window:
         self.count = 0  # entries in the window
         self.unfinished = 0  # entries whose handling is not over
         self.finished = 0  # entries whose handling ended, ever (a clock for step())
-        self.tails: dict[Any, asyncio.Future[None]] = {}  # lane -> its last record's end
+        self.tails: dict[Any, _Entry] = {}  # lane -> its last record, until that one ends
         self.stopped: list[BaseException] = []  # errors that give the window up
         self.changed: asyncio.Event | None = None
-        self.gate: asyncio.Semaphore | None = None
+        self.slots = _Slots(spec.concurrency, self._start, self._lane_on)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the step's
         # Set per step by the protocol: where outputs and dead letters go.
         self.producer: Producer | None = None
         self.dead_letters: DeadLetterSink | None = None
@@ -523,9 +589,9 @@ class Window:
                 self.dead_letters(topic, record, headers)
 
     async def _step(self, records: Sequence[Record], complete: bool) -> None:
+        self.loop = asyncio.get_running_loop()
         if self.changed is None:
             self.changed = asyncio.Event()
-            self.gate = asyncio.Semaphore(self.spec.concurrency)
         for record in records:
             self._dispatch(record)
         if not records and not complete and not self.stopped and self.ready():
@@ -638,6 +704,7 @@ class Window:
         self.held = []
         self.entries.clear()
         self.tails.clear()
+        self.slots.forget_gone()
         self.stopped.clear()
         self.count = self.unfinished = 0
         return tasks
@@ -654,7 +721,8 @@ class Window:
                 self.held = [e for e in self.held if e not in q]
                 tasks += self._give_up(list(q))
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        self.tails = {lane: f for lane, f in self.tails.items() if tuple(lane[:2]) not in gone}
+        self.tails = {lane: e for lane, e in self.tails.items() if tuple(lane[:2]) not in gone}
+        self.slots.forget_gone()
         return tasks
 
     def _give_up(self, entries: list[_Entry]) -> list[_Entry]:
@@ -663,9 +731,12 @@ class Window:
         from the rewind, beside it)."""
         calls = []
         for entry in entries:
-            entry.gone = True
+            entry.gone = True  # all before any slot is freed: none of them may start
+        for entry in entries:
             if entry.task is not None:
                 entry.task.cancel()
+                if not entry.began:  # cancelled before its first step: its _run never runs
+                    self._ended(entry)
             if entry.call is not None and not entry.call.done():
                 calls.append(entry.call)
         while calls:  # a handler stuck for good shows in the log, not as silence
@@ -702,20 +773,44 @@ class Window:
             entry.done = True
             return
         self.unfinished += 1
-        loop = asyncio.get_running_loop()
-        lane = lane_of(record, spec.ordering)
-        before = self.tails.get(lane) if lane is not None else None
-        end: asyncio.Future[None] = loop.create_future()
+        lane = entry.lane = lane_of(record, spec.ordering)
         if lane is not None:
-            self.tails[lane] = end
-        entry.task = asyncio.ensure_future(self._run(entry, before, end))
+            before = self.tails.get(lane)
+            self.tails[lane] = entry
+            if before is not None:  # still running or waiting: this one starts once it ends
+                before.next = entry
+                return
+        self.slots.offer(entry)
 
-    async def _run(
-        self, entry: _Entry, before: asyncio.Future[None] | None, end: asyncio.Future[None]
-    ) -> None:
+    def _start(self, entry: _Entry) -> None:
+        assert self.loop is not None
+        entry.task = self.loop.create_task(self._run(entry))
+
+    def _ended(self, entry: _Entry) -> None:
+        """``entry``'s run is over (or it was given up before it began): its slot goes to the
+        next waiting, and its lane to the lane's next record."""
+        slot, entry.slot = entry.slot, None
+        if slot is not None:
+            slot.release()
+        self._lane_on(entry)
+
+    def _lane_on(self, entry: _Entry) -> None:
+        """``entry`` is over, or never to run (given up while it waited): the next record of
+        its lane that is not given up may start. A record given up while it waited stays in
+        its lane until then, so that those after it still wait for the one running."""
+        while True:
+            if self.tails.get(entry.lane) is entry:
+                del self.tails[entry.lane]
+            after, entry.next = entry.next, None
+            if after is None or not after.gone:
+                break
+            entry = after  # never to start
+        if after is not None:
+            self.slots.offer(after)
+
+    async def _run(self, entry: _Entry) -> None:
+        entry.began = True
         try:
-            if before is not None:
-                await asyncio.shield(before)  # the lane's previous record has finished
             if not self.stopped:
                 await self.one(entry)
         except asyncio.CancelledError:
@@ -725,8 +820,7 @@ class Window:
             if isinstance(e, GeneratorExit):
                 raise
         finally:
-            if not end.done():
-                end.set_result(None)
+            self._ended(entry)
             if self.changed is not None:
                 self.changed.set()
 
@@ -734,10 +828,10 @@ class Window:
         """One call of the handler, within the concurrency bound."""
         spec = self.spec
         record, out = entry.record, entry.out
-        gate = self.gate
-        assert gate is not None
-        await gate.acquire()
-        entry.slot = gate  # given back here, or by given_up() if it leaves this behind
+        slots = self.slots
+        if entry.slot is None:  # not its first attempt (that one is started with a slot)
+            await slots.take()
+            entry.slot = slots  # given back here, or by given_up() if it leaves this behind
         try:
             if self.stopped:
                 raise _GivenUp
@@ -752,9 +846,9 @@ class Window:
             with out._attempting():  # its code may send, and only while it runs
                 await self._call(entry, (msg, out))
         finally:
-            if entry.slot is gate:
+            if entry.slot is slots:
                 entry.slot = None
-                gate.release()
+                slots.release()
 
     async def _call(self, entry: _Entry, args: tuple[Any, ...]) -> None:
         spec = self.spec
