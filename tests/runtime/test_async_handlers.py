@@ -1417,3 +1417,41 @@ def test_a_lane_given_up_while_waiting_for_a_slot_passes_its_turn_on(log: Log) -
         assert window.slots.free == 1
 
     asyncio.run(scenario())
+
+
+def test_a_lane_given_up_while_waiting_goes_on_after_another_partition_is_forgotten(
+    log: Log,
+) -> None:
+    """From a review: forgetting one partition dropped every record given up from the slots'
+    queue, of other partitions too, so their lanes never went on: a later record of such a
+    lane never started, and nothing of its partition committed past it."""
+    ran: list[tuple[int, int]] = []
+    gate = asyncio.Event()
+
+    async def handle(msg: Message) -> None:
+        if msg.offset == 0:
+            await gate.wait()
+        ran.append((msg.partition, msg.offset))
+
+    async def scenario() -> None:
+        from assured.log import Record
+        from assured.runtime._concurrent import given_up
+
+        window = _window_of(log, 2, handle)
+        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
+        window._dispatch(Record("in", 1, 0, 0, b"a", b"v"))  # takes a slot, waits
+        window._dispatch(Record("in", 0, 0, 0, b"x", b"v"))  # takes the other, waits
+        window._dispatch(Record("in", 1, 1, 0, b"b", b"v"))  # waits for a slot
+        await asyncio.sleep(0.01)
+        window._give_up([e for e in window.entries[TopicPartition("in", 1)] if e.record.offset])
+        await given_up(window.forget([TopicPartition("in", 0)]))
+        window._dispatch(Record("in", 1, 2, 0, b"b", b"v"))  # lane b again
+        gate.set()
+        for _ in range(200):
+            if len(ran) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(ran) == [(1, 0), (1, 2)]  # 1@2 ran (1@1 never did)
+        assert window.slots.free == 2
+
+    asyncio.run(scenario())

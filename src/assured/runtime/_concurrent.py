@@ -406,7 +406,9 @@ class _Slots:
             raise
 
     def release(self) -> None:
-        """A slot is given back: to the longest waiter, if any."""
+        """A slot is given back: to the longest waiter, if any. Records given up while they
+        waited are passed over here, each in its turn (their lanes, where any record of them
+        is left, go on then), never dropped before: a lane must not lose its place."""
         while self._queue:
             waiter = self._queue.popleft()
             if isinstance(waiter, _Entry):
@@ -420,11 +422,6 @@ class _Slots:
                 waiter.set_result(None)
                 return
         self.free += 1
-
-    def forget_gone(self) -> None:
-        """Drop the records given up from the queue (never to start; their lanes are gone
-        with them)."""
-        self._queue = deque(w for w in self._queue if not (isinstance(w, _Entry) and w.gone))
 
 
 class Window:
@@ -704,7 +701,6 @@ class Window:
         self.held = []
         self.entries.clear()
         self.tails.clear()
-        self.slots.forget_gone()
         self.stopped.clear()
         self.count = self.unfinished = 0
         return tasks
@@ -722,7 +718,6 @@ class Window:
                 tasks += self._give_up(list(q))
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self.tails = {lane: e for lane, e in self.tails.items() if tuple(lane[:2]) not in gone}
-        self.slots.forget_gone()
         return tasks
 
     def _give_up(self, entries: list[_Entry]) -> list[_Entry]:
