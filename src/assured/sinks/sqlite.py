@@ -380,9 +380,16 @@ class _SqliteTransaction(SinkTransaction):
     def _step(self, sql: str) -> None:
         """The runtime's own SAVEPOINT, ROLLBACK TO or RELEASE; SQLite refuses the first and
         the last while a write statement is still in progress (a cursor made by hand)."""
+        conn = self._conn
         try:
             with self._trusted():
-                self.execute(sql)
+                if isinstance(conn, _Connection):
+                    conn._check()  # as before any statement: never into one SQLite ended
+                    # The runtime's own statement, on a plain cursor: nothing of a handler's
+                    # to check or track (once per record's part: the checked one cost more).
+                    sqlite3.Cursor(conn).execute(sql)
+                else:
+                    self.execute(sql)
         except sqlite3.OperationalError as e:
             if self._conn.in_transaction and _in_progress(e):
                 raise CursorLeftOpenError(_LEFT_OPEN) from e
