@@ -190,7 +190,11 @@ class Runtime:
                 self.revoke_until = None
             # What the drain gave up is still in the windows, above what was committed: it
             # goes with its partitions (were one to come back, its records run again from
-            # the committed position, not behind the calls given up).
+            # the committed position, not behind the calls given up). The drain gives up what
+            # runs in every partition, which holds because revokes are eager (the App's
+            # consumer uses the range assignor: every partition goes). With a cooperative
+            # assignor, records given up in a partition that stays would never finish and
+            # would hold its position for good: that partition would need a rewind too.
             self.give_up(partitions)
 
         return revoke
