@@ -252,6 +252,10 @@ class _SqliteTransaction(SinkTransaction):
         the end is followed at once by a new transaction that is only ever rolled back, so
         that a handler that swallows the error and goes on through ``connection`` writes
         nothing that commits."""
+        return self._execute(sql, params, own=False)
+
+    def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any], own: bool) -> Any:
+        """:meth:`execute`; ``own``: a statement of the runtime's (see :meth:`_step`)."""
         sink = self.sink
         if sink._inside is not self and not sink._mine:
             raise StrayStatementError(_stray(sink, "through a transaction used after its block"))
@@ -259,10 +263,16 @@ class _SqliteTransaction(SinkTransaction):
             self._end(None)
         if not sink._via:  # the runtime's own, or a record's checked by its RecordDb
             refuse_transaction_control(sql)
-        try:  # checked as the raw connection's are (see _Connection._check)
-            return self._conn.execute(sql, params)
+        conn = self._conn
+        try:
+            if own and isinstance(conn, _Connection):
+                # The runtime's own statement (checked above as the connection would check
+                # it): a plain cursor, nothing of a handler's to check or track; once per
+                # record's part, where the checked one cost more than the statement.
+                return sqlite3.Cursor(conn).execute(sql, params)
+            return conn.execute(sql, params)  # checked (see _Connection._check)
         except sqlite3.Error as e:
-            if not self._conn.in_transaction:
+            if not conn.in_transaction:
                 self._end(e)
             raise
 
@@ -380,16 +390,9 @@ class _SqliteTransaction(SinkTransaction):
     def _step(self, sql: str) -> None:
         """The runtime's own SAVEPOINT, ROLLBACK TO or RELEASE; SQLite refuses the first and
         the last while a write statement is still in progress (a cursor made by hand)."""
-        conn = self._conn
         try:
             with self._trusted():
-                if isinstance(conn, _Connection):
-                    conn._check()  # as before any statement: never into one SQLite ended
-                    # The runtime's own statement, on a plain cursor: nothing of a handler's
-                    # to check or track (once per record's part: the checked one cost more).
-                    sqlite3.Cursor(conn).execute(sql)
-                else:
-                    self.execute(sql)
+                self._execute(sql, (), own=True)
         except sqlite3.OperationalError as e:
             if self._conn.in_transaction and _in_progress(e):
                 raise CursorLeftOpenError(_LEFT_OPEN) from e
