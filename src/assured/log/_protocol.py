@@ -247,6 +247,13 @@ class Consumer(_Closing):
         :meth:`committed_metadata`; a partition without one commits an empty string.
         Raises :class:`~assured.errors.StaleGenerationError` if the group has moved on."""
 
+    @property
+    def offset_metadata_limit(self) -> int:
+        """The most offset metadata a commit should carry, in characters:
+        :data:`MAX_OFFSET_METADATA`, or less once the log refused that much (a Kafka broker
+        whose ``offset.metadata.max.bytes`` is set lower)."""
+        return MAX_OFFSET_METADATA
+
     @abc.abstractmethod
     def committed(
         self, partitions: Sequence[TopicPartition]

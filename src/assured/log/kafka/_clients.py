@@ -33,6 +33,7 @@ from assured.log._models import (
     TopicPartition,
 )
 from assured.log._protocol import (
+    MAX_OFFSET_METADATA,
     Admin,
     AssignCallback,
     Consumer,
@@ -42,6 +43,11 @@ from assured.log._protocol import (
     checked_metadata,
 )
 from assured.log.kafka._errors import Scrubber, call, translate, translated
+
+# The broker refused a commit's offset metadata (offset.metadata.max.bytes); below the least
+# worth keeping, commits carry none.
+_METADATA_TOO_LARGE = KafkaError.OFFSET_METADATA_TOO_LARGE
+_LEAST_METADATA = 32
 
 __all__ = ["KafkaConsumer", "KafkaProducer"]
 
@@ -676,6 +682,8 @@ class KafkaConsumer(Consumer):
         # for meanwhile wait, newest per partition, and go when its answer is served.
         self._in_flight = False
         self._waiting: dict[tuple[str, int], tuple[int, str]] = {}  # offset, metadata
+        self._sent: dict[tuple[str, int], tuple[int, str]] = {}  # the commit in flight's
+        self._metadata_limit = MAX_OFFSET_METADATA  # lowered when the broker refuses more
         self._early: list[Record] = []  # read while a commit waited; poll() returns them first
         self._user_paused: set[TopicPartition] = set()
         with translated(scrub, "creating the Kafka consumer"):
@@ -1024,13 +1032,43 @@ class KafkaConsumer(Consumer):
 
     def _commit_now(self, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
         ktps = [KTopicPartition(t, p, off, metadata=m) for (t, p), (off, m) in offsets.items()]
+        noted = any(m for _, m in offsets.values())
+
+        def once() -> bool:
+            try:
+                self._c.commit(offsets=ktps, asynchronous=False)
+            except KafkaException as e:
+                err = e.args[0] if e.args else None
+                if noted and isinstance(err, KafkaError) and err.code() == _METADATA_TOO_LARGE:
+                    return False
+                raise
+            return True
+
         # A coordinator moving or loading is retriable; a stale generation is not.
-        call(
-            lambda: self._c.commit(offsets=ktps, asynchronous=False),
-            self._scrub,
-            "committing offsets",
-            30,
-        )
+        if not call(once, self._scrub, "committing offsets", 30):
+            self._metadata_too_long(offsets)
+            self._commit_now({tp: (off, "") for tp, (off, _) in offsets.items()})
+
+    @property
+    def offset_metadata_limit(self) -> int:
+        return self._metadata_limit
+
+    def _metadata_too_long(self, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
+        """The broker refused a commit for its metadata (``offsets``'): its limit is below
+        the longest of it. Commits carry at most half that from now on (the positions are
+        committed without it meanwhile: records handled above them may run again)."""
+        longest = max(len(m) for _, m in offsets.values())
+        limit = longest // 2 if longest // 2 >= _LEAST_METADATA else 0
+        if limit >= self._metadata_limit:
+            return
+        self._metadata_limit = limit
+        log.warning(
+            "the broker refused %d characters of offset metadata (its offset.metadata.max.bytes "
+            "is lower): commits now keep %s of the records handled above their positions, "
+            "so more of them run again after a restart or a rebalance. Set "
+            "offset.metadata.max.bytes to 4096 (Kafka's default) or more to keep them all.",
+            longest, f"at most {limit} characters" if limit else "none",
+        )  # fmt: skip
 
     # librdkafka sends asynchronous commits back to back and retries one that timed out, so an
     # older commit can land after a newer one and move the committed offset backwards. So at
@@ -1043,7 +1081,7 @@ class KafkaConsumer(Consumer):
             return
         offsets, self._waiting = self._waiting, {}
         ktps = [KTopicPartition(t, p, off, metadata=m) for (t, p), (off, m) in offsets.items()]
-        self._in_flight = True
+        self._in_flight, self._sent = True, offsets
         try:
             self._c.commit(offsets=ktps, asynchronous=True)
         except KafkaException as e:
@@ -1057,7 +1095,17 @@ class KafkaConsumer(Consumer):
         """confluent-kafka's ``on_commit``: the answer to an asynchronous commit (only those),
         served inside consume()."""
         self._in_flight = False
+        sent, self._sent = self._sent, {}
         failed = err or next((p.error for p in parts if p.error is not None), None)
+        if (
+            failed is not None
+            and failed.code() == _METADATA_TOO_LARGE
+            and any(m for _, m in sent.values())
+        ):
+            self._metadata_too_long(sent)
+            for tp, (offset, _) in sent.items():  # the positions go again, without it
+                self._waiting.setdefault(tp, (offset, ""))
+            return
         if failed is not None and failed.code() != KafkaError._NO_OFFSET:
             log.warning(
                 "an asynchronous commit failed (a later commit supersedes it): %s",

@@ -192,8 +192,9 @@ class AtLeastOnce(CommitProtocol):
         record's offset (its position to commit) and the metadata naming them."""
         if not self.remember:
             return {}
+        limit = self.rt.consumer.offset_metadata_limit  # the broker's may be lower
         return {
-            tp: (head, encode(head, handled))
+            tp: (head, encode(head, handled, limit))
             for tp, (head, handled) in self.rt.handled_above().items()
         }
 
