@@ -793,6 +793,7 @@ class KafkaConsumer(Consumer):
         self._assigned = [tp for tp in self._assigned if tp not in gone_set]
         for tp in gone_set:
             self._waiting.pop((tp.topic, tp.partition), None)
+            self._sent.pop((tp.topic, tp.partition), None)  # not to be sent again either
             self._starts.pop(tp, None)
         self._early = [
             r for r in self._early if TopicPartition(r.topic, r.partition) not in gone_set
@@ -1103,8 +1104,10 @@ class KafkaConsumer(Consumer):
             and any(m for _, m in sent.values())
         ):
             self._metadata_too_long(sent)
-            for tp, (offset, _) in sent.items():  # the positions go again, without it
-                self._waiting.setdefault(tp, (offset, ""))
+            assigned = set(self._assigned)
+            for (t, p), (offset, _) in sent.items():  # the positions go again, without it
+                if TopicPartition(t, p) in assigned:  # (never one of a partition gone since)
+                    self._waiting.setdefault((t, p), (offset, ""))
             return
         if failed is not None and failed.code() != KafkaError._NO_OFFSET:
             log.warning(
