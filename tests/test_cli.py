@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -90,6 +91,21 @@ def test_audit_checks_every_option_before_it_runs(tmp_path: Path) -> None:
         assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
         assert says in result.stderr
     assert report.read_text() == "an earlier report, kept\n"
+
+
+def test_the_audit_leaves_the_kafka_clients_logger_as_it_found_it() -> None:
+    """`assured audit` quiets the Kafka client's logger (brokers die on purpose there) for its
+    own run only. Called in-process, it left that logger at CRITICAL for the rest of the
+    process: a later test's consumer warnings never reached it."""
+    kafka_log = logging.getLogger("assured.log.kafka")
+    before = kafka_log.level
+    kafka_log.setLevel(logging.INFO)
+    try:
+        result = CliRunner().invoke(app, ["audit", "--faults", "meteor"])
+        assert result.exit_code == 2
+        assert kafka_log.level == logging.INFO
+    finally:
+        kafka_log.setLevel(before)
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -129,6 +130,7 @@ KEEP = typer.Option(
 
 
 def audit(
+    ctx: typer.Context,
     log: str = typer.Option("", "--log", "-b", help="Log URL (default: a fresh embedded file)."),
     guarantee: str = typer.Option("all", help="at-most-once, at-least-once, exactly-once or all."),
     sink: str = typer.Option("topic", help="Where effects go: topic, sqlite or postgres."),
@@ -230,8 +232,11 @@ def audit(
     import logging
 
     # Brokers and processors die on purpose here; the client library's complaints about it
-    # are expected, and the history in the report tells what happened.
-    logging.getLogger("assured.log.kafka").setLevel(logging.CRITICAL)
+    # are expected, and the history in the report tells what happened. For this command only:
+    # called in-process (a test, a notebook), the logger is as it was afterwards.
+    kafka_log = logging.getLogger("assured.log.kafka")
+    ctx.call_on_close(functools.partial(kafka_log.setLevel, kafka_log.level))
+    kafka_log.setLevel(logging.CRITICAL)
     try:
         fault_list = check_faults(f.strip() for f in faults.split(",") if f.strip())
         chosen = _guarantees(guarantee)
