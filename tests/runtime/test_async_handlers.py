@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1315,13 +1315,23 @@ def test_a_revoke_drains_within_drain_timeout_when_a_record_never_returns(log: L
 
 
 def _window_of(log: Log, concurrency: int, fn: Any) -> Any:
-    """A window of ``fn`` (ordering by key), as the App makes one, driven by hand."""
+    """A window of ``fn`` (ordering by key), as the App makes one, driven by hand on the
+    running loop (as a step would set it up)."""
     from assured.runtime._concurrent import Window
     from assured.runtime.metrics import RuntimeMetrics
 
     app = App(log=log, group="g")
     app.handler("in", concurrency=concurrency)(fn)
-    return Window(app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 100)
+    window = Window(app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 100)
+    window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
+    return window
+
+
+async def _until(done: Callable[[], bool], seconds: float = 2.0) -> None:
+    """Let the loop run until ``done()`` (or ``seconds`` passed; the caller's asserts say)."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def _records(*keys: bytes) -> list[Any]:
@@ -1344,7 +1354,6 @@ def test_records_given_up_before_their_first_step_give_back_their_slots(log: Log
         from assured.runtime._concurrent import given_up
 
         window = _window_of(log, 2, handle)
-        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
         for record in _records(b"a", b"b", b"c", b"d"):
             window._dispatch(record)  # a and b start (their tasks made), c and d wait
         assert window.slots.free == 0
@@ -1357,11 +1366,21 @@ def test_records_given_up_before_their_first_step_give_back_their_slots(log: Log
     asyncio.run(scenario())
 
 
-def test_a_lane_goes_on_past_records_given_up_without_a_rewind(log: Log) -> None:
+@pytest.mark.parametrize(
+    ("concurrency", "keys"),
+    [
+        (4, [b"k", b"k", b"k", b"k"]),  # 1 and 2 wait for 0, their lane's running record
+        (1, [b"a", b"b", b"b", b"b"]),  # 1 waits for the one slot (0 holds it), 2 for 1
+    ],
+    ids=["waiting-for-their-lane", "waiting-for-a-slot"],
+)
+def test_a_lane_goes_on_past_records_given_up_without_a_rewind(
+    log: Log, concurrency: int, keys: list[bytes]
+) -> None:
     """Records given up at a drain's end stay in the window until the protocol is done with
-    it; one of a lane that was still waiting for its turn never runs. A record of that lane
-    polled afterwards must not wait for it for good: it runs once the lane's running record
-    ends."""
+    it; one that was still waiting for its turn (its lane's, or a concurrency slot) never
+    runs. A later record of its lane must not wait for it for good: it runs once the record
+    running ends, its lane's order kept."""
     ran: list[int] = []
     gate = asyncio.Event()
 
@@ -1371,52 +1390,17 @@ def test_a_lane_goes_on_past_records_given_up_without_a_rewind(log: Log) -> None
         ran.append(msg.offset)
 
     async def scenario() -> None:
-        window = _window_of(log, 4, handle)
-        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
-        first = _records(b"k", b"k", b"k")  # one lane: 1 and 2 wait for 0
-        for record in first:
+        window = _window_of(log, concurrency, handle)
+        records = _records(*keys)
+        for record in records[:3]:
             window._dispatch(record)
         await asyncio.sleep(0.01)  # 0 runs, and waits
         window._give_up([e for q in window.entries.values() for e in q if e.record.offset])
-        later = _records(b"k", b"k", b"k", b"k")[3:]  # offset 3, same lane
-        window._dispatch(later[0])
+        window._dispatch(records[3])  # the lane of 1 and 2 again
         gate.set()
-        for _ in range(200):
-            if len(ran) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert ran == [0, 3]  # never 1 or 2 (given up); 3 after 0, in the lane's order
-        assert window.slots.free == 4
-
-    asyncio.run(scenario())
-
-
-def test_a_lane_given_up_while_waiting_for_a_slot_passes_its_turn_on(log: Log) -> None:
-    """As above, where the records given up wait for a concurrency slot rather than for their
-    lane: the slot passes over them to the next record of their lane polled afterwards."""
-    ran: list[int] = []
-    gate = asyncio.Event()
-
-    async def handle(msg: Message) -> None:
-        if msg.offset == 0:
-            await gate.wait()
-        ran.append(msg.offset)
-
-    async def scenario() -> None:
-        window = _window_of(log, 1, handle)
-        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
-        for record in _records(b"a", b"b", b"b"):  # 1 waits for the slot, 2 for 1
-            window._dispatch(record)
-        await asyncio.sleep(0.01)
-        window._give_up([e for q in window.entries.values() for e in q if e.record.offset])
-        window._dispatch(_records(b"a", b"b", b"b", b"b")[3])  # lane b again
-        gate.set()
-        for _ in range(200):
-            if len(ran) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert ran == [0, 3]
-        assert window.slots.free == 1
+        await _until(lambda: len(ran) == 2)
+        assert ran == [0, 3]  # never 1 or 2 (given up); 3 after 0
+        assert window.slots.free == concurrency
 
     asyncio.run(scenario())
 
@@ -1440,7 +1424,6 @@ def test_a_lane_given_up_while_waiting_goes_on_after_another_partition_is_forgot
         from assured.runtime._concurrent import given_up
 
         window = _window_of(log, 2, handle)
-        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
         window._dispatch(Record("in", 1, 0, 0, b"a", b"v"))  # takes a slot, waits
         window._dispatch(Record("in", 0, 0, 0, b"x", b"v"))  # takes the other, waits
         window._dispatch(Record("in", 1, 1, 0, b"b", b"v"))  # waits for a slot
@@ -1449,10 +1432,7 @@ def test_a_lane_given_up_while_waiting_goes_on_after_another_partition_is_forgot
         await given_up(window.forget([TopicPartition("in", 0)]))
         window._dispatch(Record("in", 1, 2, 0, b"b", b"v"))  # lane b again
         gate.set()
-        for _ in range(200):
-            if len(ran) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: len(ran) == 2)
         assert sorted(ran) == [(1, 0), (1, 2)]  # 1@2 ran (1@1 never did)
         assert window.slots.free == 2
 
