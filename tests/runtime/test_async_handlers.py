@@ -1437,3 +1437,49 @@ def test_a_lane_given_up_while_waiting_goes_on_after_another_partition_is_forgot
         assert window.slots.free == 2
 
     asyncio.run(scenario())
+
+
+def test_a_full_window_into_a_database_steps_on_without_waiting_for_every_record(
+    log: Log, tmp_path: Path
+) -> None:
+    """Records handled into the shared database transaction leave the window at the step's
+    group commit. A step that counted them as still in flight waited, once the window was
+    full, for every record in it to end: one slow record then held up the next poll, and
+    the concurrency slots stood idle meanwhile (about a sixth of them, into SQLite at
+    concurrency 200). Here 5 records are handled and 1 still runs, in a window with room for
+    4: the step ends, and commits the 5."""
+    from assured.runtime._concurrent import Window
+    from assured.runtime._shared_db import SharedTransaction
+    from assured.runtime.metrics import RuntimeMetrics
+
+    sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE t (v INTEGER)")
+    sink.setup()
+    gate = asyncio.Event()
+
+    async def handle(msg: Message, db: Any) -> None:
+        if msg.offset == 5:
+            await gate.wait()
+        await db.execute("INSERT INTO t VALUES (?)", (msg.offset,))
+
+    def rows() -> list[int]:
+        with contextlib.closing(sqlite3.connect(tmp_path / "effects.db")) as conn:
+            return sorted(r[0] for r in conn.execute("SELECT v FROM t"))
+
+    async def scenario() -> None:
+        app = App(log=log, group="g")
+        app.handler("in", sink=sink, concurrency=8)(handle)
+        window = Window(app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 4)
+        window.db = SharedTransaction(sink, "g", {}, marks=False, epochs=dict)
+        records = _records(*(b"k%d" % i for i in range(6)))
+        await asyncio.wait_for(window.step(records, complete=False), 5)
+        assert rows() == [0, 1, 2, 3, 4]  # committed while 5 still runs
+        slow = window.entries[TopicPartition("in", 0)][-1].task
+        assert slow is not None
+        assert not slow.done()
+        assert window.prefix() == ({TopicPartition("in", 0): 5}, 5)
+        gate.set()
+        await asyncio.wait_for(window.step([], complete=True), 5)
+        assert rows() == [0, 1, 2, 3, 4, 5]
+        assert window.prefix() == ({TopicPartition("in", 0): 6}, 1)
+
+    asyncio.run(scenario())

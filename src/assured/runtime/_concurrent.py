@@ -33,6 +33,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import itertools
 import logging
 import time
 from collections import deque
@@ -472,6 +473,8 @@ class Window:
         self.held: list[_Entry] = []
         self._committing: list[_Entry] = []  # taken out of held by a group commit under way
         self.skips: dict[TopicPartition, set[int]] = {}
+        # Per partition, how many records at its head are known handled or held (_has_room).
+        self._front: dict[TopicPartition, int] = {}
 
     # -- the protocol's side -----------------------------------------------------------------
 
@@ -496,6 +499,8 @@ class Window:
                     entry = q.popleft()
                     self.count -= 1  # out of the window, whatever its release does
                     n += 1
+                    if self._front.get(tp):
+                        self._front[tp] -= 1
                     self._release(entry)
                     moved[tp] = entry.record.offset + 1
         finally:
@@ -603,7 +608,7 @@ class Window:
                 ):
                     raise _worst(self.stopped)
             elif not self.unfinished or (
-                not complete and self.finished > seen and self.count - self.ready() < self.room
+                not complete and self.finished > seen and self._has_room()
             ):
                 return
             waited = await self._wait(complete)
@@ -621,8 +626,29 @@ class Window:
                     self.unfinished, self.spec.name,
                 )  # fmt: skip
                 return
-            if not self.stopped and self.count - self.ready() < self.room:
+            if not self.stopped and self._has_room():
                 return
+
+    def _has_room(self) -> bool:
+        """Will the window have room for another poll once this step is over? The records
+        that leave it then are those handled at its partitions' heads, and with them those
+        handled into the shared database transaction (held): the step's group commit, right
+        after, makes them done. (Counting held records as in flight made a full window wait
+        for every record in it, its slots standing idle meanwhile.) Each partition's run of
+        such records only grows until :meth:`prefix` takes it: it is not looked at again."""
+        if self.count < self.room:
+            return True
+        leaving = 0
+        front = self._front
+        for tp, q in self.entries.items():
+            n = front.get(tp, 0)
+            for entry in itertools.islice(q, n, None):
+                if not (entry.done or entry.held):
+                    break
+                n += 1
+            front[tp] = n
+            leaving += n
+        return self.count - leaving < self.room
 
     async def _wait(self, complete: bool) -> bool:
         """Wait until a record finishes, 10 ms at most (``complete``: until the drain's
@@ -700,6 +726,7 @@ class Window:
         tasks = self._give_up(entries)
         self.held = []
         self.entries.clear()
+        self._front.clear()
         self.tails.clear()
         self.stopped.clear()
         self.count = self.unfinished = 0
@@ -711,6 +738,7 @@ class Window:
         for tp in partitions:
             self.skips.pop(tp, None)
             q = self.entries.pop(tp, None)
+            self._front.pop(tp, None)
             if q:
                 self.count -= len(q)
                 self.unfinished -= sum(1 for e in q if not (e.done or e.held))
