@@ -615,7 +615,10 @@ class _Plain(SideBySide):
         tx = self._tx
         assert tx is not None, "no transaction is open"
         if savepoint is not None:
-            region = tx._part(release=False)  # regions never overlap: none to release
+            # Released as it ends: SQLite then holds one savepoint, not one per record of the
+            # transaction (a stack of them wrote the page each record changed into the
+            # statement journal again, a file: about 10 us of the 150 us a record took).
+            region = tx._part(release=True)
             region.__enter__()
             self._regions[savepoint] = region
         return tx
