@@ -431,7 +431,7 @@ class SqliteSink(Sink):
         self._lost: str | None = None
         self._tag = secrets.token_hex(4)  # in the names of the runtime's savepoints
         self._names = itertools.count()  # handlers' savepoints
-        self._parts = itertools.count()  # records' parts
+        self._part_name = f"assured_{self._tag}_p"  # every record's part's savepoint
 
     def _connect(self) -> sqlite3.Connection:
         if self._lost is not None:
@@ -570,26 +570,25 @@ class SqliteSink(Sink):
                 raise CursorLeftOpenError(_LEFT_OPEN) from e
             raise _rolled_back(e) from e
 
-    # How many names the savepoints of records' parts cycle through, and the statements
-    # sqlite3 keeps prepared per connection (its default, 128, would not hold them).
-    _NAMES = 4096
+    # The statements sqlite3 keeps prepared per connection (its default is 128).
     _CACHED_STATEMENTS = 5120
 
     def _savepoint_name(self, handler: bool) -> str:
         """A name for the runtime's next savepoint, after the sink's random tag (a handler's
-        SQL cannot name it). A record's part: names come back after ``_NAMES`` parts, so that
-        sqlite3 reuses the statements it prepared (a new name each time made each SAVEPOINT a
-        new statement, prepared anew and an authorizer call each: into SQLite at concurrency
-        200, about a third of the throughput). Parts end innermost first, so ROLLBACK TO finds
-        its own part, the newest of its name; and one a handler's own SQL undid (a SAVEPOINT
-        it left open in an earlier record, released in this one) is missed loudly ("no such
-        savepoint") unless ``_NAMES`` parts are open in one transaction (a window holds at most
-        max(1000, 4 x concurrency, 2 x max_poll_records)). A handler's ``savepoint()``: a name
-        of its own, never again (a handler may keep any number of them open in its part, and
-        one sharing a name with its part's would undo too little)."""
+        SQL cannot name it). A record's part: always the same name, so that sqlite3 reuses
+        the three statements it prepared (a new name each time made each SAVEPOINT a new
+        statement, prepared anew and an authorizer call each: into SQLite at concurrency 200,
+        about a third of the throughput). Each part is released as it ends, and parts never
+        nest, so ROLLBACK TO and RELEASE find the part's own savepoint, the newest of the name
+        (one left open under it, its RELEASE refused, goes with the commit); a savepoint a
+        handler's own SQL left open goes with its part, and one it names from an earlier
+        record is no longer there ("no such savepoint": that record fails, loudly). A
+        handler's ``savepoint()``: a name of its own, never again (a handler may keep any
+        number of them open in its part, and one sharing a name with its part's would undo
+        too little)."""
         if handler:
             return f"assured_{self._tag}_h{next(self._names)}"
-        return f"assured_{self._tag}_{next(self._parts) % self._NAMES}"
+        return self._part_name
 
     def _authorize(self, action: int, what: str | None, *_: str | None) -> int:
         """SQLite asks before it prepares each statement: inside a transaction that handlers
