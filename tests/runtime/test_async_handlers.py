@@ -1483,3 +1483,37 @@ def test_a_full_window_into_a_database_steps_on_without_waiting_for_every_record
         assert window.prefix() == ({TopicPartition("in", 0): 6}, 1)
 
     asyncio.run(scenario())
+
+
+def test_the_planted_highest_completed_window_stays_bounded(log: Log) -> None:
+    """From a review: the audit's planted window takes handled records out of the middle of
+    a partition; the count of handled records at its head that the room check keeps must
+    not outlive them (it then took records still running for leaving: no bound)."""
+    from assured.audit.planted import _HighestCompleted
+    from assured.runtime.metrics import RuntimeMetrics
+
+    gate = asyncio.Event()
+
+    async def handle(msg: Message) -> None:
+        if msg.offset % 2:
+            await gate.wait()
+
+    async def scenario() -> None:
+        app = App(log=log, group="g")
+        app.handler("in", concurrency=8)(handle)
+        window = _HighestCompleted(
+            app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 4
+        )
+        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
+        for record in _records(*(b"k%d" % i for i in range(6))):
+            window._dispatch(record)
+        await _until(lambda: window.unfinished == 3)  # 0, 2 and 4 handled; 1, 3, 5 run
+        window.room = 6
+        assert window._has_room()  # 6 in the window, 0 leaves it (at the head)
+        window.prefix()  # takes 0, 2 and 4 out: 1, 3 and 5 are left, running
+        window.room = 3
+        assert not window._has_room()
+        gate.set()
+        await _until(lambda: window.unfinished == 0)
+
+    asyncio.run(scenario())

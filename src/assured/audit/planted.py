@@ -208,6 +208,7 @@ class _HighestCompleted(Window):
             if top > highest.get(tp, 0):
                 moved[tp] = highest[tp] = top  # the bug: past whatever still runs below
         self.count -= n
+        self._front.clear()  # records left the middle of partitions: counted again
         return moved, n
 
 
