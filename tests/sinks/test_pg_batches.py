@@ -335,7 +335,8 @@ def test_records_side_by_side_in_batches_commit_each_effect_once(
 def test_records_waiting_again_on_a_connection_no_longer_used_get_another(pg_dsn: str) -> None:
     """B's batch ran on the second connection when the window fell back to one (a commit
     waited for a lock): B calls again, and C and D, whose statements it undid, wait for the
-    first connection, not for one nobody serves any more."""
+    first connection, not for one nobody serves any more (E and F, left out of B's batch as
+    the first connection's share, wait for it too)."""
 
     async def scenario(p: Play) -> None:
         p.record("A", hold=True)
@@ -343,7 +344,7 @@ def test_records_waiting_again_on_a_connection_no_longer_used_get_another(pg_dsn
         p.record("X", hold=True)
         await p.settle()
         p.record("B", hold=True, again=True)
-        for name in "CD":
+        for name in "CDEF":
             p.record(name)
         await p.settle()
         p.go["X"].set()  # B gets the second connection, and sends C's and D's with its own
@@ -370,7 +371,7 @@ def test_records_waiting_again_on_a_connection_no_longer_used_get_another(pg_dsn
             await p.close()
 
     asyncio.run(main())
-    assert sorted(committed(pg_dsn)) == sorted(["A", "X", "B", "B+", "C", "D"])
+    assert sorted(committed(pg_dsn)) == sorted(["A", "X", "B", "B+", "C", "D", "E", "F"])
 
 
 @pytest.mark.parametrize("who", ["B", "E"])

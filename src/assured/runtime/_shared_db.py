@@ -340,8 +340,14 @@ class SharedTransaction:
             return []
         batch: list[tuple[_Waiter, str]] = []
         conn = lane.conn
+        # Of the records waiting for any connection, this one takes its share: the others
+        # are served as their connections free (the gate's reopening hands each free one a
+        # record at once). A batch's records get their connection one after another, a turn
+        # of the loop each, so one long batch kept its last records waiting many turns while
+        # other connections ran one record each.
+        share = len(lane.waiting) + -(-len(self._any) // self.most)
         for queue in (lane.waiting, self._any):
-            while queue and len(batch) < _BATCH:
+            while queue and len(batch) < min(_BATCH, share):
                 waiter = queue[0]
                 if waiter.done():
                     queue.popleft()
