@@ -55,3 +55,30 @@ def test_kafka_node_that_dies_at_start_shows_its_log(tmp_path: Path) -> None:
     with pytest.raises(HarnessError, match=r"exited while starting[\s\S]*heap"):
         cluster.start(timeout=60)
     assert cluster.running() == []
+
+
+def test_a_nodes_start_is_told_by_the_time_since_boot_not_the_wall_clock() -> None:
+    """A node's process is known by its pid and when it started, so a pid reused later is not
+    taken for it. That start used to be psutil's create_time, which moves with the wall
+    clock: a clock stepped 13 s mid-run made a live broker look gone (no broker to pause, and
+    its JVM left running at the end). It is read from /proc now, in seconds since boot."""
+    import subprocess
+    import sys
+    import time
+
+    from assured.testing.kafka import BrokerNode, _started
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = _started(child.pid)
+        assert started is not None
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started  # not moved by clock steps
+        assert 0 <= age < 10
+        node = BrokerNode(1, 0, 0, "", pid=child.pid, started_at=started)
+        assert node.process() is not None
+        node.started_at = started - 5  # another process that had this pid
+        assert node.process() is None
+    finally:
+        child.kill()
+        child.wait()
+    assert _started(child.pid) is None

@@ -150,7 +150,7 @@ class BrokerNode:
     controller_port: int
     dir: str
     pid: int | None = None
-    started_at: float | None = None  # psutil create_time, to tell a reused pid apart
+    started_at: float | None = None  # see _started: to tell a reused pid apart
 
     @property
     def config_path(self) -> Path:
@@ -166,8 +166,10 @@ class BrokerNode:
             return None
         try:
             p = psutil.Process(self.pid)
-            if self.started_at is not None and abs(p.create_time() - self.started_at) > 1:
-                return None
+            if self.started_at is not None:
+                started = _started(self.pid)
+                if started is None or abs(started - self.started_at) > 1:
+                    return None
             if p.status() == psutil.STATUS_ZOMBIE:
                 return None
             return p
@@ -179,6 +181,28 @@ class BrokerNode:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return "(no log)"
+
+
+def _started(pid: int) -> float | None:
+    """When process ``pid`` started: on Linux in seconds since boot, read from /proc, which a
+    step of the wall clock leaves alone (psutil's create_time moves with it: a clock stepped
+    13 s mid-run made a live broker look gone, so it was never stopped); elsewhere psutil's
+    create_time. None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            after_name = stat.read().rsplit(b")", 1)[1].split()
+        return int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    except FileNotFoundError:
+        return None if sys.platform.startswith("linux") else _create_time(pid)
+    except (OSError, ValueError, IndexError):
+        return _create_time(pid)
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 @dataclass
@@ -340,7 +364,7 @@ class KafkaCluster:
             )
         self._children[node.node_id] = child
         node.pid = child.pid
-        node.started_at = psutil.Process(child.pid).create_time()
+        node.started_at = _started(child.pid)
 
     def _wait_ready(self, node: BrokerNode, deadline: float) -> None:
         while time.monotonic() < deadline:
