@@ -1314,15 +1314,19 @@ def test_a_revoke_drains_within_drain_timeout_when_a_record_never_returns(log: L
     assert sorted(values) == sorted(f"m{i:04d}".encode() for i in range(20))  # each once
 
 
-def _window_of(log: Log, concurrency: int, fn: Any) -> Any:
-    """A window of ``fn`` (ordering by key), as the App makes one, driven by hand on the
+def _window_of(
+    log: Log, concurrency: int, fn: Any, room: int = 100, kind: Any = None, **handler: Any
+) -> Any:
+    """A window of ``fn`` (ordering by key; ``handler``: more of its settings), as the App
+    makes one (of class ``kind``: Window unless said), with ``room``, driven by hand on the
     running loop (as a step would set it up)."""
     from assured.runtime._concurrent import Window
     from assured.runtime.metrics import RuntimeMetrics
 
     app = App(log=log, group="g")
-    app.handler("in", concurrency=concurrency)(fn)
-    window = Window(app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 100)
+    app.handler("in", concurrency=concurrency, **handler)(fn)
+    spec, metrics = app._specs["in"], RuntimeMetrics("at-least-once")
+    window = (kind or Window)(spec, metrics, "at-least-once", None, room)
     window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
     return window
 
@@ -1448,9 +1452,7 @@ def test_a_full_window_into_a_database_steps_on_without_waiting_for_every_record
     the concurrency slots stood idle meanwhile (about a sixth of them, into SQLite at
     concurrency 200). Here 5 records are handled and 1 still runs, in a window with room for
     4: the step ends, and commits the 5."""
-    from assured.runtime._concurrent import Window
     from assured.runtime._shared_db import SharedTransaction
-    from assured.runtime.metrics import RuntimeMetrics
 
     sink = SqliteSink(str(tmp_path / "effects.db"), schema="CREATE TABLE t (v INTEGER)")
     sink.setup()
@@ -1466,9 +1468,7 @@ def test_a_full_window_into_a_database_steps_on_without_waiting_for_every_record
             return sorted(r[0] for r in conn.execute("SELECT v FROM t"))
 
     async def scenario() -> None:
-        app = App(log=log, group="g")
-        app.handler("in", sink=sink, concurrency=8)(handle)
-        window = Window(app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 4)
+        window = _window_of(log, 8, handle, room=4, sink=sink)
         window.db = SharedTransaction(sink, "g", {}, marks=False, epochs=dict)
         records = _records(*(b"k%d" % i for i in range(6)))
         await asyncio.wait_for(window.step(records, complete=False), 5)
@@ -1490,7 +1490,6 @@ def test_the_planted_highest_completed_window_stays_bounded(log: Log) -> None:
     a partition; the count of handled records at its head that the room check keeps must
     not outlive them (it then took records still running for leaving: no bound)."""
     from assured.audit.planted import _HighestCompleted
-    from assured.runtime.metrics import RuntimeMetrics
 
     gate = asyncio.Event()
 
@@ -1499,16 +1498,10 @@ def test_the_planted_highest_completed_window_stays_bounded(log: Log) -> None:
             await gate.wait()
 
     async def scenario() -> None:
-        app = App(log=log, group="g")
-        app.handler("in", concurrency=8)(handle)
-        window = _HighestCompleted(
-            app._specs["in"], RuntimeMetrics("at-least-once"), "at-least-once", None, 4
-        )
-        window.loop, window.changed = asyncio.get_running_loop(), asyncio.Event()
+        window = _window_of(log, 8, handle, room=6, kind=_HighestCompleted)
         for record in _records(*(b"k%d" % i for i in range(6))):
             window._dispatch(record)
         await _until(lambda: window.unfinished == 3)  # 0, 2 and 4 handled; 1, 3, 5 run
-        window.room = 6
         assert window._has_room()  # 6 in the window, 0 leaves it (at the head)
         window.prefix()  # takes 0, 2 and 4 out: 1, 3 and 5 are left, running
         window.room = 3
