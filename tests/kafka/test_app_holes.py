@@ -4,6 +4,7 @@ test_transactions_faults.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -69,6 +70,35 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_never_committed_over(
     else:
         assert sorted(set(outputs)) == [b"a", b"b", b"d", b"e"]
     assert read(log, f"{src}.dlq", 1) == [b"BIG"]
+    assert committed(log, group, src) == len(values)
+
+
+def test_an_output_over_the_producers_limit_side_by_side_aborts_no_transaction(
+    log: Log, kafka_bootstrap: str
+) -> None:
+    """An output over librdkafka's ``message.max.bytes`` (1,000,000 bytes) is refused at
+    ``out.send``, inside the handler: the record's attempt fails, and after its retry it is
+    dead-lettered. Before, it was refused only as the held outputs went into the
+    transaction, which was aborted with every other record's work in it."""
+    src, out = create_topic(kafka_bootstrap), create_topic(kafka_bootstrap)
+    values = [b"m%02d" % i for i in range(30)]
+    fill(log, src, values)
+    group = f"g-{src}"
+    app = App(log=log, group=group, guarantee="exactly-once", session_timeout_ms=6000,
+              max_poll_records=10)  # fmt: skip
+    outcomes: list[str] = []
+    app.on_transaction = lambda _label, outcome: outcomes.append(outcome)
+    big = {b"m07", b"m17"}
+
+    @app.handler(src, output=out, concurrency=8, retries=1, backoff_ms=10)
+    async def copy(msg: Message, o: Output) -> None:
+        await asyncio.sleep(0.005)
+        o.send(b"x" * 1_000_001 if msg.value in big else msg.value)
+
+    assert app.run(until_idle=4).stopped_by == "idle"
+    assert sorted(read(log, out, 28)) == sorted(v for v in values if v not in big)
+    assert sorted(read(log, f"{src}.dlq", 2)) == sorted(big)
+    assert "aborted" not in outcomes
     assert committed(log, group, src) == len(values)
 
 

@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 
 from assured import App, Message, Output, PostgresSink, SqliteSink, TopicPartition, open_log
-from assured.errors import ConfigError, FatalError, RetriableError, UsageError
+from assured.errors import (
+    ConfigError,
+    FatalError,
+    RecordTooLargeError,
+    RetriableError,
+    UsageError,
+)
 from assured.log import Log
 from assured.runtime import _shared_db
 from assured.runtime._handling import AwaitableIntoSinkError
@@ -610,6 +616,73 @@ def test_an_oversized_output_side_by_side_is_dead_lettered_and_the_run_ends(log:
     assert outputs == sorted(f"m{i:04d}".encode() for i in range(20) if i != 5)
     assert [v for _, v in read(log, "dlq")] == [b"m0005"]
     assert committed(log) == {0: 10, 1: 10}
+
+
+@pytest.mark.parametrize("concurrency", [0, 1, 8])
+def test_an_oversized_output_fails_its_own_attempt_and_aborts_no_transaction(
+    log: Log, concurrency: int
+) -> None:
+    """An output over the log's size limit is refused at ``out.send``, inside the handler: its
+    record's attempt fails (retried, then dead-lettered) and the handler may act on it. It
+    used to be refused only as the outputs went into the transaction, which was then aborted:
+    the work of every record in it was redone, and with one record in a hundred oversized,
+    exactly-once ran about ten times slower."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    fill(log, 200)
+    app = App(log=log, group="g", guarantee="exactly-once", max_poll_records=50,
+              commit_interval_ms=20)  # fmt: skip
+    outcomes: list[str] = []
+    app.on_transaction = lambda _label, outcome: outcomes.append(outcome)
+    refused: list[str] = []
+
+    def send(msg: Message, out: Output) -> None:
+        big = int((msg.value or b"m0")[1:]) % 20 == 7
+        try:
+            out.send(b"x" * 1_100_000 if big else msg.value, key=msg.key)
+        except RecordTooLargeError as e:
+            refused.append(str(e))
+            raise
+
+    async def handle(msg: Message, out: Output) -> None:
+        await asyncio.sleep(0.001)
+        send(msg, out)
+
+    # concurrency 0: a plain def, one record at a time
+    app.handler("in", output="out", concurrency=max(1, concurrency), retries=1, backoff_ms=1,
+                dead_letter="dlq")(handle if concurrency else send)  # fmt: skip
+    stats = app.run(until_idle=0.5)
+    assert stats.stopped_by == "idle"
+    big = {f"m{i:04d}".encode() for i in range(200) if i % 20 == 7}
+    assert sorted(v or b"" for _, v in read(log)) == sorted(
+        f"m{i:04d}".encode() for i in range(200) if f"m{i:04d}".encode() not in big
+    )
+    assert sorted(v or b"" for _, v in read(log, "dlq")) == sorted(big)
+    assert "aborted" not in outcomes
+    assert len(refused) == 2 * len(big)  # each attempt of each, at its send
+    assert "over the limit of 1000000 bytes" in refused[0], refused[0]
+    assert sum(committed(log).values()) == 200
+
+
+def test_headers_count_toward_the_size_limit_send_checks(log: Log) -> None:
+    """The check at ``out.send`` counts the headers' names and values too: a value under the
+    limit with headers that take it over is refused there, and no transaction is aborted."""
+    with log.admin() as admin:
+        admin.create_topic("dlq", 1)
+    fill(log, 4)
+    app = App(log=log, group="g", guarantee="exactly-once", commit_interval_ms=20)
+    outcomes: list[str] = []
+    app.on_transaction = lambda _label, outcome: outcomes.append(outcome)
+
+    @app.handler("in", output="out", concurrency=2, retries=0, dead_letter="dlq")
+    async def handle(msg: Message, out: Output) -> None:
+        headers = [("trace", b"t" * 40)] if msg.value == b"m0002" else None
+        out.send(b"v" * 999_970, headers=headers)
+
+    app.run(until_idle=0.5)
+    assert [v for _, v in read(log, "dlq")] == [b"m0002"]
+    assert len(read(log)) == 3
+    assert "aborted" not in outcomes
 
 
 def test_a_record_given_up_counts_for_nothing_even_if_its_handler_ends(log: Log) -> None:

@@ -157,6 +157,13 @@ class Producer(_Closing):
         """Queue a record. ``on_delivery`` runs inside a later ``poll()`` or ``flush()``.
         Keyed records go to ``murmur2(key) % partitions`` like Java clients; others spread."""
 
+    def max_record_bytes(self, topic: str) -> int | None:
+        """The most bytes of key, value and headers a record to ``topic`` may have, where
+        the producer knows it (None: not known here). A record over it is surely refused, so
+        a caller may refuse it earlier, where the code that made it can still act; one under
+        it may still be refused later (the record's overhead, a broker's own limit)."""
+        return None
+
     @abc.abstractmethod
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks that are due; returns how many ran."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from assured.errors import AssuredError, ConfigError, UsageError
+from assured.errors import AssuredError, ConfigError, RecordTooLargeError, UsageError
 from assured.log import Header, Producer, Record
 from assured.runtime._message import (
     BYTES,
@@ -155,7 +155,9 @@ def owed_to_record(error: BaseException) -> bool:
 class Output:
     """Where a handler sends records. Under exactly-once it writes into the open transaction;
     otherwise through the idempotent producer. ``send`` encodes with the handler's codecs and
-    keeps the record until the handler returns: an attempt that raises sends nothing.
+    keeps the record until the handler returns: an attempt that raises sends nothing. A record
+    over the size limit the producer knows is refused by ``send`` itself
+    (:class:`~assured.errors.RecordTooLargeError`), where the handler can still act on it.
 
     Only the attempt running now may send: code of another attempt (a task or thread a failed
     one left running) or no attempt is refused with :class:`StraySendError`, since its output
@@ -178,6 +180,7 @@ class Output:
         self._transaction = transaction
         self._released_into = released_into or transaction
         self._pending: list[_Pending] = []
+        self._limits: dict[str, int] = {}  # topic -> its record size limit (_UNKNOWN: none)
         self._attempt: object = _NO_ATTEMPT  # the mark of the attempt that may send now
         self.sent = 0
         # When set, every output is stamped, under this header, with the label of the
@@ -210,6 +213,22 @@ class Output:
             value = self._value_codec.encode(value)
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
+        limit = self._limits.get(target)
+        if limit is None:  # as the producer keeps it: once per topic
+            limit = self._limits[target] = self._producer.max_record_bytes(target) or _UNKNOWN
+        size = (len(value) if value else 0) + (len(key) if key else 0)
+        if size > limit or (headers and limit != _UNKNOWN):
+            if headers:  # at least their names' and values' bytes
+                size += sum(len(name.encode()) + len(data or b"") for name, data in headers)
+            if size > limit:
+                # Here, not once the outputs go out: under exactly-once that is into the open
+                # transaction, whose abort then undid every record's work in it.
+                raise RecordTooLargeError(
+                    f"an output of {size} bytes for topic {target!r} is over the limit of "
+                    f"{limit} bytes (the topic's max.message.bytes, or the producer's "
+                    "message.max.bytes); it was not sent, and this attempt of the record fails. "
+                    "Send less (split the value), or raise both limits."
+                )
         pending.append((target, value, key, headers, partition))
 
     # Whether a send from code not the running attempt's is refused (the audit's planted
@@ -273,6 +292,7 @@ class Output:
 
 
 _NO_ATTEMPT = object()  # no attempt runs: nothing may send
+_UNKNOWN = 1 << 62  # a record size limit the producer does not know
 
 
 class StraySendError(UsageError):

@@ -209,6 +209,16 @@ class EmbeddedProducer(Producer):
             )
         return info, partition
 
+    def max_record_bytes(self, topic: str) -> int | None:
+        known = self._topics.get(topic)
+        if known is not None:
+            return known[1]
+        with self._lock:
+            try:
+                return self._learn(topic)[1]
+            except AssuredError:  # no such topic (send says so), a closed engine
+                return None
+
     def _learn(self, topic: str) -> tuple[TopicInfo, int]:
         """The topic's metadata and record size limit, looked up once and kept."""
         info = self._topic(topic, refresh=topic in self._topics)

@@ -55,6 +55,7 @@ log = logging.getLogger("assured.log.kafka")
 
 _new_record = functools.partial(tuple.__new__, Record)
 
+_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing consumed, stored or committed
 _BEGINNING, _END = -2, -1  # librdkafka's logical offsets
 # An assignment waits for committed positions that an open transaction holds (pending until it
@@ -183,6 +184,7 @@ class KafkaProducer(Producer):
         ours = ("delivery.report.only.error", "on_delivery")
         self._config = {k: v for k, v in config.items() if k not in ours}
         self._txn_timeout = float(config.get("transaction.timeout.ms", 60_000)) / 1000
+        self._max_bytes = int(config.get("message.max.bytes", _MESSAGE_MAX_BYTES))
         self._failures = _Failures()
         # Whether librdkafka hands successful deliveries to Python callbacks, and whether we may
         # switch that on when a record with a callback comes (see the class docstring).
@@ -255,6 +257,11 @@ class KafkaProducer(Producer):
                 self._call(lambda: self._p.poll(0.1), f"sending to {topic!r}")
             except KafkaException as e:
                 raise self._send_failure(e.args[0], topic) from None
+
+    def max_record_bytes(self, topic: str) -> int | None:
+        """librdkafka's own limit, ``message.max.bytes`` (a topic's ``max.message.bytes`` is
+        the broker's, not known here)."""
+        return self._max_bytes
 
     def _report_every_record(self) -> None:
         """Go on with a librdkafka producer that reports successes too. What the old one holds
