@@ -51,7 +51,8 @@ _DEFAULT_DLQ = "{topic}.dlq"
 
 @dataclass
 class RunStats:
-    """What one ``run()`` did."""
+    """What one ``run()`` did. ``processed`` counts records handed to the handlers: a record
+    handled again after a rewind (an aborted transaction, a batch redone) counts again."""
 
     processed: int = 0
     seconds: float = 0.0
@@ -236,9 +237,11 @@ class App:
         *,
         progress_every: float | None = None,
     ) -> RunStats:
-        """Process until SIGTERM/SIGINT (or ``stop()``); or until ``max_messages`` records are
-        handled; or until the App has been idle for ``until_idle`` seconds. Idle means the group
-        has assigned this member its partitions and each one is read to its last stable offset
+        """Process until SIGTERM/SIGINT (or ``stop()``); or until ``max_messages`` records have
+        been handed to the handlers (one handled again after a rewind counts again: see
+        :class:`RunStats`); or until the App has been idle for ``until_idle`` seconds. Idle
+        means the group has assigned this member its partitions and each one is read to its
+        last stable offset
         (the end a read_committed reader can reach: records of a transaction still open are
         not waited for): time spent waiting for the group (a member that died holds its
         partitions until its session expires) is not idle, and is logged as waiting. The
