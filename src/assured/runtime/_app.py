@@ -241,12 +241,11 @@ class App:
         been handed to the handlers (one handled again after a rewind counts again: see
         :class:`RunStats`); or until the App has been idle for ``until_idle`` seconds. Idle
         means the group has assigned this member its partitions and each one is read to its
-        last stable offset
-        (the end a read_committed reader can reach: records of a transaction still open are
-        not waited for): time spent waiting for the group (a member that died holds its
-        partitions until its session expires) is not idle, and is logged as waiting. The
-        log is asked where partitions end only when a poll brought less than a full batch,
-        at most every 0.5 s. The first signal finishes the batch,
+        last stable offset (the end a read_committed reader can reach: records of a
+        transaction still open are not waited for): time spent waiting for the group (a
+        member that died holds its partitions until its session expires) is not idle, and is
+        logged as waiting. The log is asked where partitions end only when a poll brought
+        less than a full batch, at most every 0.5 s. The first signal finishes the batch,
         commits or aborts cleanly and leaves the group; a second exits at once.
         ``progress_every``: log a one-line summary (records/s, lag, commits, aborts, dead
         letters) every so many seconds."""
