@@ -180,7 +180,7 @@ class Output:
         self._transaction = transaction
         self._released_into = released_into or transaction
         self._pending: list[_Pending] = []
-        self._limits: dict[str, int] = {}  # topic -> its record size limit (_UNKNOWN: none)
+        self._limits: dict[str, int] = {}  # topic -> its record size limit, once known
         self._attempt: object = _NO_ATTEMPT  # the mark of the attempt that may send now
         self.sent = 0
         # When set, every output is stamped, under this header, with the label of the
@@ -214,12 +214,21 @@ class Output:
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
         limit = self._limits.get(target)
-        if limit is None:  # as the producer keeps it: once per topic
-            limit = self._limits[target] = self._producer.max_record_bytes(target) or _UNKNOWN
-        size = (len(value) if value else 0) + (len(key) if key else 0)
-        if size > limit or (headers and limit != _UNKNOWN):
+        if limit is None:  # a topic not there yet has none until it is
+            limit = self._producer.max_record_bytes(target)
+            if limit is not None:
+                self._limits[target] = limit
+        if limit is not None:
+            size = (len(value) if value else 0) + (len(key) if key else 0)
             if headers:  # at least their names' and values' bytes
-                size += sum(len(name.encode()) + len(data or b"") for name, data in headers)
+                size += sum(_length(name) + len(data or b"") for name, data in headers)
+            if size > limit:  # the producer may know better now (a topic made again): its word
+                fresh = self._producer.max_record_bytes(target)
+                if fresh is None:
+                    self._limits.pop(target, None)
+                else:
+                    self._limits[target] = fresh
+                limit = size if fresh is None else fresh
             if size > limit:
                 # Here, not once the outputs go out: under exactly-once that is into the open
                 # transaction, whose abort then undid every record's work in it.
@@ -292,7 +301,12 @@ class Output:
 
 
 _NO_ATTEMPT = object()  # no attempt runs: nothing may send
-_UNKNOWN = 1 << 62  # a record size limit the producer does not know
+
+
+def _length(name: str | bytes) -> int:
+    """A header name's length in bytes: a str's encoded, or bytes (the Kafka client takes
+    those too)."""
+    return len(name) if isinstance(name, (bytes, bytearray)) else len(name.encode())
 
 
 class StraySendError(UsageError):

@@ -214,10 +214,15 @@ class EmbeddedProducer(Producer):
         if known is not None:
             return known[1]
         with self._lock:
-            try:
-                return self._learn(topic)[1]
-            except AssuredError:  # no such topic (send says so), a closed engine
+            try:  # looked up, never created: a check must not make a topic
+                info = self._engine.topic(topic)
+            except AssuredError:  # a closed engine, say: send says what is wrong
                 return None
+            if info is None:
+                return None  # not there (yet): send creates it, or says so
+            limit = min(self._max_request_size, int(info.config["max.message.bytes"]))
+            self._topics[topic] = (info, limit)
+            return limit
 
     def _learn(self, topic: str) -> tuple[TopicInfo, int]:
         """The topic's metadata and record size limit, looked up once and kept."""
