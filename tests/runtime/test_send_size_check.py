@@ -11,6 +11,7 @@ import pytest
 from assured import App, Message, Output, open_log
 from assured.errors import RecordTooLargeError
 from assured.log import Log, TopicPartition
+from assured.runtime._handling import HandlerFailedError
 from assured.runtime._handling import Output as RawOutput
 from assured.runtime._message import BYTES
 from assured.runtime._settings import Guarantee
@@ -139,3 +140,42 @@ def test_on_kafka_header_names_as_bytes_are_taken_and_the_limit_is_the_clients()
     finally:
         producer.close()
         small.close()
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "concurrency"),
+    [("at-least-once", 0), ("exactly-once", 0), ("exactly-once", 4), ("at-least-once", 4)],
+)
+def test_a_dead_letter_over_the_limit_stops_the_app_saying_what_to_raise(
+    log: Log, guarantee: Guarantee, concurrency: int
+) -> None:
+    """An input just under the limit whose handler fails: its dead letter (the record and its
+    error headers) is over the dead-letter topic's limit. It can be neither handled nor set
+    aside: the App stops, naming the record and the limit to raise (before, the log's own
+    words about 'a record of 1000111 bytes for topic dlq' were all it said), and nothing past
+    the record is committed."""
+    with log.producer() as producer:
+        for value in (b"ok", b"v" * 999_950, b"ok2"):
+            producer.send("in", value)
+        producer.flush()
+    app = App(log=log, group="g", guarantee=guarantee, max_poll_records=10)
+
+    def body(msg: Message) -> None:
+        if len(msg.value or b"") > 100:
+            raise ValueError("no such account")
+
+    async def body_async(msg: Message) -> None:
+        body(msg)
+
+    app.handler("in", retries=0, dead_letter="dlq", concurrency=max(1, concurrency))(
+        body_async if concurrency else body
+    )
+    with pytest.raises(HandlerFailedError) as stopped:
+        app.run(until_idle=0.5)
+    said = str(stopped.value)
+    assert "the dead letter of in[0]@1" in said, said
+    assert "'dlq'" in said
+    assert "max.message.bytes" in said
+    assert read(log, "dlq") == []
+    with log.admin() as admin:
+        assert admin.committed_offsets("g", ["in"]).get(TopicPartition("in", 0), 0) <= 1

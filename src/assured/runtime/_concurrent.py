@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from assured.errors import AssuredError, UsageError
+from assured.errors import AssuredError, RecordTooLargeError, UsageError
 from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime._handling import (
     CONFLICT_RETRIES,
@@ -57,6 +57,7 @@ from assured.runtime._handling import (
     owed_to_record,
     own_attempt,
     partial_send_failure,
+    refused_dead_letter,
 )
 from assured.runtime._shared_db import Held, RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
@@ -513,7 +514,10 @@ class Window:
             return  # sent when the handler returned
         assert self.dead_letters is not None
         for topic, record, headers in entry.letters:
-            self.dead_letters(topic, record, headers)
+            try:
+                self.dead_letters(topic, record, headers)
+            except RecordTooLargeError as e:
+                raise refused_dead_letter(record, topic, e, self.guarantee) from e
         if entry.out is not None and entry.out._pending:
             entry.out._release(entry.record)
 

@@ -349,6 +349,27 @@ def own_attempt() -> Iterator[Attempt]:
 DeadLetterSink = Callable[[str, Record, list[Header]], None]
 
 
+def refused_dead_letter(
+    record: Record, topic: str, error: RecordTooLargeError, guarantee: str
+) -> HandlerFailedError:
+    """What stops the App when ``record``'s dead letter is over ``topic``'s size limit: the
+    record can be neither handled nor set aside, and it stops the App again each time it is
+    met, until the limit is raised."""
+    if guarantee == "at-most-once":
+        kept = "At most once, its offset was committed before handling: it is lost."
+    else:
+        kept = (
+            "It was not committed: it is handled again on restart, and stops the App again "
+            f"until {topic!r} takes records that large (raise the topic's max.message.bytes, "
+            "and the producer's message.max.bytes, above the input topic's)."
+        )
+    return HandlerFailedError(
+        f"the dead letter of {_where(record)} (the record with its error headers) could not "
+        f"be written to {topic!r}: {error} The App stops here rather than skip the record. "
+        f"{kept}"
+    )
+
+
 def producer_dead_letters(producer: Producer) -> DeadLetterSink:
     def send(topic: str, record: Record, headers: list[Header]) -> None:
         producer.send(topic, record.value, key=record.key, headers=headers)
@@ -779,7 +800,10 @@ def dead_letter(
             "no dead-letter topic is configured, so the App stops here rather than skip the "
             f"record. {kept}"
         ) from error
-    dead_letters(spec.dead_letter, record, dead_letter_headers(record, error, attempts))
+    try:
+        dead_letters(spec.dead_letter, record, dead_letter_headers(record, error, attempts))
+    except RecordTooLargeError as e:
+        raise refused_dead_letter(record, spec.dead_letter, e, labels[0]) from e
     metrics.dead_lettered.labels(*labels).inc()
     said = _one_line(error)
     log.warning(
