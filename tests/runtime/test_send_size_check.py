@@ -5,12 +5,13 @@ producer learns a topic again."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from assured import App, Message, Output, open_log
+from assured import App, Message, Output, SqliteSink, open_log
 from assured.errors import RecordTooLargeError
-from assured.log import Log, TopicPartition
+from assured.log import Log, Record, TopicPartition
 from assured.runtime._handling import HandlerFailedError
 from assured.runtime._handling import Output as RawOutput
 from assured.runtime._message import BYTES
@@ -179,3 +180,48 @@ def test_a_dead_letter_over_the_limit_stops_the_app_saying_what_to_raise(
     assert read(log, "dlq") == []
     with log.admin() as admin:
         assert admin.committed_offsets("g", ["in"]).get(TopicPartition("in", 0), 0) <= 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_at_most_once_into_a_database_a_dead_letter_over_the_limit_says_so_too(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """From the second review: at most once into a database, dead letters go out once the
+    record's commit landed, and that send still stopped the App with the log's bare words."""
+    log = open_log(f"embedded://{tmp_path}/log.db")
+    with log.admin() as admin:
+        admin.create_topic("in", 1)
+        admin.create_topic("dlq", 1, {"max.message.bytes": "300"})
+    with log.producer() as producer:
+        producer.send("in", b"F" + b"x" * 250)
+        producer.flush()
+    app = App(log=log, group="g", guarantee="at-most-once")
+
+    @app.handler("in", sink=SqliteSink(str(tmp_path / "effects.db")), retries=0,
+                 dead_letter="dlq", concurrency=concurrency)  # fmt: skip
+    async def body(msg: Message, db: Any) -> None:
+        raise ValueError("no such account")
+
+    with pytest.raises(HandlerFailedError, match=r"the dead letter of in\[0\]@0") as stopped:
+        app.run(until_idle=0.5)
+    assert "it is lost" in str(stopped.value)
+
+
+def test_headers_given_as_an_iterator_go_out_whole(log: Log) -> None:
+    """From the second review: headers given as an iterator (``zip``, a generator) were used
+    up by the size check, and the record went out without them."""
+    producer = log.producer()
+    out = RawOutput(producer, "out", BYTES, BYTES)
+    with out._attempting():
+        out.send(b"v", headers=zip(["trace"], [b"abc"], strict=True))  # type: ignore[arg-type]
+    out._release(_record())
+    producer.flush()
+    producer.close()
+    with log.consumer() as consumer:
+        consumer.assign([TopicPartition("out", 0)])
+        (record,) = consumer.poll(timeout=0.5)
+    assert list(record.headers) == [("trace", b"abc")]
+
+
+def _record() -> Record:
+    return Record("in", 0, 0, 0, None, b"v")

@@ -592,7 +592,10 @@ class Window:
             # before a commit that failed would be sent again by the redo).
             assert self.dead_letters is not None
             for topic, record, headers in letters:
-                self.dead_letters(topic, record, headers)
+                try:
+                    self.dead_letters(topic, record, headers)
+                except RecordTooLargeError as e:
+                    raise refused_dead_letter(record, topic, e, self.guarantee) from e
 
     async def _step(self, records: Sequence[Record], complete: bool) -> None:
         self.loop = asyncio.get_running_loop()

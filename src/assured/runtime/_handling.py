@@ -213,32 +213,42 @@ class Output:
             value = self._value_codec.encode(value)
         if key is not None and not (type(key) is bytes and self._key_codec is BYTES):
             key = self._key_codec.encode(key)
+        if headers is not None and not isinstance(headers, (list, tuple)):
+            headers = list(headers)  # counted, then sent: an iterator only goes once
+        limit = self._limits.get(target)  # the hot case inline: a known limit, no headers
+        if limit is None or headers or (len(value) if value else 0) + len(key or b"") > limit:
+            self._fits(target, value, key, headers)
+        pending.append((target, value, key, headers, partition))
+
+    def _fits(
+        self, target: str, value: bytes | None, key: bytes | None, headers: Sequence[Header] | None
+    ) -> None:
+        """Refuse a record over the size limit the producer knows, here, not once the
+        outputs go out: under exactly-once that is into the open transaction, whose abort then
+        undid every record's work in it."""
         limit = self._limits.get(target)
         if limit is None:  # a topic not there yet has none until it is
             limit = self._producer.max_record_bytes(target)
-            if limit is not None:
-                self._limits[target] = limit
-        if limit is not None:
-            size = (len(value) if value else 0) + (len(key) if key else 0)
-            if headers:  # at least their names' and values' bytes
-                size += sum(_length(name) + len(data or b"") for name, data in headers)
-            if size > limit:  # the producer may know better now (a topic made again): its word
-                fresh = self._producer.max_record_bytes(target)
-                if fresh is None:
-                    self._limits.pop(target, None)
-                else:
-                    self._limits[target] = fresh
-                limit = size if fresh is None else fresh
-            if size > limit:
-                # Here, not once the outputs go out: under exactly-once that is into the open
-                # transaction, whose abort then undid every record's work in it.
-                raise RecordTooLargeError(
-                    f"an output of {size} bytes for topic {target!r} is over the limit of "
-                    f"{limit} bytes (the topic's max.message.bytes, or the producer's "
-                    "message.max.bytes); it was not sent, and this attempt of the record fails. "
-                    "Send less (split the value), or raise both limits."
-                )
-        pending.append((target, value, key, headers, partition))
+            if limit is None:
+                return
+            self._limits[target] = limit
+        size = (len(value) if value else 0) + (len(key) if key else 0)
+        if headers:  # at least their names' and values' bytes
+            size += sum(_length(name) + len(data or b"") for name, data in headers)
+        if size <= limit:
+            return
+        fresh = self._producer.max_record_bytes(target)  # it may know better now (made again)
+        if fresh is None:
+            self._limits.pop(target, None)
+            return
+        self._limits[target] = fresh
+        if size > fresh:
+            raise RecordTooLargeError(
+                f"an output of {size} bytes for topic {target!r} is over the limit of "
+                f"{fresh} bytes (the topic's max.message.bytes, or the producer's "
+                "message.max.bytes); it was not sent, and this attempt of the record fails. "
+                "Send less (split the value), or raise both limits."
+            )
 
     # Whether a send from code not the running attempt's is refused (the audit's planted
     # stray-sends-kept turns it off, to show what the refusal prevents).
@@ -356,7 +366,10 @@ def refused_dead_letter(
     record can be neither handled nor set aside, and it stops the App again each time it is
     met, until the limit is raised."""
     if guarantee == "at-most-once":
-        kept = "At most once, its offset was committed before handling: it is lost."
+        kept = (
+            "At most once, its offset was committed before handling: it is lost, with any "
+            "record polled with it and not yet handled."
+        )
     else:
         kept = (
             "It was not committed: it is handled again on restart, and stops the App again "
