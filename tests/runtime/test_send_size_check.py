@@ -1,6 +1,8 @@
-"""The size check at ``out.send``, at its edges (from a hostile review of it): it never
-refuses what the log would take, never makes a topic, and follows the producer when the
-producer learns a topic again."""
+"""The size check at ``out.send``, at its edges (from two hostile reviews of it): it never
+refuses what the log would take, never makes a topic, follows the producer when the producer
+learns a topic again, and leaves headers whole. And a dead letter over its topic's limit,
+which can be neither written nor skipped: the App stops, saying which record and which
+limits to raise."""
 
 from __future__ import annotations
 
