@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from assured.errors import AssuredError, RecordTooLargeError, UsageError
+from assured.errors import AssuredError, UsageError
 from assured.log import Header, Producer, Record, TopicPartition
 from assured.runtime._handling import (
     CONFLICT_RETRIES,
@@ -57,7 +57,6 @@ from assured.runtime._handling import (
     owed_to_record,
     own_attempt,
     partial_send_failure,
-    refused_dead_letter,
 )
 from assured.runtime._shared_db import Held, RecordDb, SharedTransaction, WindowClosed
 from assured.runtime.metrics import RuntimeMetrics
@@ -514,10 +513,7 @@ class Window:
             return  # sent when the handler returned
         assert self.dead_letters is not None
         for topic, record, headers in entry.letters:
-            try:
-                self.dead_letters(topic, record, headers)
-            except RecordTooLargeError as e:
-                raise refused_dead_letter(record, topic, e, self.guarantee) from e
+            self.dead_letters(topic, record, headers)
         if entry.out is not None and entry.out._pending:
             entry.out._release(entry.record)
 
@@ -592,10 +588,7 @@ class Window:
             # before a commit that failed would be sent again by the redo).
             assert self.dead_letters is not None
             for topic, record, headers in letters:
-                try:
-                    self.dead_letters(topic, record, headers)
-                except RecordTooLargeError as e:
-                    raise refused_dead_letter(record, topic, e, self.guarantee) from e
+                self.dead_letters(topic, record, headers)
 
     async def _step(self, records: Sequence[Record], complete: bool) -> None:
         self.loop = asyncio.get_running_loop()

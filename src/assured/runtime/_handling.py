@@ -215,24 +215,22 @@ class Output:
             key = self._key_codec.encode(key)
         if headers is not None and not isinstance(headers, (list, tuple)):
             headers = list(headers)  # counted, then sent: an iterator only goes once
+        size = (len(value) if value else 0) + (len(key) if key else 0)
         limit = self._limits.get(target)  # the hot case inline: a known limit, no headers
-        if limit is None or headers or (len(value) if value else 0) + len(key or b"") > limit:
-            self._fits(target, value, key, headers)
+        if limit is None or headers or size > limit:
+            self._fits(target, size, headers)
         pending.append((target, value, key, headers, partition))
 
-    def _fits(
-        self, target: str, value: bytes | None, key: bytes | None, headers: Sequence[Header] | None
-    ) -> None:
-        """Refuse a record over the size limit the producer knows, here, not once the
-        outputs go out: under exactly-once that is into the open transaction, whose abort then
-        undid every record's work in it."""
+    def _fits(self, target: str, size: int, headers: Sequence[Header] | None) -> None:
+        """Refuse a record (``size``: its key's and value's bytes) over the size limit the
+        producer knows, here, not once the outputs go out: under exactly-once that is into
+        the open transaction, whose abort then undid every record's work in it."""
         limit = self._limits.get(target)
         if limit is None:  # a topic not there yet has none until it is
             limit = self._producer.max_record_bytes(target)
             if limit is None:
                 return
             self._limits[target] = limit
-        size = (len(value) if value else 0) + (len(key) if key else 0)
         if headers:  # at least their names' and values' bytes
             size += sum(_length(name) + len(data or b"") for name, data in headers)
         if size <= limit:
@@ -383,9 +381,15 @@ def refused_dead_letter(
     )
 
 
-def producer_dead_letters(producer: Producer) -> DeadLetterSink:
+def producer_dead_letters(producer: Producer, guarantee: str) -> DeadLetterSink:
+    """Dead letters through ``producer``; one over its topic's size limit stops the App
+    (:func:`refused_dead_letter`), wherever it is sent from."""
+
     def send(topic: str, record: Record, headers: list[Header]) -> None:
-        producer.send(topic, record.value, key=record.key, headers=headers)
+        try:
+            producer.send(topic, record.value, key=record.key, headers=headers)
+        except RecordTooLargeError as e:
+            raise refused_dead_letter(record, topic, e, guarantee) from e
 
     return send
 
@@ -813,10 +817,7 @@ def dead_letter(
             "no dead-letter topic is configured, so the App stops here rather than skip the "
             f"record. {kept}"
         ) from error
-    try:
-        dead_letters(spec.dead_letter, record, dead_letter_headers(record, error, attempts))
-    except RecordTooLargeError as e:
-        raise refused_dead_letter(record, spec.dead_letter, e, labels[0]) from e
+    dead_letters(spec.dead_letter, record, dead_letter_headers(record, error, attempts))
     metrics.dead_lettered.labels(*labels).inc()
     said = _one_line(error)
     log.warning(

@@ -234,7 +234,7 @@ class Runtime:
         handlers: dict[str, Callable[[Record], None]] = {}
         counts: dict[str, int] = {}
         done: dict[TopicPartition, int] = {}
-        dlq = dead_letters or producer_dead_letters(producer)
+        dlq = dead_letters or producer_dead_letters(producer, self.settings.guarantee)
         began = time.monotonic()
         stepped: set[str] = set()
         try:

@@ -127,7 +127,7 @@ class AtLeastOnce(CommitProtocol):
                 self.rewind.pop(tp, None)
                 return False
             labels = (self.guarantee, record.topic)
-            dlq = producer_dead_letters(self.producer)
+            dlq = producer_dead_letters(self.producer, self.guarantee)
             dead_letter(spec, record, e, strikes, dlq, self.rt.metrics, labels)
             self.pending[tp] = record.offset + 1
         self.strikes.pop(key, None)

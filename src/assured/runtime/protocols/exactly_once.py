@@ -291,7 +291,7 @@ class ExactlyOnce(CommitProtocol):
         # Out of retries: its dead letter and its position, in one transaction.
         self._begin()
         labels = (self.guarantee, record.topic)
-        dlq = producer_dead_letters(self.producer)
+        dlq = producer_dead_letters(self.producer, self.guarantee)
         dead_letter(spec, record, error, strikes, dlq, self.rt.metrics, labels)
         self.rewind.setdefault(tp, record.offset)
         self.pending[tp] = record.offset + 1
