@@ -18,7 +18,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from assured import App
 from assured.errors import HarnessError
-from assured.log import Log
+from assured.log import Log, TopicPartition
 from assured.testing.kafka import KafkaCluster
 from assured.testing.postgres import PostgresServer
 
@@ -145,6 +145,17 @@ def fill_keyed(log: Log, n: int, keys: int = 10) -> list[bytes]:
             producer.send("in", v, key=f"k{i % keys}".encode(), partition=i % 2)
         producer.flush()
     return values
+
+
+def read_values(log: Log, topic: str) -> list[bytes]:
+    """The values in partition 0 of ``topic``, as a read_committed reader sees them (a value
+    of None as b""), read until a poll brings nothing for 0.3 s."""
+    with log.consumer(isolation="read_committed") as reader:
+        reader.assign([TopicPartition(topic, 0)])
+        got: list[bytes] = []
+        while batch := reader.poll(timeout=0.3):
+            got += [r.value or b"" for r in batch]
+        return got
 
 
 def stop_when(app: App, event: threading.Event, after_s: float = 0.3) -> None:

@@ -13,8 +13,8 @@ import pytest
 
 import assured.log.embedded._engine as engine
 from assured import App, Message, Output, TopicPartition, open_log
-from assured.log import Log
 from assured.runtime._settings import Guarantee
+from tests.conftest import read_values as read
 
 
 class Disk:
@@ -52,15 +52,6 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
     monkeypatch.setattr(engine, "connect", connect)
     yield d
     d.room()
-
-
-def read(log: Log, topic: str) -> list[bytes]:
-    with log.consumer(isolation="read_committed") as reader:
-        reader.assign([TopicPartition(topic, 0)])
-        got: list[bytes] = []
-        while batch := reader.poll(timeout=0.3):
-            got += [r.value or b"" for r in batch]
-        return got
 
 
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])

@@ -18,6 +18,7 @@ from assured.runtime._handling import HandlerFailedError
 from assured.runtime._handling import Output as RawOutput
 from assured.runtime._message import BYTES
 from assured.runtime._settings import Guarantee
+from tests.conftest import read_values as read
 
 BIG = 2_000_000  # over the embedded engine's 1,000,000-byte record limit
 
@@ -29,15 +30,6 @@ def log(tmp_path: Path) -> Log:
         for topic in ("in", "out", "dlq"):
             admin.create_topic(topic, 1)
     return opened
-
-
-def read(log: Log, topic: str) -> list[bytes]:
-    with log.consumer() as consumer:
-        consumer.assign([TopicPartition(topic, 0)])
-        out: list[bytes] = []
-        while batch := consumer.poll(timeout=0.3):
-            out += [r.value or b"" for r in batch]
-        return out
 
 
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
